@@ -1,0 +1,123 @@
+"""What can go wrong in MyNAS, as distinct types that say what happened.
+
+Every message is a full sentence a person can act on. The Home Assistant layer maps these
+types to translated errors and repair issues; the command line prints ``str(err)``.
+"""
+
+from __future__ import annotations
+
+
+class MyNasError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+# --- the peer, as seen by the side that connects -----------------------------------------
+
+
+class PeerError(MyNasError):
+    """Something about talking to a peer."""
+
+
+class HostKeyMismatch(PeerError):
+    """The peer presented another host key than the pinned one; nothing was sent."""
+
+    def __init__(self, address: str, expected: str, presented: str | None) -> None:
+        self.address = address
+        self.expected = expected
+        self.presented = presented
+        super().__init__(
+            f"{address} presented host key {presented or 'unknown'}, not the pinned "
+            f"{expected}: nothing was sent. If your friend really changed keys, confirm the "
+            "new one; otherwise someone may be impersonating them."
+        )
+
+
+class AuthRefused(PeerError):
+    """The peer does not accept our key: it has not added us (yet)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        super().__init__(
+            f"{address} refused our key: the other side has not added this node yet "
+            "(paste our invite code there)."
+        )
+
+
+class PeerUnreachable(PeerError):
+    """No connection: the peer is offline, the address is wrong or the port is closed."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"cannot reach {address}: {reason}")
+
+
+class ProtocolError(PeerError):
+    """The other side broke the replication protocol."""
+
+
+# --- space on the host ---------------------------------------------------------------------
+
+
+class QuotaExceeded(MyNasError):
+    """The host's quota for us is too small for what must be stored."""
+
+    def __init__(self, needed: int, available: int) -> None:
+        self.needed = needed
+        self.available = available
+        super().__init__(
+            f"quota exceeded: {format_bytes(needed)} needed, {format_bytes(available)} left"
+        )
+
+
+class PeerDiskFull(MyNasError):
+    """The host's disk itself is full (its quota for us may still have room)."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("the peer's disk is full" + (f": {detail}" if detail else ""))
+
+
+class PathRefused(MyNasError):
+    """A path a peer sent is not acceptable (traversal, symlink, internal name, too long...)."""
+
+
+# --- this node -----------------------------------------------------------------------------
+
+
+class SourceMissing(MyNasError):
+    """The local folder to back up is missing or unreadable."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"the folder to back up is missing or unreadable: {path}")
+
+
+class RestoreConflict(MyNasError):
+    """Restoring would overwrite existing files and overwriting was not asked for."""
+
+    def __init__(self, target: str, example: str, count: int) -> None:
+        self.target = target
+        self.example = example
+        self.count = count
+        super().__init__(
+            f"{count} file(s) already exist in {target} (for example {example}); "
+            "nothing was overwritten. Restore into an empty folder or allow overwriting."
+        )
+
+
+class InvalidInvite(MyNasError):
+    """An invite code that cannot be read: mistyped, truncated, or not a MyNAS code."""
+
+
+class KeyFileError(MyNasError):
+    """A key file is missing, unreadable, or not an Ed25519 key."""
+
+
+def format_bytes(count: int) -> str:
+    """Return ``count`` bytes in a short human form (binary units)."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
