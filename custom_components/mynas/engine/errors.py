@@ -77,6 +77,14 @@ class PeerDiskFull(MyNasError):
         super().__init__("the peer's disk is full" + (f": {detail}" if detail else ""))
 
 
+class HostRefused(MyNasError):
+    """The host refused one request (a path it won't accept, a file that isn't there...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
 class PathRefused(MyNasError):
     """A path a peer sent is not acceptable (traversal, symlink, internal name, too long...)."""
 
