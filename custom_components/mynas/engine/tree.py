@@ -56,6 +56,7 @@ def join(parent: bytes, name: bytes) -> bytes:
 
 
 type ErrorHandler = Callable[[bytes, OSError], None]
+type SkipHandler = Callable[[bytes], None]
 
 
 def walk(
@@ -64,6 +65,7 @@ def walk(
     start: bytes = b"",
     on_error: ErrorHandler | None = None,
     skip: Callable[[bytes, bool], bool] | None = None,
+    on_skip: SkipHandler | None = None,
 ) -> Iterator[Entry]:
     """Yield the files and directories under ``root/start`` in canonical order (blocking).
 
@@ -71,10 +73,12 @@ def walk(
     nor are special files. A directory that cannot be listed is yielded (so callers know it
     exists) and then reported to ``on_error`` with its path; its contents are not yielded.
     ``skip(path, is_dir)`` may prune entries (and whole subtrees) from the walk.
+    ``on_skip(path)`` is told of each symlink or special file left out, so callers can
+    count what is not backed up.
     Memory holds one directory listing per level of depth, never the whole tree.
     """
     base = os.fsencode(root)
-    yield from _walk_dir(base, start, on_error, skip)
+    yield from _walk_dir(base, start, on_error, skip, on_skip)
 
 
 def _walk_dir(
@@ -82,11 +86,12 @@ def _walk_dir(
     rel: bytes,
     on_error: ErrorHandler | None,
     skip: Callable[[bytes, bool], bool] | None,
+    on_skip: SkipHandler | None,
 ) -> Iterator[Entry]:
     directory = base + b"/" + rel if rel else base
     try:
         with os.scandir(directory) as iterator:
-            listing = [_entry_of(rel, item) for item in iterator]
+            listing = [_entry_of(rel, item, on_skip) for item in iterator]
     except OSError as err:
         if on_error is None:
             raise
@@ -98,10 +103,10 @@ def _walk_dir(
             continue
         yield entry
         if entry.kind is Kind.DIR:
-            yield from _walk_dir(base, entry.path, on_error, skip)
+            yield from _walk_dir(base, entry.path, on_error, skip, on_skip)
 
 
-def _entry_of(rel: bytes, item: os.DirEntry[bytes]) -> Entry | None:
+def _entry_of(rel: bytes, item: os.DirEntry[bytes], on_skip: SkipHandler | None) -> Entry | None:
     try:
         info = item.stat(follow_symlinks=False)
     except FileNotFoundError:
@@ -111,6 +116,8 @@ def _entry_of(rel: bytes, item: os.DirEntry[bytes]) -> Entry | None:
         return Entry(path, Kind.FILE, info.st_size, info.st_mtime_ns, stat.S_IMODE(info.st_mode))
     if stat.S_ISDIR(info.st_mode):
         return Entry(path, Kind.DIR, 0, info.st_mtime_ns, stat.S_IMODE(info.st_mode))
+    if on_skip is not None:
+        on_skip(path)
     return None
 
 

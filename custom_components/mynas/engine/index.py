@@ -1,0 +1,270 @@
+"""The index: what each peer holds of each folder, in one SQLite database per node.
+
+It is the source of truth for "what changed since the last run": the scanner diffs the
+local walk against it, so a run with nothing changed never lists the peer. The replicator
+records a file only once the host has acknowledged it, so the index never claims more than
+the peer holds.
+
+A row is keyed by ``(replica, key)`` where ``key`` is the entry's ``tree.sort_key``, so
+``ORDER BY key`` is the canonical order of every other stream. The path and the kind are
+not stored: a directory's key is its path plus ``b"/"`` and no file name can end with
+``b"/"``, so the key alone gives both back (rows stay small at 100,000+ files).
+
+Threads: each thread gets its own connection, and each ``entries()`` stream its own, so a
+scan can stream a consistent snapshot (WAL mode: readers never wait for the writer) while
+another thread commits acknowledged files. Everything here blocks: call it from worker
+threads, never from an event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+import contextlib
+from dataclasses import dataclass
+import os
+import sqlite3
+import threading
+from typing import Self
+
+from . import tree
+from .errors import MyNasError
+
+SCHEMA_VERSION = 1
+_FETCH_ROWS = 1024  # rows per fetchmany: bounded memory, few round trips into C
+_BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer's transaction
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta( name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+    # One row per (folder, peer): a small integer id instead of two strings in every file row.
+    "CREATE TABLE IF NOT EXISTS replicas("
+    " id INTEGER PRIMARY KEY, folder TEXT NOT NULL, peer TEXT NOT NULL, UNIQUE(folder, peer))",
+    "CREATE TABLE IF NOT EXISTS files("
+    " replica INTEGER NOT NULL, key BLOB NOT NULL, size INTEGER NOT NULL,"
+    " mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL, hash BLOB,"
+    " PRIMARY KEY(replica, key)) WITHOUT ROWID",
+)
+
+
+class IndexVersionError(MyNasError):
+    """The index file was written by another, incompatible version of MyNAS."""
+
+    def __init__(self, path: str, found: int) -> None:
+        self.path = path
+        self.found = found
+        super().__init__(
+            f"the index {path} has format {found}, this MyNAS reads format {SCHEMA_VERSION}: "
+            "update MyNAS, or move the file away to rebuild it from the peers"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One file or directory as the peer holds it, with its content hash if known."""
+
+    path: bytes
+    kind: tree.Kind
+    size: int
+    mtime_ns: int
+    mode: int
+    hash: bytes | None
+
+    @property
+    def key(self) -> bytes:
+        """Return the entry's canonical sort key."""
+        return tree.sort_key(self.path, self.kind)
+
+    @classmethod
+    def from_entry(cls, entry: tree.Entry, hash: bytes | None = None) -> Self:
+        """Return the index entry of a walked entry, as sent with content ``hash``."""
+        return cls(entry.path, entry.kind, entry.size, entry.mtime_ns, entry.mode, hash)
+
+
+def _from_row(key: bytes, size: int, mtime_ns: int, mode: int, digest: bytes | None) -> IndexEntry:
+    if key[-1] == 0x2F:  # b"/": only a directory's key ends so
+        return IndexEntry(key[:-1], tree.Kind.DIR, size, mtime_ns, mode, digest)
+    return IndexEntry(key, tree.Kind.FILE, size, mtime_ns, mode, digest)
+
+
+class Index:
+    """The SQLite index of one node: for each (folder, peer), the entries the peer holds."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._path = os.fspath(path)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: set[sqlite3.Connection] = set()
+        self._closed = False
+        try:
+            self._create_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every connection this index opened, in any thread.
+
+        Call it once no other thread uses the index any more; later calls raise
+        ``sqlite3.ProgrammingError``.
+        """
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, set()
+        for conn in connections:
+            conn.close()
+
+    def entries(self, folder: str, peer: str) -> Iterator[IndexEntry]:
+        """Yield what ``peer`` holds of ``folder`` in ascending key order, streamed.
+
+        The stream reads one snapshot, taken at its first item, whatever other threads
+        commit meanwhile. It has a connection of its own (closed when the stream ends or is
+        closed), so it may be advanced from any thread, one at a time.
+        """
+        conn = self._connect()
+        try:
+            cursor = conn.execute(
+                "SELECT key, size, mtime_ns, mode, hash FROM files"
+                " WHERE replica = (SELECT id FROM replicas WHERE folder = ? AND peer = ?)"
+                " ORDER BY key",
+                (folder, peer),
+            )
+            while rows := cursor.fetchmany(_FETCH_ROWS):
+                for row in rows:
+                    yield _from_row(*row)
+        finally:
+            self._release(conn)
+
+    def record(self, folder: str, peer: str, entries: Iterable[IndexEntry]) -> None:
+        """Insert or replace ``entries`` for (folder, peer), in one transaction."""
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO replicas(folder, peer) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (folder, peer),
+            )
+            (replica,) = conn.execute(
+                "SELECT id FROM replicas WHERE folder = ? AND peer = ?", (folder, peer)
+            ).fetchone()
+            conn.executemany(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                ((replica, e.key, e.size, e.mtime_ns, e.mode, e.hash) for e in entries),
+            )
+
+    def forget(self, folder: str, peer: str, paths: Iterable[tuple[bytes, tree.Kind]]) -> None:
+        """Delete the rows of ``paths`` (path, kind) for (folder, peer), in one transaction."""
+        with self._transaction() as conn:
+            conn.executemany(
+                "DELETE FROM files"
+                " WHERE replica = (SELECT id FROM replicas WHERE folder = ? AND peer = ?)"
+                " AND key = ?",
+                ((folder, peer, tree.sort_key(path, kind)) for path, kind in paths),
+            )
+
+    def forget_tree(self, folder: str, peer: str, dir_path: bytes) -> None:
+        """Delete the row of directory ``dir_path`` and every row below it."""
+        if not dir_path:
+            raise ValueError("forget_tree needs a directory path; clear() forgets a folder")
+        # Keys from dir_path + b"/" (the directory itself) up to, not including,
+        # dir_path + b"0" ("/" + 1) are exactly the subtree, siblings like b"a.txt" or b"ab"
+        # fall outside. A range, not LIKE: LIKE treats keys as text and "_" / "%" as wildcards.
+        with self._transaction() as conn:
+            conn.execute(
+                "DELETE FROM files"
+                " WHERE replica = (SELECT id FROM replicas WHERE folder = ? AND peer = ?)"
+                " AND key >= ? AND key < ?",
+                (folder, peer, dir_path + b"/", dir_path + b"0"),
+            )
+
+    def clear(self, folder: str, peer: str) -> None:
+        """Forget everything about (folder, peer), which then leaves ``folders()``."""
+        with self._transaction() as conn:
+            conn.execute(
+                "DELETE FROM files"
+                " WHERE replica = (SELECT id FROM replicas WHERE folder = ? AND peer = ?)",
+                (folder, peer),
+            )
+            conn.execute("DELETE FROM replicas WHERE folder = ? AND peer = ?", (folder, peer))
+
+    def stats(self, folder: str, peer: str) -> tuple[int, int]:
+        """Return how many files (directories not counted) and bytes ``peer`` holds."""
+        files, size = (
+            self._conn()
+            .execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM files"
+                " WHERE replica = (SELECT id FROM replicas WHERE folder = ? AND peer = ?)"
+                " AND substr(key, -1) <> x'2f'",  # x'2f' is b"/": directories are not files
+                (folder, peer),
+            )
+            .fetchone()
+        )
+        return files, size
+
+    def folders(self) -> list[tuple[str, str]]:
+        """Return every (folder, peer) recorded since it was last cleared, sorted.
+
+        A pair stays listed when all its rows were forgotten: "the peer holds nothing" is
+        then known, unlike for a pair the index has never seen.
+        """
+        rows = self._conn().execute("SELECT folder, peer FROM replicas ORDER BY folder, peer")
+        return [(folder, peer) for folder, peer in rows]
+
+    def _create_schema(self) -> None:
+        conn = self._conn()
+        conn.execute("PRAGMA journal_mode=WAL")  # stored in the file: once is enough
+        with self._transaction():
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            row = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise IndexVersionError(self._path, row[0])
+
+    def _connect(self) -> sqlite3.Connection:
+        # check_same_thread=False lets close() close every thread's connection and lets a
+        # stream move between threads; each connection is still used by one thread at a time.
+        conn = sqlite3.connect(
+            self._path, timeout=_BUSY_TIMEOUT, autocommit=True, check_same_thread=False
+        )
+        # In WAL mode NORMAL syncs at checkpoints only: a power cut may lose the last acks
+        # (those files are sent again), never corrupt the database.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        with self._lock:
+            if not self._closed:
+                self._connections.add(conn)
+                return conn
+        conn.close()
+        raise sqlite3.ProgrammingError("the index is closed")
+
+    def _release(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+        conn.close()
+
+    def _conn(self) -> sqlite3.Connection:
+        """Return this thread's connection, opening it on first use."""
+        if self._closed:
+            raise sqlite3.ProgrammingError("the index is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Run the block as one write transaction on this thread's connection."""
+        conn = self._conn()
+        # IMMEDIATE takes the write lock up front: two writers queue on the busy timeout
+        # instead of one failing to upgrade a read lock ("database is locked").
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")

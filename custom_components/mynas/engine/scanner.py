@@ -1,0 +1,246 @@
+"""What changed in a folder since the peer last acknowledged it.
+
+``scan`` merges two streams in canonical key order — the local walk and the index's
+entries for (folder, peer) — holding one entry of each, so memory does not grow with the
+tree. It blocks: run it in a worker thread and hand its changes over to the transfer.
+``read_file_checked`` then reads a small file for sending, and tells when it changed under
+the reader so that a half-changed file is never recorded as sent.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+import enum
+import fnmatch
+import os
+import re
+import stat
+
+from . import tree
+from .errors import SourceMissing
+from .index import IndexEntry
+
+MAX_ERRORS = 100  # errors kept with their path; more are only counted
+
+# Never follow a symlink; never wait on a FIFO that replaced a file since the walk.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class Action(enum.StrEnum):
+    """What must happen on the peer for one entry."""
+
+    NEW = "new"
+    CHANGED = "changed"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One difference between the local tree and what the peer holds.
+
+    ``entry`` is the local entry for NEW and CHANGED, the index entry for DELETED;
+    ``old`` is the index entry a CHANGED entry replaces.
+    """
+
+    action: Action
+    entry: tree.Entry | IndexEntry
+    old: IndexEntry | None = None
+
+
+@dataclass
+class ScanReport:
+    """What a scan saw of the local tree (after excludes), filled in as it goes."""
+
+    files: int = 0
+    dirs: int = 0
+    bytes: int = 0
+    errors: list[tuple[builtins.bytes, str]] = field(default_factory=list)
+    error_count: int = 0  # errors beyond the first MAX_ERRORS kept in ``errors``
+    skipped: int = 0  # symlinks and special files, which are never backed up
+
+    def add_error(self, path: builtins.bytes, message: str) -> None:
+        """Keep the error if there is room, count it otherwise."""
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append((path, message))
+        else:
+            self.error_count += 1
+
+
+class Excludes:
+    """Exclude patterns, gitignore-like, matched with ``fnmatch`` rules on raw bytes.
+
+    A pattern without ``/`` matches an entry's name at any depth (``*.tmp``,
+    ``node_modules``); one with a leading or inner ``/`` matches the path from the folder's
+    root (``Photos/cache/*``; there ``*`` also crosses ``/``). A trailing ``/`` restricts a
+    pattern to directories. Call the object with ``(path, is_dir)``.
+    """
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        groups: dict[tuple[bool, bool], list[str]] = {}
+        for pattern in patterns:
+            body = pattern.strip("/")
+            if body:
+                anchored = "/" in pattern.rstrip("/")
+                groups.setdefault((anchored, pattern.endswith("/")), []).append(body)
+        self._names = _regex(groups.get((False, False)))
+        self._dir_names = _regex(groups.get((False, True)))
+        self._paths = _regex(groups.get((True, False)))
+        self._dir_paths = _regex(groups.get((True, True)))
+
+    def __call__(self, path: bytes, is_dir: bool) -> bool:
+        """Return whether the entry at ``path`` (relative to the root) is excluded."""
+        name = path.rpartition(b"/")[2]
+        return bool(
+            (self._names and self._names.match(name))
+            or (self._paths and self._paths.match(path))
+            or (is_dir and self._dir_names and self._dir_names.match(name))
+            or (is_dir and self._dir_paths and self._dir_paths.match(path))
+        )
+
+
+def _regex(patterns: list[str] | None) -> re.Pattern[bytes] | None:
+    """Return one regex matching any of ``patterns``, or None when there are none."""
+    if not patterns:
+        return None
+    # What fnmatch does with bytes: read the pattern as Latin-1 (one character per byte), so
+    # names that are not UTF-8 match too.
+    alternatives = (fnmatch.translate(os.fsencode(p).decode("latin-1")) for p in patterns)
+    return re.compile("|".join(alternatives).encode("latin-1"))
+
+
+def scan(
+    source: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+    index_entries: Iterable[IndexEntry],
+    *,
+    exclude: Sequence[str] = (),
+    report: ScanReport | None = None,
+) -> Iterator[Change]:
+    """Yield the changes that make the peer's copy (``index_entries``) equal ``source``.
+
+    Blocking generator. ``index_entries`` must come in ascending key order (as
+    ``Index.entries`` yields them). Changes come in canonical order, except that a NEW file
+    waits until the index is past the subtree of a directory of the same name, so a kind
+    change always comes as DELETED (the old entry, and all below a directory) then NEW.
+    Raises ``SourceMissing`` on the first ``next()``, before any change, if ``source`` is
+    not a listable directory.
+    The contents of a directory that cannot be listed are neither NEW nor DELETED: the
+    error goes to ``report``, which also counts what was walked.
+    """
+    root = os.fsencode(source)
+    seen = ScanReport() if report is None else report
+    blind = (b"", b"")  # index keys [from, to) below a directory that could not be listed
+
+    def on_error(path: bytes, err: OSError) -> None:
+        nonlocal blind
+        if not path:
+            raise SourceMissing(os.fsdecode(root)) from err
+        seen.add_error(path, f"cannot list this directory: {err.strerror or err}")
+        # tree.walk reports a directory just after yielding it, before anything below it,
+        # so the index is not past that directory's subtree yet.
+        blind = (path + b"/", path + b"0")
+
+    def on_skip(_path: bytes) -> None:
+        seen.skipped += 1
+
+    walk = (
+        (entry.key, entry)
+        for entry in tree.walk(
+            root, on_error=on_error, skip=Excludes(exclude) if exclude else None, on_skip=on_skip
+        )
+    )
+    index = _ascending(index_entries)
+    # NEW files whose path may still name a directory further down the index. Each is
+    # below the previous one in key order, so the last one is always released first.
+    held: list[tree.Entry] = []
+    local = next(walk, None)  # raises SourceMissing, if it must, before the first yield
+    peer = next(index, None)
+    while True:
+        if local is not None and (peer is None or local[0] < peer[0]):
+            entry = local[1]
+            _count(seen, entry)
+            if entry.kind is tree.Kind.FILE and peer is not None and peer[0] < entry.path + b"0":
+                held.append(entry)
+            else:
+                yield Change(Action.NEW, entry)
+            local = next(walk, None)
+            continue
+        if peer is None:
+            return  # both streams are done, and nothing is held once the index is
+        if local is None or peer[0] < local[0]:
+            if not blind[0] <= peer[0] < blind[1]:
+                yield Change(Action.DELETED, peer[1])
+        else:
+            entry = local[1]
+            _count(seen, entry)
+            if _differs(entry, peer[1]):
+                yield Change(Action.CHANGED, entry, peer[1])
+            local = next(walk, None)
+        peer = next(index, None)
+        # b"0" follows b"/": once the index reaches path + b"0", no directory named path
+        # (key path + b"/") nor anything below it can follow.
+        while held and (peer is None or held[-1].path + b"0" <= peer[0]):
+            yield Change(Action.NEW, held.pop())
+
+
+def _ascending(entries: Iterable[IndexEntry]) -> Iterator[tuple[bytes, IndexEntry]]:
+    """Pair each index entry with its key, checking the order the merge relies on."""
+    previous = b""
+    for entry in entries:
+        key = entry.key
+        # Out of order, the merge would report whole trees deleted and sent again.
+        if key <= previous:
+            raise ValueError(f"index entries out of order: {key!r} after {previous!r}")
+        previous = key
+        yield key, entry
+
+
+def _count(report: ScanReport, entry: tree.Entry) -> None:
+    if entry.kind is tree.Kind.FILE:
+        report.files += 1
+        report.bytes += entry.size
+    else:
+        report.dirs += 1
+
+
+def _differs(local: tree.Entry, peer: IndexEntry) -> bool:
+    """Return whether an entry changed; the same key means the same kind."""
+    if local.mtime_ns != peer.mtime_ns or local.mode != peer.mode:
+        return True
+    # A directory's size means nothing; its mtime does (the replicator sets it again).
+    return local.kind is tree.Kind.FILE and local.size != peer.size
+
+
+def read_file_checked(path: bytes, expected: tree.Entry) -> bytes | None:
+    """Return the content of a small file, or None if it is not what the walk saw.
+
+    None means the file vanished, or its size or mtime differ from ``expected`` after the
+    read (it changed since the walk or while being read): the caller must not record it as
+    sent, and the next run will find it changed. Raises ``OSError`` if the file cannot be
+    read, including when ``path`` is now a symlink (never followed).
+    """
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except FileNotFoundError, NotADirectoryError:
+        return None
+    try:
+        # One byte more than expected, so a file that grew is seen even if its mtime
+        # has not moved yet.
+        data = os.read(fd, expected.size + 1)
+        while 0 < len(data) < expected.size:  # short reads are rare, but allowed
+            more = os.read(fd, expected.size + 1 - len(data))
+            if not more:
+                break
+            data += more
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if (
+        len(data) != expected.size
+        or after.st_size != expected.size
+        or after.st_mtime_ns != expected.mtime_ns
+        or not stat.S_ISREG(after.st_mode)
+    ):
+        return None
+    return data
