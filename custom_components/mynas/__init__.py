@@ -1,43 +1,19 @@
-"""MyNAS: a friend-to-friend backup network of Home Assistant nodes and their USB disks."""
+"""MyNAS: a friend-to-friend backup network of Home Assistant nodes and their USB disks.
+
+Home Assistant's entry points (``async_setup_entry``, ``CONFIG_SCHEMA``...) live in
+``hass_entry`` and load on first access (PEP 562 module ``__getattr__``). That keeps
+``import custom_components.mynas.engine`` — the command line, the benchmark — from importing
+Home Assistant itself (a second and 65 MB per process).
+"""
 
 from __future__ import annotations
 
-from homeassistant.const import Platform
-from homeassistant.core import HomeAssistant
-from homeassistant.exceptions import ConfigEntryNotReady
-from homeassistant.helpers import config_validation as cv
-
-from .const import CONF_NODE_ID, CONF_NODE_NAME, CONF_STORAGE_ROOT, DOMAIN
-from .coordinator import DiskCoordinator, MyNasConfigEntry, MyNasRuntimeData
-from .engine import storage_root
-
-CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
-
-PLATFORMS: list[Platform] = [Platform.SENSOR]
+from importlib import import_module
+from typing import Any
 
 
-async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> bool:
-    """Start the node: check its disk, then poll it."""
-    try:
-        await hass.async_add_executor_job(
-            storage_root.open_root,
-            entry.data[CONF_STORAGE_ROOT],
-            entry.data[CONF_NODE_ID],
-            entry.data[CONF_NODE_NAME],
-        )
-    except storage_root.StorageRootError as err:
-        raise ConfigEntryNotReady(
-            translation_domain=DOMAIN,
-            translation_key=err.problem.value,
-            translation_placeholders={"path": err.path},
-        ) from err
-    disk = DiskCoordinator(hass, entry)
-    await disk.async_config_entry_first_refresh()
-    entry.runtime_data = MyNasRuntimeData(disk=disk)
-    await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
-    return True
-
-
-async def async_unload_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> bool:
-    """Stop the node."""
-    return await hass.config_entries.async_unload_platforms(entry, PLATFORMS)
+def __getattr__(name: str) -> Any:
+    """Hand Home Assistant's lookups on to ``hass_entry``."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return getattr(import_module(f"{__name__}.hass_entry"), name)

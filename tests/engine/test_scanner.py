@@ -47,11 +47,13 @@ def reference(root: bytes) -> Snapshot:
         for name in os.listdir(root + b"/" + rel if rel else root):
             path = rel + b"/" + name if rel else name
             info = os.lstat(root + b"/" + path)
+            # Only the owner's exec bit of a file is replicated; directories are all 0o755.
             if stat.S_ISDIR(info.st_mode):
-                found[path + b"/"] = (DIR, 0, info.st_mtime_ns, stat.S_IMODE(info.st_mode))
+                found[path + b"/"] = (DIR, 0, info.st_mtime_ns, 0o755)
                 visit(path)
             elif stat.S_ISREG(info.st_mode):
-                found[path] = (FILE, info.st_size, info.st_mtime_ns, stat.S_IMODE(info.st_mode))
+                mode = 0o755 if info.st_mode & 0o100 else 0o644
+                found[path] = (FILE, info.st_size, info.st_mtime_ns, mode)
 
     visit(b"")
     return found
@@ -176,7 +178,7 @@ def mutate(root: bytes, data: st.DataObject) -> None:
             stamp = next(clock)
             os.utime(path, ns=(stamp, stamp))
         elif edit == "chmod":
-            os.chmod(path, 0o700 if is_dir else 0o600)
+            os.chmod(path, 0o700 if is_dir else 0o755)  # the exec bit is what counts
         elif edit == "delete":
             shutil.rmtree(path) if is_dir else os.unlink(path)
         elif edit == "rename":
@@ -284,7 +286,7 @@ def test_changes_to_size_mtime_and_mode(source: Path, index: Index) -> None:
     run(source, index)
     write(root + b"/d/size", b"123", T0)
     os.utime(root + b"/d/mtime", ns=(T0, T0 + 1))
-    os.chmod(root + b"/d/mode", 0o600)
+    os.chmod(root + b"/d/mode", 0o700)  # the exec bit is what a replica keeps
     write(root + b"/d/same", b"34", T0)  # same size and mtime: not seen (no hashing here)
     changes = run(source, index)
     assert summary(changes) == [(CHANGED, b"d/mode"), (CHANGED, b"d/mtime"), (CHANGED, b"d/size")]
@@ -363,7 +365,7 @@ def test_a_directory_size_means_nothing(source: Path) -> None:
     (source / "d").mkdir()
     info = (source / "d").stat()
     # E.g. rebuilt from a host listing, where a directory's st_size is a block size.
-    indexed = IndexEntry(b"d", DIR, 4096, info.st_mtime_ns, stat.S_IMODE(info.st_mode), None)
+    indexed = IndexEntry(b"d", DIR, 4096, info.st_mtime_ns, 0o755, None)
     assert list(scan(source, [indexed])) == []
 
 

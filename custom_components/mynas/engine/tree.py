@@ -37,12 +37,24 @@ class Entry:
     kind: Kind
     size: int
     mtime_ns: int
-    mode: int = 0o644
+    mode: int = 0o644  # portable_mode() for files, DIR_MODE for directories
 
     @property
     def key(self) -> bytes:
         """Return the entry's canonical sort key."""
         return sort_key(self.path, self.kind)
+
+
+DIR_MODE = 0o755
+
+
+def portable_mode(st_mode: int) -> int:
+    """Return the mode MyNAS keeps for a file: 0o755 if its owner may run it, else 0o644.
+
+    Only the exec bit is worth carrying to a friend's disk (owners, groups and odd
+    permissions mean nothing there, s-bits would be a hazard), so only it makes a change.
+    """
+    return 0o755 if st_mode & stat.S_IXUSR else 0o644
 
 
 def sort_key(path: bytes, kind: Kind) -> bytes:
@@ -113,9 +125,9 @@ def _entry_of(rel: bytes, item: os.DirEntry[bytes], on_skip: SkipHandler | None)
         return None  # vanished between listing and stat
     path = join(rel, item.name)
     if stat.S_ISREG(info.st_mode):
-        return Entry(path, Kind.FILE, info.st_size, info.st_mtime_ns, stat.S_IMODE(info.st_mode))
+        return Entry(path, Kind.FILE, info.st_size, info.st_mtime_ns, portable_mode(info.st_mode))
     if stat.S_ISDIR(info.st_mode):
-        return Entry(path, Kind.DIR, 0, info.st_mtime_ns, stat.S_IMODE(info.st_mode))
+        return Entry(path, Kind.DIR, 0, info.st_mtime_ns, DIR_MODE)
     if on_skip is not None:
         on_skip(path)
     return None
