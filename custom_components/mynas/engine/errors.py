@@ -6,6 +6,8 @@ types to translated errors and repair issues; the command line prints ``str(err)
 
 from __future__ import annotations
 
+from .units import format_bytes
+
 
 class MyNasError(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -119,13 +121,3 @@ class InvalidInvite(MyNasError):
 
 class KeyFileError(MyNasError):
     """A key file is missing, unreadable, or not an Ed25519 key."""
-
-
-def format_bytes(count: int) -> str:
-    """Return ``count`` bytes in a short human form (binary units)."""
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover

@@ -829,9 +829,9 @@ class Jail:
         """Return the entry of one file or directory (FileNotFoundError if missing)."""
         info = self._existing(rel).info
         assert info is not None
-        mode = stat.S_IMODE(info.st_mode)
         if stat.S_ISDIR(info.st_mode):
-            return tree.Entry(rel, tree.Kind.DIR, 0, info.st_mtime_ns, mode)
+            return tree.Entry(rel, tree.Kind.DIR, 0, info.st_mtime_ns, tree.DIR_MODE)
+        mode = tree.portable_mode(info.st_mode)
         return tree.Entry(rel, tree.Kind.FILE, info.st_size, info.st_mtime_ns, mode)
 
     def list(self, rel: bytes = b"") -> Iterator[tree.Entry]:

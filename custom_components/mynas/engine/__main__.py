@@ -1,0 +1,319 @@
+"""The engine's command line: ``python -m custom_components.mynas.engine COMMAND ...``.
+
+Runs the same code as Home Assistant does, without it: make a key, print an invite code,
+serve friends' replicas, push a folder, restore it, verify it. Failures print one line on
+stderr and exit non-zero; push, restore and verify end stdout with a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Callable, Sequence
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+import signal
+import sys
+from typing import Any
+
+from . import identity as identity_mod, invite as invite_mod
+from .errors import MyNasError
+from .index import Index
+from .replicator import PeerTarget, Progress, push, restore, verify
+from .server import NodeServer, PeerGrant
+from .storage import HostedSpace, validate_peer_name
+from .units import format_bytes, parse_size
+
+_LOGGER = logging.getLogger("mynas")
+
+
+class CommandError(Exception):
+    """A problem with what was asked; printed as one line, exit status 1."""
+
+
+def _address(text: str) -> str:
+    try:
+        host, port = invite_mod.parse_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return invite_mod.format_address(host, port)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _peer_grant(text: str) -> tuple[str, str, int]:
+    """Parse ``NAME=PUBKEY_FILE:QUOTA``."""
+    name, sep, rest = text.partition("=")
+    key_file, sep2, quota = rest.rpartition(":")
+    if not sep or not sep2 or not name or not key_file:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=PUBKEY_FILE:QUOTA, e.g. bob=bob.pub:20G"
+        )
+    try:
+        validate_peer_name(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+    return name, key_file, _size(quota)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m custom_components.mynas.engine",
+        description="MyNAS engine: friend-to-friend backups over SSH.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    keygen = commands.add_parser(
+        "keygen", help="create this node's key (if absent), print its public key"
+    )
+    keygen.add_argument("--key", required=True, help="private key file (created with mode 0600)")
+
+    invite = commands.add_parser("invite", help="print this node's invite code")
+    invite.add_argument("--key", required=True)
+    invite.add_argument("--name", required=True, help="this node's name, as friends will see it")
+    invite.add_argument(
+        "--address", required=True, action="append", type=_address, metavar="HOST:PORT"
+    )
+
+    serve = commands.add_parser("serve", help="host friends' replicas until SIGINT/SIGTERM")
+    serve.add_argument("--key", required=True)
+    serve.add_argument(
+        "--storage", required=True, help="storage root; each peer's jail is STORAGE/NAME/"
+    )
+    serve.add_argument("--listen", required=True, type=_address, metavar="HOST:PORT")
+    serve.add_argument(
+        "--peer", action="append", default=[], type=_peer_grant, metavar="NAME=PUBKEY_FILE:QUOTA"
+    )
+    serve.add_argument("--trash-days", type=int, default=30, metavar="N")
+
+    for name, text in (
+        ("push", "send a folder's changes to a peer"),
+        ("restore", "copy a folder (or a path in it) back from a peer"),
+        ("verify", "compare a peer's copy with the folder, without downloading"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--key", required=True)
+        sub.add_argument("--peer", required=True, type=_address, metavar="HOST:PORT")
+        sub.add_argument("--peer-key", required=True, metavar="PUBKEY_FILE")
+        sub.add_argument("--folder", required=True, help="the folder's name on the peer")
+        if name == "restore":
+            sub.add_argument("--to", required=True, metavar="DIR")
+            sub.add_argument("--path", default="", metavar="SUBPATH")
+            sub.add_argument("--overwrite", action="store_true", help="replace existing files")
+        else:
+            sub.add_argument("--source", required=True, metavar="DIR")
+            sub.add_argument(
+                "--index", metavar="FILE", help="SQLite index (default: next to the key)"
+            )
+            sub.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
+        if name == "push":
+            sub.add_argument(
+                "--bwlimit", type=_size, metavar="RATE", help="bytes per second, e.g. 5M"
+            )
+        if name == "verify":
+            sub.add_argument("--repair", action="store_true", help="send what is missing or wrong")
+    return parser
+
+
+def _load_identity(path: str) -> identity_mod.Identity:
+    return identity_mod.load(path)
+
+
+def _target(args: argparse.Namespace) -> PeerTarget:
+    key = identity_mod.load_public_key_file(args.peer_key)
+    line = identity_mod.public_key_line(key)
+    return PeerTarget(id=identity_mod.fingerprint(key), addresses=(args.peer,), public_key=line)
+
+
+def _index_path(args: argparse.Namespace) -> Path:
+    return (
+        Path(args.index) if args.index else Path(args.key).resolve().parent / "mynas-index.sqlite"
+    )
+
+
+def _progress_printer() -> Callable[[Progress], None]:
+    interactive = sys.stderr.isatty()
+
+    def show(state: Progress) -> None:
+        if not interactive:
+            return
+        percent = state.percent
+        done = f"{state.files_done}/{state.files_total} files, {format_bytes(state.bytes_done)}"
+        tail = f" ({percent:.0f} %)" if percent is not None else ""
+        print(f"\r{state.phase}: {done}{tail}   ", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Create the key if absent; print the public key line."""
+    node, _ = identity_mod.load_or_create(args.key)
+    print(node.public_line)
+    return 0
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    """Print this node's invite code."""
+    node = _load_identity(args.key)
+    try:
+        code = invite_mod.encode(
+            invite_mod.Invite(args.name, tuple(args.address), node.public_line)
+        )
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    print(code)
+    return 0
+
+
+def _check_storage(storage: Path) -> None:
+    if not storage.is_dir():
+        raise CommandError(f"storage dir {storage} does not exist or is not a directory")
+    if not os.access(storage, os.W_OK | os.X_OK):
+        raise CommandError(f"storage dir {storage} is not writable")
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    """Host the peers' jails until SIGINT or SIGTERM."""
+    node = _load_identity(args.key)
+    storage = Path(args.storage)
+    _check_storage(storage)
+    grants = []
+    for name, key_file, quota in args.peer:
+        key = identity_mod.load_public_key_file(key_file)
+        grants.append(PeerGrant(name, identity_mod.public_key_line(key), quota))
+    if len({grant.name for grant in grants}) != len(grants):
+        raise CommandError("each --peer needs its own NAME")
+    try:
+        space = HostedSpace(storage, trash_days=args.trash_days)
+    except (OSError, ValueError) as err:
+        raise CommandError(f"storage dir {storage} is unusable: {err}") from None
+    server = NodeServer(node, space, grants)
+    host, port = invite_mod.parse_address(args.listen)
+    try:
+        await server.start(host, port)
+    except OSError as err:
+        await server.close()
+        raise CommandError(f"cannot listen on {args.listen}: {err.strerror or err}") from None
+    _LOGGER.info("Serving %d peer(s) on %s (key %s)", len(grants), args.listen, node.fingerprint)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        _LOGGER.info("Stopping")
+        await server.close()
+    return 0
+
+
+def _summary(result: dict[str, Any]) -> None:
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(json.dumps(result, sort_keys=True))
+
+
+async def cmd_push(args: argparse.Namespace) -> int:
+    """Push a folder; print the JSON summary."""
+    node = _load_identity(args.key)
+    target = _target(args)
+    with Index(_index_path(args)) as index:
+        result = await push(
+            node,
+            target,
+            args.folder,
+            args.source,
+            index,
+            exclude=args.exclude,
+            bwlimit=args.bwlimit,
+            progress=_progress_printer(),
+        )
+    for message in result.errors:
+        print(f"warning: {message}", file=sys.stderr)
+    _summary(result.as_dict())
+    return 0
+
+
+async def cmd_restore(args: argparse.Namespace) -> int:
+    """Restore a folder or a path in it; print the JSON summary."""
+    node = _load_identity(args.key)
+    result = await restore(
+        node,
+        _target(args),
+        args.folder,
+        args.to,
+        path=args.path,
+        overwrite=args.overwrite,
+        progress=_progress_printer(),
+    )
+    _summary(result.as_dict())
+    return 0
+
+
+async def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify (and optionally repair) a replica; print the JSON summary."""
+    node = _load_identity(args.key)
+    with Index(_index_path(args)) as index:
+        result = await verify(
+            node,
+            _target(args),
+            args.folder,
+            args.source,
+            index,
+            exclude=args.exclude,
+            repair=args.repair,
+            progress=_progress_printer(),
+        )
+    for example in result.examples:
+        print(example, file=sys.stderr)
+    _summary(result.as_dict())
+    return 0 if result.clean or (args.repair and result.repaired) else 1
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "keygen": cmd_keygen,
+    "invite": cmd_invite,
+    "serve": cmd_serve,
+    "push": cmd_push,
+    "restore": cmd_restore,
+    "verify": cmd_verify,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:
+        logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    command = _COMMANDS[args.command]
+    try:
+        outcome = command(args)
+        if asyncio.iscoroutine(outcome):
+            outcome = asyncio.run(outcome)
+    except (CommandError, MyNasError, ValueError, OSError) as err:
+        print(f"mynas {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            print(file=sys.stderr)
+        return 130
+    return int(outcome)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

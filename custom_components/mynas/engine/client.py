@@ -1,0 +1,435 @@
+"""The connecting side: one SSH connection to a peer, host key pinned, one protocol channel.
+
+The peer is known only by its pinned public key (invariant 1): ``known_hosts`` holds that key
+alone and nothing of ``~/.ssh`` or an agent is consulted. A host presenting another key is
+refused during the key exchange, before our key or a byte of data is sent, and the key it
+presented is kept for the repair flow that asks the user whether to trust it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+import logging
+import socket
+from typing import Any
+
+import asyncssh
+
+from . import protocol
+from .errors import (
+    AuthRefused,
+    HostKeyMismatch,
+    HostRefused,
+    MyNasError,
+    PeerDiskFull,
+    PeerUnreachable,
+    ProtocolError,
+    QuotaExceeded,
+)
+from .identity import Identity, fingerprint, parse_public_key
+from .invite import parse_address
+from .protocol import FailCode, Frame
+from .tree import Entry
+
+_LOGGER = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 20.0
+# Flush the outgoing buffer to the SSH channel (and respect its flow control) this often.
+_DRAIN_EVERY = 512 * 1024
+
+type AckCallback = Callable[[MyNasError | None], None]
+
+
+class _PinnedClient(asyncssh.SSHClient):
+    """Remembers the host key a peer presented when it is not the pinned one."""
+
+    def __init__(self) -> None:
+        self.presented: asyncssh.SSHKey | None = None
+
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
+        # Only called for a key that is NOT the pinned one: record it, trust nothing.
+        self.presented = key
+        return False
+
+
+def error_from_fail(info: dict[str, Any]) -> MyNasError:
+    """Turn a FAIL frame's body into the error it stands for."""
+    code = str(info.get("code", ""))
+    message = str(info.get("message", "refused by the host"))
+    if code == FailCode.QUOTA:
+        return QuotaExceeded(int(info.get("needed", 0)), int(info.get("available", 0)))
+    if code == FailCode.DISK_FULL:
+        return PeerDiskFull(message)
+    return HostRefused(code, message)
+
+
+@dataclass(slots=True)
+class _Stream:
+    """Where the frames of a LIST or READ answer go, in order."""
+
+    queue: asyncio.Queue[tuple[Frame, Any]]
+
+
+class PeerLink:
+    """An open replication channel to one peer."""
+
+    def __init__(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        writer: asyncssh.SSHWriter[bytes],
+        reader: asyncssh.SSHReader[bytes],
+        address: str,
+    ) -> None:
+        """Wrap an authenticated connection and its protocol channel (use ``connect``)."""
+        self.address = address
+        self.welcome: dict[str, Any] = {}
+        self._conn = conn
+        self._writer = writer
+        self._reader = reader
+        self._next_id = 0
+        self._waiters: dict[int, asyncio.Future[Any]] = {}
+        self._callbacks: dict[int, AckCallback] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._unflushed = 0
+        self._closed: BaseException | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        self._writer.write(protocol.hello())
+        kind, body = await asyncio.wait_for(protocol.read_frame(self._reader), CONNECT_TIMEOUT)
+        if kind is not Frame.WELCOME:
+            raise ProtocolError(f"expected WELCOME, got {kind.name}")
+        self.welcome = protocol.parse_json(body)
+        self._dispatcher = asyncio.create_task(self._dispatch())
+
+    async def close(self) -> None:
+        """Close the channel and the connection."""
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+            self._dispatcher = None
+        self._fail_everything(ConnectionAbortedError("connection closed"))
+        self._writer.close()
+        self._conn.close()
+        await self._conn.wait_closed()
+
+    async def __aenter__(self) -> PeerLink:
+        """Use as ``async with await connect(...) as link``."""
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        """Close on leaving the block."""
+        await self.close()
+
+    @property
+    def pending(self) -> int:
+        """Requests sent and not answered yet."""
+        return len(self._waiters) + len(self._callbacks) + len(self._streams)
+
+    # --- sending -------------------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        return self._next_id
+
+    async def _send(self, data: bytes) -> None:
+        if self._closed is not None:
+            raise _lost(self.address, self._closed)
+        self._writer.write(data)
+        self._unflushed += len(data)
+        if self._unflushed >= _DRAIN_EVERY:
+            self._unflushed = 0
+            await self._writer.drain()
+
+    async def flush(self) -> None:
+        """Push everything queued into the channel, waiting for its flow control."""
+        self._unflushed = 0
+        await self._writer.drain()
+
+    async def _request(self, build: Callable[[int], bytes]) -> Any:
+        req = self._new_id()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[req] = future
+        await self._send(build(req))
+        await self.flush()
+        return await future
+
+    # --- the protocol's requests ---------------------------------------------------------
+
+    async def put(
+        self, path: bytes, mtime_ns: int, mode: int, data: bytes, on_done: AckCallback
+    ) -> None:
+        """Send a whole small file; ``on_done`` hears whether the host stored it durably."""
+        req = self._new_id()
+        self._callbacks[req] = on_done
+        await self._send(protocol.put(req, path, mtime_ns, mode, data))
+
+    async def open_upload(
+        self, path: bytes, size: int, mtime_ns: int, mode: int
+    ) -> tuple[int, int]:
+        """Start (or resume) a large file; return (request id, offset the host already has)."""
+        req = self._new_id()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[req] = future
+        await self._send(protocol.open_upload(req, path, size, mtime_ns, mode))
+        await self.flush()
+        return req, int(await future)
+
+    async def send_data(self, req: int, chunk: bytes | memoryview) -> None:
+        """Send the next piece of an open upload."""
+        await self._send(protocol.data(req, chunk))
+
+    async def close_upload(self, req: int, how: protocol.Close) -> None:
+        """End an upload; for FINISH, returns once the file is durable under its name."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[req] = future
+        await self._send(protocol.close(req, how))
+        await self.flush()
+        await future
+
+    async def delete(self, path: bytes, on_done: AckCallback) -> None:
+        """Ask the host to move a file or tree into its trash."""
+        req = self._new_id()
+        self._callbacks[req] = on_done
+        await self._send(protocol.delete(req, path))
+
+    async def mkdir(self, path: bytes, mtime_ns: int | None, on_done: AckCallback) -> None:
+        """Create a directory (and parents) on the host."""
+        req = self._new_id()
+        self._callbacks[req] = on_done
+        await self._send(protocol.mkdir(req, path, mtime_ns))
+
+    async def utime(self, path: bytes, mtime_ns: int, on_done: AckCallback) -> None:
+        """Set a file's or directory's mtime on the host."""
+        req = self._new_id()
+        self._callbacks[req] = on_done
+        await self._send(protocol.utime(req, path, mtime_ns))
+
+    async def sync(self) -> None:
+        """Return once every earlier request is answered and durable on the host."""
+        await self._request(protocol.sync)
+
+    async def usage(self) -> dict[str, Any]:
+        """Return the host's figures for us: used, quota, disk_free."""
+        result: dict[str, Any] = await self._request(
+            lambda req: protocol.query(req, {"op": "usage"})
+        )
+        return result
+
+    async def set_retention(self, folder: str, days: int) -> None:
+        """Ask the host to keep our trash of ``folder`` for at least ``days`` days."""
+        await self._request(
+            lambda req: protocol.query(req, {"op": "retention", "folder": folder, "days": days})
+        )
+
+    async def list(
+        self, path: bytes = b"", *, with_hash: bool = False
+    ) -> AsyncIterator[tuple[Entry, bytes | None]]:
+        """Yield the host's entries below ``path`` in canonical order (with content hashes)."""
+        async for kind, value in self._stream(
+            lambda req: protocol.list_tree(req, path, with_hash=with_hash)
+        ):
+            if kind is not Frame.ENTRY:
+                raise ProtocolError(f"unexpected {kind.name} in a listing")
+            yield value
+
+    async def read(self, path: bytes) -> AsyncIterator[tuple[Frame, Any]]:
+        """Yield a file's or tree's ENTRY frames ((Entry, None)) and DATA frames (bytes)."""
+        async for item in self._stream(lambda req: protocol.read(req, path)):
+            yield item
+
+    async def _stream(self, build: Callable[[int], bytes]) -> AsyncIterator[tuple[Frame, Any]]:
+        req = self._new_id()
+        # Bounded: a slow consumer stops the dispatcher, which stops reading the channel.
+        stream = _Stream(asyncio.Queue(256))
+        self._streams[req] = stream
+        try:
+            await self._send(build(req))
+            await self.flush()
+            while True:
+                kind, value = await stream.queue.get()
+                if kind is Frame.DONE:
+                    return
+                if kind is Frame.FAIL:
+                    raise value
+                yield kind, value
+        finally:
+            self._streams.pop(req, None)
+
+    # --- receiving -------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        try:
+            while True:
+                kind, body = await protocol.read_frame(self._reader)
+                await self._handle(kind, body)
+        except asyncio.CancelledError:
+            raise
+        except (asyncio.IncompleteReadError, asyncssh.Error, OSError) as err:
+            self._fail_everything(err)
+        except ProtocolError as err:
+            _LOGGER.warning("%s broke the protocol: %s", self.address, err)
+            self._fail_everything(err)
+            self._conn.close()
+
+    async def _handle(self, kind: Frame, body: bytes) -> None:
+        if kind is Frame.OK:
+            for req in protocol.parse_ok(body):
+                self._resolve(req, None)
+        elif kind is Frame.FAIL:
+            req, info = protocol.parse_fail(body)
+            error = error_from_fail(info)
+            stream = self._streams.get(req)
+            if stream is not None:
+                await stream.queue.put((Frame.FAIL, error))
+            else:
+                self._resolve(req, error)
+        elif kind is Frame.OFFSET:
+            req, position = protocol.parse_offset(body)
+            self._resolve(req, None, position)
+        elif kind is Frame.REPLY:
+            req, answer = protocol.parse_reply(body)
+            self._resolve(req, None, answer)
+        elif kind is Frame.ENTRY:
+            req, item, digest = protocol.parse_entry(body)
+            await self._to_stream(req, Frame.ENTRY, (item, digest))
+        elif kind is Frame.DATA:
+            req, chunk = protocol.parse_data(body)
+            await self._to_stream(req, Frame.DATA, chunk)
+        elif kind is Frame.DONE:
+            req = protocol.request_id(body)
+            await self._to_stream(req, Frame.DONE, None)
+        else:
+            raise ProtocolError(f"unexpected {kind.name} from the host")
+
+    async def _to_stream(self, req: int, kind: Frame, value: Any) -> None:
+        stream = self._streams.get(req)
+        if stream is None:
+            raise ProtocolError(f"{kind.name} for no open request")
+        await stream.queue.put((kind, value))
+
+    def _resolve(self, req: int, error: MyNasError | None, value: Any = None) -> None:
+        callback = self._callbacks.pop(req, None)
+        if callback is not None:
+            callback(error)
+            return
+        future = self._waiters.pop(req, None)
+        if future is None:
+            raise ProtocolError(f"answer to unknown request {req}")
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def _fail_everything(self, cause: BaseException) -> None:
+        if self._closed is None:
+            self._closed = cause
+        error = _lost(self.address, cause)
+        for callback in self._callbacks.values():
+            callback(error)
+        self._callbacks.clear()
+        for future in self._waiters.values():
+            if not future.done():
+                future.set_exception(error)
+        self._waiters.clear()
+        for stream in self._streams.values():
+            stream.queue.put_nowait((Frame.FAIL, error)) if not stream.queue.full() else None
+        self._streams.clear()
+
+
+def _lost(address: str, cause: BaseException) -> MyNasError:
+    if isinstance(cause, MyNasError):
+        return cause
+    return PeerUnreachable(address, f"connection lost ({cause or type(cause).__name__})")
+
+
+async def connect(
+    identity: Identity,
+    address: str,
+    peer_key: str | asyncssh.SSHKey,
+) -> PeerLink:
+    """Open a replication channel to the peer at ``address`` whose key must be ``peer_key``.
+
+    Raises HostKeyMismatch (nothing sent), AuthRefused (the peer hasn't added us),
+    PeerUnreachable, or ProtocolError.
+    """
+    pinned = parse_public_key(peer_key) if isinstance(peer_key, str) else peer_key
+    host, port = parse_address(address)
+    client = _PinnedClient()
+    try:
+        conn, _ = await asyncio.wait_for(
+            asyncssh.create_connection(
+                lambda: client,
+                host,
+                port,
+                username="mynas",
+                client_keys=[identity.private_key],
+                known_hosts=([pinned], [], []),
+                config=None,
+                agent_path=None,
+                agent_forwarding=False,
+                password=None,
+                kbdint_auth=False,
+                gss_auth=False,
+                host_based_auth=False,
+                encoding=None,
+                keepalive_interval=30,
+                keepalive_count_max=4,
+            ),
+            CONNECT_TIMEOUT,
+        )
+    except asyncssh.HostKeyNotVerifiable:
+        presented = fingerprint(client.presented) if client.presented is not None else None
+        raise HostKeyMismatch(address, fingerprint(pinned), presented) from None
+    except asyncssh.PermissionDenied:
+        raise AuthRefused(address) from None
+    except TimeoutError:
+        raise PeerUnreachable(address, "no answer (timed out)") from None
+    except socket.gaierror as err:
+        raise PeerUnreachable(address, f"unknown host ({err.strerror})") from None
+    except ConnectionRefusedError:
+        raise PeerUnreachable(address, "connection refused (is the port open?)") from None
+    except OSError as err:
+        raise PeerUnreachable(address, err.strerror or str(err)) from None
+    except asyncssh.Error as err:
+        raise PeerUnreachable(address, err.reason or str(err)) from None
+    try:
+        writer, reader, _ = await conn.open_session(subsystem=protocol.SUBSYSTEM, encoding=None)
+        link = PeerLink(conn, writer, reader, address)
+        await link._start()
+    except (asyncssh.Error, OSError, asyncio.IncompleteReadError, TimeoutError) as err:
+        conn.close()
+        raise PeerUnreachable(address, f"the peer would not start replication: {err}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return link
+
+
+async def connect_any(identity: Identity, addresses: Sequence[str], peer_key: str) -> PeerLink:
+    """Connect to the first of a peer's addresses that answers.
+
+    A wrong host key or a refused login ends the attempt at once: another address of the
+    same peer would not change the verdict, and a mismatch must never be shrugged off.
+    """
+    if not addresses:
+        raise PeerUnreachable("(no address)", "the peer has no address")
+    failures: list[PeerUnreachable] = []
+    for address in addresses:
+        try:
+            return await connect(identity, address, peer_key)
+        except PeerUnreachable as err:
+            failures.append(err)
+    if len(failures) == 1:
+        raise failures[0]
+    raise PeerUnreachable(
+        ", ".join(addresses), "; ".join(f"{err.address}: {err.reason}" for err in failures)
+    )

@@ -1,0 +1,808 @@
+"""The node's SSH server: peers known by their pinned keys, each confined to its own jail.
+
+One listening port serves two subsystems to an authenticated peer and nothing else: the
+replication protocol (``protocol.SUBSYSTEM``) and read-only SFTP on its own jail. Shell, exec,
+pty, X11, agent and every kind of forwarding are refused. A key that is not a configured
+peer's is refused and its fingerprint remembered, so the UI can say "someone with key X tried
+to connect"; repeated failures from one address are slowed down.
+
+All disk I/O happens in worker threads; run the server on an event loop of its own (the
+Home Assistant integration does) so a slow USB disk never stalls anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+import dataclasses
+from dataclasses import dataclass, field
+import itertools
+import logging
+import os
+import time
+from typing import Any, ClassVar, cast
+
+import asyncssh
+from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
+
+from . import protocol
+from .errors import MyNasError, PathRefused, PeerDiskFull, ProtocolError, QuotaExceeded
+from .identity import Identity
+from .protocol import FailCode, Frame
+from .sftp import ReadOnlySFTPServer
+from .storage import HostedSpace, IncomingFile, Jail, Upload, charge
+from .tree import Entry, Kind
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerGrant:
+    """A peer this node serves: its jail name, its pinned public key, the quota we grant."""
+
+    name: str
+    public_key: str
+    quota: int
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one peer can make this node hold in memory or open at once."""
+
+    connections_per_peer: int = 4
+    sessions_per_connection: int = 4
+    unauthenticated_connections: int = 32
+    login_timeout: float = 30.0
+    hello_timeout: float = 30.0
+    batch_files: int = 512
+    batch_bytes: int = 8 * 1024 * 1024
+    batches_in_flight: int = 2
+    upload_queue: int = 8
+    # Failed logins from one address before each new attempt waits, doubling up to a cap.
+    free_failures: int = 5
+    max_delay: float = 30.0
+
+
+@dataclass(slots=True)
+class UnknownKey:
+    """A key that tried to log in without being any peer's."""
+
+    fingerprint: str
+    public_key: str
+    address: str
+    attempts: int = 0
+    last_seen: float = 0.0
+
+
+@dataclass(slots=True)
+class PeerState:
+    """What the server knows about a peer's connections."""
+
+    connections: int = 0
+    last_seen: float | None = None
+
+
+type EventCallback = Callable[[str, dict[str, Any]], None]
+
+
+class NodeServer:
+    """The SSH server of one node."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        space: HostedSpace,
+        peers: Iterable[PeerGrant] = (),
+        *,
+        limits: Limits | None = None,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        """Serve ``space``'s jails to ``peers``; ``on_event`` hears connects and intruders."""
+        self.identity = identity
+        self.space = space
+        self.limits = limits or Limits()
+        self.unknown_keys: dict[str, UnknownKey] = {}
+        self.peer_state: dict[str, PeerState] = {}
+        self._on_event = on_event
+        self._grants: dict[str, PeerGrant] = {}
+        self._jails: dict[str, Jail] = {}
+        self._ready: dict[str, asyncio.Event] = {}
+        self._authorized: asyncssh.SSHAuthorizedKeys | None = None
+        self._tokens: dict[str, str] = {}
+        self._failures: dict[str, deque[float]] = {}
+        self._unauthenticated = 0
+        self._connections: set[_Connection] = set()
+        self._listener: asyncssh.SSHAcceptor | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._peers_to_apply = list(peers)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> None:
+        """Prepare the jails and listen; raises OSError if the port is taken."""
+        await self._in_thread(self.space.clean_tmp)
+        await self.set_peers(self._peers_to_apply)
+        self._listener = await asyncssh.create_server(
+            lambda: _Connection(self),
+            host,
+            port,
+            server_host_keys=[self.identity.private_key],
+            encoding=None,
+            allow_pty=False,
+            x11_forwarding=False,
+            agent_forwarding=False,
+            allow_scp=False,
+            login_timeout=self.limits.login_timeout,
+            keepalive_interval=60,
+            keepalive_count_max=3,
+        )
+        self._maintenance = asyncio.create_task(self._maintain())
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful when started on port 0)."""
+        assert self._listener is not None
+        return int(self._listener.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop listening, drop every connection, and persist usage."""
+        if self._listener is not None:
+            self._listener.close()
+            await self._listener.wait_closed()
+            self._listener = None
+        for conn in list(self._connections):
+            conn.close()
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            await asyncio.gather(self._maintenance, return_exceptions=True)
+            self._maintenance = None
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        await self._in_thread(self.space.persist)
+
+    async def set_peers(self, peers: Iterable[PeerGrant]) -> None:
+        """Apply the list of peers: keys, quotas, jails. Removed peers are disconnected."""
+        grants = {grant.name: grant for grant in peers}
+        for name, grant in grants.items():
+            if name not in self._jails:
+                self._jails[name] = await self._in_thread(self.space.jail, name, grant.quota)
+                self._ready[name] = asyncio.Event()
+                self._track(asyncio.ensure_future(self._rescan(name)))
+            else:
+                self._jails[name].quota.limit = grant.quota
+        for name in set(self._jails) - set(grants):
+            del self._jails[name]
+            self._ready.pop(name, None)
+        self._grants = grants
+        # Tokens, not names, go into the key options: names may hold any character.
+        self._tokens = {f"p{index}": name for index, name in enumerate(grants)}
+        lines = [
+            f'restrict,peer-id="{token}" {grants[name].public_key}'
+            for token, name in self._tokens.items()
+        ]
+        self._authorized = (
+            asyncssh.import_authorized_keys("\n".join(lines) + "\n") if lines else None
+        )
+        for conn in list(self._connections):
+            if conn.peer is not None and conn.peer not in grants:
+                conn.close()
+
+    def jail(self, name: str) -> Jail:
+        """Return a configured peer's jail."""
+        return self._jails[name]
+
+    async def jail_ready(self, name: str) -> Jail:
+        """Return a peer's jail once its usage has been recounted from disk."""
+        await self._ready[name].wait()
+        return self._jails[name]
+
+    # --- internals -------------------------------------------------------------------------
+
+    async def _rescan(self, name: str) -> None:
+        try:
+            await self._in_thread(self.space.rescan, name)
+        except OSError:
+            _LOGGER.exception("Could not recount the space used by %s", name)
+        finally:
+            event = self._ready.get(name)
+            if event is not None:
+                event.set()
+
+    async def _maintain(self) -> None:
+        """Persist usage every minute and purge expired trash every hour."""
+        last_purge = 0.0
+        while True:
+            await asyncio.sleep(60)
+            try:
+                if time.monotonic() - last_purge >= 3600:
+                    freed = await self._in_thread(self.space.purge)
+                    last_purge = time.monotonic()
+                    if freed:
+                        _LOGGER.info("Purged %d bytes of expired trash", freed)
+                await self._in_thread(self.space.persist)
+            except OSError:
+                _LOGGER.exception("Storage maintenance failed")
+
+    def _track(self, future: asyncio.Future[Any]) -> None:
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+
+    async def _in_thread[T](self, func: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, func, *args)
+
+    def _emit(self, kind: str, **data: Any) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(kind, data)
+            except Exception:
+                _LOGGER.exception("Event callback failed")
+
+    def _login_delay(self, address: str) -> float:
+        window = self._failures.get(address)
+        if not window:
+            return 0.0
+        cutoff = time.monotonic() - 600
+        while window and window[0] < cutoff:
+            window.popleft()
+        excess = len(window) - self.limits.free_failures
+        return 0.0 if excess < 0 else min(self.limits.max_delay, 0.5 * 2**excess)
+
+    def _record_failure(self, address: str) -> None:
+        self._failures.setdefault(address, deque(maxlen=64)).append(time.monotonic())
+
+    def _record_unknown_key(self, key: asyncssh.SSHKey, address: str) -> None:
+        fingerprint = key.get_fingerprint("sha256")
+        seen = self.unknown_keys.get(fingerprint)
+        if seen is None:
+            public = key.export_public_key("openssh").decode().split()
+            seen = UnknownKey(fingerprint, " ".join(public[:2]), address)
+            self.unknown_keys[fingerprint] = seen
+            # Bounded: a flood of fresh keys must not grow memory without end.
+            while len(self.unknown_keys) > 100:
+                del self.unknown_keys[next(iter(self.unknown_keys))]
+        seen.attempts += 1
+        seen.last_seen = time.time()
+        seen.address = address
+        if seen.attempts == 1:
+            _LOGGER.warning("Refused unknown key %s from %s", fingerprint, address)
+            self._emit("unknown_key", fingerprint=fingerprint, address=address)
+
+
+class _Connection(asyncssh.SSHServer):
+    """One incoming SSH connection."""
+
+    def __init__(self, server: NodeServer) -> None:
+        self._server = server
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self.address = "?"
+        self.peer: str | None = None
+        self._sessions = 0
+        self._counted_unauthenticated = False
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        peer = conn.get_extra_info("peername")
+        self.address = str(peer[0]) if peer else "?"
+        server = self._server
+        server._connections.add(self)
+        if server._unauthenticated >= server.limits.unauthenticated_connections:
+            _LOGGER.warning("Too many connections still logging in; dropping %s", self.address)
+            conn.close()
+            return
+        server._unauthenticated += 1
+        self._counted_unauthenticated = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        server = self._server
+        server._connections.discard(self)
+        self._leave_unauthenticated()
+        if self.peer is None:
+            server._record_failure(self.address)
+        else:
+            state = server.peer_state.setdefault(self.peer, PeerState())
+            state.connections = max(0, state.connections - 1)
+            state.last_seen = time.time()
+            server._emit("peer_disconnected", peer=self.peer, address=self.address)
+
+    def _leave_unauthenticated(self) -> None:
+        if self._counted_unauthenticated:
+            self._server._unauthenticated -= 1
+            self._counted_unauthenticated = False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    async def begin_auth(self, username: str) -> bool:
+        delay = self._server._login_delay(self.address)
+        if delay:
+            await asyncio.sleep(delay)
+        assert self._conn is not None
+        self._conn.set_authorized_keys(self._server._authorized or _NO_KEYS)
+        # True means "authentication is required"; False would let the client in unchecked.
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def host_based_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # Only reached for keys missing from the authorized list (and for unsigned probes):
+        # remember the attempt, grant nothing.
+        self._server._record_unknown_key(key, self.address)
+        return False
+
+    def auth_completed(self) -> None:
+        assert self._conn is not None
+        self._leave_unauthenticated()
+        # Unknown options come back as the list of their values.
+        tokens = self._conn.get_key_option("peer-id")
+        token = tokens[0] if isinstance(tokens, list) and len(tokens) == 1 else None
+        name = self._server._tokens.get(str(token)) if token else None
+        if name is None or name not in self._server._grants:
+            self._conn.close()
+            return
+        state = self._server.peer_state.setdefault(name, PeerState())
+        if state.connections >= self._server.limits.connections_per_peer:
+            _LOGGER.warning("%s has too many connections open; dropping one", name)
+            self._conn.close()
+            return
+        state.connections += 1
+        state.last_seen = time.time()
+        self.peer = name
+        self._server._emit("peer_connected", peer=name, address=self.address)
+
+    def session_requested(self) -> asyncssh.SSHServerSession[bytes] | bool:
+        server = self._server
+        if self.peer is None or self._sessions >= server.limits.sessions_per_connection:
+            return False
+        self._sessions += 1
+        peer = self.peer
+
+        async def replicate(stdin: SSHReader[bytes], stdout: SSHWriter[bytes], _: Any) -> None:
+            try:
+                jail = await server.jail_ready(peer)
+                await _ReplicationSession(server, jail, stdin, stdout).run()
+            finally:
+                self._sessions -= 1
+                cast(asyncssh.SSHServerChannel[bytes], stdout.channel).exit(0)
+
+        def sftp(chan: asyncssh.SSHServerChannel[bytes]) -> asyncssh.SFTPServer:
+            return ReadOnlySFTPServer(chan, server.jail(peer))
+
+        return _Session(replicate, sftp)
+
+
+_NO_KEYS = asyncssh.import_authorized_keys("")
+
+
+class _Session(SSHServerStreamSession[bytes]):
+    """A session that offers exactly two subsystems and nothing else."""
+
+    def __init__(
+        self,
+        replicate: Callable[[SSHReader[bytes], SSHWriter[bytes], Any], Awaitable[None]],
+        sftp: Callable[[asyncssh.SSHServerChannel[bytes]], asyncssh.SFTPServer],
+    ) -> None:
+        super().__init__(cast(Any, replicate), cast(Any, sftp), 3, False)
+
+    def shell_requested(self) -> bool:
+        return False
+
+    def exec_requested(self, command: str) -> bool:
+        return False
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return subsystem in ("sftp", protocol.SUBSYSTEM)
+
+    def pty_requested(self, *_args: Any) -> bool:
+        return False
+
+
+@dataclass(slots=True)
+class _Batch:
+    items: list[tuple[int, IncomingFile]] = field(default_factory=list)
+    size: int = 0
+
+
+@dataclass(slots=True)
+class _OpenUpload:
+    req: int
+    upload: Upload
+    queue: asyncio.Queue[memoryview | None]
+    task: asyncio.Task[None]
+    error: BaseException | None = None
+
+
+class _ReplicationSession:
+    """Serves the replication protocol to one authenticated peer on one channel."""
+
+    def __init__(
+        self, server: NodeServer, jail: Jail, reader: SSHReader[bytes], writer: SSHWriter[bytes]
+    ) -> None:
+        self._server = server
+        self._limits = server.limits
+        self._jail = jail
+        self._reader = reader
+        self._writer = writer
+        self._batch = _Batch()
+        self._in_flight: deque[asyncio.Task[None]] = deque()
+        self._upload: _OpenUpload | None = None
+        self._loop = asyncio.get_running_loop()
+
+    async def run(self) -> None:
+        try:
+            await self._handshake()
+            while True:
+                try:
+                    kind, body = await protocol.read_frame(self._reader)
+                except asyncio.IncompleteReadError:
+                    break
+                await self._dispatch(kind, body)
+            await self._flush()
+        except ProtocolError as err:
+            _LOGGER.warning("%s broke the protocol: %s", self._jail.name, err)
+        except TimeoutError, asyncssh.Error, ConnectionError, BrokenPipeError:
+            pass
+        finally:
+            await self._teardown()
+
+    async def _handshake(self) -> None:
+        kind, _ = await asyncio.wait_for(
+            protocol.read_frame(self._reader), self._limits.hello_timeout
+        )
+        if kind is not Frame.HELLO:
+            raise ProtocolError("expected HELLO")
+        self._writer.write(protocol.welcome(self._welcome()))
+
+    def _welcome(self) -> dict[str, Any]:
+        usage = self._jail.usage()
+        return {
+            "protocol": protocol.VERSION,
+            "peer": self._jail.name,
+            "quota": usage.quota,
+            "used": usage.used,
+            "chunk": protocol.CHUNK,
+            "batch_bytes": self._limits.batch_bytes,
+        }
+
+    async def _teardown(self) -> None:
+        # Data not yet handed to the disk is dropped (the client never got an OK for it):
+        # give its reservations back. Batches already being written complete.
+        for _, item in self._batch.items:
+            self._jail.quota.release(charge(len(item.data)))
+        self._batch = _Batch()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
+        if self._upload is not None:
+            upload = self._upload
+            self._upload = None
+            upload.task.cancel()
+            await asyncio.gather(upload.task, return_exceptions=True)
+            await self._thread(upload.upload.abandon)
+
+    async def _thread[T](self, func: Callable[..., T], *args: Any) -> T:
+        return await self._loop.run_in_executor(None, func, *args)
+
+    def _send(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    def _send_error(self, req: int, err: BaseException) -> None:
+        self._send(_failure(req, err))
+
+    async def _dispatch(self, kind: Frame, body: bytes) -> None:
+        if kind is Frame.PUT:
+            await self._put(body)
+        elif kind is Frame.DATA:
+            await self._data(body)
+        else:
+            if self._upload is not None and kind is not Frame.CLOSE:
+                raise ProtocolError(f"{kind.name} while an upload is open")
+            handler = self._handlers.get(kind)
+            if handler is None:
+                raise ProtocolError(f"unexpected {kind.name}")
+            await self._flush()
+            await handler(self, body)
+        # Bound what the writer holds: a peer that never reads its answers gets paused.
+        await self._writer.drain()
+
+    # --- the batched path ------------------------------------------------------------------
+
+    async def _put(self, body: bytes) -> None:
+        request = protocol.parse_put(body)
+        try:
+            self._jail.check_path(request.path)
+            self._jail.quota.reserve(charge(len(request.data)))
+        except (QuotaExceeded, PathRefused) as err:
+            self._send_error(request.req, err)
+            return
+        item = IncomingFile(request.path, request.data, request.mtime_ns, request.mode)
+        self._batch.items.append((request.req, item))
+        self._batch.size += len(request.data)
+        if (
+            len(self._batch.items) >= self._limits.batch_files
+            or self._batch.size >= self._limits.batch_bytes
+        ):
+            await self._submit()
+
+    async def _submit(self) -> None:
+        if not self._batch.items:
+            return
+        batch, self._batch = self._batch, _Batch()
+        while len(self._in_flight) >= self._limits.batches_in_flight:
+            await self._in_flight.popleft()
+        self._in_flight.append(asyncio.create_task(self._write(batch)))
+
+    async def _write(self, batch: _Batch) -> None:
+        files = [item for _, item in batch.items]
+        results: list[BaseException | None]
+        try:
+            results = list(await self._thread(self._jail.write_batch, files))
+        except Exception as err:  # every file of the batch must be answered
+            _LOGGER.exception("Writing a batch for %s failed", self._jail.name)
+            results = [err] * len(files)
+        done = [
+            req for (req, _), result in zip(batch.items, results, strict=True) if result is None
+        ]
+        if done:
+            self._send(protocol.ok(*done))
+        for (req, _), result in zip(batch.items, results, strict=True):
+            if result is not None:
+                self._send_error(req, result)
+
+    async def _flush(self) -> None:
+        await self._submit()
+        while self._in_flight:
+            await self._in_flight.popleft()
+
+    # --- large files ---------------------------------------------------------------------
+
+    async def _open(self, body: bytes) -> None:
+        request = protocol.parse_open(body)
+        try:
+            upload = await self._thread(
+                self._jail.begin_upload, request.path, request.size, request.mtime_ns, request.mode
+            )
+        except (MyNasError, OSError) as err:
+            self._send_error(request.req, err)
+            return
+        queue: asyncio.Queue[memoryview | None] = asyncio.Queue(self._limits.upload_queue)
+        state = _OpenUpload(request.req, upload, queue, asyncio.create_task(asyncio.sleep(0)))
+        state.task = asyncio.create_task(self._drain_upload(state))
+        self._upload = state
+        self._send(protocol.offset(request.req, upload.offset))
+
+    async def _drain_upload(self, state: _OpenUpload) -> None:
+        # Writes the chunks in order while the session keeps reading the next ones.
+        while (chunk := await state.queue.get()) is not None:
+            if state.error is None:
+                try:
+                    await self._thread(state.upload.write, chunk)
+                except (MyNasError, OSError) as err:
+                    state.error = err
+
+    async def _data(self, body: bytes) -> None:
+        req, chunk = protocol.parse_data(body)
+        state = self._upload
+        if state is None or state.req != req:
+            raise ProtocolError("DATA for no open upload")
+        await state.queue.put(chunk)
+
+    async def _close(self, body: bytes) -> None:
+        req, how = protocol.parse_close(body)
+        state = self._upload
+        if state is None or state.req != req:
+            raise ProtocolError("CLOSE for no open upload")
+        self._upload = None
+        await state.queue.put(None)
+        await state.task
+        upload = state.upload
+        try:
+            if state.error is not None:
+                await self._thread(upload.discard)
+                raise state.error
+            if how is protocol.Close.FINISH:
+                await self._thread(upload.finish)
+            elif how is protocol.Close.ABANDON:
+                await self._thread(upload.abandon)
+            else:
+                await self._thread(upload.discard)
+        except (MyNasError, OSError) as err:
+            self._send_error(req, err)
+            return
+        self._send(protocol.ok(req))
+
+    # --- single operations -----------------------------------------------------------------
+
+    async def _simple(self, req: int, func: Callable[..., object], *args: Any) -> None:
+        try:
+            await self._thread(func, *args)
+        except (MyNasError, OSError) as err:
+            self._send_error(req, err)
+        else:
+            self._send(protocol.ok(req))
+
+    async def _delete(self, body: bytes) -> None:
+        req, path = protocol.parse_path(body)
+        await self._simple(req, self._jail.delete, path)
+
+    async def _mkdir(self, body: bytes) -> None:
+        req, mtime_ns, path = protocol.parse_time(body)
+        await self._simple(req, self._jail.make_dir, path, None if mtime_ns < 0 else mtime_ns)
+
+    async def _utime(self, body: bytes) -> None:
+        req, mtime_ns, path = protocol.parse_time(body)
+        await self._simple(req, self._jail.set_mtime, path, mtime_ns)
+
+    async def _sync(self, body: bytes) -> None:
+        self._send(protocol.ok(protocol.request_id(body)))
+
+    async def _query(self, body: bytes) -> None:
+        req, request = protocol.parse_query(body)
+        op = request.get("op")
+        if op == "usage":
+            usage = self._jail.usage()
+            disk = await self._thread(_disk_free, self._jail.root)
+            self._send(
+                protocol.reply(
+                    req,
+                    {"used": usage.used, "quota": usage.quota, "disk_free": disk},
+                )
+            )
+        elif op == "retention":
+            folder, days = request.get("folder"), request.get("days")
+            if not isinstance(folder, str) or not isinstance(days, int):
+                raise ProtocolError("retention needs a folder name and a number of days")
+            await self._simple(req, self._jail.set_retention, folder, days)
+        else:
+            raise ProtocolError(f"unknown query {op!r}")
+
+    # --- streams from the host -------------------------------------------------------------
+
+    async def _list(self, body: bytes) -> None:
+        req, with_hash, path = protocol.parse_list(body)
+        entries = self._jail.list(path) if path else self._jail.list()
+        source = _Chunks(entries, with_hash, self._jail)
+        try:
+            while chunk := await self._thread(source.next_chunk):
+                for item, digest in chunk:
+                    self._send(protocol.entry(req, item, digest))
+                await self._writer.drain()
+        except (MyNasError, OSError) as err:
+            self._send_error(req, err)
+            return
+        self._send(protocol.done(req))
+
+    async def _read(self, body: bytes) -> None:
+        req, path = protocol.parse_path(body)
+        try:
+            reader = await self._thread(_TreeReader, self._jail, path)
+            while chunk := await self._thread(reader.next_chunk):
+                for item, content in chunk:
+                    self._send(protocol.entry(req, item))
+                    if content is not None:
+                        for start in range(0, len(content), protocol.CHUNK):
+                            self._send(protocol.data(req, content[start : start + protocol.CHUNK]))
+                    elif item.kind is Kind.FILE:
+                        await self._stream_large(req, item)
+                    await self._writer.drain()
+        except (MyNasError, OSError) as err:
+            self._send_error(req, err)
+            return
+        self._send(protocol.done(req))
+
+    async def _stream_large(self, req: int, item: Entry) -> None:
+        fd = await self._thread(self._jail.open_read, item.path)
+        try:
+            remaining = item.size
+            position = 0
+            while remaining > 0:
+                piece = await self._thread(os.pread, fd, min(protocol.CHUNK, remaining), position)
+                if not piece:
+                    raise MyNasError(f"{item.path!r} shrank while being read")
+                self._send(protocol.data(req, piece))
+                position += len(piece)
+                remaining -= len(piece)
+                await self._writer.drain()
+        finally:
+            os.close(fd)
+
+    _handlers: ClassVar[dict[Frame, Callable[[_ReplicationSession, bytes], Awaitable[None]]]] = {
+        Frame.OPEN: _open,
+        Frame.CLOSE: _close,
+        Frame.DELETE: _delete,
+        Frame.MKDIR: _mkdir,
+        Frame.UTIME: _utime,
+        Frame.SYNC: _sync,
+        Frame.QUERY: _query,
+        Frame.LIST: _list,
+        Frame.READ: _read,
+    }
+
+
+def _failure(req: int, err: BaseException) -> bytes:
+    """Encode the FAIL frame that tells the client what went wrong."""
+    if isinstance(err, QuotaExceeded):
+        return protocol.fail(
+            req, FailCode.QUOTA, str(err), needed=err.needed, available=err.available
+        )
+    if isinstance(err, PeerDiskFull):
+        return protocol.fail(req, FailCode.DISK_FULL, str(err))
+    if isinstance(err, PathRefused):
+        return protocol.fail(req, FailCode.PATH, str(err))
+    if isinstance(err, FileNotFoundError):
+        return protocol.fail(req, FailCode.MISSING, "no such file or directory")
+    if isinstance(err, OSError):
+        return protocol.fail(req, FailCode.IO, err.strerror or str(err))
+    return protocol.fail(req, FailCode.IO, str(err))
+
+
+def _disk_free(path: str | os.PathLike[str]) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+class _Chunks:
+    """Pulls a listing from a worker thread a few hundred entries (and hashes) at a time."""
+
+    def __init__(self, entries: Iterator[Entry], with_hash: bool, jail: Jail) -> None:
+        self._entries = entries
+        self._with_hash = with_hash
+        self._jail = jail
+
+    def next_chunk(self) -> list[tuple[Entry, bytes | None]]:
+        chunk: list[tuple[Entry, bytes | None]] = []
+        hashed = 0
+        for item in self._entries:
+            digest = None
+            if self._with_hash and item.kind is Kind.FILE:
+                digest = self._jail.hash_file(item.path)
+                hashed += item.size
+            chunk.append((item, digest))
+            if len(chunk) >= 512 or hashed >= 32 * 1024 * 1024:
+                break
+        return chunk
+
+
+class _TreeReader:
+    """Reads a file or a tree for READ: small files whole, in groups, from a worker thread."""
+
+    SMALL = 1024 * 1024
+
+    def __init__(self, jail: Jail, path: bytes) -> None:
+        self._jail = jail
+        top = jail.stat(path)
+        # The tree's own directory comes first, so its mtime can be restored too.
+        self._entries = itertools.chain([top], jail.list(path) if top.kind is Kind.DIR else ())
+
+    def next_chunk(self) -> list[tuple[Entry, bytes | None]]:
+        chunk: list[tuple[Entry, bytes | None]] = []
+        size = 0
+        for listed in self._entries:
+            item, content = listed, None
+            if item.kind is Kind.FILE and item.size <= self.SMALL:
+                content = self._read_small(item)
+                # The entry announces exactly the bytes that follow, even if the file moved on.
+                item = dataclasses.replace(item, size=len(content))
+                size += len(content)
+            chunk.append((item, content))
+            if item.kind is Kind.FILE and content is None:
+                break  # a large file: the session streams it before the next chunk
+            if len(chunk) >= 256 or size >= 4 * 1024 * 1024:
+                break
+        return chunk
+
+    def _read_small(self, item: Entry) -> bytes:
+        fd = self._jail.open_read(item.path)
+        try:
+            return os.read(fd, self.SMALL)
+        finally:
+            os.close(fd)
