@@ -28,7 +28,7 @@ from .errors import (
     ProtocolError,
     QuotaExceeded,
 )
-from .identity import Identity, fingerprint, parse_public_key
+from .identity import Identity, fingerprint, parse_public_key, public_key_line
 from .invite import parse_address
 from .protocol import FailCode, Frame
 from .tree import Entry
@@ -387,8 +387,13 @@ async def connect(
             CONNECT_TIMEOUT,
         )
     except asyncssh.HostKeyNotVerifiable:
-        presented = fingerprint(client.presented) if client.presented is not None else None
-        raise HostKeyMismatch(address, fingerprint(pinned), presented) from None
+        shown = client.presented
+        raise HostKeyMismatch(
+            address,
+            fingerprint(pinned),
+            fingerprint(shown) if shown is not None else None,
+            public_key_line(shown) if shown is not None else None,
+        ) from None
     except asyncssh.PermissionDenied:
         raise AuthRefused(address) from None
     except TimeoutError:

@@ -23,10 +23,18 @@ class PeerError(MyNasError):
 class HostKeyMismatch(PeerError):
     """The peer presented another host key than the pinned one; nothing was sent."""
 
-    def __init__(self, address: str, expected: str, presented: str | None) -> None:
+    def __init__(
+        self,
+        address: str,
+        expected: str,
+        presented: str | None,
+        presented_key: str | None = None,
+    ) -> None:
         self.address = address
         self.expected = expected
         self.presented = presented
+        # The full public key line, so the user can choose to trust it (after checking).
+        self.presented_key = presented_key
         super().__init__(
             f"{address} presented host key {presented or 'unknown'}, not the pinned "
             f"{expected}: nothing was sent. If your friend really changed keys, confirm the "

@@ -192,6 +192,11 @@ class NodeServer:
         """Return a configured peer's jail."""
         return self._jails[name]
 
+    @property
+    def jail_names(self) -> frozenset[str]:
+        """The jails of the configured peers."""
+        return frozenset(self._jails)
+
     async def jail_ready(self, name: str) -> Jail:
         """Return a peer's jail once its usage has been recounted from disk."""
         await self._ready[name].wait()
