@@ -4,6 +4,11 @@ The peer is known only by its pinned public key (invariant 1): ``known_hosts`` h
 alone and nothing of ``~/.ssh`` or an agent is consulted. A host presenting another key is
 refused during the key exchange, before our key or a byte of data is sent, and the key it
 presented is kept for the repair flow that asks the user whether to trust it.
+
+Environment: ``MYNAS_CIPHERS``, when set, is the SSH cipher list offered to the peer, in
+OpenSSH's comma-separated form (e.g. ``aes128-gcm@openssh.com``); unset, asyncssh's default
+preference applies. ``scripts/bench`` sets it to compare with rsync over OpenSSH on the same
+cipher.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 import logging
+import os
 import socket
 from typing import Any
 
@@ -383,6 +389,7 @@ async def connect(
                 encoding=None,
                 keepalive_interval=30,
                 keepalive_count_max=4,
+                encryption_algs=os.environ.get("MYNAS_CIPHERS") or (),
             ),
             CONNECT_TIMEOUT,
         )
