@@ -16,18 +16,31 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 # HA's loader finds the integration through this package (see DESIGN.md, toolchain facts).
 import custom_components  # noqa: F401
 from custom_components.mynas.const import (
+    CONF_KEY_FILE,
     CONF_NODE_ID,
+    CONF_NODE_PUBLIC_KEY,
     CONF_NODE_NAME,
     CONF_PORT,
     CONF_STORAGE_ROOT,
     DOMAIN,
 )
-from custom_components.mynas.engine import storage_root
+from custom_components.mynas.engine import identity, storage_root
 
 
 @pytest.fixture(autouse=True)
 def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
     """Let Home Assistant load custom_components/mynas in every test."""
+
+
+@pytest.fixture(autouse=True)
+def auto_socket_enabled(socket_enabled: None) -> None:
+    """A node runs a real SSH server, and tests pair real nodes over 127.0.0.1."""
+
+
+@pytest.fixture
+def hass_config_dir(hass_tmp_config_dir: str) -> str:
+    """A config dir per test: nodes write their keys there."""
+    return hass_tmp_config_dir
 
 
 @pytest.fixture
@@ -53,9 +66,11 @@ def node_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def node_entry(hass: HomeAssistant, node_root: Path) -> MockConfigEntry:
-    """A node entry whose storage root carries its marker."""
+def node_entry(hass: HomeAssistant, node_root: Path, unused_tcp_port: int) -> MockConfigEntry:
+    """A node entry whose storage root carries its marker, with its key in the config dir."""
     marker = storage_root.claim_root(node_root, "Alice")
+    key_file = Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+    node, _ = identity.load_or_create(key_file)
     entry = MockConfigEntry(
         domain=DOMAIN,
         title="Alice",
@@ -63,8 +78,10 @@ def node_entry(hass: HomeAssistant, node_root: Path) -> MockConfigEntry:
         data={
             CONF_NODE_NAME: "Alice",
             CONF_STORAGE_ROOT: str(node_root),
-            CONF_PORT: 8022,
+            CONF_PORT: unused_tcp_port,
             CONF_NODE_ID: marker.node_id,
+            CONF_KEY_FILE: str(key_file),
+            CONF_NODE_PUBLIC_KEY: node.public_line,
         },
     )
     entry.add_to_hass(hass)

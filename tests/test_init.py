@@ -17,7 +17,7 @@ from .conftest import setup_entry, unmount
 async def test_setup_and_unload(hass: HomeAssistant, node_entry: MockConfigEntry) -> None:
     assert await setup_entry(hass, node_entry)
     assert node_entry.state is ConfigEntryState.LOADED
-    assert node_entry.runtime_data.disk.data.total > 0
+    assert node_entry.runtime_data.node_data.data.disk.total > 0
     assert await hass.config_entries.async_unload(node_entry.entry_id)
     assert node_entry.state is ConfigEntryState.NOT_LOADED
 

@@ -61,7 +61,7 @@ async def test_sensors_belong_to_node_device(
     assert device.name == "Alice"
     entities = er.async_entries_for_device(er.async_get(hass), device.id)
     assert sorted(e.translation_key for e in entities) == sorted(
-        ["disk_total", "disk_used", "disk_free", "disk_used_percent"]
+        ["disk_total", "disk_used", "disk_free", "disk_used_percent", "hosted_total"]
     )
     assert all(
         e.has_entity_name

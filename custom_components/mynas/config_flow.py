@@ -1,29 +1,53 @@
-"""Config flow for MyNAS: set up this node (name, storage root on the USB disk, port)."""
+"""Config flow for MyNAS: set up this node; its options (invite code, addresses, alerts)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+import shutil
 from typing import Any
 
-from homeassistant.config_entries import ConfigFlow, ConfigFlowResult
+from homeassistant.config_entries import (
+    ConfigEntry,
+    ConfigFlow,
+    ConfigFlowResult,
+    ConfigSubentryFlow,
+    OptionsFlowWithReload,
+)
+from homeassistant.core import callback
 from homeassistant.helpers.selector import (
     BooleanSelector,
     NumberSelector,
     NumberSelectorConfig,
     NumberSelectorMode,
     TextSelector,
+    TextSelectorConfig,
 )
 import probatio as vol
 
+from . import our_invite
 from .const import (
+    CONF_ADDRESSES,
     CONF_ALLOW_SAME_DISK,
+    CONF_KEY_FILE,
     CONF_NODE_ID,
     CONF_NODE_NAME,
+    CONF_NODE_PUBLIC_KEY,
+    CONF_OVERDUE_HOURS,
     CONF_PORT,
+    CONF_RESTORE_KEY,
     CONF_STORAGE_ROOT,
+    DEFAULT_OVERDUE_HOURS,
     DEFAULT_PORT,
     DOMAIN,
+    SUBENTRY_FOLDER,
+    SUBENTRY_PEER,
 )
-from .engine import storage_root
+from .engine import identity, storage_root
+from .engine.errors import KeyFileError
+from .folder_flow import FolderSubentryFlow
+from .peer_flow import PeerSubentryFlow
+
+CONF_INVITE_CODE = "invite_code"
 
 PORT_SELECTOR = vol.All(
     NumberSelector(NumberSelectorConfig(min=1, max=65535, step=1, mode=NumberSelectorMode.BOX)),
@@ -42,6 +66,10 @@ def _user_schema(defaults: dict[str, Any]) -> vol.Schema:
             vol.Required(
                 CONF_ALLOW_SAME_DISK, default=defaults.get(CONF_ALLOW_SAME_DISK, False)
             ): BooleanSelector(),
+            vol.Optional(
+                CONF_RESTORE_KEY,
+                description={"suggested_value": defaults.get(CONF_RESTORE_KEY)},
+            ): TextSelector(),
         }
     )
 
@@ -61,17 +89,50 @@ def _validate_root(root: str, config_dir: str, allow_same_disk: bool) -> tuple[s
     return str(path), storage_root.filesystem_identity(path)
 
 
+def _install_key(key_file: Path, restore_from: str | None) -> str:
+    """Create the node's key, or copy a previous node's key into place (blocking).
+
+    Returns the public key line. Reusing a previous node's key is how a household gets its
+    replicas back after losing a node: friends still trust that key.
+    """
+    if restore_from:
+        old = identity.load(restore_from)
+        if key_file.exists() and identity.load(key_file).public_line != old.public_line:
+            raise KeyFileError(f"{key_file} already holds another key; not replacing it")
+        key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not key_file.exists():
+            shutil.copyfile(restore_from, key_file)
+            key_file.chmod(0o600)
+    node, _ = identity.load_or_create(key_file)
+    return node.public_line
+
+
 class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
     """Set up this Home Assistant as a MyNAS node."""
 
     VERSION = 1
     MINOR_VERSION = 1
 
+    @staticmethod
+    @callback
+    def async_get_options_flow(config_entry: ConfigEntry) -> MyNasOptionsFlow:
+        """Options: the invite code, the addresses in it, the overdue threshold."""
+        return MyNasOptionsFlow()
+
+    @classmethod
+    @callback
+    def async_get_supported_subentry_types(
+        cls, config_entry: ConfigEntry
+    ) -> dict[str, type[ConfigSubentryFlow]]:
+        """Peers (paired by invite code) and folders (protected on those peers)."""
+        return {SUBENTRY_PEER: PeerSubentryFlow, SUBENTRY_FOLDER: FolderSubentryFlow}
+
     async def async_step_user(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Ask for the node's name, its storage root and its port."""
         errors: dict[str, str] = {}
         if user_input is not None:
             name = user_input[CONF_NODE_NAME].strip()
+            restore_key = (user_input.get(CONF_RESTORE_KEY) or "").strip() or None
             if not name:
                 errors[CONF_NODE_NAME] = "name_required"
             else:
@@ -90,15 +151,25 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
                     marker = await self.hass.async_add_executor_job(
                         storage_root.claim_root, path, name
                     )
-                    return self.async_create_entry(
-                        title=name,
-                        data={
-                            CONF_NODE_NAME: name,
-                            CONF_STORAGE_ROOT: path,
-                            CONF_PORT: user_input[CONF_PORT],
-                            CONF_NODE_ID: marker.node_id,
-                        },
-                    )
+                    key_file = Path(self.hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+                    try:
+                        public_key = await self.hass.async_add_executor_job(
+                            _install_key, key_file, restore_key
+                        )
+                    except KeyFileError:
+                        errors[CONF_RESTORE_KEY] = "bad_key"
+                    else:
+                        return self.async_create_entry(
+                            title=name,
+                            data={
+                                CONF_NODE_NAME: name,
+                                CONF_STORAGE_ROOT: path,
+                                CONF_PORT: user_input[CONF_PORT],
+                                CONF_NODE_ID: marker.node_id,
+                                CONF_KEY_FILE: str(key_file),
+                                CONF_NODE_PUBLIC_KEY: public_key,
+                            },
+                        )
         return self.async_show_form(
             step_id="user",
             data_schema=_user_schema(user_input or {}),
@@ -125,4 +196,86 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
             step_id="reconfigure",
             data_schema=_reconfigure_schema(user_input or dict(entry.data)),
             errors=errors,
+        )
+
+
+class MyNasOptionsFlow(OptionsFlowWithReload):
+    """Show our invite code; set the addresses it carries and when a backup is overdue."""
+
+    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """Offer the two things there are to do."""
+        return self.async_show_menu(step_id="init", menu_options=["invite", "settings"])
+
+    async def async_step_invite(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """Show the code to send to a friend (nothing to change here)."""
+        entry = self.config_entry
+        code = our_invite.our_code(self.hass, dict(entry.data), dict(entry.options))
+        if user_input is not None:
+            return self.async_create_entry(data=dict(entry.options))
+        return self.async_show_form(
+            step_id="invite",
+            data_schema=vol.Schema(
+                {
+                    vol.Optional(CONF_INVITE_CODE, default=code): TextSelector(
+                        TextSelectorConfig(multiline=True, read_only=True)
+                    )
+                }
+            ),
+            description_placeholders={"code": code},
+        )
+
+    async def async_step_settings(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Set the addresses friends use to reach us, and the overdue threshold."""
+        entry = self.config_entry
+        errors: dict[str, str] = {}
+        if user_input is not None:
+            port = int(entry.data[CONF_PORT])
+            lines = [line for line in user_input.get(CONF_ADDRESSES, "").split() if line]
+            try:
+                addresses = [our_invite.with_port(line, port) for line in lines]
+            except ValueError:
+                errors[CONF_ADDRESSES] = "bad_address"
+            else:
+                if len(addresses) > 8:
+                    errors[CONF_ADDRESSES] = "too_many_addresses"
+                else:
+                    return self.async_create_entry(
+                        data={
+                            **entry.options,
+                            CONF_ADDRESSES: addresses,
+                            CONF_OVERDUE_HOURS: user_input[CONF_OVERDUE_HOURS],
+                        }
+                    )
+        current = entry.options
+        return self.async_show_form(
+            step_id="settings",
+            data_schema=vol.Schema(
+                {
+                    vol.Optional(
+                        CONF_ADDRESSES,
+                        description={"suggested_value": "\n".join(current.get(CONF_ADDRESSES, []))},
+                    ): TextSelector(TextSelectorConfig(multiline=True)),
+                    vol.Required(
+                        CONF_OVERDUE_HOURS,
+                        default=current.get(CONF_OVERDUE_HOURS, DEFAULT_OVERDUE_HOURS),
+                    ): vol.All(
+                        NumberSelector(
+                            NumberSelectorConfig(
+                                min=1,
+                                max=24 * 30,
+                                step=1,
+                                mode=NumberSelectorMode.BOX,
+                                unit_of_measurement="h",
+                            )
+                        ),
+                        vol.Coerce(int),
+                    ),
+                }
+            ),
+            errors=errors,
+            description_placeholders={
+                "default": our_invite.default_address(self.hass, int(entry.data[CONF_PORT]))
+            },
         )

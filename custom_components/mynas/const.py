@@ -7,13 +7,66 @@ from typing import Final
 DOMAIN: Final = "mynas"
 LOGGER = logging.getLogger(__package__)
 
+# The node (config entry data).
 CONF_NODE_ID: Final = "node_id"
 CONF_NODE_NAME: Final = "node_name"
 CONF_STORAGE_ROOT: Final = "storage_root"
 CONF_PORT: Final = "port"
 CONF_ALLOW_SAME_DISK: Final = "allow_same_disk"
+CONF_KEY_FILE: Final = "key_file"
+CONF_NODE_PUBLIC_KEY: Final = "public_key"
+CONF_RESTORE_KEY: Final = "restore_key"
+
+# Node options.
+CONF_ADDRESSES: Final = "addresses"
+CONF_OVERDUE_HOURS: Final = "overdue_hours"
+
+# Subentry types.
+SUBENTRY_PEER: Final = "peer"
+SUBENTRY_FOLDER: Final = "folder"
+
+# A peer (subentry data).
+CONF_INVITE: Final = "invite_code"
+CONF_NAME: Final = "name"
+CONF_JAIL: Final = "jail"
+CONF_PUBLIC_KEY: Final = "public_key"
+CONF_QUOTA_GB: Final = "quota_gb"
+CONF_QUOTA: Final = "quota"
+
+# A folder (subentry data).
+CONF_PATH: Final = "path"
+CONF_PEERS: Final = "peers"
+CONF_SCHEDULE: Final = "schedule"
+CONF_TIME: Final = "time"
+CONF_HOURS: Final = "hours"
+CONF_RETENTION_DAYS: Final = "retention_days"
+CONF_BWLIMIT: Final = "bwlimit_mbps"
+CONF_EXCLUDE: Final = "exclude"
+
+SCHEDULE_DAILY: Final = "daily"
+SCHEDULE_INTERVAL: Final = "interval"
 
 DEFAULT_PORT: Final = 8022
+DEFAULT_OVERDUE_HOURS: Final = 36
+DEFAULT_RETENTION_DAYS: Final = 30
+DEFAULT_INTERVAL_HOURS: Final = 6
+GB: Final = 1_000_000_000
 
 # Disk figures change slowly; a minute keeps the dashboard current at no cost.
 DISK_SCAN_INTERVAL: Final = timedelta(minutes=1)
+# How often the scheduler looks for due syncs, and ages/overdue states are recomputed.
+SCHEDULER_TICK: Final = timedelta(minutes=1)
+# How often each peer is asked whether it is there (and how much of its space we use).
+PEER_PROBE_INTERVAL: Final = timedelta(minutes=10)
+# A peer unheard of for this long gets a repair issue.
+PEER_UNREACHABLE_ISSUE_AFTER: Final = timedelta(days=3)
+# Retries after a failed sync: 5 min, 10, 20... at most 6 h apart.
+RETRY_FIRST: Final = timedelta(minutes=5)
+RETRY_MAX: Final = timedelta(hours=6)
+
+EVENT_SYNC_FINISHED: Final = "mynas_sync_finished"
+EVENT_UNKNOWN_KEY: Final = "mynas_unknown_key"
+
+SERVICE_SYNC: Final = "sync"
+SERVICE_VERIFY: Final = "verify"
+SERVICE_RESTORE: Final = "restore"

@@ -1,26 +1,59 @@
-"""Coordinators that bring the node's state into Home Assistant."""
+"""Coordinators: the node's disk and hosted space (polled), sync and peer state (pushed)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from homeassistant.config_entries import ConfigEntry
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, UpdateFailed
 
-from .const import CONF_NODE_ID, CONF_STORAGE_ROOT, DISK_SCAN_INTERVAL, DOMAIN, LOGGER
+from . import issues
+from .const import (
+    CONF_NODE_ID,
+    CONF_NODE_NAME,
+    CONF_STORAGE_ROOT,
+    DISK_SCAN_INTERVAL,
+    DOMAIN,
+    LOGGER,
+)
 from .engine import storage_root
+from .engine.loop_thread import EngineLoop
+from .engine.node import Node
+from .engine.storage import JailUsage
 from .engine.storage_root import DiskUsage
+from .models import SyncData
+
+if TYPE_CHECKING:
+    from .sync_manager import SyncManager
 
 
 @dataclass(slots=True)
 class MyNasRuntimeData:
     """What a loaded node entry holds while it runs."""
 
-    disk: DiskCoordinator
+    engine: EngineLoop
+    node: Node
+    node_data: NodeCoordinator
+    syncs: SyncCoordinator
+    manager: SyncManager
 
 
 type MyNasConfigEntry = ConfigEntry[MyNasRuntimeData]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeData:
+    """The node's disk, and the space each peer uses on it (by peer id)."""
+
+    disk: DiskUsage
+    hosted: dict[str, JailUsage]
+
+    @property
+    def hosted_total(self) -> int:
+        """Space all peers use here, trash included."""
+        return sum(usage.used for usage in self.hosted.values())
 
 
 def read_disk(root: str, node_id: str) -> DiskUsage:
@@ -29,29 +62,61 @@ def read_disk(root: str, node_id: str) -> DiskUsage:
     return storage_root.disk_usage(root)
 
 
-class DiskCoordinator(DataUpdateCoordinator[DiskUsage]):
-    """Polls the storage root's disk; fails (entities unavailable) when the disk is gone."""
+class NodeCoordinator(DataUpdateCoordinator[NodeData]):
+    """Polls the disk and the hosted space; fails (entities unavailable) without the disk."""
 
     config_entry: MyNasConfigEntry
 
-    def __init__(self, hass: HomeAssistant, entry: MyNasConfigEntry) -> None:
+    def __init__(
+        self, hass: HomeAssistant, entry: MyNasConfigEntry, engine: EngineLoop, node: Node
+    ) -> None:
         """Poll the disk of ``entry``'s storage root."""
         super().__init__(
             hass,
             LOGGER,
             config_entry=entry,
-            name=f"{DOMAIN} disk",
+            name=f"{DOMAIN} node",
             update_interval=DISK_SCAN_INTERVAL,
         )
+        self._engine = engine
+        self._node = node
         self.root: str = entry.data[CONF_STORAGE_ROOT]
         self.node_id: str = entry.data[CONF_NODE_ID]
 
-    async def _async_update_data(self) -> DiskUsage:
+    async def _async_update_data(self) -> NodeData:
+        entry = self.config_entry
         try:
-            return await self.hass.async_add_executor_job(read_disk, self.root, self.node_id)
+            disk = await self.hass.async_add_executor_job(read_disk, self.root, self.node_id)
         except storage_root.StorageRootError as err:
+            issues.storage_problem(
+                self.hass, entry.entry_id, entry.data[CONF_NODE_NAME], err.problem, err.path
+            )
             raise UpdateFailed(
                 translation_domain=DOMAIN,
                 translation_key=err.problem.value,
                 translation_placeholders={"path": err.path},
             ) from err
+        issues.storage_problem(
+            self.hass, entry.entry_id, entry.data[CONF_NODE_NAME], None, self.root
+        )
+        hosted = await self._engine.run(_hosted(self._node))
+        return NodeData(disk=disk, hosted=hosted)
+
+
+async def _hosted(node: Node) -> dict[str, JailUsage]:
+    return node.hosted()
+
+
+class SyncCoordinator(DataUpdateCoordinator[SyncData]):
+    """Hands pair and peer state to entities whenever the sync manager changes it."""
+
+    config_entry: MyNasConfigEntry
+
+    def __init__(self, hass: HomeAssistant, entry: MyNasConfigEntry, manager: SyncManager) -> None:
+        """Follow ``manager``; no polling (the manager ticks every minute)."""
+        super().__init__(hass, LOGGER, config_entry=entry, name=f"{DOMAIN} syncs")
+        self.manager = manager
+        manager.async_add_listener(lambda: self.async_set_updated_data(manager.data))
+
+    async def _async_update_data(self) -> SyncData:
+        return self.manager.data

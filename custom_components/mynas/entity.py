@@ -1,16 +1,20 @@
-"""Base entity for MyNAS."""
+"""Base entities: the node's, a peer's, and a folder × peer pair's (on the folder's device)."""
 
 from __future__ import annotations
 
+from homeassistant.config_entries import ConfigSubentry
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers import device_registry as dr
 from homeassistant.helpers.device_registry import DeviceEntryType, DeviceInfo
 from homeassistant.helpers.update_coordinator import CoordinatorEntity
 
 from .const import CONF_NODE_NAME, DOMAIN
-from .coordinator import DiskCoordinator, MyNasConfigEntry
+from .coordinator import MyNasConfigEntry, NodeCoordinator, SyncCoordinator
+from .models import PairStatus, PeerStatus
 
 
-def node_device_info(entry: MyNasConfigEntry) -> DeviceInfo:
-    """Return the device that stands for this node."""
+def node_device(entry: MyNasConfigEntry) -> DeviceInfo:
+    """The device that stands for this node."""
     return DeviceInfo(
         identifiers={(DOMAIN, entry.entry_id)},
         name=entry.data[CONF_NODE_NAME],
@@ -20,14 +24,87 @@ def node_device_info(entry: MyNasConfigEntry) -> DeviceInfo:
     )
 
 
-class NodeEntity(CoordinatorEntity[DiskCoordinator]):
-    """An entity of the node device, fed by the disk coordinator."""
+def subentry_device(
+    hass: HomeAssistant, entry: MyNasConfigEntry, subentry: ConfigSubentry, model: str
+) -> DeviceInfo:
+    """A device for a peer or a folder (a device belongs to exactly one subentry)."""
+    return DeviceInfo(
+        identifiers={(DOMAIN, f"{entry.entry_id}_{subentry.subentry_id}")},
+        name=subentry.title,
+        manufacturer="MyNAS",
+        model=model,
+        entry_type=DeviceEntryType.SERVICE,
+        via_device_id=dr.async_get_device_id_by_identifier(
+            hass, (DOMAIN, entry.entry_id), config_entry_id=entry.entry_id
+        ),
+    )
+
+
+class NodeEntity(CoordinatorEntity[NodeCoordinator]):
+    """An entity of the node's device."""
 
     _attr_has_entity_name = True
 
-    def __init__(self, coordinator: DiskCoordinator, key: str) -> None:
-        """Attach the entity to the node's device, unique per entry and ``key``."""
+    def __init__(self, coordinator: NodeCoordinator, key: str) -> None:
+        """Attach to the node's device, unique per entry and ``key``."""
         super().__init__(coordinator)
         entry = coordinator.config_entry
         self._attr_unique_id = f"{entry.entry_id}_{key}"
-        self._attr_device_info = node_device_info(entry)
+        self._attr_device_info = node_device(entry)
+
+
+class PeerHostedEntity(CoordinatorEntity[NodeCoordinator]):
+    """A figure about the space a peer uses on our disk, on the peer's device."""
+
+    _attr_has_entity_name = True
+
+    def __init__(self, coordinator: NodeCoordinator, peer: ConfigSubentry, key: str) -> None:
+        """Attach to ``peer``'s device."""
+        super().__init__(coordinator)
+        entry = coordinator.config_entry
+        self.peer_id = peer.subentry_id
+        self._attr_unique_id = f"{entry.entry_id}_{peer.subentry_id}_{key}"
+        self._attr_device_info = subentry_device(coordinator.hass, entry, peer, "Peer")
+
+
+class PeerStatusEntity(CoordinatorEntity[SyncCoordinator]):
+    """A figure about a peer's reachability, on the peer's device."""
+
+    _attr_has_entity_name = True
+
+    def __init__(self, coordinator: SyncCoordinator, peer: ConfigSubentry, key: str) -> None:
+        """Attach to ``peer``'s device."""
+        super().__init__(coordinator)
+        entry = coordinator.config_entry
+        self.peer_id = peer.subentry_id
+        self._attr_unique_id = f"{entry.entry_id}_{peer.subentry_id}_{key}"
+        self._attr_device_info = subentry_device(coordinator.hass, entry, peer, "Peer")
+
+    @property
+    def status(self) -> PeerStatus:
+        """The peer's current status."""
+        return self.coordinator.data.peers.get(self.peer_id) or PeerStatus()
+
+
+class PairEntity(CoordinatorEntity[SyncCoordinator]):
+    """An entity of one folder × peer pair, on the folder's device, named after the peer."""
+
+    _attr_has_entity_name = True
+
+    def __init__(
+        self, coordinator: SyncCoordinator, folder: ConfigSubentry, peer: ConfigSubentry, key: str
+    ) -> None:
+        """Attach to ``folder``'s device; the name says which peer."""
+        super().__init__(coordinator)
+        entry = coordinator.config_entry
+        self.pair = (folder.subentry_id, peer.subentry_id)
+        self._attr_unique_id = f"{entry.entry_id}_{folder.subentry_id}_{peer.subentry_id}_{key}"
+        self._attr_device_info = subentry_device(
+            coordinator.hass, entry, folder, "Protected folder"
+        )
+        self._attr_translation_placeholders = {"peer": peer.title}
+
+    @property
+    def status(self) -> PairStatus:
+        """The pair's current status."""
+        return self.coordinator.data.pairs.get(self.pair) or PairStatus()

@@ -1,43 +1,196 @@
-"""Home Assistant entry points of MyNAS: set up and unload a node."""
+"""Home Assistant entry points of MyNAS: start and stop a node."""
 
 from __future__ import annotations
 
-from homeassistant.const import Platform
-from homeassistant.core import HomeAssistant
-from homeassistant.exceptions import ConfigEntryNotReady
-from homeassistant.helpers import config_validation as cv
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from .const import CONF_NODE_ID, CONF_NODE_NAME, CONF_STORAGE_ROOT, DOMAIN
-from .coordinator import DiskCoordinator, MyNasConfigEntry, MyNasRuntimeData
-from .engine import storage_root
+from homeassistant.const import EVENT_HOMEASSISTANT_STOP, Platform
+from homeassistant.core import Event, HomeAssistant, callback
+from homeassistant.exceptions import ConfigEntryNotReady
+from homeassistant.helpers import config_validation as cv, device_registry as dr
+from homeassistant.helpers.typing import ConfigType
+from homeassistant.util import dt as dt_util
+
+from . import issues
+from .const import (
+    CONF_KEY_FILE,
+    CONF_NODE_ID,
+    CONF_NODE_NAME,
+    CONF_PORT,
+    CONF_STORAGE_ROOT,
+    DOMAIN,
+    EVENT_UNKNOWN_KEY,
+    LOGGER,
+)
+from .coordinator import MyNasConfigEntry, MyNasRuntimeData, NodeCoordinator, SyncCoordinator
+from .engine import identity, storage_root
+from .engine.loop_thread import EngineLoop
+from .engine.node import Node
+from .entity import node_device
+from .models import folders_of, peers_of
+from .orphans import async_check_orphans
+from .services import async_setup_services
+from .sync_manager import SyncManager
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 
-PLATFORMS: list[Platform] = [Platform.SENSOR]
+PLATFORMS: list[Platform] = [Platform.BINARY_SENSOR, Platform.BUTTON, Platform.SENSOR]
+
+# Friends reach the node from the Internet through the router: listen on every interface.
+LISTEN_HOST = ""
+
+
+async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
+    """Register the services (they check at call time which nodes are loaded)."""
+    async_setup_services(hass)
+    return True
+
+
+def key_path(hass: HomeAssistant, entry: MyNasConfigEntry) -> Path:
+    """Where the node's private key lives: in the config dir, mode 0600."""
+    stored = entry.data.get(CONF_KEY_FILE)
+    return (
+        Path(stored)
+        if stored
+        else Path(hass.config.path(DOMAIN, f"{entry.data[CONF_NODE_ID]}.key"))
+    )
 
 
 async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> bool:
-    """Start the node: check its disk, then poll it."""
+    """Start the node: check its disk, load its key, start its server and scheduler."""
+    data = entry.data
+    root = data[CONF_STORAGE_ROOT]
     try:
         await hass.async_add_executor_job(
-            storage_root.open_root,
-            entry.data[CONF_STORAGE_ROOT],
-            entry.data[CONF_NODE_ID],
-            entry.data[CONF_NODE_NAME],
+            storage_root.open_root, root, data[CONF_NODE_ID], data[CONF_NODE_NAME]
         )
     except storage_root.StorageRootError as err:
+        issues.storage_problem(hass, entry.entry_id, data[CONF_NODE_NAME], err.problem, err.path)
         raise ConfigEntryNotReady(
             translation_domain=DOMAIN,
             translation_key=err.problem.value,
             translation_placeholders={"path": err.path},
         ) from err
-    disk = DiskCoordinator(hass, entry)
-    await disk.async_config_entry_first_refresh()
-    entry.runtime_data = MyNasRuntimeData(disk=disk)
+    issues.storage_problem(hass, entry.entry_id, data[CONF_NODE_NAME], None, root)
+    node_key, _ = await hass.async_add_executor_job(identity.load_or_create, key_path(hass, entry))
+
+    engine = EngineLoop()
+    await hass.async_add_executor_job(engine.start)
+    peers = peers_of(entry)
+    manager_box: list[SyncManager] = []
+    node = Node(node_key, root, on_event=_server_events(hass, entry, manager_box))
+    try:
+        await engine.run(node.start(LISTEN_HOST, data[CONF_PORT], peers.values()))
+    except OSError as err:
+        await hass.async_add_executor_job(engine.stop)
+        raise ConfigEntryNotReady(
+            translation_domain=DOMAIN,
+            translation_key="port_in_use",
+            translation_placeholders={"port": str(data[CONF_PORT]), "error": str(err)},
+        ) from err
+    except BaseException:
+        await hass.async_add_executor_job(engine.stop)
+        raise
+
+    manager = SyncManager(
+        hass,
+        entry.entry_id,
+        data[CONF_NODE_NAME],
+        engine,
+        node,
+        folders_of(entry),
+        peers,
+        dict(entry.options),
+    )
+    manager_box.append(manager)
+    runtime = MyNasRuntimeData(
+        engine=engine,
+        node=node,
+        node_data=NodeCoordinator(hass, entry, engine, node),
+        syncs=SyncCoordinator(hass, entry, manager),
+        manager=manager,
+    )
+    try:
+        await manager.async_load()
+        await runtime.node_data.async_config_entry_first_refresh()
+        await runtime.syncs.async_config_entry_first_refresh()
+    except BaseException:
+        await _stop(hass, runtime)
+        raise
+    entry.runtime_data = runtime
+    # Peers' and folders' devices hang off the node's: it must exist before their entities.
+    dr.async_get(hass).async_get_or_create(config_entry_id=entry.entry_id, **node_device(entry))
+    await async_check_orphans(hass, entry)
     await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
+    manager.async_start()
+
+    @callback
+    def _on_hass_stop(_event: Event) -> None:
+        hass.async_create_task(_stop(hass, runtime))
+
+    entry.async_on_unload(hass.bus.async_listen_once(EVENT_HOMEASSISTANT_STOP, _on_hass_stop))
+    entry.async_on_unload(entry.add_update_listener(_async_reload))
     return True
+
+
+async def _async_reload(hass: HomeAssistant, entry: MyNasConfigEntry) -> None:
+    """Peers, folders or options changed: restart the node with them."""
+    await hass.config_entries.async_reload(entry.entry_id)
+
+
+def _server_events(
+    hass: HomeAssistant, entry: MyNasConfigEntry, manager_box: list[SyncManager]
+) -> Callable[[str, dict[str, Any]], None]:
+    """Turn the server's events (on the engine's thread) into state and HA events."""
+
+    def handle(kind: str, details: dict[str, Any]) -> None:
+        hass.loop.call_soon_threadsafe(_on_server_event, hass, entry, manager_box, kind, details)
+
+    return handle
+
+
+@callback
+def _on_server_event(
+    hass: HomeAssistant,
+    entry: MyNasConfigEntry,
+    manager_box: list[SyncManager],
+    kind: str,
+    details: dict[str, Any],
+) -> None:
+    if kind == "unknown_key":
+        LOGGER.warning(
+            "A node with unknown key %s tried to connect from %s: if it is a friend, "
+            "pair with their invite code",
+            details.get("fingerprint"),
+            details.get("address"),
+        )
+        hass.bus.async_fire(
+            EVENT_UNKNOWN_KEY,
+            {"entry_id": entry.entry_id, "fingerprint": details.get("fingerprint")},
+        )
+    elif kind == "peer_connected" and manager_box:
+        manager = manager_box[0]
+        for peer_id, peer in manager.peers.items():
+            if peer.jail == details.get("peer"):
+                manager.contact(peer_id, dt_util.utcnow())
+
+
+async def _stop(hass: HomeAssistant, runtime: MyNasRuntimeData) -> None:
+    """Stop the scheduler, the server and the engine's thread (idempotent)."""
+    await runtime.manager.async_stop()
+    if runtime.engine.running:
+        try:
+            await asyncio.wait_for(runtime.engine.run(runtime.node.stop()), 30)
+        finally:
+            await hass.async_add_executor_job(runtime.engine.stop)
 
 
 async def async_unload_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> bool:
     """Stop the node."""
-    return await hass.config_entries.async_unload_platforms(entry, PLATFORMS)
+    unloaded = await hass.config_entries.async_unload_platforms(entry, PLATFORMS)
+    if unloaded:
+        await _stop(hass, entry.runtime_data)
+    return unloaded

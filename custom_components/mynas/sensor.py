@@ -1,9 +1,11 @@
-"""Sensors for MyNAS: the node's disk."""
+"""Sensors: the node's disk and hosted space, each peer's space and contact, each pair's sync."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
+from datetime import datetime
 
 from homeassistant.components.sensor import (
     SensorDeviceClass,
@@ -11,49 +13,250 @@ from homeassistant.components.sensor import (
     SensorEntityDescription,
     SensorStateClass,
 )
-from homeassistant.const import PERCENTAGE, UnitOfInformation
+from homeassistant.config_entries import ConfigSubentry
+from homeassistant.const import PERCENTAGE, EntityCategory, UnitOfInformation, UnitOfTime
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
+from homeassistant.helpers.typing import StateType
+from homeassistant.util import dt as dt_util
 
-from .coordinator import DiskCoordinator, MyNasConfigEntry
-from .engine.storage_root import DiskUsage
-from .entity import NodeEntity
+from .const import SUBENTRY_FOLDER, SUBENTRY_PEER
+from .coordinator import MyNasConfigEntry, NodeCoordinator, NodeData, SyncCoordinator
+from .engine.storage import JailUsage
+from .entity import NodeEntity, PairEntity, PeerHostedEntity, PeerStatusEntity
+from .models import PairStatus, PeerStatus, SyncState
 
 # Coordinator-driven: no per-entity polling to throttle.
 PARALLEL_UPDATES = 0
 
 
-@dataclass(frozen=True, kw_only=True)
-class DiskSensorDescription(SensorEntityDescription):
-    """A disk figure and how to read it from DiskUsage."""
-
-    value_fn: Callable[[DiskUsage], float | int]
-
-
-def _size(key: str, value_fn: Callable[[DiskUsage], int]) -> DiskSensorDescription:
-    return DiskSensorDescription(
-        key=key,
-        translation_key=key,
+def _data_size[D: SensorEntityDescription](description: D) -> D:
+    """Make ``description`` a data-size sensor: bytes natively, shown in GB."""
+    return dataclasses.replace(
+        description,
         device_class=SensorDeviceClass.DATA_SIZE,
-        state_class=SensorStateClass.MEASUREMENT,
         native_unit_of_measurement=UnitOfInformation.BYTES,
         suggested_unit_of_measurement=UnitOfInformation.GIGABYTES,
-        suggested_display_precision=1,
-        value_fn=value_fn,
+        suggested_display_precision=2,
     )
 
 
-DISK_SENSORS: tuple[DiskSensorDescription, ...] = (
-    _size("disk_total", lambda disk: disk.total),
-    _size("disk_used", lambda disk: disk.used),
-    _size("disk_free", lambda disk: disk.free),
-    DiskSensorDescription(
+@dataclass(frozen=True, kw_only=True)
+class NodeSensorDescription(SensorEntityDescription):
+    """A node figure and how to read it."""
+
+    value_fn: Callable[[NodeData], StateType]
+
+
+NODE_SENSORS: tuple[NodeSensorDescription, ...] = (
+    _data_size(
+        NodeSensorDescription(
+            key="disk_total",
+            translation_key="disk_total",
+            state_class=SensorStateClass.MEASUREMENT,
+            value_fn=lambda data: data.disk.total,
+        )
+    ),
+    _data_size(
+        NodeSensorDescription(
+            key="disk_used",
+            translation_key="disk_used",
+            state_class=SensorStateClass.MEASUREMENT,
+            value_fn=lambda data: data.disk.used,
+        )
+    ),
+    _data_size(
+        NodeSensorDescription(
+            key="disk_free",
+            translation_key="disk_free",
+            state_class=SensorStateClass.MEASUREMENT,
+            value_fn=lambda data: data.disk.free,
+        )
+    ),
+    NodeSensorDescription(
         key="disk_used_percent",
         translation_key="disk_used_percent",
         state_class=SensorStateClass.MEASUREMENT,
         native_unit_of_measurement=PERCENTAGE,
         suggested_display_precision=1,
-        value_fn=lambda disk: disk.percent,
+        value_fn=lambda data: data.disk.percent,
+    ),
+    _data_size(
+        NodeSensorDescription(
+            key="hosted_total",
+            translation_key="hosted_total",
+            state_class=SensorStateClass.MEASUREMENT,
+            value_fn=lambda data: data.hosted_total,
+        )
+    ),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostedSensorDescription(SensorEntityDescription):
+    """A figure about one peer's space on our disk."""
+
+    value_fn: Callable[[JailUsage], StateType]
+
+
+HOSTED_SENSORS: tuple[HostedSensorDescription, ...] = (
+    _data_size(
+        HostedSensorDescription(
+            key="peer_used_here",
+            translation_key="peer_used_here",
+            state_class=SensorStateClass.MEASUREMENT,
+            value_fn=lambda usage: usage.used,
+        )
+    ),
+    HostedSensorDescription(
+        key="peer_quota_percent",
+        translation_key="peer_quota_percent",
+        state_class=SensorStateClass.MEASUREMENT,
+        native_unit_of_measurement=PERCENTAGE,
+        suggested_display_precision=1,
+        value_fn=lambda usage: round(100 * usage.used / usage.quota, 1) if usage.quota else None,
+    ),
+    _data_size(
+        HostedSensorDescription(
+            key="peer_quota",
+            translation_key="peer_quota",
+            entity_category=EntityCategory.DIAGNOSTIC,
+            value_fn=lambda usage: usage.quota,
+        )
+    ),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerSensorDescription(SensorEntityDescription):
+    """A figure about a peer's contact with us."""
+
+    value_fn: Callable[[PeerStatus], StateType | datetime]
+
+
+PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
+    PeerSensorDescription(
+        key="last_seen",
+        translation_key="last_seen",
+        device_class=SensorDeviceClass.TIMESTAMP,
+        value_fn=lambda status: status.last_seen,
+    ),
+    _data_size(
+        PeerSensorDescription(
+            key="used_there",
+            translation_key="used_there",
+            state_class=SensorStateClass.MEASUREMENT,
+            value_fn=lambda status: status.used_there,
+        )
+    ),
+    _data_size(
+        PeerSensorDescription(
+            key="quota_there",
+            translation_key="quota_there",
+            entity_category=EntityCategory.DIAGNOSTIC,
+            value_fn=lambda status: status.quota_there,
+        )
+    ),
+)
+
+
+def _left(status: PairStatus, files: bool) -> int | None:
+    progress = status.progress
+    if progress is None:
+        return 0 if status.state is SyncState.IDLE else None
+    if files:
+        return max(0, progress.files_total - progress.files_done)
+    return max(0, progress.bytes_total - progress.bytes_done)
+
+
+def _age_hours(status: PairStatus) -> float | None:
+    if status.last_success is None:
+        return None
+    return round((dt_util.utcnow() - status.last_success).total_seconds() / 3600, 2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairSensorDescription(SensorEntityDescription):
+    """A figure about one folder × peer pair."""
+
+    value_fn: Callable[[PairStatus], StateType | datetime]
+
+
+PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
+    PairSensorDescription(
+        key="last_success",
+        translation_key="last_success",
+        device_class=SensorDeviceClass.TIMESTAMP,
+        value_fn=lambda status: status.last_success,
+    ),
+    PairSensorDescription(
+        key="last_sync_age",
+        translation_key="last_sync_age",
+        device_class=SensorDeviceClass.DURATION,
+        state_class=SensorStateClass.MEASUREMENT,
+        native_unit_of_measurement=UnitOfTime.HOURS,
+        suggested_display_precision=1,
+        value_fn=_age_hours,
+    ),
+    PairSensorDescription(
+        key="sync_state",
+        translation_key="sync_state",
+        device_class=SensorDeviceClass.ENUM,
+        options=[state.value for state in SyncState],
+        value_fn=lambda status: status.state.value,
+    ),
+    PairSensorDescription(
+        key="progress",
+        translation_key="progress",
+        native_unit_of_measurement=PERCENTAGE,
+        suggested_display_precision=0,
+        value_fn=lambda status: status.progress.percent if status.progress is not None else None,
+    ),
+    PairSensorDescription(
+        key="files_left",
+        translation_key="files_left",
+        entity_registry_enabled_default=False,
+        value_fn=lambda status: _left(status, files=True),
+    ),
+    _data_size(
+        PairSensorDescription(
+            key="bytes_left",
+            translation_key="bytes_left",
+            entity_registry_enabled_default=False,
+            value_fn=lambda status: _left(status, files=False),
+        )
+    ),
+    PairSensorDescription(
+        key="last_files_sent",
+        translation_key="last_files_sent",
+        entity_category=EntityCategory.DIAGNOSTIC,
+        entity_registry_enabled_default=False,
+        value_fn=lambda status: status.last_files_sent,
+    ),
+    _data_size(
+        PairSensorDescription(
+            key="last_bytes_sent",
+            translation_key="last_bytes_sent",
+            entity_category=EntityCategory.DIAGNOSTIC,
+            entity_registry_enabled_default=False,
+            value_fn=lambda status: status.last_bytes_sent,
+        )
+    ),
+    PairSensorDescription(
+        key="last_duration",
+        translation_key="last_duration",
+        device_class=SensorDeviceClass.DURATION,
+        native_unit_of_measurement=UnitOfTime.SECONDS,
+        suggested_display_precision=0,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        entity_registry_enabled_default=False,
+        value_fn=lambda status: status.last_duration,
+    ),
+    PairSensorDescription(
+        key="last_error",
+        translation_key="last_error",
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=lambda status: (status.last_error or "")[:255] or None,
     ),
 )
 
@@ -63,22 +266,116 @@ async def async_setup_entry(
     entry: MyNasConfigEntry,
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
-    """Add the node's disk sensors."""
-    coordinator = entry.runtime_data.disk
-    async_add_entities(DiskSensor(coordinator, description) for description in DISK_SENSORS)
+    """Add the node's, every peer's and every pair's sensors."""
+    runtime = entry.runtime_data
+    async_add_entities(NodeSensor(runtime.node_data, desc) for desc in NODE_SENSORS)
+    peers = {
+        sub.subentry_id: sub
+        for sub in entry.subentries.values()
+        if sub.subentry_type == SUBENTRY_PEER
+    }
+    for peer in peers.values():
+        async_add_entities(
+            [
+                *(HostedSensor(runtime.node_data, peer, desc) for desc in HOSTED_SENSORS),
+                *(PeerSensor(runtime.syncs, peer, desc) for desc in PEER_SENSORS),
+            ],
+            config_subentry_id=peer.subentry_id,
+        )
+    for folder in entry.subentries.values():
+        if folder.subentry_type != SUBENTRY_FOLDER:
+            continue
+        async_add_entities(
+            [
+                PairSensor(runtime.syncs, folder, peers[peer_id], desc)
+                for (folder_id, peer_id) in runtime.manager.pairs
+                if folder_id == folder.subentry_id
+                for desc in PAIR_SENSORS
+            ],
+            config_subentry_id=folder.subentry_id,
+        )
 
 
-class DiskSensor(NodeEntity, SensorEntity):
-    """One figure about the disk that holds the storage root."""
+class NodeSensor(NodeEntity, SensorEntity):
+    """A figure about the node's disk."""
 
-    entity_description: DiskSensorDescription
+    entity_description: NodeSensorDescription
 
-    def __init__(self, coordinator: DiskCoordinator, description: DiskSensorDescription) -> None:
+    def __init__(self, coordinator: NodeCoordinator, description: NodeSensorDescription) -> None:
         """Create the sensor for ``description``."""
         super().__init__(coordinator, description.key)
         self.entity_description = description
 
     @property
-    def native_value(self) -> float | int:
-        """Return the figure from the latest disk reading."""
+    def native_value(self) -> StateType:
+        """The figure from the latest reading."""
         return self.entity_description.value_fn(self.coordinator.data)
+
+
+class HostedSensor(PeerHostedEntity, SensorEntity):
+    """A figure about the space one peer uses here."""
+
+    entity_description: HostedSensorDescription
+
+    def __init__(
+        self,
+        coordinator: NodeCoordinator,
+        peer: ConfigSubentry,
+        description: HostedSensorDescription,
+    ) -> None:
+        """Create the sensor for ``description``."""
+        super().__init__(coordinator, peer, description.key)
+        self.entity_description = description
+
+    @property
+    def available(self) -> bool:
+        """Available while the disk is, for a peer the server knows."""
+        return super().available and self.peer_id in self.coordinator.data.hosted
+
+    @property
+    def native_value(self) -> StateType:
+        """The figure from the latest reading."""
+        return self.entity_description.value_fn(self.coordinator.data.hosted[self.peer_id])
+
+
+class PeerSensor(PeerStatusEntity, SensorEntity):
+    """A figure about a peer's contact."""
+
+    entity_description: PeerSensorDescription
+
+    def __init__(
+        self,
+        coordinator: SyncCoordinator,
+        peer: ConfigSubentry,
+        description: PeerSensorDescription,
+    ) -> None:
+        """Create the sensor for ``description``."""
+        super().__init__(coordinator, peer, description.key)
+        self.entity_description = description
+
+    @property
+    def native_value(self) -> StateType | datetime:
+        """The figure from the peer's status."""
+        return self.entity_description.value_fn(self.status)
+
+
+class PairSensor(PairEntity, SensorEntity):
+    """A figure about one folder × peer pair."""
+
+    entity_description: PairSensorDescription
+
+    def __init__(
+        self,
+        coordinator: SyncCoordinator,
+        folder: ConfigSubentry,
+        peer: ConfigSubentry,
+        description: PairSensorDescription,
+    ) -> None:
+        """Create the sensor for ``description``."""
+        super().__init__(coordinator, folder, peer, description.key)
+        self.entity_description = description
+
+    @property
+    def native_value(self) -> StateType | datetime:
+        """The figure from the pair's status."""
+        return self.entity_description.value_fn(self.status)

@@ -26,6 +26,11 @@ class EngineLoop:
         self._ready = threading.Event()
 
     @property
+    def running(self) -> bool:
+        """True between ``start`` and ``stop``."""
+        return self._thread is not None
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The running engine loop."""
         assert self._loop is not None, "EngineLoop not started"

@@ -1,0 +1,90 @@
+"""Binary sensors: whether a peer answers, and whether a folder's backup is overdue."""
+
+from __future__ import annotations
+
+from homeassistant.components.binary_sensor import (
+    BinarySensorEntity,
+    BinarySensorEntityDescription,
+)
+from homeassistant.components.binary_sensor.const import BinarySensorDeviceClass
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
+
+from .const import SUBENTRY_FOLDER, SUBENTRY_PEER
+from .coordinator import MyNasConfigEntry
+from .engine.node import Reachability
+from .entity import PairEntity, PeerStatusEntity
+
+PARALLEL_UPDATES = 0
+
+CONNECTED = BinarySensorEntityDescription(
+    key="connected",
+    translation_key="connected",
+    device_class=BinarySensorDeviceClass.CONNECTIVITY,
+)
+OVERDUE = BinarySensorEntityDescription(
+    key="overdue",
+    translation_key="overdue",
+    device_class=BinarySensorDeviceClass.PROBLEM,
+)
+
+
+async def async_setup_entry(
+    hass: HomeAssistant,
+    entry: MyNasConfigEntry,
+    async_add_entities: AddConfigEntryEntitiesCallback,
+) -> None:
+    """Add a connectivity sensor per peer and an overdue sensor per pair."""
+    runtime = entry.runtime_data
+    peers = {
+        sub.subentry_id: sub
+        for sub in entry.subentries.values()
+        if sub.subentry_type == SUBENTRY_PEER
+    }
+    for peer in peers.values():
+        async_add_entities(
+            [PeerConnected(runtime.syncs, peer, CONNECTED.key)],
+            config_subentry_id=peer.subentry_id,
+        )
+    for folder in entry.subentries.values():
+        if folder.subentry_type == SUBENTRY_FOLDER:
+            async_add_entities(
+                [
+                    BackupOverdue(runtime.syncs, folder, peers[peer_id], OVERDUE.key)
+                    for (folder_id, peer_id) in runtime.manager.pairs
+                    if folder_id == folder.subentry_id
+                ],
+                config_subentry_id=folder.subentry_id,
+            )
+
+
+class PeerConnected(PeerStatusEntity, BinarySensorEntity):
+    """On while the peer answers our connection tests with its pinned key."""
+
+    entity_description = CONNECTED
+
+    @property
+    def is_on(self) -> bool | None:
+        """Whether the last test reached the peer (None before the first test)."""
+        reachability = self.status.reachability
+        return None if reachability is None else reachability is Reachability.ONLINE
+
+    @property
+    def extra_state_attributes(self) -> dict[str, str | None]:
+        """Why the peer is not reachable, in one word and one sentence."""
+        status = self.status
+        return {
+            "reachability": status.reachability.value if status.reachability else None,
+            "error": status.error,
+        }
+
+
+class BackupOverdue(PairEntity, BinarySensorEntity):
+    """On when the pair's last successful sync is older than the node's threshold."""
+
+    entity_description = OVERDUE
+
+    @property
+    def is_on(self) -> bool:
+        """Whether the backup is overdue."""
+        return self.coordinator.manager.is_overdue(self.pair)

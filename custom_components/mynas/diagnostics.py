@@ -1,0 +1,95 @@
+"""Diagnostics: configuration and live state, with keys, addresses and paths redacted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from homeassistant.components.diagnostics import async_redact_data
+from homeassistant.core import HomeAssistant
+
+from .const import (
+    CONF_ADDRESSES,
+    CONF_EXCLUDE,
+    CONF_KEY_FILE,
+    CONF_NODE_PUBLIC_KEY,
+    CONF_PATH,
+    CONF_PUBLIC_KEY,
+    CONF_STORAGE_ROOT,
+)
+from .coordinator import MyNasConfigEntry
+
+TO_REDACT = {
+    CONF_ADDRESSES,
+    CONF_EXCLUDE,
+    CONF_KEY_FILE,
+    CONF_NODE_PUBLIC_KEY,
+    CONF_PATH,
+    CONF_PUBLIC_KEY,
+    CONF_STORAGE_ROOT,
+    "presented_key",
+    "error",
+    "last_error",
+}
+
+
+async def async_get_config_entry_diagnostics(
+    hass: HomeAssistant, entry: MyNasConfigEntry
+) -> dict[str, Any]:
+    """Return what helps to debug a node, and nothing that identifies or exposes it."""
+    runtime = entry.runtime_data
+    manager = runtime.manager
+    pairs = {
+        f"{manager.folders[f].config.name} -> {manager.peers[p].name}": {
+            "state": status.state.value,
+            "last_success": status.last_success.isoformat() if status.last_success else None,
+            "last_attempt": status.last_attempt.isoformat() if status.last_attempt else None,
+            "failures": status.failures,
+            "last_files_sent": status.last_files_sent,
+            "last_bytes_sent": status.last_bytes_sent,
+            "last_duration": status.last_duration,
+            "last_error": status.last_error,
+            "overdue": manager.is_overdue((f, p)),
+        }
+        for (f, p), status in manager.data.pairs.items()
+        if f in manager.folders and p in manager.peers
+    }
+    peers = {
+        manager.peers[peer_id].name: {
+            "reachability": status.reachability.value if status.reachability else None,
+            "last_seen": status.last_seen.isoformat() if status.last_seen else None,
+            "used_there": status.used_there,
+            "quota_there": status.quota_there,
+            "error": status.error,
+            "presented_key": status.presented_key,
+        }
+        for peer_id, status in manager.data.peers.items()
+        if peer_id in manager.peers
+    }
+    node_data = runtime.node_data.data
+    return async_redact_data(
+        {
+            "entry": {"data": dict(entry.data), "options": dict(entry.options)},
+            "subentries": [
+                {"type": sub.subentry_type, "title": sub.title, "data": dict(sub.data)}
+                for sub in entry.subentries.values()
+            ],
+            "disk": {
+                "total": node_data.disk.total,
+                "used": node_data.disk.used,
+                "free": node_data.disk.free,
+            },
+            "hosted": {
+                manager.peers[peer_id].name: {"used": usage.used, "quota": usage.quota}
+                for peer_id, usage in node_data.hosted.items()
+                if peer_id in manager.peers
+            },
+            "server": await runtime.engine.run(_snapshot(runtime)),
+            "pairs": pairs,
+            "peers": peers,
+        },
+        TO_REDACT,
+    )
+
+
+async def _snapshot(runtime: Any) -> dict[str, Any]:
+    return dict(runtime.node.snapshot())

@@ -1,0 +1,134 @@
+"""Repair issues MyNAS raises: only for what the user can act on, each saying what to do."""
+
+from __future__ import annotations
+
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers import issue_registry as ir
+
+from .const import DOMAIN
+from .engine.storage_root import RootProblem
+
+
+def _create(
+    hass: HomeAssistant,
+    issue_id: str,
+    key: str,
+    placeholders: dict[str, str],
+    *,
+    severity: ir.IssueSeverity = ir.IssueSeverity.ERROR,
+    fixable: bool = False,
+    data: dict[str, str | int | float | None] | None = None,
+) -> None:
+    ir.async_create_issue(
+        hass,
+        DOMAIN,
+        issue_id,
+        is_fixable=fixable,
+        is_persistent=False,
+        severity=severity,
+        translation_key=key,
+        translation_placeholders=placeholders,
+        data=data,
+    )
+
+
+def _delete(hass: HomeAssistant, issue_id: str) -> None:
+    ir.async_delete_issue(hass, DOMAIN, issue_id)
+
+
+def storage_problem(
+    hass: HomeAssistant, entry_id: str, node: str, problem: RootProblem | None, path: str
+) -> None:
+    """Raise (or, with ``problem`` None, clear) the "storage disk" issue of a node."""
+    issue_id = f"storage_{entry_id}"
+    if problem is None:
+        _delete(hass, issue_id)
+        return
+    key = {
+        RootProblem.NOT_FOUND: "storage_missing",
+        RootProblem.MARKER_MISSING: "storage_missing",
+        RootProblem.FOREIGN_MARKER: "storage_foreign",
+    }.get(problem, "storage_missing")
+    _create(hass, issue_id, key, {"node": node, "path": path})
+
+
+def key_changed(
+    hass: HomeAssistant,
+    entry_id: str,
+    peer_id: str,
+    peer: str,
+    old_fingerprint: str,
+    new_fingerprint: str | None,
+    new_key: str | None,
+) -> None:
+    """A peer answers with another key: nothing is sent until the user decides."""
+    _create(
+        hass,
+        f"key_changed_{peer_id}",
+        "key_changed",
+        {"peer": peer, "old": old_fingerprint, "new": new_fingerprint or "unknown"},
+        severity=ir.IssueSeverity.CRITICAL,
+        fixable=new_key is not None,
+        data={"entry_id": entry_id, "peer_id": peer_id, "new_key": new_key},
+    )
+
+
+def clear_key_changed(hass: HomeAssistant, peer_id: str) -> None:
+    """The peer presents its pinned key again."""
+    _delete(hass, f"key_changed_{peer_id}")
+
+
+def unreachable(hass: HomeAssistant, peer_id: str, peer: str, days: int | None) -> None:
+    """Raise (or, with ``days`` None, clear) "peer unreachable for days"."""
+    issue_id = f"unreachable_{peer_id}"
+    if days is None:
+        _delete(hass, issue_id)
+    else:
+        _create(
+            hass,
+            issue_id,
+            "peer_unreachable",
+            {"peer": peer, "days": str(days)},
+            severity=ir.IssueSeverity.WARNING,
+        )
+
+
+def quota_refused(
+    hass: HomeAssistant,
+    folder_id: str,
+    peer_id: str,
+    placeholders: dict[str, str] | None,
+) -> None:
+    """Raise (or, with ``placeholders`` None, clear) "the host refused us for quota"."""
+    issue_id = f"quota_{folder_id}_{peer_id}"
+    if placeholders is None:
+        _delete(hass, issue_id)
+    else:
+        _create(hass, issue_id, "quota_exceeded", placeholders)
+
+
+def overdue(hass: HomeAssistant, folder_id: str, placeholders: dict[str, str] | None) -> None:
+    """Raise (or, with ``placeholders`` None, clear) "folder backup overdue"."""
+    issue_id = f"overdue_{folder_id}"
+    if placeholders is None:
+        _delete(hass, issue_id)
+    else:
+        _create(hass, issue_id, "folder_overdue", placeholders, severity=ir.IssueSeverity.WARNING)
+
+
+def orphaned_data(hass: HomeAssistant, entry_id: str, jail: str, size: str) -> None:
+    """Ask whether to keep or delete the data a removed peer left on the disk."""
+    _create(
+        hass,
+        f"orphan_{entry_id}_{jail}",
+        "orphaned_data",
+        {"jail": jail, "size": size},
+        severity=ir.IssueSeverity.WARNING,
+        fixable=True,
+        data={"entry_id": entry_id, "jail": jail},
+    )
+
+
+def clear_orphaned_data(hass: HomeAssistant, entry_id: str, jail: str) -> None:
+    """The removed peer's data question is settled."""
+    _delete(hass, f"orphan_{entry_id}_{jail}")

@@ -1,0 +1,190 @@
+"""The node's configuration as the engine's types; the live state of pairs and peers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+import enum
+from typing import Any
+
+from homeassistant.config_entries import ConfigEntry, ConfigSubentry
+
+from .const import (
+    CONF_ADDRESSES,
+    CONF_BWLIMIT,
+    CONF_EXCLUDE,
+    CONF_HOURS,
+    CONF_JAIL,
+    CONF_NAME,
+    CONF_PATH,
+    CONF_PEERS,
+    CONF_PUBLIC_KEY,
+    CONF_QUOTA,
+    CONF_RETENTION_DAYS,
+    CONF_SCHEDULE,
+    CONF_TIME,
+    DEFAULT_INTERVAL_HOURS,
+    SCHEDULE_DAILY,
+    SUBENTRY_FOLDER,
+    SUBENTRY_PEER,
+)
+from .engine.node import FolderConfig, PeerConfig, Reachability
+from .engine.replicator import Progress
+from .schedule import Schedule, parse_time
+
+
+def peer_config(subentry: ConfigSubentry) -> PeerConfig:
+    """Return a peer subentry as the engine's PeerConfig."""
+    data = subentry.data
+    return PeerConfig(
+        id=subentry.subentry_id,
+        name=data[CONF_NAME],
+        jail=data[CONF_JAIL],
+        addresses=tuple(data[CONF_ADDRESSES]),
+        public_key=data[CONF_PUBLIC_KEY],
+        quota=int(data[CONF_QUOTA]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FolderSetup:
+    """A folder subentry: what to send, where to, and when."""
+
+    config: FolderConfig
+    peers: tuple[str, ...]
+    schedule: Schedule
+
+
+def folder_setup(subentry: ConfigSubentry) -> FolderSetup:
+    """Return a folder subentry as the engine's FolderConfig plus its peers and schedule."""
+    data = subentry.data
+    bwlimit = float(data.get(CONF_BWLIMIT) or 0)
+    config = FolderConfig(
+        id=subentry.subentry_id,
+        name=data[CONF_NAME],
+        path=data[CONF_PATH],
+        exclude=tuple(data.get(CONF_EXCLUDE) or ()),
+        bwlimit=int(bwlimit * 1_000_000) or None,
+        retention_days=data.get(CONF_RETENTION_DAYS),
+    )
+    if data.get(CONF_SCHEDULE) == SCHEDULE_DAILY:
+        schedule = Schedule(SCHEDULE_DAILY, at=parse_time(data[CONF_TIME]))
+    else:
+        hours = int(data.get(CONF_HOURS) or DEFAULT_INTERVAL_HOURS)
+        schedule = Schedule("interval", every=timedelta(hours=hours))
+    return FolderSetup(config, tuple(data.get(CONF_PEERS) or ()), schedule)
+
+
+def peers_of(entry: ConfigEntry[Any]) -> dict[str, PeerConfig]:
+    """Every paired peer of a node entry, by subentry id."""
+    return {
+        sub.subentry_id: peer_config(sub)
+        for sub in entry.subentries.values()
+        if sub.subentry_type == SUBENTRY_PEER
+    }
+
+
+def folders_of(entry: ConfigEntry[Any]) -> dict[str, FolderSetup]:
+    """Every protected folder of a node entry, by subentry id."""
+    return {
+        sub.subentry_id: folder_setup(sub)
+        for sub in entry.subentries.values()
+        if sub.subentry_type == SUBENTRY_FOLDER
+    }
+
+
+class SyncState(enum.StrEnum):
+    """What a folder × peer pair is doing."""
+
+    IDLE = "idle"
+    SCANNING = "scanning"
+    TRANSFERRING = "transferring"
+    VERIFYING = "verifying"
+    ERROR = "error"
+
+
+@dataclass(slots=True)
+class PairStatus:
+    """Live and remembered state of one folder × peer pair."""
+
+    state: SyncState = SyncState.IDLE
+    progress: Progress | None = None
+    last_success: datetime | None = None
+    last_attempt: datetime | None = None
+    failures: int = 0
+    last_files_sent: int | None = None
+    last_bytes_sent: int | None = None
+    last_duration: float | None = None
+    last_error: str | None = None
+    quota_refused: bool = False
+
+    def as_stored(self) -> dict[str, Any]:
+        """What survives a restart."""
+        return {
+            "last_success": _iso(self.last_success),
+            "last_attempt": _iso(self.last_attempt),
+            "failures": self.failures,
+            "last_files_sent": self.last_files_sent,
+            "last_bytes_sent": self.last_bytes_sent,
+            "last_duration": self.last_duration,
+            "last_error": self.last_error,
+        }
+
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> PairStatus:
+        """Rebuild from what ``as_stored`` returned."""
+        status = cls(
+            last_success=_parse(data.get("last_success")),
+            last_attempt=_parse(data.get("last_attempt")),
+            failures=int(data.get("failures") or 0),
+            last_files_sent=data.get("last_files_sent"),
+            last_bytes_sent=data.get("last_bytes_sent"),
+            last_duration=data.get("last_duration"),
+            last_error=data.get("last_error"),
+        )
+        if status.failures:
+            status.state = SyncState.ERROR
+        return status
+
+
+@dataclass(slots=True)
+class PeerStatus:
+    """What we know of a peer's reachability and of our space on its disk."""
+
+    reachability: Reachability | None = None
+    last_seen: datetime | None = None
+    last_probe: datetime | None = None
+    used_there: int | None = None
+    quota_there: int | None = None
+    error: str | None = None
+    presented_key: str | None = None
+
+    def as_stored(self) -> dict[str, Any]:
+        """What survives a restart."""
+        return {"last_seen": _iso(self.last_seen), "used_there": self.used_there}
+
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> PeerStatus:
+        """Rebuild from what ``as_stored`` returned."""
+        return cls(last_seen=_parse(data.get("last_seen")), used_there=data.get("used_there"))
+
+
+@dataclass(slots=True)
+class SyncData:
+    """Everything the sync entities show: pairs by (folder id, peer id), peers by id."""
+
+    pairs: dict[tuple[str, str], PairStatus] = field(default_factory=dict)
+    peers: dict[str, PeerStatus] = field(default_factory=dict)
+
+
+def pair_key(folder_id: str, peer_id: str) -> str:
+    """The storage key of a pair."""
+    return f"{folder_id}|{peer_id}"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _parse(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None

@@ -1,0 +1,49 @@
+"""Our own invite code: the node's name, the addresses friends use, its public key."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers.network import NoURLAvailableError, get_url
+
+from .const import CONF_ADDRESSES, CONF_NODE_NAME, CONF_NODE_PUBLIC_KEY, CONF_PORT
+from .engine import invite
+
+
+def default_address(hass: HomeAssistant, port: int) -> str:
+    """The LAN address Home Assistant knows for itself, with the node's port."""
+    try:
+        host = urlparse(get_url(hass, allow_external=False, allow_cloud=False)).hostname
+    except NoURLAvailableError:
+        host = None
+    return invite.format_address(host or "127.0.0.1", port)
+
+
+def addresses(hass: HomeAssistant, data: dict[str, Any], options: dict[str, Any]) -> list[str]:
+    """The addresses in our invite code: the configured ones (port added), else the LAN one."""
+    port = int(data[CONF_PORT])
+    configured = options.get(CONF_ADDRESSES) or []
+    return [with_port(text, port) for text in configured] or [default_address(hass, port)]
+
+
+def with_port(text: str, port: int) -> str:
+    """``host`` or ``host:port`` as ``host:port`` (ValueError if it is not an address)."""
+    text = text.strip()
+    try:
+        host, parsed = invite.parse_address(text)
+    except ValueError:
+        host, parsed = invite.parse_address(invite.format_address(text.strip("[]"), port))
+    return invite.format_address(host, parsed)
+
+
+def our_code(hass: HomeAssistant, data: dict[str, Any], options: dict[str, Any]) -> str:
+    """Return our invite code."""
+    return invite.encode(
+        invite.Invite(
+            name=data[CONF_NODE_NAME],
+            addresses=tuple(addresses(hass, data, options)),
+            public_key=data[CONF_NODE_PUBLIC_KEY],
+        )
+    )

@@ -1,0 +1,203 @@
+"""Services: sync (all, a folder, or a folder × peer), verify, restore — with response data."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from homeassistant.config_entries import ConfigEntryState
+from homeassistant.core import (
+    HomeAssistant,
+    ServiceCall,
+    ServiceResponse,
+    SupportsResponse,
+    callback,
+)
+from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
+from homeassistant.helpers import config_validation as cv
+import probatio as vol
+
+from .const import DOMAIN, SERVICE_RESTORE, SERVICE_SYNC, SERVICE_VERIFY
+from .coordinator import MyNasConfigEntry
+from .engine.errors import MyNasError, RestoreConflict
+from .sync_manager import SyncKind, SyncManager
+
+ATTR_ENTRY = "config_entry_id"
+ATTR_FOLDER = "folder"
+ATTR_PEER = "peer"
+ATTR_WAIT = "wait"
+ATTR_REPAIR = "repair"
+ATTR_TARGET = "target"
+ATTR_PATH = "path"
+ATTR_OVERWRITE = "overwrite"
+
+_BASE = {
+    vol.Optional(ATTR_ENTRY): cv.string,
+    vol.Optional(ATTR_FOLDER): cv.string,
+    vol.Optional(ATTR_PEER): cv.string,
+}
+SYNC_SCHEMA = vol.Schema({**_BASE, vol.Optional(ATTR_WAIT, default=False): cv.boolean})
+VERIFY_SCHEMA = vol.Schema({**_BASE, vol.Optional(ATTR_REPAIR, default=False): cv.boolean})
+RESTORE_SCHEMA = vol.Schema(
+    {
+        vol.Optional(ATTR_ENTRY): cv.string,
+        vol.Required(ATTR_FOLDER): cv.string,
+        vol.Required(ATTR_PEER): cv.string,
+        vol.Required(ATTR_TARGET): cv.string,
+        vol.Optional(ATTR_PATH, default=""): cv.string,
+        vol.Optional(ATTR_OVERWRITE, default=False): cv.boolean,
+    }
+)
+
+
+def _invalid(key: str, **placeholders: str) -> ServiceValidationError:
+    return ServiceValidationError(
+        translation_domain=DOMAIN, translation_key=key, translation_placeholders=placeholders
+    )
+
+
+def _entry(hass: HomeAssistant, call: ServiceCall) -> MyNasConfigEntry:
+    """The node a call is for: the one named, or the only loaded one."""
+    entry_id = call.data.get(ATTR_ENTRY)
+    if entry_id:
+        entry = hass.config_entries.async_get_entry(entry_id)
+        if entry is None or entry.domain != DOMAIN:
+            raise _invalid("unknown_node", node=entry_id)
+        if entry.state is not ConfigEntryState.LOADED:
+            raise _invalid("node_not_loaded", node=entry.title)
+        return entry
+    loaded = hass.config_entries.async_loaded_entries(DOMAIN)
+    if not loaded:
+        raise _invalid("no_node")
+    if len(loaded) > 1:
+        raise _invalid("several_nodes")
+    return loaded[0]
+
+
+def _match(name: str | None, candidates: dict[str, str], key: str) -> list[str]:
+    """Ids whose name (or id) is ``name``; all of them when ``name`` is None."""
+    if name is None:
+        return list(candidates)
+    found = [
+        item_id
+        for item_id, title in candidates.items()
+        if name in (item_id, title) or name.casefold() == title.casefold()
+    ]
+    if not found:
+        raise _invalid(key, name=name, known=", ".join(sorted(candidates.values())) or "-")
+    return found
+
+
+def _pairs(manager: SyncManager, call: ServiceCall) -> list[tuple[str, str]]:
+    folders = _match(
+        call.data.get(ATTR_FOLDER),
+        {fid: setup.config.name for fid, setup in manager.folders.items()},
+        "unknown_folder",
+    )
+    peers = _match(
+        call.data.get(ATTR_PEER),
+        {pid: peer.name for pid, peer in manager.peers.items()},
+        "unknown_peer",
+    )
+    pairs = [pair for pair in manager.pairs if pair[0] in folders and pair[1] in peers]
+    if not pairs:
+        raise _invalid("nothing_to_sync")
+    return pairs
+
+
+async def _sync(call: ServiceCall) -> ServiceResponse:
+    manager = _entry(call.hass, call).runtime_data.manager
+    pairs = _pairs(manager, call)
+    tasks = [manager.start(pair, SyncKind.SYNC) for pair in pairs]
+    if not call.data[ATTR_WAIT]:
+        started: list[Any] = [_describe(manager, pair) for pair in pairs]
+        return {"started": started}
+    results = await asyncio.gather(*tasks)
+    return {"results": list(results)}
+
+
+async def _verify(call: ServiceCall) -> ServiceResponse:
+    manager = _entry(call.hass, call).runtime_data.manager
+    pairs = _pairs(manager, call)
+    tasks = [manager.start(pair, SyncKind.VERIFY, repair=call.data[ATTR_REPAIR]) for pair in pairs]
+    return {"results": list(await asyncio.gather(*tasks))}
+
+
+def _describe(manager: SyncManager, pair: tuple[str, str]) -> dict[str, str]:
+    return {"folder": manager.folders[pair[0]].config.name, "peer": manager.peers[pair[1]].name}
+
+
+def _target_state(target: str) -> str | None:
+    """An error key if ``target`` can't take a restore; "non_empty" if it holds files."""
+    path = Path(target)
+    if not path.is_absolute():
+        return "target_not_absolute"
+    if path.exists() and not path.is_dir():
+        return "target_not_a_directory"
+    if path.is_dir() and any(path.iterdir()):
+        return "target_not_empty"
+    return None
+
+
+async def _restore(call: ServiceCall) -> ServiceResponse:
+    hass = call.hass
+    entry = _entry(hass, call)
+    runtime = entry.runtime_data
+    manager = runtime.manager
+    folder_name = call.data[ATTR_FOLDER]
+    peer_ids = _match(
+        call.data[ATTR_PEER],
+        {pid: peer.name for pid, peer in manager.peers.items()},
+        "unknown_peer",
+    )
+    target = call.data[ATTR_TARGET]
+    problem = await hass.async_add_executor_job(_target_state, target)
+    if problem == "target_not_empty" and call.data[ATTR_OVERWRITE]:
+        problem = None
+    if problem:
+        raise _invalid(problem, target=target)
+    # The folder may be one this node no longer protects (a rebuilt node): use the name.
+    known = {setup.config.name for setup in manager.folders.values()}
+    name = next((n for n in known if n.casefold() == folder_name.casefold()), folder_name)
+    try:
+        result = await runtime.engine.run(
+            runtime.node.restore(
+                name,
+                peer_ids[0],
+                target,
+                path=call.data[ATTR_PATH],
+                overwrite=call.data[ATTR_OVERWRITE],
+            )
+        )
+    except RestoreConflict as err:
+        raise _invalid("target_not_empty", target=target) from err
+    except (MyNasError, ValueError) as err:
+        raise HomeAssistantError(
+            translation_domain=DOMAIN,
+            translation_key="restore_failed",
+            translation_placeholders={"error": str(err)},
+        ) from err
+    return result.as_dict()
+
+
+@callback
+def async_setup_services(hass: HomeAssistant) -> None:
+    """Register the services once for all nodes."""
+    hass.services.async_register(
+        DOMAIN, SERVICE_SYNC, _sync, schema=SYNC_SCHEMA, supports_response=SupportsResponse.OPTIONAL
+    )
+    hass.services.async_register(
+        DOMAIN,
+        SERVICE_VERIFY,
+        _verify,
+        schema=VERIFY_SCHEMA,
+        supports_response=SupportsResponse.OPTIONAL,
+    )
+    hass.services.async_register(
+        DOMAIN,
+        SERVICE_RESTORE,
+        _restore,
+        schema=RESTORE_SCHEMA,
+        supports_response=SupportsResponse.OPTIONAL,
+    )
