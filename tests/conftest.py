@@ -18,8 +18,8 @@ import custom_components  # noqa: F401
 from custom_components.mynas.const import (
     CONF_KEY_FILE,
     CONF_NODE_ID,
-    CONF_NODE_PUBLIC_KEY,
     CONF_NODE_NAME,
+    CONF_NODE_PUBLIC_KEY,
     CONF_PORT,
     CONF_STORAGE_ROOT,
     DOMAIN,
