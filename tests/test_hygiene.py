@@ -1,0 +1,254 @@
+"""Repository hygiene: what hassfest and HACS check, and what a missing string would break.
+
+Translation keys are collected from the source itself (the ``translation_key=`` and error/
+abort literals the code can produce), so a new string in code without its text fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+import re
+import struct
+from typing import Any
+
+import pytest
+import yaml
+
+from custom_components.mynas.engine.storage_root import RootProblem
+
+ROOT = Path(__file__).parent.parent
+INTEGRATION = ROOT / "custom_components" / "mynas"
+EN = json.loads((INTEGRATION / "translations" / "en.json").read_text())
+ICONS = json.loads((INTEGRATION / "icons.json").read_text())
+PLATFORMS = ("sensor", "binary_sensor", "button")
+
+
+def _tree(name: str) -> ast.Module:
+    return ast.parse((INTEGRATION / name).read_text())
+
+
+def _keyword_literals(tree: ast.AST, keyword: str) -> set[str]:
+    """String literals passed as ``keyword=`` anywhere in ``tree``."""
+    found = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.keyword)
+            and node.arg == keyword
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            found.add(node.value.value)
+    return found
+
+
+def _assigned_errors(tree: ast.AST) -> set[str]:
+    """Literals assigned as ``errors[...] = "key"``."""
+    found = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.targets[0], ast.Subscript)
+            and isinstance(node.targets[0].value, ast.Name)
+            and node.targets[0].value.id == "errors"
+            and isinstance(node.value, ast.Constant)
+        ):
+            found.add(node.value.value)
+    return found
+
+
+def _call_literals(tree: ast.AST, function: str, position: int) -> set[str]:
+    """String literals passed at ``position`` to calls of ``function``."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if name == function and len(node.args) > position:
+                arg = node.args[position]
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    found.add(arg.value)
+    return found
+
+
+def _returned_literals(tree: ast.AST, function: str) -> set[str]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == function:
+            return {
+                ret.value.value
+                for ret in ast.walk(node)
+                if isinstance(ret, ast.Return)
+                and isinstance(ret.value, ast.Constant)
+                and isinstance(ret.value.value, str)
+            }
+    raise AssertionError(f"{function} not found")
+
+
+def test_manifest_order_and_keys() -> None:
+    manifest = json.loads((INTEGRATION / "manifest.json").read_text())
+    keys = list(manifest)
+    assert keys[:2] == ["domain", "name"]
+    assert keys[2:] == sorted(keys[2:])
+    for key in (
+        "codeowners",
+        "config_flow",
+        "documentation",
+        "integration_type",
+        "iot_class",
+        "issue_tracker",
+        "loggers",
+        "requirements",
+        "version",
+    ):
+        assert key in manifest, key
+    assert manifest["domain"] == "mynas"
+    assert manifest["config_flow"] is True
+    # Same pins as the core integrations that use these libraries, and as requirements.txt.
+    pins = set((ROOT / "requirements.txt").read_text().split())
+    assert set(manifest["requirements"]) == {"asyncssh==2.24.0", "psutil==7.2.2"} <= pins
+
+
+def test_hacs_json_keys() -> None:
+    hacs = json.loads((ROOT / "hacs.json").read_text())
+    assert set(hacs) == {"name", "homeassistant", "hacs"}
+    assert re.fullmatch(r"20\d\d\.\d+\.\d+", hacs["homeassistant"])
+
+
+def test_brand_icon_is_a_256_png() -> None:
+    data = (INTEGRATION / "brand" / "icon.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (256, 256)
+    assert (INTEGRATION / "brand" / "logo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_engine_never_imports_home_assistant() -> None:
+    for path in (INTEGRATION / "engine").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+                # A relative import climbing out of the engine reaches the HA layer.
+                assert node.level <= 1, f"{path.name} imports from outside the engine"
+            assert not any(name.split(".")[0] == "homeassistant" for name in names), path.name
+
+
+def test_engine_runs_without_home_assistant() -> None:
+    """The engine package imports in a process where homeassistant cannot be imported."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = (
+        "import sys; sys.modules['homeassistant'] = None\n"
+        "import custom_components.mynas.engine.__main__, custom_components.mynas.engine.node\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}::"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def test_translation_references_resolve() -> None:
+    flat = _flatten(EN)
+    for key, text in flat.items():
+        for reference in re.findall(r"\[%key:component::mynas::([^%]+)%\]", text):
+            assert reference in flat, f"{key} refers to missing {reference}"
+
+
+def test_entity_translation_keys_and_icons() -> None:
+    for platform in PLATFORMS:
+        used = _keyword_literals(_tree(f"{platform}.py"), "translation_key")
+        assert used, platform
+        assert used <= set(EN["entity"][platform]), (platform, used - set(EN["entity"][platform]))
+        assert used <= set(ICONS["entity"][platform]), platform
+
+
+def test_enum_sensor_states_are_translated() -> None:
+    from custom_components.mynas.models import SyncState  # noqa: PLC0415
+
+    states = EN["entity"]["sensor"]["sync_state"]["state"]
+    assert set(states) == {state.value for state in SyncState}
+
+
+def test_config_flow_strings() -> None:
+    flow = _tree("config_flow.py")
+    errors = _assigned_errors(flow) | {
+        problem.value
+        for problem in (
+            RootProblem.NOT_ABSOLUTE,
+            RootProblem.NOT_FOUND,
+            RootProblem.NOT_A_DIRECTORY,
+            RootProblem.NOT_WRITABLE,
+            RootProblem.SAME_DISK,
+        )
+    }
+    assert errors - {"bad_address", "too_many_addresses"} <= set(EN["config"]["error"])
+    assert {"bad_address", "too_many_addresses"} <= set(EN["options"]["error"])
+    assert {"user", "reconfigure"} <= set(EN["config"]["step"])
+    assert {"init", "invite", "settings"} <= set(EN["options"]["step"])
+
+
+@pytest.mark.parametrize(
+    ("module", "subentry"), [("peer_flow.py", "peer"), ("folder_flow.py", "folder")]
+)
+def test_subentry_flow_strings(module: str, subentry: str) -> None:
+    tree = _tree(module)
+    texts = EN["config_subentries"][subentry]
+    errors = _assigned_errors(tree)
+    if subentry == "folder":
+        errors |= _returned_literals(tree, "check_local_folder") - {None}  # type: ignore[operator]
+    assert errors <= set(texts["error"]), errors - set(texts["error"])
+    aborts = _keyword_literals(tree, "reason") | {"already_configured", "reconfigure_successful"}
+    assert aborts <= set(texts["abort"]), aborts - set(texts["abort"])
+    steps = {
+        node.name.removeprefix("async_step_")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AsyncFunctionDef) and node.name.startswith("async_step_")
+    }
+    assert steps <= set(texts["step"]), steps - set(texts["step"])
+
+
+def test_exception_strings() -> None:
+    used: set[str] = set()
+    for name in ("hass_entry.py", "coordinator.py", "services.py"):
+        used |= _keyword_literals(_tree(name), "translation_key")
+    used |= _call_literals(_tree("services.py"), "_invalid", 0)
+    used |= {problem.value for problem in RootProblem}
+    used.discard("")
+    assert used <= set(EN["exceptions"]), used - set(EN["exceptions"])
+
+
+def test_issue_strings() -> None:
+    tree = _tree("issues.py")
+    used = _call_literals(tree, "_create", 2) | {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.startswith("storage_")
+        and node.value != "storage_"  # the f-string prefix of the issue id
+    }
+    assert used <= set(EN["issues"]), used - set(EN["issues"])
+    for key in ("key_changed", "orphaned_data"):
+        assert "fix_flow" in EN["issues"][key]
+
+
+def test_service_strings_and_icons() -> None:
+    services = yaml.safe_load((INTEGRATION / "services.yaml").read_text())
+    for service, spec in services.items():
+        text = EN["services"][service]
+        assert text["name"]
+        assert text["description"]
+        for field in spec.get("fields", {}):
+            assert text["fields"][field]["name"], (service, field)
+            assert text["fields"][field]["description"], (service, field)
+        assert service in ICONS["services"]
