@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+import shutil
+import stat
 
 from homeassistant.config_entries import SOURCE_USER
 from homeassistant.core import HomeAssistant
@@ -13,13 +15,18 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.mynas.const import (
     CONF_ALLOW_SAME_DISK,
+    CONF_KEY_FILE,
     CONF_NODE_ID,
     CONF_NODE_NAME,
+    CONF_NODE_PUBLIC_KEY,
     CONF_PORT,
+    CONF_RESTORE_KEY,
     CONF_STORAGE_ROOT,
     DOMAIN,
 )
-from custom_components.mynas.engine import storage_root
+from custom_components.mynas.engine import identity, storage_root
+
+from .flow_support import assert_translated
 
 
 def _form(name: str, root: Path | str, port: int = 8022, same_disk: bool = False) -> dict:
@@ -163,3 +170,156 @@ async def test_reconfigure_name_and_port(
     await hass.async_block_till_done()
     # The reload that follows writes the new name into the disk's marker.
     assert storage_root.read_marker(node_root).node_name == "Alice & Bob"
+
+
+# --- the node's name must fit in an invite code -------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["x" * 65, "Alice\x07", "Bob\u202e"])
+async def test_user_bad_name_recovers(hass: HomeAssistant, usb_disk: Path, name: str) -> None:
+    flow_id = await _start(hass)
+    result = await hass.config_entries.flow.async_configure(flow_id, _form(name, usb_disk))
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {CONF_NODE_NAME: "bad_name"}
+    assert_translated(result, "config")
+    assert storage_root.read_marker(usb_disk) is None
+    result = await hass.config_entries.flow.async_configure(flow_id, _form("x" * 64, usb_disk))
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+
+
+async def test_forms_are_translated(
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path
+) -> None:
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    assert_translated(result, "config")
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], _form("", tmp_path / "missing")
+    )
+    assert result["errors"] == {CONF_NODE_NAME: "name_required"}
+    assert_translated(result, "config")
+    result = await node_entry.start_reconfigure_flow(hass)
+    assert_translated(result, "config")
+
+
+# --- restoring a lost node's key -----------------------------------------------------------
+
+
+@pytest.fixture
+def old_key(tmp_path: Path) -> identity.Identity:
+    """The key of a node that was lost (saved by its household), at tmp_path/saved.key."""
+    key, _ = identity.load_or_create(tmp_path / "saved" / "saved.key")
+    return key
+
+
+def _with_key(form: dict, key_path: Path | str) -> dict:
+    return {**form, CONF_RESTORE_KEY: f"  {key_path} "}
+
+
+async def test_restore_key_reuses_old_key(
+    hass: HomeAssistant, usb_disk: Path, tmp_path: Path, old_key: identity.Identity
+) -> None:
+    flow_id = await _start(hass)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, _with_key(_form("Alice", usb_disk), tmp_path / "saved" / "saved.key")
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    data = result["data"]
+    assert data[CONF_NODE_PUBLIC_KEY] == old_key.public_line
+    key_file = Path(data[CONF_KEY_FILE])
+    assert key_file == Path(hass.config.path(DOMAIN, f"{data[CONF_NODE_ID]}.key"))
+    assert identity.load(key_file) == old_key
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+async def test_restore_key_same_as_existing_key(
+    hass: HomeAssistant, usb_disk: Path, tmp_path: Path, old_key: identity.Identity
+) -> None:
+    """A reinstall that still has the key in place, restoring that same key: accepted."""
+    marker = storage_root.claim_root(usb_disk, "Alice")
+    key_file = Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tmp_path / "saved" / "saved.key", key_file)
+    flow_id = await _start(hass)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, _with_key(_form("Alice", usb_disk), tmp_path / "saved" / "saved.key")
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_NODE_PUBLIC_KEY] == old_key.public_line
+
+
+@pytest.mark.parametrize(
+    "make_key",
+    [
+        lambda tmp: tmp / "nothing-here.key",
+        lambda tmp: _file(tmp / "garbage.key"),
+        lambda tmp: tmp,  # a folder
+    ],
+)
+async def test_restore_bad_key_recovers(
+    hass: HomeAssistant, usb_disk: Path, tmp_path: Path, old_key: identity.Identity, make_key
+) -> None:
+    flow_id = await _start(hass)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, _with_key(_form("Alice", usb_disk), make_key(tmp_path))
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {CONF_RESTORE_KEY: "bad_key"}
+    assert_translated(result, "config")
+    # Nothing was written to the disk yet, and what was typed is kept.
+    assert storage_root.read_marker(usb_disk) is None
+    assert result["data_schema"]({})[CONF_STORAGE_ROOT] == str(usb_disk)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, _with_key(_form("Alice", usb_disk), tmp_path / "saved" / "saved.key")
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_NODE_PUBLIC_KEY] == old_key.public_line
+
+
+async def test_restore_key_differing_from_existing_key(
+    hass: HomeAssistant, usb_disk: Path, tmp_path: Path, old_key: identity.Identity
+) -> None:
+    """The node's key is still in place: another key is not written over it."""
+    marker = storage_root.claim_root(usb_disk, "Alice")
+    key_file = Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+    current, _ = identity.load_or_create(key_file)
+    flow_id = await _start(hass)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, _with_key(_form("Alice", usb_disk), tmp_path / "saved" / "saved.key")
+    )
+    assert result["errors"] == {CONF_RESTORE_KEY: "bad_key"}
+    assert identity.load(key_file) == current
+    # Leaving the box empty keeps the node's own key.
+    result = await hass.config_entries.flow.async_configure(flow_id, _form("Alice", usb_disk))
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_NODE_PUBLIC_KEY] == current.public_line
+
+
+async def test_damaged_node_key_is_reported(
+    hass: HomeAssistant, usb_disk: Path, tmp_path: Path, old_key: identity.Identity
+) -> None:
+    marker = storage_root.claim_root(usb_disk, "Alice")
+    key_file = Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text("damaged")
+    flow_id = await _start(hass)
+    result = await hass.config_entries.flow.async_configure(flow_id, _form("Alice", usb_disk))
+    assert result["errors"] == {"base": "node_key_unreadable"}
+    assert_translated(result, "config")
+    assert key_file.read_text() == "damaged"  # nothing is overwritten silently
+    # Moving the damaged file away gives the node a new key.
+    key_file.unlink()
+    result = await hass.config_entries.flow.async_configure(flow_id, _form("Alice", usb_disk))
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_NODE_PUBLIC_KEY] == identity.load(key_file).public_line
+
+
+async def test_reconfigure_bad_name(hass: HomeAssistant, node_entry: MockConfigEntry) -> None:
+    result = await node_entry.start_reconfigure_flow(hass)
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_NODE_NAME: "y" * 65, CONF_PORT: 9000}
+    )
+    assert result["errors"] == {CONF_NODE_NAME: "bad_name"}
+    assert_translated(result, "config")
+    # The form shows what was typed.
+    assert result["data_schema"]({})[CONF_PORT] == 9000
+    assert node_entry.data[CONF_NODE_NAME] == "Alice"

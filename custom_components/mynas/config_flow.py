@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-import shutil
 from typing import Any
 
 from homeassistant.config_entries import (
@@ -42,7 +42,7 @@ from .const import (
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
-from .engine import identity, storage_root
+from .engine import identity, invite, storage_root
 from .engine.errors import KeyFileError
 from .folder_flow import FolderSubentryFlow
 from .peer_flow import PeerSubentryFlow
@@ -89,6 +89,16 @@ def _validate_root(root: str, config_dir: str, allow_same_disk: bool) -> tuple[s
     return str(path), storage_root.filesystem_identity(path)
 
 
+def _check_name(name: str) -> dict[str, str]:
+    """Errors for a node name: it is needed, and must fit in an invite code."""
+    errors: dict[str, str] = {}
+    if not name:
+        errors[CONF_NODE_NAME] = "name_required"
+    elif len(name) > invite.MAX_NAME_LENGTH or not name.isprintable():
+        errors[CONF_NODE_NAME] = "bad_name"
+    return errors
+
+
 def _install_key(key_file: Path, restore_from: str | None) -> str:
     """Create the node's key, or copy a previous node's key into place (blocking).
 
@@ -99,10 +109,15 @@ def _install_key(key_file: Path, restore_from: str | None) -> str:
         old = identity.load(restore_from)
         if key_file.exists() and identity.load(key_file).public_line != old.public_line:
             raise KeyFileError(f"{key_file} already holds another key; not replacing it")
-        key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not key_file.exists():
-            shutil.copyfile(restore_from, key_file)
-            key_file.chmod(0o600)
+            key_file.parent.mkdir(mode=identity.KEY_DIR_MODE, parents=True, exist_ok=True)
+            # Created 0600 from the start: the private key is never readable by others.
+            data = Path(restore_from).read_bytes()
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, identity.KEY_FILE_MODE)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
     node, _ = identity.load_or_create(key_file)
     return node.public_line
 
@@ -133,9 +148,14 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
         if user_input is not None:
             name = user_input[CONF_NODE_NAME].strip()
             restore_key = (user_input.get(CONF_RESTORE_KEY) or "").strip() or None
-            if not name:
-                errors[CONF_NODE_NAME] = "name_required"
-            else:
+            errors.update(_check_name(name))
+            if restore_key:
+                try:
+                    # Read the old key before anything is written to the disk.
+                    await self.hass.async_add_executor_job(identity.load, restore_key)
+                except KeyFileError:
+                    errors[CONF_RESTORE_KEY] = "bad_key"
+            if not errors:
                 try:
                     path, unique_id = await self.hass.async_add_executor_job(
                         _validate_root,
@@ -157,7 +177,10 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
                             _install_key, key_file, restore_key
                         )
                     except KeyFileError:
-                        errors[CONF_RESTORE_KEY] = "bad_key"
+                        if restore_key:  # differs from the key this node already has
+                            errors[CONF_RESTORE_KEY] = "bad_key"
+                        else:
+                            errors["base"] = "node_key_unreadable"
                     else:
                         return self.async_create_entry(
                             title=name,
@@ -184,9 +207,8 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
         errors: dict[str, str] = {}
         if user_input is not None:
             name = user_input[CONF_NODE_NAME].strip()
-            if not name:
-                errors[CONF_NODE_NAME] = "name_required"
-            else:
+            errors.update(_check_name(name))
+            if not errors:
                 return self.async_update_reload_and_abort(
                     entry,
                     title=name,
@@ -231,14 +253,14 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
         entry = self.config_entry
         errors: dict[str, str] = {}
         if user_input is not None:
-            port = int(entry.data[CONF_PORT])
-            lines = [line for line in user_input.get(CONF_ADDRESSES, "").split() if line]
             try:
-                addresses = [our_invite.with_port(line, port) for line in lines]
+                addresses = our_invite.canonical_addresses(
+                    user_input.get(CONF_ADDRESSES), int(entry.data[CONF_PORT])
+                )
             except ValueError:
                 errors[CONF_ADDRESSES] = "bad_address"
             else:
-                if len(addresses) > 8:
+                if len(addresses) > our_invite.MAX_ADDRESSES:
                     errors[CONF_ADDRESSES] = "too_many_addresses"
                 else:
                     return self.async_create_entry(
@@ -248,19 +270,20 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                             CONF_OVERDUE_HOURS: user_input[CONF_OVERDUE_HOURS],
                         }
                     )
-        current = entry.options
+        if user_input is None:
+            typed = "\n".join(entry.options.get(CONF_ADDRESSES, []))
+            hours = entry.options.get(CONF_OVERDUE_HOURS, DEFAULT_OVERDUE_HOURS)
+        else:  # show the answers again with the error: nothing typed is lost
+            typed = user_input.get(CONF_ADDRESSES) or ""
+            hours = user_input[CONF_OVERDUE_HOURS]
         return self.async_show_form(
             step_id="settings",
             data_schema=vol.Schema(
                 {
                     vol.Optional(
-                        CONF_ADDRESSES,
-                        description={"suggested_value": "\n".join(current.get(CONF_ADDRESSES, []))},
+                        CONF_ADDRESSES, description={"suggested_value": typed}
                     ): TextSelector(TextSelectorConfig(multiline=True)),
-                    vol.Required(
-                        CONF_OVERDUE_HOURS,
-                        default=current.get(CONF_OVERDUE_HOURS, DEFAULT_OVERDUE_HOURS),
-                    ): vol.All(
+                    vol.Required(CONF_OVERDUE_HOURS, default=hours): vol.All(
                         NumberSelector(
                             NumberSelectorConfig(
                                 min=1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlparse
 
@@ -10,6 +11,8 @@ from homeassistant.helpers.network import NoURLAvailableError, get_url
 
 from .const import CONF_ADDRESSES, CONF_NODE_NAME, CONF_NODE_PUBLIC_KEY, CONF_PORT
 from .engine import invite
+
+MAX_ADDRESSES = invite.MAX_ADDRESSES
 
 
 def default_address(hass: HomeAssistant, port: int) -> str:
@@ -24,8 +27,10 @@ def default_address(hass: HomeAssistant, port: int) -> str:
 def addresses(hass: HomeAssistant, data: dict[str, Any], options: dict[str, Any]) -> list[str]:
     """The addresses in our invite code: the configured ones (port added), else the LAN one."""
     port = int(data[CONF_PORT])
-    configured = options.get(CONF_ADDRESSES) or []
-    return [with_port(text, port) for text in configured] or [default_address(hass, port)]
+    configured = list(
+        dict.fromkeys(with_port(text, port) for text in options.get(CONF_ADDRESSES) or [])
+    )
+    return configured[:MAX_ADDRESSES] or [default_address(hass, port)]
 
 
 def with_port(text: str, port: int) -> str:
@@ -36,6 +41,19 @@ def with_port(text: str, port: int) -> str:
     except ValueError:
         host, parsed = invite.parse_address(invite.format_address(text.strip("[]"), port))
     return invite.format_address(host, parsed)
+
+
+def split_addresses(text: str | None) -> list[str]:
+    """The addresses typed in a text box: one per line (commas and spaces also separate)."""
+    return [part for part in re.split(r"[\s,;]+", text or "") if part]
+
+
+def canonical_addresses(text: str | None, port: int) -> list[str]:
+    """Typed addresses as ``host:port`` (``port`` added where missing), without repeats.
+
+    Raises ValueError for the first one that is not an address.
+    """
+    return list(dict.fromkeys(with_port(part, port) for part in split_addresses(text)))
 
 
 def our_code(hass: HomeAssistant, data: dict[str, Any], options: dict[str, Any]) -> str:

@@ -1,0 +1,199 @@
+"""The node's options: our invite code, the addresses it carries, the overdue threshold."""
+
+from __future__ import annotations
+
+from homeassistant.config_entries import ConfigEntryState
+from homeassistant.core import HomeAssistant
+from homeassistant.core_config import async_process_ha_core_config
+from homeassistant.data_entry_flow import FlowResultType
+import pytest
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+
+from custom_components.mynas.config_flow import CONF_INVITE_CODE
+from custom_components.mynas.const import (
+    CONF_ADDRESSES,
+    CONF_NODE_PUBLIC_KEY,
+    CONF_OVERDUE_HOURS,
+    CONF_PORT,
+    DEFAULT_OVERDUE_HOURS,
+)
+from custom_components.mynas.engine import invite
+from custom_components.mynas.orphans import CONF_KEPT_DATA
+
+from .conftest import setup_entry
+from .flow_support import assert_translated
+
+
+async def _open(hass: HomeAssistant, entry: MockConfigEntry, step: str) -> dict:
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    assert result["type"] is FlowResultType.MENU
+    assert result["menu_options"] == ["invite", "settings"]
+    assert_translated(result, "options")
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], {"next_step_id": step}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == step
+    assert_translated(result, "options")
+    return result
+
+
+async def _submit(hass: HomeAssistant, flow_id: str, data: dict) -> dict:
+    """Submit a step; let the reload that saved options cause finish before going on."""
+    result = await hass.config_entries.options.async_configure(flow_id, data)
+    await hass.async_block_till_done()
+    return result
+
+
+def _settings(addresses: str, hours: int = DEFAULT_OVERDUE_HOURS) -> dict:
+    return {CONF_ADDRESSES: addresses, CONF_OVERDUE_HOURS: hours}
+
+
+async def test_invite_shows_our_code_with_the_local_address(
+    hass: HomeAssistant, node_entry: MockConfigEntry
+) -> None:
+    result = await _open(hass, node_entry, "invite")
+    code = result["description_placeholders"]["code"]
+    # The same code is in a read-only box to copy.
+    assert result["data_schema"]({})[CONF_INVITE_CODE] == code
+    read = invite.decode(code)
+    assert read.name == "Alice"
+    assert read.public_key == node_entry.data[CONF_NODE_PUBLIC_KEY]
+    # No URL configured for Home Assistant: the loopback address and the node's port.
+    assert read.addresses == (f"127.0.0.1:{node_entry.data[CONF_PORT]}",)
+    # Closing it changes nothing.
+    result = await _submit(hass, result["flow_id"], {})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert dict(node_entry.options) == {}
+
+
+async def test_invite_uses_home_assistants_lan_address(
+    hass: HomeAssistant, node_entry: MockConfigEntry
+) -> None:
+    await async_process_ha_core_config(hass, {"internal_url": "http://192.168.1.20:8123"})
+    result = await _open(hass, node_entry, "invite")
+    read = invite.decode(result["description_placeholders"]["code"])
+    assert read.addresses == (f"192.168.1.20:{node_entry.data[CONF_PORT]}",)
+
+
+async def test_invite_uses_configured_addresses(
+    hass: HomeAssistant, node_entry: MockConfigEntry
+) -> None:
+    port = node_entry.data[CONF_PORT]
+    hass.config_entries.async_update_entry(
+        node_entry,
+        # Saved by an older version: a bare host, and a repeat.
+        options={CONF_ADDRESSES: ["alice.duckdns.org", "203.0.113.7:9000", "203.0.113.7:9000"]},
+    )
+    result = await _open(hass, node_entry, "invite")
+    read = invite.decode(result["description_placeholders"]["code"])
+    assert read.addresses == (f"alice.duckdns.org:{port}", "203.0.113.7:9000")
+
+
+async def test_settings_saves_addresses_and_hours(
+    hass: HomeAssistant, node_entry: MockConfigEntry
+) -> None:
+    port = node_entry.data[CONF_PORT]
+    hass.config_entries.async_update_entry(node_entry, options={CONF_KEPT_DATA: ["old-peer"]})
+    result = await _open(hass, node_entry, "settings")
+    assert result["description_placeholders"] == {"default": f"127.0.0.1:{port}"}
+    assert result["data_schema"]({})[CONF_OVERDUE_HOURS] == DEFAULT_OVERDUE_HOURS
+    result = await _submit(
+        hass,
+        result["flow_id"],
+        _settings(
+            " Alice.DuckDNS.org\n203.0.113.7:9000, [2001:db8::1]\n\n2001:db8::2 alice.duckdns.org",
+            48,
+        ),
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert dict(node_entry.options) == {
+        CONF_ADDRESSES: [
+            f"alice.duckdns.org:{port}",
+            "203.0.113.7:9000",
+            f"[2001:db8::1]:{port}",
+            f"[2001:db8::2]:{port}",
+        ],
+        CONF_OVERDUE_HOURS: 48,
+        CONF_KEPT_DATA: ["old-peer"],  # other options are kept
+    }
+    # The invite code now carries them.
+    result = await _open(hass, node_entry, "invite")
+    read = invite.decode(result["description_placeholders"]["code"])
+    assert read.addresses == tuple(node_entry.options[CONF_ADDRESSES])
+    # The form shows the saved values next time.
+    result = await _open(hass, node_entry, "settings")
+    assert result["data_schema"]({})[CONF_OVERDUE_HOURS] == 48
+    suggested = next(
+        marker.description["suggested_value"]
+        for marker in result["data_schema"].schema
+        if marker == CONF_ADDRESSES
+    )
+    assert suggested.splitlines() == node_entry.options[CONF_ADDRESSES]
+
+
+async def test_settings_without_addresses_falls_back_to_local(
+    hass: HomeAssistant, node_entry: MockConfigEntry
+) -> None:
+    hass.config_entries.async_update_entry(node_entry, options={CONF_ADDRESSES: ["a.example"]})
+    result = await _open(hass, node_entry, "settings")
+    result = await _submit(hass, result["flow_id"], {CONF_OVERDUE_HOURS: 12})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert node_entry.options[CONF_ADDRESSES] == []
+    result = await _open(hass, node_entry, "invite")
+    read = invite.decode(result["description_placeholders"]["code"])
+    assert read.addresses == (f"127.0.0.1:{node_entry.data[CONF_PORT]}",)
+
+
+@pytest.mark.parametrize(
+    ("typed", "error"),
+    [
+        ("alice.duckdns.org\nbad host!", "bad_address"),
+        ("alice.duckdns.org:99999", "bad_address"),
+        ("[fe80::1%eth0]", "bad_address"),
+        ("\n".join(f"10.0.0.{n}" for n in range(1, 10)), "too_many_addresses"),
+    ],
+)
+async def test_settings_errors_recover(
+    hass: HomeAssistant, node_entry: MockConfigEntry, typed: str, error: str
+) -> None:
+    result = await _open(hass, node_entry, "settings")
+    result = await _submit(hass, result["flow_id"], _settings(typed, 24))
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {CONF_ADDRESSES: error}
+    assert_translated(result, "options")
+    # What was typed is shown again, to correct it.
+    assert result["data_schema"]({})[CONF_OVERDUE_HOURS] == 24
+    suggested = next(
+        marker.description["suggested_value"]
+        for marker in result["data_schema"].schema
+        if marker == CONF_ADDRESSES
+    )
+    assert suggested == typed
+    assert dict(node_entry.options) == {}
+    # Eight addresses are fine.
+    eight = "\n".join(f"10.0.0.{n}" for n in range(1, 9))
+    result = await _submit(hass, result["flow_id"], _settings(eight, 24))
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert len(node_entry.options[CONF_ADDRESSES]) == 8
+
+
+async def test_changed_options_reload_the_node(
+    hass: HomeAssistant, node_entry: MockConfigEntry
+) -> None:
+    await setup_entry(hass, node_entry)
+    before = node_entry.runtime_data
+    # Showing the invite code changes nothing: no reload.
+    result = await _open(hass, node_entry, "invite")
+    result = await _submit(hass, result["flow_id"], {})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    await hass.async_block_till_done()
+    assert node_entry.runtime_data is before
+    # New settings restart the node with them.
+    result = await _open(hass, node_entry, "settings")
+    result = await _submit(hass, result["flow_id"], _settings("alice.duckdns.org", 6))
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    await hass.async_block_till_done()
+    assert node_entry.state is ConfigEntryState.LOADED
+    assert node_entry.runtime_data is not before
+    assert node_entry.runtime_data.manager is not before.manager
