@@ -6,10 +6,17 @@ and they pin ours from the code this flow shows to send back.
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from homeassistant.config_entries import ConfigSubentryFlow, SubentryFlowResult
+from homeassistant.config_entries import (
+    ConfigEntryState,
+    ConfigSubentry,
+    ConfigSubentryFlow,
+    SubentryFlowResult,
+)
 from homeassistant.helpers.selector import (
     NumberSelector,
     NumberSelectorConfig,
@@ -26,19 +33,24 @@ from .const import (
     CONF_JAIL,
     CONF_NAME,
     CONF_NODE_PUBLIC_KEY,
-    CONF_PORT,
     CONF_PUBLIC_KEY,
     CONF_QUOTA,
     CONF_QUOTA_GB,
+    CONF_STORAGE_ROOT,
+    DEFAULT_PORT,
     GB,
     SUBENTRY_PEER,
 )
 from .engine import invite, node as engine_node
 from .engine.errors import InvalidInvite
 from .engine.identity import fingerprint
-from .engine.node import Reachability
+from .engine.node import ProbeResult, Reachability
 from .engine.replicator import PeerTarget
 from .engine.storage import validate_peer_name
+from .engine.storage_root import INTERNAL_DIR
+
+if TYPE_CHECKING:
+    from .coordinator import MyNasRuntimeData
 
 DEFAULT_QUOTA_GB = 100
 
@@ -55,11 +67,32 @@ QUOTA_SELECTOR = vol.All(
 def jail_name(name: str, taken: set[str]) -> str:
     """A folder name on our disk for a new peer's data: its name, made safe and unique."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-_")[:48] or "peer"
+    folded = {t.casefold() for t in taken}
     candidate, number = base, 2
-    while candidate.casefold() in {t.casefold() for t in taken} or candidate == "":
+    while candidate.casefold() in folded:
         candidate = f"{base}-{number}"
         number += 1
     return validate_peer_name(candidate)
+
+
+def names_on_disk(root: str) -> set[str]:
+    """Names already used in the storage root or its per-peer state (blocking).
+
+    A new peer never gets the folder of a removed one (kept or not yet settled): another
+    person must not read what the previous peer stored.
+    """
+    names: set[str] = set()
+    for folder in (Path(root), Path(root, INTERNAL_DIR, "peers")):
+        try:
+            names.update(child.name for child in folder.iterdir())
+        except OSError:
+            continue
+    return names
+
+
+def peer_port(addresses: list[str]) -> int:
+    """The port of a peer's first address (what a bare host typed for it gets)."""
+    return invite.parse_address(addresses[0])[1] if addresses else DEFAULT_PORT
 
 
 class PeerSubentryFlow(ConfigSubentryFlow):
@@ -69,8 +102,11 @@ class PeerSubentryFlow(ConfigSubentryFlow):
         """Start with no invite read."""
         self._invite: invite.Invite | None = None
         self._quota_gb = DEFAULT_QUOTA_GB
+        self._test: asyncio.Task[ProbeResult] | None = None
+        self._test_error = ""
+        self._online = False
 
-    def _peer_subentries(self) -> list[Any]:
+    def _peer_subentries(self) -> list[ConfigSubentry]:
         return [
             sub
             for sub in self._get_entry().subentries.values()
@@ -91,7 +127,11 @@ class PeerSubentryFlow(ConfigSubentryFlow):
             else:
                 if parsed.public_key.split()[:2] == entry.data[CONF_NODE_PUBLIC_KEY].split()[:2]:
                     errors[CONF_INVITE] = "own_invite"
-                elif any(sub.unique_id == parsed.fingerprint for sub in self._peer_subentries()):
+                elif any(
+                    sub.unique_id == parsed.fingerprint
+                    or sub.data[CONF_PUBLIC_KEY] == parsed.public_key
+                    for sub in self._peer_subentries()
+                ):
                     return self.async_abort(reason="already_configured")
                 else:
                     self._invite = parsed
@@ -114,9 +154,9 @@ class PeerSubentryFlow(ConfigSubentryFlow):
     ) -> SubentryFlowResult:
         """Show who the code names, ask for the quota we grant, then test the connection."""
         assert self._invite is not None
-        if user_input is not None and CONF_QUOTA_GB in user_input:
+        if user_input is not None:
             self._quota_gb = int(user_input[CONF_QUOTA_GB])
-            return await self._async_test()
+            return await self.async_step_test()
         return self.async_show_form(
             step_id="confirm",
             data_schema=vol.Schema(
@@ -134,46 +174,81 @@ class PeerSubentryFlow(ConfigSubentryFlow):
             "our_code": self._our_code(),
         }
 
-    async def _async_test(self) -> SubentryFlowResult:
-        """Try the connection; show the outcome in its own words (creating is still allowed)."""
+    async def async_step_test(self, user_input: dict[str, Any] | None = None) -> SubentryFlowResult:
+        """Try the connection (a spinner shows meanwhile); then say how it went."""
         assert self._invite is not None
         entry = self._get_entry()
-        runtime = getattr(entry, "runtime_data", None)
-        if runtime is None:
-            return self._create()
-        target = PeerTarget("test", self._invite.addresses, self._invite.public_key)
-        result = await runtime.engine.run(engine_node.probe(runtime.node.identity, target))
+        if self._online or entry.state is not ConfigEntryState.LOADED:
+            # Online: the friend already added us. Not loaded: the node (its disk may be
+            # away) is not running to test from; pair now, the node tests once it runs.
+            return await self._async_create()
+        if self._test is None:
+            self._test = self.hass.async_create_task(
+                self._probe(entry.runtime_data), "mynas pairing test", eager_start=False
+            )
+        if not self._test.done():
+            return self.async_show_progress(
+                step_id="test",
+                progress_action="connection_test",
+                progress_task=self._test,
+                description_placeholders={
+                    "name": self._invite.name,
+                    "addresses": ", ".join(self._invite.addresses),
+                },
+            )
+        if self._test.cancelled():  # the node stopped under the test
+            result = ProbeResult(Reachability.UNREACHABLE, error="the test was interrupted")
+        else:
+            result = self._test.result()
+        self._test = None
+        self._test_error = result.error or ""
         if result.status is Reachability.ONLINE:
-            return self._create()
+            self._online = True
+            return self.async_show_progress_done(next_step_id="test")
+        return self.async_show_progress_done(next_step_id=f"tested_{result.status.value}")
+
+    async def _probe(self, runtime: MyNasRuntimeData) -> ProbeResult:
+        assert self._invite is not None
+        target = PeerTarget("test", self._invite.addresses, self._invite.public_key)
+        try:
+            return await runtime.engine.run(engine_node.probe(runtime.node.identity, target))
+        except Exception as err:  # an engine failure is a failed test, not a broken flow
+            return ProbeResult(Reachability.UNREACHABLE, error=str(err) or type(err).__name__)
+
+    async def _outcome(self, step_id: str, user_input: dict[str, Any] | None) -> SubentryFlowResult:
+        if user_input is not None:
+            return await self._async_create()
         placeholders = self._placeholders()
-        placeholders["error"] = result.error or ""
+        placeholders["error"] = self._test_error
         return self.async_show_form(
-            step_id=f"tested_{result.status.value}",
-            data_schema=vol.Schema({}),
-            description_placeholders=placeholders,
+            step_id=step_id, data_schema=vol.Schema({}), description_placeholders=placeholders
         )
 
     async def async_step_tested_waiting(
         self, user_input: dict[str, Any] | None = None
     ) -> SubentryFlowResult:
         """The friend has not added us yet: pair anyway; syncs start once they do."""
-        return self._create()
+        return await self._outcome("tested_waiting", user_input)
 
     async def async_step_tested_unreachable(
         self, user_input: dict[str, Any] | None = None
     ) -> SubentryFlowResult:
         """The friend's node did not answer: pair anyway; the connection is retried."""
-        return self._create()
+        return await self._outcome("tested_unreachable", user_input)
 
     async def async_step_tested_key_mismatch(
         self, user_input: dict[str, Any] | None = None
     ) -> SubentryFlowResult:
         """Another key answers there: pair the code's key (only it ever receives data)."""
-        return self._create()
+        return await self._outcome("tested_key_mismatch", user_input)
 
-    def _create(self) -> SubentryFlowResult:
+    async def _async_create(self) -> SubentryFlowResult:
+        """Create the peer."""
         assert self._invite is not None
-        taken = {sub.data[CONF_JAIL] for sub in self._peer_subentries()}
+        taken = await self.hass.async_add_executor_job(
+            names_on_disk, self._get_entry().data[CONF_STORAGE_ROOT]
+        )
+        taken |= {sub.data[CONF_JAIL] for sub in self._peer_subentries()}
         return self.async_create_entry(
             title=self._invite.name,
             data={
@@ -191,17 +266,19 @@ class PeerSubentryFlow(ConfigSubentryFlow):
     ) -> SubentryFlowResult:
         """Change a peer's addresses or the quota we grant it."""
         subentry = self._get_reconfigure_subentry()
-        port = int(self._get_entry().data[CONF_PORT])
+        # A bare host gets the peer's port (from its code), not ours.
+        port = peer_port(list(subentry.data[CONF_ADDRESSES]))
         errors: dict[str, str] = {}
         if user_input is not None:
-            lines = [line for line in user_input[CONF_ADDRESSES].split() if line]
             try:
-                addresses = [our_invite.with_port(line, port) for line in lines]
+                addresses = our_invite.canonical_addresses(user_input[CONF_ADDRESSES], port)
             except ValueError:
                 errors[CONF_ADDRESSES] = "bad_address"
             else:
                 if not addresses:
-                    errors[CONF_ADDRESSES] = "bad_address"
+                    errors[CONF_ADDRESSES] = "no_address"
+                elif len(addresses) > our_invite.MAX_ADDRESSES:
+                    errors[CONF_ADDRESSES] = "too_many_addresses"
                 else:
                     return self.async_update_and_abort(
                         self._get_entry(),
@@ -212,21 +289,25 @@ class PeerSubentryFlow(ConfigSubentryFlow):
                             CONF_QUOTA: int(user_input[CONF_QUOTA_GB]) * GB,
                         },
                     )
+        if user_input is None:
+            typed = "\n".join(subentry.data[CONF_ADDRESSES])
+            quota_gb = max(1, int(subentry.data[CONF_QUOTA]) // GB)
+        else:  # show the answers again with the error: nothing typed is lost
+            typed, quota_gb = user_input[CONF_ADDRESSES], user_input[CONF_QUOTA_GB]
         return self.async_show_form(
             step_id="reconfigure",
             data_schema=vol.Schema(
                 {
-                    vol.Required(
-                        CONF_ADDRESSES, default="\n".join(subentry.data[CONF_ADDRESSES])
-                    ): TextSelector(TextSelectorConfig(multiline=True)),
-                    vol.Required(
-                        CONF_QUOTA_GB, default=max(1, int(subentry.data[CONF_QUOTA]) // GB)
-                    ): QUOTA_SELECTOR,
+                    vol.Required(CONF_ADDRESSES, default=typed): TextSelector(
+                        TextSelectorConfig(multiline=True)
+                    ),
+                    vol.Required(CONF_QUOTA_GB, default=quota_gb): QUOTA_SELECTOR,
                 }
             ),
             errors=errors,
             description_placeholders={
                 "name": subentry.title,
                 "fingerprint": fingerprint(subentry.data[CONF_PUBLIC_KEY]),
+                "port": str(port),
             },
         )
