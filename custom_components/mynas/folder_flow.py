@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from homeassistant.config_entries import ConfigSubentryFlow, SubentryFlowResult
+from homeassistant.helpers import config_validation as cv
 from homeassistant.helpers.selector import (
     NumberSelector,
     NumberSelectorConfig,
@@ -40,7 +41,7 @@ from .const import (
     SUBENTRY_PEER,
 )
 from .engine.replicator import check_folder_name
-from .schedule import night_time, parse_time
+from .schedule import night_time
 
 
 def check_local_folder(path: str, storage_root: str) -> str | None:
@@ -93,15 +94,22 @@ class FolderSubentryFlow(ConfigSubentryFlow):
         ]
 
     def _schema(self, defaults: dict[str, Any], *, with_name: bool) -> vol.Schema:
+        peer_options = self._peer_options()
+        # A peer removed since the folder was set up is no longer offered (nor preselected).
+        known = {option["value"] for option in peer_options}
+        peers = [peer for peer in defaults.get(CONF_PEERS) or [] if peer in known]
+        exclude = defaults.get(CONF_EXCLUDE) or ""
+        if not isinstance(exclude, str):  # stored as a list, typed as lines
+            exclude = "\n".join(exclude)
         fields: dict[Any, Any] = {}
         if with_name:
             fields[vol.Required(CONF_NAME, default=defaults.get(CONF_NAME, ""))] = TextSelector()
         fields.update(
             {
                 vol.Required(CONF_PATH, default=defaults.get(CONF_PATH, "")): TextSelector(),
-                vol.Required(CONF_PEERS, default=defaults.get(CONF_PEERS, [])): SelectSelector(
+                vol.Required(CONF_PEERS, default=peers): SelectSelector(
                     SelectSelectorConfig(
-                        options=self._peer_options(),
+                        options=peer_options,
                         multiple=True,
                         mode=SelectSelectorMode.LIST,
                     )
@@ -127,10 +135,9 @@ class FolderSubentryFlow(ConfigSubentryFlow):
                 vol.Required(CONF_BWLIMIT, default=defaults.get(CONF_BWLIMIT, 0)): _number(
                     0, 10_000, "MB/s", step=0.1
                 ),
-                vol.Optional(
-                    CONF_EXCLUDE,
-                    description={"suggested_value": "\n".join(defaults.get(CONF_EXCLUDE, []))},
-                ): TextSelector(TextSelectorConfig(multiline=True)),
+                vol.Optional(CONF_EXCLUDE, description={"suggested_value": exclude}): (
+                    TextSelector(TextSelectorConfig(multiline=True))
+                ),
             }
         )
         return vol.Schema(fields)
@@ -145,16 +152,13 @@ class FolderSubentryFlow(ConfigSubentryFlow):
             errors[CONF_PATH] = problem
         if not user_input.get(CONF_PEERS):
             errors[CONF_PEERS] = "no_peer_selected"
-        try:
-            parse_time(user_input[CONF_TIME])
-        except ValueError:
-            errors[CONF_TIME] = "bad_time"
         exclude = [line.strip() for line in (user_input.get(CONF_EXCLUDE) or "").splitlines()]
         data = {
             CONF_PATH: _normalize(path) if not problem else path,
             CONF_PEERS: list(user_input.get(CONF_PEERS) or []),
             CONF_SCHEDULE: user_input[CONF_SCHEDULE],
-            CONF_TIME: user_input[CONF_TIME],
+            # The time selector accepted it already; store it in one spelling (03:15:00).
+            CONF_TIME: cv.time(user_input[CONF_TIME]).strftime("%H:%M:%S"),
             CONF_HOURS: int(user_input[CONF_HOURS]),
             CONF_RETENTION_DAYS: int(user_input[CONF_RETENTION_DAYS]),
             CONF_BWLIMIT: float(user_input[CONF_BWLIMIT]),
@@ -174,11 +178,14 @@ class FolderSubentryFlow(ConfigSubentryFlow):
                 check_folder_name(name)
             except ValueError:
                 errors[CONF_NAME] = "bad_folder_name"
-            if any(
-                sub.subentry_type == SUBENTRY_FOLDER and sub.unique_id == name
-                for sub in self._get_entry().subentries.values()
-            ):
-                return self.async_abort(reason="already_configured")
+            else:
+                # Names differing only in case would share a replica on many disks (exFAT).
+                if any(
+                    sub.subentry_type == SUBENTRY_FOLDER
+                    and str(sub.data[CONF_NAME]).casefold() == name.casefold()
+                    for sub in self._get_entry().subentries.values()
+                ):
+                    errors[CONF_NAME] = "name_taken"
             if not errors:
                 return self.async_create_entry(
                     title=name, data={CONF_NAME: name, **data}, unique_id=name

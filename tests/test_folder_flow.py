@@ -1,0 +1,418 @@
+"""Protecting a folder: validation of every answer, duplicates, reconfigure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from homeassistant.config_entries import ConfigSubentry
+from homeassistant.core import HomeAssistant
+from homeassistant.data_entry_flow import FlowResultType, InvalidData
+import pytest
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+
+from custom_components.mynas import folder_flow
+from custom_components.mynas.const import (
+    CONF_ADDRESSES,
+    CONF_BWLIMIT,
+    CONF_EXCLUDE,
+    CONF_HOURS,
+    CONF_JAIL,
+    CONF_NAME,
+    CONF_PATH,
+    CONF_PEERS,
+    CONF_PUBLIC_KEY,
+    CONF_QUOTA,
+    CONF_RETENTION_DAYS,
+    CONF_SCHEDULE,
+    CONF_TIME,
+    SUBENTRY_FOLDER,
+    SUBENTRY_PEER,
+)
+from custom_components.mynas.engine import identity
+
+from .flow_support import assert_translated
+
+FOLDER = ("config_subentries", "folder")
+
+
+def _peer(hass: HomeAssistant, entry: MockConfigEntry, name: str, key_dir: Path) -> str:
+    key, _ = identity.load_or_create(key_dir / f"{name}.key")
+    subentry = ConfigSubentry(
+        data=MappingProxyType(
+            {
+                CONF_NAME: name,
+                CONF_JAIL: name,
+                CONF_ADDRESSES: ["127.0.0.1:9"],
+                CONF_PUBLIC_KEY: key.public_line,
+                CONF_QUOTA: 10**9,
+            }
+        ),
+        subentry_type=SUBENTRY_PEER,
+        title=name,
+        unique_id=key.fingerprint,
+    )
+    hass.config_entries.async_add_subentry(entry, subentry)
+    return subentry.subentry_id
+
+
+@pytest.fixture
+def peers(hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path) -> dict[str, str]:
+    """Bob and Carol, paired (the node is not running: no syncs start)."""
+    return {name: _peer(hass, node_entry, name, tmp_path / "keys") for name in ("Bob", "Carol")}
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A household folder beside the storage root."""
+    path = tmp_path / "photos"
+    (path / "2024").mkdir(parents=True)
+    (path / "2024" / "beach.jpg").write_bytes(b"jpeg")
+    return path
+
+
+def _form(path: Path | str, peers: list[str], **changes: Any) -> dict[str, Any]:
+    form = {
+        CONF_NAME: "Photos",
+        CONF_PATH: str(path),
+        CONF_PEERS: peers,
+        CONF_SCHEDULE: "daily",
+        CONF_TIME: "03:15:00",
+        CONF_HOURS: 6,
+        CONF_RETENTION_DAYS: 30,
+        CONF_BWLIMIT: 0,
+        CONF_EXCLUDE: "",
+    }
+    form.update(changes)
+    return form
+
+
+async def _start(hass: HomeAssistant, entry: MockConfigEntry) -> dict[str, Any]:
+    return await hass.config_entries.subentries.async_init(
+        (entry.entry_id, SUBENTRY_FOLDER), context={"source": "user"}
+    )
+
+
+def _folders(entry: MockConfigEntry) -> list[ConfigSubentry]:
+    return [sub for sub in entry.subentries.values() if sub.subentry_type == SUBENTRY_FOLDER]
+
+
+async def test_no_peers_aborts(hass: HomeAssistant, node_entry: MockConfigEntry) -> None:
+    result = await _start(hass, node_entry)
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "no_peers"
+    assert_translated(result, *FOLDER)
+
+
+async def test_protect_a_folder(
+    hass: HomeAssistant, node_entry: MockConfigEntry, peers: dict[str, str], photos: Path
+) -> None:
+    result = await _start(hass, node_entry)
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "user"
+    assert_translated(result, *FOLDER)
+    defaults = result["data_schema"]({CONF_NAME: "x", CONF_PATH: "/x"})
+    # The default daily time is during the night, spread between nodes.
+    assert "02:00:00" <= defaults[CONF_TIME] <= "04:59:00"
+    assert defaults[CONF_PEERS] == []
+    # Both peers are offered.
+    selector = next(v for k, v in result["data_schema"].schema.items() if k == CONF_PEERS)
+    assert [option["label"] for option in selector.config["options"]] == ["Bob", "Carol"]
+
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"],
+        _form(
+            f" {photos}/./ ",
+            [peers["Bob"], peers["Carol"]],
+            **{
+                CONF_NAME: " Photos ",
+                CONF_SCHEDULE: "interval",
+                CONF_TIME: "3:05",
+                CONF_HOURS: 12,
+                CONF_RETENTION_DAYS: 90,
+                CONF_BWLIMIT: 2.5,
+                CONF_EXCLUDE: "*.tmp\n\n  .DS_Store \ncache/",
+            },
+        ),
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["title"] == "Photos"
+    assert result["unique_id"] == "Photos"
+    assert result["data"] == {
+        CONF_NAME: "Photos",
+        CONF_PATH: str(photos),
+        CONF_PEERS: [peers["Bob"], peers["Carol"]],
+        CONF_SCHEDULE: "interval",
+        CONF_TIME: "03:05:00",
+        CONF_HOURS: 12,
+        CONF_RETENTION_DAYS: 90,
+        CONF_BWLIMIT: 2.5,
+        CONF_EXCLUDE: ["*.tmp", ".DS_Store", "cache/"],
+    }
+    assert [sub.title for sub in _folders(node_entry)] == ["Photos"]
+
+
+def _link_to_root(tmp: Path, root: Path) -> Path:
+    (tmp / "link").symlink_to(root)
+    return tmp / "link"
+
+
+def _a_file(tmp: Path, _root: Path) -> Path:
+    (tmp / "a-file").write_text("not a folder")
+    return tmp / "a-file"
+
+
+def _inside(tmp: Path, root: Path) -> Path:
+    (root / "bob" / "Photos").mkdir(parents=True)
+    return root / "bob" / "Photos"
+
+
+@pytest.mark.parametrize(
+    ("make_path", "error"),
+    [
+        (lambda tmp, root: "photos", "not_absolute"),
+        (lambda tmp, root: tmp / "missing", "not_found"),
+        (_a_file, "not_a_directory"),
+        (lambda tmp, root: root, "inside_storage"),  # the storage root itself
+        (_inside, "inside_storage"),  # what a friend stores here
+        (lambda tmp, root: tmp, "inside_storage"),  # a parent of the storage root
+        (lambda tmp, root: Path("/"), "inside_storage"),
+        (_link_to_root, "inside_storage"),  # the storage root under another name
+    ],
+)
+async def test_path_errors_recover(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    node_root: Path,
+    tmp_path: Path,
+    peers: dict[str, str],
+    photos: Path,
+    make_path,
+    error: str,
+) -> None:
+    bad = make_path(tmp_path, node_root)
+    result = await _start(hass, node_entry)
+    form = _form(bad, [peers["Bob"]], **{CONF_EXCLUDE: "*.tmp\ncache/"})
+    result = await hass.config_entries.subentries.async_configure(result["flow_id"], form)
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {CONF_PATH: error}
+    assert_translated(result, *FOLDER)
+    # Everything typed is shown again, the exclude patterns line by line.
+    shown = result["data_schema"]({})
+    assert shown[CONF_PATH] == str(bad)
+    assert shown[CONF_PEERS] == [peers["Bob"]]
+    assert shown[CONF_NAME] == "Photos"
+    exclude = next(k for k in result["data_schema"].schema if k == CONF_EXCLUDE)
+    assert exclude.description["suggested_value"] == "*.tmp\ncache/"
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], {**form, CONF_PATH: str(photos)}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_EXCLUDE] == ["*.tmp", "cache/"]
+
+
+async def test_unreadable_folder(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    peers: dict[str, str],
+    photos: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A folder Home Assistant cannot read (root reads anything: the check is simulated)."""
+    monkeypatch.setattr(folder_flow.os, "access", lambda path, mode: Path(path) != photos)
+    result = await _start(hass, node_entry)
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], _form(photos, [peers["Bob"]])
+    )
+    assert result["errors"] == {CONF_PATH: "not_readable"}
+    assert_translated(result, *FOLDER)
+    monkeypatch.undo()
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], _form(photos, [peers["Bob"]])
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        ("Photos/2024", "bad_folder_name"),
+        (".mynas-trash", "bad_folder_name"),
+        ("..", "bad_folder_name"),
+        ("   ", "bad_folder_name"),
+        ("x" * 256, "bad_folder_name"),
+    ],
+)
+async def test_name_errors_recover(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    peers: dict[str, str],
+    photos: Path,
+    name: str,
+    error: str,
+) -> None:
+    result = await _start(hass, node_entry)
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], _form(photos, [peers["Bob"]], **{CONF_NAME: name})
+    )
+    assert result["errors"] == {CONF_NAME: error}
+    assert_translated(result, *FOLDER)
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], _form(photos, [peers["Bob"]], **{CONF_NAME: "Photos 2024"})
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["unique_id"] == "Photos 2024"
+
+
+async def test_no_peer_selected(
+    hass: HomeAssistant, node_entry: MockConfigEntry, peers: dict[str, str], photos: Path
+) -> None:
+    result = await _start(hass, node_entry)
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], _form(photos, [])
+    )
+    assert result["errors"] == {CONF_PEERS: "no_peer_selected"}
+    assert_translated(result, *FOLDER)
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], _form(photos, [peers["Carol"]])
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_PEERS] == [peers["Carol"]]
+
+
+async def test_several_errors_at_once(
+    hass: HomeAssistant, node_entry: MockConfigEntry, peers: dict[str, str], tmp_path: Path
+) -> None:
+    result = await _start(hass, node_entry)
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], _form(tmp_path / "missing", [], **{CONF_NAME: "a/b"})
+    )
+    assert result["errors"] == {
+        CONF_PATH: "not_found",
+        CONF_PEERS: "no_peer_selected",
+        CONF_NAME: "bad_folder_name",
+    }
+
+
+@pytest.mark.parametrize("bad_time", ["25:00", "03:15:99", "soon"])
+async def test_bad_time_is_refused(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    peers: dict[str, str],
+    photos: Path,
+    bad_time: str,
+) -> None:
+    """The time selector refuses what is not a time; the form stays open."""
+    result = await _start(hass, node_entry)
+    with pytest.raises(InvalidData) as err:
+        await hass.config_entries.subentries.async_configure(
+            result["flow_id"], _form(photos, [peers["Bob"]], **{CONF_TIME: bad_time})
+        )
+    assert CONF_TIME in err.value.schema_errors
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], _form(photos, [peers["Bob"]], **{CONF_TIME: "23:45:00"})
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_TIME] == "23:45:00"
+
+
+async def test_duplicate_name_is_refused(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    peers: dict[str, str],
+    photos: Path,
+    tmp_path: Path,
+) -> None:
+    """The name is where the replica lives on the hosts: one folder per name.
+
+    The form stays open with the error on the name, so nothing typed is lost.
+    """
+    result = await _start(hass, node_entry)
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], _form(photos, [peers["Bob"]])
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("Photos", "PHOTOS", " photos "):
+        result = await _start(hass, node_entry)
+        result = await hass.config_entries.subentries.async_configure(
+            result["flow_id"], _form(other, [peers["Carol"]], **{CONF_NAME: name})
+        )
+        assert result["type"] is FlowResultType.FORM
+        assert result["errors"] == {CONF_NAME: "name_taken"}
+        assert_translated(result, *FOLDER)
+        assert result["data_schema"]({})[CONF_PATH] == str(other)
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], _form(other, [peers["Carol"]], **{CONF_NAME: "Other"})
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert sorted(sub.title for sub in _folders(node_entry)) == ["Other", "Photos"]
+
+
+async def test_reconfigure_all_but_the_name(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    peers: dict[str, str],
+    photos: Path,
+    tmp_path: Path,
+) -> None:
+    result = await _start(hass, node_entry)
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"],
+        _form(photos, [peers["Bob"], peers["Carol"]], **{CONF_EXCLUDE: "*.tmp\ncache/"}),
+    )
+    (folder,) = _folders(node_entry)
+    # Carol is removed since: she is no longer offered nor preselected.
+    hass.config_entries.async_remove_subentry(node_entry, peers["Carol"])
+    result = await node_entry.start_subentry_reconfigure_flow(hass, folder.subentry_id)
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "reconfigure"
+    assert result["description_placeholders"] == {"name": "Photos"}
+    assert_translated(result, *FOLDER)
+    assert CONF_NAME not in result["data_schema"].schema
+    shown = result["data_schema"]({})
+    assert shown[CONF_PATH] == str(photos)
+    assert shown[CONF_PEERS] == [peers["Bob"]]
+    assert shown[CONF_TIME] == "03:15:00"
+    exclude = next(k for k in result["data_schema"].schema if k == CONF_EXCLUDE)
+    assert exclude.description["suggested_value"] == "*.tmp\ncache/"
+
+    moved = tmp_path / "pictures"
+    answers = {
+        CONF_PATH: str(tmp_path / "nowhere"),
+        CONF_PEERS: [peers["Bob"]],
+        CONF_SCHEDULE: "interval",
+        CONF_TIME: "01:00:00",
+        CONF_HOURS: 4,
+        CONF_RETENTION_DAYS: 7,
+        CONF_BWLIMIT: 1.5,
+        CONF_EXCLUDE: "*.bak",
+    }
+    result = await hass.config_entries.subentries.async_configure(result["flow_id"], answers)
+    assert result["errors"] == {CONF_PATH: "not_found"}
+    assert_translated(result, *FOLDER)
+    exclude = next(k for k in result["data_schema"].schema if k == CONF_EXCLUDE)
+    assert exclude.description["suggested_value"] == "*.bak"
+    moved.mkdir()
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], {**answers, CONF_PATH: str(moved)}
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "reconfigure_successful"
+    assert_translated(result, *FOLDER)
+    updated = node_entry.subentries[folder.subentry_id]
+    assert updated.title == "Photos"
+    assert updated.unique_id == "Photos"
+    assert dict(updated.data) == {
+        CONF_NAME: "Photos",
+        CONF_PATH: str(moved),
+        CONF_PEERS: [peers["Bob"]],
+        CONF_SCHEDULE: "interval",
+        CONF_TIME: "01:00:00",
+        CONF_HOURS: 4,
+        CONF_RETENTION_DAYS: 7,
+        CONF_BWLIMIT: 1.5,
+        CONF_EXCLUDE: ["*.bak"],
+    }
