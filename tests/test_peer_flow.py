@@ -30,9 +30,10 @@ from custom_components.mynas.const import (
 from custom_components.mynas.engine import identity, invite
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.replicator import PeerTarget
+from custom_components.mynas.engine.server import PeerGrant
 from custom_components.mynas.engine.storage_root import INTERNAL_DIR
 
-from .conftest import Bob, setup_entry
+from .conftest import setup_entry
 from .flow_support import assert_translated, invite_code, node_server
 
 PEER = ("config_subentries", "peer")
@@ -244,16 +245,21 @@ def test_jail_names_when_nothing_is_on_disk(tmp_path: Path) -> None:
 
 
 async def test_online_peer_is_created_at_once(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path
 ) -> None:
     """Bob already added us: the test passes and the peer is created without a question."""
     await setup_entry(hass, node_entry)
-    result = await _paste(hass, node_entry, bob.code)
-    result = await _grant(hass, result["flow_id"], 2)
-    assert result["type"] is FlowResultType.CREATE_ENTRY
-    assert result["data"][CONF_ADDRESSES] == [bob.address]
-    assert result["data"][CONF_QUOTA] == 2 * GB
-    await hass.async_block_till_done(wait_background_tasks=True)
+    alice = PeerGrant("alice", node_entry.data[CONF_NODE_PUBLIC_KEY], GB)
+    async with node_server(tmp_path / "bob.key", tmp_path / "bob", [alice]) as bob:
+        address = f"127.0.0.1:{bob.port}"
+        result = await _paste(
+            hass, node_entry, invite_code("Bob", [address], bob.identity.public_line)
+        )
+        result = await _grant(hass, result["flow_id"], 2)
+        assert result["type"] is FlowResultType.CREATE_ENTRY
+        assert result["data"][CONF_ADDRESSES] == [address]
+        assert result["data"][CONF_QUOTA] == 2 * GB
+        await hass.async_block_till_done(wait_background_tasks=True)
     # The node restarted with its new peer.
     assert node_entry.state is ConfigEntryState.LOADED
     assert [peer.name for peer in node_entry.runtime_data.node.peers.values()] == ["Bob"]
