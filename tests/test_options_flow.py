@@ -67,13 +67,23 @@ async def test_invite_shows_our_code_with_the_local_address(
     assert dict(node_entry.options) == {}
 
 
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("http://192.168.1.20:8123", "192.168.1.20"),
+        ("http://HomeAssistant.local:8123", "homeassistant.local"),
+        ("http://[fd00::5]:8123", "[fd00::5]"),
+        # A name an invite code cannot carry: the loopback address, until one is set.
+        ("http://my_ha.local:8123", "127.0.0.1"),
+    ],
+)
 async def test_invite_uses_home_assistants_lan_address(
-    hass: HomeAssistant, node_entry: MockConfigEntry
+    hass: HomeAssistant, node_entry: MockConfigEntry, url: str, host: str
 ) -> None:
-    await async_process_ha_core_config(hass, {"internal_url": "http://192.168.1.20:8123"})
+    await async_process_ha_core_config(hass, {"internal_url": url})
     result = await _open(hass, node_entry, "invite")
     read = invite.decode(result["description_placeholders"]["code"])
-    assert read.addresses == (f"192.168.1.20:{node_entry.data[CONF_PORT]}",)
+    assert read.addresses == (f"{host}:{node_entry.data[CONF_PORT]}",)
 
 
 async def test_invite_uses_configured_addresses(

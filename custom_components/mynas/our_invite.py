@@ -21,7 +21,11 @@ def default_address(hass: HomeAssistant, port: int) -> str:
         host = urlparse(get_url(hass, allow_external=False, allow_cloud=False)).hostname
     except NoURLAvailableError:
         host = None
-    return invite.format_address(host or "127.0.0.1", port)
+    try:
+        # A URL may name a host an invite code cannot carry (my_ha.local): not an address.
+        return invite.format_address(*invite.parse_address(invite.format_address(host or "", port)))
+    except ValueError:
+        return invite.format_address("127.0.0.1", port)
 
 
 def addresses(hass: HomeAssistant, data: dict[str, Any], options: dict[str, Any]) -> list[str]:
