@@ -225,15 +225,17 @@ async def test_peers_with_one_name_get_distinct_jails(
     # a new peer called Dave must not get that folder.
     (node_root / "Dave").mkdir()
     (node_root / INTERNAL_DIR / "peers" / "Dave").mkdir(parents=True)
+    # Only Erin's trash is left: a new Erin must not inherit it either.
+    (node_root / INTERNAL_DIR / "trash" / "Erin").mkdir(parents=True)
     jails = []
-    for number, name in enumerate(["Bob", "Bob", "bob", "Dave", "Ünïcode & Co!", "..."]):
+    for number, name in enumerate(["Bob", "Bob", "bob", "Dave", "Erin", "Ünïcode & Co!", "..."]):
         key = make_key(f"peer{number}")
         result = await _paste(hass, node_entry, invite_code(name, ["10.0.0.9:1"], key.public_line))
         result = await _grant(hass, result["flow_id"], 1)
         assert result["type"] is FlowResultType.CREATE_ENTRY
         assert result["data"][CONF_NAME] == name
         jails.append(result["data"][CONF_JAIL])
-    assert jails == ["Bob", "Bob-2", "bob-3", "Dave-2", "n-code-Co", "peer"]
+    assert jails == ["Bob", "Bob-2", "bob-3", "Dave-2", "Erin-2", "n-code-Co", "peer"]
 
 
 def test_jail_names_when_nothing_is_on_disk(tmp_path: Path) -> None:

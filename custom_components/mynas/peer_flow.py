@@ -76,17 +76,20 @@ def jail_name(name: str, taken: set[str]) -> str:
 
 
 def names_on_disk(root: str) -> set[str]:
-    """Names already used in the storage root or its per-peer state (blocking).
+    """Names already used in the storage root or its per-peer internal folders (blocking).
 
     A new peer never gets the folder of a removed one (kept or not yet settled): another
     person must not read what the previous peer stored.
     """
     names: set[str] = set()
-    for folder in (Path(root), Path(root, INTERNAL_DIR, "peers")):
-        try:
+    internal = Path(root, INTERNAL_DIR)
+    try:
+        # The jails, then each internal area (peers' state, trash, partial uploads...).
+        folders = [Path(root), *(area for area in internal.iterdir() if area.is_dir())]
+        for folder in folders:
             names.update(child.name for child in folder.iterdir())
-        except OSError:
-            continue
+    except OSError:
+        pass
     return names
 
 
