@@ -1,0 +1,1211 @@
+"""Two paired MyNAS nodes here: Alice (:8123) and Bob (:8124), each a real Home Assistant.
+
+``scripts/demo`` (which runs ``scripts/setup`` first) calls this module with the venv's python.
+
+What a run does, all under one demo directory (default ``demo/`` at the repository root):
+
+- writes a small, deterministic set of sample files (photos, documents, a nested tree, an empty
+  folder, odd file names) into ``<dir>/<node>/Family`` for each node, once;
+- prepares both Home Assistant config dirs with ``ha_bootstrap`` (owner account, onboarding
+  done, 127.0.0.1 only) and installs the MyNAS dashboard (``dashboards/mynas.yaml``) as a
+  YAML-mode dashboard declared in configuration.yaml;
+- starts both instances (Alice first: the very first start pip-installs the frontend);
+- sets MyNAS up on each through the config-flow REST API, reads each node's invite code from
+  the options flow (menu "Show our invite code"), pairs the nodes by pasting each other's code
+  in a peer subentry flow, and protects each node's ``Family`` folder on the other node through
+  a folder subentry flow -- whatever already exists (a second run) is kept, not added again;
+- runs a first sync on both (``mynas.sync`` with ``wait: true``) and waits for the sensors.
+
+Then, by mode:
+
+- default: prints the URLs, the login and where the files are, and runs until Ctrl-C;
+- ``--headless-check``: checks that each node's files are byte-identical in the other's
+  replica, that both "last backup" sensors are set and that every entity the dashboard names
+  exists, prints a summary, stops, and exits 0 (all good) or 1;
+- ``--exec CMD ...``: runs CMD with the demo's URLs and login in its environment
+  (MYNAS_DEMO_*), then stops and exits with CMD's status (``scripts/screenshots`` uses it).
+
+Storage roots are plain directories in the demo directory (``<dir>/<node>/disk``), created with
+"I know this is not a separate disk" ticked: unlike /dev/shm they survive a reboot (a second run
+finds each node's disk and marker again) and are not limited by a container's small /dev/shm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+import contextlib
+from dataclasses import dataclass, field
+import errno
+import itertools
+import json
+import os
+from pathlib import Path
+import random
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from typing import Any
+
+import aiohttp
+import ha_bootstrap as hb
+import yaml
+
+REPO_ROOT = hb.REPO_ROOT
+sys.path.insert(0, str(REPO_ROOT))
+
+from custom_components.mynas.engine import invite as invite_codec  # noqa: E402
+
+DEFAULT_DIR = REPO_ROOT / "demo"
+DEMO_USER = "demo"
+FOLDER = "Family"
+QUOTA_GB = 10
+EXCLUDE = ("*.tmp", ".DS_Store")
+DASHBOARD_SOURCE = REPO_ROOT / "dashboards" / "mynas.yaml"
+DASHBOARD_FILE = "dashboards/mynas.yaml"  # relative to each config dir
+DASHBOARD_URL = "dashboard-mynas"
+# First start of a fresh venv: Home Assistant pip-installs its frontend (~110 MB) and compiles
+# a few packages. Later starts take seconds.
+START_TIMEOUT = 900
+SYNC_TIMEOUT = 300
+STOP_TIMEOUT = 60
+
+_T0 = time.monotonic()
+# Printed last, once everything has stopped (the headless check's "N passed, N failed").
+CLOSING: list[str] = []
+
+
+class DemoError(Exception):
+    """Something went wrong; the message says what and where to look."""
+
+
+def say(message: str) -> None:
+    """Print one progress line with the time since start."""
+    print(f"[{time.monotonic() - _T0:6.1f}s] {message}", flush=True)
+
+
+# --- the two nodes --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Node:
+    """One demo node: a Home Assistant, its MyNAS port, its disk and the folder it protects."""
+
+    name: str
+    ha_port: int
+    ssh_port: int
+    base: Path
+
+    @property
+    def slug(self) -> str:
+        return self.name.lower()
+
+    @property
+    def home(self) -> Path:
+        return self.base / self.slug
+
+    @property
+    def config(self) -> Path:
+        return self.home / "config"
+
+    @property
+    def disk(self) -> Path:
+        return self.home / "disk"
+
+    @property
+    def folder(self) -> Path:
+        return self.home / FOLDER
+
+    @property
+    def log(self) -> Path:
+        return self.home / "hass.log"
+
+    @property
+    def url(self) -> str:
+        return hb.base_url(self.ha_port)
+
+
+DEFAULT_HA_PORTS = (8123, 8124)
+DEFAULT_SSH_PORTS = (8022, 8023)
+SETTINGS_FILE = "demo.json"
+
+
+def demo_nodes(
+    base: Path, ha_ports: tuple[int, int], ssh_ports: tuple[int, int]
+) -> tuple[Node, Node]:
+    """Alice and Bob, on ports that do not clash."""
+    ports = [*ha_ports, *ssh_ports]
+    if len(set(ports)) != len(ports):
+        raise DemoError(f"the demo needs four different ports, not {ports}")
+    return (
+        Node("Alice", ha_ports[0], ssh_ports[0], base),
+        Node("Bob", ha_ports[1], ssh_ports[1], base),
+    )
+
+
+def demo_settings(base: Path, args: argparse.Namespace) -> tuple[tuple[Node, Node], dict[str, Any]]:
+    """The nodes of the demo in ``base``: its saved ports, or those asked for on its first run.
+
+    The MyNAS ports live in the nodes' config entries once set up, so a demo directory keeps
+    the ports it was made with.
+    """
+    path = base / SETTINGS_FILE
+    wanted = {
+        "ha_ports": list(args.ha_ports or DEFAULT_HA_PORTS),
+        "ssh_ports": list(args.ssh_ports or DEFAULT_SSH_PORTS),
+    }
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        for key, flag in (("ha_ports", args.ha_ports), ("ssh_ports", args.ssh_ports)):
+            if flag and list(flag) != saved[key]:
+                raise DemoError(
+                    f"{base} was made with --{key.replace('_', '-')} "
+                    f"{','.join(map(str, saved[key]))}: use those, or another --dir"
+                )
+        wanted = saved
+    return demo_nodes(base, tuple(wanted["ha_ports"]), tuple(wanted["ssh_ports"])), wanted
+
+
+# --- sample files ---------------------------------------------------------------------------
+
+# 2024-06-01 12:00 UTC: sample files get fixed, plausible modification times.
+_EPOCH = 1_717_243_200
+
+
+def _jpeg(rng: random.Random, size: int) -> bytes:
+    head = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    return head + rng.randbytes(size - len(head) - 2) + b"\xff\xd9"
+
+
+def _png(rng: random.Random, size: int) -> bytes:
+    head = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+    return head + rng.randbytes(size - len(head))
+
+
+def _pdf(title: str, rng: random.Random, size: int) -> bytes:
+    text = (
+        f"%PDF-1.4\n1 0 obj << /Title ({title}) /Producer (MyNAS demo) >> endobj\n"
+        "2 0 obj << /Length 0 >> stream\n"
+    ).encode()
+    return text + rng.randbytes(max(0, size - len(text) - 20)) + b"\nendstream\n%%EOF\n"
+
+
+def _words(rng: random.Random, count: int) -> str:
+    vocabulary = [
+        *("backup", "disk", "friend", "photo", "holiday", "garden", "kitchen", "recipe"),
+        *("invoice", "school", "winter", "summer", "grandma", "birthday", "train"),
+        *("mountain", "lake", "bread", "coffee", "letter"),
+    ]
+    return " ".join(rng.choice(vocabulary) for _ in range(count))
+
+
+def sample_files(node_name: str) -> dict[bytes, bytes | None]:
+    """The sample tree of a node: relative path -> content (None: a directory).
+
+    Deterministic for a given node name; about 4 MB. File names are bytes so that one of
+    them can be a name that is not valid UTF-8, as old disks and cameras make.
+    """
+    rng = random.Random(f"mynas-demo-{node_name}")  # sample data, not secrets
+    files: dict[bytes, bytes | None] = {}
+
+    def add(path: str | bytes, content: bytes | None) -> None:
+        files[path.encode() if isinstance(path, str) else path] = content
+
+    for year, event, count in (
+        ("2023", "Summer holidays", 4),
+        ("2024", "Birthday \u2013 Mia", 3),
+        ("2025", "Winter in the mountains", 3),
+    ):
+        for _ in range(count):
+            add(
+                f"Photos/{year}/{event}/IMG_{rng.randrange(1000, 9999)}.jpg",
+                _jpeg(rng, rng.randrange(150_000, 450_000)),
+            )
+    add("Photos/Scans/Grandma's letters (1962).png", _png(rng, 300_000))
+    add("Photos/Scans/.DS_Store", rng.randbytes(6_148))  # excluded
+    add("Videos/First steps.mp4", b"\x00\x00\x00\x18ftypmp42" + rng.randbytes(1_200_000))
+    add("Documents/Taxes 2024/Tax return 2024.pdf", _pdf("Tax return 2024", rng, 180_000))
+    add("Documents/Taxes 2024/Receipts/receipt-0001.pdf", _pdf("Receipt", rng, 40_000))
+    add("Documents/Taxes 2024/~$draft.tmp", rng.randbytes(2_000))  # excluded
+    add(
+        "Documents/Recipes/Cr\u00e8me br\u00fbl\u00e9e.md",
+        f"# Cr\u00e8me br\u00fbl\u00e9e\n\n{_words(rng, 60)}\n".encode(),
+    )
+    add(
+        "Documents/Recipes/Sm\u00f8rrebr\u00f8d & co.txt",
+        (_words(rng, 40) + "\n").encode(),
+    )
+    add(
+        f"Documents/Notes from {node_name}.txt",
+        f"Notes kept by {node_name}.\n{_words(rng, 120)}\n".encode(),
+    )
+    add(
+        "Documents/budget.csv",
+        (
+            "month,food,energy,other\n"
+            + "".join(
+                f"2024-{month:02d},{rng.randrange(300, 600)},{rng.randrange(80, 200)},"
+                f"{rng.randrange(0, 400)}\n"
+                for month in range(1, 13)
+            )
+        ).encode(),
+    )
+    add("Projects/website/index.html", b"<!doctype html>\n<title>Our family</title>\n<p>Hi!</p>\n")
+    add("Projects/website/css/style.css", b"body { font-family: sans-serif; }\n")
+    add("Projects/website/deploy.sh", b"#!/bin/sh\necho deploying\n")  # executable, see below
+    add("Projects/website/assets/img/logo.png", _png(rng, 20_000))
+    add("Projects/Empty folder", None)
+    add("Odd names/  leading spaces.txt", b"leading spaces\n")
+    add("Odd names/trailing space .txt", b"trailing space\n")
+    add("Odd names/question? star* pipe|.txt", b"characters Windows refuses\n")
+    add("Odd names/semi;colon & ampersand $HOME.txt", b"shell characters\n")
+    add("Odd names/\u65e5\u672c\u8a9e\u306e\u30d5\u30a1\u30a4\u30eb.txt", b"Japanese\n")
+    add("Odd names/party \U0001f389.txt", b"emoji\n")
+    add("Odd names/-starts with a dash", b"dash\n")
+    add("Odd names/.hidden", b"hidden\n")
+    add("Odd names/" + "long name " * 24 + ".txt", b"240 characters\n")
+    add(b"Odd names/latin-1 caf\xe9.txt", b"not UTF-8\n")
+    add("Odd names/empty file", b"")
+    return files
+
+
+EXECUTABLES = {b"Projects/website/deploy.sh"}
+
+
+def write_samples(folder: Path, node_name: str) -> int:
+    """Write the sample tree into ``folder`` (which must not exist); return its size in bytes."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+    total = 0
+    base = os.fsencode(tmp)
+    for rel, content in sample_files(node_name).items():
+        path = os.path.join(base, rel)
+        if content is None:
+            os.makedirs(path, exist_ok=True)
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as file:
+            file.write(content)
+        if rel in EXECUTABLES:
+            os.chmod(path, 0o755)
+        total += len(content)
+    # Fixed modification times, files first, then directories deepest first.
+    for index, (dirpath, dirnames, filenames) in enumerate(sorted(os.walk(base), reverse=True)):
+        for offset, name in enumerate(sorted(filenames)):
+            stamp = _EPOCH - 86_400 * (index * 7 + offset)
+            os.utime(os.path.join(dirpath, name), (stamp, stamp))
+        del dirnames
+        os.utime(dirpath, (_EPOCH, _EPOCH))
+    tmp.rename(folder)
+    return total
+
+
+def excluded(rel: bytes) -> bool:
+    """Whether the demo's exclude patterns leave ``rel`` out."""
+    name = os.path.basename(rel)
+    return name == b".DS_Store" or name.endswith(b".tmp")
+
+
+def tree(root: Path) -> dict[bytes, tuple[str, bytes | None, bool]]:
+    """Every entry under ``root``: relative path -> (kind, content, executable)."""
+    found: dict[bytes, tuple[str, bytes | None, bool]] = {}
+    base = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames:
+            found[os.path.relpath(os.path.join(dirpath, name), base)] = ("dir", None, False)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            info = os.lstat(path)
+            rel = os.path.relpath(path, base)
+            if stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as file:
+                    found[rel] = ("file", file.read(), bool(info.st_mode & 0o100))
+            else:
+                found[rel] = ("other", None, False)
+    return found
+
+
+def compare_trees(source: Path, replica: Path) -> list[str]:
+    """Return the differences between a folder and its replica (excluded files left out)."""
+    if not replica.is_dir():
+        return [f"no replica at {replica}"]
+    want = {rel: entry for rel, entry in tree(source).items() if not excluded(rel)}
+    have = tree(replica)
+    problems = []
+    for rel in sorted(want.keys() | have.keys()):
+        shown = os.fsdecode(rel)
+        if rel not in have:
+            problems.append(f"missing in replica: {shown!r}")
+        elif rel not in want:
+            problems.append(f"extra in replica: {shown!r}")
+        elif want[rel][:2] != have[rel][:2]:
+            problems.append(f"differs: {shown!r}")
+        elif want[rel][2] != have[rel][2]:
+            problems.append(f"executable bit differs: {shown!r}")
+    return problems
+
+
+# --- Home Assistant processes ---------------------------------------------------------------
+
+
+@dataclass
+class Instance:
+    """One running Home Assistant (in its own process group, so Ctrl-C reaches us alone)."""
+
+    node: Node
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.node.home.mkdir(parents=True, exist_ok=True)
+        with open(self.node.log, "ab") as log:
+            log.write(f"\n=== scripts/demo starts {self.node.name} {time.ctime()}\n".encode())
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(REPO_ROOT / "scripts" / "ha_bootstrap.py"),
+                    "run",
+                    "--config",
+                    str(self.node.config),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                start_new_session=True,
+            )
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def check_alive(self) -> None:
+        code = self.exit_code
+        if code is not None:
+            raise DemoError(
+                f"{self.node.name}'s Home Assistant exited with status {code}; "
+                f"see {self.node.log} and {self.node.config / 'home-assistant.log'}\n"
+                + tail(self.node.log)
+            )
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signum)
+
+    def wait(self, timeout: float) -> bool:
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def kill_group(self) -> None:
+        """Kill whatever is left in the process group (helpers a stopped instance left)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def stop_all(instances: list[Instance], timeout: float = STOP_TIMEOUT) -> None:
+    """Stop every instance: SIGTERM (Home Assistant stops cleanly), SIGKILL after ``timeout``."""
+    running = [inst for inst in instances if inst.exit_code is None and inst.proc is not None]
+    if running:
+        say("stopping " + " and ".join(inst.node.name for inst in running))
+    for inst in running:
+        inst.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for inst in running:
+        if not inst.wait(max(0.1, deadline - time.monotonic())):
+            say(f"{inst.node.name} did not stop within {timeout:.0f} s: killing it")
+            inst.kill_group()
+            inst.wait(10)
+    for inst in instances:
+        inst.kill_group()  # nothing may outlive the demo
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(f"    | {line}" for line in text[-lines:])
+
+
+def ssh_port_free(port: int) -> bool:
+    """Whether a MyNAS node could listen on ``port`` on every interface."""
+    if hb.port_in_use(port):
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def check_ports(nodes: tuple[Node, ...]) -> None:
+    problems = []
+    for node in nodes:
+        if hb.port_in_use(node.ha_port):
+            problems.append(
+                f"port {node.ha_port} ({node.name}'s Home Assistant) is in use: another Home"
+                " Assistant (scripts/develop, or a demo still running)?"
+            )
+        if not ssh_port_free(node.ssh_port):
+            problems.append(
+                f"port {node.ssh_port} ({node.name}'s MyNAS node) is in use on this machine"
+            )
+    if problems:
+        raise DemoError("cannot start the demo:\n  " + "\n  ".join(problems))
+
+
+# --- configuration files --------------------------------------------------------------------
+
+LOVELACE_BLOCK = f"""
+# Added by scripts/demo: the MyNAS dashboard ({DASHBOARD_FILE}, a copy of the repository's
+# dashboards/mynas.yaml with this node's names), in the sidebar as "MyNAS".
+lovelace:
+  dashboards:
+    {DASHBOARD_URL}:
+      mode: yaml
+      title: MyNAS
+      icon: mdi:nas
+      show_in_sidebar: true
+      filename: {DASHBOARD_FILE}
+"""
+
+
+def dashboard_for(node: Node, other: Node, text: str) -> str:
+    """The repository's dashboard (written for Alice, paired with Bob) for ``node``."""
+    if node.name == "Alice":
+        return text
+    swap = {"alice": node.slug, "Alice": node.name, "bob": other.slug, "Bob": other.name}
+    return re.sub(r"alice|Alice|bob|Bob", lambda match: swap[match.group(0)], text)
+
+
+def install_dashboard(node: Node, other: Node) -> None:
+    """Declare the YAML dashboard in configuration.yaml (once) and write its file (each run)."""
+    yaml_path = node.config / "configuration.yaml"
+    text = yaml_path.read_text(encoding="utf-8")
+    if not re.search(r"^lovelace:", text, re.MULTILINE):
+        yaml_path.write_text(text.rstrip("\n") + "\n" + LOVELACE_BLOCK, encoding="utf-8")
+    target = node.config / DASHBOARD_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    content = dashboard_for(node, other, DASHBOARD_SOURCE.read_text(encoding="utf-8"))
+    target.write_text(content, encoding="utf-8")
+
+
+def dashboard_entities(text: str) -> set[str]:
+    """Every entity id a dashboard names (``entity:``/``entities:`` and action targets)."""
+    found: set[str] = set()
+
+    def walk(value: Any, key: str | None = None) -> None:
+        if isinstance(value, dict):
+            for sub_key, sub in value.items():
+                walk(sub, sub_key)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, key)
+        elif (
+            isinstance(value, str)
+            and key in ("entity", "entities", "entity_id")
+            and re.fullmatch(r"[a-z_]+\.[a-z0-9_]+", value)
+        ):
+            found.add(value)
+
+    walk(yaml.safe_load(text))
+    return found
+
+
+def read_jail(config: Path, entry_id: str, peer_title: str) -> str | None:
+    """The jail (folder on the disk) a node keeps for the peer ``peer_title`` (read only)."""
+    try:
+        store = json.loads((config / ".storage" / "core.config_entries").read_text())
+    except OSError, ValueError:
+        return None
+    for entry in store["data"]["entries"]:
+        if entry["entry_id"] != entry_id:
+            continue
+        for sub in entry.get("subentries", []):
+            if sub["subentry_type"] == "peer" and sub["title"] == peer_title:
+                return str(sub["data"]["jail"])
+    return None
+
+
+# --- talking to Home Assistant --------------------------------------------------------------
+
+
+class Api:
+    """REST and websocket calls to one instance, as its owner."""
+
+    def __init__(self, session: aiohttp.ClientSession, node: Node, token: str) -> None:
+        self.session = session
+        self.node = node
+        self.token = token
+        self._ids = itertools.count(1)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        async with self.session.request(
+            method, f"{self.node.url}{path}", json=body, headers=self.headers
+        ) as response:
+            text = await response.text()
+            if response.status >= 400:
+                raise DemoError(
+                    f"{self.node.name}: {method} {path} -> {response.status} {text[:500]}"
+                )
+            return json.loads(text) if text else None
+
+    async def get(self, path: str) -> Any:
+        return await self.call("GET", path)
+
+    async def post(self, path: str, body: Any = None) -> Any:
+        return await self.call("POST", path, {} if body is None else body)
+
+    async def ws(self, msg_type: str, **fields: Any) -> Any:
+        async with self.session.ws_connect(f"{self.node.url}/api/websocket") as sock:
+            await sock.receive_json()  # auth_required
+            await sock.send_json({"type": "auth", "access_token": self.token})
+            reply = await sock.receive_json()
+            if reply.get("type") != "auth_ok":
+                raise DemoError(f"{self.node.name}: websocket login failed: {reply}")
+            msg_id = next(self._ids)
+            await sock.send_json({"id": msg_id, "type": msg_type, **fields})
+            while True:
+                reply = await sock.receive_json()
+                if reply.get("id") == msg_id and reply.get("type") == "result":
+                    break
+        if not reply.get("success"):
+            raise DemoError(f"{self.node.name}: {msg_type} failed: {reply.get('error')}")
+        return reply.get("result")
+
+    async def states(self) -> dict[str, dict[str, Any]]:
+        return {state["entity_id"]: state for state in await self.get("/api/states")}
+
+    async def mynas_entry(self) -> dict[str, Any] | None:
+        entries = await self.get("/api/config/config_entries/entry?domain=mynas")
+        return entries[0] if entries else None
+
+    async def subentries(self, entry_id: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.ws(
+            "config_entries/subentries/list", entry_id=entry_id
+        )
+        return result
+
+    async def mynas_entities(self) -> list[dict[str, Any]]:
+        entities = await self.ws("config/entity_registry/list")
+        return [entity for entity in entities if entity["platform"] == "mynas"]
+
+
+Answer = dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]]
+
+
+async def run_flow(api: Api, base: str, handler: Any, answers: dict[str, Answer]) -> dict[str, Any]:
+    """Start a flow at ``base`` and answer each step it shows from ``answers`` (by step id)."""
+    result = await api.post(base, {"handler": handler})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        kind = result["type"]
+        if kind in ("create_entry", "abort"):
+            return dict(result)
+        if kind == "progress":  # e.g. the pairing's connection test: Home Assistant goes on
+            await asyncio.sleep(0.5)
+            result = await api.get(f"{base}/{result['flow_id']}")
+            continue
+        step = result["step_id"]
+        if step not in answers:
+            raise DemoError(f"{api.node.name}: unexpected step {step!r} in {base}: {result}")
+        if result.get("errors"):
+            raise DemoError(f"{api.node.name}: {base} step {step!r}: {result['errors']}")
+        answer = answers[step]
+        body = answer(result) if callable(answer) else answer
+        if kind == "menu":
+            body = {"next_step_id": body["next_step_id"]}
+        result = await api.post(f"{base}/{result['flow_id']}", body)
+    raise DemoError(f"{api.node.name}: {base} did not finish: {result}")
+
+
+async def wait_for[T](
+    what: str, probe: Callable[[], Awaitable[T | None]], limit: float, every: float = 0.5
+) -> T:
+    """Call ``probe`` until it returns something other than None (``limit`` seconds at most)."""
+    deadline = time.monotonic() + limit
+    while True:
+        value = await probe()
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {limit:.0f} s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+@dataclass
+class NodeState:
+    """What the demo learnt about a running node."""
+
+    node: Node
+    api: Api
+    entry_id: str = ""
+    code: str = ""
+    peer_id: str = ""
+    folder_id: str = ""
+    last_backup_entity: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+async def wait_running(inst: Instance, session: aiohttp.ClientSession, login: hb.Login) -> Api:
+    """Wait until the instance answers, log in, and wait until Home Assistant is running."""
+    node = inst.node
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        inst.check_alive()
+        try:
+            async with session.get(
+                f"{node.url}/manifest.json", timeout=aiohttp.ClientTimeout(total=5)
+            ) as response:
+                if response.status == 200:
+                    break
+        except aiohttp.ClientError, TimeoutError:
+            pass
+        if time.monotonic() > deadline:
+            raise DemoError(f"{node.name} did not answer within {START_TIMEOUT} s; see {node.log}")
+        await asyncio.sleep(1)
+    token = await asyncio.to_thread(hb.login, node.url, login.username, login.password)
+    api = Api(session, node, token)
+
+    async def running() -> bool | None:
+        inst.check_alive()
+        return True if (await api.get("/api/config")).get("state") == "RUNNING" else None
+
+    await wait_for(f"{node.name} to finish starting", running, START_TIMEOUT)
+    return api
+
+
+async def wait_loaded(api: Api, entry_id: str, limit: float = 120) -> None:
+    async def loaded() -> bool | None:
+        entry = await api.mynas_entry()
+        if entry is None or entry["entry_id"] != entry_id:
+            return None
+        if entry["state"] in ("setup_error", "setup_retry", "failed_unload"):
+            raise DemoError(
+                f"{api.node.name}: MyNAS did not start ({entry['state']}: "
+                f"{entry.get('reason')}); see {api.node.config / 'home-assistant.log'}"
+            )
+        return True if entry["state"] == "loaded" else None
+
+    await wait_for(f"{api.node.name}'s MyNAS node to load", loaded, limit)
+
+
+async def wait_subentry_entities(api: Api, entry_id: str, subentry_id: str) -> None:
+    """Wait until the node reloaded with a new subentry: its entities have states."""
+
+    async def ready() -> bool | None:
+        entities = [
+            e
+            for e in await api.mynas_entities()
+            if e["config_subentry_id"] == subentry_id and not e["disabled_by"]
+        ]
+        if not entities:
+            return None
+        states = await api.states()
+        if any(e["entity_id"] not in states for e in entities):
+            return None
+        return True
+
+    await wait_for(f"{api.node.name}'s new entities", ready, 120)
+    await wait_loaded(api, entry_id)
+
+
+async def ensure_node(state: NodeState) -> None:
+    """Set MyNAS up on the node through the config flow, unless it already is."""
+    api, node = state.api, state.node
+    entry = await api.mynas_entry()
+    if entry is None:
+        node.disk.mkdir(parents=True, exist_ok=True)
+        result = await run_flow(
+            api,
+            "/api/config/config_entries/flow",
+            "mynas",
+            {
+                "user": {
+                    "node_name": node.name,
+                    "storage_root": str(node.disk),
+                    "port": node.ssh_port,
+                    "allow_same_disk": True,
+                }
+            },
+        )
+        if result["type"] != "create_entry":
+            raise DemoError(f"{node.name}: setting MyNAS up failed: {result}")
+        state.entry_id = result["result"]["entry_id"]
+        say(f"{node.name}: MyNAS set up (config flow), disk {node.disk}, port {node.ssh_port}")
+    else:
+        state.entry_id = entry["entry_id"]
+        say(f"{node.name}: MyNAS already set up ({entry['title']})")
+    await wait_loaded(api, state.entry_id)
+
+
+async def read_invite_code(state: NodeState) -> None:
+    """Read the node's invite code from the options flow's "Show our invite code" step."""
+    api = state.api
+    base = "/api/config/config_entries/options/flow"
+    menu = await api.post(base, {"handler": state.entry_id})
+    if menu["type"] != "menu" or "invite" not in menu["menu_options"]:
+        raise DemoError(f"{state.node.name}: unexpected options flow: {menu}")
+    form = await api.post(f"{base}/{menu['flow_id']}", {"next_step_id": "invite"})
+    await api.call("DELETE", f"{base}/{form['flow_id']}")  # nothing to change: close it
+    state.code = form["description_placeholders"]["code"]
+    invite_codec.decode(state.code)  # a valid code, or this raises
+
+
+async def ensure_peer(state: NodeState, other: NodeState) -> None:
+    """Pair with ``other`` by pasting its invite code (once)."""
+    api = state.api
+    fingerprint = invite_codec.decode(other.code).fingerprint
+    for sub in await api.subentries(state.entry_id):
+        if sub["subentry_type"] == "peer" and sub["unique_id"] == fingerprint:
+            state.peer_id = sub["subentry_id"]
+            say(f"{state.node.name}: already paired with {sub['title']}")
+            return
+    result = await run_flow(
+        api,
+        "/api/config/config_entries/subentries/flow",
+        [state.entry_id, "peer"],
+        {
+            "user": {"invite_code": other.code},
+            "confirm": {"quota_gb": QUOTA_GB},
+            # Submitting these finishes pairing; which one shows says how the test went.
+            "tested_waiting": {},
+            "tested_unreachable": {},
+        },
+    )
+    if result["type"] != "create_entry":
+        raise DemoError(f"{state.node.name}: pairing with {other.node.name} failed: {result}")
+    for sub in await api.subentries(state.entry_id):
+        if sub["subentry_type"] == "peer" and sub["unique_id"] == fingerprint:
+            state.peer_id = sub["subentry_id"]
+    say(
+        f"{state.node.name}: paired with {other.node.name} (pasted its invite code,"
+        f" granted {QUOTA_GB} GB)"
+    )
+    await wait_subentry_entities(api, state.entry_id, state.peer_id)
+
+
+async def ensure_folder(state: NodeState) -> None:
+    """Protect the node's sample folder on its peer (once)."""
+    api, node = state.api, state.node
+    for sub in await api.subentries(state.entry_id):
+        if sub["subentry_type"] == "folder" and sub["unique_id"] == FOLDER:
+            state.folder_id = sub["subentry_id"]
+            say(f"{node.name}: already protects {FOLDER}")
+            return
+    result = await run_flow(
+        api,
+        "/api/config/config_entries/subentries/flow",
+        [state.entry_id, "folder"],
+        {
+            "user": {
+                "name": FOLDER,
+                "path": str(node.folder),
+                "peers": [state.peer_id],
+                "schedule": "daily",
+                "time": "03:00:00",
+                "hours": 6,
+                "retention_days": 30,
+                "bwlimit_mbps": 0,
+                "exclude": "\n".join(EXCLUDE),
+            }
+        },
+    )
+    if result["type"] != "create_entry":
+        raise DemoError(f"{node.name}: protecting {FOLDER} failed: {result}")
+    for sub in await api.subentries(state.entry_id):
+        if sub["subentry_type"] == "folder" and sub["unique_id"] == FOLDER:
+            state.folder_id = sub["subentry_id"]
+    say(f"{node.name}: protects {node.folder} as {FOLDER!r}, daily at 03:00")
+    await wait_subentry_entities(api, state.entry_id, state.folder_id)
+
+
+async def sync_now(state: NodeState) -> None:
+    """Run ``mynas.sync`` with ``wait: true``; retry while the peer is still reloading."""
+    api, node = state.api, state.node
+    for attempt in range(1, 6):
+        started = time.monotonic()
+        reply = await api.post(
+            "/api/services/mynas/sync?return_response", {"folder": FOLDER, "wait": True}
+        )
+        results = reply["service_response"]["results"]
+        failed = [r for r in results if r.get("status") != "success"]
+        if not failed:
+            for result in results:
+                files = result.get("files_sent", 0)
+                sent = (
+                    f"{files} files, {result.get('bytes_sent', 0) / 1e6:.1f} MB sent"
+                    if files
+                    else "nothing new to send: up to date"
+                )
+                say(
+                    f"{node.name}: synced {result['folder']} to {result['peer']} in"
+                    f" {time.monotonic() - started:.1f} s ({sent})"
+                )
+            return
+        say(f"{node.name}: sync attempt {attempt} failed: {failed[0].get('error')}")
+        await asyncio.sleep(3)
+    raise DemoError(f"{node.name}: the first sync kept failing; see {node.log}")
+
+
+async def wait_last_backup(state: NodeState) -> str:
+    """Wait until the folder's "last backup" sensor has a time; return its entity id."""
+    api = state.api
+
+    async def ready() -> str | None:
+        entity = next(
+            (
+                e["entity_id"]
+                for e in await api.mynas_entities()
+                if e.get("translation_key") == "last_success"
+                and e["config_subentry_id"] == state.folder_id
+            ),
+            None,
+        )
+        if entity is None:
+            return None
+        current = (await api.states()).get(entity)
+        if current is None or current["state"] in ("unknown", "unavailable"):
+            return None
+        return entity
+
+    state.last_backup_entity = await wait_for(f"{state.node.name}'s last-backup sensor", ready, 120)
+    return state.last_backup_entity
+
+
+async def peer_connected(state: NodeState) -> str | None:
+    """The state of the node's "Connected" sensor for its peer (None: no such sensor yet)."""
+    entity = next(
+        (
+            e["entity_id"]
+            for e in await state.api.mynas_entities()
+            if e.get("translation_key") == "connected" and e["config_subentry_id"] == state.peer_id
+        ),
+        None,
+    )
+    if entity is None:
+        return None
+    current = (await state.api.states()).get(entity)
+    return None if current is None else str(current["state"])
+
+
+async def refresh_figures(state: NodeState) -> None:
+    """Reload the node once so that its peer test runs now, with both nodes up.
+
+    The peer's "Connected" and "space we use there" come from the peer test, which runs when
+    the node starts and then every 10 minutes: reloading runs one now, so the dashboard shows
+    the first sync's figures at once. Call it for one node at a time (a node that reloads
+    does not answer its peer's test).
+    """
+    await state.api.post(f"/api/config/config_entries/entry/{state.entry_id}/reload")
+    await wait_loaded(state.api, state.entry_id)
+
+    async def tested() -> bool | None:
+        return True if await peer_connected(state) == "on" else None
+
+    try:
+        await wait_for(f"{state.node.name}'s peer test", tested, 60)
+    except DemoError as err:
+        say(f"{state.node.name}: {err}")
+
+
+async def bring_up(
+    nodes: tuple[Node, Node],
+    instances: list[Instance],
+    login: hb.Login,
+    session: aiohttp.ClientSession,
+) -> tuple[NodeState, NodeState]:
+    states = []
+    for inst in instances:
+        say(f"starting {inst.node.name}'s Home Assistant on {inst.node.url} (log: {inst.node.log})")
+        inst.start()
+        api = await wait_running(inst, session, login)
+        say(f"{inst.node.name} is running")
+        states.append(NodeState(inst.node, api))
+    alice, bob = states
+    await asyncio.gather(ensure_node(alice), ensure_node(bob))
+    await asyncio.gather(read_invite_code(alice), read_invite_code(bob))
+    # Alice pastes Bob's code first (the test says Bob has not added her yet), then Bob
+    # pastes Alice's (the test passes at once).
+    await ensure_peer(alice, bob)
+    await ensure_peer(bob, alice)
+    await ensure_folder(alice)
+    await ensure_folder(bob)
+    await asyncio.gather(sync_now(alice), sync_now(bob))
+    await asyncio.gather(wait_last_backup(alice), wait_last_backup(bob))
+    await refresh_figures(alice)
+    await refresh_figures(bob)
+    return alice, bob
+
+
+# --- checks and the banner ------------------------------------------------------------------
+
+
+@dataclass
+class Checks:
+    """The outcome of the headless check: what passed, what failed and why."""
+
+    passed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def record(self, what: str, problems: list[str]) -> None:
+        if problems:
+            self.failed.append(what)
+            for problem in problems[:20]:
+                say(f"FAIL: {what}: {problem}")
+        else:
+            self.passed.append(what)
+            say(f"ok:   {what}")
+
+    @property
+    def line(self) -> str:
+        """The closing line CI reads: 'N passed, N failed'."""
+        return f"headless-check: {len(self.passed)} passed, {len(self.failed)} failed"
+
+
+async def headless_check(states: tuple[NodeState, NodeState]) -> Checks:
+    """Check the replicas, the sensors and the dashboard's entities."""
+    checks = Checks()
+    for state, other in (states, states[::-1]):
+        node = state.node
+        jail = read_jail(other.node.config, other.entry_id, node.name)
+        replica = other.node.disk / (jail or node.name) / FOLDER
+        count = sum(1 for rel in tree(node.folder) if not excluded(rel))
+        checks.record(
+            f"{node.name}'s {FOLDER} ({count} entries) is byte-identical in {replica}",
+            [f"{other.node.name} has no peer called {node.name}"]
+            if jail is None
+            else await asyncio.to_thread(compare_trees, node.folder, replica),
+        )
+        states_now = await state.api.states()
+        last = states_now.get(state.last_backup_entity, {}).get("state")
+        checks.record(
+            f"{node.name}: {state.last_backup_entity} is set ({last})",
+            [f"it is {last}"] if last in (None, "unknown", "unavailable") else [],
+        )
+        connected = await peer_connected(state)
+        checks.record(
+            f"{node.name}: {other.node.name} is connected",
+            [] if connected == "on" else [f"its Connected sensor is {connected}"],
+        )
+        named = dashboard_entities((node.config / DASHBOARD_FILE).read_text(encoding="utf-8"))
+        missing = sorted(named - states_now.keys())
+        checks.record(
+            f"{node.name}: the {len(named)} entities the dashboard names exist",
+            [f"unknown entities: {missing}"] if missing else [],
+        )
+    return checks
+
+
+def banner(states: tuple[NodeState, NodeState], login: hb.Login, base: Path) -> str:
+    lines = ["", "  MyNAS demo: two paired nodes", ""]
+    for state, other in (states, states[::-1]):
+        node = state.node
+        jail = read_jail(other.node.config, other.entry_id, node.name) or node.name
+        lines += [
+            f"  {node.name}:  {node.url}/   (dashboard: {node.url}/{DASHBOARD_URL}/backups)",
+            f"    protects  {node.folder}",
+            f"    replica   {other.node.disk / jail / FOLDER}   (on {other.node.name}'s disk)",
+            f"    disk      {node.disk}   (MyNAS listens on port {node.ssh_port})",
+            f"    log       {node.log}",
+            "",
+        ]
+    lines += [
+        f"  login (both): username {login.username}   password {login.password}",
+        f"  demo directory: {base}   (a second run reuses it; delete it to start afresh)",
+        "  stop: Ctrl-C",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def demo_env(states: tuple[NodeState, NodeState], login: hb.Login, base: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        MYNAS_DEMO_DIR=str(base),
+        MYNAS_DEMO_USER=login.username,
+        MYNAS_DEMO_PASSWORD=login.password,
+        MYNAS_DEMO_PYTHON=sys.executable,
+        MYNAS_DEMO_DASHBOARD=DASHBOARD_URL,
+    )
+    for state in states:
+        prefix = f"MYNAS_DEMO_{state.node.name.upper()}"
+        env[f"{prefix}_URL"] = state.node.url
+        env[f"{prefix}_ENTRY"] = state.entry_id
+        env[f"{prefix}_CODE"] = state.code
+    return env
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+class Stop(Exception):
+    """Ctrl-C or SIGTERM."""
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    del frame
+    raise Stop(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def signals_stop() -> Iterator[None]:
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def prepare(nodes: tuple[Node, Node], base: Path, settings: dict[str, Any]) -> hb.Login:
+    """Ports, sample files, config dirs, login and dashboard; every step keeps what exists."""
+    check_ports(nodes)
+    base.mkdir(parents=True, exist_ok=True)
+    (base / SETTINGS_FILE).write_text(json.dumps(settings) + "\n", encoding="utf-8")
+    login = hb.load_or_create_login(base, DEMO_USER)
+    for node, other in (nodes, nodes[::-1]):
+        if not node.folder.exists():
+            size = write_samples(node.folder, node.name)
+            say(f"{node.name}: wrote {size / 1e6:.1f} MB of sample files into {node.folder}")
+        hb.prepare_config_dir(
+            node.config, node.ha_port, login.username, login.password, name=node.name
+        )
+        install_dashboard(node, other)
+    return login
+
+
+async def run(
+    args: argparse.Namespace,
+    base: Path,
+    nodes: tuple[Node, Node],
+    login: hb.Login,
+    instances: list[Instance],
+) -> int:
+    instances += [Instance(node) for node in nodes]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SYNC_TIMEOUT)) as session:
+        states = await bring_up(nodes, instances, login, session)
+        say(f"both nodes are up, paired and synced ({time.monotonic() - _T0:.0f} s)")
+        if args.headless_check:
+            checks = await headless_check(states)
+            CLOSING.append(checks.line)
+            print()
+            if checks.failed:
+                print(f"HEADLESS CHECK FAILED: {', '.join(checks.failed)}")
+                return 1
+            print(
+                f"HEADLESS CHECK PASSED in {time.monotonic() - _T0:.0f} s: both replicas are"
+                " byte-identical, both last-backup sensors are set, the peers are connected,"
+                " the dashboard's entities exist"
+            )
+            return 0
+        if args.exec:
+            command = args.exec[1:] if args.exec[0] == "--" else args.exec
+            say(f"running {' '.join(command)}")
+            child = await asyncio.create_subprocess_exec(
+                *command, env=demo_env(states, login, base), cwd=REPO_ROOT
+            )
+            return await child.wait()
+    print(banner(states, login, base), flush=True)
+    # Run until Ctrl-C; a restart asked for in the UI (exit status 100) starts it again.
+    while True:
+        for inst in instances:
+            code = inst.exit_code
+            if code == 100:
+                say(f"{inst.node.name} asked to restart; starting it again")
+                inst.start()
+            elif code is not None:
+                inst.check_alive()
+        await asyncio.sleep(1)
+
+
+def port_pair(text: str) -> tuple[int, int]:
+    try:
+        first, second = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two ports, e.g. 8022,8023") from None
+    if not all(1024 <= port <= 65535 for port in (first, second)):
+        raise argparse.ArgumentTypeError(f"{text!r}: ports must be within 1024-65535")
+    return first, second
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/demo", description=__doc__.split("\n", 1)[0] if __doc__ else None
+    )
+    parser.add_argument(
+        "--dir", type=Path, default=DEFAULT_DIR, help="demo directory (default: demo/)"
+    )
+    parser.add_argument(
+        "--ha-ports",
+        type=port_pair,
+        metavar="A,B",
+        help="Home Assistant ports of Alice and Bob (default 8123,8124; first run only)",
+    )
+    parser.add_argument(
+        "--ssh-ports",
+        type=port_pair,
+        metavar="A,B",
+        help="MyNAS node ports of Alice and Bob (default 8022,8023; first run only)",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--headless-check",
+        action="store_true",
+        help="bring up, check replicas and sensors, stop; exit 0 when all is well",
+    )
+    mode.add_argument(
+        "--exec",
+        nargs=argparse.REMAINDER,
+        metavar="CMD",
+        help="bring up, run CMD with MYNAS_DEMO_* in its environment, stop",
+    )
+    args = parser.parse_args(argv)
+    instances: list[Instance] = []
+    status = 1
+    with signals_stop():
+        try:
+            base: Path = args.dir.resolve()
+            nodes, settings = demo_settings(base, args)
+            login = prepare(nodes, base, settings)  # runs Home Assistant code: no event loop
+            status = asyncio.run(run(args, base, nodes, login, instances))
+        except Stop as stop:
+            say(f"{stop}: stopping")
+            status = 130 if str(stop) == "SIGINT" else 143
+        except (DemoError, hb.BootstrapError) as err:
+            print(f"scripts/demo: error: {err}", file=sys.stderr)
+            if args.headless_check:
+                CLOSING.append("headless-check: 0 passed, 1 failed")
+            status = 1
+        finally:
+            # A second Ctrl-C while stopping kills at once.
+            signal.signal(signal.SIGINT, lambda *_: stop_all(instances, 0))
+            stop_all(instances)
+    say(f"done ({time.monotonic() - _T0:.0f} s)")
+    for line in CLOSING:
+        print(line, flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
