@@ -147,13 +147,18 @@ class NodeServer:
         return int(self._listener.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
-        """Stop listening, drop every connection, and persist usage."""
-        if self._listener is not None:
-            self._listener.close()
-            await self._listener.wait_closed()
-            self._listener = None
+        """Stop listening, drop every connection, and persist usage.
+
+        Returns once every session has ended: nothing writes into the storage afterwards.
+        """
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        # Before waiting for the listener: its wait_closed() waits for every connection.
         for conn in list(self._connections):
             conn.close()
+        if listener is not None:
+            await listener.wait_closed()
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)

@@ -160,7 +160,7 @@ class ReadOnlySFTPServer(asyncssh.SFTPServer):
             ffree=0,
             favail=0,
             fsid=0,
-            flag=asyncssh.FXE_STATVFS_ST_RDONLY,
+            flags=asyncssh.FXE_STATVFS_ST_RDONLY,
             namemax=255,
         )
 

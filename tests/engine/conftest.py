@@ -1,0 +1,165 @@
+"""Fixtures for engine tests that need a live node: identities, storage, a NodeServer.
+
+Engine tests use real loopback sockets (always ``127.0.0.1``): the Home Assistant pytest
+plugin blocks sockets unless a test requests ``socket_enabled``, so every engine test does.
+Every server started here is closed at teardown, and with it every connection it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+import os
+from pathlib import Path
+import shutil
+import tempfile
+from typing import Any, Protocol
+
+import pytest
+
+from custom_components.mynas.engine import identity
+from custom_components.mynas.engine.identity import Identity
+from custom_components.mynas.engine.replicator import PeerTarget
+from custom_components.mynas.engine.server import Limits, NodeServer, PeerGrant
+from custom_components.mynas.engine.storage import HostedSpace
+
+MIB = 1 << 20
+DEFAULT_QUOTA = 16 * MIB
+
+
+@pytest.fixture(autouse=True)
+def _engine_sockets(socket_enabled: None) -> None:
+    """Allow loopback sockets in every engine test."""
+
+
+def _key_path(tmp_path: Path, name: str) -> Path:
+    return tmp_path / "keys" / name / "id_ed25519"
+
+
+def _identity(tmp_path: Path, name: str) -> Identity:
+    node, _ = identity.load_or_create(_key_path(tmp_path, name))
+    return node
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Callable[[str], Path]:
+    """The private key file of a named identity ("host", "alice"...): OpenSSH format, 0600."""
+    return lambda name: _key_path(tmp_path, name)
+
+
+@pytest.fixture
+def host_id(tmp_path: Path) -> Identity:
+    """The identity of the node under test (the host)."""
+    return _identity(tmp_path, "host")
+
+
+@pytest.fixture
+def alice_id(tmp_path: Path) -> Identity:
+    """A peer's identity (a friend's node): "alice"."""
+    return _identity(tmp_path, "alice")
+
+
+@pytest.fixture
+def bob_id(tmp_path: Path) -> Identity:
+    """Another peer's identity: "bob"."""
+    return _identity(tmp_path, "bob")
+
+
+@pytest.fixture
+def mallory_id(tmp_path: Path) -> Identity:
+    """A key that no node has added."""
+    return _identity(tmp_path, "mallory")
+
+
+@pytest.fixture
+def storage_dir(tmp_path: Path) -> Path:
+    """The host's storage root (empty)."""
+    path = tmp_path / "storage"
+    path.mkdir()
+    return path
+
+
+class ServerFactory(Protocol):
+    """Starts a NodeServer on 127.0.0.1, port 0; the fixture closes it at teardown."""
+
+    def __call__(
+        self,
+        peers: Iterable[PeerGrant] | None = None,
+        *,
+        limits: Limits | None = None,
+        storage: Path | None = None,
+        identity: Identity | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        trash_days: int = 30,
+    ) -> Awaitable[NodeServer]: ...
+
+
+@pytest.fixture
+async def make_server(
+    host_id: Identity, alice_id: Identity, bob_id: Identity, storage_dir: Path
+) -> AsyncIterator[ServerFactory]:
+    """A factory of live servers (default: alice and bob, DEFAULT_QUOTA each)."""
+    started: list[NodeServer] = []
+
+    async def make(
+        peers: Iterable[PeerGrant] | None = None,
+        *,
+        limits: Limits | None = None,
+        storage: Path | None = None,
+        identity: Identity | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        trash_days: int = 30,
+    ) -> NodeServer:
+        grants = (
+            list(peers)
+            if peers is not None
+            else [
+                PeerGrant("alice", alice_id.public_line, DEFAULT_QUOTA),
+                PeerGrant("bob", bob_id.public_line, DEFAULT_QUOTA),
+            ]
+        )
+        space = HostedSpace(storage or storage_dir, trash_days=trash_days)
+        server = NodeServer(identity or host_id, space, grants, limits=limits, on_event=on_event)
+        started.append(server)
+        await server.start("127.0.0.1", 0)
+        for grant in grants:
+            await server.jail_ready(grant.name)
+        return server
+
+    yield make
+    for server in reversed(started):
+        await server.close()
+
+
+@pytest.fixture
+async def server(make_server: ServerFactory) -> NodeServer:
+    """A live host serving alice and bob (DEFAULT_QUOTA each), usage recounted."""
+    return await make_server()
+
+
+def address(server: NodeServer) -> str:
+    """The address a client connects to."""
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def fast_dir(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory on /dev/shm (tmpfs) when there is one, else in tmp_path.
+
+    For big or many-file trees: the test disk is sometimes very slow to create files.
+    """
+    base = Path("/dev/shm")
+    if not base.is_dir() or not os.access(base, os.W_OK):
+        path = tmp_path / "fast"
+        path.mkdir()
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix="mynas-test-", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def peer_target(server: NodeServer, name: str = "host") -> PeerTarget:
+    """How a peer's node reaches ``server``: its address and pinned host key."""
+    return PeerTarget(name, (address(server),), server.identity.public_line)

@@ -1,0 +1,909 @@
+"""Attack suite for the node's SSH server: every invariant of DESIGN.md is a target.
+
+A live NodeServer on 127.0.0.1 is attacked as a hostile (or compromised, or buggy) friend
+would, through
+
+* the MyNAS protocol: ``client.connect`` and hand-crafted frames written straight onto a
+  ``mynas@1`` channel (so malformed and hostile frames are tried, not just what our client
+  sends);
+* asyncssh's SFTP client;
+* OpenSSH's own ``ssh`` and ``sftp`` binaries.
+
+After an attack the disk is checked, not only the answer: a snapshot of everything under the
+test's tmp_path (other jails, a folder outside the storage root, the host's internal state)
+must be unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+import hashlib
+import json
+import os
+from pathlib import Path
+import stat
+import struct
+import time
+from typing import Any
+
+import asyncssh
+import pytest
+
+from custom_components.mynas.engine import client, protocol
+from custom_components.mynas.engine.errors import (
+    AuthRefused,
+    HostRefused,
+    MyNasError,
+)
+from custom_components.mynas.engine.identity import Identity
+from custom_components.mynas.engine.protocol import Close, Frame
+from custom_components.mynas.engine.server import Limits, NodeServer, PeerGrant
+
+from .conftest import DEFAULT_QUOTA, ServerFactory, address
+
+HOST = "127.0.0.1"
+MTIME = 1_700_000_000_123_456_789
+KIB = 1 << 10
+MIB = 1 << 20
+BLOCK = 4096
+SECRET = b"outside the storage root: must never be read"
+BOB_SECRET = b"bob's own file: alice must never see it"
+# Plenty of failed logins before any slow-down, so tests that fail on purpose stay fast.
+LENIENT = Limits(free_failures=1000)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def blocks(size: int) -> int:
+    """What a file of ``size`` bytes costs on the host (whole 4 KiB blocks, at least one)."""
+    return max(1, -(-size // BLOCK)) * BLOCK
+
+
+def disk_charge(storage: Path, peer: str) -> int:
+    """Recount, independently of storage.py, what the disk holds for ``peer``."""
+    total = 0
+    for top in (storage / peer, storage / ".mynas" / "trash" / peer):
+        total += _charge_below(top)
+    return total + _charge_below(storage / ".mynas" / "partial" / peer)
+
+
+def _charge_below(top: Path) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            info = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISDIR(info.st_mode):
+                total += BLOCK
+            elif stat.S_ISREG(info.st_mode):
+                total += blocks(info.st_size)
+    return total
+
+
+def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything under ``root``: type, size, mtime, content hash or link target."""
+    seen: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            info = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            if stat.S_ISLNK(info.st_mode):
+                seen[rel] = ("link", os.readlink(path))
+            elif stat.S_ISREG(info.st_mode):
+                digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                seen[rel] = ("file", info.st_size, info.st_mtime_ns, info.st_mode, digest)
+            else:
+                seen[rel] = ("dir", info.st_mtime_ns, info.st_mode)
+    return seen
+
+
+def trash_contents(storage: Path, peer: str) -> list[bytes]:
+    """The contents of every file in a peer's trash, sorted."""
+    found = []
+    for dirpath, _, filenames in os.walk(storage / ".mynas" / "trash" / peer):
+        found.extend(Path(dirpath, name).read_bytes() for name in filenames)
+    return sorted(found)
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll a condition that no event announces (the disk, a counter in another task)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Events:
+    """Collects what NodeServer's ``on_event`` reports, and lets a test await it."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        self.seen.append((kind, data))
+        self._changed.set()
+
+    def count(self, kind: str) -> int:
+        return sum(1 for seen, _ in self.seen if seen == kind)
+
+    async def wait(self, kind: str, count: int = 1, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while self.count(kind) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def ssh_connect(
+    server: NodeServer,
+    who: Identity | None,
+    *,
+    username: str = "mynas",
+    **options: Any,
+) -> asyncssh.SSHClientConnection:
+    """An asyncssh connection with ``who``'s key, the host key pinned, nothing else offered."""
+    settings: dict[str, Any] = {
+        "username": username,
+        "client_keys": [who.private_key] if who is not None else None,
+        "known_hosts": ([asyncssh.import_public_key(server.identity.public_line)], [], []),
+        "config": None,
+        "agent_path": None,
+        "password": None,
+        "kbdint_auth": False,
+        "gss_auth": False,
+        "host_based_auth": False,
+    }
+    settings.update(options)
+    return await asyncssh.connect(HOST, server.port, **settings)
+
+
+def _field(path: bytes) -> bytes:
+    return struct.pack(">H", len(path)) + path
+
+
+def raw_frame(kind: int, body: bytes) -> bytes:
+    """A frame built by hand: no client-side check on its size or contents."""
+    return struct.pack(">IB", len(body) + 1, kind) + body
+
+
+def hostile_requests(req: int, path: bytes) -> dict[str, bytes]:
+    """Every path-taking request of the protocol, aimed at ``path``."""
+    return {
+        "PUT": raw_frame(Frame.PUT, struct.pack(">IqH", req, MTIME, 0o644) + _field(path) + b"x"),
+        "OPEN": raw_frame(Frame.OPEN, struct.pack(">IQqH", req, 4, MTIME, 0o644) + _field(path)),
+        "DELETE": raw_frame(Frame.DELETE, struct.pack(">I", req) + _field(path)),
+        "MKDIR": raw_frame(Frame.MKDIR, struct.pack(">Iq", req, MTIME) + _field(path)),
+        "UTIME": raw_frame(Frame.UTIME, struct.pack(">Iq", req, MTIME) + _field(path)),
+        "LIST": raw_frame(Frame.LIST, struct.pack(">IB", req, 1) + _field(path)),
+        "READ": raw_frame(Frame.READ, struct.pack(">I", req) + _field(path)),
+        "RETENTION": protocol.query(
+            req, {"op": "retention", "folder": os.fsdecode(path), "days": 1}
+        ),
+    }
+
+
+class Raw:
+    """A ``mynas@1`` channel driven frame by frame."""
+
+    def __init__(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        writer: asyncssh.SSHWriter[bytes],
+        reader: asyncssh.SSHReader[bytes],
+    ) -> None:
+        self.conn = conn
+        self.writer = writer
+        self.reader = reader
+        self.welcome: dict[str, Any] = {}
+
+    @classmethod
+    async def open(
+        cls,
+        server: NodeServer,
+        who: Identity,
+        *,
+        hello: bool = True,
+        conn: asyncssh.SSHClientConnection | None = None,
+    ) -> Raw:
+        conn = conn or await ssh_connect(server, who)
+        writer, reader, _ = await conn.open_session(subsystem=protocol.SUBSYSTEM, encoding=None)
+        raw = cls(conn, writer, reader)
+        if hello:
+            raw.send(protocol.hello())
+            kind, body = await raw.recv()
+            assert kind is Frame.WELCOME
+            raw.welcome = json.loads(body)
+        return raw
+
+    def send(self, *frames: bytes) -> None:
+        self.writer.write(b"".join(frames))
+
+    async def recv(self, timeout: float = 10.0) -> tuple[Frame, bytes]:
+        return await asyncio.wait_for(protocol.read_frame(self.reader), timeout)
+
+    async def until_ok(self, req: int) -> dict[int, tuple[Frame, bytes]]:
+        """Collect answers (by request id) until OK names ``req``."""
+        answers: dict[int, tuple[Frame, bytes]] = {}
+        while True:
+            kind, body = await self.recv()
+            if kind is Frame.OK:
+                ids = protocol.parse_ok(body)
+                for done in ids:
+                    answers[done] = (kind, body)
+                if req in ids:
+                    return answers
+            elif kind in (Frame.ENTRY, Frame.DATA):
+                answers.setdefault(protocol.request_id(body), (kind, body))
+            else:
+                answers[protocol.request_id(body)] = (kind, body)
+
+    async def sync(self, req: int) -> dict[int, tuple[Frame, bytes]]:
+        self.send(protocol.sync(req))
+        return await self.until_ok(req)
+
+    async def ended(self, timeout: float = 10.0) -> bytes:
+        """Wait until the server closes the channel; return whatever it sent before."""
+        return await asyncio.wait_for(self.reader.read(), timeout)
+
+    async def close(self) -> None:
+        self.conn.close()
+        await self.conn.wait_closed()
+
+
+def fail_info(answer: tuple[Frame, bytes]) -> dict[str, Any]:
+    kind, body = answer
+    assert kind is Frame.FAIL, f"expected FAIL, got {kind.name}"
+    return protocol.parse_fail(body)[1]
+
+
+async def push_files(
+    link: client.PeerLink, files: dict[bytes, bytes]
+) -> dict[bytes, MyNasError | None]:
+    """PUT files through our own client; return each file's outcome."""
+    results: dict[bytes, MyNasError | None] = {}
+    for path, data in files.items():
+
+        def done(error: MyNasError | None, path: bytes = path) -> None:
+            results[path] = error
+
+        await link.put(path, MTIME, 0o644, data, done)
+    await link.sync()
+    return results
+
+
+async def upload(link: client.PeerLink, path: bytes, data: bytes, mtime_ns: int = MTIME) -> None:
+    """Send a file through OPEN/DATA/CLOSE (the large-file path), from wherever it resumes."""
+    req, offset = await link.open_upload(path, len(data), mtime_ns, 0o644)
+    for start in range(offset, len(data), protocol.CHUNK):
+        await link.send_data(req, data[start : start + protocol.CHUNK])
+    await link.close_upload(req, Close.FINISH)
+
+
+async def connect(server: NodeServer, who: Identity) -> client.PeerLink:
+    return await client.connect(who, address(server), server.identity.public_line)
+
+
+async def list_jail(link: client.PeerLink, path: bytes = b"") -> list[bytes]:
+    return [item.path async for item, _ in link.list(path)]
+
+
+# --- OpenSSH's own binaries -----------------------------------------------------------------
+
+
+class OpenSSH:
+    """Runs ``ssh`` and ``sftp`` against a server, as a friend with OpenSSH would."""
+
+    def __init__(self, server: NodeServer, key: Path, workdir: Path) -> None:
+        self.server = server
+        self.key = key
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.known_hosts = workdir / "known_hosts"
+        self.known_hosts.write_text(f"[{HOST}]:{server.port} {server.identity.public_line}\n")
+
+    def options(self) -> list[str]:
+        return [
+            "-F",
+            "/dev/null",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "UpdateHostKeys=no",
+            "-o",
+            "ConnectTimeout=10",
+            "-i",
+            str(self.key),
+        ]
+
+    async def run(
+        self,
+        program: str,
+        *args: str,
+        stdin: bytes = b"",
+        env: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> tuple[int, bytes, str]:
+        port_flag = "-P" if program == "sftp" else "-p"
+        environment = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK",)}
+        environment.pop("DISPLAY", None)
+        environment.update(env or {})
+        proc = await asyncio.create_subprocess_exec(
+            program,
+            *self.options(),
+            port_flag,
+            str(self.server.port),
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=self.workdir,
+            env=environment,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        assert proc.returncode is not None
+        return proc.returncode, out, err.decode(errors="replace")
+
+    async def ssh(self, *args: str, **kwargs: Any) -> tuple[int, bytes, str]:
+        return await self.run("ssh", *args, **kwargs)
+
+    async def sftp_batch(self, commands: list[str], user: str = "anyone") -> tuple[int, str, str]:
+        batch = self.workdir / "batch"
+        batch.write_text("\n".join(commands) + "\n")
+        code, out, err = await self.run("sftp", "-b", str(batch), f"{user}@{HOST}")
+        return code, out.decode(errors="replace"), err
+
+
+# --- a furnished host -------------------------------------------------------------------------
+
+
+ALICE_FILES = {
+    "notes.txt": b"alice's notes",
+    "photos/cat.jpg": b"\xff\xd8 a cat",
+    "dir/inner.txt": b"inside dir",
+}
+
+
+@pytest.fixture
+def furnished(tmp_path: Path, storage_dir: Path) -> Path:
+    """Fill the host's disk: alice's and bob's files, a folder outside, and admin's links.
+
+    The symlinks are what a host's admin (or a restored backup) might leave in a jail: every
+    one points out of it. Peers themselves can never make links.
+    """
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(SECRET)
+    alice = storage_dir / "alice"
+    for rel, data in ALICE_FILES.items():
+        (alice / rel).parent.mkdir(parents=True, exist_ok=True)
+        (alice / rel).write_bytes(data)
+    (storage_dir / "bob").mkdir(exist_ok=True)
+    (storage_dir / "bob" / "private.txt").write_bytes(BOB_SECRET)
+    (alice / "escape").symlink_to(outside)  # absolute, to a directory
+    (alice / "filelink").symlink_to(outside / "secret.txt")  # to a file
+    (alice / "rel").symlink_to("../bob")  # relative, to the neighbour's jail
+    (alice / "dir" / "up").symlink_to("../..")  # up to the storage root
+    (alice / "photos" / "loop").symlink_to("loop")  # a loop
+    os.mkfifo(alice / "fifo")  # a special file (opening it would hang a reader)
+    return outside
+
+
+LINKS = [b"escape", b"filelink", b"rel", b"dir/up", b"photos/loop", b"fifo"]
+THROUGH_LINKS = [
+    b"escape/secret.txt",
+    b"escape/new.txt",
+    b"rel/private.txt",
+    b"dir/up/bob/private.txt",
+    b"dir/up/.mynas/trash",
+    b"photos/loop/x",
+]
+SYNTACTIC = [
+    b"..",
+    b"../bob/private.txt",
+    b"../../outside/secret.txt",
+    b"../.mynas/trash/alice",
+    b"dir/../../bob/private.txt",
+    b"dir/../notes.txt",
+    b"/etc/passwd",
+    b"/",
+    b"./notes.txt",
+    b"dir/.",
+    b"dir//inner.txt",
+    b"dir/",
+    b"notes.txt\0.jpg",
+    b"\0",
+    b".mynas",
+    b".mynas/trash/alice",
+    b".mynasfoo",
+    b"dir/.mynas-tmp",
+    b"x" * 256,
+    b"/".join([b"d"] * 2100),  # 4199 bytes: over the 4096-byte path limit
+    b"/".join([b"d"] * 300),  # deeper than any walk allows
+]
+
+
+# --- (1) traversal through every path-taking operation -----------------------------------
+
+
+async def test_protocol_traversal_refused_by_every_operation(
+    server: NodeServer, alice_id: Identity, furnished: Path, tmp_path: Path
+) -> None:
+    """`..`, absolute, NUL, internal names, over-long paths, links: all refused, disk intact."""
+    hostile = [*SYNTACTIC, str(furnished / "secret.txt").encode(), *LINKS, *THROUGH_LINKS]
+    before = snapshot(tmp_path)
+    raw = await Raw.open(server, alice_id)
+    sent: dict[int, tuple[str, bytes]] = {}
+    req = 0
+    for path in hostile:
+        for op in hostile_requests(0, path):
+            if op == "RETENTION" and path in LINKS:
+                continue  # a folder name only: retention never touches the disk
+            req += 1
+            sent[req] = (op, path)
+            raw.send(hostile_requests(req, path)[op])
+    answers = await raw.sync(req + 1)
+    wrong = [
+        (op, path[:40], answers.get(number))
+        for number, (op, path) in sent.items()
+        if answers.get(number, (None,))[0] is not Frame.FAIL
+        or fail_info(answers[number])["code"] != "path"
+    ]
+    assert not wrong
+    await raw.close()
+    assert snapshot(tmp_path) == before
+    assert server.jail("alice").quota.reserved == 0
+
+
+async def test_protocol_list_and_read_skip_links_inside_the_jail(
+    server: NodeServer, alice_id: Identity, furnished: Path
+) -> None:
+    """LIST and READ of a tree that holds links show the tree's own files, never a link."""
+    async with await connect(server, alice_id) as link:
+        everything = await list_jail(link)
+        assert sorted(everything) == sorted(
+            [b"dir", b"dir/inner.txt", b"notes.txt", b"photos", b"photos/cat.jpg"]
+        )
+        assert await list_jail(link, b"dir") == [b"dir/inner.txt"]
+        hashed = [(item.path, digest) async for item, digest in link.list(with_hash=True)]
+        assert all(digest for path, digest in hashed if path.endswith((b".txt", b".jpg")))
+        got: list[bytes] = []
+        content = b""
+        async for kind, value in link.read(b"dir"):
+            if kind is Frame.ENTRY:
+                got.append(value[0].path)
+            else:
+                content += bytes(value)
+        assert got == [b"dir", b"dir/inner.txt"]
+        assert content == b"inside dir"
+        for path in LINKS + THROUGH_LINKS:
+            with pytest.raises(HostRefused) as refused:
+                async for _ in link.read(path):
+                    pass
+            assert refused.value.code == "path", path
+
+
+SFTP_HOSTILE = [
+    b"..",
+    b"/..",
+    b"../bob",
+    b"/../bob/private.txt",
+    b"../../outside/secret.txt",
+    b"/../.mynas/trash/alice",
+    b"/.mynas",
+    b".mynas/peers/alice/state.json",
+    b"/etc/passwd",
+    b"notes.txt\0.jpg",
+    b"x" * 300,
+    b"/" + b"/".join([b"d"] * 2100),
+]
+
+
+async def test_sftp_traversal_stays_in_the_jail(
+    server: NodeServer, alice_id: Identity, furnished: Path, tmp_path: Path
+) -> None:
+    """Every path-taking SFTP request: nothing outside alice's own jail is ever reached."""
+    before = snapshot(tmp_path)
+    outside = [os.fsencode(furnished / "secret.txt"), os.fsencode(furnished)]
+    conn = await ssh_connect(server, alice_id)
+    try:
+        sftp = await conn.start_sftp_client()
+        own_root = sorted(await sftp.listdir(b"/"))
+        assert own_root == sorted([b".", b"..", b"notes.txt", b"photos", b"dir"])
+        for path in [*SFTP_HOSTILE, *outside]:
+            for name, call in _sftp_reads(sftp, path).items():
+                try:
+                    result = await call()
+                except asyncssh.SFTPError:
+                    continue
+                _assert_inside(name, path, result, own_root)
+        await _sftp_readlink_refused(sftp, [b"/notes.txt", b"/escape", b"/filelink"])
+        sftp.exit()
+        await sftp.wait_closed()
+    finally:
+        conn.close()
+        await conn.wait_closed()
+    assert snapshot(tmp_path) == before
+
+
+def _sftp_reads(sftp: asyncssh.SFTPClient, path: bytes) -> dict[str, Callable[[], Awaitable[Any]]]:
+    async def read() -> bytes:
+        async with sftp.open(path, "rb") as handle:
+            return bytes(await handle.read())
+
+    return {
+        "stat": lambda: sftp.stat(path),
+        "lstat": lambda: sftp.lstat(path),
+        "listdir": lambda: sftp.listdir(path),
+        "open": read,
+        "realpath": lambda: sftp.realpath(path),
+        "exists": lambda: sftp.isdir(path),
+        "statvfs": lambda: sftp.statvfs(path),
+    }
+
+
+def _assert_inside(name: str, path: bytes, result: Any, own_root: list[bytes]) -> None:
+    where = f"{name} {path[:60]!r}"
+    if isinstance(result, bytes) and name == "open":
+        assert result not in (SECRET, BOB_SECRET), where
+    elif isinstance(result, bytes):  # realpath: lexical, always inside "/"
+        assert result.startswith(b"/"), where
+        assert b".." not in result.split(b"/"), where
+    elif isinstance(result, list):  # a listing: only ever alice's own root ("/.." is "/")
+        assert sorted(result) == own_root, where
+    elif isinstance(result, asyncssh.SFTPAttrs):
+        # "/.." and ".." are the jail root itself; nothing else outside exists for alice.
+        assert path.strip(b"/.") == b"", where
+
+
+async def _sftp_readlink_refused(sftp: asyncssh.SFTPClient, paths: list[bytes]) -> None:
+    for path in paths:
+        with pytest.raises(asyncssh.SFTPError):
+            await sftp.readlink(path)
+
+
+async def test_sftp_refuses_every_link_already_in_the_jail(
+    server: NodeServer, alice_id: Identity, furnished: Path, tmp_path: Path
+) -> None:
+    """stat/lstat/open/listdir through or onto a link: permission denied, never followed."""
+    before = snapshot(tmp_path)
+    conn = await ssh_connect(server, alice_id)
+    try:
+        sftp = await conn.start_sftp_client()
+        for path in LINKS + THROUGH_LINKS:
+            for name, call in _sftp_reads(sftp, b"/" + path).items():
+                if name in ("realpath", "statvfs"):
+                    continue  # lexical / the quota: they never look at the path
+                if name == "exists":
+                    assert not await call(), path
+                    continue
+                with pytest.raises(asyncssh.SFTPError) as refused:
+                    await call()
+                # Permission denied, not "no such file": the link was seen and refused.
+                assert refused.value.code == asyncssh.FX_PERMISSION_DENIED, (name, path)
+        # A listing never shows a link, a FIFO or anything behind them.
+        assert sorted(await sftp.listdir(b"/dir")) == [b".", b"..", b"inner.txt"]
+        assert sorted(await sftp.listdir(b"/photos")) == [b".", b"..", b"cat.jpg"]
+        sftp.exit()
+        await sftp.wait_closed()
+    finally:
+        conn.close()
+        await conn.wait_closed()
+    assert snapshot(tmp_path) == before
+
+
+# --- (2) links and writes through SFTP ---------------------------------------------------
+
+
+async def test_sftp_refuses_links_and_every_write(
+    server: NodeServer, alice_id: Identity, furnished: Path, tmp_path: Path
+) -> None:
+    """symlink, hard link, rename, remove, rmdir, mkdir, setstat, writes, creates: refused."""
+    before = snapshot(tmp_path)
+    conn = await ssh_connect(server, alice_id)
+    try:
+        sftp = await conn.start_sftp_client()
+        attempts: dict[str, Callable[[], Awaitable[Any]]] = {
+            "symlink out": lambda: sftp.symlink(str(furnished), "/out"),
+            # The two-step escape of DESIGN.md: a dangling relative link, then its target.
+            "symlink dangling": lambda: sftp.symlink("foo/../../out", "/dir/out"),
+            "symlink root": lambda: sftp.symlink("/", "/dir/foo"),
+            "hardlink": lambda: sftp.link("/notes.txt", "/hard.txt"),
+            "hardlink in": lambda: sftp.link(str(furnished / "secret.txt"), "/s.txt"),
+            "rename": lambda: sftp.rename("/notes.txt", "/moved.txt"),
+            "rename dir up": lambda: sftp.rename("/dir", "/photos/dir"),
+            "posix-rename": lambda: sftp.posix_rename("/notes.txt", "/dir/inner.txt"),
+            "remove": lambda: sftp.remove("/notes.txt"),
+            "remove link": lambda: sftp.remove("/escape"),
+            "rmdir": lambda: sftp.rmdir("/dir"),
+            "rmdir root": lambda: sftp.rmdir("/"),
+            "mkdir": lambda: sftp.mkdir("/newdir"),
+            "chmod": lambda: sftp.chmod("/notes.txt", 0o4777),
+            "chmod root": lambda: sftp.chmod("/", 0o777),
+            "chown": lambda: sftp.chown("/notes.txt", 0, 0),
+            "utime": lambda: sftp.utime("/notes.txt", (0, 0)),
+            "truncate": lambda: sftp.truncate("/notes.txt", 0),
+            "lsetstat": lambda: sftp.setstat(
+                "/escape", asyncssh.SFTPAttrs(permissions=0o777), follow_symlinks=False
+            ),
+            "create": lambda: _sftp_write(sftp, "/new.txt", "wb"),
+            "overwrite": lambda: _sftp_write(sftp, "/notes.txt", "wb"),
+            "append": lambda: _sftp_write(sftp, "/notes.txt", "ab"),
+            "update": lambda: _sftp_write(sftp, "/notes.txt", "r+b"),
+            "exclusive": lambda: _sftp_write(sftp, "/x.txt", "xb"),
+            "write via link": lambda: _sftp_write(sftp, "/escape/new.txt", "wb"),
+            "fsetstat": lambda: _sftp_fsetstat(sftp, "/notes.txt"),
+            "write on read handle": lambda: _sftp_write_read_handle(sftp, "/notes.txt"),
+            "copy": lambda: sftp.copy("/notes.txt", "/copy.txt"),
+            "put": lambda: sftp.put(str(furnished / "secret.txt"), "/secret.txt"),
+        }
+        accepted = []
+        for name, attempt in attempts.items():
+            try:
+                await attempt()
+            except asyncssh.SFTPError, OSError:
+                continue
+            accepted.append(name)
+        assert accepted == []
+        # Reading what is there still works: the replica is browsable.
+        async with sftp.open("/notes.txt", "rb") as handle:
+            assert await handle.read() == ALICE_FILES["notes.txt"]
+        sftp.exit()
+        await sftp.wait_closed()
+    finally:
+        conn.close()
+        await conn.wait_closed()
+    assert snapshot(tmp_path) == before
+
+
+async def _sftp_write(sftp: asyncssh.SFTPClient, path: str, mode: str) -> None:
+    async with sftp.open(path, mode) as handle:
+        await handle.write(b"written through sftp")
+
+
+async def _sftp_fsetstat(sftp: asyncssh.SFTPClient, path: str) -> None:
+    async with sftp.open(path, "rb") as handle:
+        await handle.chmod(0o777)
+
+
+async def _sftp_write_read_handle(sftp: asyncssh.SFTPClient, path: str) -> None:
+    async with sftp.open(path, "rb") as handle:
+        # asyncssh checks nothing locally: the request reaches the server.
+        await handle.write(b"x", 0)
+
+
+async def test_sftp_statvfs_reports_the_quota(
+    server: NodeServer, alice_id: Identity, storage_dir: Path
+) -> None:
+    """statvfs: the "filesystem" is the peer's quota (used counted), read-only."""
+    async with await connect(server, alice_id) as link:
+        assert await push_files(link, {b"a.bin": b"a" * 10_000}) == {b"a.bin": None}
+    used = server.jail("alice").quota.used
+    assert used == disk_charge(storage_dir, "alice") == blocks(10_000)
+    conn = await ssh_connect(server, alice_id)
+    try:
+        sftp = await conn.start_sftp_client()
+        fs = await sftp.statvfs("/")
+        assert fs.blocks * fs.frsize == DEFAULT_QUOTA
+        assert fs.bavail * fs.frsize == DEFAULT_QUOTA - used
+        assert fs.flags & asyncssh.FXE_STATVFS_ST_RDONLY
+        sftp.exit()
+        await sftp.wait_closed()
+    finally:
+        conn.close()
+        await conn.wait_closed()
+
+
+async def test_openssh_sftp_browses_own_files_and_is_refused_everything_else(
+    server: NodeServer,
+    alice_id: Identity,
+    furnished: Path,
+    tmp_path: Path,
+    key_file: Callable[[str], Path],
+) -> None:
+    """OpenSSH's sftp as a hostile friend: lists and downloads its own files, nothing else."""
+    before = snapshot(tmp_path / "storage")
+    openssh = OpenSSH(server, key_file("alice"), tmp_path / "openssh")
+    local = openssh.workdir / "local.txt"
+    local.write_bytes(b"uploaded by a hostile friend")
+    code, out, err = await openssh.sftp_batch(
+        [
+            "ls -la /",
+            "get /notes.txt got-notes.txt",
+            "get -r /photos got-photos",
+            "df",
+        ]
+    )
+    assert code == 0, err
+    assert "notes.txt" in out
+    assert "photos" in out
+    assert "escape" not in out
+    assert "filelink" not in out
+    assert "fifo" not in out
+    assert (openssh.workdir / "got-notes.txt").read_bytes() == ALICE_FILES["notes.txt"]
+    assert (openssh.workdir / "got-photos" / "cat.jpg").read_bytes() == ALICE_FILES[
+        "photos/cat.jpg"
+    ]
+    hostile = [
+        "put local.txt /new.txt",
+        "put local.txt /notes.txt",
+        "mkdir /newdir",
+        "rmdir /dir",
+        "rm /notes.txt",
+        "rename /notes.txt /moved.txt",
+        "ln -s /etc /etc-link",
+        "ln /notes.txt /hard.txt",
+        "symlink / /dir/root",
+        "chmod 4777 /notes.txt",
+        "chown 0 /notes.txt",
+        "chgrp 0 /notes.txt",
+        "get /escape/secret.txt s1",
+        "get /filelink s2",
+        "get /rel/private.txt s3",
+        "get /dir/up/bob/private.txt s4",
+        "get /../bob/private.txt s5",
+        "get ../../outside/secret.txt s6",
+        f"get {furnished / 'secret.txt'} s7",
+        "get /.mynas/peers/alice/state.json s8",
+        "ls /escape",
+        "ls /rel",
+        "ls /..",
+        "cd /dir/up",
+        "get /fifo s9",
+    ]
+    # One command per batch: sftp -b stops at the first failure, and each must fail.
+    for command in hostile:
+        code, out, err = await openssh.sftp_batch([command])
+        assert code != 0 or "/.." in command, (command, out, err)
+        if command == "ls /..":  # the jail's root: "/.." is "/"
+            assert "notes.txt" in out
+            assert "private.txt" not in out
+    downloads = {path.name for path in openssh.workdir.iterdir()}
+    assert not {f"s{n}" for n in range(1, 10)} & downloads
+    assert snapshot(tmp_path / "storage") == before
+
+
+# --- (3) identity: unknown keys, other peers' jails, no keyless login -------------------------
+
+
+async def test_unknown_key_is_refused_and_recorded(
+    make_server: ServerFactory,
+    mallory_id: Identity,
+    tmp_path: Path,
+    key_file: Callable[[str], Path],
+) -> None:
+    """An unknown key gets nothing; its fingerprint is recorded and reported once."""
+    events = Events()
+    server = await make_server(limits=LENIENT, on_event=events)
+    with pytest.raises(AuthRefused):
+        await connect(server, mallory_id)
+    assert mallory_id.fingerprint in server.unknown_keys
+    seen = server.unknown_keys[mallory_id.fingerprint]
+    assert seen.public_key == mallory_id.public_line
+    assert seen.address == HOST
+    await events.wait("unknown_key")
+    assert ("unknown_key", {"fingerprint": mallory_id.fingerprint, "address": HOST}) in (
+        events.seen
+    )
+    openssh = OpenSSH(server, key_file("mallory"), tmp_path / "openssh")
+    code, _, err = await openssh.ssh("-s", HOST, "sftp")
+    assert code == 255
+    assert "Permission denied (publickey)" in err
+    assert server.unknown_keys[mallory_id.fingerprint].attempts >= 2
+    assert events.count("unknown_key") == 1  # reported once, counted every time
+    assert not events.count("peer_connected")
+
+
+async def test_no_login_without_a_key(
+    make_server: ServerFactory, tmp_path: Path, key_file: Callable[[str], Path]
+) -> None:
+    """No key: none, password and keyboard-interactive logins are all refused."""
+    server = await make_server(limits=LENIENT)
+    for options in (
+        {},
+        {"password": "alice"},
+        {"kbdint_auth": True, "password": ""},
+    ):
+        with pytest.raises(asyncssh.PermissionDenied):
+            await ssh_connect(server, None, username="alice", **options)
+    openssh = OpenSSH(server, key_file("mallory"), tmp_path / "openssh")
+    code, _, err = await openssh.ssh(
+        "-o",
+        "PubkeyAuthentication=no",
+        "-o",
+        "PasswordAuthentication=yes",
+        "-o",
+        "KbdInteractiveAuthentication=yes",
+        "-o",
+        "PreferredAuthentications=none,password,keyboard-interactive,hostbased",
+        "alice@" + HOST,
+        "true",
+    )
+    assert code == 255
+    assert "Permission denied (publickey)" in err
+    assert not server.peer_state.get("alice")
+
+
+async def test_known_key_cannot_name_another_jail(
+    server: NodeServer,
+    alice_id: Identity,
+    bob_id: Identity,
+    storage_dir: Path,
+    tmp_path: Path,
+    key_file: Callable[[str], Path],
+) -> None:
+    """A peer sees only its own jail: by protocol, by SFTP "/", whatever the user name."""
+    async with await connect(server, bob_id) as link:
+        assert await push_files(link, {b"private.txt": BOB_SECRET}) == {b"private.txt": None}
+    async with await connect(server, alice_id) as link:
+        assert link.welcome["peer"] == "alice"
+        outcome = await push_files(
+            link,
+            {
+                b"mine.txt": b"alice",
+                b"../bob/private.txt": b"overwritten by alice",
+                b"../bob/new.txt": b"planted by alice",
+                os.fsencode(storage_dir / "bob" / "x.txt"): b"planted by alice",
+            },
+        )
+        refused = {path for path, error in outcome.items() if isinstance(error, HostRefused)}
+        assert refused == set(outcome) - {b"mine.txt"}
+        assert outcome[b"mine.txt"] is None
+        assert await list_jail(link) == [b"mine.txt"]
+        for path in (b"../bob", b"../bob/private.txt", b"bob/private.txt"):
+            with pytest.raises(HostRefused):
+                async for _ in link.read(path):
+                    pass
+    assert sorted(os.listdir(storage_dir / "bob")) == ["private.txt"]
+    assert (storage_dir / "bob" / "private.txt").read_bytes() == BOB_SECRET
+    # The SSH user name is ignored: "bob@host" with alice's key is alice.
+    conn = await ssh_connect(server, alice_id, username="bob")
+    try:
+        sftp = await conn.start_sftp_client()
+        assert sorted(await sftp.listdir("/")) == [".", "..", "mine.txt"]
+        assert sorted(await sftp.listdir("/..")) == [".", "..", "mine.txt"]
+        with pytest.raises(asyncssh.SFTPNoSuchFile):
+            await sftp.stat("/bob/private.txt")
+        sftp.exit()
+        await sftp.wait_closed()
+    finally:
+        conn.close()
+        await conn.wait_closed()
+    openssh = OpenSSH(server, key_file("alice"), tmp_path / "openssh")
+    code, out, err = await openssh.sftp_batch(["ls -1 /", "ls -1 /.."], user="bob")
+    assert code == 0, err
+    assert "mine.txt" in out
+    assert "private.txt" not in out
+
+
+async def test_removed_peer_is_disconnected_and_refused(
+    make_server: ServerFactory, alice_id: Identity, bob_id: Identity
+) -> None:
+    """Dropping a peer from the list cuts its live connection and refuses the next one."""
+    events = Events()
+    server = await make_server(limits=LENIENT, on_event=events)
+    link = await connect(server, alice_id)
+    try:
+        await server.set_peers([PeerGrant("bob", bob_id.public_line, DEFAULT_QUOTA)])
+        await events.wait("peer_disconnected")
+        with pytest.raises(MyNasError):
+            await link.usage()
+    finally:
+        await link.close()
+    with pytest.raises(AuthRefused):
+        await connect(server, alice_id)
