@@ -163,6 +163,8 @@ def _path(path: bytes) -> bytes:
 
 
 def _split_path(body: bytes, offset: int) -> tuple[bytes, int]:
+    if offset + _LEN16.size > len(body):
+        raise ProtocolError("truncated path")
     (length,) = _LEN16.unpack_from(body, offset)
     start = offset + _LEN16.size
     end = start + length
@@ -404,6 +406,8 @@ def parse_offset(body: bytes) -> tuple[int, int]:
 def parse_entry(body: bytes) -> tuple[int, Entry, bytes | None]:
     """Decode ENTRY into (id, entry, hash or None)."""
     req, kind, size, mtime_ns, mode = _unpack(_ENTRY, body)
+    if kind not in (0, 1):
+        raise ProtocolError(f"unknown entry kind {kind}")
     start = _ENTRY.size
     if len(body) <= start:
         raise ProtocolError("truncated entry")
