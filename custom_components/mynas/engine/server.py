@@ -495,7 +495,10 @@ class _ReplicationSession:
         if self._upload is not None:
             upload = self._upload
             self._upload = None
-            upload.task.cancel()
+            # Not cancel(): a write already running in a worker thread would go on while
+            # abandon() closes its file. The writer ends after the chunks it already holds.
+            if not upload.task.done():
+                await upload.queue.put(None)
             await asyncio.gather(upload.task, return_exceptions=True)
             await self._thread(upload.upload.abandon)
 
