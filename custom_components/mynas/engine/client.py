@@ -14,7 +14,8 @@ cipher.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+import contextlib
 from dataclasses import dataclass
 import logging
 import os
@@ -78,6 +79,8 @@ class _Stream:
     """Where the frames of a LIST or READ answer go, in order."""
 
     queue: asyncio.Queue[tuple[Frame, Any]]
+    # Set when the connection is lost: the consumer must hear it even if the queue is full.
+    error: MyNasError | None = None
 
 
 class PeerLink:
@@ -100,6 +103,8 @@ class PeerLink:
         self._waiters: dict[int, asyncio.Future[Any]] = {}
         self._callbacks: dict[int, AckCallback] = {}
         self._streams: dict[int, _Stream] = {}
+        # Streams whose reader stopped early: their frames are dropped until DONE or FAIL.
+        self._abandoned: set[int] = set()
         self._unflushed = 0
         self._closed: BaseException | None = None
         self._dispatcher: asyncio.Task[None] | None = None
@@ -144,27 +149,62 @@ class PeerLink:
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         return self._next_id
 
-    async def _send(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> None:
+        """Queue a frame on the channel; PeerUnreachable once the connection is gone."""
         if self._closed is not None:
             raise _lost(self.address, self._closed)
-        self._writer.write(data)
+        try:
+            self._writer.write(data)
+        except (asyncssh.Error, OSError) as err:
+            raise self._broken(err) from None
         self._unflushed += len(data)
+
+    async def _send(self, data: bytes) -> None:
+        """Queue a frame, waiting for the channel's flow control now and then."""
+        self._write(data)
         if self._unflushed >= _DRAIN_EVERY:
-            self._unflushed = 0
-            await self._writer.drain()
+            await self.flush()
 
     async def flush(self) -> None:
         """Push everything queued into the channel, waiting for its flow control."""
+        if self._closed is not None:
+            raise _lost(self.address, self._closed)
         self._unflushed = 0
-        await self._writer.drain()
+        try:
+            await self._writer.drain()
+        except (asyncssh.Error, OSError) as err:
+            raise self._broken(err) from None
+
+    def _broken(self, cause: BaseException) -> MyNasError:
+        """Fail what is pending on a channel that can no longer be written to."""
+        self._fail_everything(cause)
+        return _lost(self.address, cause)
+
+    async def _ask(self, req: int, data: bytes) -> Any:
+        """Send a request and wait for its answer (OK, OFFSET or REPLY; FAIL raises)."""
+        self._write(data)  # the answer cannot come before this coroutine waits
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[req] = future
+        try:
+            await self.flush()
+        except BaseException:
+            if not future.done():
+                future.cancel()  # a late answer is then dropped
+            elif not future.cancelled():
+                future.exception()  # raised here instead: never "unretrieved"
+            raise
+        return await future
+
+    async def _post(self, req: int, data: bytes, on_done: AckCallback) -> None:
+        """Send a request whose answer goes to ``on_done``, without waiting for it."""
+        self._write(data)  # nothing is registered for a request that never left
+        self._callbacks[req] = on_done
+        if self._unflushed >= _DRAIN_EVERY:
+            await self.flush()
 
     async def _request(self, build: Callable[[int], bytes]) -> Any:
         req = self._new_id()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiters[req] = future
-        await self._send(build(req))
-        await self.flush()
-        return await future
+        return await self._ask(req, build(req))
 
     # --- the protocol's requests ---------------------------------------------------------
 
@@ -173,19 +213,15 @@ class PeerLink:
     ) -> None:
         """Send a whole small file; ``on_done`` hears whether the host stored it durably."""
         req = self._new_id()
-        self._callbacks[req] = on_done
-        await self._send(protocol.put(req, path, mtime_ns, mode, data))
+        await self._post(req, protocol.put(req, path, mtime_ns, mode, data), on_done)
 
     async def open_upload(
         self, path: bytes, size: int, mtime_ns: int, mode: int
     ) -> tuple[int, int]:
         """Start (or resume) a large file; return (request id, offset the host already has)."""
         req = self._new_id()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiters[req] = future
-        await self._send(protocol.open_upload(req, path, size, mtime_ns, mode))
-        await self.flush()
-        return req, int(await future)
+        offset = await self._ask(req, protocol.open_upload(req, path, size, mtime_ns, mode))
+        return req, int(offset)
 
     async def send_data(self, req: int, chunk: bytes | memoryview) -> None:
         """Send the next piece of an open upload."""
@@ -193,29 +229,22 @@ class PeerLink:
 
     async def close_upload(self, req: int, how: protocol.Close) -> None:
         """End an upload; for FINISH, returns once the file is durable under its name."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiters[req] = future
-        await self._send(protocol.close(req, how))
-        await self.flush()
-        await future
+        await self._ask(req, protocol.close(req, how))
 
     async def delete(self, path: bytes, on_done: AckCallback) -> None:
         """Ask the host to move a file or tree into its trash."""
         req = self._new_id()
-        self._callbacks[req] = on_done
-        await self._send(protocol.delete(req, path))
+        await self._post(req, protocol.delete(req, path), on_done)
 
     async def mkdir(self, path: bytes, mtime_ns: int | None, on_done: AckCallback) -> None:
         """Create a directory (and parents) on the host."""
         req = self._new_id()
-        self._callbacks[req] = on_done
-        await self._send(protocol.mkdir(req, path, mtime_ns))
+        await self._post(req, protocol.mkdir(req, path, mtime_ns), on_done)
 
     async def utime(self, path: bytes, mtime_ns: int, on_done: AckCallback) -> None:
         """Set a file's or directory's mtime on the host."""
         req = self._new_id()
-        self._callbacks[req] = on_done
-        await self._send(protocol.utime(req, path, mtime_ns))
+        await self._post(req, protocol.utime(req, path, mtime_ns), on_done)
 
     async def sync(self) -> None:
         """Return once every earlier request is answered and durable on the host."""
@@ -236,37 +265,59 @@ class PeerLink:
 
     async def list(
         self, path: bytes = b"", *, with_hash: bool = False
-    ) -> AsyncIterator[tuple[Entry, bytes | None]]:
-        """Yield the host's entries below ``path`` in canonical order (with content hashes)."""
-        async for kind, value in self._stream(
-            lambda req: protocol.list_tree(req, path, with_hash=with_hash)
-        ):
-            if kind is not Frame.ENTRY:
-                raise ProtocolError(f"unexpected {kind.name} in a listing")
-            yield value
+    ) -> AsyncGenerator[tuple[Entry, bytes | None]]:
+        """Yield the host's entries below ``path`` in canonical order (with content hashes).
 
-    async def read(self, path: bytes) -> AsyncIterator[tuple[Frame, Any]]:
-        """Yield a file's or tree's ENTRY frames ((Entry, None)) and DATA frames (bytes)."""
-        async for item in self._stream(lambda req: protocol.read(req, path)):
-            yield item
+        Close the generator (``contextlib.aclosing``) when leaving it early.
+        """
 
-    async def _stream(self, build: Callable[[int], bytes]) -> AsyncIterator[tuple[Frame, Any]]:
+        def build(req: int) -> bytes:
+            return protocol.list_tree(req, path, with_hash=with_hash)
+
+        # Closing this generator closes the stream at once, not whenever it is collected.
+        async with contextlib.aclosing(self._stream(build)) as frames:
+            async for kind, value in frames:
+                if kind is not Frame.ENTRY:
+                    raise ProtocolError(f"unexpected {kind.name} in a listing")
+                yield value
+
+    def read(self, path: bytes) -> AsyncGenerator[tuple[Frame, Any]]:
+        """Yield a file's or tree's ENTRY frames ((Entry, None)) and DATA frames (bytes).
+
+        Close the generator (``contextlib.aclosing``) when leaving it early.
+        """
+        return self._stream(lambda req: protocol.read(req, path))
+
+    async def _stream(self, build: Callable[[int], bytes]) -> AsyncGenerator[tuple[Frame, Any]]:
         req = self._new_id()
         # Bounded: a slow consumer stops the dispatcher, which stops reading the channel.
         stream = _Stream(asyncio.Queue(256))
         self._streams[req] = stream
+        finished = True  # until the request is out: nothing will answer it
         try:
-            await self._send(build(req))
+            self._write(build(req))
+            finished = False
             await self.flush()
             while True:
+                if stream.error is not None and stream.queue.empty():
+                    finished = True
+                    raise stream.error
                 kind, value = await stream.queue.get()
                 if kind is Frame.DONE:
+                    finished = True
                     return
                 if kind is Frame.FAIL:
+                    finished = True
                     raise value
                 yield kind, value
         finally:
-            self._streams.pop(req, None)
+            if self._streams.pop(req, None) is not None and not finished:
+                # The reader left early (an error, a break): unless its end is already
+                # here, the host is still answering and the rest must be dropped.
+                while not finished and not stream.queue.empty():
+                    finished = stream.queue.get_nowait()[0] in (Frame.DONE, Frame.FAIL)
+                if not finished:
+                    self._abandoned.add(req)
 
     # --- receiving -------------------------------------------------------------------------
 
@@ -283,6 +334,10 @@ class PeerLink:
             _LOGGER.warning("%s broke the protocol: %s", self.address, err)
             self._fail_everything(err)
             self._conn.close()
+        except Exception as err:  # never leave requests waiting on a dead dispatcher
+            _LOGGER.exception("Reading from %s failed", self.address)
+            self._fail_everything(err)
+            self._conn.close()
 
     async def _handle(self, kind: Frame, body: bytes) -> None:
         if kind is Frame.OK:
@@ -294,6 +349,8 @@ class PeerLink:
             stream = self._streams.get(req)
             if stream is not None:
                 await stream.queue.put((Frame.FAIL, error))
+            elif req in self._abandoned:
+                self._abandoned.discard(req)
             else:
                 self._resolve(req, error)
         elif kind is Frame.OFFSET:
@@ -317,6 +374,10 @@ class PeerLink:
     async def _to_stream(self, req: int, kind: Frame, value: Any) -> None:
         stream = self._streams.get(req)
         if stream is None:
+            if req in self._abandoned:
+                if kind is Frame.DONE:
+                    self._abandoned.discard(req)
+                return
             raise ProtocolError(f"{kind.name} for no open request")
         await stream.queue.put((kind, value))
 
@@ -347,8 +408,13 @@ class PeerLink:
                 future.set_exception(error)
         self._waiters.clear()
         for stream in self._streams.values():
-            stream.queue.put_nowait((Frame.FAIL, error)) if not stream.queue.full() else None
+            # The reader gets what was already queued, then the error (never a hang on a
+            # full queue: it checks ``error`` before each wait).
+            stream.error = error
+            if not stream.queue.full():
+                stream.queue.put_nowait((Frame.FAIL, error))
         self._streams.clear()
+        self._abandoned.clear()
 
 
 def _lost(address: str, cause: BaseException) -> MyNasError:
@@ -418,12 +484,19 @@ async def connect(
         link = PeerLink(conn, writer, reader, address)
         await link._start()
     except (asyncssh.Error, OSError, asyncio.IncompleteReadError, TimeoutError) as err:
-        conn.close()
+        await _abort(conn)
         raise PeerUnreachable(address, f"the peer would not start replication: {err}") from None
     except BaseException:
-        conn.close()
+        await _abort(conn)
         raise
     return link
+
+
+async def _abort(conn: asyncssh.SSHClientConnection) -> None:
+    """Close a connection that never became a link, and wait until it is gone."""
+    conn.close()
+    with contextlib.suppress(Exception):
+        await conn.wait_closed()
 
 
 async def connect_any(identity: Identity, addresses: Sequence[str], peer_key: str) -> PeerLink:
