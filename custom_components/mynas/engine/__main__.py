@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--bwlimit", type=_size, metavar="RATE", help="bytes per second, e.g. 5M"
             )
+            sub.add_argument(
+                "--allow-empty",
+                action="store_true",
+                help="push an empty folder even if the peer holds files of it (deletes them)",
+            )
         if name == "verify":
             sub.add_argument("--repair", action="store_true", help="send what is missing or wrong")
     return parser
@@ -237,6 +242,7 @@ async def cmd_push(args: argparse.Namespace) -> int:
             exclude=args.exclude,
             bwlimit=args.bwlimit,
             progress=_progress_printer(),
+            allow_empty=args.allow_empty,
         )
     for message in result.errors:
         print(f"warning: {message}", file=sys.stderr)
@@ -277,7 +283,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     for example in result.examples:
         print(example, file=sys.stderr)
     _summary(result.as_dict())
-    return 0 if result.clean or (args.repair and result.repaired) else 1
+    return 0 if result.clean or result.repair_complete else 1
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {

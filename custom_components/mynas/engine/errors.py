@@ -103,11 +103,16 @@ class PathRefused(MyNasError):
 
 
 class SourceMissing(MyNasError):
-    """The local folder to back up is missing or unreadable."""
+    """The local folder to back up is missing, unreadable, or empty when it should not be."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, reason: str | None = None) -> None:
         self.path = path
-        super().__init__(f"the folder to back up is missing or unreadable: {path}")
+        self.reason = reason
+        super().__init__(
+            f"the folder to back up {reason}: {path}"
+            if reason
+            else f"the folder to back up is missing or unreadable: {path}"
+        )
 
 
 class RestoreConflict(MyNasError):

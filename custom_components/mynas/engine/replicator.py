@@ -11,11 +11,12 @@ leaves index and replica consistent, and the next run completes the work.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 import contextlib
 from dataclasses import asdict, dataclass, field
 import enum
+import itertools
 import os
 import stat
 import threading
@@ -36,7 +37,7 @@ from .errors import (
 )
 from .identity import Identity
 from .index import Index, IndexEntry
-from .protocol import CHUNK, Close, Frame
+from .protocol import CHUNK, Close, FailCode, Frame
 from .scanner import Action, Change
 from .throttle import Throttle
 
@@ -138,6 +139,8 @@ class VerifyResult:
     mismatched: int = 0
     extra: int = 0
     repaired: int = 0
+    # True once a repair push went through without errors: the replica matches now.
+    repair_complete: bool = False
     examples: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -225,11 +228,11 @@ class _Feeder:
         peer: str,
         exclude: Sequence[str],
     ) -> None:
-        self.queue: asyncio.Queue[list[_Work] | BaseException | None] = asyncio.Queue(
+        # (batch, whether it is the scan's last), then None; or the exception that ended it.
+        self.queue: asyncio.Queue[tuple[list[_Work], bool] | BaseException | None] = asyncio.Queue(
             _QUEUE_BATCHES
         )
         self.report = scanner.ScanReport()
-        self.done = False
         self._loop = loop
         self._source = source
         self._index = index
@@ -237,6 +240,8 @@ class _Feeder:
         self._peer = peer
         self._exclude = exclude
         self._stop = threading.Event()
+        # Once the run cannot store anything more, sizes are all that matter: stop reading.
+        self.count_only = threading.Event()
 
     def stop(self) -> None:
         """Ask the thread to stop at the next hand-over."""
@@ -248,20 +253,24 @@ class _Feeder:
             batch: list[_Work] = []
             size = 0
             entries = self._index.entries(self._folder, self._peer)
-            for change in scanner.scan(
-                self._source, entries, exclude=self._exclude, report=self.report
-            ):
-                work = self._prepare(change)
-                batch.append(work)
-                size += len(work.data) if work.data else 0
-                if len(batch) >= _HANDOFF_FILES or size >= _HANDOFF_BYTES:
-                    if not self._hand(batch):
-                        return
-                    batch, size = [], 0
-            self.done = True
-            if batch and not self._hand(batch):
-                return
-            self._hand(None)
+            try:
+                for change in scanner.scan(
+                    self._source, entries, exclude=self._exclude, report=self.report
+                ):
+                    work = self._prepare(change)
+                    batch.append(work)
+                    size += len(work.data) if work.data else 0
+                    if len(batch) >= _HANDOFF_FILES or size >= _HANDOFF_BYTES:
+                        if not self._hand((batch, False)):
+                            return
+                        batch, size = [], 0
+            finally:
+                # Now, not when collected: the stream holds an SQLite connection.
+                close = getattr(entries, "close", None)
+                if close is not None:
+                    close()
+            if self._hand((batch, True)):
+                self._hand(None)
         except BaseException as err:  # handed to the loop, which re-raises
             self._hand(err)
 
@@ -270,7 +279,7 @@ class _Feeder:
         work = _Work(change)
         if change.action is Action.DELETED or entry.kind is not tree.Kind.FILE:
             return work
-        if entry.size > SMALL_FILE:
+        if entry.size > SMALL_FILE or self.count_only.is_set():
             return work
         assert isinstance(entry, tree.Entry)
         try:
@@ -287,7 +296,7 @@ class _Feeder:
         work.digest = digest.digest()
         return work
 
-    def _hand(self, item: list[_Work] | BaseException | None) -> bool:
+    def _hand(self, item: tuple[list[_Work], bool] | BaseException | None) -> bool:
         future = asyncio.run_coroutine_threadsafe(self.queue.put(item), self._loop)
         while not self._stop.is_set():
             try:
@@ -331,29 +340,46 @@ class _IndexWriter:
         ops, self._ops, self._count = self._ops, [], 0
         self._last = time.monotonic()
         if ops:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._apply, ops)
+            # Shielded: acknowledged files stay recorded even if the run is cancelled now.
+            await asyncio.shield(
+                asyncio.get_running_loop().run_in_executor(self._executor, self._apply, ops)
+            )
 
     def _apply(self, ops: list[tuple[str, Any]]) -> None:
-        records: list[IndexEntry] = []
-        for op, value in ops:
+        # In order, each run of records (or of forgets) in one transaction.
+        for op, group in itertools.groupby(ops, key=lambda item: item[0]):
+            values = [value for _, value in group]
             if op == "record":
-                records.append(value)
-                continue
-            if records:
-                self._index.record(self._folder, self._peer, records)
-                records = []
-            if op == "forget":
-                self._index.forget(self._folder, self._peer, [value])
+                self._index.record(self._folder, self._peer, values)
+            elif op == "forget":
+                self._index.forget(self._folder, self._peer, values)
             else:
-                self._index.forget_tree(self._folder, self._peer, value)
-        if records:
-            self._index.record(self._folder, self._peer, records)
+                for path in values:
+                    self._index.forget_tree(self._folder, self._peer, path)
 
     async def call[T](self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
+    def register_pair(self) -> None:
+        """Make (folder, peer) known to the index, even while the peer holds nothing."""
+        self._index.record(self._folder, self._peer, [])
+
+    async def discard_pair(self) -> None:
+        """Forget everything about (folder, peer), pending changes included."""
+        self._ops, self._count = [], 0
+        await asyncio.shield(self.call(self._index.clear, self._folder, self._peer))
+
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+@dataclass(slots=True)
+class _DirDeletion:
+    """A directory sent to the trash: its files below count as deleted once it is."""
+
+    prefix: bytes
+    files: int = 0
+    done: bool | None = None  # None while the host has not answered
 
 
 class _Pusher:
@@ -376,10 +402,13 @@ class _Pusher:
         self.result = PushResult(folder)
         self.state = Progress(Phase.SCANNING)
         self.stop_error: MyNasError | None = None
+        # Bytes of the files the run could not store once the host ran out of room.
         self.still_needed = 0
+        self.quota_available: int | None = None
+        self.on_stop: Callable[[], None] | None = None
         self._progress = progress
         self._last_progress = 0.0
-        self._deleted_dir: bytes | None = None
+        self._deleted_dir: _DirDeletion | None = None
         # Directories whose mtime must be set at the end (their contents change theirs).
         self._dirs: dict[bytes, int | None] = {}
         self._loop = asyncio.get_running_loop()
@@ -392,16 +421,32 @@ class _Pusher:
             self._last_progress = now
             self._progress(self.state)
 
-    def _failed(self, err: MyNasError, what: bytes) -> None:
+    def _failed(self, err: MyNasError, what: bytes, size: int = 0) -> None:
+        if isinstance(err, QuotaExceeded):
+            self.still_needed += size
+            self.quota_available = err.available
         if isinstance(err, (QuotaExceeded, PeerDiskFull, PeerUnreachable)):
             if self.stop_error is None:
                 self.stop_error = err
+                if self.on_stop is not None:
+                    self.on_stop()
         else:
             self.result.add_error(f"{os.fsdecode(what)}: {err}")
 
     def _touch(self, path: bytes) -> None:
         parent = _parent(path)
         self._dirs.setdefault(parent, None)
+
+    def plan(self, batch: list[_Work], last: bool) -> None:
+        """Count a batch into the totals before sending it (final with the last one)."""
+        for work in batch:
+            if (
+                work.change.action is not Action.DELETED
+                and work.change.entry.kind is tree.Kind.FILE
+            ):
+                self.state.files_total += 1
+                self.state.bytes_total += work.change.entry.size
+        self.state.scan_complete = last
 
     async def handle(self, work: _Work) -> None:
         change = work.change
@@ -410,42 +455,51 @@ class _Pusher:
             if change.action is not Action.DELETED and entry.kind is tree.Kind.FILE:
                 self.still_needed += entry.size
             return
+        if change.action is not Action.DELETED and entry.kind is tree.Kind.DIR:
+            self._dirs[entry.path] = entry.mtime_ns
+            return
+        self.state.phase = Phase.TRANSFERRING
         if change.action is Action.DELETED:
             await self._delete(entry)
-        elif entry.kind is tree.Kind.DIR:
-            self._dirs[entry.path] = entry.mtime_ns
+        elif work.error is not None:
+            self.result.add_error(work.error)
+        elif work.changed:
+            self.result.files_changed_during_read += 1
+        elif work.data is not None:
+            await self._put(work)
         else:
-            self.state.files_total += 1
-            self.state.bytes_total += entry.size
-            if work.error is not None:
-                self.result.add_error(work.error)
-            elif work.changed:
-                self.result.files_changed_during_read += 1
-            elif work.data is not None:
-                await self._put(work)
-            else:
-                assert isinstance(entry, tree.Entry)
-                await self._upload(entry)
+            assert isinstance(entry, tree.Entry)
+            await self._upload(entry)
         await self.index.maybe_flush()
         self.report()
 
     async def _delete(self, entry: tree.Entry | IndexEntry) -> None:
-        if self._deleted_dir is not None and entry.path.startswith(self._deleted_dir):
-            return  # it went to the host's trash with its directory
+        gone = self._deleted_dir
+        if gone is not None and entry.path.startswith(gone.prefix):
+            # It goes to the host's trash with its directory.
+            if entry.kind is tree.Kind.FILE:
+                gone.files += 1
+                self.result.files_deleted += 1 if gone.done else 0
+            return
         is_dir = entry.kind is tree.Kind.DIR
-        if is_dir:
-            self._deleted_dir = entry.path + b"/"
+        deletion = _DirDeletion(entry.path + b"/") if is_dir else None
+        if deletion is not None:
+            self._deleted_dir = deletion
         path = entry.path
 
         def done(err: MyNasError | None) -> None:
             if err is not None and not (isinstance(err, HostRefused) and err.code == "missing"):
+                if deletion is not None:
+                    deletion.done = False
                 self._failed(err, path)
                 return
-            if is_dir:
+            if deletion is not None:
+                deletion.done = True
+                self.result.files_deleted += deletion.files
                 self.index.forget_tree(path)
             else:
                 self.index.forget(path, tree.Kind.FILE)
-            self.result.files_deleted += 0 if is_dir else 1
+                self.result.files_deleted += 1
 
         self._touch(path)
         self._dirs.pop(path, None)
@@ -461,7 +515,7 @@ class _Pusher:
 
         def done(err: MyNasError | None) -> None:
             if err is not None:
-                self._failed(err, entry.path)
+                self._failed(err, entry.path, size)
                 return
             self.index.record(record)
             self.result.files_sent += 1
@@ -481,6 +535,9 @@ class _Pusher:
         self._touch(entry.path)
         try:
             fd = await self._loop.run_in_executor(None, _open_local, local)
+        except FileNotFoundError:
+            self.result.files_changed_during_read += 1  # gone since the scan
+            return
         except OSError as err:
             self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
             return
@@ -490,32 +547,17 @@ class _Pusher:
                     remote, entry.size, entry.mtime_ns, entry.mode
                 )
             except MyNasError as err:
-                self._failed(err, entry.path)
+                self._failed(err, entry.path, entry.size)
                 return
             digest = tree.new_hash()
-            if offset:
-                await self._loop.run_in_executor(None, _hash_prefix, fd, offset, digest)
-                self.state.bytes_done += offset
-            position = offset
-            while position < entry.size:
-                block = await self._loop.run_in_executor(
-                    None, _read_block, fd, position, min(_READ_BLOCK, entry.size - position), digest
-                )
-                if not block:
-                    break
-                for start in range(0, len(block), CHUNK):
-                    piece = block[start : start + CHUNK]
-                    await self.throttle.consume(len(piece))
-                    await self.link.send_data(req, piece)
-                position += len(block)
-                self.state.bytes_done += len(block)
-                self.report()
-            after = await self._loop.run_in_executor(None, os.fstat, fd)
-            if (
-                position != entry.size
-                or after.st_size != entry.size
-                or after.st_mtime_ns != entry.mtime_ns
-            ):
+            try:
+                sent = await self._stream_file(fd, req, entry, offset, digest)
+            except OSError as err:
+                # The local disk failed us: keep what the host has for a later resume.
+                await self.link.close_upload(req, Close.ABANDON)
+                self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
+                return
+            if not sent:
                 # Changed while we read it: never record it; the next run sends it again.
                 await self.link.close_upload(req, Close.DISCARD)
                 self.result.files_changed_during_read += 1
@@ -523,30 +565,51 @@ class _Pusher:
             try:
                 await self.link.close_upload(req, Close.FINISH)
             except MyNasError as err:
-                self._failed(err, entry.path)
+                self._failed(err, entry.path, entry.size)
                 return
-            self.index.record(
-                IndexEntry(
-                    entry.path,
-                    tree.Kind.FILE,
-                    entry.size,
-                    entry.mtime_ns,
-                    entry.mode,
-                    digest.digest(),
-                )
-            )
+            self.index.record(IndexEntry.from_entry(entry, digest.digest()))
             self.result.files_sent += 1
             self.result.bytes_sent += entry.size - offset
             self.state.files_done += 1
         finally:
             os.close(fd)
 
+    async def _stream_file(
+        self, fd: int, req: int, entry: tree.Entry, offset: int, digest: Any
+    ) -> bool:
+        """Send ``entry`` from ``offset`` on; return False if it changed under the reader."""
+        if offset:
+            if not await self._loop.run_in_executor(None, _hash_prefix, fd, offset, digest):
+                return False
+            self.state.bytes_done += offset
+        position = offset
+        while position < entry.size:
+            block = await self._loop.run_in_executor(
+                None, _read_block, fd, position, min(_READ_BLOCK, entry.size - position), digest
+            )
+            if not block:
+                break
+            for start in range(0, len(block), CHUNK):
+                piece = block[start : start + CHUNK]
+                await self.throttle.consume(len(piece))
+                await self.link.send_data(req, piece)
+            position += len(block)
+            self.state.bytes_done += len(block)
+            self.report()
+        after = await self._loop.run_in_executor(None, os.fstat, fd)
+        return (
+            position == entry.size
+            and after.st_size == entry.size
+            and after.st_mtime_ns == entry.mtime_ns
+        )
+
     async def finish_dirs(self) -> None:
         """Create every new directory (empty ones too) and give each its local mtime."""
         self._dirs.setdefault(b"", None)
-        # Children first: creating a directory changes its parent's mtime, never the reverse.
-        paths = sorted(self._dirs, key=lambda p: tree.sort_key(p, tree.Kind.DIR), reverse=True)
-        mtimes = await self._loop.run_in_executor(None, _dir_mtimes, self.source, paths, self._dirs)
+        # Deepest first, the folder itself last: creating a directory changes its parent's
+        # mtime, never the reverse.
+        paths = sorted(self._dirs, key=lambda p: p.count(b"/") if p else -1, reverse=True)
+        mtimes = await self._loop.run_in_executor(None, _dir_mtimes, self.source, paths)
         for path in paths:
             mtime = mtimes.get(path)
             if mtime is None:
@@ -558,24 +621,28 @@ class _Pusher:
                     return
                 self.result.dirs_updated += 1
                 if path:
-                    self.index.record(IndexEntry(path, tree.Kind.DIR, 0, mtime, 0o755, None))
+                    self.index.record(
+                        IndexEntry(path, tree.Kind.DIR, 0, mtime, tree.DIR_MODE, None)
+                    )
 
             await self.link.mkdir(_remote(self.folder, path), mtime, done)
         await self.link.sync()
 
 
 def _open_local(path: bytes) -> int:
-    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
-def _hash_prefix(fd: int, length: int, digest: Any) -> None:
+def _hash_prefix(fd: int, length: int, digest: Any) -> bool:
+    """Hash the first ``length`` bytes; False if the file is shorter now."""
     position = 0
     while position < length:
         block = os.pread(fd, min(_READ_BLOCK, length - position), position)
         if not block:
-            raise OSError("file shrank while being read")
+            return False
         digest.update(block)
         position += len(block)
+    return True
 
 
 def _read_block(fd: int, position: int, size: int, digest: Any) -> bytes:
@@ -584,9 +651,7 @@ def _read_block(fd: int, position: int, size: int, digest: Any) -> bytes:
     return block
 
 
-def _dir_mtimes(
-    source: bytes, paths: Iterable[bytes], known: dict[bytes, int | None]
-) -> dict[bytes, int]:
+def _dir_mtimes(source: bytes, paths: Iterable[bytes]) -> dict[bytes, int]:
     """Return the current local mtime of each directory (read now: files changed them)."""
     result = {}
     for path in paths:
@@ -607,29 +672,39 @@ def _check_source(source: str | os.PathLike[str]) -> bytes:
     return path
 
 
-async def _adopt(link: PeerLink, writer: _IndexWriter, folder: bytes) -> int:
+def _is_empty(path: bytes) -> bool:
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
+
+
+async def _adopt(link: PeerLink, writer: _IndexWriter, folder: str) -> int:
     """Learn what the host already holds when the index knows nothing of this pair.
 
     That happens after a lost index or on a rebuilt node: unchanged files are then neither
-    sent again nor their host copies moved to trash.
+    sent again nor their host copies moved to trash. All or nothing: a listing cut short
+    leaves the pair unknown, so the next run adopts again.
     """
-    prefix = folder + b"/"
+    folder_name = check_folder_name(folder)
+    prefix = folder_name + b"/"
     count = 0
     try:
-        async for item, _ in link.list(folder):
-            if not item.path.startswith(prefix):
-                continue
-            writer.record(
-                IndexEntry(
-                    item.path[len(prefix) :], item.kind, item.size, item.mtime_ns, item.mode, None
-                )
-            )
-            count += 1
-            await writer.maybe_flush()
+        async with contextlib.aclosing(link.list(folder_name)) as listing:
+            async for item, _ in listing:
+                if not item.path.startswith(prefix):
+                    continue
+                rel = item.path[len(prefix) :]
+                writer.record(IndexEntry(rel, item.kind, item.size, item.mtime_ns, item.mode, None))
+                count += 1
+                await writer.maybe_flush()
     except HostRefused as err:
         if err.code != "missing":
+            await writer.discard_pair()
             raise
+    except BaseException:
+        await writer.discard_pair()
+        raise
     await writer.flush()
+    await writer.call(writer.register_pair)
     return count
 
 
@@ -644,35 +719,61 @@ async def push(
     bwlimit: int | None = None,
     retention_days: int | None = None,
     progress: ProgressCallback | None = None,
+    allow_empty: bool = False,
 ) -> PushResult:
     """Bring the replica of ``folder`` on ``target`` up to date with ``source``.
 
-    Raises SourceMissing, the connection errors of ``client.connect``, QuotaExceeded (with
-    how much is still needed and how much is left) or PeerDiskFull — always after recording
-    in the index everything the host acknowledged.
+    Raises SourceMissing (also when ``source`` is empty while the host holds files of it,
+    as when a disk is not mounted: emptying the replica takes ``allow_empty``), the
+    connection errors of ``client.connect``, QuotaExceeded (with how much is still needed
+    and how much is left) or PeerDiskFull — always after recording in the index everything
+    the host acknowledged.
     """
     started = time.monotonic()
     loop = asyncio.get_running_loop()
-    folder_name = check_folder_name(folder)
+    check_folder_name(folder)
     raw_source = await loop.run_in_executor(None, _check_source, source)
     writer = _IndexWriter(index, folder, target.id)
     try:
         link = await connect_any(identity, target.addresses, target.public_key)
         try:
-            if (await writer.call(index.stats, folder, target.id))[0] == 0:
-                await _adopt(link, writer, folder_name)
+            if (folder, target.id) not in await writer.call(index.folders):
+                await _adopt(link, writer, folder)
+            if not allow_empty:
+                await _refuse_empty(loop, writer, index, folder, target, raw_source)
             if retention_days:
                 await link.set_retention(folder, retention_days)
             result = await _run_push(
                 link, writer, folder, raw_source, target, index, exclude, bwlimit, progress
             )
         finally:
-            await writer.flush()
+            # Close first: no acknowledgement can arrive after the last flush.
             await link.close()
+            await writer.flush()
     finally:
         await loop.run_in_executor(None, writer.close)
     result.seconds = time.monotonic() - started
     return result
+
+
+async def _refuse_empty(
+    loop: asyncio.AbstractEventLoop,
+    writer: _IndexWriter,
+    index: Index,
+    folder: str,
+    target: PeerTarget,
+    source: bytes,
+) -> None:
+    """Raise SourceMissing if ``source`` is empty while the host holds files of it."""
+    if not await loop.run_in_executor(None, _is_empty, source):
+        return
+    files, _ = await writer.call(index.stats, folder, target.id)
+    if files:
+        raise SourceMissing(
+            os.fsdecode(source),
+            f"is empty while the peer holds {files} file(s) of it (is the disk mounted?); "
+            "nothing was deleted — to really empty the replica, allow an empty folder",
+        )
 
 
 async def _run_push(
@@ -689,17 +790,18 @@ async def _run_push(
     loop = asyncio.get_running_loop()
     pusher = _Pusher(link, writer, folder, source, Throttle(bwlimit), progress)
     feeder = _Feeder(loop, source, index, folder, target.id, exclude)
+    pusher.on_stop = feeder.count_only.set
     thread = loop.run_in_executor(None, feeder.run)
     try:
-        while (batch := await feeder.queue.get()) is not None:
-            if isinstance(batch, BaseException):
-                raise batch
+        while (item := await feeder.queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            batch, last = item
+            pusher.plan(batch, last)
             for work in batch:
                 await pusher.handle(work)
             if isinstance(pusher.stop_error, PeerUnreachable):
                 break  # nothing more can be sent; counting what is left is only for quota
-            if feeder.done and pusher.state.phase is Phase.SCANNING:
-                pusher.state.phase = Phase.TRANSFERRING
         pusher.state.scan_complete = True
         pusher.state.phase = Phase.TRANSFERRING
         await link.sync()
@@ -721,7 +823,11 @@ async def _run_push(
     stopped = pusher.stop_error
     if stopped is not None:
         if isinstance(stopped, QuotaExceeded):
-            raise QuotaExceeded(stopped.needed + pusher.still_needed, stopped.available)
+            available = pusher.quota_available
+            raise QuotaExceeded(
+                max(stopped.needed, pusher.still_needed),
+                stopped.available if available is None else available,
+            )
         raise stopped
     pusher.state.phase = Phase.DONE
     pusher.report(force=True)
@@ -740,6 +846,12 @@ def check_subpath(path: str | bytes) -> bytes:
     return raw
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class _LocalWriter:
     """Writes restored files under the target directory (blocking; worker threads only).
 
@@ -753,7 +865,13 @@ class _LocalWriter:
         self.overwrite = overwrite
 
     def local(self, rel: bytes) -> bytes:
-        check_subpath(rel)
+        """Return where ``rel`` goes; PathRefused unless it is a plain path under the target."""
+        if rel.startswith(b"/") or rel.endswith(b"/"):
+            raise PathRefused(f"the host sent {rel!r}, not a relative path")
+        try:
+            check_subpath(rel)
+        except ValueError:
+            raise PathRefused(f"the host sent {rel!r}, not a plain relative path") from None
         if not rel:
             return self.target
         # No existing component may be a symlink: the host must not steer writes elsewhere.
@@ -781,34 +899,52 @@ class _LocalWriter:
         for entry, rel, data in files:
             tmp = self.open_temp(rel)
             try:
-                os.write(tmp[0], data) if data else None
-                self.install(tmp, entry, rel)
+                _write_all(tmp[0], data)
             except BaseException:
                 self.discard(tmp)
                 raise
+            self.install(tmp, entry, rel)
 
     def open_temp(self, rel: bytes) -> tuple[int, bytes]:
+        if not rel:
+            raise PathRefused("the host sent a file where the restored folder itself goes")
         path = self.local(rel)
-        os.makedirs(os.path.dirname(path) or self.target, exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), b".mynas-restore-" + os.urandom(6).hex().encode())
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)  # local() checked what exists of it
+        tmp = os.path.join(parent, b".mynas-restore-" + os.urandom(6).hex().encode())
         fd = os.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         return fd, tmp
 
     def install(self, tmp: tuple[int, bytes], entry: tree.Entry, rel: bytes) -> None:
+        """Give the temp file its mode and mtime and its final name (closes and consumes it)."""
         fd, tmp_path = tmp
-        os.fchmod(fd, 0o755 if entry.mode & 0o100 else 0o644)
-        os.close(fd)
-        os.utime(tmp_path, ns=(entry.mtime_ns, entry.mtime_ns))
+        try:
+            try:
+                os.fchmod(fd, tree.portable_mode(entry.mode))
+                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            finally:
+                os.close(fd)
+            self._place(tmp_path, rel)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_path)
+            raise
+
+    def _place(self, tmp_path: bytes, rel: bytes) -> None:
         path = self.local(rel)
         if not self.overwrite and os.path.lexists(path):
-            os.unlink(tmp_path)
             raise RestoreConflict(os.fsdecode(self.target), os.fsdecode(rel), 1)
         os.replace(tmp_path, path)
 
     @staticmethod
+    def write(tmp: tuple[int, bytes], data: bytes) -> None:
+        _write_all(tmp[0], data)
+
+    @staticmethod
     def discard(tmp: tuple[int, bytes]) -> None:
+        """Drop a temp file that ``install`` has not consumed."""
         with contextlib.suppress(OSError):
             os.close(tmp[0])
         with contextlib.suppress(FileNotFoundError):
@@ -842,7 +978,8 @@ async def restore(
     Needs nothing but our key and the peer's address and key: no index, no old config (the
     house-fire case). Paths keep their place relative to the folder, mtimes are restored.
     Existing files are never overwritten unless ``overwrite``: RestoreConflict is raised
-    before anything is written.
+    before anything is written. PathRefused if the host sends anything else than what was
+    asked.
     """
     started = time.monotonic()
     loop = asyncio.get_running_loop()
@@ -864,44 +1001,42 @@ async def restore(
     try:
         # Totals for progress, and the overwrite check before a single byte is written.
         files: list[bytes] = []
-        async for item, _ in _list_or_file(link, remote_root):
-            if item.kind is tree.Kind.FILE:
-                state.files_total += 1
-                state.bytes_total += item.size
-                if not overwrite:
-                    files.append(relative(item.path))
+        try:
+            async with contextlib.aclosing(link.list(remote_root)) as listing:
+                async for item, _ in listing:
+                    rel = relative(item.path)
+                    if item.kind is tree.Kind.FILE:
+                        if not rel:
+                            raise PathRefused("the host sent a file where the folder itself goes")
+                        state.files_total += 1
+                        state.bytes_total += item.size
+                        if not overwrite:
+                            files.append(rel)
+        except HostRefused as err:
+            if err.code == FailCode.MISSING:
+                raise HostRefused(
+                    err.code, f"the peer holds nothing at {os.fsdecode(remote_root)}"
+                ) from None
+            if err.code != FailCode.PATH or not sub:
+                raise
+            # Not a directory: one file (READ says which, or why not). Totals come with it.
+            files = [sub] if not overwrite else []
+        else:
+            state.scan_complete = True
         if files:
             conflicts = await loop.run_in_executor(None, writer.conflicts, files)
             if conflicts:
                 raise RestoreConflict(os.fsdecode(dest), os.fsdecode(conflicts[0]), len(conflicts))
         files.clear()
-        state.scan_complete = True
         await _receive(link, remote_root, writer, relative, result, state, progress)
     finally:
         await link.close()
     result.seconds = time.monotonic() - started
     state.phase = Phase.DONE
+    state.scan_complete = True
     if progress is not None:
         progress(state)
     return result
-
-
-async def _list_or_file(
-    link: PeerLink, remote: bytes
-) -> AsyncIterator[tuple[tree.Entry, bytes | None]]:
-    """List a tree on the host; a single file lists as itself."""
-    try:
-        async for item in link.list(remote):
-            yield item
-    except HostRefused as err:
-        if err.code != "path":
-            raise
-        # LIST of a file: READ it instead, headers only would need a new frame; a file's
-        # own entry comes first in a READ answer.
-        async for kind, value in link.read(remote):
-            if kind is Frame.ENTRY:
-                yield value
-                return
 
 
 async def _receive(
@@ -947,39 +1082,43 @@ async def _receive(
         current = None
 
     try:
-        async for kind, value in link.read(remote_root):
-            if kind is Frame.ENTRY:
-                if current is not None:
-                    raise PathRefused("the host sent a file shorter than announced")
-                item: tree.Entry = value[0]
-                rel = relative(item.path)
-                if item.kind is tree.Kind.DIR:
-                    await loop.run_in_executor(None, writer.make_dir, rel)
-                    dirs.append((rel, item.mtime_ns))
-                    result.dirs += 1
-                    continue
-                current, current_rel, parts, received = item, rel, [], 0
-                if item.size > SMALL_FILE:
-                    await flush()
-                    large = await loop.run_in_executor(None, writer.open_temp, rel)
-                elif item.size == 0:
-                    await complete()
-            else:
-                chunk = bytes(value)
-                if current is None or received + len(chunk) > current.size:
-                    raise PathRefused("the host sent more data than announced")
-                received += len(chunk)
-                state.bytes_done += len(chunk)
-                if large is not None:
-                    await loop.run_in_executor(None, os.write, large[0], chunk)
+        async with contextlib.aclosing(link.read(remote_root)) as frames:
+            async for kind, value in frames:
+                if kind is Frame.ENTRY:
+                    if current is not None:
+                        raise PathRefused("the host sent a file shorter than announced")
+                    item: tree.Entry = value[0]
+                    rel = relative(item.path)
+                    if item.kind is tree.Kind.DIR:
+                        await loop.run_in_executor(None, writer.make_dir, rel)
+                        dirs.append((rel, item.mtime_ns))
+                        result.dirs += 1
+                        continue
+                    if not state.scan_complete:  # a single file: its totals come now
+                        state.files_total, state.bytes_total = 1, item.size
+                        state.scan_complete = True
+                    current, current_rel, parts, received = item, rel, [], 0
+                    if item.size > SMALL_FILE:
+                        await flush()
+                        large = await loop.run_in_executor(None, writer.open_temp, rel)
+                    elif item.size == 0:
+                        await complete()
                 else:
-                    parts.append(chunk)
-                if received == current.size:
-                    await complete()
-                now = time.monotonic()
-                if progress is not None and now - last >= _PROGRESS_INTERVAL:
-                    last = now
-                    progress(state)
+                    chunk = bytes(value)
+                    if current is None or received + len(chunk) > current.size:
+                        raise PathRefused("the host sent more data than announced")
+                    received += len(chunk)
+                    state.bytes_done += len(chunk)
+                    if large is not None:
+                        await loop.run_in_executor(None, writer.write, large, chunk)
+                    else:
+                        parts.append(chunk)
+                    if received == current.size:
+                        await complete()
+                    now = time.monotonic()
+                    if progress is not None and now - last >= _PROGRESS_INTERVAL:
+                        last = now
+                        progress(state)
         if current is not None:
             raise PathRefused("the host sent a file shorter than announced")
         await flush()
@@ -987,7 +1126,7 @@ async def _receive(
         await loop.run_in_executor(None, writer.set_dir_mtimes, dirs)
     finally:
         if large is not None:
-            writer.discard(large)
+            await loop.run_in_executor(None, writer.discard, large)
 
 
 # --- verify ----------------------------------------------------------------------------------
@@ -1043,7 +1182,7 @@ class _LocalHasher:
         future.cancel()
         return False
 
-    async def entries(self) -> AsyncIterator[tuple[tree.Entry, bytes | None]]:
+    async def entries(self) -> AsyncGenerator[tuple[tree.Entry, bytes | None]]:
         while (batch := await self.queue.get()) is not None:
             if isinstance(batch, BaseException):
                 raise batch
@@ -1065,89 +1204,131 @@ async def verify(
     """Compare the host's content hashes with the local files, without downloading.
 
     Reports missing (here, not there), extra (there, not here) and mismatched files. With
-    ``repair``, afterwards runs a push that first forgets what the index claimed about
-    the differing files, so they are sent again (extras go to the host's trash).
+    ``repair`` (which needs ``index``), the index learns what the host really holds —
+    mismatched files left out — and a push then sends what is missing or wrong and moves
+    the extras to the host's trash.
     """
+    if repair and index is None:
+        raise ValueError("repairing a replica needs the index")
     started = time.monotonic()
     loop = asyncio.get_running_loop()
     folder_name = check_folder_name(folder)
     raw_source = await loop.run_in_executor(None, _check_source, source)
     result = VerifyResult(folder)
-    state = Progress(Phase.VERIFYING, scan_complete=False)
+    state = Progress(Phase.VERIFYING)
     prefix = folder_name + b"/"
-    wrong: list[tuple[bytes, tree.Kind]] = []
-    link = await connect_any(identity, target.addresses, target.public_key)
-    hasher = _LocalHasher(loop, raw_source, exclude)
-    thread = loop.run_in_executor(None, hasher.run)
+    writer = _IndexWriter(index, folder, target.id) if repair and index is not None else None
     try:
-        remote = _host_entries(link, folder_name, prefix)
-        local_items = hasher.entries()
+        link = await connect_any(identity, target.addresses, target.public_key)
+        try:
+            await _compare(
+                link,
+                loop,
+                folder_name,
+                prefix,
+                raw_source,
+                exclude,
+                result,
+                state,
+                writer,
+                progress,
+            )
+        finally:
+            await link.close()
+            if writer is not None:
+                await writer.flush()
+    finally:
+        if writer is not None:
+            await loop.run_in_executor(None, writer.close)
+    state.scan_complete = True
+    if repair and index is not None and not result.clean:
+        pushed = await push(
+            identity, target, folder, source, index, exclude=exclude, progress=progress
+        )
+        result.repaired = pushed.files_sent + pushed.files_deleted
+        result.repair_complete = not (pushed.error_count or pushed.files_changed_during_read)
+    state.phase = Phase.DONE
+    if progress is not None:
+        progress(state)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+async def _compare(
+    link: PeerLink,
+    loop: asyncio.AbstractEventLoop,
+    folder_name: bytes,
+    prefix: bytes,
+    source: bytes,
+    exclude: Sequence[str],
+    result: VerifyResult,
+    state: Progress,
+    writer: _IndexWriter | None,
+    progress: ProgressCallback | None,
+) -> None:
+    """Merge the host's listing with the local walk (both in canonical order)."""
+    hasher = _LocalHasher(loop, source, exclude)
+    thread = loop.run_in_executor(None, hasher.run)
+    remote = _host_entries(link, folder_name, prefix)
+    local_items = hasher.entries()
+    last = 0.0
+    try:
         host = await anext(remote, None)
         mine = await anext(local_items, None)
         while host is not None or mine is not None:
             if mine is not None and (host is None or mine[0].key < host[0].key):
                 result.missing += 1
                 result.note("missing", mine[0].path)
-                wrong.append((mine[0].path, mine[0].kind))
+                if writer is not None:
+                    writer.forget(mine[0].path, mine[0].kind)
                 mine = await anext(local_items, None)
             elif host is not None and (mine is None or host[0].key < mine[0].key):
                 result.extra += 1
                 result.note("extra", host[0].path)
+                if writer is not None:  # known to the index, so the push deletes it
+                    writer.record(IndexEntry.from_entry(host[0], host[1]))
                 host = await anext(remote, None)
             else:
                 assert host is not None
                 assert mine is not None
+                same = True
                 if mine[0].kind is tree.Kind.FILE:
                     result.checked += 1
                     state.files_done += 1
                     state.bytes_done += mine[0].size
                     if mine[1] is None or mine[1] != host[1] or mine[0].size != host[0].size:
+                        same = False
                         result.mismatched += 1
                         result.note("mismatched", mine[0].path)
-                        wrong.append((mine[0].path, mine[0].kind))
+                if writer is not None:
+                    if same:
+                        writer.record(IndexEntry.from_entry(host[0], host[1]))
+                    else:
+                        writer.forget(mine[0].path, mine[0].kind)
                 host = await anext(remote, None)
                 mine = await anext(local_items, None)
-            if progress is not None:
+            if writer is not None:
+                await writer.maybe_flush()
+            now = time.monotonic()
+            if progress is not None and now - last >= _PROGRESS_INTERVAL:
+                last = now
                 progress(state)
     finally:
         hasher.stop()
+        await remote.aclose()
+        await local_items.aclose()
         await asyncio.gather(thread, return_exceptions=True)
-        await link.close()
-    if repair and not result.clean and index is not None:
-        await loop.run_in_executor(
-            None, _forget_for_repair, index, folder, target.id, wrong, bool(result.extra)
-        )
-        pushed = await push(
-            identity, target, folder, source, index, exclude=exclude, progress=progress
-        )
-        result.repaired = pushed.files_sent + pushed.files_deleted
-    result.seconds = time.monotonic() - started
-    return result
 
 
 async def _host_entries(
     link: PeerLink, folder: bytes, prefix: bytes
-) -> AsyncIterator[tuple[tree.Entry, bytes | None]]:
+) -> AsyncGenerator[tuple[tree.Entry, bytes | None]]:
     try:
-        async for item, digest in link.list(folder, with_hash=True):
-            if item.path.startswith(prefix):
-                yield (
-                    tree.Entry(
-                        item.path[len(prefix) :], item.kind, item.size, item.mtime_ns, item.mode
-                    ),
-                    digest,
-                )
+        async with contextlib.aclosing(link.list(folder, with_hash=True)) as listing:
+            async for item, digest in listing:
+                if item.path.startswith(prefix):
+                    rel = item.path[len(prefix) :]
+                    yield tree.Entry(rel, item.kind, item.size, item.mtime_ns, item.mode), digest
     except HostRefused as err:
-        if err.code != "missing":
+        if err.code != FailCode.MISSING:
             raise
-
-
-def _forget_for_repair(
-    index: Index, folder: str, peer: str, wrong: list[tuple[bytes, tree.Kind]], extras: bool
-) -> None:
-    if extras:
-        # Extras are unknown to the index or it would have deleted them: learn the host's
-        # tree again (the next push adopts it) so they come out DELETED.
-        index.clear(folder, peer)
-        return
-    index.forget(folder, peer, wrong)
