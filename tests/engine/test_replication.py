@@ -1,0 +1,647 @@
+"""Replication round trips: push, restore and verify against a live host on loopback.
+
+The property test drives random trees (odd names, empty files, files past the streamed
+threshold, empty directories) through several runs of edits, deletions, renames and
+file/directory swaps; after each push the replica equals the source (paths, bytes, mtimes
+of files and directories, portable modes), the index equals what the host holds, verify is
+clean and nothing the replica held was destroyed (it is in the host's trash). Restore into
+an empty directory gives the source back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+import os
+from pathlib import Path
+import random
+import shutil
+import tempfile
+from typing import Any
+
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+import pytest
+
+from custom_components.mynas.engine import client, identity, replicator, tree
+from custom_components.mynas.engine.errors import (
+    HostRefused,
+    PeerUnreachable,
+    RestoreConflict,
+    SourceMissing,
+)
+from custom_components.mynas.engine.identity import Identity
+from custom_components.mynas.engine.index import Index
+from custom_components.mynas.engine.replicator import SMALL_FILE, PeerTarget
+from custom_components.mynas.engine.server import NodeServer, PeerGrant
+from custom_components.mynas.engine.storage import HostedSpace
+
+from .conftest import ServerFactory, address
+from .replica_support import (
+    FOLDER,
+    MIB,
+    MTIME,
+    Env,
+    check_index_matches_host,
+    close_env,
+    digest,
+    make_env,
+    snapshot,
+    trash_files,
+    without_root,
+    write,
+)
+
+# Names a filesystem allows and a careless implementation mangles: spaces, Unicode in
+# both normal forms, a newline, a byte that is not UTF-8, a leading space, a dot-name.
+NAMES = [
+    b"a",
+    b"a b",
+    b"a.txt",
+    "\u00e9".encode(),
+    "e\u0301".encode(),
+    b"new\nline",
+    b"\xff",
+    "\u65e5\u672c".encode(),
+    b" lead",
+    b".hidden",
+]
+
+
+@pytest.fixture
+async def env(fast_dir: Path, make_server: ServerFactory, alice_id: Identity) -> AsyncIterator[Env]:
+    """A host granting alice 1 GiB, alice's index and an empty source folder."""
+    setup = await make_env(make_server, fast_dir, alice_id)
+    yield setup
+    close_env(setup)
+
+
+# --- the property: random trees and random changes across runs -------------------------------
+
+
+class _Tree:
+    """Builds and changes a real directory from hypothesis draws; every mtime is unique."""
+
+    def __init__(self, root: bytes, data: st.DataObject) -> None:
+        self.root = root
+        self.data = data
+        self.clock = 0
+
+    def mtime(self) -> int:
+        # Unique and increasing, with random nanoseconds: an edit is always visible.
+        self.clock += 1
+        return MTIME + self.clock * 1_000_000_000 + self.data.draw(st.integers(0, 999_999_999))
+
+    def entries(self, kind: tree.Kind | None = None) -> list[bytes]:
+        return [e.path for e in tree.walk(self.root) if kind is None or e.kind is kind]
+
+    def dirs(self) -> list[bytes]:
+        return [b"", *self.entries(tree.Kind.DIR)]
+
+    def path(self, rel: bytes) -> bytes:
+        return self.root + b"/" + rel if rel else self.root
+
+    def free_name(self, parent: bytes) -> bytes | None:
+        name = self.data.draw(st.sampled_from(NAMES))
+        rel = tree.join(parent, name)
+        return None if os.path.lexists(self.path(rel)) else rel
+
+    def write_file(self, rel: bytes) -> None:
+        size = self.data.draw(
+            st.one_of(
+                st.just(0),
+                st.integers(1, 3000),
+                st.integers(1, 3000),
+                st.integers(SMALL_FILE + 1, SMALL_FILE + 100_000),
+            )
+        )
+        if size > SMALL_FILE:
+            event("a file past the streamed threshold")
+        elif size == 0:
+            event("an empty file")
+        seed = self.data.draw(st.integers(0, 2**32))
+        mode = self.data.draw(st.sampled_from([0o644, 0o755, 0o600, 0o700, 0o640]))
+        write(self.path(rel), random.Random(seed).randbytes(size), mtime_ns=self.mtime(), mode=mode)
+
+    def add(self) -> None:
+        parent = self.data.draw(st.sampled_from(self.dirs()))
+        rel = self.free_name(parent)
+        if rel is None:
+            return
+        if self.data.draw(st.booleans()):
+            self.write_file(rel)
+        else:
+            os.mkdir(self.path(rel))
+
+    def change(self) -> None:
+        """One random change: add, edit, delete, rename, file<->dir, chmod or touch."""
+        existing = self.entries()
+        op = self.data.draw(
+            st.sampled_from(["add", "edit", "delete", "rename", "swap", "chmod", "touch"])
+        )
+        if op == "add" or not existing:
+            self.add()
+            return
+        rel = self.data.draw(st.sampled_from(existing))
+        path = self.path(rel)
+        is_dir = os.path.isdir(path)
+        if op == "edit" and not is_dir:
+            self.write_file(rel)
+        elif op == "delete":
+            shutil.rmtree(path) if is_dir else os.unlink(path)
+        elif op == "rename":
+            for _ in range(3):
+                parent = self.data.draw(st.sampled_from(self.dirs()))
+                new = self.free_name(parent)
+                if new is not None and not (new + b"/").startswith(rel + b"/"):
+                    event("a rename")
+                    os.rename(path, self.path(new))
+                    break
+        elif op == "swap":  # a file becomes a directory (with something in it) or back
+            event("a file and a directory swapped")
+            if is_dir:
+                shutil.rmtree(path)
+                self.write_file(rel)
+            else:
+                os.unlink(path)
+                os.mkdir(path)
+                if self.data.draw(st.booleans()):
+                    self.write_file(tree.join(rel, self.data.draw(st.sampled_from(NAMES))))
+        elif op == "chmod" and not is_dir:
+            info = os.stat(path)
+            os.chmod(path, (info.st_mode & 0o777) ^ 0o100)
+            os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+        elif op == "touch":
+            stamp = self.mtime()
+            os.utime(path, ns=(stamp, stamp))
+
+    def settle_dirs(self) -> None:
+        """Give every directory (the root too) a fresh mtime, children first."""
+        for rel in sorted(self.dirs(), key=len, reverse=True):
+            if self.data.draw(st.integers(0, 3)):  # now and then keep "now"
+                stamp = self.mtime()
+                os.utime(self.path(rel), ns=(stamp, stamp))
+
+
+async def _round_trips(data: st.DataObject, alice: Identity, host: Identity, base: Path) -> None:
+    storage = base / "storage"
+    src = base / "src"
+    storage.mkdir()
+    src.mkdir()
+    model = _Tree(os.fsencode(src), data)
+    for _ in range(data.draw(st.integers(0, 12), label="initial entries")):
+        model.add()
+    model.settle_dirs()
+
+    space = HostedSpace(storage)
+    server = NodeServer(host, space, [PeerGrant("alice", alice.public_line, 1 << 30)])
+    await server.start("127.0.0.1", 0)
+    index = Index(base / "index.sqlite")
+    target = PeerTarget("host", (address(server),), host.public_line)
+    replica = storage / "alice" / FOLDER
+    try:
+        before: dict[bytes, tuple[object, ...]] = {}
+        for run in range(data.draw(st.integers(1, 3), label="runs")):
+            if run:
+                for _ in range(data.draw(st.integers(1, 6), label="changes")):
+                    model.change()
+                model.settle_dirs()
+            expected = snapshot(src, portable=True)
+            result = await replicator.push(alice, target, FOLDER, src, index, allow_empty=True)
+            assert result.errors == []
+            assert result.files_changed_during_read == 0
+            files = [v for v in expected.values() if v[0] == "f"]
+            assert result.files_total == len(files)
+            assert snapshot(replica) == expected
+            check_index_matches_host(index, replica)
+            # Nothing the replica held was destroyed: what changed or left is in the trash.
+            trash = trash_files(storage)
+            for rel, value in before.items():
+                if value[0] == "f" and expected.get(rel, (None, None))[1] != value[1]:
+                    assert (FOLDER.encode() + b"/" + rel, value[1]) in trash, rel
+            before = without_root(expected)
+            checked = await replicator.verify(alice, target, FOLDER, src, index)
+            assert checked.clean, checked.examples
+            assert checked.checked == len(files)
+        restored = base / "restored"
+        got = await replicator.restore(alice, target, FOLDER, restored)
+        assert got.files == sum(1 for v in before.values() if v[0] == "f")
+        assert snapshot(restored) == snapshot(src, portable=True)
+    finally:
+        index.close()
+        await server.close()
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
+@given(data=st.data())
+def test_round_trips_keep_replica_equal_to_source(
+    data: st.DataObject, alice_id: Identity, host_id: Identity
+) -> None:
+    """Random trees and random changes: replica, index, verify and restore all agree."""
+    shm = Path("/dev/shm")
+    base = Path(tempfile.mkdtemp(prefix="mynas-prop-", dir=shm if shm.is_dir() else None))
+    try:
+        asyncio.run(_round_trips(data, alice_id, host_id, base))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --- the adopt path: an empty index onto a host that already holds the replica ---------------
+
+
+async def test_empty_index_adopts_an_identical_replica(env: Env) -> None:
+    """A lost index neither sends unchanged files again nor trashes anything."""
+    write(env.src / "a.txt", b"one")
+    write(env.src / "dir" / "big.bin", os.urandom(SMALL_FILE + 10))
+    (env.src / "empty").mkdir()
+    os.utime(env.src / "empty", ns=(MTIME, MTIME))
+    await env.push()
+
+    with Index(env.work / "fresh.sqlite") as fresh:
+        result = await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+        assert (result.files_sent, result.files_deleted, result.bytes_sent) == (0, 0, 0)
+        assert trash_files(env.storage) == set()
+        check_index_matches_host(fresh, env.replica)
+
+    # Adopted with one file changed since: only that one goes, its old version to trash.
+    write(env.src / "a.txt", b"two", mtime_ns=MTIME + 1)
+    with Index(env.work / "fresh2.sqlite") as fresh:
+        result = await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+        assert (result.files_sent, result.files_deleted) == (1, 0)
+        assert trash_files(env.storage) == {(b"Docs/a.txt", digest(b"one"))}
+        check_index_matches_host(fresh, env.replica)
+    env.check_replica()
+
+
+@pytest.mark.parametrize("failure", ["refused", "cut"])
+async def test_adopt_cut_short_is_not_half_remembered(
+    env: Env, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """If the listing fails or breaks off, the pair stays unknown and the next run adopts."""
+    for i in range(5):
+        write(env.src / f"f{i}", b"x" * i)
+    await env.push()
+    real = client.PeerLink.list
+
+    async def broken(self: client.PeerLink, path: bytes = b"", **kw: Any) -> Any:
+        if failure == "refused":
+            raise HostRefused("io", "cannot list")
+        async for item in real(self, path, **kw):
+            yield item
+            raise PeerUnreachable("host", "connection lost (cut mid-listing)")
+
+    monkeypatch.setattr(client.PeerLink, "list", broken)
+    with Index(env.work / "fresh.sqlite") as fresh:
+        with pytest.raises((HostRefused, PeerUnreachable)):
+            await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+        assert fresh.folders() == []
+        assert list(fresh.entries(FOLDER, "host")) == []
+        monkeypatch.setattr(client.PeerLink, "list", real)
+        result = await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+        assert result.files_sent == 0
+        check_index_matches_host(fresh, env.replica)
+    assert trash_files(env.storage) == set()
+
+
+# --- deletions and the trash -----------------------------------------------------------------
+
+
+async def test_deletions_go_to_the_hosts_trash(env: Env) -> None:
+    """Deleted files and whole directories end up in the trash with their old content."""
+    write(env.src / "notes.txt", b"notes")
+    write(env.src / "photos" / "2020" / "a.jpg", b"A" * 5000)
+    write(env.src / "photos" / "2020" / "b.jpg", b"B" * 10)
+    write(env.src / "photos" / "big.raw", b"R" * (SMALL_FILE + 1))
+    (env.src / "photos" / "empty").mkdir()
+    write(env.src / "keep" / "k", b"k")
+    await env.push()
+    assert trash_files(env.storage) == set()
+
+    shutil.rmtree(env.src / "photos")
+    os.unlink(env.src / "notes.txt")
+    result = await env.push()
+    assert result.files_deleted == 4
+    env.check_replica()
+    check_index_matches_host(env.index, env.replica)
+    assert trash_files(env.storage) == {
+        (b"Docs/notes.txt", digest(b"notes")),
+        (b"Docs/photos/2020/a.jpg", digest(b"A" * 5000)),
+        (b"Docs/photos/2020/b.jpg", digest(b"B" * 10)),
+        (b"Docs/photos/big.raw", digest(b"R" * (SMALL_FILE + 1))),
+    }
+    stamps = os.listdir(env.storage / ".mynas" / "trash" / "alice")
+    assert any(
+        (env.storage / ".mynas/trash/alice" / s / "Docs/photos/empty").is_dir() for s in stamps
+    )
+
+
+async def test_overwritten_files_keep_their_old_version_in_trash(env: Env) -> None:
+    """A changed file's previous content is kept by the host."""
+    write(env.src / "doc", b"version 1")
+    await env.push()
+    write(env.src / "doc", b"version 2", mtime_ns=MTIME + 5)
+    result = await env.push()
+    assert result.files_sent == 1
+    env.check_replica()
+    assert trash_files(env.storage) == {(b"Docs/doc", digest(b"version 1"))}
+
+
+async def test_a_file_already_gone_from_the_host_is_simply_forgotten(env: Env) -> None:
+    """Deleting what the host no longer holds is no error."""
+    write(env.src / "x", b"x")
+    write(env.src / "d" / "y", b"y")
+    await env.push()
+    write(env.src / "stays", b"s")
+    os.unlink(env.replica / "x")
+    shutil.rmtree(env.replica / "d")
+    os.unlink(env.src / "x")
+    shutil.rmtree(env.src / "d")
+    result = await env.push()
+    assert result.errors == []
+    assert result.files_deleted == 2  # x, and y with its directory
+    assert [e.path for e in env.index.entries(FOLDER, "host")] == [b"stays"]
+
+
+# --- the empty mount point guard -------------------------------------------------------------
+
+
+async def test_an_empty_source_never_empties_the_replica(env: Env) -> None:
+    """An unmounted disk looks like an empty folder: push refuses to delete everything."""
+    write(env.src / "a", b"a")
+    write(env.src / "d" / "b", b"b")
+    await env.push()
+    shutil.rmtree(env.src)
+    env.src.mkdir()
+
+    with pytest.raises(SourceMissing, match="is empty") as caught:
+        await env.push()
+    assert "2 file(s)" in str(caught.value)
+    assert caught.value.path == str(env.src)
+    assert (env.replica / "a").is_file()
+    assert (env.replica / "d" / "b").is_file()
+
+    # Same with a lost index: the host's files are adopted first, then the guard holds.
+    with Index(env.work / "fresh.sqlite") as fresh, pytest.raises(SourceMissing, match="empty"):
+        await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+
+    result = await env.push(allow_empty=True)
+    assert result.files_deleted == 2
+    assert os.listdir(env.replica) == []
+    assert {path for path, _ in trash_files(env.storage)} == {b"Docs/a", b"Docs/d/b"}
+    # Empty and known empty: no guard any more.
+    assert (await env.push()).files_deleted == 0
+
+
+async def test_an_empty_folder_can_be_pushed_the_first_time(env: Env) -> None:
+    """Nothing on either side: nothing to refuse."""
+    result = await env.push()
+    assert result.files_total == 0
+    assert env.replica.is_dir()
+
+
+async def test_a_missing_source_is_a_clear_error(env: Env) -> None:
+    """A folder that is not there raises SourceMissing before connecting."""
+    with pytest.raises(SourceMissing, match="missing or unreadable"):
+        await replicator.push(env.alice, env.target, FOLDER, env.work / "nope", env.index)
+    with pytest.raises(SourceMissing):
+        await replicator.verify(env.alice, env.target, FOLDER, env.work / "nope", env.index)
+
+
+# --- verify ----------------------------------------------------------------------------------
+
+
+async def test_verify_reports_and_repairs_every_kind_of_difference(env: Env) -> None:
+    """Missing, extra and mismatched files (tampered on the host) are found and fixed."""
+    write(env.src / "keep", b"keep")
+    write(env.src / "gone", b"gone")
+    write(env.src / "tampered", b"original")
+    write(env.src / "sub" / "big", b"B" * (SMALL_FILE + 3))
+    await env.push()
+    assert (await env.verify()).clean
+
+    os.unlink(env.replica / "gone")
+    write(env.replica / "tampered", b"0riginal")  # same size and mtime: only the hash tells
+    write(env.replica / "sub" / "big", b"b" * (SMALL_FILE + 3))
+    write(env.replica / "extra", b"extra")
+    write(env.replica / "xdir" / "inside", b"in")
+
+    found = await env.verify()
+    assert not found.clean
+    assert (found.checked, found.missing, found.mismatched, found.extra) == (3, 1, 2, 3)
+    assert "missing: gone" in found.examples
+    assert "mismatched: tampered" in found.examples
+    assert "extra: xdir" in found.examples
+    assert found.as_dict()["clean"] is False
+
+    fixed = await env.verify(repair=True)
+    assert fixed.repair_complete
+    assert fixed.repaired == 5  # 3 files sent, 2 files moved to trash
+    again = await env.verify()
+    assert again.clean, again.examples
+    env.check_replica()
+    check_index_matches_host(env.index, env.replica, exact=False)
+    trash = trash_files(env.storage)
+    assert (b"Docs/tampered", digest(b"0riginal")) in trash
+    assert (b"Docs/xdir/inside", digest(b"in")) in trash
+    # The next ordinary push has nothing left to do.
+    result = await env.push()
+    assert (result.files_sent, result.files_deleted) == (0, 0)
+
+
+async def test_verify_of_a_folder_never_pushed(env: Env) -> None:
+    """Everything is missing; nothing is extra."""
+    write(env.src / "a", b"a")
+    write(env.src / "b", b"b")
+    found = await env.verify()
+    assert (found.checked, found.missing, found.mismatched, found.extra) == (0, 2, 0, 0)
+
+
+async def test_verify_repair_needs_the_index(env: Env) -> None:
+    """Repair without an index is a usage error."""
+    with pytest.raises(ValueError, match="index"):
+        await replicator.verify(env.alice, env.target, FOLDER, env.src, None, repair=True)
+
+
+async def test_verify_repairs_a_file_that_became_a_directory_on_the_host(env: Env) -> None:
+    """Kinds that differ: the host's directory goes to trash, the file comes back."""
+    write(env.src / "x", b"file")
+    await env.push()
+    os.unlink(env.replica / "x")
+    write(env.replica / "x" / "y", b"y")
+    found = await env.verify(repair=True)
+    assert (found.missing, found.extra) == (1, 2)
+    assert (await env.verify()).clean
+    env.check_replica()
+
+
+# --- restore ---------------------------------------------------------------------------------
+
+
+async def _fresh_machine(env: Env, alice_key: Path) -> tuple[Identity, PeerTarget]:
+    """What a rebuilt node has: its key file and the peer's address and key, nothing else."""
+    loop = asyncio.get_running_loop()
+    me = await loop.run_in_executor(None, identity.load, alice_key)
+    assert me == env.alice
+    assert me is not env.alice
+    return me, PeerTarget("whatever", env.target.addresses, env.server.identity.public_line)
+
+
+async def test_restore_on_a_fresh_machine(env: Env, tmp_path: Path) -> None:
+    """The house burned: the key alone gets the folder, a sub-path or one file back."""
+    write(env.src / "top.txt", b"top", mode=0o755)
+    write(env.src / "a" / "b" / "c.txt", b"c" * 100)
+    write(env.src / "a" / "b" / "big.bin", os.urandom(SMALL_FILE + 77))
+    write(env.src / "a" / "zero", b"")
+    (env.src / "a" / "empty").mkdir()
+    for rel in ("a/empty", "a/b", "a", ""):
+        os.utime(env.src / rel, ns=(MTIME + len(rel), MTIME + len(rel)))
+    await env.push()
+    me, target = await _fresh_machine(env, tmp_path / "keys" / "alice" / "id_ed25519")
+
+    whole = env.work / "whole"
+    result = await replicator.restore(me, target, FOLDER, whole)
+    assert (result.files, result.dirs) == (4, 4)
+    assert result.bytes == 3 + 100 + SMALL_FILE + 77
+    assert snapshot(whole) == snapshot(env.src, portable=True)
+    assert set(os.listdir(whole)) == {"top.txt", "a"}  # no temp files left behind
+
+    sub = env.work / "sub"
+    await replicator.restore(me, target, FOLDER, sub, path="a/b")
+    assert sorted(p.relative_to(sub).as_posix() for p in sub.rglob("*")) == [
+        "a",
+        "a/b",
+        "a/b/big.bin",
+        "a/b/c.txt",
+    ]
+    assert snapshot(sub / "a" / "b") == snapshot(env.src / "a" / "b", portable=True)
+
+    one = env.work / "one"
+    for rel in ("a/b/c.txt", "a/b/big.bin", "/a/zero/"):
+        got = await replicator.restore(me, target, FOLDER, one, path=rel)
+        assert got.files == 1
+        clean = rel.strip("/")
+        assert (one / clean).read_bytes() == (env.src / clean).read_bytes()
+        assert os.stat(one / clean).st_mtime_ns == os.stat(env.src / clean).st_mtime_ns
+
+
+async def test_restore_refuses_to_overwrite_unless_asked(env: Env) -> None:
+    """Existing files make restore refuse before writing anything; overwrite replaces them."""
+    write(env.src / "a", b"from backup")
+    write(env.src / "d" / "b", b"b")
+    write(env.src / "d" / "big", b"G" * (SMALL_FILE + 1))
+    await env.push()
+    dest = env.work / "dest"
+    write(dest / "a", b"local edit", mtime_ns=MTIME + 99)
+    write(dest / "d" / "big", b"local big", mtime_ns=MTIME + 99)
+
+    with pytest.raises(RestoreConflict, match="2 file") as caught:
+        await env.restore(dest)
+    assert caught.value.count == 2
+    assert (dest / "a").read_bytes() == b"local edit"
+    assert not (dest / "d" / "b").exists()  # nothing written at all
+    with pytest.raises(RestoreConflict):
+        await env.restore(dest, path="d/big")
+
+    await env.restore(dest, overwrite=True)
+    assert snapshot(dest) == snapshot(env.src, portable=True)
+    await env.restore(dest, path="d/big", overwrite=True)
+    assert (dest / "d" / "big").read_bytes() == b"G" * (SMALL_FILE + 1)
+
+
+async def test_restore_of_something_the_host_does_not_hold(env: Env) -> None:
+    """A clear error names what is missing."""
+    write(env.src / "a", b"a")
+    await env.push()
+    with pytest.raises(HostRefused, match="holds nothing at Docs/nope"):
+        await env.restore(env.work / "x", path="nope")
+    with pytest.raises(HostRefused):
+        await env.restore(env.work / "x", path="a/below-a-file")
+    with pytest.raises(ValueError, match="not a path inside"):
+        await env.restore(env.work / "x", path="../etc")
+    with pytest.raises(ValueError, match="cannot name a folder"):
+        await replicator.restore(env.alice, env.target, "a/b", env.work / "x")
+
+
+async def test_restore_progress_ends_with_done(env: Env) -> None:
+    """Restore reports progress with totals and ends with DONE."""
+    write(env.src / "big", os.urandom(3 * MIB))
+    write(env.src / "small", b"s")
+    await env.push()
+    seen: list[replicator.Progress] = []
+    await env.restore(
+        env.work / "r",
+        progress=lambda p: seen.append(
+            replicator.Progress(
+                **{
+                    f: getattr(p, f)
+                    for f in (
+                        "phase",
+                        "files_done",
+                        "files_total",
+                        "bytes_done",
+                        "bytes_total",
+                        "scan_complete",
+                    )
+                }
+            )
+        ),
+    )
+    assert seen[-1].phase is replicator.Phase.DONE
+    assert seen[-1].files_done == seen[-1].files_total == 2
+    assert seen[-1].bytes_done == seen[-1].bytes_total == 3 * MIB + 1
+    assert seen[-1].percent == 100.0
+
+
+# --- odd inputs ------------------------------------------------------------------------------
+
+
+def test_folder_names_are_checked() -> None:
+    """A folder name is one plain path component."""
+    assert replicator.check_folder_name("Photos 2020") == b"Photos 2020"
+    for bad in ("", ".", "..", "a/b", ".mynas", "x\0y", "n" * 256):
+        with pytest.raises(ValueError):
+            replicator.check_folder_name(bad)
+
+
+def test_sub_paths_are_checked() -> None:
+    """A sub-path stays inside its folder."""
+    assert replicator.check_subpath("/a/b/") == b"a/b"
+    assert replicator.check_subpath(b"") == b""
+    for bad in ("a/../b", "./a", "a//b", "a/\0"):
+        with pytest.raises(ValueError):
+            replicator.check_subpath(bad)
+
+
+def test_progress_percent() -> None:
+    """Percent is known once the scan is complete, by bytes, else by files."""
+    progress = replicator.Progress()
+    assert progress.percent is None
+    progress.scan_complete = True
+    assert progress.percent == 100.0
+    progress.files_total, progress.files_done = 4, 1
+    assert progress.percent == 25.0
+    progress.bytes_total, progress.bytes_done = 1000, 500
+    assert progress.percent == 50.0
+
+
+def test_results_are_plain_data() -> None:
+    """Summaries turn into JSON-ready dicts; error lists are bounded."""
+    pushed = replicator.PushResult("F", seconds=1.23456)
+    for i in range(replicator.MAX_REPORTED + 5):
+        pushed.add_error(f"e{i}")
+    data = pushed.as_dict()
+    assert data["seconds"] == 1.235
+    assert len(data["errors"]) == replicator.MAX_REPORTED
+    assert data["error_count"] == replicator.MAX_REPORTED + 5
+    verified = replicator.VerifyResult("F")
+    for i in range(replicator.MAX_REPORTED + 5):
+        verified.note("extra", b"x%d" % i)
+    assert len(verified.examples) == replicator.MAX_REPORTED
+    assert replicator.RestoreResult("F", seconds=0.5).as_dict()["seconds"] == 0.5

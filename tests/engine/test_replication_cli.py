@@ -1,0 +1,258 @@
+"""The command line end to end: push, verify, restore (and serve) as separate processes.
+
+Each command is a real ``python -m custom_components.mynas.engine`` process; the host is a
+live server in the test's event loop (one test runs ``serve`` as a process too). Success
+exits 0 and ends stdout with a JSON summary; a failure exits non-zero with one line on
+stderr that says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+import json
+import os
+from pathlib import Path
+import signal
+import socket
+import sys
+from typing import Any
+
+import pytest
+
+from custom_components.mynas.engine.identity import Identity
+from custom_components.mynas.engine.replicator import SMALL_FILE
+
+from .conftest import ServerFactory
+from .replica_support import MTIME, Env, close_env, make_env, snapshot, write
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Run:
+    """What one command did."""
+
+    code: int
+    out: str
+    err: str
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary on the last line of stdout."""
+        last = self.out.strip().splitlines()[-1]
+        data: dict[str, Any] = json.loads(last)
+        return data
+
+    @property
+    def reason(self) -> str:
+        """The one line a failure prints on stderr."""
+        lines = self.err.strip().splitlines()
+        assert len(lines) == 1, self.err
+        return lines[0]
+
+
+async def mynas(*args: str | os.PathLike[str]) -> Run:
+    """Run one engine command and wait for it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "custom_components.mynas.engine",
+        *map(str, args),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture
+async def env(fast_dir: Path, make_server: ServerFactory, alice_id: Identity) -> AsyncIterator[Env]:
+    """A host granting alice 1 GiB, alice's index and an empty source folder."""
+    setup = await make_env(make_server, fast_dir, alice_id)
+    yield setup
+    close_env(setup)
+
+
+@pytest.fixture
+def alice_key(tmp_path: Path, alice_id: Identity) -> Path:
+    """Alice's private key file (the conftest identities live there)."""
+    return tmp_path / "keys" / "alice" / "id_ed25519"
+
+
+def _public_key_file(directory: Path, name: str, line: str) -> Path:
+    path = directory / f"{name}.pub"
+    path.write_text(line + "\n")
+    return path
+
+
+def _common(env: Env, key: Path, peer_key: Path, address: str | None = None) -> list[Any]:
+    return [
+        "--key",
+        key,
+        "--peer",
+        address or env.target.addresses[0],
+        "--peer-key",
+        peer_key,
+        "--folder",
+        "Docs",
+    ]
+
+
+async def test_push_verify_restore(env: Env, alice_key: Path) -> None:
+    """The happy path and its summaries, then verify catching and repairing a tampered file."""
+    write(env.src / "a.txt", b"hello")
+    write(env.src / "sub" / "b.bin", os.urandom(SMALL_FILE + 10), mode=0o755)
+    (env.src / "empty").mkdir()
+    host_key = _public_key_file(env.work, "host", env.server.identity.public_line)
+    common = _common(env, alice_key, host_key)
+    index = ["--index", env.work / "cli-index.sqlite"]
+
+    run = await mynas("push", *common, "--source", env.src, *index)
+    assert run.code == 0, run.err
+    pushed = run.summary
+    assert {"files_sent", "bytes_sent", "files_deleted", "files_total", "seconds"} <= set(pushed)
+    assert (pushed["files_sent"], pushed["files_total"]) == (2, 2)
+    assert pushed["bytes_sent"] == 5 + SMALL_FILE + 10
+    env.check_replica()
+
+    run = await mynas("push", *common, "--source", env.src, *index, "--bwlimit", "50M")
+    assert run.code == 0, run.err
+    assert (run.summary["files_sent"], run.summary["files_deleted"]) == (0, 0)
+
+    run = await mynas("verify", *common, "--source", env.src, *index)
+    assert run.code == 0, run.err
+    assert {k: run.summary[k] for k in ("checked", "missing", "mismatched", "extra")} == {
+        "checked": 2,
+        "missing": 0,
+        "mismatched": 0,
+        "extra": 0,
+    }
+
+    write(env.replica / "a.txt", b"HELLO")  # same size and mtime: only the hash tells
+    run = await mynas("verify", *common, "--source", env.src, *index)
+    assert run.code == 1
+    assert run.summary["mismatched"] == 1
+    assert "mismatched: a.txt" in run.err
+    run = await mynas("verify", *common, "--source", env.src, *index, "--repair")
+    assert run.code == 0, run.err
+    assert run.summary["repaired"] == 1
+    assert (env.replica / "a.txt").read_bytes() == b"hello"
+
+    dest = env.work / "restored"
+    run = await mynas("restore", *common, "--to", dest)
+    assert run.code == 0, run.err
+    assert run.summary["files"] == 2
+    assert snapshot(dest) == snapshot(env.src, portable=True)
+
+    run = await mynas("restore", *common, "--to", dest)
+    assert run.code == 1
+    assert run.reason.startswith("mynas restore: error: 2 file(s) already exist")
+    run = await mynas("restore", *common, "--to", dest, "--overwrite", "--path", "sub/b.bin")
+    assert run.code == 0, run.err
+    assert run.summary["files"] == 1
+
+
+async def test_failures_exit_non_zero_with_one_line(
+    env: Env, alice_key: Path, bob_id: Identity
+) -> None:
+    """Unreachable port, wrong peer key, missing or empty source: one line on stderr."""
+    write(env.src / "a", b"a", mtime_ns=MTIME)
+    host_key = _public_key_file(env.work, "host", env.server.identity.public_line)
+    wrong_key = _public_key_file(env.work, "bob", bob_id.public_line)
+    index = ["--index", env.work / "cli-index.sqlite"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+
+    run = await mynas("push", *_common(env, alice_key, host_key, dead), "--source", env.src)
+    assert run.code == 1
+    assert run.reason.startswith(f"mynas push: error: cannot reach {dead}: connection refused")
+    assert run.out == ""
+
+    run = await mynas("verify", *_common(env, alice_key, wrong_key), "--source", env.src, *index)
+    assert run.code == 1
+    assert "presented host key" in run.reason
+    assert bob_id.fingerprint in run.reason
+    assert os.listdir(env.jail) == []
+
+    common = _common(env, alice_key, host_key)
+    run = await mynas("push", *common, "--source", env.work / "nope", *index)
+    assert run.code == 1
+    assert "missing or unreadable" in run.reason
+
+    run = await mynas("push", *common, "--source", env.src, *index)
+    assert run.code == 0, run.err
+    os.unlink(env.src / "a")
+    run = await mynas("push", *common, "--source", env.src, *index)
+    assert run.code == 1
+    assert "is empty while the peer holds 1 file(s)" in run.reason
+    assert (env.replica / "a").exists()
+    run = await mynas("push", *common, "--source", env.src, *index, "--allow-empty")
+    assert run.code == 0, run.err
+    assert run.summary["files_deleted"] == 1
+
+    run = await mynas("restore", *common, "--to", env.work / "r", "--path", "../x")
+    assert run.code == 1
+    assert "not a path inside the folder" in run.reason
+
+
+async def test_serve_as_a_process(fast_dir: Path, alice_key: Path, alice_id: Identity) -> None:
+    """keygen, serve, push and restore: four processes, no test server at all."""
+    host_key = fast_dir / "host" / "id_ed25519"
+    run = await mynas("keygen", "--key", host_key)
+    assert run.code == 0, run.err
+    host_pub = _public_key_file(fast_dir, "host", run.out.strip())
+    alice_pub = _public_key_file(fast_dir, "alice", alice_id.public_line)
+    storage = fast_dir / "storage"
+    storage.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "custom_components.mynas.engine",
+        "serve",
+        "--key",
+        str(host_key),
+        "--storage",
+        str(storage),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--peer",
+        f"alice={alice_pub}:1G",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        for _ in range(200):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            break
+        source = fast_dir / "src"
+        write(source / "photo.jpg", os.urandom(5000))
+        common = ["--key", alice_key, "--peer", f"127.0.0.1:{port}", "--peer-key", host_pub]
+        common += ["--folder", "Photos"]
+        run = await mynas("push", *common, "--source", source, "--index", fast_dir / "i.sqlite")
+        assert run.code == 0, run.err
+        assert run.summary["files_sent"] == 1
+        assert (storage / "alice" / "Photos" / "photo.jpg").read_bytes() == (
+            source / "photo.jpg"
+        ).read_bytes()
+        run = await mynas("restore", *common, "--to", fast_dir / "back")
+        assert run.code == 0, run.err
+        assert snapshot(fast_dir / "back") == snapshot(source, portable=True)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(serve.communicate(), 30)
+    assert serve.returncode == 0, err.decode()
