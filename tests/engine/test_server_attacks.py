@@ -17,7 +17,7 @@ must be unchanged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 import hashlib
 import json
 import os
@@ -35,6 +35,7 @@ from custom_components.mynas.engine.errors import (
     AuthRefused,
     HostRefused,
     MyNasError,
+    QuotaExceeded,
 )
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.protocol import Close, Frame
@@ -907,3 +908,512 @@ async def test_removed_peer_is_disconnected_and_refused(
         await link.close()
     with pytest.raises(AuthRefused):
         await connect(server, alice_id)
+
+
+# --- (4) no shell, exec, pty, X11, agent, forwarding or other subsystem ---------------------
+
+
+@pytest.fixture
+async def bystander() -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A TCP service on 127.0.0.1 that a forwarding attempt would reach: (port, what it got)."""
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(b"connected")
+        received.append(await reader.read(100))
+        writer.close()
+
+    service = await asyncio.start_server(serve, HOST, 0)
+    yield service.sockets[0].getsockname()[1], received
+    service.close()
+    await service.wait_closed()
+
+
+async def test_asyncssh_client_gets_no_shell_exec_or_forwarding(
+    server: NodeServer,
+    alice_id: Identity,
+    tmp_path: Path,
+    bystander: tuple[int, list[bytes]],
+) -> None:
+    """Every channel and global request but our two subsystems is refused."""
+    port, received = bystander
+    canary = tmp_path / "canary"
+    conn = await ssh_connect(server, alice_id)
+    try:
+        for command in (f"touch {canary}", "true"):
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.run(command, check=False)
+        with pytest.raises(asyncssh.ChannelOpenError):  # shell with a pty
+            await conn.create_process(term_type="xterm")
+        with pytest.raises(asyncssh.ChannelOpenError):  # shell without
+            await conn.create_process()
+        for name in ("shell", "scp", "sftp-server", "mynas@2", "MYNAS@1", "sftp\0"):
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.create_process(subsystem=name)
+        with pytest.raises(asyncssh.ChannelOpenError):  # direct-tcpip (ssh -L, -W)
+            await conn.open_connection(HOST, port)
+        with pytest.raises(asyncssh.ChannelListenError):  # tcpip-forward (ssh -R)
+            await conn.forward_remote_port("", 0, HOST, port)
+        with pytest.raises(asyncssh.ChannelOpenError):  # direct-streamlocal
+            await conn.open_unix_connection(str(tmp_path / "some.sock"))
+        with pytest.raises(asyncssh.ChannelListenError):  # streamlocal-forward
+            await conn.forward_remote_path(str(tmp_path / "planted.sock"), str(tmp_path / "x"))
+        # The connection is still good for what a peer may do.
+        sftp = await conn.start_sftp_client()
+        assert await sftp.listdir("/") == [".", ".."]
+        sftp.exit()
+        await sftp.wait_closed()
+    finally:
+        conn.close()
+        await conn.wait_closed()
+    assert not canary.exists()
+    assert not (tmp_path / "planted.sock").exists()
+    assert received == []
+
+
+async def test_openssh_gets_no_shell_exec_pty_or_other_subsystem(
+    server: NodeServer,
+    tmp_path: Path,
+    key_file: Callable[[str], Path],
+) -> None:
+    """`ssh host cmd`, `ssh -tt host`, `ssh host`, `ssh -s host other`: refused, nothing ran."""
+    canary = tmp_path / "canary"
+    openssh = OpenSSH(server, key_file("alice"), tmp_path / "openssh")
+    code, out, err = await openssh.ssh(HOST, f"touch {canary}; echo ran")
+    assert code == 255
+    assert "exec request failed" in err
+    assert b"ran" not in out
+    code, out, err = await openssh.ssh("-tt", HOST)
+    assert code == 255
+    assert "PTY allocation request failed" in err
+    code, out, err = await openssh.ssh("-T", HOST)
+    assert code == 255
+    assert "shell request failed" in err
+    for name in ("shell", "other", "scp"):
+        code, out, err = await openssh.ssh("-s", HOST, name)
+        assert code == 255
+        assert "subsystem request failed" in err
+    assert not canary.exists()
+
+
+async def test_openssh_forwarding_is_refused(
+    server: NodeServer,
+    tmp_path: Path,
+    key_file: Callable[[str], Path],
+    bystander: tuple[int, list[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`ssh -W`, `-R` (TCP and unix socket), `-L`, `-A`, `-X`: nothing is forwarded."""
+    port, received = bystander
+    openssh = OpenSSH(server, key_file("alice"), tmp_path / "openssh")
+    code, _, err = await openssh.ssh("-W", f"{HOST}:{port}", HOST)
+    assert code == 255
+    assert "stdio forwarding failed" in err  # asyncssh's refusal; the bystander saw nothing
+    forward_failure = ("-N", "-o", "ExitOnForwardFailure=yes")
+    code, _, err = await openssh.ssh(*forward_failure, "-R", f"0:{HOST}:{port}", HOST)
+    assert code == 255
+    assert "remote port forwarding failed" in err
+    planted = tmp_path / "planted.sock"
+    code, _, err = await openssh.ssh(*forward_failure, "-R", f"{planted}:{HOST}:{port}", HOST)
+    assert code == 255
+    assert "remote port forwarding failed" in err
+    assert not planted.exists()
+    await _local_forward_refused(openssh, port)
+    await _agent_and_x11_refused(openssh, tmp_path, monkeypatch)
+    assert received == []
+
+
+async def _local_forward_refused(openssh: OpenSSH, port: int) -> None:
+    """`ssh -L`: the local end accepts, the server refuses the channel, nothing connects."""
+    probe = await asyncio.start_server(lambda r, w: None, HOST, 0)
+    local_port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    proc = await asyncio.create_subprocess_exec(
+        "ssh",
+        *openssh.options(),
+        "-p",
+        str(openssh.server.port),
+        "-N",
+        "-L",
+        f"{HOST}:{local_port}:{HOST}:{port}",
+        HOST,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # ssh listens locally once logged in: nothing to await but the port
+            try:
+                reader, writer = await asyncio.open_connection(HOST, local_port)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
+        writer.write(b"hello through the tunnel")
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed: channel refused
+        writer.close()
+    finally:
+        proc.terminate()
+        _, err = await proc.communicate()
+    assert b"open failed" in err
+
+
+async def _agent_and_x11_refused(
+    openssh: OpenSSH, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ssh -A -X` with a real agent and a display: the server never offers either."""
+    offers: list[tuple[str, object]] = []
+    agent_listener = asyncssh.SSHServerConnection.create_agent_listener
+    x11_listener = asyncssh.SSHServerConnection.attach_x11_listener
+
+    async def spy_agent(self: asyncssh.SSHServerConnection) -> bool:
+        result = await agent_listener(self)
+        offers.append(("agent", result))
+        return result
+
+    async def spy_x11(self: asyncssh.SSHServerConnection, *args: Any) -> str | None:
+        result = await x11_listener(self, *args)
+        offers.append(("x11", result))
+        return result
+
+    monkeypatch.setattr(asyncssh.SSHServerConnection, "create_agent_listener", spy_agent)
+    monkeypatch.setattr(asyncssh.SSHServerConnection, "attach_x11_listener", spy_x11)
+    sock = tmp_path / "agent.sock"
+    agent = await asyncio.create_subprocess_exec(
+        "ssh-agent", "-D", "-a", str(sock), stdout=asyncio.subprocess.DEVNULL
+    )
+    try:
+        await wait_until(sock.exists, "ssh-agent's socket")
+        code, _, err = await openssh.ssh(
+            "-A",
+            "-X",
+            HOST,
+            "true",
+            env={"SSH_AUTH_SOCK": str(sock), "DISPLAY": "127.0.0.1:77"},
+        )
+    finally:
+        agent.terminate()
+        await agent.wait()
+    assert code == 255
+    assert "X11 forwarding request failed" in err
+    assert ("agent", False) in offers
+    assert ("x11", None) in offers
+    assert all(not result for _, result in offers)
+
+
+# --- (5) quota: one big file, many small ones, concurrent connections, trash ----------------
+
+QUOTA = 256 * KIB
+
+
+@pytest.fixture
+async def small(make_server: ServerFactory, alice_id: Identity) -> NodeServer:
+    """A host granting alice 256 KiB (64 blocks), four connections at most."""
+    return await make_server([PeerGrant("alice", alice_id.public_line, QUOTA)], limits=LENIENT)
+
+
+async def test_quota_refuses_one_big_file_before_writing(
+    small: NodeServer, alice_id: Identity, storage_dir: Path
+) -> None:
+    """PUT and OPEN of a file over the quota: refused up front, saying needed vs left."""
+    big = b"b" * (300 * KIB)
+    raw = await Raw.open(small, alice_id)
+    raw.send(protocol.put(1, b"big.bin", MTIME, 0o644, big))
+    info = fail_info((await raw.sync(2))[1])
+    assert info["code"] == "quota"
+    assert info["needed"] == blocks(len(big))
+    assert info["available"] == QUOTA
+    assert info["message"] == "quota exceeded: 300.0 KiB needed, 256.0 KiB left"
+    raw.send(protocol.open_upload(3, b"big.bin", len(big), MTIME, 0o644))
+    info = fail_info(await raw.recv())
+    assert (info["code"], info["needed"], info["available"]) == ("quota", len(big), QUOTA)
+    # An upload that announces a small size and then sends more is stopped at its size.
+    raw.send(protocol.open_upload(4, b"liar.bin", 8 * KIB, MTIME, 0o644))
+    assert (await raw.recv())[0] is Frame.OFFSET
+    raw.send(
+        protocol.data(4, big[: 64 * KIB]), protocol.data(4, big), protocol.close(4, Close.FINISH)
+    )
+    assert fail_info(await raw.recv())["code"] == "io"
+    await raw.close()
+    assert disk_charge(storage_dir, "alice") == 0
+    assert os.listdir(storage_dir / "alice") == []
+    jail = small.jail("alice")
+    await wait_until(lambda: jail.quota.reserved == 0, "reservations released")
+    async with await connect(small, alice_id) as link:
+        # Exactly the quota fits; one more byte does not.
+        assert await push_files(link, {b"full.bin": b"f" * QUOTA}) == {b"full.bin": None}
+        outcome = await push_files(link, {b"one.byte": b"1"})
+        error = outcome[b"one.byte"]
+        assert isinstance(error, QuotaExceeded)
+        assert (error.needed, error.available) == (BLOCK, 0)
+        with pytest.raises(QuotaExceeded):
+            await link.open_upload(b"more.bin", 1, MTIME, 0o644)
+    assert disk_charge(storage_dir, "alice") == QUOTA == jail.quota.used
+
+
+async def test_quota_refuses_many_small_files(
+    small: NodeServer, alice_id: Identity, storage_dir: Path
+) -> None:
+    """100 files of 4 KiB into 64 blocks: 64 stored, 36 refused, usage exactly the quota."""
+    files = {b"f%03d" % n: bytes([n]) * BLOCK for n in range(100)}
+    async with await connect(small, alice_id) as link:
+        outcome = await push_files(link, files)
+    stored = [path for path, error in outcome.items() if error is None]
+    refused = [error for error in outcome.values() if error is not None]
+    assert len(stored) == QUOTA // BLOCK
+    assert len(refused) == 100 - QUOTA // BLOCK
+    assert all(isinstance(error, QuotaExceeded) for error in refused)
+    assert disk_charge(storage_dir, "alice") == QUOTA == small.jail("alice").quota.used
+    assert sorted(os.fsencode(name) for name in os.listdir(storage_dir / "alice")) == sorted(stored)
+
+
+async def test_quota_holds_against_concurrent_connections(
+    small: NodeServer, alice_id: Identity, storage_dir: Path
+) -> None:
+    """Four connections of one peer race small and large files: never past the quota."""
+
+    async def one(number: int) -> int:
+        async with await connect(small, alice_id) as link:
+            files = {b"c%d-%02d" % (number, n): b"s" * (3 * KIB) for n in range(24)}
+            outcome = await push_files(link, files)
+            stored = sum(blocks(3 * KIB) for error in outcome.values() if error is None)
+            try:
+                await upload(link, b"big%d.bin" % number, b"L" * (60 * KIB))
+            except QuotaExceeded:
+                return stored
+            return stored + blocks(60 * KIB)
+
+    stored = await asyncio.gather(*(one(number) for number in range(4)))
+    jail = small.jail("alice")
+    await wait_until(lambda: jail.quota.reserved == 0, "reservations released")
+    on_disk = disk_charge(storage_dir, "alice")
+    assert sum(stored) <= on_disk <= QUOTA
+    assert on_disk == jail.quota.used
+    assert sum(stored) > QUOTA - 16 * BLOCK  # the quota was really reached
+
+
+async def test_quota_counts_the_trash(
+    small: NodeServer, alice_id: Identity, storage_dir: Path
+) -> None:
+    """Overwrites and deletes free nothing: the old versions in trash still count."""
+    versions = [bytes([n]) * (100 * KIB) for n in range(3)]
+    async with await connect(small, alice_id) as link:
+        assert await push_files(link, {b"f": versions[0]}) == {b"f": None}
+        assert await push_files(link, {b"f": versions[1]}) == {b"f": None}
+        outcome = await push_files(link, {b"f": versions[2]})
+        assert isinstance(outcome[b"f"], QuotaExceeded)
+        errors: list[MyNasError | None] = []
+        await link.delete(b"f", errors.append)
+        await link.sync()
+        assert errors == [None]
+        outcome = await push_files(link, {b"f": versions[2]})
+        assert isinstance(outcome[b"f"], QuotaExceeded)
+        usage = await link.usage()
+    assert trash_contents(storage_dir, "alice") == sorted(versions[:2])
+    assert usage["used"] == disk_charge(storage_dir, "alice") > 2 * 100 * KIB
+    assert usage["quota"] == QUOTA
+
+
+# --- (6) trash tampering ---------------------------------------------------------------------
+
+
+async def test_trash_keeps_what_a_peer_overwrites_or_deletes(
+    server: NodeServer, alice_id: Identity, storage_dir: Path
+) -> None:
+    """Ransomware on alice's node rewrites and deletes everything: the trash keeps it all."""
+    originals = {b"docs/a.txt": b"original a", b"docs/b.txt": b"original b"}
+    large = b"L" * (600 * KIB)
+    async with await connect(server, alice_id) as link:
+        assert set((await push_files(link, originals)).values()) == {None}
+        await upload(link, b"docs/large.bin", large)
+        garbage = dict.fromkeys(originals, b"encrypted!")
+        assert set((await push_files(link, garbage)).values()) == {None}
+        await upload(link, b"docs/large.bin", b"E" * (300 * KIB), mtime_ns=MTIME + 1)
+        errors: list[MyNasError | None] = []
+        await link.delete(b"docs", errors.append)
+        await link.sync()
+        assert errors == [None]
+        assert await list_jail(link) == []
+    kept = trash_contents(storage_dir, "alice")
+    for content in (*originals.values(), large):
+        assert content in kept
+    assert server.jail("alice").quota.used == disk_charge(storage_dir, "alice")
+
+
+async def test_peer_cannot_reach_its_trash(
+    server: NodeServer, alice_id: Identity, storage_dir: Path, tmp_path: Path
+) -> None:
+    """The trash is outside the jail and `.mynas` names are reserved: no way to it at all."""
+    async with await connect(server, alice_id) as link:
+        assert await push_files(link, {b"f.txt": b"v1"}) == {b"f.txt": None}
+        assert await push_files(link, {b"f.txt": b"v2"}) == {b"f.txt": None}
+        # Asking for a shorter retention changes nothing: requests only ever lengthen it.
+        await link.set_retention("f.txt", 0)
+    assert server.jail("alice").retention_days(b"f.txt") == 30
+    (stamp,) = os.listdir(storage_dir / ".mynas" / "trash" / "alice")
+    before = snapshot(tmp_path)
+    trash_paths = [
+        b"../.mynas/trash/alice/" + stamp.encode() + b"/f.txt",
+        b"../.mynas/trash/alice",
+        b"../.mynas/peers/alice/state.json",
+        b".mynas/trash/alice",
+        b".mynas",
+    ]
+    raw = await Raw.open(server, alice_id)
+    req = 0
+    for path in trash_paths:
+        for op in hostile_requests(0, path):
+            if op == "RETENTION":
+                continue
+            req += 1
+            raw.send(hostile_requests(req, path)[op])
+    answers = await raw.sync(req + 1)
+    assert all(fail_info(answers[n])["code"] == "path" for n in range(1, req + 1))
+    raw.send(protocol.query(req + 2, {"op": "retention", "folder": "f.txt", "days": -5}))
+    assert fail_info(await raw.recv())  # refused, and the session goes on
+    await raw.close()
+    conn = await ssh_connect(server, alice_id)
+    try:
+        sftp = await conn.start_sftp_client()
+        assert sorted(await sftp.listdir("/")) == [".", "..", "f.txt"]
+        for path in ("/.mynas", "/../.mynas/trash/alice", f"/../.mynas/trash/alice/{stamp}"):
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                await sftp.stat(path)
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                await sftp.listdir(path)
+            with pytest.raises(asyncssh.SFTPError):
+                await sftp.remove(path)
+        sftp.exit()
+        await sftp.wait_closed()
+    finally:
+        conn.close()
+        await conn.wait_closed()
+    assert snapshot(tmp_path) == before
+    assert trash_contents(storage_dir, "alice") == [b"v1"]
+
+
+# --- (7) a connection cut mid-file and mid-batch; a restart --------------------------------
+
+
+def partials(storage: Path, peer: str) -> list[str]:
+    return os.listdir(storage / ".mynas" / "partial" / peer)
+
+
+def temps(storage: Path, peer: str) -> list[str]:
+    return os.listdir(storage / ".mynas" / "tmp" / peer)
+
+
+async def test_cut_mid_file_keeps_the_old_version_and_resumes(
+    server: NodeServer, alice_id: Identity, storage_dir: Path
+) -> None:
+    """Kill the connection while DATA flows: old version intact, no temp, resume at offset."""
+    old = b"old version" * 1000
+    new = os.urandom(3 * MIB)
+    async with await connect(server, alice_id) as link:
+        await upload(link, b"big.bin", old)
+    raw = await Raw.open(server, alice_id)
+    raw.send(protocol.open_upload(1, b"big.bin", len(new), MTIME + 1, 0o644))
+    assert protocol.parse_offset((await raw.recv())[1]) == (1, 0)
+    sent = 6 * protocol.CHUNK
+    for start in range(0, sent, protocol.CHUNK):
+        raw.send(protocol.data(1, new[start : start + protocol.CHUNK]))
+    await raw.writer.drain()
+    partial_dir = storage_dir / ".mynas" / "partial" / "alice"
+
+    def some_bytes_arrived() -> bool:
+        return any((partial_dir / name).stat().st_size > 0 for name in os.listdir(partial_dir))
+
+    await wait_until(some_bytes_arrived, "the first chunks on disk")
+    raw.conn.abort()  # no goodbye: the TCP connection just dies
+    await raw.conn.wait_closed()
+    # The server checkpoints the partial: its name carries the length known to be durable.
+    await wait_until(
+        lambda: any(int(name.split(".")[2]) > 0 for name in partials(storage_dir, "alice")),
+        "the abandoned upload's checkpoint",
+    )
+    assert (storage_dir / "alice" / "big.bin").read_bytes() == old
+    assert temps(storage_dir, "alice") == []
+    (name,) = partials(storage_dir, "alice")
+    durable = int(name.split(".")[2])
+    assert 0 < durable <= sent
+    async with await connect(server, alice_id) as link:
+        req, offset = await link.open_upload(b"big.bin", len(new), MTIME + 1, 0o644)
+        assert offset == durable
+        for start in range(offset, len(new), protocol.CHUNK):
+            await link.send_data(req, new[start : start + protocol.CHUNK])
+        await link.close_upload(req, Close.FINISH)
+    assert (storage_dir / "alice" / "big.bin").read_bytes() == new
+    assert old in trash_contents(storage_dir, "alice")
+    assert partials(storage_dir, "alice") == []
+    jail = server.jail("alice")
+    assert jail.quota.used == disk_charge(storage_dir, "alice")
+    assert jail.quota.reserved == 0
+
+
+async def test_cut_mid_batch_leaves_whole_files_only(
+    make_server: ServerFactory, alice_id: Identity, storage_dir: Path
+) -> None:
+    """Kill the connection mid-batch: every file is its old or new version, no temp left."""
+    events = Events()
+    # Small batches, so several are written (and one is in flight) when the cut comes.
+    server = await make_server(on_event=events, limits=Limits(free_failures=1000, batch_files=8))
+    old = {b"f%03d" % n: b"old %d" % n * 100 for n in range(40)}
+    async with await connect(server, alice_id) as link:
+        assert set((await push_files(link, old)).values()) == {None}
+    new = {b"f%03d" % n: (b"new %d" % n) * 2000 for n in range(400)}
+    raw = await Raw.open(server, alice_id)
+    for n, (path, data) in enumerate(new.items()):
+        raw.send(protocol.put(n + 1, path, MTIME + 1, 0o644, data))
+    await raw.writer.drain()
+    first = storage_dir / "alice" / "f000"
+    await wait_until(lambda: first.read_bytes() == new[b"f000"], "the first batch on disk")
+    raw.conn.abort()
+    await raw.conn.wait_closed()
+    await events.wait("peer_disconnected", 2)
+    jail = server.jail("alice")
+    await server.close()  # returns once every session has ended its writes
+    assert jail.quota.reserved == 0
+    assert temps(storage_dir, "alice") == []
+    landed = 0
+    for path, data in new.items():
+        target = storage_dir / "alice" / os.fsdecode(path)
+        if target.exists():
+            assert target.read_bytes() in (data, old.get(path)), path
+            landed += target.read_bytes() == data
+        else:
+            assert path not in old
+    assert 0 < landed < len(new)  # the cut came mid-stream
+    assert jail.quota.used == disk_charge(storage_dir, "alice")
+
+
+async def test_restart_recounts_usage_from_disk(
+    make_server: ServerFactory, alice_id: Identity, storage_dir: Path
+) -> None:
+    """A new server on the same storage trusts the disk, not a stale or forged state file."""
+    grants = [PeerGrant("alice", alice_id.public_line, QUOTA)]
+    first = await make_server(grants, limits=LENIENT)
+    async with await connect(first, alice_id) as link:
+        await push_files(link, {b"a/one": b"1" * 10_000, b"a/two": b"2" * 20_000})
+        await push_files(link, {b"a/one": b"overwritten"})  # the old one goes to the trash
+        req, _ = await link.open_upload(b"part.bin", 100 * KIB, MTIME, 0o644)
+        await link.send_data(req, b"p" * (40 * KIB))
+        await link.close_upload(req, Close.ABANDON)  # a partial, kept for a resume
+    expected = disk_charge(storage_dir, "alice")
+    assert first.jail("alice").quota.used == expected
+    await first.close()
+    state = storage_dir / ".mynas" / "peers" / "alice" / "state.json"
+    forged = json.loads(state.read_text())
+    forged["used"] = 0  # as if alice's data had vanished (or a crash lost the count)
+    state.write_text(json.dumps(forged))
+    second = await make_server(grants, limits=LENIENT)
+    jail = second.jail("alice")
+    assert jail.quota.used == expected
+    async with await connect(second, alice_id) as link:
+        assert (await link.usage())["used"] == expected
+        room = QUOTA - expected
+        outcome = await push_files(link, {b"fill": b"x" * (room + 1)})
+        assert isinstance(outcome[b"fill"], QuotaExceeded)
+        assert outcome[b"fill"].available == room

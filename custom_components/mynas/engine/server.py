@@ -379,17 +379,22 @@ class _Connection(asyncssh.SSHServer):
         peer = self.peer
 
         async def replicate(stdin: SSHReader[bytes], stdout: SSHWriter[bytes], _: Any) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                server._track(task)  # close() waits for the session to end its writes
             try:
                 jail = await server.jail_ready(peer)
                 await _ReplicationSession(server, jail, stdin, stdout).run()
             finally:
-                self._sessions -= 1
                 cast(asyncssh.SSHServerChannel[bytes], stdout.channel).exit(0)
 
         def sftp(chan: asyncssh.SSHServerChannel[bytes]) -> asyncssh.SFTPServer:
             return ReadOnlySFTPServer(chan, server.jail(peer))
 
-        return _Session(replicate, sftp)
+        return _Session(replicate, sftp, self._session_ended)
+
+    def _session_ended(self) -> None:
+        self._sessions -= 1
 
 
 _NO_KEYS = asyncssh.import_authorized_keys("")
@@ -402,8 +407,18 @@ class _Session(SSHServerStreamSession[bytes]):
         self,
         replicate: Callable[[SSHReader[bytes], SSHWriter[bytes], Any], Awaitable[None]],
         sftp: Callable[[asyncssh.SSHServerChannel[bytes]], asyncssh.SFTPServer],
+        on_close: Callable[[], None],
     ) -> None:
         super().__init__(cast(Any, replicate), cast(Any, sftp), 3, False)
+        self._on_close: Callable[[], None] | None = on_close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # Every session gives its slot back when its channel closes, whatever it was: SFTP,
+        # replication, or a refused exec/shell/subsystem request.
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
 
     def shell_requested(self) -> bool:
         return False
@@ -488,8 +503,7 @@ class _ReplicationSession:
     async def _teardown(self) -> None:
         # Data not yet handed to the disk is dropped (the client never got an OK for it):
         # give its reservations back. Batches already being written complete.
-        for _, item in self._batch.items:
-            self._jail.quota.release(charge(len(item.data)))
+        _release(self._jail, self._batch)
         self._batch = _Batch()
         await asyncio.gather(*self._in_flight, return_exceptions=True)
         if self._upload is not None:
@@ -550,8 +564,12 @@ class _ReplicationSession:
         if not self._batch.items:
             return
         batch, self._batch = self._batch, _Batch()
-        while len(self._in_flight) >= self._limits.batches_in_flight:
-            await self._in_flight.popleft()
+        try:
+            while len(self._in_flight) >= self._limits.batches_in_flight:
+                await self._in_flight.popleft()
+        except BaseException:
+            _release(self._jail, batch)  # never handed to the disk: free its reservations
+            raise
         self._in_flight.append(asyncio.create_task(self._write(batch)))
 
     async def _write(self, batch: _Batch) -> None:
@@ -565,11 +583,14 @@ class _ReplicationSession:
         done = [
             req for (req, _), result in zip(batch.items, results, strict=True) if result is None
         ]
-        if done:
-            self._send(protocol.ok(*done))
-        for (req, _), result in zip(batch.items, results, strict=True):
-            if result is not None:
-                self._send_error(req, result)
+        try:
+            if done:
+                self._send(protocol.ok(*done))
+            for (req, _), result in zip(batch.items, results, strict=True):
+                if result is not None:
+                    self._send_error(req, result)
+        except ConnectionError, asyncssh.Error:
+            pass  # the peer is gone: it hears nothing, and its next run finds these files
 
     async def _flush(self) -> None:
         await self._submit()
@@ -739,6 +760,12 @@ class _ReplicationSession:
         Frame.LIST: _list,
         Frame.READ: _read,
     }
+
+
+def _release(jail: Jail, batch: _Batch) -> None:
+    """Give back the reservations of a batch that will never be written."""
+    for _, item in batch.items:
+        jail.quota.release(charge(len(item.data)))
 
 
 def _failure(req: int, err: BaseException) -> bytes:
