@@ -20,10 +20,15 @@ Then, by mode:
 
 - default: prints the URLs, the login and where the files are, and runs until Ctrl-C;
 - ``--headless-check``: checks that each node's files are byte-identical in the other's
-  replica, that both "last backup" sensors are set and that every entity the dashboard names
-  exists, prints a summary, stops, and exits 0 (all good) or 1;
+  replica, that both "last backup" sensors are set, that each node sees its peer connected and
+  that every entity the dashboard names exists; prints a summary, stops, and exits 0 (all
+  good) or 1 (CI runs it);
 - ``--exec CMD ...``: runs CMD with the demo's URLs and login in its environment
   (MYNAS_DEMO_*), then stops and exits with CMD's status (``scripts/screenshots`` uses it).
+
+Ports: Home Assistant on 127.0.0.1:8123/8124, the MyNAS nodes on 8022/8023 (``--ha-ports``,
+``--ssh-ports`` on a first run; a demo directory keeps its ports, in ``demo.json``). The login is
+the same on both instances, kept in ``<dir>/.mynas-develop-login``.
 
 Storage roots are plain directories in the demo directory (``<dir>/<node>/disk``), created with
 "I know this is not a separate disk" ticked: unlike /dev/shm they survive a reboot (a second run
@@ -44,6 +49,7 @@ import os
 from pathlib import Path
 import random
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -280,8 +286,7 @@ EXECUTABLES = {b"Projects/website/deploy.sh"}
 def write_samples(folder: Path, node_name: str) -> int:
     """Write the sample tree into ``folder`` (which must not exist); return its size in bytes."""
     tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
     total = 0
     base = os.fsencode(tmp)
     for rel, content in sample_files(node_name).items():
