@@ -7,8 +7,9 @@ What a run does, all under one demo directory (default ``demo/`` at the reposito
 - writes a small, deterministic set of sample files (photos, documents, a nested tree, an empty
   folder, odd file names) into ``<dir>/<node>/Family`` for each node, once;
 - prepares both Home Assistant config dirs with ``ha_bootstrap`` (owner account, onboarding
-  done, 127.0.0.1 only) and installs the MyNAS dashboard (``dashboards/mynas.yaml``) as a
-  YAML-mode dashboard declared in configuration.yaml;
+  done, 127.0.0.1 only), installs the MyNAS dashboard (``dashboards/mynas.yaml``) as a
+  YAML-mode dashboard declared in configuration.yaml, and copies the automation blueprints
+  (``blueprints/automation/mynas``) into each config dir;
 - starts both instances (Alice first: the very first start pip-installs the frontend);
 - sets MyNAS up on each through the config-flow REST API, reads each node's invite code from
   the options flow (menu "Show our invite code"), pairs the nodes by pasting each other's code
@@ -20,9 +21,9 @@ Then, by mode:
 
 - default: prints the URLs, the login and where the files are, and runs until Ctrl-C;
 - ``--headless-check``: checks that each node's files are byte-identical in the other's
-  replica, that both "last backup" sensors are set, that each node sees its peer connected and
-  that every entity the dashboard names exists; prints a summary, stops, and exits 0 (all
-  good) or 1 (CI runs it);
+  replica, that both "last backup" sensors are set, that each node sees its peer connected,
+  that every entity the dashboard names exists and that Home Assistant loads the blueprints;
+  prints a summary, stops, and exits 0 (all good) or 1 (CI runs it);
 - ``--exec CMD ...``: runs CMD with the demo's URLs and login in its environment
   (MYNAS_DEMO_*), then stops and exits with CMD's status (``scripts/screenshots`` uses it).
 
@@ -75,6 +76,8 @@ EXCLUDE = ("*.tmp", ".DS_Store")
 DASHBOARD_SOURCE = REPO_ROOT / "dashboards" / "mynas.yaml"
 DASHBOARD_FILE = "dashboards/mynas.yaml"  # relative to each config dir
 DASHBOARD_URL = "dashboard-mynas"
+BLUEPRINTS_SOURCE = REPO_ROOT / "blueprints" / "automation" / "mynas"
+BLUEPRINTS_DIR = "blueprints/automation/mynas"  # relative to each config dir
 # First start of a fresh venv: Home Assistant pip-installs its frontend (~110 MB) and compiles
 # a few packages. Later starts take seconds.
 START_TIMEOUT = 900
@@ -509,6 +512,14 @@ def install_dashboard(node: Node, other: Node) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     content = dashboard_for(node, other, DASHBOARD_SOURCE.read_text(encoding="utf-8"))
     target.write_text(content, encoding="utf-8")
+
+
+def install_blueprints(node: Node) -> None:
+    """Copy the repository's automation blueprints where Home Assistant lists them."""
+    target = node.config / BLUEPRINTS_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for source in sorted(BLUEPRINTS_SOURCE.glob("*.yaml")):
+        shutil.copyfile(source, target / source.name)
 
 
 def dashboard_entities(text: str) -> set[str]:
@@ -1019,6 +1030,15 @@ async def headless_check(states: tuple[NodeState, NodeState]) -> Checks:
             f"{node.name}: the {len(named)} entities the dashboard names exist",
             [f"unknown entities: {missing}"] if missing else [],
         )
+        listed = await state.api.ws("blueprint/list", domain="automation")
+        ours = {path: item for path, item in listed.items() if path.startswith("mynas/")}
+        wanted = {f"mynas/{path.name}" for path in BLUEPRINTS_SOURCE.glob("*.yaml")}
+        checks.record(
+            f"{node.name}: Home Assistant loads the {len(wanted)} blueprints",
+            [f"{path}: {ours.get(path, {}).get('error', 'not listed')}" for path in sorted(wanted)]
+            if any("metadata" not in ours.get(path, {}) for path in wanted)
+            else [],
+        )
     return checks
 
 
@@ -1097,6 +1117,7 @@ def prepare(nodes: tuple[Node, Node], base: Path, settings: dict[str, Any]) -> h
             node.config, node.ha_port, login.username, login.password, name=node.name
         )
         install_dashboard(node, other)
+        install_blueprints(node)
     return login
 
 
@@ -1121,7 +1142,7 @@ async def run(
             print(
                 f"HEADLESS CHECK PASSED in {time.monotonic() - _T0:.0f} s: both replicas are"
                 " byte-identical, both last-backup sensors are set, the peers are connected,"
-                " the dashboard's entities exist"
+                " the dashboard's entities exist, the blueprints load"
             )
             return 0
         if args.exec:
