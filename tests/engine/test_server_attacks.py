@@ -35,10 +35,11 @@ from custom_components.mynas.engine.errors import (
     AuthRefused,
     HostRefused,
     MyNasError,
+    PeerUnreachable,
     QuotaExceeded,
 )
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.protocol import Close, Frame
+from custom_components.mynas.engine.protocol import MAX_FRAME, Close, Frame
 from custom_components.mynas.engine.server import Limits, NodeServer, PeerGrant
 
 from .conftest import DEFAULT_QUOTA, ServerFactory, address
@@ -1417,3 +1418,355 @@ async def test_restart_recounts_usage_from_disk(
         outcome = await push_files(link, {b"fill": b"x" * (room + 1)})
         assert isinstance(outcome[b"fill"], QuotaExceeded)
         assert outcome[b"fill"].available == room
+
+
+# --- (8) authentication: failures from one address get slowed down ---------------------------
+
+
+async def test_repeated_failures_from_one_address_are_slowed_down(
+    make_server: ServerFactory, mallory_id: Identity, alice_id: Identity
+) -> None:
+    """After `free_failures` failed logins, each new attempt from that address waits."""
+    server = await make_server(limits=Limits(free_failures=2, max_delay=0.4))
+
+    async def attempt(who: Identity) -> float:
+        failures = len(server._failures.get(HOST, ()))
+        started = time.monotonic()
+        try:
+            link = await connect(server, who)
+        except AuthRefused:
+            # The server counts the failure when the connection is gone.
+            await wait_until(
+                lambda: len(server._failures.get(HOST, ())) > failures, "the failure counted"
+            )
+        else:
+            await link.close()
+        return time.monotonic() - started
+
+    free = [await attempt(mallory_id) for _ in range(2)]
+    slowed = [await attempt(mallory_id) for _ in range(2)]
+    assert max(free) < 0.3
+    assert min(slowed) >= 0.38
+    # The address is what is slowed down, not a key: a peer behind it waits too.
+    assert await attempt(alice_id) >= 0.38
+
+
+# --- (9) resource bounds ---------------------------------------------------------------------
+
+
+async def test_sessions_per_connection_are_bounded_and_given_back(
+    make_server: ServerFactory, alice_id: Identity
+) -> None:
+    """Two sessions at most; SFTP, replication and refused requests all give theirs back."""
+    server = await make_server(limits=Limits(sessions_per_connection=2, free_failures=1000))
+    conn = await ssh_connect(server, alice_id)
+    try:
+        first = await Raw.open(server, alice_id, conn=conn)
+        second = await Raw.open(server, alice_id, conn=conn)
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await Raw.open(server, alice_id, conn=conn)
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.start_sftp_client()
+        for raw in (first, second):
+            raw.writer.channel.close()
+            await raw.writer.channel.wait_closed()
+        for _ in range(5):  # more than the limit, one after the other
+            sftp = await conn.start_sftp_client()
+            await sftp.listdir("/")
+            sftp.exit()
+            await sftp.wait_closed()
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.run("true")
+            raw = await Raw.open(server, alice_id, conn=conn)
+            raw.writer.write_eof()
+            assert await raw.ended() == b""
+            await raw.writer.channel.wait_closed()
+    finally:
+        conn.close()
+        await conn.wait_closed()
+
+
+async def test_connections_per_peer_are_bounded(
+    make_server: ServerFactory, alice_id: Identity, bob_id: Identity
+) -> None:
+    """A peer's third connection is dropped after login; other peers are not affected."""
+    events = Events()
+    server = await make_server(
+        limits=Limits(connections_per_peer=2, free_failures=1000), on_event=events
+    )
+    first = await connect(server, alice_id)
+    second = await connect(server, alice_id)
+    try:
+        with pytest.raises(PeerUnreachable):
+            await connect(server, alice_id)
+        async with await connect(server, bob_id) as link:
+            assert link.welcome["peer"] == "bob"
+        assert server.peer_state["alice"].connections == 2
+        await first.close()
+        await events.wait("peer_disconnected", 2)  # alice's first, and bob's
+        async with await connect(server, alice_id) as link:
+            assert (await link.usage())["used"] == 0
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_too_many_unauthenticated_connections_are_dropped(
+    make_server: ServerFactory, alice_id: Identity
+) -> None:
+    """Connections that never log in: capped in number, and dropped after login_timeout."""
+    server = await make_server(
+        limits=Limits(unauthenticated_connections=2, login_timeout=1.0, free_failures=1000)
+    )
+    silent = [await asyncio.open_connection(HOST, server.port) for _ in range(2)]
+    for reader, _ in silent:
+        assert (await reader.readline()).startswith(b"SSH-2.0-")
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    started = time.monotonic()
+    await asyncio.wait_for(reader.read(), 5)  # dropped at once (maybe after the banner)
+    assert time.monotonic() - started < 0.5
+    writer.close()
+    # While the two hold their places, even a real peer cannot log in: that is the bound.
+    with pytest.raises(PeerUnreachable):
+        await connect(server, alice_id)
+    # The login timeout frees them without anyone's help.
+    for reader, writer in silent:
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    await wait_until(lambda: server._unauthenticated == 0, "the places given back")
+    async with await connect(server, alice_id) as link:
+        assert link.welcome["peer"] == "alice"
+
+
+def _hostile_streams() -> dict[str, bytes]:
+    head = struct.Struct(">IB")
+    return {
+        "oversized frame": head.pack(MAX_FRAME + 1, Frame.PUT) + b"x" * 64,
+        "huge length": head.pack(0xFFFFFFFF, Frame.HELLO),
+        "zero length": head.pack(0, Frame.HELLO) + b"\0" * 16,
+        "ssh banner": b"SSH-2.0-OpenSSH_9.2\r\n" + b"\0" * 16,
+        "http": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        "unknown type": head.pack(5, 99) + b"\0\0\0\0",
+        "PUT before HELLO": protocol.put(1, b"early.txt", MTIME, 0o644, b"early"),
+        "answer frame": protocol.ok(1),
+    }
+
+
+def _hostile_after_hello() -> dict[str, bytes]:
+    big = json.dumps({"op": "usage", "x": [[[[[]]]]]}).encode()
+    return {
+        "second HELLO": protocol.hello(),
+        "oversized PUT": struct.pack(">IB", MAX_FRAME + 1, Frame.PUT) + b"x" * 64,
+        "truncated DELETE": raw_frame(Frame.DELETE, b"\0\0"),
+        "path past the body": raw_frame(Frame.DELETE, b"\0\0\0\1\xff\xff" + b"a"),
+        "truncated PUT": raw_frame(Frame.PUT, b"\0\0\0\1"),
+        "bad CLOSE mode": raw_frame(Frame.CLOSE, b"\0\0\0\1\x09"),
+        "DATA for nothing": protocol.data(7, b"stray bytes"),
+        "CLOSE for nothing": protocol.close(7, Close.FINISH),
+        "unknown query": protocol.query(1, {"op": "shell", "cmd": "id"}),
+        "query not an object": raw_frame(Frame.QUERY, b"\0\0\0\1[1]"),
+        "query bad JSON": raw_frame(Frame.QUERY, b"\0\0\0\1{"),
+        "query nested JSON": raw_frame(Frame.QUERY, b"\0\0\0\1" + b"[" * 200_000),
+        "retention not a number": protocol.query(
+            1, {"op": "retention", "folder": "a", "days": "9"}
+        ),
+        "answer frame": protocol.reply(1, {}),
+        "not JSON": big.replace(b"{", b"(", 1),
+    }
+
+
+async def test_hostile_frames_end_the_session_and_nothing_else(
+    make_server: ServerFactory,
+    alice_id: Identity,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Garbage before HELLO, oversized and malformed frames: that session ends, cleanly.
+
+    Nothing is written, nothing leaks, and the same connection serves the next session.
+    """
+    server = await make_server(limits=Limits(hello_timeout=0.5, free_failures=1000))
+    before = snapshot(tmp_path)
+    conn = await ssh_connect(server, alice_id)
+    try:
+        for name, data in _hostile_streams().items():
+            raw = await Raw.open(server, alice_id, conn=conn, hello=False)
+            raw.send(data)
+            assert await raw.ended() == b"", name
+        for name, data in _hostile_after_hello().items():
+            raw = await Raw.open(server, alice_id, conn=conn)
+            raw.send(data)
+            rest = await raw.ended()
+            assert all(kind is Frame.FAIL for kind in _kinds(rest)), name
+        # A session that never says HELLO is dropped after hello_timeout.
+        raw = await Raw.open(server, alice_id, conn=conn, hello=False)
+        started = time.monotonic()
+        assert await raw.ended() == b""
+        assert 0.4 < time.monotonic() - started < 5
+        # The connection itself is fine, and so is the server.
+        raw = await Raw.open(server, alice_id, conn=conn)
+        raw.send(protocol.query(1, {"op": "usage"}))
+        assert (await raw.recv())[0] is Frame.REPLY
+    finally:
+        conn.close()
+        await conn.wait_closed()
+    assert snapshot(tmp_path) == before
+    assert server.jail("alice").quota.reserved == 0
+    assert "Uncaught exception" not in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def _kinds(stream: bytes) -> list[Frame]:
+    kinds = []
+    while stream:
+        length, kind = struct.unpack_from(">IB", stream)
+        kinds.append(Frame(kind))
+        stream = stream[4 + length :]
+    return kinds
+
+
+async def test_a_peer_that_never_reads_is_held_to_a_bounded_buffer(
+    server: NodeServer, alice_id: Identity, storage_dir: Path
+) -> None:
+    """READ after READ, answers never read: the host stops producing instead of buffering."""
+    content = os.urandom(MIB)
+    (storage_dir / "alice" / "big.bin").write_bytes(content)
+    raw = await Raw.open(server, alice_id)
+    requests = 40  # 40 MiB of answers
+    for req in range(1, requests + 1):
+        raw.send(protocol.read(req, b"big.bin"))
+    await raw.writer.drain()
+
+    def buffered() -> int:
+        return sum(
+            channel.get_write_buffer_size()
+            for connection in server._connections
+            if connection._conn is not None
+            for channel in connection._conn._channels.values()
+        )
+
+    samples = [buffered()]
+    while len(samples) < 5 or len(set(samples[-5:])) > 1:  # until the host has stalled
+        await asyncio.sleep(0.02)
+        samples.append(buffered())
+        assert len(samples) < 500, "the host never stalled"
+    assert max(samples) < 8 * MIB
+    # Nothing was lost meanwhile: reading now gets every answer, whole.
+    received = 0
+    done = 0
+    while done < requests:
+        kind, body = await raw.recv()
+        if kind is Frame.DATA:
+            received += len(body) - 4
+        elif kind is Frame.DONE:
+            done += 1
+    assert received == requests * len(content)
+    await raw.close()
+
+
+async def test_upload_ended_early_frees_its_file_and_slot(
+    server: NodeServer, alice_id: Identity, storage_dir: Path
+) -> None:
+    """CLOSE(finish) before all bytes: refused, and the upload's fd, slot and space are freed."""
+    fds = len(os.listdir("/proc/self/fd"))
+    raw = await Raw.open(server, alice_id)
+    for req in range(1, 41):  # a new version each time: each starts from scratch
+        raw.send(protocol.open_upload(req, b"f.bin", 10 * KIB, MTIME + req, 0o644))
+        kind, _ = await raw.recv()
+        assert kind is Frame.OFFSET, req  # never "already being uploaded"
+        raw.send(protocol.data(req, b"x" * KIB), protocol.close(req, Close.FINISH))
+        assert fail_info(await raw.recv())["code"] == "io"
+    assert len(os.listdir("/proc/self/fd")) < fds + 10
+    assert not (storage_dir / "alice" / "f.bin").exists()
+    jail = server.jail("alice")
+    assert jail.quota.reserved == 0
+    # What arrived is kept for a resume, and counted.
+    raw.send(protocol.open_upload(99, b"f.bin", 10 * KIB, MTIME + 40, 0o644))
+    assert protocol.parse_offset((await raw.recv())[1]) == (99, KIB)
+    raw.send(protocol.close(99, Close.DISCARD))
+    assert (await raw.recv())[0] is Frame.OK
+    await raw.close()
+    assert jail.quota.used == disk_charge(storage_dir, "alice") == 0
+
+
+async def test_sftp_open_handles_are_bounded(
+    server: NodeServer, alice_id: Identity, storage_dir: Path
+) -> None:
+    """One SFTP session cannot hold more than a few dozen files or directories open."""
+    (storage_dir / "alice" / "f.txt").write_bytes(b"f")
+    crowd = storage_dir / "alice" / "crowd"  # more names than one answer carries
+    crowd.mkdir()
+    for n in range(200):
+        (crowd / str(n)).mkdir()
+    fds = len(os.listdir("/proc/self/fd"))
+    conn = await ssh_connect(server, alice_id)
+    try:
+        sftp = await conn.start_sftp_client()
+        handler = sftp._handler
+
+        async def open_file() -> bytes:
+            return await handler.open(b"/f.txt", asyncssh.FXF_READ, asyncssh.SFTPAttrs())
+
+        async def open_listing() -> bytes:
+            handle = await handler.opendir(b"/crowd")
+            try:
+                await handler.readdir(handle)  # a listing under way holds a directory fd
+            except asyncssh.SFTPError:
+                await handler.close(handle)
+                raise
+            return handle
+
+        files = await _open_until_refused(open_file)
+        assert 8 <= len(files) <= 256
+        assert len(os.listdir("/proc/self/fd")) < fds + 300
+        for handle in files:
+            await handler.close(handle)
+        dirs = await _open_until_refused(open_listing)
+        assert 8 <= len(dirs) <= 256
+        for handle in dirs:
+            await handler.close(handle)
+        async with sftp.open("/f.txt", "rb") as handle:  # handles were given back
+            assert await handle.read() == b"f"
+        assert sorted(await sftp.listdir("/")) == [".", "..", "crowd", "f.txt"]
+        assert len(await sftp.listdir("/crowd")) == 202
+        sftp.exit()
+        await sftp.wait_closed()
+    finally:
+        conn.close()
+        await conn.wait_closed()
+
+
+async def _open_until_refused(opener: Callable[[], Awaitable[bytes]]) -> list[bytes]:
+    handles = []
+    refusal = None
+    for _ in range(1000):
+        try:
+            handles.append(await opener())
+        except asyncssh.SFTPFailure as err:
+            refusal = err.reason
+            break
+    assert refusal is not None, "1000 handles open at once"
+    assert "too many open files" in refusal
+    return handles
+
+
+async def test_sftp_lists_big_directories_whole_and_hides_links(
+    server: NodeServer, alice_id: Identity, storage_dir: Path
+) -> None:
+    """Listings are read a chunk at a time: nothing is lost, no link ever shows."""
+    many = storage_dir / "alice" / "many"
+    many.mkdir()
+    for n in range(1000):
+        (many / f"link{n}").symlink_to("/etc")
+    names = {f"file{n}" for n in range(300)}
+    for name in names:
+        (many / name).write_bytes(b"")
+    conn = await ssh_connect(server, alice_id)
+    try:
+        sftp = await conn.start_sftp_client()
+        assert set(await sftp.listdir("/many")) == names | {".", ".."}
+        sftp.exit()
+        await sftp.wait_closed()
+    finally:
+        conn.close()
+        await conn.wait_closed()

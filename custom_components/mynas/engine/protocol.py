@@ -183,6 +183,8 @@ def parse_json(body: bytes, offset: int = 0) -> dict[str, Any]:
         value = json.loads(body[offset:])
     except ValueError as err:
         raise ProtocolError(f"bad JSON: {err}") from None
+    except RecursionError:  # "[[[[…": a peer's frame must not take the connection down
+        raise ProtocolError("bad JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise ProtocolError("JSON body is not an object")
     return value

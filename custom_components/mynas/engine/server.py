@@ -644,7 +644,7 @@ class _ReplicationSession:
                 await self._thread(upload.discard)
                 raise state.error
             if how is protocol.Close.FINISH:
-                await self._thread(upload.finish)
+                await self._thread(_finish_or_keep, upload)
             elif how is protocol.Close.ABANDON:
                 await self._thread(upload.abandon)
             else:
@@ -760,6 +760,19 @@ class _ReplicationSession:
         Frame.LIST: _list,
         Frame.READ: _read,
     }
+
+
+def _finish_or_keep(upload: Upload) -> None:
+    """Finish an upload; if it cannot be (bytes missing, disk error), keep it for a resume.
+
+    A failed finish leaves the upload open: ending it here frees its file descriptor, its
+    upload slot and its reservation, which would otherwise stay held until a restart.
+    """
+    try:
+        upload.finish()
+    except BaseException:
+        upload.abandon()
+        raise
 
 
 def _release(jail: Jail, batch: _Batch) -> None:

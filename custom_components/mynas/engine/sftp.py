@@ -10,7 +10,8 @@ worker threads so one slow disk read never stalls the server's event loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+import itertools
 import os
 import posixpath
 import stat
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
     from .storage import Jail
 
 _NO_WRITES = "this replica is read-only over SFTP"
+# Files and directory listings one SFTP session may hold open at once: each holds a file
+# descriptor of the host's process, and asyncssh itself sets no limit.
+MAX_HANDLES = 64
+# Directory entries read (and held) at a time for a listing.
+_LIST_CHUNK = 128
 
 
 def _refuse() -> NoReturn:
@@ -37,6 +43,26 @@ class ReadOnlySFTPServer(asyncssh.SFTPServer):
         """Serve ``jail`` on ``chan``."""
         super().__init__(chan)
         self._jail = jail
+        self._handles = 0
+
+    def _take_handle(self) -> None:
+        if self._handles >= MAX_HANDLES:
+            raise asyncssh.SFTPFailure(
+                f"too many open files and directories (at most {MAX_HANDLES}): close some"
+            )
+        self._handles += 1
+
+    def _give_handle(self) -> None:
+        self._handles -= 1
+
+    async def _open_file(self, path: bytes) -> int:
+        local = await self._local(path)
+        self._take_handle()
+        try:
+            return await self._run(_open_regular, local)
+        except BaseException:
+            self._give_handle()
+            raise
 
     # --- paths -----------------------------------------------------------------------------
 
@@ -92,8 +118,7 @@ class ReadOnlySFTPServer(asyncssh.SFTPServer):
         """Open a regular file for reading; any write, create or truncate flag is refused."""
         if pflags & ~asyncssh.FXF_READ:
             _refuse()
-        local = await self._local(path)
-        return await self._run(_open_regular, local)
+        return await self._open_file(path)
 
     async def open56(
         self,
@@ -108,7 +133,7 @@ class ReadOnlySFTPServer(asyncssh.SFTPServer):
             asyncssh.FXF_OPEN_EXISTING
         ):
             _refuse()
-        return await self._run(_open_regular, await self._local(path))
+        return await self._open_file(path)
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         """Read from an open file in a worker thread."""
@@ -118,6 +143,7 @@ class ReadOnlySFTPServer(asyncssh.SFTPServer):
     async def close(self, file_obj: object) -> None:
         """Close an open file."""
         assert isinstance(file_obj, int)
+        self._give_handle()
         os.close(file_obj)
 
     async def fstat(self, file_obj: object) -> asyncssh.SFTPAttrs:
@@ -135,15 +161,28 @@ class ReadOnlySFTPServer(asyncssh.SFTPServer):
         return await self.stat(path)
 
     async def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
-        """List a directory: its files and directories (symlinks and specials are hidden)."""
+        """List a directory: its files and directories (symlinks and specials are hidden).
+
+        Read a chunk at a time, so an open listing holds one chunk, never a whole directory
+        (a peer can fill one with millions of names); it counts as an open handle until the
+        client closes it (the generator is then finalized).
+        """
         local = await self._local(path)
-        names = await self._run(_list_dir, local)
-        for name in (b".", b".."):
-            yield asyncssh.SFTPName(
-                name, attrs=asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_DIRECTORY)
-            )
-        for name, info in names:
-            yield asyncssh.SFTPName(name, attrs=asyncssh.SFTPAttrs.from_local(info))
+        self._take_handle()
+        try:
+            listing = await self._run(os.scandir, local)
+            try:
+                for name in (b".", b".."):
+                    yield asyncssh.SFTPName(
+                        name, attrs=asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_DIRECTORY)
+                    )
+                while (chunk := await self._run(_list_some, listing)) is not None:
+                    for name, info in chunk:
+                        yield asyncssh.SFTPName(name, attrs=asyncssh.SFTPAttrs.from_local(info))
+            finally:
+                listing.close()
+        finally:
+            self._give_handle()
 
     async def statvfs(self, path: bytes) -> asyncssh.SFTPVFSAttrs:
         """Report the peer's quota as the size of this "filesystem"."""
@@ -235,13 +274,23 @@ def _open_regular(local: bytes) -> int:
     return fd
 
 
-def _list_dir(local: bytes) -> list[tuple[bytes, os.stat_result]]:
+def _list_some(
+    listing: Iterator[os.DirEntry[bytes]],
+) -> list[tuple[bytes, os.stat_result]] | None:
+    """Return the files and directories among a listing's next entries; None at its end.
+
+    Nothing else is shown: links, special files and internal names are skipped.
+    """
     result = []
-    with os.scandir(local) as entries:
-        for item in entries:
-            if item.name.startswith(b".mynas"):
-                continue
+    seen = 0
+    for item in itertools.islice(listing, _LIST_CHUNK):
+        seen += 1
+        if item.name.startswith(b".mynas"):
+            continue
+        try:
             info = item.stat(follow_symlinks=False)
-            if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
-                result.append((item.name, info))
-    return result
+        except FileNotFoundError:
+            continue  # gone since the directory was read
+        if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+            result.append((item.name, info))
+    return result if seen else None
