@@ -1770,3 +1770,108 @@ async def test_sftp_lists_big_directories_whole_and_hides_links(
     finally:
         conn.close()
         await conn.wait_closed()
+
+
+class _StalledLogin(asyncssh.SSHClient):
+    """Offers its key only when told to: a login held open across a change on the host."""
+
+    def __init__(self, key: asyncssh.SSHKey, gate: asyncio.Event) -> None:
+        self.asked = asyncio.Event()
+        self._key = key
+        self._gate = gate
+        self._given = False
+
+    async def public_key_auth_requested(self) -> asyncssh.SSHKey | None:
+        if self._given:
+            return None
+        self._given = True
+        self.asked.set()
+        await self._gate.wait()
+        return self._key
+
+
+@pytest.mark.parametrize("change", ["another peer removed", "the peer's key replaced"])
+async def test_a_login_held_across_a_peer_change_gets_no_other_jail(
+    make_server: ServerFactory,
+    alice_id: Identity,
+    bob_id: Identity,
+    mallory_id: Identity,
+    storage_dir: Path,
+    change: str,
+) -> None:
+    """Bob starts logging in, the host's peer list changes, then bob finishes.
+
+    Whatever changed meanwhile, bob ends up in his own jail or nowhere, never in carol's.
+    """
+    carol_id = mallory_id
+    grants = {
+        "alice": PeerGrant("alice", alice_id.public_line, DEFAULT_QUOTA),
+        "bob": PeerGrant("bob", bob_id.public_line, DEFAULT_QUOTA),
+        "carol": PeerGrant("carol", carol_id.public_line, DEFAULT_QUOTA),
+    }
+    server = await make_server(list(grants.values()), limits=LENIENT)
+    (storage_dir / "carol" / "carol.txt").write_bytes(b"carol's")
+    gate = asyncio.Event()
+    stalled = _StalledLogin(bob_id.private_key, gate)
+
+    async def log_in() -> asyncssh.SSHClientConnection:
+        return await asyncssh.connect(
+            HOST,
+            server.port,
+            client_factory=lambda: stalled,
+            username="mynas",
+            client_keys=None,
+            public_key_auth=True,
+            known_hosts=([asyncssh.import_public_key(server.identity.public_line)], [], []),
+            config=None,
+            agent_path=None,
+        )
+
+    login = asyncio.create_task(log_in())
+    await stalled.asked.wait()
+    if change == "another peer removed":
+        await server.set_peers([grants["bob"], grants["carol"]])
+        expected: str | None = "bob"
+    else:  # bob's key leaked and was replaced: the old key must not get in any more
+        new_bob = PeerGrant("bob", alice_id.public_line, DEFAULT_QUOTA)
+        await server.set_peers([grants["carol"], new_bob])
+        expected = None
+    gate.set()
+    try:
+        conn = await login
+    except asyncssh.PermissionDenied:
+        assert expected is None
+        return
+    try:
+        raw = await Raw.open(server, bob_id, conn=conn)
+        assert raw.welcome["peer"] == expected
+        raw.send(protocol.list_tree(1, b"", with_hash=False))
+        assert (await raw.recv())[0] is Frame.DONE  # bob's jail is empty
+    except asyncssh.ChannelOpenError, asyncio.IncompleteReadError:
+        assert expected is None
+    finally:
+        conn.close()
+        await conn.wait_closed()
+
+
+async def test_replacing_a_peers_key_drops_its_live_connections(
+    make_server: ServerFactory, alice_id: Identity, bob_id: Identity
+) -> None:
+    """A leaked key is replaced: whoever is connected with the old one is cut off at once."""
+    events = Events()
+    server = await make_server(limits=LENIENT, on_event=events)
+    link = await connect(server, bob_id)
+    try:
+        await server.set_peers(
+            [
+                PeerGrant("alice", alice_id.public_line, DEFAULT_QUOTA),
+                PeerGrant("bob", alice_id.public_line, DEFAULT_QUOTA),  # bob's new key
+            ]
+        )
+        await events.wait("peer_disconnected")
+        with pytest.raises(MyNasError):
+            await link.usage()
+    finally:
+        await link.close()
+    with pytest.raises(AuthRefused):
+        await connect(server, bob_id)

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 import dataclasses
 from dataclasses import dataclass, field
+import hashlib
 import itertools
 import logging
 import os
@@ -180,8 +181,11 @@ class NodeServer:
             del self._jails[name]
             self._ready.pop(name, None)
         self._grants = grants
-        # Tokens, not names, go into the key options: names may hold any character.
-        self._tokens = {f"p{index}": name for index, name in enumerate(grants)}
+        # Tokens, not names, go into the key options: names may hold any character. A token
+        # stands for one name *and* one key, and is never given to another peer: a login that
+        # began before this change (its key list taken then) cannot end in another jail, and
+        # one with a replaced key ends nowhere.
+        self._tokens = {_token(name, grant.public_key): name for name, grant in grants.items()}
         lines = [
             f'restrict,peer-id="{token}" {grants[name].public_key}'
             for token, name in self._tokens.items()
@@ -190,8 +194,8 @@ class NodeServer:
             asyncssh.import_authorized_keys("\n".join(lines) + "\n") if lines else None
         )
         for conn in list(self._connections):
-            if conn.peer is not None and conn.peer not in grants:
-                conn.close()
+            if conn.peer is not None and conn.token not in self._tokens:
+                conn.close()  # removed, or its key replaced (leaked?): cut it off now
 
     def jail(self, name: str) -> Jail:
         """Return a configured peer's jail."""
@@ -287,6 +291,7 @@ class _Connection(asyncssh.SSHServer):
         self._conn: asyncssh.SSHServerConnection | None = None
         self.address = "?"
         self.peer: str | None = None
+        self.token: str | None = None
         self._sessions = 0
         self._counted_unauthenticated = False
 
@@ -361,6 +366,7 @@ class _Connection(asyncssh.SSHServer):
         if name is None or name not in self._server._grants:
             self._conn.close()
             return
+        self.token = str(token)
         state = self._server.peer_state.setdefault(name, PeerState())
         if state.connections >= self._server.limits.connections_per_peer:
             _LOGGER.warning("%s has too many connections open; dropping one", name)
@@ -398,6 +404,12 @@ class _Connection(asyncssh.SSHServer):
 
 
 _NO_KEYS = asyncssh.import_authorized_keys("")
+
+
+def _token(name: str, public_key: str) -> str:
+    """Return the key option that identifies this peer with this key (see ``set_peers``)."""
+    key = " ".join(public_key.split()[:2])  # the comment is no part of the key
+    return hashlib.sha256(f"{name}\n{key}".encode()).hexdigest()[:32]
 
 
 class _Session(SSHServerStreamSession[bytes]):
