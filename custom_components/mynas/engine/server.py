@@ -25,6 +25,7 @@ import time
 from typing import Any, ClassVar, cast
 
 import asyncssh
+from asyncssh.session import DataType
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
 from . import protocol
@@ -431,6 +432,20 @@ class _Session(SSHServerStreamSession[bytes]):
         if self._on_close is not None:
             self._on_close()
             self._on_close = None
+
+    async def read(self, datatype: DataType, n: int = -1, exact: bool = False) -> bytes:
+        """Hand the next bytes of a request to the subsystem (SFTP: once its answers flow).
+
+        asyncssh's SFTP server writes each answer without waiting for the peer to take it,
+        and a READ of 30 bytes asks for up to 1 MiB: a peer that sends requests and never
+        reads the answers would make the host buffer gigabytes. So an SFTP request is taken
+        only when what was written before has drained. (The replication session drains
+        after every frame itself.)
+        """
+        assert self._chan is not None
+        if self._chan.get_subsystem() == "sftp":
+            await self.drain(datatype)
+        return await super().read(datatype, n, exact)
 
     def shell_requested(self) -> bool:
         return False

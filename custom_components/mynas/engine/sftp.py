@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
+import io
 import itertools
 import os
 import posixpath
@@ -55,11 +56,13 @@ class ReadOnlySFTPServer(asyncssh.SFTPServer):
     def _give_handle(self) -> None:
         self._handles -= 1
 
-    async def _open_file(self, path: bytes) -> int:
+    async def _open_file(self, path: bytes) -> io.FileIO:
         local = await self._local(path)
         self._take_handle()
         try:
-            return await self._run(_open_regular, local)
+            # A file object, not a bare fd: asyncssh's "ranges" extension (which its own
+            # client's get() uses) seeks in it.
+            return io.FileIO(await self._run(_open_regular, local), "rb")
         except BaseException:
             self._give_handle()
             raise
@@ -137,19 +140,22 @@ class ReadOnlySFTPServer(asyncssh.SFTPServer):
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         """Read from an open file in a worker thread."""
-        assert isinstance(file_obj, int)
-        return await self._run(os.pread, file_obj, min(size, 1 << 20), offset)
+        assert isinstance(file_obj, io.FileIO)
+        return await self._run(os.pread, file_obj.fileno(), min(size, 1 << 20), offset)
 
     async def close(self, file_obj: object) -> None:
         """Close an open file."""
-        assert isinstance(file_obj, int)
+        assert isinstance(file_obj, io.FileIO)
         self._give_handle()
-        os.close(file_obj)
+        file_obj.close()
+
+    async def fsync(self, file_obj: object) -> None:
+        """Nothing to do: nothing was written through SFTP."""
 
     async def fstat(self, file_obj: object) -> asyncssh.SFTPAttrs:
         """Attributes of an open file."""
-        assert isinstance(file_obj, int)
-        return asyncssh.SFTPAttrs.from_local(await self._run(os.fstat, file_obj))
+        assert isinstance(file_obj, io.FileIO)
+        return asyncssh.SFTPAttrs.from_local(await self._run(os.fstat, file_obj.fileno()))
 
     async def stat(self, path: bytes) -> asyncssh.SFTPAttrs:
         """Attributes of a path (never following a symlink: resolve refused them)."""
@@ -267,10 +273,12 @@ class ReadOnlySFTPServer(asyncssh.SFTPServer):
 
 
 def _open_regular(local: bytes) -> int:
-    fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    # O_NONBLOCK: opening a FIFO swapped in since the path was checked must not hang.
+    fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise PathRefused("not a regular file")
+    os.set_blocking(fd, True)
     return fd
 
 
