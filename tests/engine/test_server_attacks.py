@@ -44,6 +44,7 @@ from custom_components.mynas.engine.protocol import MAX_FRAME, Close, Frame
 from custom_components.mynas.engine.server import Limits, NodeServer, PeerGrant
 
 from .conftest import DEFAULT_QUOTA, ServerFactory, address
+from .openssh_support import OpenSSH
 
 HOST = "127.0.0.1"
 MTIME = 1_700_000_000_123_456_789
@@ -291,85 +292,6 @@ async def connect(server: NodeServer, who: Identity) -> client.PeerLink:
 
 async def list_jail(link: client.PeerLink, path: bytes = b"") -> list[bytes]:
     return [item.path async for item, _ in link.list(path)]
-
-
-# --- OpenSSH's own binaries -----------------------------------------------------------------
-
-
-class OpenSSH:
-    """Runs ``ssh`` and ``sftp`` against a server, as a friend with OpenSSH would."""
-
-    def __init__(self, server: NodeServer, key: Path, workdir: Path) -> None:
-        self.server = server
-        self.key = key
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.known_hosts = workdir / "known_hosts"
-        self.known_hosts.write_text(f"[{HOST}]:{server.port} {server.identity.public_line}\n")
-
-    def options(self) -> list[str]:
-        return [
-            "-F",
-            "/dev/null",
-            "-o",
-            f"UserKnownHostsFile={self.known_hosts}",
-            "-o",
-            "GlobalKnownHostsFile=/dev/null",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "UpdateHostKeys=no",
-            "-o",
-            "ConnectTimeout=10",
-            "-i",
-            str(self.key),
-        ]
-
-    async def run(
-        self,
-        program: str,
-        *args: str,
-        stdin: bytes = b"",
-        env: dict[str, str] | None = None,
-        timeout: float = 30.0,
-    ) -> tuple[int, bytes, str]:
-        port_flag = "-P" if program == "sftp" else "-p"
-        environment = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK",)}
-        environment.pop("DISPLAY", None)
-        environment.update(env or {})
-        proc = await asyncio.create_subprocess_exec(
-            program,
-            *self.options(),
-            port_flag,
-            str(self.server.port),
-            *args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=self.workdir,
-            env=environment,
-        )
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise
-        assert proc.returncode is not None
-        return proc.returncode, out, err.decode(errors="replace")
-
-    async def ssh(self, *args: str, **kwargs: Any) -> tuple[int, bytes, str]:
-        return await self.run("ssh", *args, **kwargs)
-
-    async def sftp_batch(self, commands: list[str], user: str = "anyone") -> tuple[int, str, str]:
-        batch = self.workdir / "batch"
-        batch.write_text("\n".join(commands) + "\n")
-        code, out, err = await self.run("sftp", "-b", str(batch), f"{user}@{HOST}")
-        return code, out.decode(errors="replace"), err
 
 
 # --- a furnished host -------------------------------------------------------------------------
@@ -721,7 +643,7 @@ async def test_openssh_sftp_browses_own_files_and_is_refused_everything_else(
 ) -> None:
     """OpenSSH's sftp as a hostile friend: lists and downloads its own files, nothing else."""
     before = snapshot(tmp_path / "storage")
-    openssh = OpenSSH(server, key_file("alice"), tmp_path / "openssh")
+    openssh = OpenSSH.for_server(server, key_file("alice"), tmp_path / "openssh")
     local = openssh.workdir / "local.txt"
     local.write_bytes(b"uploaded by a hostile friend")
     code, out, err = await openssh.sftp_batch(
@@ -803,7 +725,7 @@ async def test_unknown_key_is_refused_and_recorded(
     assert ("unknown_key", {"fingerprint": mallory_id.fingerprint, "address": HOST}) in (
         events.seen
     )
-    openssh = OpenSSH(server, key_file("mallory"), tmp_path / "openssh")
+    openssh = OpenSSH.for_server(server, key_file("mallory"), tmp_path / "openssh")
     code, _, err = await openssh.ssh("-s", HOST, "sftp")
     assert code == 255
     assert "Permission denied (publickey)" in err
@@ -824,7 +746,7 @@ async def test_no_login_without_a_key(
     ):
         with pytest.raises(asyncssh.PermissionDenied):
             await ssh_connect(server, None, username="alice", **options)
-    openssh = OpenSSH(server, key_file("mallory"), tmp_path / "openssh")
+    openssh = OpenSSH.for_server(server, key_file("mallory"), tmp_path / "openssh")
     code, _, err = await openssh.ssh(
         "-o",
         "PubkeyAuthentication=no",
@@ -887,7 +809,7 @@ async def test_known_key_cannot_name_another_jail(
     finally:
         conn.close()
         await conn.wait_closed()
-    openssh = OpenSSH(server, key_file("alice"), tmp_path / "openssh")
+    openssh = OpenSSH.for_server(server, key_file("alice"), tmp_path / "openssh")
     code, out, err = await openssh.sftp_batch(["ls -1 /", "ls -1 /.."], user="bob")
     assert code == 0, err
     assert "mine.txt" in out
@@ -980,7 +902,7 @@ async def test_openssh_gets_no_shell_exec_pty_or_other_subsystem(
 ) -> None:
     """`ssh host cmd`, `ssh -tt host`, `ssh host`, `ssh -s host other`: refused, nothing ran."""
     canary = tmp_path / "canary"
-    openssh = OpenSSH(server, key_file("alice"), tmp_path / "openssh")
+    openssh = OpenSSH.for_server(server, key_file("alice"), tmp_path / "openssh")
     code, out, err = await openssh.ssh(HOST, f"touch {canary}; echo ran")
     assert code == 255
     assert "exec request failed" in err
@@ -1007,7 +929,7 @@ async def test_openssh_forwarding_is_refused(
 ) -> None:
     """`ssh -W`, `-R` (TCP and unix socket), `-L`, `-A`, `-X`: nothing is forwarded."""
     port, received = bystander
-    openssh = OpenSSH(server, key_file("alice"), tmp_path / "openssh")
+    openssh = OpenSSH.for_server(server, key_file("alice"), tmp_path / "openssh")
     code, _, err = await openssh.ssh("-W", f"{HOST}:{port}", HOST)
     assert code == 255
     assert "stdio forwarding failed" in err  # asyncssh's refusal; the bystander saw nothing
@@ -1035,7 +957,7 @@ async def _local_forward_refused(openssh: OpenSSH, port: int) -> None:
         "ssh",
         *openssh.options(),
         "-p",
-        str(openssh.server.port),
+        str(openssh.port),
         "-N",
         "-L",
         f"{HOST}:{local_port}:{HOST}:{port}",

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from . import identity as identity_mod, invite as invite_mod
 from .errors import MyNasError
@@ -40,6 +40,27 @@ def _address(text: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return invite_mod.format_address(host, port)
+
+
+def _days(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        days = 0
+    if days < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of days, at least 1")
+    return days
+
+
+_PROG = "python -m custom_components.mynas.engine"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad argument as one line on stderr, like every other failure (status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix(_PROG).strip()
+        self.exit(2, f"mynas{' ' + command if command else ''}: error: {message} (see --help)\n")
 
 
 def _size(text: str) -> int:
@@ -66,8 +87,8 @@ def _peer_grant(text: str) -> tuple[str, str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m custom_components.mynas.engine",
+    parser = _Parser(
+        prog=_PROG,
         description="MyNAS engine: friend-to-friend backups over SSH.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
@@ -94,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--peer", action="append", default=[], type=_peer_grant, metavar="NAME=PUBKEY_FILE:QUOTA"
     )
-    serve.add_argument("--trash-days", type=int, default=30, metavar="N")
+    serve.add_argument("--trash-days", type=_days, default=30, metavar="N")
 
     for name, text in (
         ("push", "send a folder's changes to a peer"),
