@@ -1897,3 +1897,62 @@ async def test_asyncssh_sftp_client_downloads_the_replica(
     assert (tmp_path / "big.bin").read_bytes() == big
     assert (tmp_path / "restored" / "big.bin").read_bytes() == big
     assert (tmp_path / "restored" / "small.txt").read_bytes() == b"small"
+
+
+async def test_one_connection_cannot_try_key_after_key(
+    make_server: ServerFactory, alice_id: Identity
+) -> None:
+    """Dozens of keys offered in one connection: cut off after a few, like OpenSSH's sshd.
+
+    Otherwise the slow-down (applied per connection) would not slow anyone down, and one
+    connection could flood the table of unknown keys the UI shows.
+    """
+    events = Events()
+    server = await make_server(limits=LENIENT, on_event=events)
+    strangers = [asyncssh.generate_private_key("ssh-ed25519") for _ in range(40)]
+    with pytest.raises(
+        (asyncssh.PermissionDenied, asyncssh.ConnectionLost, asyncssh.DisconnectError)
+    ):
+        await ssh_connect(server, None, client_keys=[*strangers, alice_id.private_key])
+    assert 1 <= len(server.unknown_keys) <= 10
+    assert events.count("unknown_key") <= 10
+    assert not events.count("peer_connected")  # alice's key, offered last, never got its turn
+    async with await connect(server, alice_id) as link:  # a well-behaved client is fine
+        assert link.welcome["peer"] == "alice"
+
+
+async def test_one_address_cannot_hold_every_login_slot(
+    make_server: ServerFactory, alice_id: Identity
+) -> None:
+    """Silent connections from one address fill its own share only: others still log in."""
+    server = await make_server(
+        limits=Limits(unauthenticated_per_address=2, login_timeout=5, free_failures=1000)
+    )
+    flooder = ("127.0.0.2", 0)  # another loopback address: another host, for the server
+    silent = [
+        await asyncio.open_connection(HOST, server.port, local_addr=flooder) for _ in range(2)
+    ]
+    for reader, _ in silent:
+        assert (await reader.readline()).startswith(b"SSH-2.0-")
+    reader, writer = await asyncio.open_connection(HOST, server.port, local_addr=flooder)
+    await asyncio.wait_for(reader.read(), 2)  # the third from that address: dropped at once
+    writer.close()
+    async with await connect(server, alice_id) as link:  # alice, from 127.0.0.1, gets in
+        assert link.welcome["peer"] == "alice"
+    for _, writer in silent:
+        writer.close()
+
+
+async def test_failed_logins_are_remembered_in_bounded_memory(
+    make_server: ServerFactory,
+) -> None:
+    """Every new address would add to the table: it is capped; an IPv6 /64 is one source."""
+    server = await make_server(limits=Limits(free_failures=2, max_delay=1.0))
+    for n in range(20_000):
+        server._record_failure(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}")
+    assert len(server._failures) <= 5000
+    for n in range(50):  # one site rotating through its /64
+        server._record_failure(f"2001:db8:1:2::{n:x}")
+    assert server._login_delay("2001:db8:1:2:ffff::1") == 1.0
+    assert server._login_delay("2001:db8:1:3::1") == 0.0  # the next /64 is someone else
+    assert server._login_delay("::ffff:10.0.78.31") == server._login_delay("10.0.78.31")

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 import dataclasses
 from dataclasses import dataclass, field
 import hashlib
+import ipaddress
 import itertools
 import logging
 import os
@@ -55,6 +56,8 @@ class Limits:
     connections_per_peer: int = 4
     sessions_per_connection: int = 4
     unauthenticated_connections: int = 32
+    # ...of which one address (an IPv6 /64) may hold: one host cannot lock everyone out.
+    unauthenticated_per_address: int = 8
     login_timeout: float = 30.0
     hello_timeout: float = 30.0
     batch_files: int = 512
@@ -64,6 +67,8 @@ class Limits:
     # Failed logins from one address before each new attempt waits, doubling up to a cap.
     free_failures: int = 5
     max_delay: float = 30.0
+    # Unknown keys one connection may offer before it is cut off (sshd's MaxAuthTries).
+    auth_attempts: int = 6
 
 
 @dataclass(slots=True)
@@ -114,6 +119,7 @@ class NodeServer:
         self._tokens: dict[str, str] = {}
         self._failures: dict[str, deque[float]] = {}
         self._unauthenticated = 0
+        self._unauthenticated_from: dict[str, int] = {}
         self._connections: set[_Connection] = set()
         self._listener: asyncssh.SSHAcceptor | None = None
         self._maintenance: asyncio.Task[None] | None = None
@@ -254,7 +260,7 @@ class NodeServer:
                 _LOGGER.exception("Event callback failed")
 
     def _login_delay(self, address: str) -> float:
-        window = self._failures.get(address)
+        window = self._failures.get(_source(address))
         if not window:
             return 0.0
         cutoff = time.monotonic() - 600
@@ -264,7 +270,14 @@ class NodeServer:
         return 0.0 if excess < 0 else min(self.limits.max_delay, 0.5 * 2**excess)
 
     def _record_failure(self, address: str) -> None:
-        self._failures.setdefault(address, deque(maxlen=64)).append(time.monotonic())
+        source = _source(address)
+        # Most recent last; the table is bounded (sources are as many as an attacker has
+        # addresses): the source that failed longest ago is forgotten first.
+        window = self._failures.pop(source, None) or deque(maxlen=64)
+        window.append(time.monotonic())
+        self._failures[source] = window
+        while len(self._failures) > _MAX_SOURCES:
+            del self._failures[next(iter(self._failures))]
 
     def _record_unknown_key(self, key: asyncssh.SSHKey, address: str) -> None:
         fingerprint = key.get_fingerprint("sha256")
@@ -294,6 +307,7 @@ class _Connection(asyncssh.SSHServer):
         self.peer: str | None = None
         self.token: str | None = None
         self._sessions = 0
+        self._auth_attempts = 0
         self._counted_unauthenticated = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -302,11 +316,17 @@ class _Connection(asyncssh.SSHServer):
         self.address = str(peer[0]) if peer else "?"
         server = self._server
         server._connections.add(self)
-        if server._unauthenticated >= server.limits.unauthenticated_connections:
+        source = _source(self.address)
+        from_source = server._unauthenticated_from.get(source, 0)
+        if (
+            server._unauthenticated >= server.limits.unauthenticated_connections
+            or from_source >= server.limits.unauthenticated_per_address
+        ):
             _LOGGER.warning("Too many connections still logging in; dropping %s", self.address)
             conn.close()
             return
         server._unauthenticated += 1
+        server._unauthenticated_from[source] = from_source + 1
         self._counted_unauthenticated = True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -323,7 +343,12 @@ class _Connection(asyncssh.SSHServer):
 
     def _leave_unauthenticated(self) -> None:
         if self._counted_unauthenticated:
-            self._server._unauthenticated -= 1
+            server = self._server
+            server._unauthenticated -= 1
+            source = _source(self.address)
+            server._unauthenticated_from[source] -= 1
+            if not server._unauthenticated_from[source]:
+                del server._unauthenticated_from[source]
             self._counted_unauthenticated = False
 
     def close(self) -> None:
@@ -355,6 +380,10 @@ class _Connection(asyncssh.SSHServer):
         # Only reached for keys missing from the authorized list (and for unsigned probes):
         # remember the attempt, grant nothing.
         self._server._record_unknown_key(key, self.address)
+        self._auth_attempts += 1
+        if self._auth_attempts >= self._server.limits.auth_attempts and self._conn is not None:
+            # Key after key in one connection would dodge the per-connection slow-down.
+            self._conn.close()
         return False
 
     def auth_completed(self) -> None:
@@ -405,6 +434,21 @@ class _Connection(asyncssh.SSHServer):
 
 
 _NO_KEYS = asyncssh.import_authorized_keys("")
+# Sources whose failed logins are remembered (each a few hundred bytes).
+_MAX_SOURCES = 4096
+
+
+def _source(address: str) -> str:
+    """Where logins are counted from: an IPv4 address, or an IPv6 /64 (one site's range)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _token(name: str, public_key: str) -> str:
