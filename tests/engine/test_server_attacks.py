@@ -326,6 +326,7 @@ def furnished(tmp_path: Path, storage_dir: Path) -> Path:
     (alice / "dir" / "up").symlink_to("../..")  # up to the storage root
     (alice / "photos" / "loop").symlink_to("loop")  # a loop
     os.mkfifo(alice / "fifo")  # a special file (opening it would hang a reader)
+    (alice / "dir" / ".mynas-old").write_bytes(b"host's own")  # an internal name
     return outside
 
 
@@ -521,8 +522,10 @@ async def test_sftp_refuses_every_link_already_in_the_jail(
                     await call()
                 # Permission denied, not "no such file": the link was seen and refused.
                 assert refused.value.code == asyncssh.FX_PERMISSION_DENIED, (name, path)
-        # A listing never shows a link, a FIFO or anything behind them.
+        # A listing never shows a link, a FIFO, an internal name or anything behind them.
         assert sorted(await sftp.listdir(b"/dir")) == [b".", b"..", b"inner.txt"]
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.stat(b"/dir/.mynas-old")
         assert sorted(await sftp.listdir(b"/photos")) == [b".", b"..", b"cat.jpg"]
         sftp.exit()
         await sftp.wait_closed()
@@ -627,6 +630,8 @@ async def test_sftp_statvfs_reports_the_quota(
         assert fs.blocks * fs.frsize == DEFAULT_QUOTA
         assert fs.bavail * fs.frsize == DEFAULT_QUOTA - used
         assert fs.flags & asyncssh.FXE_STATVFS_ST_RDONLY
+        async with sftp.open("/a.bin", "rb") as handle:
+            assert await handle.statvfs() == fs
         sftp.exit()
         await sftp.wait_closed()
     finally:
@@ -864,7 +869,7 @@ async def test_asyncssh_client_gets_no_shell_exec_or_forwarding(
     canary = tmp_path / "canary"
     conn = await ssh_connect(server, alice_id)
     try:
-        for command in (f"touch {canary}", "true"):
+        for command in (f"touch {canary}", "true", "scp -t .", "internal-sftp"):
             with pytest.raises(asyncssh.ChannelOpenError):
                 await conn.run(command, check=False)
         with pytest.raises(asyncssh.ChannelOpenError):  # shell with a pty
@@ -1956,3 +1961,33 @@ async def test_failed_logins_are_remembered_in_bounded_memory(
     assert server._login_delay("2001:db8:1:2:ffff::1") == 1.0
     assert server._login_delay("2001:db8:1:3::1") == 0.0  # the next /64 is someone else
     assert server._login_delay("::ffff:10.0.78.31") == server._login_delay("10.0.78.31")
+
+
+async def test_no_setuid_sticky_or_odd_modes_reach_the_disk(
+    server: NodeServer, alice_id: Identity, storage_dir: Path
+) -> None:
+    """Whatever mode a peer sends (setuid, setgid, sticky, world-writable), the host keeps
+    only the owner-exec bit: 0755 or 0644; directories are 0755."""
+    odd = 0o7777
+    async with await connect(server, alice_id) as link:
+        done: list[MyNasError | None] = []
+        await link.put(b"small.sh", MTIME, odd, b"#!/bin/sh\n", done.append)
+        await link.put(b"plain.txt", MTIME, 0o6666, b"text", done.append)
+        await link.mkdir(b"dir/sub", MTIME, done.append)
+        await link.sync()
+        assert done == [None, None, None]
+        req, _ = await link.open_upload(b"large.bin", 5, MTIME, odd)
+        await link.send_data(req, b"large")
+        await link.close_upload(req, Close.FINISH)
+    jail = storage_dir / "alice"
+    modes = {
+        name: stat.S_IMODE(os.lstat(jail / name).st_mode)
+        for name in ("small.sh", "plain.txt", "large.bin", "dir", "dir/sub")
+    }
+    assert modes == {
+        "small.sh": 0o755,
+        "plain.txt": 0o644,
+        "large.bin": 0o755,
+        "dir": 0o755,
+        "dir/sub": 0o755,
+    }
