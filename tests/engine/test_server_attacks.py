@@ -103,6 +103,17 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
     return seen
 
 
+def world(tmp_path: Path) -> dict[str, tuple[Any, ...]]:
+    """What an attack must leave alone: the storage root, the keys, a folder outside.
+
+    Not the whole tmp_path: Home Assistant's test config may live there and change.
+    """
+    seen = {}
+    for top in ("storage", "keys", "outside"):
+        seen.update({f"{top}/{rel}": info for rel, info in snapshot(tmp_path / top).items()})
+    return seen
+
+
 def trash_contents(storage: Path, peer: str) -> list[bytes]:
     """The contents of every file in a peer's trash, sorted."""
     found = []
@@ -372,7 +383,7 @@ async def test_protocol_traversal_refused_by_every_operation(
 ) -> None:
     """`..`, absolute, NUL, internal names, over-long paths, links: all refused, disk intact."""
     hostile = [*SYNTACTIC, str(furnished / "secret.txt").encode(), *LINKS, *THROUGH_LINKS]
-    before = snapshot(tmp_path)
+    before = world(tmp_path)
     raw = await Raw.open(server, alice_id)
     sent: dict[int, tuple[str, bytes]] = {}
     req = 0
@@ -392,7 +403,7 @@ async def test_protocol_traversal_refused_by_every_operation(
     ]
     assert not wrong
     await raw.close()
-    assert snapshot(tmp_path) == before
+    assert world(tmp_path) == before
     assert server.jail("alice").quota.reserved == 0
 
 
@@ -444,7 +455,7 @@ async def test_sftp_traversal_stays_in_the_jail(
     server: NodeServer, alice_id: Identity, furnished: Path, tmp_path: Path
 ) -> None:
     """Every path-taking SFTP request: nothing outside alice's own jail is ever reached."""
-    before = snapshot(tmp_path)
+    before = world(tmp_path)
     outside = [os.fsencode(furnished / "secret.txt"), os.fsencode(furnished)]
     conn = await ssh_connect(server, alice_id)
     try:
@@ -464,7 +475,7 @@ async def test_sftp_traversal_stays_in_the_jail(
     finally:
         conn.close()
         await conn.wait_closed()
-    assert snapshot(tmp_path) == before
+    assert world(tmp_path) == before
 
 
 def _sftp_reads(sftp: asyncssh.SFTPClient, path: bytes) -> dict[str, Callable[[], Awaitable[Any]]]:
@@ -507,7 +518,7 @@ async def test_sftp_refuses_every_link_already_in_the_jail(
     server: NodeServer, alice_id: Identity, furnished: Path, tmp_path: Path
 ) -> None:
     """stat/lstat/open/listdir through or onto a link: permission denied, never followed."""
-    before = snapshot(tmp_path)
+    before = world(tmp_path)
     conn = await ssh_connect(server, alice_id)
     try:
         sftp = await conn.start_sftp_client()
@@ -532,7 +543,7 @@ async def test_sftp_refuses_every_link_already_in_the_jail(
     finally:
         conn.close()
         await conn.wait_closed()
-    assert snapshot(tmp_path) == before
+    assert world(tmp_path) == before
 
 
 # --- (2) links and writes through SFTP ---------------------------------------------------
@@ -542,7 +553,7 @@ async def test_sftp_refuses_links_and_every_write(
     server: NodeServer, alice_id: Identity, furnished: Path, tmp_path: Path
 ) -> None:
     """symlink, hard link, rename, remove, rmdir, mkdir, setstat, writes, creates: refused."""
-    before = snapshot(tmp_path)
+    before = world(tmp_path)
     conn = await ssh_connect(server, alice_id)
     try:
         sftp = await conn.start_sftp_client()
@@ -596,7 +607,7 @@ async def test_sftp_refuses_links_and_every_write(
     finally:
         conn.close()
         await conn.wait_closed()
-    assert snapshot(tmp_path) == before
+    assert world(tmp_path) == before
 
 
 async def _sftp_write(sftp: asyncssh.SFTPClient, path: str, mode: str) -> None:
@@ -1185,7 +1196,7 @@ async def test_peer_cannot_reach_its_trash(
         await link.set_retention("f.txt", 0)
     assert server.jail("alice").retention_days(b"f.txt") == 30
     (stamp,) = os.listdir(storage_dir / ".mynas" / "trash" / "alice")
-    before = snapshot(tmp_path)
+    before = world(tmp_path)
     trash_paths = [
         b"../.mynas/trash/alice/" + stamp.encode() + b"/f.txt",
         b"../.mynas/trash/alice",
@@ -1222,7 +1233,7 @@ async def test_peer_cannot_reach_its_trash(
     finally:
         conn.close()
         await conn.wait_closed()
-    assert snapshot(tmp_path) == before
+    assert world(tmp_path) == before
     assert trash_contents(storage_dir, "alice") == [b"v1"]
 
 
@@ -1516,7 +1527,7 @@ async def test_hostile_frames_end_the_session_and_nothing_else(
     Nothing is written, nothing leaks, and the same connection serves the next session.
     """
     server = await make_server(limits=Limits(hello_timeout=0.5, free_failures=1000))
-    before = snapshot(tmp_path)
+    before = world(tmp_path)
     conn = await ssh_connect(server, alice_id)
     try:
         for name, data in _hostile_streams().items():
@@ -1540,7 +1551,7 @@ async def test_hostile_frames_end_the_session_and_nothing_else(
     finally:
         conn.close()
         await conn.wait_closed()
-    assert snapshot(tmp_path) == before
+    assert world(tmp_path) == before
     assert server.jail("alice").quota.reserved == 0
     assert "Uncaught exception" not in caplog.text
     assert "Traceback" not in caplog.text
