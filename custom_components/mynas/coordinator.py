@@ -68,9 +68,14 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
     config_entry: MyNasConfigEntry
 
     def __init__(
-        self, hass: HomeAssistant, entry: MyNasConfigEntry, engine: EngineLoop, node: Node
+        self,
+        hass: HomeAssistant,
+        entry: MyNasConfigEntry,
+        engine: EngineLoop,
+        node: Node,
+        manager: SyncManager,
     ) -> None:
-        """Poll the disk of ``entry``'s storage root."""
+        """Poll the disk of ``entry``'s storage root; pause ``manager`` while it is gone."""
         super().__init__(
             hass,
             LOGGER,
@@ -80,6 +85,7 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
         )
         self._engine = engine
         self._node = node
+        self._manager = manager
         self.root: str = entry.data[CONF_STORAGE_ROOT]
         self.node_id: str = entry.data[CONF_NODE_ID]
 
@@ -88,6 +94,9 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
         try:
             disk = await self.hass.async_add_executor_job(read_disk, self.root, self.node_id)
         except storage_root.StorageRootError as err:
+            # Scheduled runs wait: the index lives on that disk, and a folder path may now
+            # show another disk's content.
+            self._manager.set_storage_ok(False, str(err))
             issues.storage_problem(
                 self.hass, entry.entry_id, entry.data[CONF_NODE_NAME], err.problem, err.path
             )
@@ -99,6 +108,7 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
         issues.storage_problem(
             self.hass, entry.entry_id, entry.data[CONF_NODE_NAME], None, self.root
         )
+        self._manager.set_storage_ok(True)
         hosted = await self._engine.run(_hosted(self._node))
         return NodeData(disk=disk, hosted=hosted)
 

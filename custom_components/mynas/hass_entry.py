@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+import errno
 from pathlib import Path
 from typing import Any
 
+from homeassistant.config_entries import (
+    SIGNAL_CONFIG_ENTRY_CHANGED,
+    ConfigEntry,
+    ConfigEntryChange,
+    ConfigEntryState,
+)
 from homeassistant.const import EVENT_HOMEASSISTANT_STOP, Platform
-from homeassistant.core import Event, HomeAssistant, callback
+from homeassistant.core import CALLBACK_TYPE, Event, HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryNotReady
 from homeassistant.helpers import config_validation as cv, device_registry as dr
+from homeassistant.helpers.dispatcher import async_dispatcher_connect
 from homeassistant.helpers.typing import ConfigType
 from homeassistant.util import dt as dt_util
 
@@ -86,10 +94,16 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
         await engine.run(node.start(LISTEN_HOST, data[CONF_PORT], peers.values()))
     except OSError as err:
         await hass.async_add_executor_job(engine.stop)
+        if err.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise ConfigEntryNotReady(
+                translation_domain=DOMAIN,
+                translation_key="port_in_use",
+                translation_placeholders={"port": str(data[CONF_PORT]), "error": str(err)},
+            ) from err
         raise ConfigEntryNotReady(
             translation_domain=DOMAIN,
-            translation_key="port_in_use",
-            translation_placeholders={"port": str(data[CONF_PORT]), "error": str(err)},
+            translation_key="start_failed",
+            translation_placeholders={"error": str(err)},
         ) from err
     except BaseException:
         await hass.async_add_executor_job(engine.stop)
@@ -104,12 +118,13 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
         folders_of(entry),
         peers,
         dict(entry.options),
+        node_id=data[CONF_NODE_ID],
     )
     manager_box.append(manager)
     runtime = MyNasRuntimeData(
         engine=engine,
         node=node,
-        node_data=NodeCoordinator(hass, entry, engine, node),
+        node_data=NodeCoordinator(hass, entry, engine, node, manager),
         syncs=SyncCoordinator(hass, entry, manager),
         manager=manager,
     )
@@ -117,28 +132,52 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
         await manager.async_load()
         await runtime.node_data.async_config_entry_first_refresh()
         await runtime.syncs.async_config_entry_first_refresh()
+        entry.runtime_data = runtime
+        # Peers' and folders' devices hang off the node's: it must exist before their entities.
+        dr.async_get(hass).async_get_or_create(config_entry_id=entry.entry_id, **node_device(entry))
+        await async_check_orphans(hass, entry)
+        await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     except BaseException:
         await _stop(hass, runtime)
         raise
-    entry.runtime_data = runtime
-    # Peers' and folders' devices hang off the node's: it must exist before their entities.
-    dr.async_get(hass).async_get_or_create(config_entry_id=entry.entry_id, **node_device(entry))
-    await async_check_orphans(hass, entry)
-    await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     manager.async_start()
 
     @callback
     def _on_hass_stop(_event: Event) -> None:
-        hass.async_create_task(_stop(hass, runtime))
+        hass.async_create_task(_stop(hass, runtime), eager_start=True)
 
     entry.async_on_unload(hass.bus.async_listen_once(EVENT_HOMEASSISTANT_STOP, _on_hass_stop))
-    entry.async_on_unload(entry.add_update_listener(_async_reload))
+    entry.async_on_unload(_reload_on_subentry_change(hass, entry))
     return True
 
 
-async def _async_reload(hass: HomeAssistant, entry: MyNasConfigEntry) -> None:
-    """Peers, folders or options changed: restart the node with them."""
-    await hass.config_entries.async_reload(entry.entry_id)
+def _subentries(entry: MyNasConfigEntry) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    return {
+        sub_id: (sub.subentry_type, sub.title, dict(sub.data))
+        for sub_id, sub in entry.subentries.items()
+    }
+
+
+def _reload_on_subentry_change(hass: HomeAssistant, entry: MyNasConfigEntry) -> CALLBACK_TYPE:
+    """Restart the node with its new peers and folders when a subentry changes.
+
+    Not an update listener: options reload through ``OptionsFlowWithReload`` (which refuses
+    update listeners), the node's reconfigure flow reloads by itself, and an options change
+    alone (a removed peer's data kept) needs no restart.
+    """
+    loaded_with = _subentries(entry)
+
+    @callback
+    def changed(change: ConfigEntryChange, changed_entry: ConfigEntry) -> None:
+        if (
+            change is ConfigEntryChange.UPDATED
+            and changed_entry.entry_id == entry.entry_id
+            and entry.state is ConfigEntryState.LOADED
+            and _subentries(entry) != loaded_with
+        ):
+            hass.config_entries.async_schedule_reload(entry.entry_id)
+
+    return async_dispatcher_connect(hass, SIGNAL_CONFIG_ENTRY_CHANGED, changed)
 
 
 def _server_events(

@@ -111,6 +111,8 @@ class PairStatus:
     progress: Progress | None = None
     last_success: datetime | None = None
     last_attempt: datetime | None = None
+    # The first attempt ever: a pair that never succeeded is overdue counted from here.
+    first_attempt: datetime | None = None
     failures: int = 0
     last_files_sent: int | None = None
     last_bytes_sent: int | None = None
@@ -123,6 +125,7 @@ class PairStatus:
         return {
             "last_success": _iso(self.last_success),
             "last_attempt": _iso(self.last_attempt),
+            "first_attempt": _iso(self.first_attempt),
             "failures": self.failures,
             "last_files_sent": self.last_files_sent,
             "last_bytes_sent": self.last_bytes_sent,
@@ -136,6 +139,7 @@ class PairStatus:
         status = cls(
             last_success=_parse(data.get("last_success")),
             last_attempt=_parse(data.get("last_attempt")),
+            first_attempt=_parse(data.get("first_attempt")),
             failures=int(data.get("failures") or 0),
             last_files_sent=data.get("last_files_sent"),
             last_bytes_sent=data.get("last_bytes_sent"),
@@ -153,6 +157,8 @@ class PeerStatus:
 
     reachability: Reachability | None = None
     last_seen: datetime | None = None
+    # Since when every attempt to reach the peer failed (None while it answers).
+    down_since: datetime | None = None
     last_probe: datetime | None = None
     used_there: int | None = None
     quota_there: int | None = None
@@ -161,12 +167,22 @@ class PeerStatus:
 
     def as_stored(self) -> dict[str, Any]:
         """What survives a restart."""
-        return {"last_seen": _iso(self.last_seen), "used_there": self.used_there}
+        return {
+            "last_seen": _iso(self.last_seen),
+            "down_since": _iso(self.down_since),
+            "used_there": self.used_there,
+            "quota_there": self.quota_there,
+        }
 
     @classmethod
     def from_stored(cls, data: dict[str, Any]) -> PeerStatus:
         """Rebuild from what ``as_stored`` returned."""
-        return cls(last_seen=_parse(data.get("last_seen")), used_there=data.get("used_there"))
+        return cls(
+            last_seen=_parse(data.get("last_seen")),
+            down_since=_parse(data.get("down_since")),
+            used_there=data.get("used_there"),
+            quota_there=data.get("quota_there"),
+        )
 
 
 @dataclass(slots=True)

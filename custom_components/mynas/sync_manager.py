@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from homeassistant.core import CALLBACK_TYPE, HomeAssistant, callback
+from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.event import async_track_time_interval
 from homeassistant.helpers.storage import Store
 from homeassistant.util import dt as dt_util
@@ -31,6 +32,7 @@ from .const import (
     PEER_UNREACHABLE_ISSUE_AFTER,
     SCHEDULER_TICK,
 )
+from .engine import storage_root
 from .engine.errors import (
     AuthRefused,
     HostKeyMismatch,
@@ -52,6 +54,8 @@ STORAGE_VERSION = 1
 _SAVE_DELAY = 10
 # Entities follow a running sync this often at most.
 _PROGRESS_UPDATES = 1.0
+# How long stopping waits for the engine's side of a cancelled run to wind down.
+_STOP_TIMEOUT = 30
 
 type Pair = tuple[str, str]
 
@@ -76,10 +80,17 @@ class SyncManager:
         folders: dict[str, FolderSetup],
         peers: dict[str, PeerConfig],
         options: dict[str, Any],
+        *,
+        node_id: str,
     ) -> None:
-        """Manage ``folders`` × ``peers`` of the node ``entry_id``."""
+        """Manage ``folders`` × ``peers`` of the node ``entry_id`` (whose id is ``node_id``).
+
+        Each run first checks that the storage root is still this node's disk: the
+        coordinator notices a change within a minute, and no run may start before that.
+        """
         self.hass = hass
         self.entry_id = entry_id
+        self.node_id: str = node_id
         self.node_name = node_name
         self.engine = engine
         self.node = node
@@ -89,9 +100,19 @@ class SyncManager:
             hours=float(options.get(CONF_OVERDUE_HOURS, DEFAULT_OVERDUE_HOURS))
         )
         self.data = SyncData()
+        # False while the storage disk is missing or another one is mounted: no scheduled run.
+        self.storage_ok = True
+        self.storage_error: str | None = None
         self._store: Store[dict[str, Any]] = Store(hass, STORAGE_VERSION, f"{DOMAIN}.{entry_id}")
-        self._tasks: dict[Pair, asyncio.Task[dict[str, Any]]] = {}
+        self._tasks: dict[tuple[Pair, SyncKind], asyncio.Task[dict[str, Any]]] = {}
+        # Never two runs of one pair at once (a verify waits for a running sync, and back).
+        self._pair_locks: dict[Pair, asyncio.Lock] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
+        # Pairs inside a run: news from the engine (started, progress) may arrive late,
+        # after the run's end, and must not bring a finished run back to life.
+        self._active: set[Pair] = set()
+        # The engine-side tasks of our runs and probes (touched on the engine loop only).
+        self._engine_tasks: set[asyncio.Task[Any]] = set()
         self._unsub: list[CALLBACK_TYPE] = []
         self._listeners: list[Callable[[], None]] = []
         self._last_push = 0.0
@@ -133,7 +154,7 @@ class SyncManager:
         self._tick(dt_util.utcnow())
 
     async def async_stop(self) -> None:
-        """Stop ticking, cancel what runs, and save state."""
+        """Stop ticking, cancel what runs (here and in the engine), and save state."""
         self._stopping = True
         for unsub in self._unsub:
             unsub()
@@ -141,10 +162,16 @@ class SyncManager:
         if self._push_timer is not None:
             self._push_timer.cancel()
             self._push_timer = None
-        running = [*self._tasks.values(), *self._probes.values()]
+        running = [
+            task for task in (*self._tasks.values(), *self._probes.values()) if not task.done()
+        ]
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+        if self.engine.running:
+            # Cancelling our side does not wait for the engine's: let it finish unwinding
+            # (index writes, closing the link) before the node closes the index under it.
+            await asyncio.wait_for(self.engine.run(self._drain()), _STOP_TIMEOUT)
         await self._store.async_save(self._stored())
 
     @callback
@@ -152,6 +179,12 @@ class SyncManager:
         """Call ``update`` whenever pair or peer state changed."""
         self._listeners.append(update)
         return lambda: self._listeners.remove(update)
+
+    @callback
+    def set_storage_ok(self, ok: bool, error: str | None = None) -> None:
+        """The storage disk checked out (or did not, and why): resume (or pause) runs."""
+        self.storage_ok = ok
+        self.storage_error = None if ok else error
 
     def _stored(self) -> dict[str, Any]:
         return {
@@ -162,14 +195,15 @@ class SyncManager:
         }
 
     def _save(self) -> None:
-        self._store.async_delay_save(self._stored, _SAVE_DELAY)
+        if not self._stopping:
+            self._store.async_delay_save(self._stored, _SAVE_DELAY)
 
     @callback
     def _changed(self, *, throttle: bool = False) -> None:
         if throttle:
             now = self.hass.loop.time()
             if now - self._last_push < _PROGRESS_UPDATES:
-                if self._push_timer is None:
+                if self._push_timer is None and not self._stopping:
                     self._push_timer = self.hass.loop.call_later(
                         _PROGRESS_UPDATES, self._flush_changes
                     )
@@ -198,29 +232,26 @@ class SyncManager:
 
     @callback
     def _tick(self, now: datetime) -> None:
-        if self._stopping:
-            return
-        for pair in self.pairs:
-            if pair in self._tasks:
-                continue
-            due = self.next_run(pair)
-            if due is None or due <= now:
-                self.start(pair, SyncKind.SYNC)
+        if self.storage_ok:
+            for pair in self.pairs:
+                if self.running(pair):
+                    continue
+                due = self.next_run(pair)
+                if due is None or due <= now:
+                    self.start(pair, SyncKind.SYNC)
         self._check_overdue(now)
         self._changed()
 
     def is_overdue(self, pair: Pair, now: datetime | None = None) -> bool:
-        """True when the pair's last success is older than the threshold (or never was)."""
-        status = self.data.pairs.get(pair)
-        if status is None:
-            return False
-        now = now or dt_util.utcnow()
-        reference = status.last_success or self._first_seen(pair)
-        return reference is not None and now - reference > self.overdue_after
+        """True when the pair's last success is older than the threshold.
 
-    def _first_seen(self, pair: Pair) -> datetime | None:
-        # Never synced: count from the first attempt, so a new folder isn't overdue at once.
-        return self.data.pairs[pair].last_attempt
+        A pair that never succeeded counts from its first attempt, so a new folder is not
+        overdue at once, and one that keeps failing becomes overdue all the same.
+        """
+        status = self.data.pairs[pair]
+        now = now or dt_util.utcnow()
+        reference = status.last_success or status.first_attempt or status.last_attempt
+        return reference is not None and now - reference > self.overdue_after
 
     def _check_overdue(self, now: datetime) -> None:
         for folder_id, setup in self.folders.items():
@@ -244,23 +275,62 @@ class SyncManager:
     # --- runs ------------------------------------------------------------------------------
 
     def start(self, pair: Pair, kind: SyncKind, **options: Any) -> asyncio.Task[dict[str, Any]]:
-        """Start a run of the pair (or return the one already running)."""
-        running = self._tasks.get(pair)
-        if running is not None:
+        """Start a run of the pair (or return the same kind of run already under way).
+
+        A run of the other kind waits for the running one: never two runs of a pair at once.
+        Raises HomeAssistantError while the node is stopping or its disk is missing.
+        """
+        key = (pair, kind)
+        running = self._tasks.get(key)
+        if running is not None and not running.done():
             return running
+        if self._stopping:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN,
+                translation_key="node_not_loaded",
+                translation_placeholders={"node": self.node_name},
+            )
+        if not self.storage_ok:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN,
+                translation_key="storage_unavailable",
+                translation_placeholders={"node": self.node_name},
+            )
         task = self.hass.async_create_background_task(
             self._run(pair, kind, **options), name=f"mynas {kind} {pair[0]} {pair[1]}"
         )
-        self._tasks[pair] = task
-        task.add_done_callback(lambda _: self._tasks.pop(pair, None))
+        self._tasks[key] = task
+
+        def forget(done: asyncio.Task[dict[str, Any]]) -> None:
+            if self._tasks.get(key) is done:
+                del self._tasks[key]
+
+        task.add_done_callback(forget)
         return task
 
     def running(self, pair: Pair) -> bool:
         """True while a run of the pair is queued or running."""
-        return pair in self._tasks
+        return any(p == pair and not task.done() for (p, _), task in self._tasks.items())
 
-    async def _in_engine[T](self, coro: Coroutine[Any, Any, T]) -> T:
-        return await self.engine.run(coro)
+    async def in_engine[T](self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the engine's loop; stopping the node cancels it and waits for it."""
+        return await self.engine.run(self._tracked(coro))
+
+    async def _tracked[T](self, coro: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        self._engine_tasks.add(task)
+        try:
+            return await coro
+        finally:
+            self._engine_tasks.discard(task)
+
+    async def _drain(self) -> None:
+        tasks = [task for task in self._engine_tasks if not task.done()]
+        for task in tasks:
+            if not task.cancelling():  # a cancelled run unwinds: don't cut its cleanup short
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _progress_sink(self, pair: Pair, verifying: bool) -> Callable[[Progress], None]:
         loop = self.hass.loop
@@ -274,79 +344,121 @@ class SyncManager:
     @callback
     def _on_progress(self, pair: Pair, progress: Progress, verifying: bool) -> None:
         status = self.data.pairs.get(pair)
-        if status is None or progress.phase is Phase.DONE:
+        if pair not in self._active or status is None or progress.phase is Phase.DONE:
             return
         status.progress = progress
         if verifying:
             status.state = SyncState.VERIFYING
-        elif progress.phase in (Phase.SCANNING, Phase.CONNECTING):
-            status.state = SyncState.SCANNING
-        else:
+        elif progress.phase is Phase.TRANSFERRING or progress.files_done or progress.bytes_done:
+            # The engine may still be scanning, but data is moving: that is a transfer.
             status.state = SyncState.TRANSFERRING
+        else:
+            status.state = SyncState.SCANNING
         self._changed(throttle=True)
+
+    @staticmethod
+    def _resting(status: PairStatus) -> SyncState:
+        return SyncState.ERROR if status.failures else SyncState.IDLE
 
     async def _run(self, pair: Pair, kind: SyncKind, **options: Any) -> dict[str, Any]:
         folder_id, peer_id = pair
         setup = self.folders[folder_id]
         peer = self.peers[peer_id]
         status = self.data.pairs.setdefault(pair, PairStatus())
-        verifying = kind == SyncKind.VERIFY
+        verifying = kind is SyncKind.VERIFY
+        summary: dict[str, Any] = {
+            "folder": setup.config.name,
+            "peer": peer.name,
+            "kind": kind.value,
+        }
         loop = self.hass.loop
 
         def on_start() -> None:  # called on the engine's loop once the peer is free
             loop.call_soon_threadsafe(self._on_started, pair, verifying)
 
-        started = dt_util.utcnow()
-        status.last_attempt = started
-        summary: dict[str, Any] = {
-            "folder": setup.config.name,
-            "peer": peer.name,
-            "kind": kind,
-        }
-        sink = self._progress_sink(pair, verifying)
-        try:
-            if verifying:
-                on_start()
-                verified: VerifyResult = await self._in_engine(
-                    self.node.verify(
-                        setup.config,
-                        peer_id,
-                        repair=bool(options.get("repair")),
-                        progress=sink,
+        async with self._pair_locks.setdefault(pair, asyncio.Lock()):
+            started = dt_util.utcnow()
+            if not await self._storage_checks_out():
+                # Not the pair's fault: nothing counts against its schedule.
+                summary["status"] = "failed"
+                summary["error"] = self.storage_error or ""
+                summary["duration"] = 0.0
+                status.last_error = self.storage_error
+                return self._finished(setup.config.name, peer, kind, summary)
+            if not verifying:
+                # Only syncs move the schedule; a verify in between changes nothing there.
+                status.last_attempt = started
+                status.first_attempt = status.first_attempt or started
+            sink = self._progress_sink(pair, verifying)
+            self._active.add(pair)
+            try:
+                if verifying:
+                    self._on_started(pair, verifying)
+                    verified: VerifyResult = await self.in_engine(
+                        self.node.verify(
+                            setup.config,
+                            peer_id,
+                            repair=bool(options.get("repair")),
+                            progress=sink,
+                        )
                     )
-                )
-                summary.update(verified.as_dict())
-                summary["status"] = "success" if verified.clean or verified.repaired else "mismatch"
-            else:
-                pushed: PushResult = await self._in_engine(
-                    self.node.push(setup.config, peer_id, sink, on_start=on_start)
-                )
-                summary.update(pushed.as_dict())
-                summary["status"] = "success"
-                self._succeeded(pair, pushed)
-        except asyncio.CancelledError:
-            status.state = SyncState.IDLE
+                    summary.update(verified.as_dict())
+                    summary["status"] = (
+                        "success" if verified.clean or verified.repair_complete else "mismatch"
+                    )
+                    self._seen(peer_id, dt_util.utcnow())
+                else:
+                    pushed: PushResult = await self.in_engine(
+                        self.node.push(setup.config, peer_id, sink, on_start=on_start)
+                    )
+                    summary.update(pushed.as_dict())
+                    summary["status"] = "partial" if pushed.error_count else "success"
+                    self._succeeded(pair, pushed)
+            except asyncio.CancelledError:
+                self._active.discard(pair)
+                status.progress = None
+                status.state = self._resting(status)
+                self._changed()
+                raise
+            except Exception as err:  # a run always ends with a result
+                if isinstance(err, MyNasError):
+                    _LOGGER.warning(
+                        "%s of %s to %s failed: %s",
+                        kind.capitalize(),
+                        setup.config.name,
+                        peer.name,
+                        err,
+                    )
+                else:
+                    _LOGGER.exception(
+                        "Unexpected error in %s of %s to %s", kind, setup.config.name, peer.name
+                    )
+                summary["status"] = "failed"
+                summary["error"] = str(err) or type(err).__name__
+                self._failed(pair, err, count=not verifying)
+            self._active.discard(pair)
             status.progress = None
-            self._changed()
-            raise
-        except MyNasError as err:
-            summary["status"] = "failed"
-            summary["error"] = str(err)
-            self._failed(pair, err)
-        finally:
-            status.progress = None
-        summary["duration"] = round((dt_util.utcnow() - started).total_seconds(), 3)
-        if status.state is not SyncState.ERROR:
-            status.state = SyncState.IDLE
+            status.state = self._resting(status)
+            summary["duration"] = round((dt_util.utcnow() - started).total_seconds(), 3)
+        if summary["status"] in ("success", "partial") and not verifying:
+            # Refresh "space we use there" now rather than at the next probe.
+            self.probe(peer_id)
+        return self._finished(setup.config.name, peer, kind, summary)
+
+    def _finished(
+        self, folder: str, peer: PeerConfig, kind: SyncKind, summary: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Publish the end of a run: state saved, entities updated, the event fired."""
+        self._check_overdue(dt_util.utcnow())
         self._save()
         self._changed()
         self.hass.bus.async_fire(
             EVENT_SYNC_FINISHED,
             {
                 "entry_id": self.entry_id,
-                "folder": setup.config.name,
+                "folder": folder,
                 "peer": peer.name,
-                "kind": kind,
+                "kind": kind.value,
                 "status": summary["status"],
                 "files": summary.get("files_sent", 0),
                 "bytes": summary.get("bytes_sent", 0),
@@ -356,10 +468,21 @@ class SyncManager:
         )
         return summary
 
+    async def _storage_checks_out(self) -> bool:
+        """Check (off the loop) that the storage root is still this node's disk."""
+        try:
+            await self.hass.async_add_executor_job(
+                storage_root.check_root, self.node.storage_root, self.node_id
+            )
+        except storage_root.StorageRootError as err:
+            self.set_storage_ok(False, str(err))
+            return False
+        return True
+
     @callback
     def _on_started(self, pair: Pair, verifying: bool) -> None:
         status = self.data.pairs.get(pair)
-        if status is not None:
+        if status is not None and pair in self._active:
             status.state = SyncState.VERIFYING if verifying else SyncState.SCANNING
             self._changed()
 
@@ -368,23 +491,26 @@ class SyncManager:
         now = dt_util.utcnow()
         status.last_success = now
         status.failures = 0
-        status.state = SyncState.IDLE
         status.last_files_sent = result.files_sent
         status.last_bytes_sent = result.bytes_sent
         status.last_duration = round(result.seconds, 3)
-        status.last_error = None
+        status.last_error = (
+            f"{result.error_count} file(s) could not be sent, for example {result.errors[0]}"
+            if result.error_count and result.errors
+            else None
+        )
         status.quota_refused = False
         issues.quota_refused(self.hass, pair[0], pair[1], None)
         self._seen(pair[1], now)
 
-    def _failed(self, pair: Pair, err: MyNasError) -> None:
+    def _failed(self, pair: Pair, err: Exception, *, count: bool = True) -> None:
+        """Record a failed run; ``count`` it against the schedule (syncs, not verifies)."""
         status = self.data.pairs[pair]
-        status.failures += 1
-        status.state = SyncState.ERROR
-        status.last_error = str(err)
+        if count:
+            status.failures += 1
+        status.last_error = str(err) or type(err).__name__
         folder = self.folders[pair[0]].config.name
         peer = self.peers[pair[1]]
-        _LOGGER.warning("Sync of %s to %s failed: %s", folder, peer.name, err)
         if isinstance(err, QuotaExceeded):
             status.quota_refused = True
             issues.quota_refused(
@@ -398,8 +524,12 @@ class SyncManager:
                     "available": format_bytes(err.available),
                 },
             )
-        elif isinstance(err, (HostKeyMismatch, AuthRefused, PeerUnreachable)):
-            self._peer_problem(pair[1], err)
+        elif isinstance(err, HostKeyMismatch):
+            self._peer_problem(pair[1], Reachability.KEY_MISMATCH, str(err), err.presented_key)
+        elif isinstance(err, AuthRefused):
+            self._peer_problem(pair[1], Reachability.WAITING, str(err))
+        elif isinstance(err, PeerUnreachable):
+            self._peer_problem(pair[1], Reachability.UNREACHABLE, str(err))
 
     # --- peers -----------------------------------------------------------------------------
 
@@ -408,6 +538,7 @@ class SyncManager:
         if status.last_seen is None or when > status.last_seen:
             status.last_seen = when
         status.reachability = Reachability.ONLINE
+        status.down_since = None
         status.error = None
         status.presented_key = None
         issues.unreachable(self.hass, peer_id, self.peers[peer_id].name, None)
@@ -416,67 +547,86 @@ class SyncManager:
     @callback
     def contact(self, peer_id: str, when: datetime) -> None:
         """The peer connected to us: it exists and has our key (it is not a reachability test)."""
+        if self._stopping:
+            return
         status = self.data.peers.setdefault(peer_id, PeerStatus())
         if status.last_seen is None or when > status.last_seen:
             status.last_seen = when
             self._save()
             self._changed()
 
-    def _peer_problem(self, peer_id: str, err: MyNasError) -> None:
+    def _peer_problem(
+        self,
+        peer_id: str,
+        reachability: Reachability,
+        error: str | None,
+        presented_key: str | None = None,
+    ) -> None:
         status = self.data.peers.setdefault(peer_id, PeerStatus())
         peer = self.peers[peer_id]
-        status.error = str(err)
-        if isinstance(err, HostKeyMismatch):
-            status.reachability = Reachability.KEY_MISMATCH
-            status.presented_key = err.presented_key
+        status.reachability = reachability
+        status.error = error
+        status.down_since = status.down_since or dt_util.utcnow()
+        if reachability is Reachability.KEY_MISMATCH:
+            # Security: nothing was sent; only the user can accept the new key.
+            status.presented_key = presented_key
             issues.key_changed(
                 self.hass,
                 self.entry_id,
                 peer_id,
                 peer.name,
                 fingerprint(peer.public_key),
-                err.presented,
-                err.presented_key,
+                fingerprint(presented_key) if presented_key else None,
+                presented_key,
             )
-        elif isinstance(err, AuthRefused):
-            status.reachability = Reachability.WAITING
-        else:
-            status.reachability = Reachability.UNREACHABLE
         self._check_unreachable(peer_id)
 
     def _check_unreachable(self, peer_id: str) -> None:
+        """Raise "unreachable for days" once no answer came for long enough (else clear it).
+
+        A wrong key has its own, critical issue; "waiting for them to add us" and "no
+        answer" both mean the friend has something to do.
+        """
         status = self.data.peers[peer_id]
         peer = self.peers[peer_id]
-        if status.reachability is Reachability.ONLINE:
-            issues.unreachable(self.hass, peer_id, peer.name, None)
-            return
-        if status.last_seen is None:
-            return
-        silent = dt_util.utcnow() - status.last_seen
-        if silent > PEER_UNREACHABLE_ISSUE_AFTER:
+        since = status.down_since
+        silent = dt_util.utcnow() - since if since is not None else None
+        if (
+            status.reachability in (Reachability.UNREACHABLE, Reachability.WAITING)
+            and silent is not None
+            and silent > PEER_UNREACHABLE_ISSUE_AFTER
+        ):
             issues.unreachable(self.hass, peer_id, peer.name, silent.days)
+        else:
+            issues.unreachable(self.hass, peer_id, peer.name, None)
 
     @callback
     def _probe_all(self, _now: datetime) -> None:
-        if self._stopping:
-            return
         for peer_id in self.peers:
-            if peer_id not in self._probes:
-                self.probe(peer_id)
+            self.probe(peer_id)
 
     def probe(self, peer_id: str) -> asyncio.Task[None]:
-        """Test the connection to a peer in the background."""
+        """Test the connection to a peer in the background (one test at a time per peer)."""
         task = self._probes.get(peer_id)
-        if task is None:
+        if task is None or task.done():
             task = self.hass.async_create_background_task(
                 self._probe(peer_id), name=f"mynas probe {peer_id}"
             )
             self._probes[peer_id] = task
-            task.add_done_callback(lambda _: self._probes.pop(peer_id, None))
+
+            def forget(done: asyncio.Task[None]) -> None:
+                if self._probes.get(peer_id) is done:
+                    del self._probes[peer_id]
+
+            task.add_done_callback(forget)
         return task
 
     async def _probe(self, peer_id: str) -> None:
-        result: ProbeResult = await self._in_engine(self.node.probe(peer_id))
+        try:
+            result: ProbeResult = await self.in_engine(self.node.probe(peer_id))
+        except Exception as err:  # a failed test is a result, not a crash
+            _LOGGER.exception("Testing the connection to %s failed", self.peers[peer_id].name)
+            result = ProbeResult(Reachability.UNREACHABLE, error=str(err))
         status = self.data.peers.setdefault(peer_id, PeerStatus())
         now = dt_util.utcnow()
         status.last_probe = now
@@ -485,19 +635,6 @@ class SyncManager:
             status.used_there = result.used_there
             status.quota_there = result.quota_there
         else:
-            status.reachability = result.status
-            status.error = result.error
-            if result.status is Reachability.KEY_MISMATCH:
-                peer = self.peers[peer_id]
-                issues.key_changed(
-                    self.hass,
-                    self.entry_id,
-                    peer_id,
-                    peer.name,
-                    fingerprint(peer.public_key),
-                    fingerprint(result.presented_key) if result.presented_key else None,
-                    result.presented_key,
-                )
-            self._check_unreachable(peer_id)
+            self._peer_problem(peer_id, result.status, result.error, result.presented_key)
         self._save()
         self._changed()
