@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from homeassistant.components.diagnostics import async_redact_data
+from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
 
 from .const import (
@@ -16,7 +17,7 @@ from .const import (
     CONF_PUBLIC_KEY,
     CONF_STORAGE_ROOT,
 )
-from .coordinator import MyNasConfigEntry
+from .coordinator import MyNasConfigEntry, MyNasRuntimeData
 
 TO_REDACT = {
     CONF_ADDRESSES,
@@ -36,6 +37,16 @@ async def async_get_config_entry_diagnostics(
     hass: HomeAssistant, entry: MyNasConfigEntry
 ) -> dict[str, Any]:
     """Return what helps to debug a node, and nothing that identifies or exposes it."""
+    config = {
+        "entry": {"data": dict(entry.data), "options": dict(entry.options)},
+        "subentries": [
+            {"type": sub.subentry_type, "title": sub.title, "data": dict(sub.data)}
+            for sub in entry.subentries.values()
+        ],
+    }
+    if entry.state is not ConfigEntryState.LOADED:
+        # Not running (disk missing, port taken...): the configuration only.
+        return async_redact_data({**config, "state": entry.state.value}, TO_REDACT)
     runtime = entry.runtime_data
     manager = runtime.manager
     pairs = {
@@ -43,6 +54,7 @@ async def async_get_config_entry_diagnostics(
             "state": status.state.value,
             "last_success": status.last_success.isoformat() if status.last_success else None,
             "last_attempt": status.last_attempt.isoformat() if status.last_attempt else None,
+            "running": manager.running((f, p)),
             "failures": status.failures,
             "last_files_sent": status.last_files_sent,
             "last_bytes_sent": status.last_bytes_sent,
@@ -57,6 +69,7 @@ async def async_get_config_entry_diagnostics(
         manager.peers[peer_id].name: {
             "reachability": status.reachability.value if status.reachability else None,
             "last_seen": status.last_seen.isoformat() if status.last_seen else None,
+            "down_since": status.down_since.isoformat() if status.down_since else None,
             "used_there": status.used_there,
             "quota_there": status.quota_there,
             "error": status.error,
@@ -68,11 +81,9 @@ async def async_get_config_entry_diagnostics(
     node_data = runtime.node_data.data
     return async_redact_data(
         {
-            "entry": {"data": dict(entry.data), "options": dict(entry.options)},
-            "subentries": [
-                {"type": sub.subentry_type, "title": sub.title, "data": dict(sub.data)}
-                for sub in entry.subentries.values()
-            ],
+            **config,
+            "state": entry.state.value,
+            "storage_ok": manager.storage_ok,
             "disk": {
                 "total": node_data.disk.total,
                 "used": node_data.disk.used,
@@ -91,5 +102,5 @@ async def async_get_config_entry_diagnostics(
     )
 
 
-async def _snapshot(runtime: Any) -> dict[str, Any]:
+async def _snapshot(runtime: MyNasRuntimeData) -> dict[str, Any]:
     return dict(runtime.node.snapshot())

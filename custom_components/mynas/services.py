@@ -20,7 +20,9 @@ import probatio as vol
 
 from .const import DOMAIN, SERVICE_RESTORE, SERVICE_SYNC, SERVICE_VERIFY
 from .coordinator import MyNasConfigEntry
-from .engine.errors import MyNasError, RestoreConflict
+from .engine.errors import HostRefused, MyNasError, RestoreConflict
+from .engine.protocol import FailCode
+from .engine.replicator import check_folder_name, check_subpath
 from .sync_manager import SyncKind, SyncManager
 
 ATTR_ENTRY = "config_entry_id"
@@ -113,26 +115,42 @@ async def _sync(call: ServiceCall) -> ServiceResponse:
     if not call.data[ATTR_WAIT]:
         started: list[Any] = [_describe(manager, pair) for pair in pairs]
         return {"started": started}
-    results = await asyncio.gather(*tasks)
-    return {"results": list(results)}
+    return {"results": await _results(manager, pairs, tasks)}
 
 
 async def _verify(call: ServiceCall) -> ServiceResponse:
     manager = _entry(call.hass, call).runtime_data.manager
     pairs = _pairs(manager, call)
     tasks = [manager.start(pair, SyncKind.VERIFY, repair=call.data[ATTR_REPAIR]) for pair in pairs]
-    return {"results": list(await asyncio.gather(*tasks))}
+    return {"results": await _results(manager, pairs, tasks)}
+
+
+async def _results(
+    manager: SyncManager,
+    pairs: list[tuple[str, str]],
+    tasks: list[asyncio.Task[dict[str, Any]]],
+) -> list[Any]:
+    """Each run's summary; a run cut short (the node stopped) says so instead."""
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    return [
+        {**_describe(manager, pair), "status": "cancelled"}
+        if isinstance(outcome, BaseException)
+        else outcome
+        for pair, outcome in zip(pairs, outcomes, strict=True)
+    ]
 
 
 def _describe(manager: SyncManager, pair: tuple[str, str]) -> dict[str, str]:
     return {"folder": manager.folders[pair[0]].config.name, "peer": manager.peers[pair[1]].name}
 
 
-def _target_state(target: str) -> str | None:
+def _target_state(hass: HomeAssistant, target: str) -> str | None:
     """An error key if ``target`` can't take a restore; "non_empty" if it holds files."""
     path = Path(target)
     if not path.is_absolute():
         return "target_not_absolute"
+    if not hass.config.is_allowed_path(target):
+        return "target_not_allowed"
     if path.exists() and not path.is_dir():
         return "target_not_a_directory"
     if path.is_dir() and any(path.iterdir()):
@@ -146,13 +164,22 @@ async def _restore(call: ServiceCall) -> ServiceResponse:
     runtime = entry.runtime_data
     manager = runtime.manager
     folder_name = call.data[ATTR_FOLDER]
+    sub_path = call.data[ATTR_PATH]
     peer_ids = _match(
         call.data[ATTR_PEER],
         {pid: peer.name for pid, peer in manager.peers.items()},
         "unknown_peer",
     )
+    try:
+        check_folder_name(folder_name)
+    except ValueError as err:
+        raise _invalid("unknown_folder", name=folder_name, known=_known(manager)) from err
+    try:
+        check_subpath(sub_path)
+    except ValueError as err:
+        raise _invalid("invalid_restore_path", path=sub_path) from err
     target = call.data[ATTR_TARGET]
-    problem = await hass.async_add_executor_job(_target_state, target)
+    problem = await hass.async_add_executor_job(_target_state, hass, target)
     if problem == "target_not_empty" and call.data[ATTR_OVERWRITE]:
         problem = None
     if problem:
@@ -160,25 +187,46 @@ async def _restore(call: ServiceCall) -> ServiceResponse:
     # The folder may be one this node no longer protects (a rebuilt node): use the name.
     known = {setup.config.name for setup in manager.folders.values()}
     name = next((n for n in known if n.casefold() == folder_name.casefold()), folder_name)
+    peer_name = manager.peers[peer_ids[0]].name
     try:
-        result = await runtime.engine.run(
+        result = await manager.in_engine(
             runtime.node.restore(
                 name,
                 peer_ids[0],
                 target,
-                path=call.data[ATTR_PATH],
+                path=sub_path,
                 overwrite=call.data[ATTR_OVERWRITE],
             )
         )
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # this call itself is cancelled
+        # The node stopped under the restore (what was written stays).
+        raise _failed(RuntimeError(f"{entry.title} stopped during the restore")) from None
     except RestoreConflict as err:
         raise _invalid("target_not_empty", target=target) from err
-    except (MyNasError, ValueError) as err:
-        raise HomeAssistantError(
-            translation_domain=DOMAIN,
-            translation_key="restore_failed",
-            translation_placeholders={"error": str(err)},
+    except HostRefused as err:
+        if err.code != FailCode.MISSING:
+            raise _failed(err) from err
+        raise _invalid(
+            "restore_nothing", peer=peer_name, path="/".join(p for p in (name, sub_path) if p)
         ) from err
-    return result.as_dict()
+    except (MyNasError, OSError) as err:
+        raise _failed(err) from err
+    return {"peer": peer_name, **result.as_dict()}
+
+
+def _known(manager: SyncManager) -> str:
+    return ", ".join(sorted(setup.config.name for setup in manager.folders.values())) or "-"
+
+
+def _failed(err: Exception) -> HomeAssistantError:
+    return HomeAssistantError(
+        translation_domain=DOMAIN,
+        translation_key="restore_failed",
+        translation_placeholders={"error": str(err)},
+    )
 
 
 @callback
