@@ -2,29 +2,67 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
 import os
 from pathlib import Path
 import shutil
 import tempfile
+import threading
+from types import MappingProxyType
 from typing import Any
+from unittest.mock import PropertyMock, patch
 
+from freezegun.api import FrozenDateTimeFactory
+from homeassistant.config_entries import ConfigSubentry
+from homeassistant.const import Platform
 from homeassistant.core import HomeAssistant
+from homeassistant.helpers import entity_registry as er
+from homeassistant.util import dt as dt_util
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
+from pytest_homeassistant_custom_component.syrupy import HomeAssistantSnapshotExtension
+from syrupy.assertion import SnapshotAssertion
 
 # HA's loader finds the integration through this package (see DESIGN.md, toolchain facts).
 import custom_components  # noqa: F401
+from custom_components.mynas import hass_entry
 from custom_components.mynas.const import (
+    CONF_ADDRESSES,
+    CONF_BWLIMIT,
+    CONF_EXCLUDE,
+    CONF_HOURS,
+    CONF_JAIL,
     CONF_KEY_FILE,
+    CONF_NAME,
     CONF_NODE_ID,
     CONF_NODE_NAME,
     CONF_NODE_PUBLIC_KEY,
+    CONF_PATH,
+    CONF_PEERS,
     CONF_PORT,
+    CONF_PUBLIC_KEY,
+    CONF_QUOTA,
+    CONF_RETENTION_DAYS,
+    CONF_SCHEDULE,
     CONF_STORAGE_ROOT,
+    CONF_TIME,
     DOMAIN,
+    SUBENTRY_FOLDER,
+    SUBENTRY_PEER,
 )
-from custom_components.mynas.engine import identity, storage_root
+from custom_components.mynas.engine import identity, invite, replicator, storage_root
+from custom_components.mynas.engine.loop_thread import EngineLoop
+from custom_components.mynas.engine.server import NodeServer, PeerGrant
+from custom_components.mynas.engine.storage import HostedSpace
+
+# Fixed ids keep unique ids, Store keys and snapshots stable from run to run.
+ALICE_ENTRY_ID = "01ALICEENTRY0000000000000A"
+BOB_ID = "01PEERBOB00000000000000000"
+PHOTOS_ID = "01FOLDERPHOTOS000000000000"
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +111,7 @@ def node_entry(hass: HomeAssistant, node_root: Path, unused_tcp_port: int) -> Mo
     node, _ = identity.load_or_create(key_file)
     entry = MockConfigEntry(
         domain=DOMAIN,
+        entry_id=ALICE_ENTRY_ID,
         title="Alice",
         unique_id=storage_root.filesystem_identity(node_root),
         data={
@@ -99,3 +138,311 @@ def unmount(path: Path) -> None:
     """Make a storage root vanish, as when the USB disk is unplugged."""
     shutil.rmtree(path)
     assert not os.path.exists(path)
+
+
+@dataclass
+class Bob:
+    """Bob's node, engine only, serving Alice on 127.0.0.1 from an event loop of its own.
+
+    Its own thread, as in Home Assistant: Bob's encryption and disk work never run on the
+    test's (Home Assistant's) loop, so that loop's lag is Alice's alone.
+    """
+
+    engine: EngineLoop
+    storage: Path
+    identity: identity.Identity
+    alice_key: str
+    quota: int = 10**9
+    port: int = 0
+    server: NodeServer | None = None
+
+    @property
+    def address(self) -> str:
+        """Where Alice reaches Bob."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def code(self) -> str:
+        """Bob's invite code."""
+        return invite.encode(invite.Invite("Bob", (self.address,), self.identity.public_line))
+
+    def replica(self, folder: str) -> Path:
+        """Where Alice's ``folder`` lands on Bob's disk."""
+        return self.storage / "alice" / folder
+
+    async def start(self) -> None:
+        """Listen (on the same port as before, after a restart)."""
+        self.server = await self.engine.run(self._start())
+
+    async def _start(self) -> NodeServer:
+        server = NodeServer(
+            self.identity,
+            HostedSpace(self.storage),
+            [PeerGrant("alice", self.alice_key, self.quota)],
+        )
+        await server.start("127.0.0.1", self.port)
+        self.port = server.port
+        return server
+
+    async def stop(self) -> None:
+        """Go offline."""
+        if self.server is not None:
+            await self.engine.run(self.server.close())
+            self.server = None
+
+    async def restart(
+        self, *, key: identity.Identity | None = None, quota: int | None = None
+    ) -> None:
+        """Come back, possibly with another host key or another quota for Alice."""
+        await self.stop()
+        self.identity = key or self.identity
+        self.quota = self.quota if quota is None else quota
+        await self.start()
+
+
+@pytest.fixture
+async def bob(
+    hass: HomeAssistant, tmp_path: Path, node_entry: MockConfigEntry
+) -> AsyncIterator[Bob]:
+    """Bob's node, already trusting Alice's key (he pasted her code), 1 GB granted to her."""
+    key, _ = await hass.async_add_executor_job(identity.load_or_create, tmp_path / "bob.key")
+    storage = tmp_path / "bob-disk"
+    storage.mkdir()
+    engine = EngineLoop("bob-engine")
+    await hass.async_add_executor_job(engine.start)
+    node = Bob(engine, storage, key, node_entry.data[CONF_NODE_PUBLIC_KEY])
+    try:
+        await node.start()
+        yield node
+    finally:
+        await node.stop()
+        await hass.async_add_executor_job(engine.stop)
+
+
+def add_peer(
+    hass: HomeAssistant,
+    entry: MockConfigEntry,
+    bob: Bob,
+    *,
+    quota: int = 10**9,
+    subentry_id: str = BOB_ID,
+    name: str = "Bob",
+) -> ConfigSubentry:
+    """Pair ``entry`` with Bob without the flow (his key pinned, ``quota`` granted to him)."""
+    subentry = ConfigSubentry(
+        data=MappingProxyType(
+            {
+                CONF_NAME: name,
+                CONF_JAIL: name.lower(),
+                CONF_ADDRESSES: [bob.address],
+                CONF_PUBLIC_KEY: bob.identity.public_line,
+                CONF_QUOTA: quota,
+            }
+        ),
+        subentry_type=SUBENTRY_PEER,
+        title=name,
+        unique_id=bob.identity.fingerprint,
+        subentry_id=subentry_id,
+    )
+    hass.config_entries.async_add_subentry(entry, subentry)
+    return subentry
+
+
+def add_folder(
+    hass: HomeAssistant,
+    entry: MockConfigEntry,
+    path: Path,
+    *,
+    name: str = "Photos",
+    peers: tuple[str, ...] = (BOB_ID,),
+    subentry_id: str = PHOTOS_ID,
+    schedule: str = "daily",
+    at: str = "03:00:00",
+    hours: int = 6,
+    bwlimit: float = 0,
+    exclude: tuple[str, ...] = (),
+) -> ConfigSubentry:
+    """Protect ``path`` on ``peers`` without the flow."""
+    subentry = ConfigSubentry(
+        data=MappingProxyType(
+            {
+                CONF_NAME: name,
+                CONF_PATH: str(path),
+                CONF_PEERS: list(peers),
+                CONF_SCHEDULE: schedule,
+                CONF_TIME: at,
+                CONF_HOURS: hours,
+                CONF_RETENTION_DAYS: 30,
+                CONF_BWLIMIT: bwlimit,
+                CONF_EXCLUDE: list(exclude),
+            }
+        ),
+        subentry_type=SUBENTRY_FOLDER,
+        title=name,
+        unique_id=name,
+        subentry_id=subentry_id,
+    )
+    hass.config_entries.async_add_subentry(entry, subentry)
+    return subentry
+
+
+def make_tree(root: Path, files: dict[str, bytes]) -> Path:
+    """Write ``files`` (relative path: content) under ``root``."""
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return root
+
+
+# The moment the "synced node" fixtures freeze: a Monday at noon (UTC); the last sync ran
+# at 10:00 UTC, 03:00 in Home Assistant's test time zone (US/Pacific), as scheduled.
+NOW = "2026-05-04 12:00:00+00:00"
+DISK = storage_root.DiskUsage(total=500 * 10**9, used=123 * 10**9, free=377 * 10**9)
+
+
+@pytest.fixture
+def snapshot(snapshot: SnapshotAssertion) -> SnapshotAssertion:
+    """Snapshots through Home Assistant's extension (registry ids as ANY, states as dicts)."""
+    return snapshot.use_extension(HomeAssistantSnapshotExtension)
+
+
+@pytest.fixture
+def platforms() -> list[Platform] | None:
+    """The platforms to set up (a test module narrows them to snapshot one)."""
+    return None
+
+
+@pytest.fixture
+def enable_all_entities() -> Iterator[None]:
+    """Create disabled-by-default entities enabled, to snapshot them too."""
+    with patch(
+        "homeassistant.helpers.entity.Entity.entity_registry_enabled_default",
+        new_callable=PropertyMock,
+        return_value=True,
+    ):
+        yield
+
+
+@pytest.fixture
+async def synced_node(
+    hass: HomeAssistant,
+    hass_storage: dict[str, Any],
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+    freezer: FrozenDateTimeFactory,
+    platforms: list[Platform] | None,
+) -> AsyncIterator[MockConfigEntry]:
+    """Alice, paired with Bob, protecting Photos on him, last synced two hours ago.
+
+    Time is frozen and the disk figures fixed, so every state is the same on every run;
+    nothing is due, so nothing runs unless the test asks.
+    """
+    freezer.move_to(NOW)
+    now = dt_util.utcnow()
+    photos = make_tree(tmp_path / "photos", {"a.jpg": b"a" * 1000, "sub/b.jpg": b"b" * 2000})
+    add_peer(hass, node_entry, bob)
+    add_folder(hass, node_entry, photos)
+    synced = (now - timedelta(hours=2)).isoformat()
+    hass_storage[f"{DOMAIN}.{node_entry.entry_id}"] = {
+        "version": 1,
+        "key": f"{DOMAIN}.{node_entry.entry_id}",
+        "data": {
+            "pairs": {
+                f"{PHOTOS_ID}|{BOB_ID}": {
+                    "last_success": synced,
+                    "last_attempt": synced,
+                    "first_attempt": (now - timedelta(days=30)).isoformat(),
+                    "failures": 0,
+                    "last_files_sent": 2,
+                    "last_bytes_sent": 3000,
+                    "last_duration": 1.5,
+                }
+            },
+        },
+    }
+    with (
+        patch("custom_components.mynas.engine.storage_root.disk_usage", return_value=DISK),
+        patch(
+            "custom_components.mynas.hass_entry.PLATFORMS",
+            platforms or list(hass_entry.PLATFORMS),
+        ),
+    ):
+        await setup_entry(hass, node_entry)
+        await hass.async_block_till_done(wait_background_tasks=True)
+        yield node_entry
+        # Unload with the same platforms.
+        await hass.config_entries.async_unload(node_entry.entry_id)
+
+
+def snapshot_entities(
+    hass: HomeAssistant, snapshot: SnapshotAssertion, entry: MockConfigEntry
+) -> None:
+    """Snapshot every registry entry of ``entry`` and its state (as core's snapshot_platform)."""
+    registry = er.async_get(hass)
+    entities = sorted(
+        er.async_entries_for_config_entry(registry, entry.entry_id), key=lambda e: e.entity_id
+    )
+    assert entities
+    for entity in entities:
+        assert entity == snapshot(name=f"{entity.entity_id}-entry")
+        assert entity.disabled_by is None, "enable every entity to snapshot its state"
+        state = hass.states.get(entity.entity_id)
+        assert state, f"no state for {entity.entity_id}"
+        assert state == snapshot(name=f"{entity.entity_id}-state")
+
+
+class Gate:
+    """A gate that coroutines on any loop wait at (cancellably) until a thread opens it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = False
+        self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def set(self) -> None:
+        """Open the gate for everyone waiting and to come."""
+        with self._lock:
+            self._open = True
+            waiting, self._waiting = self._waiting, []
+        for loop, event in waiting:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(event.set)
+
+    async def wait(self) -> None:
+        """Wait until the gate opens."""
+        event = asyncio.Event()
+        with self._lock:
+            if self._open:
+                return
+            waiter = (asyncio.get_running_loop(), event)
+            self._waiting.append(waiter)
+        try:
+            await event.wait()
+        finally:
+            with self._lock:
+                if waiter in self._waiting:
+                    self._waiting.remove(waiter)
+
+
+@contextmanager
+def gated_pushes(hass: HomeAssistant) -> Iterator[tuple[asyncio.Queue[str], Gate]]:
+    """Hold every push inside the engine (the peer's lock taken) until the gate opens.
+
+    Yields a queue that receives each folder's name as its push starts, and the gate.
+    """
+    real = replicator.push
+    entered: asyncio.Queue[str] = asyncio.Queue()
+    release = Gate()
+
+    async def push(*args: Any, **kwargs: Any) -> replicator.PushResult:
+        hass.loop.call_soon_threadsafe(entered.put_nowait, args[2])
+        await release.wait()
+        return await real(*args, **kwargs)
+
+    with patch("custom_components.mynas.engine.node.replicator.push", push):
+        try:
+            yield entered, release
+        finally:
+            release.set()

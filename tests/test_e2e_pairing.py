@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import asyncio
 import os
 from pathlib import Path
+import time
+from typing import Any
 
-import pytest
+from homeassistant.core import HomeAssistant
+from homeassistant.data_entry_flow import FlowResultType
+from homeassistant.util import dt as dt_util
+from pytest_homeassistant_custom_component.common import MockConfigEntry, async_capture_events
 
 from custom_components.mynas.const import (
     CONF_BWLIMIT,
@@ -16,7 +20,6 @@ from custom_components.mynas.const import (
     CONF_HOURS,
     CONF_INVITE,
     CONF_NAME,
-    CONF_NODE_PUBLIC_KEY,
     CONF_PATH,
     CONF_PEERS,
     CONF_QUOTA_GB,
@@ -28,37 +31,14 @@ from custom_components.mynas.const import (
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
-from custom_components.mynas.engine import identity, invite
-from custom_components.mynas.engine.server import NodeServer, PeerGrant
-from custom_components.mynas.engine.storage import HostedSpace
-from homeassistant.core import HomeAssistant
-from homeassistant.data_entry_flow import FlowResultType
-from pytest_homeassistant_custom_component.common import MockConfigEntry, async_capture_events
 
-from .conftest import setup_entry
+from .conftest import BOB_ID, PHOTOS_ID, Bob, add_folder, add_peer, make_tree, setup_entry
 
 
-@dataclass
-class Bob:
-    server: NodeServer
-    storage: Path
-    identity: identity.Identity
-    code: str
-
-
-@pytest.fixture
-async def bob(tmp_path: Path, node_entry: MockConfigEntry) -> AsyncIterator[Bob]:
-    """Bob's node, engine only, already trusting Alice's key (he pasted her code)."""
-    key, _ = identity.load_or_create(tmp_path / "bob.key")
-    storage = tmp_path / "bob-disk"
-    storage.mkdir()
-    space = HostedSpace(storage)
-    alice_key = node_entry.data[CONF_NODE_PUBLIC_KEY]
-    server = NodeServer(key, space, [PeerGrant("alice", alice_key, 10**9)])
-    await server.start("127.0.0.1", 0)
-    code = invite.encode(invite.Invite("Bob", (f"127.0.0.1:{server.port}",), key.public_line))
-    yield Bob(server, storage, key, code)
-    await server.close()
+def _state(hass: HomeAssistant, entity_id: str) -> str:
+    state = hass.states.get(entity_id)
+    assert state is not None, entity_id
+    return state.state
 
 
 async def test_pair_sync_and_see_it(
@@ -77,21 +57,25 @@ async def test_pair_sync_and_see_it(
     result = await hass.config_entries.subentries.async_configure(
         result["flow_id"], {CONF_QUOTA_GB: 5}
     )
+    while result["type"] is FlowResultType.SHOW_PROGRESS:  # the connection test runs
+        await hass.async_block_till_done()
+        result = await hass.config_entries.subentries.async_configure(result["flow_id"])
     assert result["type"] is FlowResultType.CREATE_ENTRY
-    await hass.async_block_till_done()
+    await hass.async_block_till_done(wait_background_tasks=True)
     peer_id = next(
         sub.subentry_id
         for sub in node_entry.subentries.values()
         if sub.subentry_type == SUBENTRY_PEER
     )
     # Protect a folder on Bob.
-    source = tmp_path / "photos"
-    (source / "2024").mkdir(parents=True)
-    (source / "2024" / "beach.jpg").write_bytes(os.urandom(200_000))
-    (source / "notes.txt").write_text("hello")
+    source = make_tree(
+        tmp_path / "photos",
+        {"2024/beach.jpg": os.urandom(200_000), "notes.txt": b"hello"},
+    )
     result = await hass.config_entries.subentries.async_init(
         (node_entry.entry_id, SUBENTRY_FOLDER), context={"source": "user"}
     )
+    events = async_capture_events(hass, EVENT_SYNC_FINISHED)
     result = await hass.config_entries.subentries.async_configure(
         result["flow_id"],
         {
@@ -107,18 +91,93 @@ async def test_pair_sync_and_see_it(
         },
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
+    # The node restarts with the folder; a pair that never ran runs at once.
     await hass.async_block_till_done(wait_background_tasks=True)
-    events = async_capture_events(hass, EVENT_SYNC_FINISHED)
+    assert [event.data["status"] for event in events] == ["success"]
+    (source / "notes.txt").write_text("hello again")
     response = await hass.services.async_call(
         DOMAIN, "sync", {"folder": "Photos", "wait": True}, blocking=True, return_response=True
     )
-    assert response["results"][0]["status"] == "success", response
-    replica = bob.storage / "alice" / "Photos"
-    assert (replica / "notes.txt").read_text() == "hello"
+    result = response["results"][0]
+    assert result["status"] == "success", response
+    assert (result["folder"], result["peer"], result["files_sent"]) == ("Photos", "Bob", 1)
+    replica = bob.replica("Photos")
+    assert (replica / "notes.txt").read_text() == "hello again"
     assert (replica / "2024" / "beach.jpg").read_bytes() == (
         source / "2024" / "beach.jpg"
     ).read_bytes()
     await hass.async_block_till_done(wait_background_tasks=True)
-    assert events and events[-1].data["status"] == "success"
-    state = hass.states.get("sensor.photos_last_backup_to_bob")
-    assert state is not None and state.state not in ("unknown", "unavailable"), state
+    event = events[-1].data
+    assert event["folder"] == "Photos"
+    assert event["peer"] == "Bob"
+    assert (event["status"], event["files"], event["bytes"], event["error"]) == (
+        "success",
+        1,
+        len("hello again"),
+        None,
+    )
+    # What the dashboard shows.
+    last = dt_util.parse_datetime(_state(hass, "sensor.photos_last_backup_to_bob"))
+    assert last is not None
+    assert abs((dt_util.utcnow() - last).total_seconds()) < 60
+    assert float(_state(hass, "sensor.photos_backup_age_on_bob")) < 0.1
+    assert _state(hass, "sensor.photos_backup_state_on_bob") == "idle"
+    assert _state(hass, "binary_sensor.photos_backup_to_bob_overdue") == "off"
+    assert _state(hass, "binary_sensor.bob_connected") == "on"
+    # After a sync the node asks Bob how much of his disk we use.
+    assert int(_state(hass, "sensor.bob_space_we_use_there").split(".")[0]) >= 0
+    status = node_entry.runtime_data.manager.data.peers[peer_id]
+    # Disk blocks, trash included (the old notes.txt): at least what was sent.
+    assert status.used_there >= 200_000 + len("hello again")
+    assert status.quota_there == 10**9
+
+
+async def test_home_assistant_loop_never_blocks_during_a_big_sync(
+    hass: HomeAssistant,
+    hass_storage: dict[str, Any],
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+) -> None:
+    """Invariant 6: thousands of small files go through while HA's loop stays responsive."""
+    count = 3000
+    source = make_tree(
+        tmp_path / "many", {f"d{i % 30:02d}/f{i:05d}.bin": os.urandom(2048) for i in range(count)}
+    )
+    add_peer(hass, node_entry, bob)
+    add_folder(hass, node_entry, source, name="Many")
+    # Synced a minute ago (as far as the schedule knows): the sync below is the only one.
+    now = dt_util.utcnow().isoformat()
+    hass_storage[f"{DOMAIN}.{node_entry.entry_id}"] = {
+        "version": 1,
+        "key": f"{DOMAIN}.{node_entry.entry_id}",
+        "data": {"pairs": {f"{PHOTOS_ID}|{BOB_ID}": {"last_attempt": now, "last_success": now}}},
+    }
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        interval = 0.005
+        while not stop.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(interval)
+            lags.append(time.perf_counter() - before - interval)
+
+    task = hass.async_create_background_task(ticker(), "loop lag ticker")
+    response = await hass.services.async_call(
+        DOMAIN, "sync", {"wait": True}, blocking=True, return_response=True
+    )
+    stop.set()
+    await task
+    assert response["results"][0]["files_sent"] == count, response
+    assert len(list(bob.replica("Many").rglob("*.bin"))) == count
+    lags.sort()
+    worst, p99 = lags[-1], lags[int(len(lags) * 0.99)]
+    print(
+        f"HA loop lag during a sync of {count} files, {len(lags)} ticks: "
+        f"p99 {p99 * 1000:.1f} ms, max {worst * 1000:.1f} ms"
+    )
+    # The goal is 0.1 s; a loaded 2-core CI box gets some slack.
+    assert worst < 0.25, f"the HA loop stalled for {worst:.3f} s"

@@ -1,31 +1,59 @@
-"""The node's disk sensors."""
+"""Sensors: the node's disk and hosted space, each peer's figures, each pair's backup."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
+import json
+import os
 from pathlib import Path
 import shutil
 
 from freezegun.api import FrozenDateTimeFactory
-from homeassistant.const import STATE_UNAVAILABLE
-from homeassistant.core import HomeAssistant
+from homeassistant.const import STATE_UNAVAILABLE, Platform
+from homeassistant.core import Event, EventStateChangedData, HomeAssistant, callback
 from homeassistant.helpers import device_registry as dr, entity_registry as er
+from homeassistant.helpers.event import async_track_state_change_event
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
+from syrupy.assertion import SnapshotAssertion
 
-from custom_components.mynas.const import DISK_SCAN_INTERVAL
+from custom_components.mynas.const import (
+    CONF_NODE_PUBLIC_KEY,
+    CONF_PORT,
+    DISK_SCAN_INTERVAL,
+    DOMAIN,
+    SCHEDULER_TICK,
+)
+from custom_components.mynas.engine import replicator
+from custom_components.mynas.engine.index import Index
+from custom_components.mynas.engine.replicator import PeerTarget, Phase, Progress
+from custom_components.mynas.sync_manager import SyncKind
 
-from .conftest import setup_entry, unmount
+from .conftest import (
+    BOB_ID,
+    PHOTOS_ID,
+    Bob,
+    add_folder,
+    add_peer,
+    gated_pushes,
+    make_tree,
+    setup_entry,
+    snapshot_entities,
+    unmount,
+)
+
+INTEGRATION = Path(__file__).parent.parent / "custom_components" / "mynas"
+EN = json.loads((INTEGRATION / "translations" / "en.json").read_text())
+ICONS = json.loads((INTEGRATION / "icons.json").read_text())
 
 # Polls run as background tasks at a random sub-second offset: step a little past each one.
 NEXT_POLL = DISK_SCAN_INTERVAL + timedelta(seconds=1)
 SENSORS = ("disk_size", "disk_used", "disk_free", "disk_used_percent")
 
 
-def _state(hass: HomeAssistant, key: str) -> str:
-    state = hass.states.get(f"sensor.alice_{key}")
-    assert state is not None, key
-    return state.state
+def _disk(hass: HomeAssistant, key: str) -> str:
+    return _state(hass, f"sensor.alice_{key}")
 
 
 async def test_sensors_show_what_df_shows(
@@ -46,7 +74,7 @@ async def test_sensors_show_what_df_shows(
         assert state.attributes["unit_of_measurement"] == "GB"
         # disk_free moves as the machine writes; allow 64 MiB of drift between readings.
         assert float(state.state) == pytest.approx(expected / 1e9, abs=0.07)
-    percent = float(_state(hass, "disk_used_percent"))
+    percent = float(_disk(hass, "disk_used_percent"))
     assert percent == pytest.approx(100 * usage.used / (usage.used + usage.free), abs=0.2)
 
 
@@ -85,7 +113,7 @@ async def test_sensors_unavailable_when_disk_vanishes_then_recover(
         async_fire_time_changed(hass)
         await hass.async_block_till_done(wait_background_tasks=True)
     for key in SENSORS:
-        assert _state(hass, key) == STATE_UNAVAILABLE
+        assert _disk(hass, key) == STATE_UNAVAILABLE
     # One log line for the outage, not one per poll.
     missing = [r for r in caplog.records if "is missing" in r.getMessage()]
     assert len(missing) == 1
@@ -95,4 +123,269 @@ async def test_sensors_unavailable_when_disk_vanishes_then_recover(
     freezer.tick(NEXT_POLL)
     async_fire_time_changed(hass)
     await hass.async_block_till_done(wait_background_tasks=True)
-    assert float(_state(hass, "disk_size")) > 0
+    assert float(_disk(hass, "disk_size")) > 0
+
+
+# --- every sensor of a node with one peer and one folder -------------------------------------
+
+
+@pytest.fixture
+def platforms() -> list[Platform]:
+    """Only sensors, so that the snapshot is about them."""
+    return [Platform.SENSOR]
+
+
+@pytest.mark.usefixtures("enable_all_entities")
+async def test_snapshot(
+    hass: HomeAssistant, synced_node: MockConfigEntry, snapshot: SnapshotAssertion
+) -> None:
+    snapshot_entities(hass, snapshot, synced_node)
+
+
+async def test_entities_are_named_translated_and_have_icons(
+    hass: HomeAssistant, synced_node: MockConfigEntry
+) -> None:
+    entities = er.async_entries_for_config_entry(er.async_get(hass), synced_node.entry_id)
+    assert len(entities) == 5 + 6 + 10  # node, peer (hosted + contact), folder × peer
+    for entity in entities:
+        assert entity.has_entity_name, entity.entity_id
+        assert entity.translation_key in EN["entity"]["sensor"], entity.entity_id
+        assert entity.translation_key in ICONS["entity"]["sensor"], entity.entity_id
+    disabled = sorted(e.translation_key for e in entities if e.disabled_by is not None)
+    assert disabled == [
+        "bytes_left",
+        "files_left",
+        "last_bytes_sent",
+        "last_duration",
+        "last_files_sent",
+    ]
+    assert all(
+        e.disabled_by is er.RegistryEntryDisabler.INTEGRATION
+        for e in entities
+        if e.disabled_by is not None
+    )
+
+
+async def test_devices_node_peer_folder(hass: HomeAssistant, synced_node: MockConfigEntry) -> None:
+    devices = dr.async_get(hass)
+    entry_id = synced_node.entry_id
+    node = devices.async_get_device_by_identifier((DOMAIN, entry_id), entry_id)
+    assert node is not None
+    assert (node.config_entry_id, node.config_subentry_id) == (entry_id, None)
+    by_subentry = {}
+    for device in dr.async_entries_for_config_entry(devices, entry_id):
+        if device.id != node.id:
+            assert device.config_entry_id == entry_id
+            by_subentry[device.config_subentry_id] = device
+            assert device.via_device_id == node.id
+    assert set(by_subentry) == {BOB_ID, PHOTOS_ID}
+    assert (by_subentry[BOB_ID].name, by_subentry[BOB_ID].model) == ("Bob", "Peer")
+    assert (by_subentry[PHOTOS_ID].name, by_subentry[PHOTOS_ID].model) == (
+        "Photos",
+        "Protected folder",
+    )
+    # Each entity sits on the device of its own subentry.
+    for entity in er.async_entries_for_config_entry(er.async_get(hass), entry_id):
+        device = devices.async_get(entity.device_id)
+        assert device is not None
+        assert device.config_subentry_id == entity.config_subentry_id
+
+
+async def test_backup_age_grows_with_time(
+    hass: HomeAssistant, synced_node: MockConfigEntry, freezer: FrozenDateTimeFactory
+) -> None:
+    assert _sensor(hass, "photos_backup_age_on_bob") == "2.0"
+    assert _sensor(hass, "photos_last_backup_to_bob") == "2026-05-04T10:00:00+00:00"
+    for _ in range(3 * 60):  # three hours, the scheduler ticking every minute
+        freezer.tick(SCHEDULER_TICK)
+        async_fire_time_changed(hass)
+    await hass.async_block_till_done()
+    assert _sensor(hass, "photos_backup_age_on_bob") == "5.0"
+    assert _sensor(hass, "photos_backup_state_on_bob") == "idle"
+
+
+async def test_peer_figures(hass: HomeAssistant, synced_node: MockConfigEntry) -> None:
+    """Bob answers: last seen now, nothing of ours there yet, 1 GB granted to us."""
+    assert _sensor(hass, "bob_last_seen") == "2026-05-04T12:00:00+00:00"
+    assert float(_sensor(hass, "bob_space_we_use_there")) < 0.001
+    assert _sensor(hass, "bob_quota_granted_to_us") == "1.0"
+    # What Bob may use here: next to nothing yet (his empty folders), of the 1 GB we grant.
+    assert float(_sensor(hass, "bob_space_used_here")) < 0.001
+    assert float(_sensor(hass, "bob_quota_used_here")) < 0.1
+    assert _sensor(hass, "bob_quota_granted") == "1.0"
+    assert float(_sensor(hass, "alice_space_hosted_for_peers")) < 0.001
+
+
+@pytest.mark.usefixtures("enable_all_entities")
+async def test_progress_while_transferring(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+) -> None:
+    """A bandwidth limit makes the transfer last: its state, progress and data left show."""
+    size = 6_000_000
+    source = make_tree(tmp_path / "video", {"film.mkv": os.urandom(size)})
+    add_peer(hass, node_entry, bob)
+    add_folder(hass, node_entry, source, name="Video", bwlimit=2)  # 2 MB/s: about 2 s
+    seen: list[tuple[str, str, str, str]] = []
+    ids = [
+        "sensor.video_backup_state_on_bob",
+        "sensor.video_backup_progress_to_bob",
+        "sensor.video_data_left_for_bob",
+        "sensor.video_files_left_for_bob",
+    ]
+
+    @callback
+    def record(_event: Event[EventStateChangedData]) -> None:
+        seen.append(tuple(_state(hass, entity_id) for entity_id in ids))  # type: ignore[arg-type]
+
+    async_track_state_change_event(hass, ids, record)
+    await setup_entry(hass, node_entry)  # never synced: it starts at once
+    await hass.async_block_till_done(wait_background_tasks=True)
+    moving = [row for row in seen if row[0] == "transferring"]
+    assert moving, seen
+    assert any(row[1] not in ("unknown", "unavailable") for row in moving), seen
+    for _, progress, bytes_left, files_left in moving:
+        if progress != "unknown":
+            assert 0 <= float(progress) <= 100
+        if bytes_left != "unknown":
+            assert 0 <= float(bytes_left) * 1e9 <= size
+        if files_left != "unknown":
+            assert files_left in ("0", "1")
+    # Done: the last run's figures.
+    assert seen[-1] == ("idle", "unknown", "0.0", "0")
+    assert _sensor(hass, "video_files_sent_to_bob_last_time") == "1"
+    assert float(_sensor(hass, "video_data_sent_to_bob_last_time")) == pytest.approx(0.006)
+    assert float(_sensor(hass, "video_last_backup_duration_on_bob")) >= 1
+    assert _sensor(hass, "video_last_error_with_bob") == "unknown"
+
+
+async def test_last_error_and_error_state(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+) -> None:
+    source = make_tree(tmp_path / "docs", {"a.txt": b"a"})
+    add_peer(hass, node_entry, bob)
+    add_folder(hass, node_entry, source, name="Docs")
+    await bob.stop()
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert _sensor(hass, "docs_backup_state_on_bob") == "error"
+    assert "connection refused" in _sensor(hass, "docs_last_error_with_bob")
+    assert _sensor(hass, "docs_last_backup_to_bob") == "unknown"
+    assert _sensor(hass, "docs_backup_age_on_bob") == "unknown"
+    state = hass.states.get("binary_sensor.bob_connected")
+    assert state is not None
+    assert state.state == "off"
+    assert state.attributes["reachability"] == "unreachable"
+
+
+async def test_space_bob_uses_here(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    """Alice hosts for Bob: his push shows in his sensors and the node's total."""
+    add_peer(hass, node_entry, bob, quota=2_000_000)
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert _sensor(hass, "bob_space_used_here") == "0.0"
+    source = make_tree(tmp_path / "bob-docs", {"tax.pdf": os.urandom(500_000)})
+    index = await hass.async_add_executor_job(Index, tmp_path / "bob-index.sqlite")
+    alice = PeerTarget(
+        "alice",
+        (f"127.0.0.1:{node_entry.data[CONF_PORT]}",),
+        node_entry.data[CONF_NODE_PUBLIC_KEY],
+    )
+    try:
+        result = await bob.engine.run(replicator.push(bob.identity, alice, "Docs", source, index))
+    finally:
+        await hass.async_add_executor_job(index.close)
+    assert result.files_sent == 1
+    freezer.tick(NEXT_POLL)
+    async_fire_time_changed(hass)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    used = node_entry.runtime_data.node_data.data.hosted[BOB_ID]
+    assert used.used >= 500_000
+    assert used.quota == 2_000_000
+    assert float(_sensor(hass, "bob_space_used_here")) == pytest.approx(used.used / 1e9, abs=0.01)
+    assert float(_sensor(hass, "bob_quota_used_here")) == round(100 * used.used / 2_000_000, 1)
+    assert float(_sensor(hass, "alice_space_hosted_for_peers")) == pytest.approx(
+        used.used / 1e9, abs=0.01
+    )
+    # Bob connected to us: he counts as seen.
+    assert _sensor(hass, "bob_last_seen") not in ("unknown", "unavailable")
+
+
+def _sensor(hass: HomeAssistant, key: str) -> str:
+    return _state(hass, f"sensor.{key}")
+
+
+def _state(hass: HomeAssistant, entity_id: str) -> str:
+    state = hass.states.get(entity_id)
+    assert state is not None, entity_id
+    return state.state
+
+
+@pytest.mark.usefixtures("enable_all_entities")
+async def test_state_progress_and_left_follow_the_engine(
+    hass: HomeAssistant, synced_node: MockConfigEntry, freezer: FrozenDateTimeFactory
+) -> None:
+    """Each state of the enum, as the engine's progress reports come in (throttled)."""
+    manager = synced_node.runtime_data.manager
+    pair = manager.pairs[0]
+    sync = manager._progress_sink(pair, verifying=False)
+    verify = manager._progress_sink(pair, verifying=True)
+
+    async def report(sink: Callable[[Progress], None], progress: Progress) -> tuple[str, ...]:
+        sink(progress)
+        freezer.tick(2)  # past the entities' throttle
+        async_fire_time_changed(hass)
+        await hass.async_block_till_done()
+        return tuple(
+            _sensor(hass, f"photos_{key}")
+            for key in (
+                "backup_state_on_bob",
+                "backup_progress_to_bob",
+                "files_left_for_bob",
+                "data_left_for_bob",
+            )
+        )
+
+    with gated_pushes(hass) as (entered, release):
+        run = manager.start(pair, SyncKind.SYNC)
+        await entered.get()  # the peer is ours: the run has started
+        await hass.async_block_till_done()
+        assert _sensor(hass, "photos_backup_state_on_bob") == "scanning"
+        assert await report(sync, Progress(Phase.CONNECTING)) == (
+            "scanning",
+            "unknown",
+            "0",
+            "0.0",
+        )
+        # Data moves while the scan goes on: a transfer, its end not known yet.
+        moving = Progress(
+            Phase.SCANNING, files_done=1, files_total=4, bytes_done=1000, bytes_total=4000
+        )
+        assert await report(sync, moving) == ("transferring", "unknown", "3", "3e-06")
+        known = Progress(
+            Phase.TRANSFERRING,
+            files_done=2,
+            files_total=4,
+            bytes_done=3000,
+            bytes_total=4000,
+            scan_complete=True,
+        )
+        assert await report(sync, known) == ("transferring", "75.0", "2", "1e-06")
+        # "Done" comes with the run's result, not from a report.
+        assert (await report(sync, Progress(Phase.DONE)))[0] == "transferring"
+        assert (await report(verify, Progress(Phase.VERIFYING)))[0] == "verifying"
+        # Two reports within the throttle: one update, still pending when the run ends.
+        sync(known)
+        sync(known)
+        await hass.async_block_till_done()
+        release.set()
+        assert (await run)["status"] == "success"
+    await hass.async_block_till_done()
+    assert _sensor(hass, "photos_backup_state_on_bob") == "idle"
+    # A report that comes after the end changes nothing.
+    assert await report(sync, known) == ("idle", "unknown", "0", "0.0")

@@ -1,0 +1,128 @@
+"""Binary sensors: a peer's connectivity, a folder's backup overdue."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from freezegun.api import FrozenDateTimeFactory
+from homeassistant.const import Platform
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers import entity_registry as er
+import pytest
+from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
+from syrupy.assertion import SnapshotAssertion
+
+from custom_components.mynas.const import CONF_OVERDUE_HOURS
+
+from .conftest import Bob, add_folder, add_peer, make_tree, setup_entry, snapshot_entities
+
+CONNECTED = "binary_sensor.bob_connected"
+OVERDUE = "binary_sensor.photos_backup_to_bob_overdue"
+
+
+@pytest.fixture
+def platforms() -> list[Platform]:
+    """Only binary sensors, so that the snapshot is about them."""
+    return [Platform.BINARY_SENSOR]
+
+
+def _state(hass: HomeAssistant, entity_id: str) -> str:
+    state = hass.states.get(entity_id)
+    assert state is not None, entity_id
+    return state.state
+
+
+async def _advance(hass: HomeAssistant, freezer: FrozenDateTimeFactory, delta: timedelta) -> None:
+    freezer.tick(delta)
+    async_fire_time_changed(hass)
+    await hass.async_block_till_done(wait_background_tasks=True)
+
+
+async def test_snapshot(
+    hass: HomeAssistant, synced_node: MockConfigEntry, snapshot: SnapshotAssertion
+) -> None:
+    snapshot_entities(hass, snapshot, synced_node)
+    for entity in er.async_entries_for_config_entry(er.async_get(hass), synced_node.entry_id):
+        assert entity.has_entity_name
+        assert entity.translation_key in ("connected", "overdue")
+
+
+async def test_connected_follows_the_peer(
+    hass: HomeAssistant,
+    synced_node: MockConfigEntry,
+    bob: Bob,
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    assert _state(hass, CONNECTED) == "on"
+    state = hass.states.get(CONNECTED)
+    assert state is not None
+    assert state.attributes["reachability"] == "online"
+    assert state.attributes["error"] is None
+    await bob.stop()
+    await _advance(hass, freezer, timedelta(minutes=10, seconds=1))  # the next probe
+    state = hass.states.get(CONNECTED)
+    assert state is not None
+    assert state.state == "off"
+    assert state.attributes["reachability"] == "unreachable"
+    assert "connection refused" in state.attributes["error"]
+    await bob.start()
+    await _advance(hass, freezer, timedelta(minutes=10))
+    assert _state(hass, CONNECTED) == "on"
+
+
+async def test_overdue_flips_on_after_the_threshold(
+    hass: HomeAssistant,
+    synced_node: MockConfigEntry,
+    bob: Bob,
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    """Last success 2 h ago, Bob gone: overdue once 36 h (the default) have passed."""
+    assert _state(hass, OVERDUE) == "off"
+    await bob.stop()
+    await _advance(hass, freezer, timedelta(hours=33, minutes=59))
+    assert _state(hass, OVERDUE) == "off"
+    await _advance(hass, freezer, timedelta(minutes=2))
+    assert _state(hass, OVERDUE) == "on"
+    # Bob is back: the next retry succeeds and the backup is no longer overdue.
+    await bob.start()
+    await _advance(hass, freezer, timedelta(hours=6))
+    assert _state(hass, OVERDUE) == "off"
+
+
+async def test_overdue_threshold_is_an_option(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    hass.config_entries.async_update_entry(node_entry, options={CONF_OVERDUE_HOURS: 48})
+    add_peer(hass, node_entry, bob)
+    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    await bob.stop()
+    await _advance(hass, freezer, timedelta(hours=40))
+    assert _state(hass, OVERDUE) == "off"
+    await _advance(hass, freezer, timedelta(hours=8, minutes=1))
+    assert _state(hass, OVERDUE) == "on"
+
+
+async def test_a_pair_that_never_succeeded_becomes_overdue(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    """Retries keep failing: counted from the first attempt, not the latest one."""
+    await bob.stop()
+    add_peer(hass, node_entry, bob)
+    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert _state(hass, OVERDUE) == "off"  # a new folder is not overdue at once
+    for _ in range(7):
+        await _advance(hass, freezer, timedelta(hours=5, minutes=59))
+    assert _state(hass, OVERDUE) == "on"

@@ -1,0 +1,223 @@
+"""Repair issues raised at run time, each cleared once the cause is gone."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+import shutil
+
+from freezegun.api import FrozenDateTimeFactory
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers import issue_registry as ir
+import pytest
+from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
+
+from custom_components.mynas.const import DISK_SCAN_INTERVAL, DOMAIN, PEER_PROBE_INTERVAL
+from custom_components.mynas.engine import identity, storage_root
+from custom_components.mynas.engine.node import Reachability
+
+from .conftest import BOB_ID, PHOTOS_ID, Bob
+
+PAIR = (PHOTOS_ID, BOB_ID)
+
+
+def _issue(hass: HomeAssistant, issue_id: str) -> ir.IssueEntry | None:
+    return ir.async_get(hass).async_get_issue(DOMAIN, issue_id)
+
+
+async def _advance(hass: HomeAssistant, freezer: FrozenDateTimeFactory, delta: timedelta) -> None:
+    freezer.tick(delta)
+    async_fire_time_changed(hass)
+    await hass.async_block_till_done(wait_background_tasks=True)
+
+
+async def _sync(hass: HomeAssistant) -> dict[str, object]:
+    response = await hass.services.async_call(
+        DOMAIN, "sync", {"wait": True}, blocking=True, return_response=True
+    )
+    assert response is not None
+    (result,) = response["results"]  # type: ignore[misc]
+    return result  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("swap_disk", "key"),
+    [
+        # Unplugged: the mount point is gone (or empty).
+        (lambda root: shutil.rmtree(root / ".mynas"), "storage_missing"),
+        # Another MyNAS disk is mounted in its place.
+        (
+            lambda root: storage_root.write_marker(root, storage_root.Marker("other", "Eve")),
+            "storage_foreign",
+        ),
+    ],
+)
+async def test_storage_disk_gone_at_run_time(
+    hass: HomeAssistant,
+    synced_node: MockConfigEntry,
+    node_root: Path,
+    freezer: FrozenDateTimeFactory,
+    swap_disk: object,
+    key: str,
+) -> None:
+    issue_id = f"storage_{synced_node.entry_id}"
+    internal = node_root / ".mynas"
+    saved = {path.relative_to(internal): path.read_bytes() for path in internal.rglob("node.json")}
+    assert _issue(hass, issue_id) is None
+    swap_disk(node_root)  # type: ignore[operator]
+    await _advance(hass, freezer, DISK_SCAN_INTERVAL + timedelta(seconds=1))
+    issue = _issue(hass, issue_id)
+    assert issue is not None
+    assert issue.translation_key == key
+    assert issue.translation_placeholders == {"node": "Alice", "path": str(node_root)}
+    assert not issue.is_fixable  # the user plugs the disk back; MyNAS recovers by itself
+    # The disk is back.
+    for rel, data in saved.items():
+        (internal / rel).parent.mkdir(parents=True, exist_ok=True)
+        (internal / rel).write_bytes(data)
+    await _advance(hass, freezer, DISK_SCAN_INTERVAL + timedelta(seconds=1))
+    assert _issue(hass, issue_id) is None
+    assert synced_node.runtime_data.manager.storage_ok
+
+
+async def test_peer_key_changed(
+    hass: HomeAssistant,
+    synced_node: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    """Bob answers with another key: a critical issue, and nothing is sent to him."""
+    issue_id = f"key_changed_{BOB_ID}"
+    pinned = bob.identity
+    impostor, _ = await hass.async_add_executor_job(
+        identity.load_or_create, tmp_path / "impostor.key"
+    )
+    await bob.restart(key=impostor)
+    # The next connection test finds out.
+    await _advance(hass, freezer, PEER_PROBE_INTERVAL + timedelta(seconds=1))
+    issue = _issue(hass, issue_id)
+    assert issue is not None
+    assert issue.severity is ir.IssueSeverity.CRITICAL
+    assert issue.is_fixable
+    assert issue.translation_key == "key_changed"
+    assert issue.translation_placeholders == {
+        "peer": "Bob",
+        "old": pinned.fingerprint,
+        "new": impostor.fingerprint,
+    }
+    assert issue.data == {
+        "entry_id": synced_node.entry_id,
+        "peer_id": BOB_ID,
+        "new_key": impostor.public_line,
+    }
+    manager = synced_node.runtime_data.manager
+    assert manager.data.peers[BOB_ID].reachability is Reachability.KEY_MISMATCH
+    # A sync stops before any data: the new photo never reaches the impostor.
+    (tmp_path / "photos" / "secret.jpg").write_bytes(b"private")
+    result = await _sync(hass)
+    assert result["status"] == "failed"
+    assert "presented host key" in str(result["error"])
+    assert not (bob.replica("Photos") / "secret.jpg").exists()
+    assert not list(bob.storage.rglob("secret.jpg"))
+    # The real Bob is back with his pinned key: the issue goes away.
+    await bob.restart(key=pinned)
+    await _advance(hass, freezer, PEER_PROBE_INTERVAL + timedelta(seconds=1))
+    assert _issue(hass, issue_id) is None
+    assert manager.data.peers[BOB_ID].reachability is Reachability.ONLINE
+
+
+async def test_peer_unreachable_for_days(
+    hass: HomeAssistant,
+    synced_node: MockConfigEntry,
+    bob: Bob,
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    issue_id = f"unreachable_{BOB_ID}"
+    await bob.stop()
+    await _advance(hass, freezer, PEER_PROBE_INTERVAL + timedelta(seconds=1))
+    assert _issue(hass, issue_id) is None  # a few minutes are no reason for alarm
+    for _ in range(2 * 24):  # two days, hour by hour
+        await _advance(hass, freezer, timedelta(hours=1))
+    assert _issue(hass, issue_id) is None
+    for _ in range(25):
+        await _advance(hass, freezer, timedelta(hours=1))
+    issue = _issue(hass, issue_id)
+    assert issue is not None
+    assert issue.severity is ir.IssueSeverity.WARNING
+    assert issue.translation_key == "peer_unreachable"
+    assert issue.translation_placeholders == {"peer": "Bob", "days": "3"}
+    # Bob is back: the next test or sync clears it.
+    await bob.start()
+    await _advance(hass, freezer, PEER_PROBE_INTERVAL)
+    assert _issue(hass, issue_id) is None
+
+
+async def test_unreachable_counts_across_a_restart(
+    hass: HomeAssistant,
+    synced_node: MockConfigEntry,
+    bob: Bob,
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    """Since when Bob is silent survives a restart of Home Assistant (the Store)."""
+    await bob.stop()
+    await _advance(hass, freezer, PEER_PROBE_INTERVAL + timedelta(seconds=1))
+    down_since = synced_node.runtime_data.manager.data.peers[BOB_ID].down_since
+    assert down_since is not None
+    await _advance(hass, freezer, timedelta(days=2))
+    assert await hass.config_entries.async_reload(synced_node.entry_id)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert synced_node.runtime_data.manager.data.peers[BOB_ID].down_since == down_since
+    await _advance(hass, freezer, timedelta(days=1, hours=1))
+    issue = _issue(hass, f"unreachable_{BOB_ID}")
+    assert issue is not None
+    assert (issue.translation_placeholders or {})["days"] == "3"
+
+
+async def test_quota_refused(
+    hass: HomeAssistant,
+    synced_node: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+) -> None:
+    issue_id = f"quota_{PHOTOS_ID}_{BOB_ID}"
+    (tmp_path / "photos" / "film.mkv").write_bytes(b"f" * 200_000)
+    await bob.restart(quota=50_000)  # Bob grants us (much) less than we need
+    result = await _sync(hass)
+    assert result["status"] == "failed"
+    assert "quota exceeded" in str(result["error"])
+    issue = _issue(hass, issue_id)
+    assert issue is not None
+    assert issue.translation_key == "quota_exceeded"
+    placeholders = issue.translation_placeholders or {}
+    assert (placeholders["folder"], placeholders["peer"]) == ("Photos", "Bob")
+    assert placeholders["needed"].endswith("KiB")
+    assert placeholders["available"].endswith("KiB")
+    assert synced_node.runtime_data.manager.data.pairs[PAIR].quota_refused
+    # Bob grants more: the next sync goes through and the issue is gone.
+    await bob.restart(quota=10**9)
+    assert (await _sync(hass))["status"] == "success"
+    assert _issue(hass, issue_id) is None
+    assert (bob.replica("Photos") / "film.mkv").stat().st_size == 200_000
+
+
+async def test_folder_overdue(
+    hass: HomeAssistant,
+    synced_node: MockConfigEntry,
+    bob: Bob,
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    issue_id = f"overdue_{PHOTOS_ID}"
+    await bob.stop()
+    await _advance(hass, freezer, timedelta(hours=30))
+    assert _issue(hass, issue_id) is None
+    await _advance(hass, freezer, timedelta(hours=4, minutes=1))
+    issue = _issue(hass, issue_id)
+    assert issue is not None
+    assert issue.severity is ir.IssueSeverity.WARNING
+    assert issue.translation_key == "folder_overdue"
+    assert issue.translation_placeholders == {"folder": "Photos", "peers": "Bob", "hours": "36"}
+    # Back up again: cleared as soon as the sync succeeds.
+    await bob.start()
+    assert (await _sync(hass))["status"] == "success"
+    assert _issue(hass, issue_id) is None
