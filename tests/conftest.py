@@ -66,8 +66,14 @@ PHOTOS_ID = "01FOLDERPHOTOS000000000000"
 
 
 @pytest.fixture(autouse=True)
-def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
-    """Let Home Assistant load custom_components/mynas in every test."""
+def auto_enable_custom_integrations(request: pytest.FixtureRequest) -> None:
+    """Let Home Assistant load custom_components/mynas in every test that runs one.
+
+    Tests without Home Assistant (the engine's) get none: no instance started for
+    nothing, and no testing config copied into their tmp_path.
+    """
+    if "hass" in request.fixturenames:
+        request.getfixturevalue("enable_custom_integrations")
 
 
 @pytest.fixture(autouse=True)

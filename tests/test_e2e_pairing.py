@@ -110,6 +110,9 @@ async def test_pair_sync_and_see_it(
     event = events[-1].data
     assert event["folder"] == "Photos"
     assert event["peer"] == "Bob"
+    assert event["kind"] == "sync"
+    assert event["entry_id"] == node_entry.entry_id
+    assert 0 <= event["duration"] < 60
     assert (event["status"], event["files"], event["bytes"], event["error"]) == (
         "success",
         1,
