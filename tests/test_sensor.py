@@ -28,6 +28,7 @@ from custom_components.mynas.const import (
 from custom_components.mynas.engine import replicator
 from custom_components.mynas.engine.index import Index
 from custom_components.mynas.engine.replicator import PeerTarget, Phase, Progress
+from custom_components.mynas.models import SyncState
 from custom_components.mynas.sync_manager import SyncKind
 
 from .conftest import (
@@ -389,3 +390,20 @@ async def test_state_progress_and_left_follow_the_engine(
     assert _sensor(hass, "photos_backup_state_on_bob") == "idle"
     # A report that comes after the end changes nothing.
     assert await report(sync, known) == ("idle", "unknown", "0", "0.0")
+
+
+async def test_progress_pending_when_the_node_stops(
+    hass: HomeAssistant, synced_node: MockConfigEntry
+) -> None:
+    """A throttled update still pending when the node stops is dropped with it."""
+    manager = synced_node.runtime_data.manager
+    pair = manager.pairs[0]
+    sync = manager._progress_sink(pair, verifying=False)
+    with gated_pushes(hass) as (entered, _release):
+        manager.start(pair, SyncKind.SYNC)
+        await entered.get()
+        for _ in range(3):
+            sync(Progress(Phase.TRANSFERRING, files_done=1, files_total=2, bytes_done=10))
+        await hass.async_block_till_done()
+        assert await hass.config_entries.async_unload(synced_node.entry_id)
+    assert manager.data.pairs[pair].state is SyncState.IDLE

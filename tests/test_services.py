@@ -340,3 +340,24 @@ async def test_restore_interrupted_by_the_node_stopping(
         with pytest.raises(HomeAssistantError) as err:
             await call
     assert "Alice stopped during the restore" in str(err.value)
+
+
+async def test_restore_call_cancelled(
+    hass: HomeAssistant, node: MockConfigEntry, tmp_path: Path
+) -> None:
+    """Cancelling the call (not the node) cancels the restore with it."""
+    started = asyncio.Event()
+
+    async def endless(*_args: object, **_kwargs: object) -> None:
+        hass.loop.call_soon_threadsafe(started.set)
+        await asyncio.Event().wait()
+
+    with patch("custom_components.mynas.engine.node.replicator.restore", endless):
+        call = hass.async_create_task(
+            _call(hass, "restore", folder="Photos", peer="Bob", target=str(tmp_path / "out"))
+        )
+        await started.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    assert node.state is ConfigEntryState.LOADED
