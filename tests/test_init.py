@@ -20,6 +20,7 @@ import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
 
 from custom_components.mynas.const import (
+    CONF_KEY_FILE,
     CONF_OVERDUE_HOURS,
     CONF_PORT,
     DOMAIN,
@@ -30,7 +31,7 @@ from custom_components.mynas.engine.errors import AuthRefused
 from custom_components.mynas.engine.node import Node
 from custom_components.mynas.sync_manager import SyncKind
 
-from .conftest import BOB_ID, Bob, add_folder, add_peer, make_tree, setup_entry, unmount
+from .conftest import BOB_ID, PHOTOS_ID, Bob, add_folder, add_peer, make_tree, setup_entry, unmount
 
 
 async def _listening(port: int) -> bool:
@@ -113,6 +114,7 @@ async def test_setup_retries_when_the_server_cannot_start(
         # The server itself fails in an unexpected way...
         "custom_components.mynas.engine.node.Node.start",
         # ... or a step after it has started.
+        "custom_components.mynas.hass_entry._forget_stale_pairs",
         "custom_components.mynas.hass_entry.async_check_orphans",
     ],
 )
@@ -298,3 +300,39 @@ async def test_unload_waits_for_the_engine_to_unwind(
     assert err.value.translation_key == "node_not_loaded"
     manager.contact(BOB_ID, dt_util.utcnow())
     assert manager.data.peers[BOB_ID].last_seen is None
+
+
+async def test_removing_a_folder_forgets_its_index(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+) -> None:
+    """Re-added later, the folder adopts what Bob really holds instead of a stale index."""
+    add_peer(hass, node_entry, bob)
+    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    index = node_entry.runtime_data.node.index
+    assert await hass.async_add_executor_job(index.folders) == [("Photos", BOB_ID)]
+    hass.config_entries.async_remove_subentry(node_entry, PHOTOS_ID)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    index = node_entry.runtime_data.node.index
+    assert await hass.async_add_executor_job(index.folders) == []
+
+
+async def test_removing_the_node_drops_its_state_but_keeps_its_key(
+    hass: HomeAssistant,
+    hass_storage: dict[str, object],
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+) -> None:
+    add_peer(hass, node_entry, bob)
+    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert await hass.config_entries.async_unload(node_entry.entry_id)
+    key = f"{DOMAIN}.{node_entry.entry_id}"
+    assert key in hass_storage
+    await hass.config_entries.async_remove(node_entry.entry_id)
+    await hass.async_block_till_done()
+    assert key not in hass_storage
+    assert Path(node_entry.data[CONF_KEY_FILE]).exists()

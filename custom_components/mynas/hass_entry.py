@@ -19,6 +19,7 @@ from homeassistant.core import CALLBACK_TYPE, Event, HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryNotReady
 from homeassistant.helpers import config_validation as cv, device_registry as dr
 from homeassistant.helpers.dispatcher import async_dispatcher_connect
+from homeassistant.helpers.storage import Store
 from homeassistant.helpers.typing import ConfigType
 from homeassistant.util import dt as dt_util
 
@@ -41,7 +42,7 @@ from .entity import node_device
 from .models import folders_of, peers_of
 from .orphans import async_check_orphans
 from .services import async_setup_services
-from .sync_manager import SyncManager
+from .sync_manager import STORAGE_VERSION, SyncManager
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 
@@ -109,13 +110,28 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
         await hass.async_add_executor_job(engine.stop)
         raise
 
+    folders = folders_of(entry)
+    try:
+        # A removed folder or peer leaves its index behind; were it added again, that
+        # index would claim files the host may no longer hold. Forget it: the next push
+        # then adopts what the host really has.
+        await engine.run(
+            _forget_stale_pairs(
+                node, {(f.config.name, peer) for f in folders.values() for peer in f.peers}
+            )
+        )
+    except BaseException:
+        await engine.run(node.stop())
+        await hass.async_add_executor_job(engine.stop)
+        raise
+
     manager = SyncManager(
         hass,
         entry.entry_id,
         data[CONF_NODE_NAME],
         engine,
         node,
-        folders_of(entry),
+        folders,
         peers,
         dict(entry.options),
         node_id=data[CONF_NODE_ID],
@@ -217,14 +233,33 @@ def _on_server_event(
                 manager.contact(peer_id, dt_util.utcnow())
 
 
+async def _forget_stale_pairs(node: Node, keep: set[tuple[str, str]]) -> None:
+    """Drop the index of every (folder name, peer id) not configured any more."""
+    known = await asyncio.get_running_loop().run_in_executor(None, node.index.folders)
+    stale = [pair for pair in known if pair not in keep]
+    if stale:
+        LOGGER.debug("Forgetting the index of %d removed folder/peer pairs", len(stale))
+        await node.forget_pairs(stale)
+
+
 async def _stop(hass: HomeAssistant, runtime: MyNasRuntimeData) -> None:
-    """Stop the scheduler, the server and the engine's thread (idempotent)."""
+    """Stop the coordinators, the scheduler, the server and the engine's thread (idempotent)."""
+    await runtime.node_data.async_shutdown()
+    await runtime.syncs.async_shutdown()
     await runtime.manager.async_stop()
     if runtime.engine.running:
         try:
             await asyncio.wait_for(runtime.engine.run(runtime.node.stop()), 30)
         finally:
             await hass.async_add_executor_job(runtime.engine.stop)
+
+
+async def async_remove_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> None:
+    """The node is deleted: drop what Home Assistant kept of its pairs and peers.
+
+    The key stays in the config dir: with it, a rebuilt node gets its backups back.
+    """
+    await Store[dict[str, Any]](hass, STORAGE_VERSION, f"{DOMAIN}.{entry.entry_id}").async_remove()
 
 
 async def async_unload_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> bool:
