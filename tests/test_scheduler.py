@@ -145,6 +145,7 @@ async def test_retries_with_backoff_while_the_peer_is_down(
     bob: Bob,
     photos: Path,
     freezer: FrozenDateTimeFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     add_peer(hass, node_entry, bob)
     add_folder(hass, node_entry, photos)
@@ -178,6 +179,10 @@ async def test_retries_with_backoff_while_the_peer_is_down(
             break
     assert (status.failures, status.state, status.last_error) == (0, SyncState.IDLE, None)
     assert _statuses(events)[-1] == "success"
+    # One warning for the outage, one line when it is over: not one per retry.
+    failed = [r for r in caplog.records if "Sync of Photos to Bob failed" in r.getMessage()]
+    assert [r.levelname for r in failed].count("WARNING") == 1
+    assert "Sync of Photos to Bob works again" in caplog.text
 
 
 async def test_never_two_runs_of_a_pair_at_once(

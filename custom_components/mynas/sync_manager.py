@@ -422,7 +422,9 @@ class SyncManager:
                 raise
             except Exception as err:  # a run always ends with a result
                 if isinstance(err, MyNasError):
-                    _LOGGER.warning(
+                    # Once per outage: the retries that follow say nothing new.
+                    _LOGGER.log(
+                        logging.DEBUG if status.failures and not verifying else logging.WARNING,
                         "%s of %s to %s failed: %s",
                         kind.capitalize(),
                         setup.config.name,
@@ -488,6 +490,12 @@ class SyncManager:
 
     def _succeeded(self, pair: Pair, result: PushResult) -> None:
         status = self.data.pairs[pair]
+        if status.failures:
+            _LOGGER.info(
+                "Sync of %s to %s works again",
+                self.folders[pair[0]].config.name,
+                self.peers[pair[1]].name,
+            )
         now = dt_util.utcnow()
         status.last_success = now
         status.failures = 0
