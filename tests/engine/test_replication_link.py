@@ -340,12 +340,77 @@ async def test_a_dead_channel_on_write_is_peer_unreachable(
     await other._start()
     fresh.write_error = error
     try:
-        with pytest.raises(PeerUnreachable):
-            await other.put(b"a", 5, 0o644, b"x", heard.append)
+        # Queued, then written at the end of this pass of the loop: the write fails and
+        # the request hears it.
+        await other.put(b"a", 5, 0o644, b"x", heard.append)
+        await asyncio.sleep(0)
+        assert len(heard) == 2
+        assert isinstance(heard[1], PeerUnreachable)
         with pytest.raises(PeerUnreachable):
             await other.put(b"a", 5, 0o644, b"x", heard.append)
     finally:
         await other.close()
+
+    # A write of _COALESCE bytes or more is not deferred: it fails at once.
+    third = FakeChannel()
+    third.feed(protocol.welcome({}))
+    last = PeerLink(third, third, third, "x:1")  # type: ignore[arg-type]
+    await last._start()
+    third.write_error = error
+    try:
+        with pytest.raises(PeerUnreachable):
+            await last.put(b"a", 5, 0o644, b"x" * client._COALESCE, heard.append)
+    finally:
+        await last.close()
+
+
+async def test_frames_of_one_loop_pass_go_out_in_one_write(
+    link: PeerLink, chan: FakeChannel
+) -> None:
+    """Small requests are coalesced in order; flush(), a wait, or _COALESCE bytes write them."""
+    chan.sent.clear()
+    for name in (b"a", b"b", b"c"):
+        await link.put(name, 5, 0o644, b"x", lambda _err: None)
+    await link.delete(b"d", lambda _err: None)
+    assert chan.sent == []  # nothing written before the loop gets a turn
+    await asyncio.sleep(0)
+    assert len(chan.sent) == 1
+    assert [kind for kind, _ in chan.requests()] == [Frame.PUT] * 3 + [Frame.DELETE]
+    assert [protocol.parse_put(body).path for _, body in chan.requests()[:3]] == [
+        b"a",
+        b"b",
+        b"c",
+    ]
+
+    chan.sent.clear()
+    await link.mkdir(b"e", None, lambda _err: None)
+    await link.flush()  # at once, without waiting for the loop
+    assert [kind for kind, _ in chan.requests()] == [Frame.MKDIR]
+
+    chan.sent.clear()
+    big = b"y" * (client._COALESCE // 2)
+    await link.put(b"f", 5, 0o644, big, lambda _err: None)
+    assert chan.sent == []
+    await link.put(b"g", 5, 0o644, big, lambda _err: None)
+    assert len(chan.sent) == 1  # past _COALESCE: written before put() returns
+    await asyncio.sleep(0)
+    assert len(chan.sent) == 1  # and nothing is left for the scheduled write
+    assert [protocol.parse_put(body).path for _, body in chan.requests()] == [b"f", b"g"]
+
+
+async def test_queued_frames_are_dropped_when_the_link_closes(chan: FakeChannel) -> None:
+    """A request queued as the link closes fails; its frame is never written."""
+    chan.feed(protocol.welcome({}))
+    peer = PeerLink(chan, chan, chan, "x:1")  # type: ignore[arg-type]
+    await peer._start()
+    chan.sent.clear()
+    heard: list[MyNasError | None] = []
+    await peer.put(b"a", 5, 0o644, b"x", heard.append)
+    await peer.close()
+    await asyncio.sleep(0)
+    assert chan.sent == []
+    assert len(heard) == 1
+    assert isinstance(heard[0], PeerUnreachable)
 
 
 async def test_a_big_put_drains_as_it_goes(link: PeerLink, chan: FakeChannel) -> None:

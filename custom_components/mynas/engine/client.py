@@ -43,8 +43,13 @@ from .tree import Entry
 _LOGGER = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 20.0
-# Flush the outgoing buffer to the SSH channel (and respect its flow control) this often.
+# Wait for the SSH channel's flow control after queueing this much.
 _DRAIN_EVERY = 512 * 1024
+# Frames queued in one pass of the event loop reach the channel in one write, sooner once
+# this much is queued. asyncssh sends every write as packets of its own (each preceded by
+# an IGNORE packet, each one send() call), and the host copies its input per packet: a
+# write per small file cost two packets and two system calls per file on both sides.
+_COALESCE = 256 * 1024
 
 type AckCallback = Callable[[MyNasError | None], None]
 
@@ -105,6 +110,10 @@ class PeerLink:
         self._streams: dict[int, _Stream] = {}
         # Streams whose reader stopped early: their frames are dropped until DONE or FAIL.
         self._abandoned: set[int] = set()
+        # Frames not handed to the channel yet (see _COALESCE), and their size.
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._out_scheduled = False
         self._unflushed = 0
         self._closed: BaseException | None = None
         self._dispatcher: asyncio.Task[None] | None = None
@@ -120,7 +129,9 @@ class PeerLink:
         self._dispatcher = asyncio.create_task(self._dispatch())
 
     async def close(self) -> None:
-        """Close the channel and the connection."""
+        """Close the channel and the connection (queued requests fail, unsent)."""
+        self._out.clear()
+        self._out_size = 0
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
@@ -150,14 +161,42 @@ class PeerLink:
         return self._next_id
 
     def _write(self, data: bytes) -> None:
-        """Queue a frame on the channel; PeerUnreachable once the connection is gone."""
+        """Queue a frame; PeerUnreachable once the connection is gone.
+
+        The frame reaches the channel at the end of this pass of the event loop, with every
+        other frame queued meanwhile, in order (or at once when _COALESCE bytes wait).
+        """
         if self._closed is not None:
             raise _lost(self.address, self._closed)
+        self._out.append(data)
+        self._out_size += len(data)
+        self._unflushed += len(data)
+        if self._out_size >= _COALESCE:
+            self._write_out()
+        elif not self._out_scheduled:
+            self._out_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_write)
+
+    def _write_out(self) -> None:
+        """Hand every queued frame to the channel in one write."""
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        self._out_size = 0
         try:
             self._writer.write(data)
         except (asyncssh.Error, OSError) as err:
             raise self._broken(err) from None
-        self._unflushed += len(data)
+
+    def _scheduled_write(self) -> None:
+        self._out_scheduled = False
+        if self._closed is not None:
+            self._out.clear()  # the requests they carried have already failed
+            self._out_size = 0
+            return
+        with contextlib.suppress(MyNasError):  # _broken failed everything pending
+            self._write_out()
 
     async def _send(self, data: bytes) -> None:
         """Queue a frame, waiting for the channel's flow control now and then."""
@@ -169,6 +208,7 @@ class PeerLink:
         """Push everything queued into the channel, waiting for its flow control."""
         if self._closed is not None:
             raise _lost(self.address, self._closed)
+        self._write_out()
         self._unflushed = 0
         try:
             await self._writer.drain()
