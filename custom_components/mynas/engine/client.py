@@ -5,10 +5,8 @@ alone and nothing of ``~/.ssh`` or an agent is consulted. A host presenting anot
 refused during the key exchange, before our key or a byte of data is sent, and the key it
 presented is kept for the repair flow that asks the user whether to trust it.
 
-Environment: ``MYNAS_CIPHERS``, when set, is the SSH cipher list offered to the peer, in
-OpenSSH's comma-separated form (e.g. ``aes128-gcm@openssh.com``); unset, asyncssh's default
-preference applies. ``scripts/bench`` sets it to compare with rsync over OpenSSH on the same
-cipher.
+The ciphers offered come from ``ciphers.preferred()``: AES-GCM first where the CPU has AES
+instructions, ChaCha20 first elsewhere, or ``MYNAS_CIPHERS`` when set.
 """
 
 from __future__ import annotations
@@ -18,13 +16,12 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 import contextlib
 from dataclasses import dataclass
 import logging
-import os
 import socket
 from typing import Any
 
 import asyncssh
 
-from . import protocol
+from . import ciphers, protocol
 from .errors import (
     AuthRefused,
     HostKeyMismatch,
@@ -495,7 +492,7 @@ async def connect(
                 encoding=None,
                 keepalive_interval=30,
                 keepalive_count_max=4,
-                encryption_algs=os.environ.get("MYNAS_CIPHERS") or (),
+                encryption_algs=ciphers.preferred(),
             ),
             CONNECT_TIMEOUT,
         )
