@@ -106,11 +106,17 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
 def world(tmp_path: Path) -> dict[str, tuple[Any, ...]]:
     """What an attack must leave alone: the storage root, the keys, a folder outside.
 
-    Not the whole tmp_path: Home Assistant's test config may live there and change.
+    Not the whole tmp_path: Home Assistant's test config may live there and change. Nor the
+    mtime of the host's scratch folders for batch temp files: a refused PUT may have had its
+    temp file written and removed there (its path is checked on disk only at the rename);
+    what they hold still counts, so a temp file left behind is still seen.
     """
     seen = {}
     for top in ("storage", "keys", "outside"):
         seen.update({f"{top}/{rel}": info for rel, info in snapshot(tmp_path / top).items()})
+    for rel, info in seen.items():
+        if rel.startswith("storage/.mynas/tmp/") and info[0] == "dir":
+            seen[rel] = ("dir", info[2])
     return seen
 
 

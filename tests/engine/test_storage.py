@@ -281,6 +281,34 @@ def test_resolve_property(trap: tuple[Jail, Path], rel: bytes) -> None:
         assert not stat.S_ISLNK(info.st_mode)
 
 
+def acceptable(rel: bytes) -> bool:
+    """The rules of ``check_path``, spelt out the slow way."""
+    names = rel.split(b"/")
+    return (
+        0 < len(rel) <= storage.MAX_PATH
+        and b"\0" not in rel
+        and len(names) <= storage.MAX_DEPTH
+        and all(
+            name not in (b"", b".", b"..")
+            and len(name) <= storage.MAX_NAME
+            and not name.startswith(b".mynas")
+            for name in names
+        )
+    )
+
+
+@settings(max_examples=1000, deadline=None)
+@given(rel=st.one_of(adversarial_paths, st.binary(max_size=300)))
+def test_check_path_accepts_exactly_what_the_rules_allow(rel: bytes) -> None:
+    """Its one-pass shortcut for common paths decides like the full check."""
+    try:
+        check_path(rel)
+    except PathRefused:
+        assert not acceptable(rel)
+    else:
+        assert acceptable(rel)
+
+
 @pytest.mark.parametrize(
     ("rel", "why"),
     [
@@ -711,16 +739,16 @@ class Crash(BaseException):
 
 def test_crash_of_the_writing_thread_cleans_up(jail: Jail, monkeypatch: pytest.MonkeyPatch) -> None:
     put(jail, b"b", b"old b")
-    real = jail._install
+    real = jail._install_at
     calls = []
 
-    def crash_on_second(source: bytes, rel: bytes) -> None:
+    def crash_on_second(dirs: Any, source: bytes, rel: bytes) -> None:
         calls.append(rel)
         if len(calls) == 2:
             raise Crash
-        real(source, rel)
+        real(dirs, source, rel)
 
-    monkeypatch.setattr(jail, "_install", crash_on_second)
+    monkeypatch.setattr(jail, "_install_at", crash_on_second)
     with pytest.raises(Crash):
         push(jail, {b"a": b"new a", b"b": b"new b", b"c": b"new c"})
     assert (jail.root / "a").read_bytes() == b"new a"
@@ -819,6 +847,7 @@ def test_parent_deleted_during_the_batch_is_made_again(
             jail.delete(b"dir")  # another thread of the same peer, between stage and rename
         real(path)
 
+    jail.make_dir(b"dir/sub")  # there when the batch starts...
     monkeypatch.setattr(storage, "_syncfs", delete_parent)
     assert push(jail, {b"dir/sub/f": b"data"}) == [None]
     assert (jail.root / "dir" / "sub" / "f").read_bytes() == b"data"
@@ -893,6 +922,175 @@ def test_other_link_errors_fail_the_file(jail: Jail, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(os, "link", broken)
     assert type(push(jail, {b"a": b"new"})[0]) is MyNasError
     assert (jail.root / "a").read_bytes() == b"old"
+    assert_consistent(jail)
+
+
+# --- batch renames through directory handles -------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def assert_nothing_held(jail: Jail) -> None:
+    assert jail.quota.reserved == 0
+    assert os.listdir(jail.tmp_dir) == []
+
+
+def test_directory_replaced_by_a_link_between_batches_is_refused(jail: Jail, outside: Path) -> None:
+    """The host's admin swaps a directory for a link: the next batch sees it, nothing leaks."""
+    put(jail, b"d/sub/f1", b"one")
+    os.rename(jail.root / "d" / "sub", jail.root / "moved")
+    os.symlink(outside / "dir", jail.root / "d" / "sub")
+    before = snapshot(outside)
+    result = push(jail, {b"d/sub/f2": b"evil", b"d/sub/new/f3": b"evil"})
+    assert all(isinstance(r, PathRefused) and "symbolic link" in str(r) for r in result)
+    assert snapshot(outside) == before
+    assert_nothing_held(jail)  # (the host-made link and FIFO are no file of the peer)
+
+
+def test_link_swapped_in_while_a_batch_is_staged_is_refused(
+    jail: Jail, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the temp files and their renames: the renames still refuse the new link."""
+    put(jail, b"d/f0", b"zero")
+    real = storage._syncfs
+
+    def swap(path: bytes) -> None:
+        if not (jail.root / "moved").exists():
+            os.rename(jail.root / "d", jail.root / "moved")
+            os.symlink(outside, jail.root / "d")
+        real(path)
+
+    monkeypatch.setattr(storage, "_syncfs", swap)
+    before = snapshot(outside)
+    result = push(jail, {b"d/f1": b"evil"})
+    assert isinstance(result[0], PathRefused)
+    assert "symbolic link" in str(result[0])
+    assert snapshot(outside) == before
+    assert_nothing_held(jail)  # (the host-made link and FIFO are no file of the peer)
+
+
+def test_batch_refuses_what_is_in_the_way(jail: Jail) -> None:
+    put(jail, b"file", b"f")
+    os.mkfifo(jail.root / "fifo")
+    fds = open_fds()
+    result = push(jail, {b"file/x": b"1", b"fifo": b"2", b"fifo/x": b"3", b"ok": b"4"})
+    assert "is not a directory" in str(result[0])
+    assert "neither a regular file nor a directory" in str(result[1])
+    assert "is not a directory" in str(result[2])
+    assert result[3] is None
+    assert open_fds() == fds
+    assert_nothing_held(jail)  # (the host-made link and FIFO are no file of the peer)
+
+
+def test_batch_into_a_missing_jail_root_is_refused(space: HostedSpace) -> None:
+    bob = space.jail("bob", MIB)
+    bob.root.rmdir()
+    result = push(bob, {b"x": b"1"})
+    assert isinstance(result[0], PathRefused)
+    assert "missing" in str(result[0])
+    assert bob.quota.reserved == 0
+
+
+def test_deep_trees_in_one_batch(jail: Jail) -> None:
+    """Deeper than the handles a batch keeps: switching between deep directories works."""
+    deep = b"/".join(b"l%02d" % n for n in range(storage._HELD_LEVELS + 4))
+    files = {
+        deep + b"/a": b"a",
+        deep + b"/b": b"b",  # the same deep directory: its handle is reused
+        deep + b"/x/c": b"c",
+        deep[:-4] + b"/y/d": b"d",  # a sibling branch, above the deepest level
+        b"l00/top": b"e",
+        deep + b"/x/e": b"f",
+    }
+    fds = open_fds()
+    assert push(jail, files) == [None] * len(files)
+    assert open_fds() == fds
+    for path, data in files.items():
+        assert (jail.root / os.fsdecode(path)).read_bytes() == data
+    # A file in the way deep down fails that file only, and no handle is left open.
+    put(jail, deep + b"/x/y", b"file")
+    result = push(jail, {deep + b"/x/y/z/w": b"1", deep + b"/x/ok": b"2"})
+    assert "is not a directory" in str(result[0])
+    assert result[1] is None
+    assert open_fds() == fds
+    assert_consistent(jail)
+
+
+def test_batch_directory_race_with_another_thread(
+    jail: Jail, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.mkdir
+
+    def someone_else_first(path: Any, mode: int = 0o777, **kwargs: Any) -> None:
+        real(path, mode, **kwargs)
+        raise FileExistsError(errno.EEXIST, "File exists")
+
+    monkeypatch.setattr(os, "mkdir", someone_else_first)
+    assert push(jail, {b"d/f": b"1"}) == [None]
+    monkeypatch.undo()
+    assert jail.quota.used == charge(1)  # the other thread paid for the directory
+    assert jail.quota.reserved == 0
+
+
+def test_batch_directory_error_fails_the_file(jail: Jail, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(_path: Any, _mode: int = 0o777, **_kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "mkdir", full)
+    result = push(jail, {b"d/f": b"1"})
+    monkeypatch.undo()
+    assert isinstance(result[0], PeerDiskFull)
+    assert_consistent(jail)
+
+
+@pytest.mark.parametrize("umask", [0o077, None])
+def test_modes_hold_whatever_the_umask(
+    jail: Jail, monkeypatch: pytest.MonkeyPatch, umask: int | None
+) -> None:
+    """Temp files are made with their final mode; a umask that takes bits away is undone."""
+    monkeypatch.setattr(storage, "_umask", lambda: umask)
+    old = os.umask(0o077)
+    try:
+        push(jail, {b"plain": b"p"})
+        push(jail, {b"exec": b"e"}, mode=0o755)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((jail.root / "plain").lstat().st_mode) == 0o644
+    assert stat.S_IMODE((jail.root / "exec").lstat().st_mode) == 0o755
+
+
+def test_umask_is_read_from_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    current = os.umask(0o022)
+    os.umask(current)
+    assert storage._umask.__wrapped__() == current
+
+    def unreadable(*_args: Any, **_kwargs: Any) -> Any:
+        raise OSError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(storage, "open", unreadable, raising=False)
+    assert storage._umask.__wrapped__() is None
+
+
+def test_upload_writes_many_chunks_through_short_writes(
+    jail: Jail, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More chunks than one pwritev takes, and writes that stop halfway through a chunk."""
+
+    def short(fd: int, buffers: Any, offset: int) -> int:
+        # What a real short write does: the first buffer, then part of the second.
+        return os.pwrite(fd, b"".join(bytes(b) for b in buffers[:2])[:7], offset)
+
+    chunks = [bytes([n % 256]) * 5 for n in range(storage._IOV_MAX + 10)]
+    content = b"".join(chunks)
+    upload = jail.begin_upload(b"f", len(content), MTIME, 0o644)
+    upload.write_many(chunks[:-20])
+    monkeypatch.setattr(os, "pwritev", short)
+    upload.write_many(chunks[-20:])
+    monkeypatch.undo()
+    upload.finish()
+    assert (jail.root / "f").read_bytes() == content
     assert_consistent(jail)
 
 
@@ -1041,11 +1239,11 @@ def test_upload_disk_full_keeps_what_was_counted(
     upload.write(b"a" * 100)
     real = os.pwrite
 
-    def full(fd: int, data: Any, offset: int) -> int:
-        real(fd, bytes(data)[:10], offset)
+    def full(fd: int, buffers: Any, offset: int) -> int:
+        real(fd, bytes(buffers[0])[:10], offset)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "pwritev", full)
     with pytest.raises(PeerDiskFull):
         upload.write(b"b" * 100)
     monkeypatch.undo()

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -68,7 +69,6 @@ import time
 from types import TracebackType
 from typing import Any, NoReturn, Self
 import unicodedata
-import uuid
 
 from . import tree
 from .errors import MyNasError, PathRefused, PeerDiskFull, ProtocolError, QuotaExceeded
@@ -101,6 +101,12 @@ _BAD_PATH = frozenset({errno.ELOOP, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EIS
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP})
 _STATE_FORMAT = 1
 _AREAS = ("peers", "trash", "partial", "tmp")  # internal folders, one subfolder per peer
+# Directories of a jail are opened with these: a symlink or a special file fails the open.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
+# Directory handles a batch keeps along its current path; deeper levels are opened on demand.
+_HELD_LEVELS = 16
 
 type BatchResults = list[MyNasError | None]
 
@@ -137,6 +143,17 @@ def check_path(rel: bytes) -> bytes:
 
     Purely syntactic: the disk is not looked at (``Jail.resolve`` does that).
     """
+    if (
+        # The common case in one pass of C: short enough that no component (nor the depth)
+        # can be over a limit, and no empty component nor one that starts with '.'.
+        0 < len(rel) <= MAX_NAME
+        and b"\0" not in rel
+        and b"//" not in rel
+        and b"/." not in rel
+        and rel[0] not in b"/."
+        and rel[-1] != 0x2F  # '/'
+    ):
+        return rel
     if not rel:
         _refuse(rel, "the path is empty")
     if len(rel) > MAX_PATH:
@@ -182,6 +199,22 @@ def _file_mode(mode: int) -> int:
     return 0o755 if mode & 0o100 else 0o644
 
 
+@functools.cache
+def _umask() -> int | None:
+    """Return the process umask (read once, from /proc), or None where it cannot be read.
+
+    A temp file created with its final mode needs no fchmod unless the umask takes bits away.
+    """
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError, ValueError, IndexError:
+        pass
+    return None  # pragma: no cover - every Linux since 4.7 has the line
+
+
 def _fold(name: str) -> str:
     # Names that differ only in case or Unicode form would share a folder on some disks.
     return unicodedata.normalize("NFKC", name).casefold()
@@ -223,6 +256,19 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data).cast("B")
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _pwrite_all(fd: int, views: list[memoryview], position: int) -> None:
+    """Write ``views`` one after the other at ``position``: one pwritev for many buffers."""
+    first = 0
+    while first < len(views):
+        written = os.pwritev(fd, views[first : first + _IOV_MAX], position)
+        position += written
+        while first < len(views) and written >= views[first].nbytes:
+            written -= views[first].nbytes
+            first += 1
+        if written:  # a short write stopped inside this buffer
+            views[first] = views[first][written:]
 
 
 def _unlink_quietly(path: bytes) -> None:
@@ -483,8 +529,13 @@ class Jail:
         # The longest path built from a peer path is its trash path: keep it under PATH_MAX.
         self._max_rel = min(MAX_PATH, _KERNEL_PATH_MAX - len(self._trash_b) - 2 - _STAMP_ROOM)
         self._trash_days = trash_days
-        self._lock = threading.Lock()  # moves into the trash; the set of active uploads
+        # Renames into the jail and into the trash; the set of active uploads.
+        self._lock = threading.Lock()
         self._save_lock = threading.Lock()
+        # Temp names: a random prefix per process and jail (a leftover of a crash that
+        # clean_tmp missed cannot collide) and a counter (cheaper than a uuid4 per file).
+        self._temp_prefix = self._tmp_b + b"/" + os.urandom(8).hex().encode() + b"-"
+        self._temp_count = itertools.count()
         self._uploads: set[bytes] = set()
         used, self._retention = self._load_state()
         self.quota = Quota(quota, used)
@@ -504,21 +555,41 @@ class Jail:
         """
         return self._locate(rel).path
 
+    def _missing_root(self) -> PathRefused:
+        return PathRefused(f"the space of {self.name} is missing on this host")
+
+    def _odd_root(self) -> PathRefused:
+        return PathRefused(
+            f"the space of {self.name} ({self.root}) is not a plain directory "
+            "(a symbolic link?): refusing to use it"
+        )
+
     def _check_root(self) -> None:
         try:
             info = os.lstat(self._root_b)
         except FileNotFoundError:
-            raise PathRefused(f"the space of {self.name} is missing on this host") from None
+            raise self._missing_root() from None
         if not stat.S_ISDIR(info.st_mode):
-            raise PathRefused(
-                f"the space of {self.name} ({self.root}) is not a plain directory "
-                "(a symbolic link?): refusing to use it"
-            )
+            raise self._odd_root()
 
-    def _locate(self, rel: bytes) -> _Located:
+    def _open_root(self) -> int:
+        """Open the jail root itself (never through a link) and return the handle."""
+        try:
+            return os.open(self._root_b, _DIR_FLAGS)
+        except FileNotFoundError:
+            raise self._missing_root() from None
+        except NotADirectoryError:
+            raise self._odd_root() from None
+
+    def _names(self, rel: bytes) -> list[bytes]:
+        """Return the components of ``rel`` once it passed ``check_path`` and the host's length."""
         names = check_path(rel).split(b"/")
         if len(rel) > self._max_rel:
             _refuse(rel, f"the path is longer than this host can store ({self._max_rel} bytes)")
+        return names
+
+    def _locate(self, rel: bytes) -> _Located:
+        names = self._names(rel)
         self._check_root()
         path = self._root_b
         info: os.stat_result | None = None
@@ -595,6 +666,11 @@ class Jail:
         committed when the file is in place and released otherwise. A result is None once
         the file is on disk under its final name, durably; or the MyNasError that stopped it.
         One file's failure never fails the others, and no temp file outlives the call.
+
+        Each file is written to a temp file (internal, so nothing of the jail is looked at
+        yet); one ``syncfs`` makes the contents durable; then, under the jail lock, each temp
+        is renamed into a directory handle opened link-free from the jail root (``_Dirs``),
+        and a second ``syncfs`` makes the renames durable.
         """
         results: BatchResults = [None] * len(files)
         owed = {i: charge(memoryview(f.data).nbytes) for i, f in enumerate(files)}
@@ -618,15 +694,17 @@ class Jail:
                     fail(index, err)
                 return results
             installed = []
-            for index, temp in list(temps.items()):
-                try:
-                    self._install(temp, files[index].path)
-                except (MyNasError, OSError) as err:
-                    fail(index, err)
-                    continue
-                del temps[index]
-                self.quota.commit(owed.pop(index))
-                installed.append(index)
+            if temps:
+                with self._lock, _Dirs(self) as dirs:
+                    for index, temp in list(temps.items()):
+                        try:
+                            self._install_at(dirs, temp, files[index].path)
+                        except (MyNasError, OSError) as err:
+                            fail(index, err)
+                            continue
+                        del temps[index]
+                        self.quota.commit(owed.pop(index))
+                        installed.append(index)
             try:
                 if installed:
                     self._sync()  # the renames durable before the caller acknowledges
@@ -641,20 +719,23 @@ class Jail:
                 self.quota.release(amount)
         return results
 
+    def _new_temp(self, mode: int) -> tuple[bytes, int]:
+        """Create a new temp file with ``mode``; return its path and an fd open for writing."""
+        temp = self._temp_prefix + b"%d.tmp" % next(self._temp_count)
+        return temp, os.open(temp, _TEMP_FLAGS, mode)
+
     def _stage(self, item: IncomingFile) -> bytes:
         """Write one file of a batch to a new temp file; return the temp's path."""
         _check_mtime(item.path, item.mtime_ns)
-        where = self._locate(item.path)
-        if where.info is not None and stat.S_ISDIR(where.info.st_mode):
-            _refuse(item.path, "a directory is in the way")
-        self._make_dirs(where, include_last=False)
-        temp = self._tmp_b + b"/" + uuid.uuid4().hex.encode() + b".tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(temp, flags, 0o600)
+        self._names(item.path)
+        mode = _file_mode(item.mode)
+        temp, fd = self._new_temp(mode)
         try:
             try:
                 _write_all(fd, item.data)
-                os.fchmod(fd, _file_mode(item.mode))
+                umask = _umask()
+                if umask is None or mode & umask:  # created with its final mode otherwise
+                    os.fchmod(fd, mode)
                 os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
             finally:
                 os.close(fd)
@@ -665,38 +746,83 @@ class Jail:
 
     def _install(self, source: bytes, rel: bytes) -> None:
         """Rename a complete file into place at ``rel``, moving an old version to the trash."""
-        with self._lock:
-            where = self._locate(rel)
-            if where.info is None:
-                self._make_dirs(where, include_last=False)  # a parent may have been deleted
-                os.rename(source, where.path)
-            elif stat.S_ISDIR(where.info.st_mode):
-                _refuse(rel, "a directory is in the way")
-            else:
-                self._replace_file(source, where.path, rel)
+        with self._lock, _Dirs(self) as dirs:
+            self._install_at(dirs, source, rel)
 
-    def _replace_file(self, source: bytes, target: bytes, rel: bytes) -> None:
-        """Replace ``target`` by ``source``, keeping the old version in the trash."""
+    def _install_at(self, dirs: _Dirs, source: bytes, rel: bytes) -> None:
+        """``_install`` with the jail lock held and the batch's directory handles."""
+        names = self._names(rel)
+        parent = dirs.open(names, len(names) - 1, rel)  # missing parents are made again
+        name = names[-1]
+        try:
+            info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(source, name, dst_dir_fd=parent)
+            return
+        if stat.S_ISREG(info.st_mode):
+            self._replace_file(source, parent, name, rel)
+        elif stat.S_ISDIR(info.st_mode):
+            _refuse(rel, "a directory is in the way")
+        elif stat.S_ISLNK(info.st_mode):
+            _refuse(rel, f"{_show(rel)} is a symbolic link")
+        else:
+            _refuse(rel, "it is neither a regular file nor a directory")
+
+    def _replace_file(self, source: bytes, parent: int, name: bytes, rel: bytes) -> None:
+        """Replace file ``name`` of directory ``parent`` by ``source``, old version to trash."""
         dest = self._trash_slot(rel)
         try:
             # A hard link first: the target keeps a complete version at every instant.
-            os.link(target, dest, follow_symlinks=False)
+            os.link(name, dest, src_dir_fd=parent, follow_symlinks=False)
         except OSError as err:
             if err.errno not in _NO_HARD_LINKS:
                 raise
             # Filesystems without hard links (exFAT, FAT): move it, put it back on failure.
-            os.rename(target, dest)
+            os.rename(name, dest, src_dir_fd=parent)
             try:
-                os.rename(source, target)
+                os.rename(source, name, dst_dir_fd=parent)
             except BaseException:
-                os.rename(dest, target)
+                os.rename(dest, name, dst_dir_fd=parent)
                 raise
             return
         try:
-            os.rename(source, target)
+            os.rename(source, name, dst_dir_fd=parent)
         except BaseException:
             _unlink_quietly(dest)
             raise
+
+    def _open_dir(self, parent: int, names: list[bytes], depth: int, rel: bytes) -> int:
+        """Open directory ``names[depth]`` inside handle ``parent``, making it if missing.
+
+        Never through a link: O_NOFOLLOW | O_DIRECTORY fails on a symlink, a file or a
+        special file (no FIFO is ever opened), and the failure is reported like ``resolve``.
+        """
+        try:
+            return self._open_subdir(parent, names, depth, rel)
+        except FileNotFoundError:
+            pass
+        self.quota.reserve(DIR_CHARGE)
+        try:
+            os.mkdir(names[depth], 0o755, dir_fd=parent)
+        except FileExistsError:
+            self.quota.release(DIR_CHARGE)  # another thread made it meanwhile
+        except BaseException:
+            self.quota.release(DIR_CHARGE)
+            raise
+        else:
+            self.quota.commit(DIR_CHARGE)
+        return self._open_subdir(parent, names, depth, rel)
+
+    def _open_subdir(self, parent: int, names: list[bytes], depth: int, rel: bytes) -> int:
+        name = names[depth]
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except NotADirectoryError:
+            info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            where = _show(b"/".join(names[: depth + 1]))
+            if stat.S_ISLNK(info.st_mode):
+                _refuse(rel, f"{where} is a symbolic link")
+            _refuse(rel, f"{where} is not a directory")
 
     def _trash_slot(self, rel: bytes) -> bytes:
         """Return a free trash path for ``rel`` with its parents made (call under the lock).
@@ -986,6 +1112,75 @@ class Jail:
         return freed
 
 
+class _Dirs:
+    """Handles on a jail's directories, for the renames of one batch (under the jail lock).
+
+    Each directory is opened relative to its parent's handle, starting from the jail root,
+    with O_NOFOLLOW | O_DIRECTORY: a symlink anywhere on the way fails the open, and a rename
+    into a handle lands in that very directory whatever is swapped in on its path meanwhile.
+    The handles along the current path are kept, so the files of one directory (a batch
+    comes in tree order) cost no lookup at all; they are closed when the batch ends, so a
+    change made on disk between batches (by the host's admin) is seen by the next one.
+    """
+
+    def __init__(self, jail: Jail) -> None:
+        self._jail = jail
+        self._names: list[bytes] = []  # the current directory, jail-relative
+        self._fds: list[int] = []  # [root, names[0], names[:2]...], at most _HELD_LEVELS deep
+        self._deep: tuple[list[bytes], int] | None = None  # a deeper directory's handle
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._drop_deep()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def _drop_deep(self) -> None:
+        if self._deep is not None:
+            os.close(self._deep[1])
+            self._deep = None
+
+    def open(self, names: list[bytes], depth: int, rel: bytes) -> int:
+        """Return a handle on directory ``names[:depth]``, making missing ones (for ``rel``)."""
+        jail = self._jail
+        if not self._fds:
+            self._fds.append(jail._open_root())
+        held = min(depth, _HELD_LEVELS)
+        same = 0
+        while same < min(held, len(self._names)) and names[same] == self._names[same]:
+            same += 1
+        if same < len(self._names):
+            self._drop_deep()
+            for fd in self._fds[same + 1 :]:
+                os.close(fd)
+            del self._fds[same + 1 :], self._names[same:]
+        for level in range(same, held):
+            self._fds.append(jail._open_dir(self._fds[-1], names, level, rel))
+            self._names.append(names[level])
+        if depth == held:
+            return self._fds[-1]
+        # Deeper than what is held: walk down from the deepest held handle, keep the end.
+        if self._deep is not None and self._deep[0] == names[:depth]:
+            return self._deep[1]
+        self._drop_deep()
+        fd = self._fds[-1]
+        try:
+            for level in range(held, depth):
+                child = jail._open_dir(fd, names, level, rel)
+                if level > held:  # only the held handle is not ours to close
+                    os.close(fd)
+                fd = child
+        except BaseException:
+            if fd != self._fds[-1]:
+                os.close(fd)
+            raise
+        self._deep = (names[:depth], fd)
+        return fd
+
+
 class Upload:
     """A large file being received into a resumable partial (see the module docstring).
 
@@ -1036,17 +1231,19 @@ class Upload:
 
     def write(self, data: Buffer) -> None:
         """Append ``data`` at ``offset``; ProtocolError if it would pass the announced size."""
+        self.write_many([data])
+
+    def write_many(self, chunks: Sequence[Buffer]) -> None:
+        """Append ``chunks`` in order at ``offset``, in one system call for many of them."""
         self._check_open()
-        view = memoryview(data).cast("B")
-        end = self.offset + view.nbytes
+        views = [memoryview(chunk).cast("B") for chunk in chunks]
+        end = self.offset + sum(view.nbytes for view in views)
         if end > self.size:
             raise ProtocolError(
                 f"{end} bytes sent for {_show(self.rel)}, announced as {self.size} bytes"
             )
         try:
-            position = self.offset
-            while position < end:
-                position += os.pwrite(self._fd, view[position - self.offset :], position)
+            _pwrite_all(self._fd, views, self.offset)
         except OSError as err:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self.offset)  # back to what is counted and known
