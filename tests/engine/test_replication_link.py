@@ -392,9 +392,13 @@ async def test_frames_of_one_loop_pass_go_out_in_one_write(
     await link.put(b"f", 5, 0o644, big, lambda _err: None)
     assert chan.sent == []
     await link.put(b"g", 5, 0o644, big, lambda _err: None)
-    assert len(chan.sent) == 1  # past _COALESCE: written before put() returns
+    # Past _COALESCE: whole SSH packets are written before put() returns...
+    assert len(chan.sent) == 1
+    assert len(chan.sent[0]) % client._PACKET == 0
     await asyncio.sleep(0)
-    assert len(chan.sent) == 1  # and nothing is left for the scheduled write
+    # ...and the tail at the end of the loop's pass.
+    assert len(chan.sent) == 2
+    assert 0 < len(chan.sent[1]) < client._PACKET
     assert [protocol.parse_put(body).path for _, body in chan.requests()] == [b"f", b"g"]
 
 

@@ -17,7 +17,7 @@ import contextlib
 from dataclasses import dataclass
 import logging
 import socket
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 
@@ -47,6 +47,8 @@ _DRAIN_EVERY = 512 * 1024
 # an IGNORE packet, each one send() call), and the host copies its input per packet: a
 # write per small file cost two packets and two system calls per file on both sides.
 _COALESCE = 256 * 1024
+# The data an SSH packet carries at most (asyncssh's default maximum packet size).
+_PACKET = 32 * 1024
 
 type AckCallback = Callable[[MyNasError | None], None]
 
@@ -169,18 +171,27 @@ class PeerLink:
         self._out_size += len(data)
         self._unflushed += len(data)
         if self._out_size >= _COALESCE:
-            self._write_out()
-        elif not self._out_scheduled:
+            self._write_out(whole_packets=True)
+        if self._out and not self._out_scheduled:
             self._out_scheduled = True
             asyncio.get_running_loop().call_soon(self._scheduled_write)
 
-    def _write_out(self) -> None:
-        """Hand every queued frame to the channel in one write."""
+    def _write_out(self, *, whole_packets: bool = False) -> None:
+        """Hand the queued frames to the channel in one write.
+
+        With ``whole_packets`` a tail shorter than one SSH packet stays queued: a 256 KiB
+        DATA frame plus its header would otherwise cost one more (tiny) packet every time.
+        """
         if not self._out:
             return
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
-        self._out_size = 0
+        tail = len(data) % _PACKET if whole_packets else 0
+        self._out_size = tail
+        if tail:
+            self._out.append(data[-tail:])
+            # The channel copies what it is given before write() returns.
+            data = cast(bytes, memoryview(data)[:-tail])
         try:
             self._writer.write(data)
         except (asyncssh.Error, OSError) as err:

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-from . import scanner, tree
+from . import protocol, scanner, tree
 from .client import PeerLink, connect_any
 from .errors import (
     HostRefused,
@@ -47,8 +47,11 @@ SMALL_FILE = 1024 * 1024
 _HANDOFF_FILES = 256
 _HANDOFF_BYTES = 4 * 1024 * 1024
 _QUEUE_BATCHES = 4
-# Read large files this much per worker-thread hop (sent as several CHUNK-sized frames).
-_READ_BLOCK = 4 * CHUNK
+# A large file travels in DATA frames of exactly CHUNK bytes, header included: whole SSH
+# packets (CHUNK is a multiple of their 32 KiB), never a tiny one for a header's overflow.
+_PIECE = CHUNK - len(protocol.data(0, b""))
+# Read large files this much per worker-thread hop (sent as several frames).
+_READ_BLOCK = 4 * _PIECE
 _INDEX_BATCH = 1000
 _PROGRESS_INTERVAL = 0.25
 MAX_REPORTED = 100
@@ -412,6 +415,7 @@ class _Pusher:
         # Directories whose mtime must be set at the end (their contents change theirs).
         self._dirs: dict[bytes, int | None] = {}
         self._loop = asyncio.get_running_loop()
+        self._reader: ThreadPoolExecutor | None = None  # started by the first large file
 
     def report(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -529,12 +533,27 @@ class _Pusher:
             _remote(self.folder, entry.path), entry.mtime_ns, entry.mode, work.data, done
         )
 
+    def _in_reader[T](self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``func`` in the thread that reads large files, after what it already runs.
+
+        One thread, so a file's reads, its hash updates and its close happen in order, and a
+        close never races a read still running for a transfer that was cut short.
+        """
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="mynas-read")
+        return self._loop.run_in_executor(self._reader, func, *args)
+
+    def close(self) -> None:
+        """Wait for the reader thread's last jobs (blocking: call it from a worker thread)."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+
     async def _upload(self, entry: tree.Entry) -> None:
         local = self.source + b"/" + entry.path
         remote = _remote(self.folder, entry.path)
         self._touch(entry.path)
         try:
-            fd = await self._loop.run_in_executor(None, _open_local, local)
+            fd = await self._in_reader(_open_local, local)
         except FileNotFoundError:
             self.result.files_changed_during_read += 1  # gone since the scan
             return
@@ -572,31 +591,48 @@ class _Pusher:
             self.result.bytes_sent += entry.size - offset
             self.state.files_done += 1
         finally:
-            os.close(fd)
+            # Queued behind any read still running: the descriptor outlives its last use.
+            self._in_reader(os.close, fd)
 
     async def _stream_file(
         self, fd: int, req: int, entry: tree.Entry, offset: int, digest: Any
     ) -> bool:
-        """Send ``entry`` from ``offset`` on; return False if it changed under the reader."""
+        """Send ``entry`` from ``offset`` on; return False if it changed under the reader.
+
+        The reader thread reads and hashes the next block while this one is being sent.
+        """
         if offset:
-            if not await self._loop.run_in_executor(None, _hash_prefix, fd, offset, digest):
+            if not await self._in_reader(_hash_prefix, fd, offset, digest):
                 return False
             self.state.bytes_done += offset
         position = offset
-        while position < entry.size:
-            block = await self._loop.run_in_executor(
-                None, _read_block, fd, position, min(_READ_BLOCK, entry.size - position), digest
+        ahead: asyncio.Future[bytes] | None = None
+        if position < entry.size:
+            ahead = self._in_reader(
+                _read_block, fd, position, min(_READ_BLOCK, entry.size - position), digest
             )
-            if not block:
-                break
-            for start in range(0, len(block), CHUNK):
-                piece = block[start : start + CHUNK]
-                await self.throttle.consume(len(piece))
-                await self.link.send_data(req, piece)
-            position += len(block)
-            self.state.bytes_done += len(block)
-            self.report()
-        after = await self._loop.run_in_executor(None, os.fstat, fd)
+        try:
+            while ahead is not None:
+                block = await ahead
+                ahead = None
+                if not block:
+                    break
+                position += len(block)
+                if position < entry.size:
+                    ahead = self._in_reader(
+                        _read_block, fd, position, min(_READ_BLOCK, entry.size - position), digest
+                    )
+                view = memoryview(block)
+                for start in range(0, len(block), _PIECE):
+                    piece = view[start : start + _PIECE]
+                    await self.throttle.consume(len(piece))
+                    await self.link.send_data(req, piece)
+                self.state.bytes_done += len(block)
+                self.report()
+        finally:
+            if ahead is not None:  # left early: nobody wants that block any more
+                ahead.cancel()
+        after = await self._in_reader(os.fstat, fd)
         return (
             position == entry.size
             and after.st_size == entry.size
@@ -813,6 +849,7 @@ async def _run_push(
     finally:
         feeder.stop()
         await asyncio.gather(thread, return_exceptions=True)
+        await loop.run_in_executor(None, pusher.close)
     await writer.flush()
     result = pusher.result
     report = feeder.report
