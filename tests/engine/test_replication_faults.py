@@ -92,7 +92,7 @@ async def test_cut_mid_large_file_then_resume(env: Env, monkeypatch: pytest.Monk
     write(env.src / "big.bin", os.urandom(size))
     write(env.src / "small", b"small")
     state = _cut_after(
-        env, monkeypatch, storage.Upload, "write", lambda upload, _: upload.offset >= 6 * MIB
+        env, monkeypatch, storage.Upload, "write_many", lambda upload, _: upload.offset >= 6 * MIB
     )
     with pytest.raises(PeerUnreachable, match="connection lost"):
         await env.push()
@@ -217,7 +217,7 @@ async def test_resume_of_a_file_that_shrank_since_the_scan(
     """A partial whose local bytes are gone is not trusted: the file counts as changed."""
     size = 12 * MIB
     write(env.src / "big", os.urandom(size))
-    _cut_after(env, monkeypatch, storage.Upload, "write", lambda up, _: up.offset >= 4 * MIB)
+    _cut_after(env, monkeypatch, storage.Upload, "write_many", lambda up, _: up.offset >= 4 * MIB)
     with pytest.raises(PeerUnreachable):
         await env.push()
     await wait_until(env.upload_idle)
@@ -663,7 +663,7 @@ async def test_local_read_problems_are_reported(env: Env, monkeypatch: pytest.Mo
     write(env.src / "locked", b"secret")
     write(env.src / "ok", b"ok")
     real_read = scanner.read_file_checked
-    real_scan = scanner.scan
+    real_scan = scanner.scan_rows
 
     def read(path: bytes, expected: tree.Entry) -> bytes | None:
         if path.endswith(b"/locked"):
@@ -675,7 +675,7 @@ async def test_local_read_problems_are_reported(env: Env, monkeypatch: pytest.Mo
         return real_scan(*args, **kwargs)
 
     monkeypatch.setattr(scanner, "read_file_checked", read)
-    monkeypatch.setattr(scanner, "scan", scan)
+    monkeypatch.setattr(scanner, "scan_rows", scan)
     result = await env.push()
     assert result.files_sent == 1
     assert result.errors == [
@@ -694,7 +694,7 @@ async def test_a_failing_scan_ends_the_run_cleanly(
     def broken(*_args: Any, **_kwargs: Any) -> Any:
         raise RuntimeError("index is corrupt")
 
-    monkeypatch.setattr(scanner, "scan", broken)
+    monkeypatch.setattr(scanner, "scan_rows", broken)
     with pytest.raises(RuntimeError, match="corrupt"):
         await env.push()
     assert _client_side_tasks() == []

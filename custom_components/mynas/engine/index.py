@@ -78,11 +78,21 @@ class IndexEntry:
         """Return the index entry of a walked entry, as sent with content ``hash``."""
         return cls(entry.path, entry.kind, entry.size, entry.mtime_ns, entry.mode, hash)
 
+    @classmethod
+    def from_row(
+        cls, key: bytes, size: int, mtime_ns: int, mode: int, digest: bytes | None
+    ) -> Self:
+        """Return the entry of one ``IndexRow``."""
+        if key[-1] == 0x2F:  # b"/": only a directory's key ends so
+            return cls(key[:-1], tree.Kind.DIR, size, mtime_ns, mode, digest)
+        return cls(key, tree.Kind.FILE, size, mtime_ns, mode, digest)
 
-def _from_row(key: bytes, size: int, mtime_ns: int, mode: int, digest: bytes | None) -> IndexEntry:
-    if key[-1] == 0x2F:  # b"/": only a directory's key ends so
-        return IndexEntry(key[:-1], tree.Kind.DIR, size, mtime_ns, mode, digest)
-    return IndexEntry(key, tree.Kind.FILE, size, mtime_ns, mode, digest)
+
+type IndexRow = tuple[bytes, int, int, int, bytes | None]
+"""One row as stored: ``(sort_key, size, mtime_ns, mode, hash)`` (see ``Index.rows``).
+
+Its first four items line up with a ``tree.Row`` of the same entry.
+"""
 
 
 class Index:
@@ -125,6 +135,12 @@ class Index:
         commit meanwhile. It has a connection of its own (closed when the stream ends or is
         closed), so it may be advanced from any thread, one at a time.
         """
+        with contextlib.closing(self.rows(folder, peer)) as rows:
+            for row in rows:
+                yield IndexEntry.from_row(*row)
+
+    def rows(self, folder: str, peer: str) -> Iterator[IndexRow]:
+        """``entries`` as raw ``IndexRow`` tuples: no object per entry (for scans)."""
         conn = self._connect()
         try:
             cursor = conn.execute(
@@ -134,8 +150,7 @@ class Index:
                 (folder, peer),
             )
             while rows := cursor.fetchmany(_FETCH_ROWS):
-                for row in rows:
-                    yield _from_row(*row)
+                yield from rows
         finally:
             self._release(conn)
 

@@ -255,9 +255,9 @@ class _Feeder:
         try:
             batch: list[_Work] = []
             size = 0
-            entries = self._index.entries(self._folder, self._peer)
+            entries = self._index.rows(self._folder, self._peer)
             try:
-                for change in scanner.scan(
+                for change in scanner.scan_rows(
                     self._source, entries, exclude=self._exclude, report=self.report
                 ):
                     work = self._prepare(change)

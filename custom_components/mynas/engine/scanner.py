@@ -20,7 +20,7 @@ import stat
 
 from . import tree
 from .errors import SourceMissing
-from .index import IndexEntry
+from .index import IndexEntry, IndexRow
 
 MAX_ERRORS = 100  # errors kept with their path; more are only counted
 
@@ -128,6 +128,22 @@ def scan(
     The contents of a directory that cannot be listed are neither NEW nor DELETED: the
     error goes to ``report``, which also counts what was walked.
     """
+    rows = ((e.key, e.size, e.mtime_ns, e.mode, e.hash) for e in index_entries)
+    return scan_rows(source, rows, exclude=exclude, report=report)
+
+
+def scan_rows(
+    source: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+    index_rows: Iterable[IndexRow],
+    *,
+    exclude: Sequence[str] = (),
+    report: ScanReport | None = None,
+) -> Iterator[Change]:
+    """``scan`` over the index's raw rows (``Index.rows``): what a push runs.
+
+    Entries that did not change (nearly all of them, most days) cost a comparison of two
+    tuples: objects are built only for the changes.
+    """
     root = os.fsencode(source)
     seen = ScanReport() if report is None else report
     blind = (b"", b"")  # index keys [from, to) below a directory that could not be listed
@@ -144,72 +160,89 @@ def scan(
     def on_skip(_path: bytes) -> None:
         seen.skipped += 1
 
-    walk = (
-        (entry.key, entry)
-        for entry in tree.walk(
-            root, on_error=on_error, skip=Excludes(exclude) if exclude else None, on_skip=on_skip
-        )
+    walk = tree.walk_rows(
+        root, on_error=on_error, skip=Excludes(exclude) if exclude else None, on_skip=on_skip
     )
-    index = _ascending(index_entries)
+    index = _ascending(index_rows)
     # NEW files whose path may still name a directory further down the index. Each is
     # below the previous one in key order, so the last one is always released first.
     held: list[tree.Entry] = []
-    local = next(walk, None)  # raises SourceMissing, if it must, before the first yield
-    peer = next(index, None)
-    while True:
-        if local is not None and (peer is None or local[0] < peer[0]):
-            entry = local[1]
-            _count(seen, entry)
-            if entry.kind is tree.Kind.FILE and peer is not None and peer[0] < entry.path + b"0":
-                held.append(entry)
-            else:
-                yield Change(Action.NEW, entry)
-            local = next(walk, None)
-            continue
-        if peer is None:
-            return  # both streams are done, and nothing is held once the index is
-        if local is None or peer[0] < local[0]:
-            if not blind[0] <= peer[0] < blind[1]:
-                yield Change(Action.DELETED, peer[1])
-        else:
-            entry = local[1]
-            _count(seen, entry)
-            if _differs(entry, peer[1]):
-                yield Change(Action.CHANGED, entry, peer[1])
-            local = next(walk, None)
+    # Counted here and added to the report at the end: cheaper than one update per entry.
+    files = dirs = size = 0
+    try:
+        local = next(walk, None)  # raises SourceMissing, if it must, before the first yield
         peer = next(index, None)
-        # b"0" follows b"/": once the index reaches path + b"0", no directory named path
-        # (key path + b"/") nor anything below it can follow.
-        while held and (peer is None or held[-1].path + b"0" <= peer[0]):
-            yield Change(Action.NEW, held.pop())
+        while True:
+            if local is not None and peer is not None and local[0] == peer[0]:
+                if local[0][-1] == _SLASH:
+                    dirs += 1
+                else:
+                    files += 1
+                    size += local[1]
+                # Same key, same kind: unchanged unless mtime, mode or a file's size differ.
+                if local[2] != peer[2] or local[3] != peer[3] or local[1] != peer[1]:
+                    entry = _entry(local)
+                    if _differs(entry, peer):
+                        yield Change(Action.CHANGED, entry, IndexEntry.from_row(*peer))
+                local = next(walk, None)
+                peer = next(index, None)
+            elif local is not None and (peer is None or local[0] < peer[0]):
+                entry = _entry(local)
+                if entry.kind is tree.Kind.FILE:
+                    files += 1
+                    size += entry.size
+                    if peer is not None and peer[0] < entry.path + b"0":
+                        held.append(entry)
+                        local = next(walk, None)
+                        continue
+                else:
+                    dirs += 1
+                yield Change(Action.NEW, entry)
+                local = next(walk, None)
+                continue
+            elif peer is None:
+                return  # both streams are done, and nothing is held once the index is
+            else:
+                if not blind[0] <= peer[0] < blind[1]:
+                    yield Change(Action.DELETED, IndexEntry.from_row(*peer))
+                peer = next(index, None)
+            # b"0" follows b"/": once the index reaches path + b"0", no directory named path
+            # (key path + b"/") nor anything below it can follow.
+            while held and (peer is None or held[-1].path + b"0" <= peer[0]):
+                yield Change(Action.NEW, held.pop())
+    finally:
+        seen.files += files
+        seen.dirs += dirs
+        seen.bytes += size
 
 
-def _ascending(entries: Iterable[IndexEntry]) -> Iterator[tuple[bytes, IndexEntry]]:
-    """Pair each index entry with its key, checking the order the merge relies on."""
+_SLASH = 0x2F  # b"/"[0]: only a directory's key ends with it
+
+
+def _entry(row: tree.Row) -> tree.Entry:
+    key, size, mtime_ns, mode = row
+    if key[-1] == _SLASH:
+        return tree.Entry(key[:-1], tree.Kind.DIR, 0, mtime_ns, mode)
+    return tree.Entry(key, tree.Kind.FILE, size, mtime_ns, mode)
+
+
+def _ascending(rows: Iterable[IndexRow]) -> Iterator[IndexRow]:
+    """Pass the index rows on, checking the order the merge relies on."""
     previous = b""
-    for entry in entries:
-        key = entry.key
+    for row in rows:
         # Out of order, the merge would report whole trees deleted and sent again.
-        if key <= previous:
-            raise ValueError(f"index entries out of order: {key!r} after {previous!r}")
-        previous = key
-        yield key, entry
+        if row[0] <= previous:
+            raise ValueError(f"index entries out of order: {row[0]!r} after {previous!r}")
+        previous = row[0]
+        yield row
 
 
-def _count(report: ScanReport, entry: tree.Entry) -> None:
-    if entry.kind is tree.Kind.FILE:
-        report.files += 1
-        report.bytes += entry.size
-    else:
-        report.dirs += 1
-
-
-def _differs(local: tree.Entry, peer: IndexEntry) -> bool:
+def _differs(local: tree.Entry, peer: IndexRow) -> bool:
     """Return whether an entry changed; the same key means the same kind."""
-    if local.mtime_ns != peer.mtime_ns or local.mode != peer.mode:
+    if local.mtime_ns != peer[2] or local.mode != peer[3]:
         return True
     # A directory's size means nothing; its mtime does (the replicator sets it again).
-    return local.kind is tree.Kind.FILE and local.size != peer.size
+    return local.kind is tree.Kind.FILE and local.size != peer[1]
 
 
 def read_file_checked(path: bytes, expected: tree.Entry) -> bytes | None:
