@@ -160,6 +160,26 @@ def test_clear_stats_and_folders(index: Index) -> None:
     assert paths(index, F, "carol") == [b"z"]
 
 
+def test_the_root_mtime_of_a_pair(index: Index) -> None:
+    """Unknown until recorded, per pair, replaced by the next record, gone with clear()."""
+    assert index.root_mtime(F, P) is None
+    index.record_root(F, P, 5)
+    index.record_root(F, "carol", 7)
+    index.record_root(F, P, 6)
+    assert (index.root_mtime(F, P), index.root_mtime(F, "carol")) == (6, 7)
+    assert index.folders() == [(F, P), (F, "carol")]  # recording the root makes a pair known
+    index.clear(F, P)
+    assert index.root_mtime(F, P) is None
+    assert index.root_mtime(F, "carol") == 7
+
+
+def test_rows_are_the_entries_as_stored(index: Index) -> None:
+    index.record(F, P, [directory(b"d"), file(b"d/x", size=10)])
+    assert list(index.rows(F, P)) == [
+        (e.key, e.size, e.mtime_ns, e.mode, e.hash) for e in index.entries(F, P)
+    ]
+
+
 def test_persists_across_reopen(tmp_path: Path) -> None:
     with Index(tmp_path / "index.db") as first:
         first.record(F, P, ODD)

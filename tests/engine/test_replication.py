@@ -310,6 +310,75 @@ async def test_adopt_cut_short_is_not_half_remembered(
     assert trash_files(env.storage) == set()
 
 
+# --- runs with nothing to do ------------------------------------------------------------------
+
+
+async def test_nothing_changed_connects_only_if_asked(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With connect_if_unchanged False, a run with nothing to send never reaches the peer."""
+    write(env.src / "a", b"a")
+    write(env.src / "d" / "b", b"b")
+    first = await env.push(connect_if_unchanged=False)
+    assert first.files_sent == 2
+    assert first.peer_contacted  # a new pair and new files: it had to connect
+
+    connects = 0
+    real = replicator.connect_any
+
+    async def counting(*args: Any) -> client.PeerLink:
+        nonlocal connects
+        connects += 1
+        return await real(*args)
+
+    monkeypatch.setattr(replicator, "connect_any", counting)
+    quiet = await env.push(connect_if_unchanged=False)
+    assert (quiet.files_sent, quiet.files_total, quiet.peer_contacted) == (0, 2, False)
+    assert connects == 0
+
+    # The default still asks the peer to answer, even with nothing to send.
+    answered = await env.push()
+    assert (answered.files_sent, answered.peer_contacted, connects) == (0, True, 1)
+    # A retention to pass on is something to do.
+    await env.push(connect_if_unchanged=False, retention_days=7)
+    assert connects == 2
+    # One change: connected again, and only that file goes.
+    write(env.src / "d" / "b", b"B", mtime_ns=MTIME + 1)
+    changed = await env.push(connect_if_unchanged=False)
+    assert (changed.files_sent, changed.peer_contacted, connects) == (1, True, 3)
+    env.check_replica()
+
+
+async def test_a_peer_down_fails_an_unchanged_run_only_if_it_must_connect(env: Env) -> None:
+    """The default reports an unreachable peer even when there is nothing to send."""
+    write(env.src / "a", b"a")
+    await env.push()
+    await env.server.close()
+    result = await env.push(connect_if_unchanged=False)
+    assert not result.peer_contacted
+    with pytest.raises(PeerUnreachable):
+        await env.push()
+
+
+async def test_the_folders_own_mtime_is_kept_in_step(env: Env) -> None:
+    """A run where only the folder's mtime moved connects and sets it on the replica."""
+    write(env.src / "a", b"a")
+    os.utime(env.src, ns=(MTIME, MTIME))
+    await env.push(connect_if_unchanged=False)
+    env.check_replica()
+    assert env.index.root_mtime(FOLDER, "host") == MTIME
+
+    # A file created and removed again: no entry changed, the folder's mtime did.
+    write(env.src / "tmp", b"t")
+    (env.src / "tmp").unlink()
+    result = await env.push(connect_if_unchanged=False)
+    assert result.peer_contacted
+    assert result.files_sent == 0
+    env.check_replica()
+    assert env.index.root_mtime(FOLDER, "host") == os.lstat(env.src).st_mtime_ns
+    assert not (await env.push(connect_if_unchanged=False)).peer_contacted
+
+
 # --- deletions and the trash -----------------------------------------------------------------
 
 

@@ -119,9 +119,12 @@ async def test_push_verify_restore(env: Env, alice_key: Path) -> None:
     assert pushed["bytes_sent"] == 5 + SMALL_FILE + 10
     env.check_replica()
 
+    assert pushed["peer_contacted"]
+
     run = await mynas("push", *common, "--source", env.src, *index, "--bwlimit", "50M")
     assert run.code == 0, run.err
     assert (run.summary["files_sent"], run.summary["files_deleted"]) == (0, 0)
+    assert not run.summary["peer_contacted"]  # nothing to do: the peer is left alone
 
     run = await mynas("verify", *common, "--source", env.src, *index)
     assert run.code == 0, run.err

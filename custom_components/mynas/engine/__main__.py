@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trash-days", type=_days, default=30, metavar="N")
 
     for name, text in (
-        ("push", "send a folder's changes to a peer"),
+        ("push", "send a folder's changes to a peer (nothing changed: no connection)"),
         ("restore", "copy a folder (or a path in it) back from a peer"),
         ("verify", "compare a peer's copy with the folder, without downloading"),
     ):
@@ -264,6 +264,8 @@ async def cmd_push(args: argparse.Namespace) -> int:
             bwlimit=args.bwlimit,
             progress=_progress_printer(),
             allow_empty=args.allow_empty,
+            # A run with nothing to send leaves the peer alone ("peer_contacted": false).
+            connect_if_unchanged=False,
         )
     for message in result.errors:
         print(f"warning: {message}", file=sys.stderr)

@@ -18,7 +18,7 @@ threads, never from an event loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 import contextlib
 from dataclasses import dataclass
 import os
@@ -42,6 +42,10 @@ _SCHEMA = (
     " replica INTEGER NOT NULL, key BLOB NOT NULL, size INTEGER NOT NULL,"
     " mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL, hash BLOB,"
     " PRIMARY KEY(replica, key)) WITHOUT ROWID",
+    # The mtime the peer's copy of the folder itself got (the root is no entry of its own).
+    # Added after format 1 was out: older versions ignore it, and a missing row only costs
+    # a connection to set that mtime again.
+    "CREATE TABLE IF NOT EXISTS roots( replica INTEGER PRIMARY KEY, mtime_ns INTEGER NOT NULL)",
 )
 
 
@@ -139,7 +143,7 @@ class Index:
             for row in rows:
                 yield IndexEntry.from_row(*row)
 
-    def rows(self, folder: str, peer: str) -> Iterator[IndexRow]:
+    def rows(self, folder: str, peer: str) -> Generator[IndexRow]:
         """``entries`` as raw ``IndexRow`` tuples: no object per entry (for scans)."""
         conn = self._connect()
         try:
@@ -157,13 +161,7 @@ class Index:
     def record(self, folder: str, peer: str, entries: Iterable[IndexEntry]) -> None:
         """Insert or replace ``entries`` for (folder, peer), in one transaction."""
         with self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO replicas(folder, peer) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                (folder, peer),
-            )
-            (replica,) = conn.execute(
-                "SELECT id FROM replicas WHERE folder = ? AND peer = ?", (folder, peer)
-            ).fetchone()
+            replica = self._replica(conn, folder, peer)
             conn.executemany(
                 "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
                 ((replica, e.key, e.size, e.mtime_ns, e.mode, e.hash) for e in entries),
@@ -202,7 +200,31 @@ class Index:
                 " WHERE replica = (SELECT id FROM replicas WHERE folder = ? AND peer = ?)",
                 (folder, peer),
             )
+            conn.execute(
+                "DELETE FROM roots"
+                " WHERE replica = (SELECT id FROM replicas WHERE folder = ? AND peer = ?)",
+                (folder, peer),
+            )
             conn.execute("DELETE FROM replicas WHERE folder = ? AND peer = ?", (folder, peer))
+
+    def root_mtime(self, folder: str, peer: str) -> int | None:
+        """Return the mtime the peer's copy of the folder itself has, None if unknown."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT mtime_ns FROM roots"
+                " WHERE replica = (SELECT id FROM replicas WHERE folder = ? AND peer = ?)",
+                (folder, peer),
+            )
+            .fetchone()
+        )
+        return None if row is None else int(row[0])
+
+    def record_root(self, folder: str, peer: str, mtime_ns: int) -> None:
+        """Remember the mtime the peer's copy of the folder itself now has."""
+        with self._transaction() as conn:
+            replica = self._replica(conn, folder, peer)
+            conn.execute("INSERT OR REPLACE INTO roots VALUES (?, ?)", (replica, mtime_ns))
 
     def stats(self, folder: str, peer: str) -> tuple[int, int]:
         """Return how many files (directories not counted) and bytes ``peer`` holds."""
@@ -226,6 +248,18 @@ class Index:
         """
         rows = self._conn().execute("SELECT folder, peer FROM replicas ORDER BY folder, peer")
         return [(folder, peer) for folder, peer in rows]
+
+    @staticmethod
+    def _replica(conn: sqlite3.Connection, folder: str, peer: str) -> int:
+        """Return the id of (folder, peer), adding the pair (inside a write transaction)."""
+        conn.execute(
+            "INSERT INTO replicas(folder, peer) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (folder, peer),
+        )
+        (replica,) = conn.execute(
+            "SELECT id FROM replicas WHERE folder = ? AND peer = ?", (folder, peer)
+        ).fetchone()
+        return int(replica)
 
     def _create_schema(self) -> None:
         conn = self._conn()

@@ -118,6 +118,8 @@ class PushResult:
     errors: list[str] = field(default_factory=list)
     error_count: int = 0
     seconds: float = 0.0
+    # False when nothing had changed and the run did not connect (``connect_if_unchanged``).
+    peer_contacted: bool = False
 
     def add_error(self, message: str) -> None:
         """Keep the first errors word for word, count the rest."""
@@ -253,7 +255,7 @@ class _Feeder:
     def run(self) -> None:
         """Scan, read, and hand over batches; always ends with None or an exception."""
         try:
-            batch: list[_Work] = []
+            batch = self._root_change()
             size = 0
             entries = self._index.rows(self._folder, self._peer)
             try:
@@ -276,6 +278,22 @@ class _Feeder:
                 self._hand(None)
         except BaseException as err:  # handed to the loop, which re-raises
             self._hand(err)
+
+    def _root_change(self) -> list[_Work]:
+        """The folder itself, if its mtime is not what the peer's copy got last time.
+
+        The root is no entry of the scan; without this a run where only the folder's own
+        mtime moved (a file created and removed, an excluded file written) would leave the
+        replica's root behind.
+        """
+        try:
+            mtime = os.lstat(self._source).st_mtime_ns
+        except OSError:
+            return []  # the scan will say what is wrong with the source
+        if mtime == self._index.root_mtime(self._folder, self._peer):
+            return []
+        root = tree.Entry(b"", tree.Kind.DIR, 0, mtime, tree.DIR_MODE)
+        return [_Work(Change(Action.CHANGED, root))]
 
     def _prepare(self, change: Change) -> _Work:
         entry = change.entry
@@ -335,6 +353,10 @@ class _IndexWriter:
         self._ops.append(("forget_tree", path))
         self._count += 1
 
+    def record_root(self, mtime_ns: int) -> None:
+        self._ops.append(("root", mtime_ns))
+        self._count += 1
+
     async def maybe_flush(self) -> None:
         if self._count >= _INDEX_BATCH or (self._ops and time.monotonic() - self._last > 1.0):
             await self.flush()
@@ -356,6 +378,8 @@ class _IndexWriter:
                 self._index.record(self._folder, self._peer, values)
             elif op == "forget":
                 self._index.forget(self._folder, self._peer, values)
+            elif op == "root":
+                self._index.record_root(self._folder, self._peer, values[-1])
             else:
                 for path in values:
                     self._index.forget_tree(self._folder, self._peer, path)
@@ -385,19 +409,58 @@ class _DirDeletion:
     done: bool | None = None  # None while the host has not answered
 
 
+class _Connection:
+    """A run's one connection to the peer: opened when first needed, or started early.
+
+    Started early, the SSH handshake runs while the scan walks the folder.
+    """
+
+    def __init__(self, identity: Identity, target: PeerTarget) -> None:
+        self._identity = identity
+        self._target = target
+        self._task: asyncio.Task[PeerLink] | None = None
+        self.link: PeerLink | None = None  # once open
+
+    def start(self) -> None:
+        """Begin connecting, without waiting."""
+        if self._task is None:
+            target = self._target
+            self._task = asyncio.create_task(
+                connect_any(self._identity, target.addresses, target.public_key)
+            )
+
+    async def open(self) -> PeerLink:
+        """Return the open link, connecting first if needed (``client.connect``'s errors)."""
+        if self.link is None:
+            self.start()
+            assert self._task is not None
+            self.link = await self._task
+        return self.link
+
+    async def close(self) -> None:
+        """Close the link, or give up connecting."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()  # a no-op once connected (or failed)
+        (outcome,) = await asyncio.gather(task, return_exceptions=True)
+        if not isinstance(outcome, BaseException):
+            await outcome.close()
+
+
 class _Pusher:
-    """One push of one folder to one peer over an open link."""
+    """One push of one folder to one peer, over a link opened at the first change."""
 
     def __init__(
         self,
-        link: PeerLink,
+        connection: _Connection,
         index: _IndexWriter,
         folder: str,
         source: bytes,
         throttle: Throttle,
         progress: ProgressCallback | None,
     ) -> None:
-        self.link = link
+        self.connection = connection
         self.index = index
         self.folder = check_folder_name(folder)
         self.source = source
@@ -416,6 +479,13 @@ class _Pusher:
         self._dirs: dict[bytes, int | None] = {}
         self._loop = asyncio.get_running_loop()
         self._reader: ThreadPoolExecutor | None = None  # started by the first large file
+
+    @property
+    def link(self) -> PeerLink:
+        """The open link (``_run_push`` opens it before the first change is handled)."""
+        link = self.connection.link
+        assert link is not None
+        return link
 
     def report(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -660,6 +730,8 @@ class _Pusher:
                     self.index.record(
                         IndexEntry(path, tree.Kind.DIR, 0, mtime, tree.DIR_MODE, None)
                     )
+                else:
+                    self.index.record_root(mtime)
 
             await self.link.mkdir(_remote(self.folder, path), mtime, done)
         await self.link.sync()
@@ -756,6 +828,7 @@ async def push(
     retention_days: int | None = None,
     progress: ProgressCallback | None = None,
     allow_empty: bool = False,
+    connect_if_unchanged: bool = True,
 ) -> PushResult:
     """Bring the replica of ``folder`` on ``target`` up to date with ``source``.
 
@@ -764,27 +837,38 @@ async def push(
     connection errors of ``client.connect``, QuotaExceeded (with how much is still needed
     and how much is left) or PeerDiskFull — always after recording in the index everything
     the host acknowledged.
+
+    The connection is made while the folder is scanned. With ``connect_if_unchanged``
+    False, a run that finds nothing to change (the index knows the pair, no retention is
+    asked) does not contact the peer at all: ``peer_contacted`` is then False, and its
+    success says nothing about the peer being reachable.
     """
     started = time.monotonic()
     loop = asyncio.get_running_loop()
     check_folder_name(folder)
     raw_source = await loop.run_in_executor(None, _check_source, source)
     writer = _IndexWriter(index, folder, target.id)
+    connection = _Connection(identity, target)
     try:
-        link = await connect_any(identity, target.addresses, target.public_key)
         try:
-            if (folder, target.id) not in await writer.call(index.folders):
-                await _adopt(link, writer, folder)
+            known = (folder, target.id) in await writer.call(index.folders)
+            if connect_if_unchanged or not known or retention_days:
+                connection.start()
+            if not known:
+                await _adopt(await connection.open(), writer, folder)
             if not allow_empty:
                 await _refuse_empty(loop, writer, index, folder, target, raw_source)
             if retention_days:
-                await link.set_retention(folder, retention_days)
+                await (await connection.open()).set_retention(folder, retention_days)
             result = await _run_push(
-                link, writer, folder, raw_source, target, index, exclude, bwlimit, progress
+                connection, writer, folder, raw_source, target, index, exclude, bwlimit, progress
             )
+            if connect_if_unchanged and connection.link is None:
+                await connection.open()  # nothing to send, but the peer must still answer
+            result.peer_contacted = connection.link is not None
         finally:
             # Close first: no acknowledgement can arrive after the last flush.
-            await link.close()
+            await connection.close()
             await writer.flush()
     finally:
         await loop.run_in_executor(None, writer.close)
@@ -813,7 +897,7 @@ async def _refuse_empty(
 
 
 async def _run_push(
-    link: PeerLink,
+    connection: _Connection,
     writer: _IndexWriter,
     folder: str,
     source: bytes,
@@ -824,7 +908,7 @@ async def _run_push(
     progress: ProgressCallback | None,
 ) -> PushResult:
     loop = asyncio.get_running_loop()
-    pusher = _Pusher(link, writer, folder, source, Throttle(bwlimit), progress)
+    pusher = _Pusher(connection, writer, folder, source, Throttle(bwlimit), progress)
     feeder = _Feeder(loop, source, index, folder, target.id, exclude)
     pusher.on_stop = feeder.count_only.set
     thread = loop.run_in_executor(None, feeder.run)
@@ -834,15 +918,18 @@ async def _run_push(
                 raise item
             batch, last = item
             pusher.plan(batch, last)
+            if batch and connection.link is None:
+                await connection.open()  # the first change
             for work in batch:
                 await pusher.handle(work)
             if isinstance(pusher.stop_error, PeerUnreachable):
                 break  # nothing more can be sent; counting what is left is only for quota
         pusher.state.scan_complete = True
-        pusher.state.phase = Phase.TRANSFERRING
-        await link.sync()
-        if pusher.stop_error is None:
-            await pusher.finish_dirs()
+        if connection.link is not None:  # else nothing changed: nothing to finish
+            pusher.state.phase = Phase.TRANSFERRING
+            await connection.link.sync()
+            if pusher.stop_error is None:
+                await pusher.finish_dirs()
     except MyNasError as err:
         if pusher.stop_error is None:
             pusher.stop_error = err
