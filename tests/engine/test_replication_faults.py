@@ -404,6 +404,42 @@ async def test_unreachable_addresses(env: Env) -> None:
 # --- bandwidth, progress, cancellation -------------------------------------------------------
 
 
+async def test_the_push_lets_other_tasks_run(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sending small files never has to wait on loopback; other tasks still get turns."""
+    for i in range(200):
+        write(env.src / f"f{i:03d}", b"x")
+    monkeypatch.setattr(replicator, "_TURN", 0.0)  # a turn after every file
+    handled = 0
+    real = replicator._Pusher.handle
+
+    async def counting(self: replicator._Pusher, work: Any) -> None:
+        nonlocal handled
+        handled += 1
+        await real(self, work)
+
+    monkeypatch.setattr(replicator._Pusher, "handle", counting)
+    longest = 0  # files handled while the other task waited for its turn
+    running = True
+
+    async def other_task() -> None:
+        nonlocal longest
+        seen = handled
+        while running:
+            await asyncio.sleep(0)
+            longest = max(longest, handled - seen)
+            seen = handled
+
+    task = asyncio.create_task(other_task())
+    try:
+        result = await env.push()
+    finally:
+        running = False
+        await task
+    assert result.files_sent == 200
+    assert longest <= 2  # not the whole batch of 200 in one go
+    env.check_replica()
+
+
 async def test_bandwidth_limit_and_progress(env: Env) -> None:
     """About 2.5 MiB at 1 MiB/s (one second of burst) takes 1.5 s; progress is throttled."""
     write(env.src / "big", os.urandom(SMALL_FILE + MIB // 2))

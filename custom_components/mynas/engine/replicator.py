@@ -53,6 +53,8 @@ _PIECE = CHUNK - len(protocol.data(0, b""))
 # Read large files this much per worker-thread hop (sent as several frames).
 _READ_BLOCK = 4 * _PIECE
 _INDEX_BATCH = 1000
+# The longest the push handles files without letting the event loop run other tasks.
+_TURN = 0.002
 _PROGRESS_INTERVAL = 0.25
 MAX_REPORTED = 100
 
@@ -479,6 +481,7 @@ class _Pusher:
         self._dirs: dict[bytes, int | None] = {}
         self._loop = asyncio.get_running_loop()
         self._reader: ThreadPoolExecutor | None = None  # started by the first large file
+        self._turn_ends = 0.0  # when sending must next let the loop's other tasks run
 
     @property
     def link(self) -> PeerLink:
@@ -486,6 +489,16 @@ class _Pusher:
         link = self.connection.link
         assert link is not None
         return link
+
+    async def take_turns(self) -> None:
+        """Let the loop's other tasks run if this push has had it for _TURN seconds.
+
+        Sending small files, or blocks read ahead, seldom has to wait for anything: without
+        this the loop would run nothing else for as long as the channel takes data.
+        """
+        if self._loop.time() >= self._turn_ends:
+            await asyncio.sleep(0)
+            self._turn_ends = self._loop.time() + _TURN
 
     def report(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -697,6 +710,7 @@ class _Pusher:
                     piece = view[start : start + _PIECE]
                     await self.throttle.consume(len(piece))
                     await self.link.send_data(req, piece)
+                    await self.take_turns()
                 self.state.bytes_done += len(block)
                 self.report()
         finally:
@@ -922,6 +936,7 @@ async def _run_push(
                 await connection.open()  # the first change
             for work in batch:
                 await pusher.handle(work)
+                await pusher.take_turns()
             if isinstance(pusher.stop_error, PeerUnreachable):
                 break  # nothing more can be sent; counting what is left is only for quota
         pusher.state.scan_complete = True
