@@ -23,8 +23,6 @@ from . import identity as identity_mod, invite as invite_mod
 from .errors import MyNasError
 from .index import Index
 from .replicator import PeerTarget, Progress, push, restore, verify
-from .server import NodeServer, PeerGrant
-from .storage import HostedSpace, validate_peer_name
 from .units import format_bytes, parse_size
 
 _LOGGER = logging.getLogger("mynas")
@@ -78,6 +76,8 @@ def _peer_grant(text: str) -> tuple[str, str, int]:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected NAME=PUBKEY_FILE:QUOTA, e.g. bob=bob.pub:20G"
         )
+    from .storage import validate_peer_name  # noqa: PLC0415 - serve only (see cmd_serve)
+
     try:
         validate_peer_name(name)
     except ValueError as err:
@@ -210,6 +210,11 @@ def _check_storage(storage: Path) -> None:
 
 async def cmd_serve(args: argparse.Namespace) -> int:
     """Host the peers' jails until SIGINT or SIGTERM."""
+    # Imported here: the other commands (push above all) need neither the server nor the
+    # host's storage, and their import is time a push with nothing to send would wait for.
+    from .server import NodeServer, PeerGrant  # noqa: PLC0415
+    from .storage import HostedSpace  # noqa: PLC0415
+
     node = _load_identity(args.key)
     storage = Path(args.storage)
     _check_storage(storage)
