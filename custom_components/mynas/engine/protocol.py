@@ -39,6 +39,8 @@ REPLY  S→C  id u32, JSON
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 import enum
 import json
@@ -53,6 +55,8 @@ VERSION = 1
 MAX_FRAME = 4 * 1024 * 1024 + 4096
 # Large files travel as DATA frames of this size; small ones whole, in one PUT each.
 CHUNK = 256 * 1024
+# FrameReader asks the stream for this much at a time: one call serves many small frames.
+READ_SIZE = 256 * 1024
 MAX_PATH = 4096
 
 
@@ -101,6 +105,7 @@ class FailCode(enum.StrEnum):
 
 
 _HEAD = struct.Struct(">IB")
+_LEN32 = 4  # the length field, which does not count itself
 _ID = struct.Struct(">I")
 _PUT = struct.Struct(">IqH")
 _OPEN = struct.Struct(">IQqH")
@@ -117,6 +122,14 @@ class Reader(Protocol):
 
     async def readexactly(self, n: int) -> bytes:
         """Read exactly ``n`` bytes."""
+        ...
+
+
+class BufferedReader(Reader, Protocol):
+    """A reader that can also return whatever is available (FrameReader's source)."""
+
+    async def read(self, n: int = -1) -> bytes:
+        """Read at most ``n`` bytes, waiting only until some are there (b"" at the end)."""
         ...
 
 
@@ -146,6 +159,109 @@ async def read_frame(reader: Reader) -> tuple[Frame, bytes]:
         raise ProtocolError(f"unknown frame type {kind}") from None
     body = await reader.readexactly(length - 1) if length > 1 else b""
     return frame, body
+
+
+def _check_head(length: int, kind: int) -> Frame:
+    if not 1 <= length <= MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes (limit {MAX_FRAME})")
+    try:
+        return Frame(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type {kind}") from None
+
+
+class FrameReader:
+    """Reads frames from a stream ``READ_SIZE`` bytes at a time and splits them from a buffer.
+
+    ``read_frame`` with two ``readexactly`` calls costs two trips through the stream (its
+    lock, its buffer list) per frame; here one ``read`` serves every small frame it brought.
+    A frame cut by the end of a read is completed with one ``readexactly`` of exactly its
+    missing bytes, so the next read starts on a frame boundary and nothing is copied twice.
+    Each body is a ``bytes`` object of its own: keeping one never keeps a whole read alive.
+
+    ``charge``, when given, is awaited with each frame's body length before the body is
+    taken: the caller's byte budget, which may wait (and so stop reading the stream: SSH
+    flow control then holds the sender back) until bytes held earlier are given back.
+    """
+
+    def __init__(
+        self,
+        reader: BufferedReader,
+        *,
+        charge: Callable[[int], Awaitable[None]] | None = None,
+        read_size: int = READ_SIZE,
+    ) -> None:
+        """Read from ``reader``; ``charge(n)`` is awaited before each body of ``n`` bytes."""
+        self._reader = reader
+        self._charge = charge
+        self._read_size = read_size
+        self._buf = b""
+        self._pos = 0
+        self._eof = False  # the stream has ended (seen by ``fill``)
+
+    @property
+    def ended(self) -> bool:
+        """Whether ``fill`` found the end of the stream."""
+        return self._eof
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the stream and not yet returned in a frame."""
+        return len(self._buf) - self._pos
+
+    def ready(self) -> bool:
+        """Return whether a whole frame is buffered (``read_frame`` needs no stream read)."""
+        if self.buffered < _HEAD.size:
+            return False
+        length, _ = _HEAD.unpack_from(self._buf, self._pos)
+        return bool(self.buffered >= _LEN32 + length)
+
+    async def fill(self) -> None:
+        """Wait until more bytes are buffered, or the stream has ended.
+
+        Safe to cancel (e.g. under ``asyncio.timeout``): a read still waiting has taken
+        nothing from the stream yet.
+        """
+        data = await self._reader.read(self._read_size)
+        self._append(data)
+        self._eof = not data
+
+    def _append(self, data: bytes) -> None:
+        if self._pos < len(self._buf):
+            self._buf = self._buf[self._pos :] + data
+        else:
+            self._buf = data
+        self._pos = 0
+
+    async def read_frame(self) -> tuple[Frame, bytes]:
+        """Read one frame; ProtocolError on an unknown type or an oversized frame.
+
+        Raises asyncio.IncompleteReadError when the stream ends (``partial`` is empty when
+        it ended cleanly between frames).
+        """
+        while True:
+            buf, pos = self._buf, self._pos
+            if len(buf) - pos >= _HEAD.size:
+                length, kind = _HEAD.unpack_from(buf, pos)
+                frame = _check_head(length, kind)
+                if self._charge is not None:
+                    await self._charge(length - 1)
+                end = pos + _LEN32 + length
+                if end <= len(buf):
+                    self._pos = end
+                    return frame, buf[pos + _HEAD.size : end]
+                # Cut by the end of the buffer: read exactly what is missing of this frame.
+                self._buf, self._pos = b"", 0
+                try:
+                    rest = await self._reader.readexactly(end - len(buf))
+                except asyncio.IncompleteReadError as err:
+                    raise asyncio.IncompleteReadError(buf[pos:] + err.partial, None) from None
+                head_end = pos + _HEAD.size
+                return frame, buf[head_end:] + rest if head_end < len(buf) else rest
+            data = b"" if self._eof else await self._reader.read(self._read_size)
+            if not data:
+                raise asyncio.IncompleteReadError(buf[pos:], None)
+            self._append(data)
 
 
 def frame(kind: Frame, *parts: bytes | memoryview) -> bytes:

@@ -8,6 +8,14 @@ to connect"; repeated failures from one address are slowed down.
 
 All disk I/O happens in worker threads; run the server on an event loop of its own (the
 Home Assistant integration does) so a slow USB disk never stalls anything else.
+
+Memory: what a replication session holds of a peer's data (frames read and not yet on disk:
+the PUT batch it fills, the batches being written, an upload's chunks) is taken from a byte
+budget per session and one per peer (``Limits.session_bytes``, ``Limits.peer_bytes``) before
+it is read; a session whose budget is spent stops reading its channel until its writes give
+bytes back, and SSH flow control holds the peer back meanwhile. Outside the budgets, a session
+holds at most one read buffer (``protocol.READ_SIZE``) and what asyncssh buffers for its
+channel (about two SSH windows of 2 MiB at worst).
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ import asyncssh
 from asyncssh.session import DataType
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
-from . import protocol
+from . import ciphers, protocol
+from .budget import ByteBudget
 from .errors import MyNasError, PathRefused, PeerDiskFull, ProtocolError, QuotaExceeded
 from .identity import Identity
 from .protocol import FailCode, Frame
@@ -60,10 +69,21 @@ class Limits:
     unauthenticated_per_address: int = 8
     login_timeout: float = 30.0
     hello_timeout: float = 30.0
+    # A batch of small files goes to the disk at this many files or bytes...
     batch_files: int = 512
-    batch_bytes: int = 8 * 1024 * 1024
+    batch_bytes: int = 4 * 1024 * 1024
+    # ...or once it is this old, or the channel has been silent this long, when no whole
+    # frame is waiting: a slow link still gets its acknowledgements every fraction of a
+    # second, a fast one fills whole batches.
+    batch_age: float = 0.2
+    batch_idle: float = 0.05
     batches_in_flight: int = 2
-    upload_queue: int = 8
+    # An upload's chunks go to its file in groups of about this size (one thread hop each).
+    upload_group: int = 1024 * 1024
+    # Bytes of a peer's data held in memory (read, not yet on disk): per session, and for
+    # all sessions of one peer together. Each must hold a batch and the largest frame.
+    session_bytes: int = 16 * 1024 * 1024
+    peer_bytes: int = 32 * 1024 * 1024
     # Failed logins from one address before each new attempt waits, doubling up to a cap.
     free_failures: int = 5
     max_delay: float = 30.0
@@ -114,6 +134,7 @@ class NodeServer:
         self._on_event = on_event
         self._grants: dict[str, PeerGrant] = {}
         self._jails: dict[str, Jail] = {}
+        self._budgets: dict[str, ByteBudget] = {}
         self._ready: dict[str, asyncio.Event] = {}
         self._authorized: asyncssh.SSHAuthorizedKeys | None = None
         self._tokens: dict[str, str] = {}
@@ -142,6 +163,7 @@ class NodeServer:
             x11_forwarding=False,
             agent_forwarding=False,
             allow_scp=False,
+            encryption_algs=ciphers.preferred(),
             login_timeout=self.limits.login_timeout,
             keepalive_interval=60,
             keepalive_count_max=3,
@@ -180,12 +202,15 @@ class NodeServer:
         for name, grant in grants.items():
             if name not in self._jails:
                 self._jails[name] = await self._in_thread(self.space.jail, name, grant.quota)
+                self._budgets[name] = ByteBudget(self.limits.peer_bytes)
                 self._ready[name] = asyncio.Event()
                 self._track(asyncio.ensure_future(self._rescan(name)))
             else:
                 self._jails[name].quota.limit = grant.quota
         for name in set(self._jails) - set(grants):
             del self._jails[name]
+            # Sessions still running keep their reference until they end (they are cut).
+            del self._budgets[name]
             self._ready.pop(name, None)
         self._grants = grants
         # Tokens, not names, go into the key options: names may hold any character. A token
@@ -217,6 +242,10 @@ class NodeServer:
         """Return a peer's jail once its usage has been recounted from disk."""
         await self._ready[name].wait()
         return self._jails[name]
+
+    def peer_budget(self, name: str) -> ByteBudget:
+        """Return the budget that all replication sessions of a configured peer share."""
+        return self._budgets[name]
 
     # --- internals -------------------------------------------------------------------------
 
@@ -420,7 +449,8 @@ class _Connection(asyncssh.SSHServer):
                 server._track(task)  # close() waits for the session to end its writes
             try:
                 jail = await server.jail_ready(peer)
-                await _ReplicationSession(server, jail, stdin, stdout).run()
+                budget = ByteBudget(server.limits.session_bytes, server.peer_budget(peer))
+                await _ReplicationSession(server, jail, stdin, stdout, budget).run()
             finally:
                 cast(asyncssh.SSHServerChannel[bytes], stdout.channel).exit(0)
 
@@ -504,18 +534,30 @@ class _Session(SSHServerStreamSession[bytes]):
         return False
 
 
+# What one frame held in memory costs beyond its body (the bytes object, a memoryview, a
+# batch entry): charged with the body, so that a flood of tiny frames is bounded too.
+_FRAME_COST = 512
+
+
+def _cost(body: bytes) -> int:
+    return len(body) + _FRAME_COST
+
+
 @dataclass(slots=True)
 class _Batch:
     items: list[tuple[int, IncomingFile]] = field(default_factory=list)
-    size: int = 0
+    size: int = 0  # bytes of file data
+    held: int = 0  # bytes of the session's budget its frames hold
+    started: float = 0.0  # event loop time of its first file
 
 
 @dataclass(slots=True)
 class _OpenUpload:
     req: int
     upload: Upload
-    queue: asyncio.Queue[memoryview | None]
-    task: asyncio.Task[None]
+    chunks: list[memoryview] = field(default_factory=list)
+    held: int = 0  # budget bytes of the chunks not yet handed to the writer
+    writer: asyncio.Task[None] | None = None
     error: BaseException | None = None
 
 
@@ -523,24 +565,33 @@ class _ReplicationSession:
     """Serves the replication protocol to one authenticated peer on one channel."""
 
     def __init__(
-        self, server: NodeServer, jail: Jail, reader: SSHReader[bytes], writer: SSHWriter[bytes]
+        self,
+        server: NodeServer,
+        jail: Jail,
+        reader: SSHReader[bytes],
+        writer: SSHWriter[bytes],
+        budget: ByteBudget,
     ) -> None:
         self._server = server
         self._limits = server.limits
         self._jail = jail
-        self._reader = reader
+        self._frames = protocol.FrameReader(reader, charge=self._charge)
         self._writer = writer
+        self._budget = budget
         self._batch = _Batch()
         self._in_flight: deque[asyncio.Task[None]] = deque()
         self._upload: _OpenUpload | None = None
+        self._written = False  # frames were written since the last drain
         self._loop = asyncio.get_running_loop()
 
     async def run(self) -> None:
         try:
             await self._handshake()
             while True:
+                if self._batch.items and not self._frames.ready():
+                    await self._wait_or_submit()
                 try:
-                    kind, body = await protocol.read_frame(self._reader)
+                    kind, body = await self._frames.read_frame()
                 except asyncio.IncompleteReadError:
                     break
                 await self._dispatch(kind, body)
@@ -552,10 +603,41 @@ class _ReplicationSession:
         finally:
             await self._teardown()
 
+    async def _wait_or_submit(self) -> None:
+        """No whole frame at hand while a batch waits: let it grow only while data flows.
+
+        The batch goes to the disk once it is ``batch_age`` old, or when the channel has
+        brought nothing for ``batch_idle``: on a slow link (or while the peer pauses) its
+        files are acknowledged promptly instead of waiting for a full batch.
+        """
+        frames = self._frames
+        # (Past one read's worth, the rest of a big frame is read in one piece.)
+        while not frames.ready() and not frames.ended and frames.buffered < protocol.READ_SIZE:
+            age_left = self._batch.started + self._limits.batch_age - self._loop.time()
+            if age_left <= 0:
+                break
+            try:
+                async with asyncio.timeout(min(age_left, self._limits.batch_idle)):
+                    await frames.fill()
+            except TimeoutError:
+                break
+        else:
+            return  # a frame (or the end of the stream) is here: the batch may still grow
+        await self._submit()
+
+    async def _charge(self, size: int) -> None:
+        """Take a frame's bytes from the budget before reading it (FrameReader's hook)."""
+        cost = size + _FRAME_COST
+        if not self._budget.try_take(cost):
+            # Before waiting, everything held must be on its way to the disk: the bytes
+            # given back then are what the wait is for (see budget.py).
+            await self._submit()
+            self._write_chunks()
+            await self._budget.take(cost)
+
     async def _handshake(self) -> None:
-        kind, _ = await asyncio.wait_for(
-            protocol.read_frame(self._reader), self._limits.hello_timeout
-        )
+        kind, body = await asyncio.wait_for(self._frames.read_frame(), self._limits.hello_timeout)
+        self._budget.give(_cost(body))
         if kind is not Frame.HELLO:
             raise ProtocolError("expected HELLO")
         self._writer.write(protocol.welcome(self._welcome()))
@@ -578,20 +660,22 @@ class _ReplicationSession:
         self._batch = _Batch()
         await asyncio.gather(*self._in_flight, return_exceptions=True)
         if self._upload is not None:
-            upload = self._upload
+            state = self._upload
             self._upload = None
-            # Not cancel(): a write already running in a worker thread would go on while
-            # abandon() closes its file. The writer ends after the chunks it already holds.
-            if not upload.task.done():
-                await upload.queue.put(None)
-            await asyncio.gather(upload.task, return_exceptions=True)
-            await self._thread(upload.upload.abandon)
+            state.chunks.clear()  # never written: the partial ends where the disk has it
+            # Never cancelled: a write running in a worker thread would go on while
+            # abandon() closes its file. The writer ends after the chunks it holds.
+            if state.writer is not None:
+                await asyncio.gather(asyncio.shield(state.writer), return_exceptions=True)
+            await self._thread(state.upload.abandon)
+        self._budget.close()  # whatever is still held goes back to the peer's budget
 
     async def _thread[T](self, func: Callable[..., T], *args: Any) -> T:
         return await self._loop.run_in_executor(None, func, *args)
 
     def _send(self, data: bytes) -> None:
         self._writer.write(data)
+        self._written = True
 
     def _send_error(self, req: int, err: BaseException) -> None:
         self._send(_failure(req, err))
@@ -600,8 +684,9 @@ class _ReplicationSession:
         if kind is Frame.PUT:
             await self._put(body)
         elif kind is Frame.DATA:
-            await self._data(body)
+            self._data(body)
         else:
+            self._budget.give(_cost(body))  # nothing of these bodies is kept
             if self._upload is not None and kind is not Frame.CLOSE:
                 raise ProtocolError(f"{kind.name} while an upload is open")
             handler = self._handlers.get(kind)
@@ -609,26 +694,30 @@ class _ReplicationSession:
                 raise ProtocolError(f"unexpected {kind.name}")
             await self._flush()
             await handler(self, body)
-        # Bound what the writer holds: a peer that never reads its answers gets paused.
-        await self._writer.drain()
+        if self._written:
+            # Bound what the writer holds: a peer that never reads its answers gets paused.
+            self._written = False
+            await self._writer.drain()
 
     # --- the batched path ------------------------------------------------------------------
 
     async def _put(self, body: bytes) -> None:
+        # The path is checked (syntax and disk) by write_batch, in a worker thread.
         request = protocol.parse_put(body)
         try:
-            self._jail.check_path(request.path)
             self._jail.quota.reserve(charge(len(request.data)))
-        except (QuotaExceeded, PathRefused) as err:
+        except QuotaExceeded as err:
+            self._budget.give(_cost(body))
             self._send_error(request.req, err)
             return
+        batch = self._batch
+        if not batch.items:
+            batch.started = self._loop.time()
         item = IncomingFile(request.path, request.data, request.mtime_ns, request.mode)
-        self._batch.items.append((request.req, item))
-        self._batch.size += len(request.data)
-        if (
-            len(self._batch.items) >= self._limits.batch_files
-            or self._batch.size >= self._limits.batch_bytes
-        ):
+        batch.items.append((request.req, item))
+        batch.size += len(request.data)
+        batch.held += _cost(body)
+        if len(batch.items) >= self._limits.batch_files or batch.size >= self._limits.batch_bytes:
             await self._submit()
 
     async def _submit(self) -> None:
@@ -651,6 +740,8 @@ class _ReplicationSession:
         except Exception as err:  # every file of the batch must be answered
             _LOGGER.exception("Writing a batch for %s failed", self._jail.name)
             results = [err] * len(files)
+        finally:
+            self._budget.give(batch.held)
         done = [
             req for (req, _), result in zip(batch.items, results, strict=True) if result is None
         ]
@@ -679,36 +770,50 @@ class _ReplicationSession:
         except (MyNasError, OSError) as err:
             self._send_error(request.req, err)
             return
-        queue: asyncio.Queue[memoryview | None] = asyncio.Queue(self._limits.upload_queue)
-        state = _OpenUpload(request.req, upload, queue, asyncio.create_task(asyncio.sleep(0)))
-        state.task = asyncio.create_task(self._drain_upload(state))
-        self._upload = state
+        self._upload = _OpenUpload(request.req, upload)
         self._send(protocol.offset(request.req, upload.offset))
 
-    async def _drain_upload(self, state: _OpenUpload) -> None:
-        # Writes the chunks in order while the session keeps reading the next ones.
-        while (chunk := await state.queue.get()) is not None:
-            if state.error is None:
-                try:
-                    await self._thread(state.upload.write, chunk)
-                except (MyNasError, OSError) as err:
-                    state.error = err
-
-    async def _data(self, body: bytes) -> None:
+    def _data(self, body: bytes) -> None:
         req, chunk = protocol.parse_data(body)
         state = self._upload
         if state is None or state.req != req:
             raise ProtocolError("DATA for no open upload")
-        await state.queue.put(chunk)
+        state.chunks.append(chunk)
+        state.held += _cost(body)
+        if state.held >= self._limits.upload_group:
+            self._write_chunks()
+
+    def _write_chunks(self) -> None:
+        """Start writing the open upload's chunks in a worker thread, if it is not already."""
+        state = self._upload
+        if state is not None and state.chunks and state.writer is None:
+            state.writer = asyncio.create_task(self._writing(state))
+
+    async def _writing(self, state: _OpenUpload) -> None:
+        """Write the chunks in order, all that came meanwhile in each thread hop."""
+        try:
+            while state.chunks:
+                chunks, held = state.chunks, state.held
+                state.chunks, state.held = [], 0
+                try:
+                    if state.error is None:
+                        await self._thread(state.upload.write_many, chunks)
+                except (MyNasError, OSError) as err:
+                    state.error = err
+                finally:
+                    self._budget.give(held)
+        finally:
+            state.writer = None
 
     async def _close(self, body: bytes) -> None:
         req, how = protocol.parse_close(body)
         state = self._upload
         if state is None or state.req != req:
             raise ProtocolError("CLOSE for no open upload")
+        self._write_chunks()
+        if state.writer is not None:
+            await asyncio.shield(state.writer)  # see _teardown: never cancelled mid-write
         self._upload = None
-        await state.queue.put(None)
-        await state.task
         upload = state.upload
         try:
             if state.error is not None:
@@ -847,7 +952,10 @@ def _finish_or_keep(upload: Upload) -> None:
 
 
 def _release(jail: Jail, batch: _Batch) -> None:
-    """Give back the reservations of a batch that will never be written."""
+    """Give back the quota reservations of a batch that will never be written.
+
+    (Its budget bytes go back when the session's budget is closed.)
+    """
     for _, item in batch.items:
         jail.quota.release(charge(len(item.data)))
 
