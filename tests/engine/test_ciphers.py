@@ -69,3 +69,13 @@ async def test_a_real_connection_gets_the_preferred_cipher(
     monkeypatch.setattr(ciphers, "HAS_AES", has_aes)
     async with await connect(alice_id, address(server), host_id.public_line) as peer:
         assert peer._conn.get_extra_info("send_cipher") == expected
+
+
+def test_no_cpuinfo_keeps_asyncssh_s_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not Linux, or no /proc: no claim about AES instructions."""
+
+    def no_proc(*_args: Any, **_kwargs: Any) -> Any:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr("builtins.open", no_proc)
+    assert ciphers._detect() is False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+import json
 import os
 from pathlib import Path
 import re
@@ -20,10 +21,18 @@ import stat
 import struct
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
-from custom_components.mynas.engine import client, identity, invite, protocol
+from custom_components.mynas.engine import (
+    __main__ as cli,
+    client,
+    identity,
+    invite,
+    protocol,
+    replicator,
+)
 from custom_components.mynas.engine.__main__ import main
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.protocol import Frame
@@ -315,6 +324,84 @@ async def test_serve_refuses_bad_arguments_with_one_line(tmp_path: Path) -> None
         assert run.out == "", name
     assert "address already in use" in runs[list(cases).index("busy port")].reason
     assert [name for name in os.listdir(storage) if name != ".mynas"] == []  # no jail made
+
+
+# --- corner cases, in-process ------------------------------------------------------------------
+
+
+class _Terminal:
+    """Stands in for stderr on a terminal: what the progress line and summaries print."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_argument_and_setup_errors_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-numeric --trash-days, a bad --peer, a bad invite name, a storage not writable."""
+    assert cli._days("3") == 3
+    key = tmp_path / "k"
+    identity.load_or_create(key)
+    push = ["push", "--key", str(key), "--peer-key", "p", "--folder", "F", "--source", "s"]
+    for args, reason in (
+        (["serve", "--key", "k", "--storage", "s", "--listen", "a:1", "--trash-days", "x"], "days"),
+        ([*push, "--peer", "nohost"], "no port"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        assert exited.value.code == 2
+        assert reason in capsys.readouterr().err
+
+    name = "x" * 1000
+    assert main(["invite", "--key", str(key), "--name", name, "--address", "a:1"]) == 1
+    assert capsys.readouterr().err.startswith("mynas invite: error:")
+
+    monkeypatch.setattr(os, "access", lambda *_args: False)
+    serve = ["serve", "--key", str(key), "--storage", str(tmp_path), "--listen", f"{HOST}:1"]
+    assert main(serve) == 1
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_push_on_a_terminal_and_interrupted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Progress and warnings go to a terminal; the summary stays the last line of stdout."""
+    key = tmp_path / "k"
+    node, _ = identity.load_or_create(key)
+    peer_key = public_key_file(tmp_path, "peer", node.public_line)
+    args = ["push", "--key", str(key), "--peer", "h:1", "--peer-key", str(peer_key)]
+    args += ["--folder", "F", "--source", str(tmp_path), "--index", str(tmp_path / "i.db")]
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+
+    async def fake_push(*_args: object, **kwargs: Any) -> replicator.PushResult:
+        kwargs["progress"](replicator.Progress(replicator.Phase.TRANSFERRING, 1, 2, 3, 4))
+        result = replicator.PushResult("F", files_total=2)
+        result.add_error("a: Permission denied")
+        return result
+
+    monkeypatch.setattr(cli, "push", fake_push)
+    assert main(args) == 0
+    assert "transferring: 1/2 files" in terminal.text
+    assert "warning: a: Permission denied" in terminal.text
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["files_total"] == 2
+
+    async def interrupted(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "push", interrupted)
+    assert main(args) == 130
 
 
 # --- serve: running -----------------------------------------------------------------------

@@ -379,6 +379,16 @@ async def test_the_folders_own_mtime_is_kept_in_step(env: Env) -> None:
     assert not (await env.push(connect_if_unchanged=False)).peer_contacted
 
 
+async def test_a_source_gone_before_its_root_is_read_leaves_the_scan_to_say_so(
+    env: Env,
+) -> None:
+    """The folder's own mtime is not compared when the folder cannot be read."""
+    feeder = replicator._Feeder(
+        asyncio.get_running_loop(), os.fsencode(env.work / "gone"), env.index, FOLDER, "x", ()
+    )
+    assert feeder._root_change() == []
+
+
 # --- deletions and the trash -----------------------------------------------------------------
 
 

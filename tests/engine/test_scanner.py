@@ -391,6 +391,51 @@ def test_index_entries_out_of_order_are_refused(source: Path) -> None:
         list(scan(source, entries))
 
 
+# --- the walk itself --------------------------------------------------------------------------
+
+
+def test_walk_rows_are_the_walk_as_tuples(source: Path) -> None:
+    root = os.fsencode(source)
+    build(root, {b"a": {b"b": b"12", b"c": {}}, b"a.txt": b"123", b"z": b""})
+    os.chmod(root + b"/z", 0o700)
+    walked = [(e.key, e.size, e.mtime_ns, e.mode) for e in tree.walk(root)]
+    assert list(tree.walk_rows(root)) == walked
+    assert [row[0] for row in walked] == [b"a.txt", b"a/", b"a/b", b"a/c/", b"z"]
+    assert walked[-1][3] == 0o755  # only the owner's exec bit counts
+    assert [row[0] for row in tree.walk_rows(root, start=b"a")] == [b"a/b", b"a/c/"]
+
+
+def test_walk_skips_what_vanishes_and_raises_without_on_error(
+    source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = os.fsencode(source)
+    build(root, {b"kept": b"1"})
+
+    class Gone:
+        name = b"gone"
+
+        def stat(self, *, follow_symlinks: bool) -> os.stat_result:
+            raise FileNotFoundError(2, "No such file or directory")
+
+    real = os.scandir
+
+    class Listing:
+        def __init__(self, path: Any) -> None:
+            self._real = real(path)
+
+        def __enter__(self) -> Iterator[Any]:
+            return iter([*self._real, Gone()])
+
+        def __exit__(self, *_exc: object) -> None:
+            self._real.close()
+
+    monkeypatch.setattr(os, "scandir", Listing)
+    assert [e.path for e in tree.walk(root)] == [b"kept"]
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError):
+        list(tree.walk(root + b"/missing"))
+
+
 # --- excludes ----------------------------------------------------------------------------------
 
 
