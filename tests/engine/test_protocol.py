@@ -234,3 +234,16 @@ def test_encoders_refuse_what_would_break_the_limits() -> None:
         protocol.delete(1, b"p" * (protocol.MAX_PATH + 1))
     with pytest.raises(ProtocolError, match="truncated entry"):
         protocol.parse_entry(struct.pack(">IBQqH", 1, 0, 0, 0, 0))
+
+
+async def test_peek_names_the_next_whole_frame_only() -> None:
+    stream = asyncio.StreamReader()
+    reader = FrameReader(stream)
+    first = protocol.mkdir(1, b"d", None)
+    stream.feed_data(first + struct.pack(">IB", 1, 99) + protocol.delete(2, b"x")[:6])
+    await reader.fill()
+    assert reader.peek() is Frame.MKDIR
+    await reader.read_frame()
+    assert reader.peek() is None  # an unknown type: read_frame will say so
+    with pytest.raises(ProtocolError, match="unknown frame type"):
+        await reader.read_frame()

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import contextlib
 import os
 from pathlib import Path
+import struct
 import threading
 import time
 from typing import Any
@@ -270,3 +271,66 @@ async def test_a_cut_while_an_upload_is_being_written_waits_for_the_write(
     assert 0 < len(kept) <= 512 * KIB
     assert content.startswith(kept)  # what was written, in order, nothing else
     await wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds + 2, "the fds closed")
+
+
+# --- requests on paths, in groups ---------------------------------------------------------------
+
+
+async def test_requests_on_paths_are_answered_in_groups_and_made_durable(
+    server: NodeServer, alice_id: Identity, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MKDIR/UTIME/DELETE already read go to the disk together: one hop, one syncfs."""
+    synced = []
+    real = storage.Jail.sync
+
+    def spy(self: storage.Jail) -> None:
+        synced.append(True)
+        real(self)
+
+    monkeypatch.setattr(storage.Jail, "sync", spy)
+    raw = await Raw.open(server, alice_id)
+    raw.send(*puts(50, 10))
+    await raw.sync(999)
+    ops = [protocol.delete(100 + n, b"f%04d" % n) for n in range(50)]
+    ops += [protocol.mkdir(200 + n, b"d%02d/e" % n, MTIME) for n in range(20)]
+    ops += [protocol.utime(300, b"d00", MTIME + 5), protocol.delete(301, b"missing")]
+    raw.send(b"".join(ops))
+    answers = await raw.until_ok(300)
+    oks = {kind for kind, _ in answers.values()}
+    assert Frame.OK in oks
+    assert fail_code(await raw.recv()) == "missing"  # one failure, the others done
+    assert len(synced) < 10  # far fewer than one per request
+    assert sorted(os.listdir(storage_dir / "alice")) == [f"d{n:02d}" for n in range(20)]
+    assert (storage_dir / "alice" / "d00").stat().st_mtime_ns == MTIME + 5
+    await raw.close()
+
+
+def fail_code(answer: tuple[Frame, bytes]) -> str:
+    kind, body = answer
+    assert kind is Frame.FAIL
+    return str(protocol.parse_fail(body)[1]["code"])
+
+
+async def test_a_group_whose_sync_fails_is_not_acknowledged(
+    server: NodeServer, alice_id: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(_self: storage.Jail) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(storage.Jail, "sync", broken)
+    raw = await Raw.open(server, alice_id)
+    raw.send(protocol.mkdir(1, b"a", None), protocol.mkdir(2, b"b", None))
+    codes = {fail_code(await raw.recv()) for _ in range(2)}
+    assert codes == {"io"}
+    await raw.close()
+
+
+async def test_a_broken_request_in_a_group_ends_the_session_after_the_others(
+    server: NodeServer, alice_id: Identity, storage_dir: Path
+) -> None:
+    raw = await Raw.open(server, alice_id)
+    broken = struct.pack(">IB", 3, Frame.MKDIR) + b"xy"  # too short for its fields
+    raw.send(protocol.mkdir(1, b"a", None), protocol.mkdir(2, b"b", None), broken)
+    rest = await raw.ended()
+    assert rest.startswith(protocol.ok(1, 2))
+    assert sorted(os.listdir(storage_dir / "alice")) == ["a", "b"]

@@ -209,6 +209,15 @@ class FrameReader:
         """Bytes read from the stream and not yet returned in a frame."""
         return len(self._buf) - self._pos
 
+    def peek(self) -> Frame | None:
+        """Return the type of the next frame if it is buffered whole, else None."""
+        if not self.ready():
+            return None
+        try:
+            return Frame(self._buf[self._pos + _LEN32])
+        except ValueError:
+            return None  # read_frame reports it
+
     def ready(self) -> bool:
         """Return whether a whole frame is buffered (``read_frame`` needs no stream read)."""
         if self.buffered < _HEAD.size:

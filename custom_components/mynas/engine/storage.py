@@ -848,6 +848,10 @@ class Jail:
             return dest
         _refuse(rel, "too many versions of it were moved to the trash this second")
 
+    def sync(self) -> None:
+        """Make everything written on the storage's filesystem so far durable (one syncfs)."""
+        self._sync()
+
     def _sync(self) -> None:
         _syncfs(self._storage_b)
 
