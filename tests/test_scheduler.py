@@ -147,6 +147,8 @@ async def test_retries_with_backoff_while_the_peer_is_down(
     freezer: FrozenDateTimeFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # Late morning: the daily 03:00 run must not fall inside the retry window.
+    freezer.move_to(dt_util.now().replace(hour=10, minute=0))
     add_peer(hass, node_entry, bob)
     add_folder(hass, node_entry, photos)
     await bob.stop()
@@ -282,6 +284,7 @@ async def test_restored_failures_keep_the_backoff(
     freezer: FrozenDateTimeFactory,
 ) -> None:
     """Failures survive a restart: the pair shows its error and retries on schedule."""
+    freezer.move_to(dt_util.now().replace(hour=10, minute=0))  # far from the daily 03:00
     now = dt_util.utcnow()
     hass_storage[f"{DOMAIN}.{node_entry.entry_id}"] = {
         "version": 1,
