@@ -39,8 +39,8 @@ type Snapshot = dict[bytes, tuple[Any, ...]]
 
 
 def digest(data: bytes) -> bytes:
-    """The content hash MyNAS uses (BLAKE2b-256)."""
-    return hashlib.blake2b(data, digest_size=32).digest()
+    """The content hash MyNAS uses (SHA-256, as ``sha256sum`` computes it)."""
+    return hashlib.sha256(data).digest()
 
 
 def snapshot(root: Path | bytes, *, portable: bool = False) -> Snapshot:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 import random
 import shutil
+import subprocess
 import tempfile
 from typing import Any
 
@@ -278,6 +279,33 @@ async def test_empty_index_adopts_an_identical_replica(env: Env) -> None:
         assert trash_files(env.storage) == {(b"Docs/a.txt", digest(b"one"))}
         check_index_matches_host(fresh, env.replica)
     env.check_replica()
+
+
+async def test_hashes_are_what_sha256sum_prints(env: Env) -> None:
+    """The index's and the host's hashes can be checked on the replica with standard tools."""
+    write(env.src / "a b.txt", b"one")
+    write(env.src / "dir" / "big.bin", os.urandom(SMALL_FILE + 10))
+    await env.push()
+    printed = subprocess.run(
+        ["sha256sum", "a b.txt", "dir/big.bin"],
+        cwd=env.replica,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    sums = {
+        name: bytes.fromhex(hex_sum) for hex_sum, name in (line.split("  ", 1) for line in printed)
+    }
+    recorded = {os.fsdecode(e.path): e.hash for e in env.index.entries(FOLDER, env.target.id)}
+    assert {name: recorded[name] for name in sums} == sums
+    target = env.target
+    async with await client.connect_any(env.alice, target.addresses, target.public_key) as link:
+        listed = {
+            os.fsdecode(item.path): digest
+            async for item, digest in link.list(FOLDER.encode(), with_hash=True)
+            if digest
+        }
+    assert listed == {f"{FOLDER}/{name}": value for name, value in sums.items()}
 
 
 @pytest.mark.parametrize("failure", ["refused", "cut"])
