@@ -12,7 +12,12 @@ from homeassistant.helpers import issue_registry as ir
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
 
-from custom_components.mynas.const import DISK_SCAN_INTERVAL, DOMAIN, PEER_PROBE_INTERVAL
+from custom_components.mynas.const import (
+    CONF_UNREACHABLE_HOURS,
+    DISK_SCAN_INTERVAL,
+    DOMAIN,
+    PEER_PROBE_INTERVAL,
+)
 from custom_components.mynas.engine import identity, storage_root
 from custom_components.mynas.engine.node import Reachability
 
@@ -23,6 +28,12 @@ PAIR = (PHOTOS_ID, BOB_ID)
 
 def _issue(hass: HomeAssistant, issue_id: str) -> ir.IssueEntry | None:
     return ir.async_get(hass).async_get_issue(DOMAIN, issue_id)
+
+
+def _placeholders(hass: HomeAssistant, issue_id: str) -> dict[str, str]:
+    issue = _issue(hass, issue_id)
+    assert issue is not None
+    return dict(issue.translation_placeholders or {})
 
 
 async def _advance(hass: HomeAssistant, freezer: FrozenDateTimeFactory, delta: timedelta) -> None:
@@ -146,7 +157,7 @@ async def test_peer_unreachable_for_days(
     assert issue is not None
     assert issue.severity is ir.IssueSeverity.WARNING
     assert issue.translation_key == "peer_unreachable"
-    assert issue.translation_placeholders == {"peer": "Bob", "days": "3"}
+    assert issue.translation_placeholders == {"peer": "Bob", "duration": "3 days"}
     # Bob is back: the next test or sync clears it.
     await bob.start()
     await _advance(hass, freezer, PEER_PROBE_INTERVAL)
@@ -171,7 +182,35 @@ async def test_unreachable_counts_across_a_restart(
     await _advance(hass, freezer, timedelta(days=1, hours=1))
     issue = _issue(hass, f"unreachable_{BOB_ID}")
     assert issue is not None
-    assert (issue.translation_placeholders or {})["days"] == "3"
+    assert (issue.translation_placeholders or {})["duration"] == "3 days"
+
+
+async def test_unreachable_threshold_is_an_option(
+    hass: HomeAssistant,
+    synced_node: MockConfigEntry,
+    bob: Bob,
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    """With 0 hours the issue comes at the first failed contact, and tells how long it is."""
+    issue_id = f"unreachable_{BOB_ID}"
+    hass.config_entries.async_update_entry(synced_node, options={CONF_UNREACHABLE_HOURS: 0})
+    await hass.config_entries.async_reload(synced_node.entry_id)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    await bob.stop()
+    await _advance(hass, freezer, PEER_PROBE_INTERVAL + timedelta(seconds=1))
+    issue = _issue(hass, issue_id)
+    assert issue is not None
+    assert issue.translation_placeholders == {"peer": "Bob", "duration": "less than a minute"}
+    durations = []
+    for jump in (
+        PEER_PROBE_INTERVAL,
+        timedelta(minutes=50),
+        timedelta(hours=23),
+        timedelta(days=1),
+    ):
+        await _advance(hass, freezer, jump)  # the next test of the connection updates it
+        durations.append(_placeholders(hass, issue_id)["duration"])
+    assert durations == ["10 minutes", "1 hour", "1 day", "2 days"]
 
 
 async def test_quota_refused(

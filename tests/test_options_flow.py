@@ -1,6 +1,8 @@
-"""The node's options: our invite code, the addresses it carries, the overdue threshold."""
+"""The node's options: our invite code, the addresses it carries, the alert thresholds."""
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
@@ -15,7 +17,9 @@ from custom_components.mynas.const import (
     CONF_NODE_PUBLIC_KEY,
     CONF_OVERDUE_HOURS,
     CONF_PORT,
+    CONF_UNREACHABLE_HOURS,
     DEFAULT_OVERDUE_HOURS,
+    DEFAULT_UNREACHABLE_HOURS,
 )
 from custom_components.mynas.engine import invite
 from custom_components.mynas.orphans import CONF_KEPT_DATA
@@ -45,8 +49,10 @@ async def _submit(hass: HomeAssistant, flow_id: str, data: dict) -> dict:
     return result
 
 
-def _settings(addresses: str, hours: int = DEFAULT_OVERDUE_HOURS) -> dict:
-    return {CONF_ADDRESSES: addresses, CONF_OVERDUE_HOURS: hours}
+def _settings(
+    addresses: str, hours: int = DEFAULT_OVERDUE_HOURS, silent: int = DEFAULT_UNREACHABLE_HOURS
+) -> dict:
+    return {CONF_ADDRESSES: addresses, CONF_OVERDUE_HOURS: hours, CONF_UNREACHABLE_HOURS: silent}
 
 
 async def test_invite_shows_our_code_with_the_local_address(
@@ -108,12 +114,14 @@ async def test_settings_saves_addresses_and_hours(
     result = await _open(hass, node_entry, "settings")
     assert result["description_placeholders"] == {"default": f"127.0.0.1:{port}"}
     assert result["data_schema"]({})[CONF_OVERDUE_HOURS] == DEFAULT_OVERDUE_HOURS
+    assert result["data_schema"]({})[CONF_UNREACHABLE_HOURS] == DEFAULT_UNREACHABLE_HOURS
     result = await _submit(
         hass,
         result["flow_id"],
         _settings(
             " Alice.DuckDNS.org\n203.0.113.7:9000, [2001:db8::1]\n\n2001:db8::2 alice.duckdns.org",
             48,
+            0,
         ),
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
@@ -125,6 +133,7 @@ async def test_settings_saves_addresses_and_hours(
             f"[2001:db8::2]:{port}",
         ],
         CONF_OVERDUE_HOURS: 48,
+        CONF_UNREACHABLE_HOURS: 0,
         CONF_KEPT_DATA: ["old-peer"],  # other options are kept
     }
     # The invite code now carries them.
@@ -134,6 +143,7 @@ async def test_settings_saves_addresses_and_hours(
     # The form shows the saved values next time.
     result = await _open(hass, node_entry, "settings")
     assert result["data_schema"]({})[CONF_OVERDUE_HOURS] == 48
+    assert result["data_schema"]({})[CONF_UNREACHABLE_HOURS] == 0
     suggested = next(
         marker.description["suggested_value"]
         for marker in result["data_schema"].schema
@@ -168,12 +178,13 @@ async def test_settings_errors_recover(
     hass: HomeAssistant, node_entry: MockConfigEntry, typed: str, error: str
 ) -> None:
     result = await _open(hass, node_entry, "settings")
-    result = await _submit(hass, result["flow_id"], _settings(typed, 24))
+    result = await _submit(hass, result["flow_id"], _settings(typed, 24, 5))
     assert result["type"] is FlowResultType.FORM
     assert result["errors"] == {CONF_ADDRESSES: error}
     assert_translated(result, "options")
     # What was typed is shown again, to correct it.
     assert result["data_schema"]({})[CONF_OVERDUE_HOURS] == 24
+    assert result["data_schema"]({})[CONF_UNREACHABLE_HOURS] == 5
     suggested = next(
         marker.description["suggested_value"]
         for marker in result["data_schema"].schema
@@ -201,9 +212,14 @@ async def test_changed_options_reload_the_node(
     assert node_entry.runtime_data is before
     # New settings restart the node with them.
     result = await _open(hass, node_entry, "settings")
-    result = await _submit(hass, result["flow_id"], _settings("alice.duckdns.org", 6))
+    result = await _submit(hass, result["flow_id"], _settings("alice.duckdns.org", 6, 1))
     assert result["type"] is FlowResultType.CREATE_ENTRY
     await hass.async_block_till_done()
     assert node_entry.state is ConfigEntryState.LOADED
     assert node_entry.runtime_data is not before
-    assert node_entry.runtime_data.manager is not before.manager
+    manager = node_entry.runtime_data.manager
+    assert manager is not before.manager
+    assert (manager.overdue_after, manager.unreachable_after) == (
+        timedelta(hours=6),
+        timedelta(hours=1),
+    )

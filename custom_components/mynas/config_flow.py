@@ -36,8 +36,10 @@ from .const import (
     CONF_PORT,
     CONF_RESTORE_KEY,
     CONF_STORAGE_ROOT,
+    CONF_UNREACHABLE_HOURS,
     DEFAULT_OVERDUE_HOURS,
     DEFAULT_PORT,
+    DEFAULT_UNREACHABLE_HOURS,
     DOMAIN,
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
@@ -249,7 +251,7 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
     async def async_step_settings(
         self, user_input: dict[str, Any] | None = None
     ) -> ConfigFlowResult:
-        """Set the addresses friends use to reach us, and the overdue threshold."""
+        """Set the addresses friends use to reach us, and when to alert."""
         entry = self.config_entry
         errors: dict[str, str] = {}
         if user_input is not None:
@@ -268,14 +270,17 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                             **entry.options,
                             CONF_ADDRESSES: addresses,
                             CONF_OVERDUE_HOURS: user_input[CONF_OVERDUE_HOURS],
+                            CONF_UNREACHABLE_HOURS: user_input[CONF_UNREACHABLE_HOURS],
                         }
                     )
         if user_input is None:
             typed = "\n".join(entry.options.get(CONF_ADDRESSES, []))
             hours = entry.options.get(CONF_OVERDUE_HOURS, DEFAULT_OVERDUE_HOURS)
+            silent = entry.options.get(CONF_UNREACHABLE_HOURS, DEFAULT_UNREACHABLE_HOURS)
         else:  # show the answers again with the error: nothing typed is lost
             typed = user_input.get(CONF_ADDRESSES) or ""
             hours = user_input[CONF_OVERDUE_HOURS]
+            silent = user_input[CONF_UNREACHABLE_HOURS]
         return self.async_show_form(
             step_id="settings",
             data_schema=vol.Schema(
@@ -283,18 +288,9 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                     vol.Optional(
                         CONF_ADDRESSES, description={"suggested_value": typed}
                     ): TextSelector(TextSelectorConfig(multiline=True)),
-                    vol.Required(CONF_OVERDUE_HOURS, default=hours): vol.All(
-                        NumberSelector(
-                            NumberSelectorConfig(
-                                min=1,
-                                max=24 * 30,
-                                step=1,
-                                mode=NumberSelectorMode.BOX,
-                                unit_of_measurement="h",
-                            )
-                        ),
-                        vol.Coerce(int),
-                    ),
+                    vol.Required(CONF_OVERDUE_HOURS, default=hours): _hours(minimum=1),
+                    # 0: at the first contact that fails (for those who want to know at once).
+                    vol.Required(CONF_UNREACHABLE_HOURS, default=silent): _hours(minimum=0),
                 }
             ),
             errors=errors,
@@ -302,3 +298,19 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                 "default": our_invite.default_address(self.hass, int(entry.data[CONF_PORT]))
             },
         )
+
+
+def _hours(*, minimum: int) -> vol.All[int]:
+    """A whole number of hours, up to 30 days."""
+    return vol.All(
+        NumberSelector(
+            NumberSelectorConfig(
+                min=minimum,
+                max=24 * 30,
+                step=1,
+                mode=NumberSelectorMode.BOX,
+                unit_of_measurement="h",
+            )
+        ),
+        vol.Coerce(int),
+    )

@@ -20,6 +20,7 @@ CONF_RESTORE_KEY: Final = "restore_key"
 # Node options.
 CONF_ADDRESSES: Final = "addresses"
 CONF_OVERDUE_HOURS: Final = "overdue_hours"
+CONF_UNREACHABLE_HOURS: Final = "unreachable_hours"
 
 # Subentry types.
 SUBENTRY_PEER: Final = "peer"
@@ -48,6 +49,8 @@ SCHEDULE_INTERVAL: Final = "interval"
 
 DEFAULT_PORT: Final = 8022
 DEFAULT_OVERDUE_HOURS: Final = 36
+# A peer unheard of for this long gets a repair issue: a home link may be down for a day.
+DEFAULT_UNREACHABLE_HOURS: Final = 72
 DEFAULT_RETENTION_DAYS: Final = 30
 DEFAULT_INTERVAL_HOURS: Final = 6
 GB: Final = 1_000_000_000
@@ -58,8 +61,6 @@ DISK_SCAN_INTERVAL: Final = timedelta(minutes=1)
 SCHEDULER_TICK: Final = timedelta(minutes=1)
 # How often each peer is asked whether it is there (and how much of its space we use).
 PEER_PROBE_INTERVAL: Final = timedelta(minutes=10)
-# A peer unheard of for this long gets a repair issue.
-PEER_UNREACHABLE_ISSUE_AFTER: Final = timedelta(days=3)
 # Retries after a failed sync: 5 min, 10, 20... at most 6 h apart.
 RETRY_FIRST: Final = timedelta(minutes=5)
 RETRY_MAX: Final = timedelta(hours=6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 
@@ -78,19 +80,32 @@ def clear_key_changed(hass: HomeAssistant, peer_id: str) -> None:
     _delete(hass, f"key_changed_{peer_id}")
 
 
-def unreachable(hass: HomeAssistant, peer_id: str, peer: str, days: int | None) -> None:
-    """Raise (or, with ``days`` None, clear) "peer unreachable for days"."""
+def unreachable(hass: HomeAssistant, peer_id: str, peer: str, silent: timedelta | None) -> None:
+    """Raise (or, with ``silent`` None, clear) "peer unreachable for <how long>"."""
     issue_id = f"unreachable_{peer_id}"
-    if days is None:
+    if silent is None:
         _delete(hass, issue_id)
     else:
         _create(
             hass,
             issue_id,
             "peer_unreachable",
-            {"peer": peer, "days": str(days)},
+            {"peer": peer, "duration": _duration(silent)},
             severity=ir.IssueSeverity.WARNING,
         )
+
+
+def _duration(span: timedelta) -> str:
+    """``3 days``, ``5 hours``, ``1 minute``: the largest whole unit, as people say it."""
+    seconds = int(span.total_seconds())
+    if seconds < 60:
+        return "less than a minute"
+    unit, size = next(
+        ((unit, size) for unit, size in (("day", 86400), ("hour", 3600)) if seconds >= size),
+        ("minute", 60),
+    )
+    count = seconds // size
+    return f"{count} {unit}{'' if count == 1 else 's'}"
 
 
 def quota_refused(

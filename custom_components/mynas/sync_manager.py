@@ -25,11 +25,12 @@ from homeassistant.util import dt as dt_util
 from . import issues
 from .const import (
     CONF_OVERDUE_HOURS,
+    CONF_UNREACHABLE_HOURS,
     DEFAULT_OVERDUE_HOURS,
+    DEFAULT_UNREACHABLE_HOURS,
     DOMAIN,
     EVENT_SYNC_FINISHED,
     PEER_PROBE_INTERVAL,
-    PEER_UNREACHABLE_ISSUE_AFTER,
     SCHEDULER_TICK,
 )
 from .engine import storage_root
@@ -98,6 +99,9 @@ class SyncManager:
         self.peers = peers
         self.overdue_after = timedelta(
             hours=float(options.get(CONF_OVERDUE_HOURS, DEFAULT_OVERDUE_HOURS))
+        )
+        self.unreachable_after = timedelta(
+            hours=float(options.get(CONF_UNREACHABLE_HOURS, DEFAULT_UNREACHABLE_HOURS))
         )
         self.data = SyncData()
         # False while the storage disk is missing or another one is mounted: no scheduled run.
@@ -590,7 +594,7 @@ class SyncManager:
         self._check_unreachable(peer_id)
 
     def _check_unreachable(self, peer_id: str) -> None:
-        """Raise "unreachable for days" once no answer came for long enough (else clear it).
+        """Raise "unreachable" once no answer came for long enough (else clear it).
 
         A wrong key has its own, critical issue; "waiting for them to add us" and "no
         answer" both mean the friend has something to do.
@@ -602,9 +606,9 @@ class SyncManager:
         if (
             status.reachability in (Reachability.UNREACHABLE, Reachability.WAITING)
             and silent is not None
-            and silent > PEER_UNREACHABLE_ISSUE_AFTER
+            and silent >= self.unreachable_after
         ):
-            issues.unreachable(self.hass, peer_id, peer.name, silent.days)
+            issues.unreachable(self.hass, peer_id, peer.name, silent)
         else:
             issues.unreachable(self.hass, peer_id, peer.name, None)
 
