@@ -331,7 +331,7 @@ async def test_restore_interrupted_by_the_node_stopping(
         hass.loop.call_soon_threadsafe(started.set)
         await asyncio.Event().wait()
 
-    with patch("custom_components.mynas.engine.node.replicator.restore", endless):
+    with patch("custom_components.mynas.engine.node.restorer.restore", endless):
         call = hass.async_create_task(
             _call(hass, "restore", folder="Photos", peer="Bob", target=str(tmp_path / "out"))
         )
@@ -352,7 +352,7 @@ async def test_restore_call_cancelled(
         hass.loop.call_soon_threadsafe(started.set)
         await asyncio.Event().wait()
 
-    with patch("custom_components.mynas.engine.node.replicator.restore", endless):
+    with patch("custom_components.mynas.engine.node.restorer.restore", endless):
         call = hass.async_create_task(
             _call(hass, "restore", folder="Photos", peer="Bob", target=str(tmp_path / "out"))
         )

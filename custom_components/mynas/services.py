@@ -22,7 +22,8 @@ from .const import DOMAIN, SERVICE_RESTORE, SERVICE_SYNC, SERVICE_VERIFY
 from .coordinator import MyNasConfigEntry
 from .engine.errors import HostRefused, MyNasError, RestoreConflict
 from .engine.protocol import FailCode
-from .engine.replicator import check_folder_name, check_subpath
+from .engine.replicator import check_folder_name
+from .engine.restorer import check_subpath
 from .sync_manager import SyncKind, SyncManager
 
 ATTR_ENTRY = "config_entry_id"

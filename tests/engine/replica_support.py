@@ -17,16 +17,13 @@ import stat
 import time
 from typing import Any
 
-from custom_components.mynas.engine import replicator, tree
+from custom_components.mynas.engine import replicator, restorer, tree, verifier
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.index import Index
-from custom_components.mynas.engine.replicator import (
-    PeerTarget,
-    PushResult,
-    RestoreResult,
-    VerifyResult,
-)
+from custom_components.mynas.engine.replicator import PeerTarget, PushResult
+from custom_components.mynas.engine.restorer import RestoreResult
 from custom_components.mynas.engine.server import NodeServer, PeerGrant
+from custom_components.mynas.engine.verifier import VerifyResult
 
 from .conftest import ServerFactory, peer_target
 
@@ -183,13 +180,13 @@ class Env:
 
     async def verify(self, **kwargs: Any) -> VerifyResult:
         """Verify the replica against the source folder."""
-        return await replicator.verify(
+        return await verifier.verify(
             self.alice, self.target, FOLDER, self.src, self.index, **kwargs
         )
 
     async def restore(self, dest: Path, **kwargs: Any) -> RestoreResult:
         """Restore FOLDER (or a path in it) into ``dest``."""
-        return await replicator.restore(self.alice, self.target, FOLDER, dest, **kwargs)
+        return await restorer.restore(self.alice, self.target, FOLDER, dest, **kwargs)
 
     async def set_quota(self, quota: int) -> None:
         """Change the quota the host grants alice."""

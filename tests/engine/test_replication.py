@@ -23,7 +23,7 @@ from typing import Any
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 import pytest
 
-from custom_components.mynas.engine import client, identity, replicator, tree
+from custom_components.mynas.engine import client, identity, replicator, restorer, tree, verifier
 from custom_components.mynas.engine.errors import (
     HostRefused,
     PeerUnreachable,
@@ -220,11 +220,11 @@ async def _round_trips(data: st.DataObject, alice: Identity, host: Identity, bas
                 if value[0] == "f" and expected.get(rel, (None, None))[1] != value[1]:
                     assert (FOLDER.encode() + b"/" + rel, value[1]) in trash, rel
             before = without_root(expected)
-            checked = await replicator.verify(alice, target, FOLDER, src, index)
+            checked = await verifier.verify(alice, target, FOLDER, src, index)
             assert checked.clean, checked.examples
             assert checked.checked == len(files)
         restored = base / "restored"
-        got = await replicator.restore(alice, target, FOLDER, restored)
+        got = await restorer.restore(alice, target, FOLDER, restored)
         assert got.files == sum(1 for v in before.values() if v[0] == "f")
         assert snapshot(restored) == snapshot(src, portable=True)
     finally:
@@ -518,7 +518,7 @@ async def test_a_missing_source_is_a_clear_error(env: Env) -> None:
     with pytest.raises(SourceMissing, match="missing or unreadable"):
         await replicator.push(env.alice, env.target, FOLDER, env.work / "nope", env.index)
     with pytest.raises(SourceMissing):
-        await replicator.verify(env.alice, env.target, FOLDER, env.work / "nope", env.index)
+        await verifier.verify(env.alice, env.target, FOLDER, env.work / "nope", env.index)
 
 
 # --- verify ----------------------------------------------------------------------------------
@@ -573,7 +573,7 @@ async def test_verify_of_a_folder_never_pushed(env: Env) -> None:
 async def test_verify_repair_needs_the_index(env: Env) -> None:
     """Repair without an index is a usage error."""
     with pytest.raises(ValueError, match="index"):
-        await replicator.verify(env.alice, env.target, FOLDER, env.src, None, repair=True)
+        await verifier.verify(env.alice, env.target, FOLDER, env.src, None, repair=True)
 
 
 async def test_verify_repairs_a_file_that_became_a_directory_on_the_host(env: Env) -> None:
@@ -613,14 +613,14 @@ async def test_restore_on_a_fresh_machine(env: Env, tmp_path: Path) -> None:
     me, target = await _fresh_machine(env, tmp_path / "keys" / "alice" / "id_ed25519")
 
     whole = env.work / "whole"
-    result = await replicator.restore(me, target, FOLDER, whole)
+    result = await restorer.restore(me, target, FOLDER, whole)
     assert (result.files, result.dirs) == (4, 4)
     assert result.bytes == 3 + 100 + SMALL_FILE + 77
     assert snapshot(whole) == snapshot(env.src, portable=True)
     assert set(os.listdir(whole)) == {"top.txt", "a"}  # no temp files left behind
 
     sub = env.work / "sub"
-    await replicator.restore(me, target, FOLDER, sub, path="a/b")
+    await restorer.restore(me, target, FOLDER, sub, path="a/b")
     assert sorted(p.relative_to(sub).as_posix() for p in sub.rglob("*")) == [
         "a",
         "a/b",
@@ -631,7 +631,7 @@ async def test_restore_on_a_fresh_machine(env: Env, tmp_path: Path) -> None:
 
     one = env.work / "one"
     for rel in ("a/b/c.txt", "a/b/big.bin", "/a/zero/"):
-        got = await replicator.restore(me, target, FOLDER, one, path=rel)
+        got = await restorer.restore(me, target, FOLDER, one, path=rel)
         assert got.files == 1
         clean = rel.strip("/")
         assert (one / clean).read_bytes() == (env.src / clean).read_bytes()
@@ -673,7 +673,7 @@ async def test_restore_of_something_the_host_does_not_hold(env: Env) -> None:
     with pytest.raises(ValueError, match="not a path inside"):
         await env.restore(env.work / "x", path="../etc")
     with pytest.raises(ValueError, match="cannot name a folder"):
-        await replicator.restore(env.alice, env.target, "a/b", env.work / "x")
+        await restorer.restore(env.alice, env.target, "a/b", env.work / "x")
 
 
 async def test_restore_progress_ends_with_done(env: Env) -> None:
@@ -719,11 +719,11 @@ def test_folder_names_are_checked() -> None:
 
 def test_sub_paths_are_checked() -> None:
     """A sub-path stays inside its folder."""
-    assert replicator.check_subpath("/a/b/") == b"a/b"
-    assert replicator.check_subpath(b"") == b""
+    assert restorer.check_subpath("/a/b/") == b"a/b"
+    assert restorer.check_subpath(b"") == b""
     for bad in ("a/../b", "./a", "a//b", "a/\0"):
         with pytest.raises(ValueError):
-            replicator.check_subpath(bad)
+            restorer.check_subpath(bad)
 
 
 def test_progress_percent() -> None:
@@ -747,8 +747,8 @@ def test_results_are_plain_data() -> None:
     assert data["seconds"] == 1.235
     assert len(data["errors"]) == replicator.MAX_REPORTED
     assert data["error_count"] == replicator.MAX_REPORTED + 5
-    verified = replicator.VerifyResult("F")
+    verified = verifier.VerifyResult("F")
     for i in range(replicator.MAX_REPORTED + 5):
         verified.note("extra", b"x%d" % i)
     assert len(verified.examples) == replicator.MAX_REPORTED
-    assert replicator.RestoreResult("F", seconds=0.5).as_dict()["seconds"] == 0.5
+    assert restorer.RestoreResult("F", seconds=0.5).as_dict()["seconds"] == 0.5

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from custom_components.mynas.engine import replicator, scanner, storage, tree
+from custom_components.mynas.engine import replicator, restorer, scanner, storage, tree, verifier
 from custom_components.mynas.engine.errors import (
     AuthRefused,
     HostKeyMismatch,
@@ -352,8 +352,8 @@ async def test_host_key_mismatch_sends_nothing(
         wrong = PeerTarget("host", env.target.addresses, bob_id.public_line)
         for call in (
             replicator.push(env.alice, wrong, FOLDER, env.src, env.index),
-            replicator.verify(env.alice, wrong, FOLDER, env.src, env.index),
-            replicator.restore(env.alice, wrong, FOLDER, env.work / "r"),
+            verifier.verify(env.alice, wrong, FOLDER, env.src, env.index),
+            restorer.restore(env.alice, wrong, FOLDER, env.work / "r"),
         ):
             with pytest.raises(HostKeyMismatch) as caught:
                 await call
@@ -462,10 +462,10 @@ async def test_bandwidth_limit_and_progress(env: Env) -> None:
     assert last.bytes_done == last.bytes_total == total
     assert last.percent == 100.0
     assert len(seen) >= 3
-    assert len(seen) <= elapsed / replicator._PROGRESS_INTERVAL + 2  # throttled
+    assert len(seen) <= elapsed / replicator.PROGRESS_INTERVAL + 2  # throttled
     # Throttled: a few per second; only the final DONE comes whenever the run ends.
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(seen[:-1])]
-    assert all(gap >= replicator._PROGRESS_INTERVAL * 0.9 for gap in gaps), gaps
+    assert all(gap >= replicator.PROGRESS_INTERVAL * 0.9 for gap in gaps), gaps
     done = [p.bytes_done for _, p in seen]
     assert done == sorted(done)
     assert all(p.bytes_done <= total for _, p in seen)
@@ -601,7 +601,7 @@ async def test_restore_refuses_a_lying_host(
     async def fake_connect(*_args: Any) -> _LyingLink:
         return link
 
-    monkeypatch.setattr(replicator, "connect_any", fake_connect)
+    monkeypatch.setattr(restorer, "connect_any", fake_connect)
     outside = env.work / "outside"
     outside.mkdir()
     dest = env.work / "dest"
@@ -622,7 +622,7 @@ def test_local_writer_checks_every_path(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "file").write_bytes(b"")
     os.symlink(tmp_path / "real", tmp_path / "link")
-    writer = replicator._LocalWriter(os.fsencode(tmp_path), overwrite=False)
+    writer = restorer._LocalWriter(os.fsencode(tmp_path), overwrite=False)
     assert writer.local(b"a/b") == os.fsencode(tmp_path) + b"/a/b"
     assert writer.local(b"") == os.fsencode(tmp_path)
     for bad in (b"../x", b"/etc/passwd", b"a//b", b"a/./b", b"x/", b"a\0b", b"link/x", b"file/x"):
@@ -792,7 +792,7 @@ async def test_restore_problems(env: Env, monkeypatch: pytest.MonkeyPatch) -> No
     def full(fd: int, data: bytes) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(replicator, "_write_all", full)
+    monkeypatch.setattr(restorer, "_write_all", full)
     with pytest.raises(OSError, match="No space left"):
         await env.restore(dest)
     monkeypatch.undo()
@@ -803,10 +803,10 @@ async def test_restore_problems(env: Env, monkeypatch: pytest.MonkeyPatch) -> No
     async def fake_connect(*_args: Any) -> _LyingLink:
         return link
 
-    monkeypatch.setattr(replicator, "connect_any", fake_connect)
+    monkeypatch.setattr(restorer, "connect_any", fake_connect)
     twice = env.work / "twice"
     with pytest.raises(RestoreConflict):
-        await replicator.restore(env.alice, env.target, FOLDER, twice)
+        await restorer.restore(env.alice, env.target, FOLDER, twice)
     assert [p.name for p in twice.rglob(".mynas-restore-*")] == []
 
 

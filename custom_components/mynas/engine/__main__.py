@@ -22,8 +22,10 @@ from typing import Any, NoReturn
 from . import identity as identity_mod, invite as invite_mod
 from .errors import MyNasError
 from .index import Index
-from .replicator import PeerTarget, Progress, push, restore, verify
+from .replicator import PeerTarget, Progress, push
+from .restorer import restore
 from .units import format_bytes, parse_size
+from .verifier import verify
 
 _LOGGER = logging.getLogger("mynas")
 

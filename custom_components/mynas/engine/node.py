@@ -17,13 +17,15 @@ from pathlib import Path
 import time
 from typing import Any
 
-from . import client, replicator
+from . import client, replicator, restorer, verifier
 from .errors import AuthRefused, HostKeyMismatch, MyNasError, PeerUnreachable
 from .identity import Identity
 from .index import Index
-from .replicator import PeerTarget, ProgressCallback, PushResult, RestoreResult, VerifyResult
+from .replicator import PeerTarget, ProgressCallback, PushResult
+from .restorer import RestoreResult
 from .server import EventCallback, NodeServer, PeerGrant
 from .storage import HostedSpace, JailUsage
+from .verifier import VerifyResult
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -219,7 +221,7 @@ class Node:
         """Compare a folder's replica on a peer with the folder (optionally repair it)."""
         peer = self.peers[peer_id]
         async with self._lock(peer_id):
-            return await replicator.verify(
+            return await verifier.verify(
                 self.identity,
                 peer.target,
                 folder.name,
@@ -243,7 +245,7 @@ class Node:
         """Copy a folder's replica (or a path in it) back from a peer."""
         peer = self.peers[peer_id]
         async with self._lock(peer_id):
-            return await replicator.restore(
+            return await restorer.restore(
                 self.identity,
                 peer.target,
                 folder_name,

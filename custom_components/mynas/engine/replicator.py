@@ -1,4 +1,4 @@
-"""Push, restore and verify: keep a folder's replica on a peer current, and get it back.
+"""Push: keep a folder's replica on a peer current; and what push, restore and verify share.
 
 A replica of folder ``F`` is a plain mirror at ``<jail>/F/`` on the host (same relative paths,
 same bytes, same mtimes), readable with standard tools. Push follows DESIGN.md's data flow:
@@ -6,12 +6,14 @@ the scanner walks the folder in a worker thread and diffs it against the SQLite 
 same thread reads the small files it must send, and the event loop streams them over one
 channel; the index records a file only once the host says it is durable, so a broken run
 leaves index and replica consistent, and the next run completes the work.
+
+Getting the replica back is ``restorer``'s job, checking it ``verifier``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 import contextlib
 from dataclasses import asdict, dataclass, field
@@ -28,16 +30,14 @@ from .client import PeerLink, connect_any
 from .errors import (
     HostRefused,
     MyNasError,
-    PathRefused,
     PeerDiskFull,
     PeerUnreachable,
     QuotaExceeded,
-    RestoreConflict,
     SourceMissing,
 )
 from .identity import Identity
 from .index import Index, IndexEntry
-from .protocol import CHUNK, Close, FailCode, Frame
+from .protocol import CHUNK, Close
 from .scanner import Action, Change
 from .throttle import Throttle
 
@@ -55,7 +55,7 @@ _READ_BLOCK = 4 * _PIECE
 _INDEX_BATCH = 1000
 # The longest the push handles files without letting the event loop run other tasks.
 _TURN = 0.002
-_PROGRESS_INTERVAL = 0.25
+PROGRESS_INTERVAL = 0.25
 MAX_REPORTED = 100
 
 
@@ -136,56 +136,6 @@ class PushResult:
         return data
 
 
-@dataclass(slots=True)
-class VerifyResult:
-    """What verify found (and repaired)."""
-
-    folder: str
-    checked: int = 0
-    missing: int = 0
-    mismatched: int = 0
-    extra: int = 0
-    repaired: int = 0
-    # True once a repair push went through without errors: the replica matches now.
-    repair_complete: bool = False
-    examples: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def clean(self) -> bool:
-        """True when the replica matches the source exactly."""
-        return not (self.missing or self.mismatched or self.extra)
-
-    def note(self, kind: str, path: bytes) -> None:
-        """Remember an example of a difference."""
-        if len(self.examples) < MAX_REPORTED:
-            self.examples.append(f"{kind}: {os.fsdecode(path)}")
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the summary as plain data."""
-        data = asdict(self)
-        data["seconds"] = round(self.seconds, 3)
-        data["clean"] = self.clean
-        return data
-
-
-@dataclass(slots=True)
-class RestoreResult:
-    """What a restore wrote."""
-
-    folder: str
-    files: int = 0
-    bytes: int = 0
-    dirs: int = 0
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the summary as plain data."""
-        data = asdict(self)
-        data["seconds"] = round(self.seconds, 3)
-        return data
-
-
 def check_folder_name(folder: str) -> bytes:
     """Return a folder name as the first path component of its replica, or raise ValueError."""
     raw = os.fsencode(folder)
@@ -201,7 +151,8 @@ def check_folder_name(folder: str) -> bytes:
     return raw
 
 
-def _remote(folder: bytes, path: bytes) -> bytes:
+def remote_path(folder: bytes, path: bytes) -> bytes:
+    """Return where ``path`` of a folder is on the host (the folder itself for an empty path)."""
     return folder + b"/" + path if path else folder
 
 
@@ -331,7 +282,7 @@ class _Feeder:
         return False
 
 
-class _IndexWriter:
+class IndexWriter:
     """Applies acknowledged changes to the index, in order, from one dedicated thread."""
 
     def __init__(self, index: Index, folder: str, peer: str) -> None:
@@ -344,26 +295,32 @@ class _IndexWriter:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="mynas-index")
 
     def record(self, entry: IndexEntry) -> None:
+        """Remember that the host holds ``entry`` (applied at the next flush)."""
         self._ops.append(("record", entry))
         self._count += 1
 
     def forget(self, path: bytes, kind: tree.Kind) -> None:
+        """Remember that the host no longer holds ``path``."""
         self._ops.append(("forget", (path, kind)))
         self._count += 1
 
     def forget_tree(self, path: bytes) -> None:
+        """Remember that the host holds nothing below directory ``path`` any more."""
         self._ops.append(("forget_tree", path))
         self._count += 1
 
     def record_root(self, mtime_ns: int) -> None:
+        """Remember the mtime the host's copy of the folder itself got."""
         self._ops.append(("root", mtime_ns))
         self._count += 1
 
     async def maybe_flush(self) -> None:
+        """Flush once enough changes are pending, or they wait for over a second."""
         if self._count >= _INDEX_BATCH or (self._ops and time.monotonic() - self._last > 1.0):
             await self.flush()
 
     async def flush(self) -> None:
+        """Apply every pending change, in order, before returning."""
         ops, self._ops, self._count = self._ops, [], 0
         self._last = time.monotonic()
         if ops:
@@ -387,6 +344,7 @@ class _IndexWriter:
                     self._index.forget_tree(self._folder, self._peer, path)
 
     async def call[T](self, func: Callable[..., T], *args: Any) -> T:
+        """Run ``func`` on the writer's thread, after what is already queued there."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
     def register_pair(self) -> None:
@@ -399,6 +357,7 @@ class _IndexWriter:
         await asyncio.shield(self.call(self._index.clear, self._folder, self._peer))
 
     def close(self) -> None:
+        """Stop the writer's thread once its work is done (blocking)."""
         self._executor.shutdown(wait=True)
 
 
@@ -456,7 +415,7 @@ class _Pusher:
     def __init__(
         self,
         connection: _Connection,
-        index: _IndexWriter,
+        index: IndexWriter,
         folder: str,
         source: bytes,
         throttle: Throttle,
@@ -502,9 +461,7 @@ class _Pusher:
 
     def report(self, *, force: bool = False) -> None:
         now = time.monotonic()
-        if self._progress is not None and (
-            force or now - self._last_progress >= _PROGRESS_INTERVAL
-        ):
+        if self._progress is not None and (force or now - self._last_progress >= PROGRESS_INTERVAL):
             self._last_progress = now
             self._progress(self.state)
 
@@ -590,7 +547,7 @@ class _Pusher:
 
         self._touch(path)
         self._dirs.pop(path, None)
-        await self.link.delete(_remote(self.folder, path), done)
+        await self.link.delete(remote_path(self.folder, path), done)
 
     async def _put(self, work: _Work) -> None:
         entry = work.change.entry
@@ -613,7 +570,7 @@ class _Pusher:
         self._touch(entry.path)
         await self.throttle.consume(size)
         await self.link.put(
-            _remote(self.folder, entry.path), entry.mtime_ns, entry.mode, work.data, done
+            remote_path(self.folder, entry.path), entry.mtime_ns, entry.mode, work.data, done
         )
 
     def _in_reader[T](self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -633,7 +590,7 @@ class _Pusher:
 
     async def _upload(self, entry: tree.Entry) -> None:
         local = self.source + b"/" + entry.path
-        remote = _remote(self.folder, entry.path)
+        remote = remote_path(self.folder, entry.path)
         self._touch(entry.path)
         try:
             fd = await self._in_reader(_open_local, local)
@@ -747,7 +704,7 @@ class _Pusher:
                 else:
                     self.index.record_root(mtime)
 
-            await self.link.mkdir(_remote(self.folder, path), mtime, done)
+            await self.link.mkdir(remote_path(self.folder, path), mtime, done)
         await self.link.sync()
 
 
@@ -786,7 +743,7 @@ def _dir_mtimes(source: bytes, paths: Iterable[bytes]) -> dict[bytes, int]:
     return result
 
 
-def _check_source(source: str | os.PathLike[str]) -> bytes:
+def check_source(source: str | os.PathLike[str]) -> bytes:
     """Return the folder to back up as an absolute bytes path, or raise SourceMissing."""
     path = os.fsencode(os.path.abspath(source))
     if not os.path.isdir(path) or not os.access(path, os.R_OK | os.X_OK):
@@ -799,7 +756,7 @@ def _is_empty(path: bytes) -> bool:
         return next(entries, None) is None
 
 
-async def _adopt(link: PeerLink, writer: _IndexWriter, folder: str) -> int:
+async def _adopt(link: PeerLink, writer: IndexWriter, folder: str) -> int:
     """Learn what the host already holds when the index knows nothing of this pair.
 
     That happens after a lost index or on a rebuilt node: unchanged files are then neither
@@ -860,8 +817,8 @@ async def push(
     started = time.monotonic()
     loop = asyncio.get_running_loop()
     check_folder_name(folder)
-    raw_source = await loop.run_in_executor(None, _check_source, source)
-    writer = _IndexWriter(index, folder, target.id)
+    raw_source = await loop.run_in_executor(None, check_source, source)
+    writer = IndexWriter(index, folder, target.id)
     connection = _Connection(identity, target)
     try:
         try:
@@ -892,7 +849,7 @@ async def push(
 
 async def _refuse_empty(
     loop: asyncio.AbstractEventLoop,
-    writer: _IndexWriter,
+    writer: IndexWriter,
     index: Index,
     folder: str,
     target: PeerTarget,
@@ -912,7 +869,7 @@ async def _refuse_empty(
 
 async def _run_push(
     connection: _Connection,
-    writer: _IndexWriter,
+    writer: IndexWriter,
     folder: str,
     source: bytes,
     target: PeerTarget,
@@ -971,503 +928,3 @@ async def _run_push(
     pusher.state.phase = Phase.DONE
     pusher.report(force=True)
     return result
-
-
-# --- restore ---------------------------------------------------------------------------------
-
-
-def check_subpath(path: str | bytes) -> bytes:
-    """Return a sub-path of a folder as relative bytes, or raise ValueError."""
-    raw = os.fsencode(path).strip(b"/")
-    parts = raw.split(b"/") if raw else []
-    if any(part in (b"", b".", b"..") or b"\0" in part for part in parts):
-        raise ValueError(f"{os.fsdecode(raw)!r} is not a path inside the folder")
-    return raw
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-class _LocalWriter:
-    """Writes restored files under the target directory (blocking; worker threads only).
-
-    Paths come from the host, which is not trusted with our disk: each must be a plain
-    relative path, and a file is written to a temporary name and renamed, never through a
-    symlink.
-    """
-
-    def __init__(self, target: bytes, overwrite: bool) -> None:
-        self.target = target
-        self.overwrite = overwrite
-
-    def local(self, rel: bytes) -> bytes:
-        """Return where ``rel`` goes; PathRefused unless it is a plain path under the target."""
-        if rel.startswith(b"/") or rel.endswith(b"/"):
-            raise PathRefused(f"the host sent {rel!r}, not a relative path")
-        try:
-            check_subpath(rel)
-        except ValueError:
-            raise PathRefused(f"the host sent {rel!r}, not a plain relative path") from None
-        if not rel:
-            return self.target
-        # No existing component may be a symlink: the host must not steer writes elsewhere.
-        current = self.target
-        for part in rel.split(b"/")[:-1]:
-            current = current + b"/" + part
-            try:
-                info = os.lstat(current)
-            except FileNotFoundError:
-                break
-            if not stat.S_ISDIR(info.st_mode):
-                raise PathRefused(f"{os.fsdecode(current)} is in the way (not a directory)")
-        return self.target + b"/" + rel
-
-    def make_dir(self, rel: bytes) -> None:
-        path = self.local(rel)
-        if os.path.islink(path):
-            raise PathRefused(f"{os.fsdecode(path)} is a symlink")
-        os.makedirs(path, exist_ok=True)
-
-    def conflicts(self, rels: Iterable[bytes]) -> list[bytes]:
-        return [rel for rel in rels if os.path.lexists(self.local(rel))]
-
-    def write_files(self, files: Iterable[tuple[tree.Entry, bytes, bytes]]) -> None:
-        for entry, rel, data in files:
-            tmp = self.open_temp(rel)
-            try:
-                _write_all(tmp[0], data)
-            except BaseException:
-                self.discard(tmp)
-                raise
-            self.install(tmp, entry, rel)
-
-    def open_temp(self, rel: bytes) -> tuple[int, bytes]:
-        if not rel:
-            raise PathRefused("the host sent a file where the restored folder itself goes")
-        path = self.local(rel)
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)  # local() checked what exists of it
-        tmp = os.path.join(parent, b".mynas-restore-" + os.urandom(6).hex().encode())
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        return fd, tmp
-
-    def install(self, tmp: tuple[int, bytes], entry: tree.Entry, rel: bytes) -> None:
-        """Give the temp file its mode and mtime and its final name (closes and consumes it)."""
-        fd, tmp_path = tmp
-        try:
-            try:
-                os.fchmod(fd, tree.portable_mode(entry.mode))
-                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-            finally:
-                os.close(fd)
-            self._place(tmp_path, rel)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_path)
-            raise
-
-    def _place(self, tmp_path: bytes, rel: bytes) -> None:
-        path = self.local(rel)
-        if not self.overwrite and os.path.lexists(path):
-            raise RestoreConflict(os.fsdecode(self.target), os.fsdecode(rel), 1)
-        os.replace(tmp_path, path)
-
-    @staticmethod
-    def write(tmp: tuple[int, bytes], data: bytes) -> None:
-        _write_all(tmp[0], data)
-
-    @staticmethod
-    def discard(tmp: tuple[int, bytes]) -> None:
-        """Drop a temp file that ``install`` has not consumed."""
-        with contextlib.suppress(OSError):
-            os.close(tmp[0])
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp[1])
-
-    def set_dir_mtimes(self, dirs: list[tuple[bytes, int]]) -> None:
-        for rel, mtime in dirs:
-            path = self.local(rel)
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
-
-
-def _make_destination(destination: str | os.PathLike[str]) -> bytes:
-    path = os.fsencode(os.path.abspath(destination))
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-async def restore(
-    identity: Identity,
-    target: PeerTarget,
-    folder: str,
-    destination: str | os.PathLike[str],
-    *,
-    path: str | bytes = b"",
-    overwrite: bool = False,
-    progress: ProgressCallback | None = None,
-) -> RestoreResult:
-    """Copy a folder's replica (or ``path`` inside it) from the host into ``destination``.
-
-    Needs nothing but our key and the peer's address and key: no index, no old config (the
-    house-fire case). Paths keep their place relative to the folder, mtimes are restored.
-    Existing files are never overwritten unless ``overwrite``: RestoreConflict is raised
-    before anything is written. PathRefused if the host sends anything else than what was
-    asked.
-    """
-    started = time.monotonic()
-    loop = asyncio.get_running_loop()
-    folder_name = check_folder_name(folder)
-    sub = check_subpath(path)
-    dest = await loop.run_in_executor(None, _make_destination, destination)
-    writer = _LocalWriter(dest, overwrite)
-    result = RestoreResult(folder)
-    state = Progress(Phase.RESTORING)
-    remote_root = _remote(folder_name, sub)
-    prefix = folder_name + b"/"
-
-    def relative(item_path: bytes) -> bytes:
-        if item_path != remote_root and not item_path.startswith(remote_root + b"/"):
-            raise PathRefused(f"the host sent {item_path!r}, outside what was asked")
-        return item_path[len(prefix) :] if item_path != folder_name else b""
-
-    link = await connect_any(identity, target.addresses, target.public_key)
-    try:
-        # Totals for progress, and the overwrite check before a single byte is written.
-        files: list[bytes] = []
-        try:
-            async with contextlib.aclosing(link.list(remote_root)) as listing:
-                async for item, _ in listing:
-                    rel = relative(item.path)
-                    if item.kind is tree.Kind.FILE:
-                        if not rel:
-                            raise PathRefused("the host sent a file where the folder itself goes")
-                        state.files_total += 1
-                        state.bytes_total += item.size
-                        if not overwrite:
-                            files.append(rel)
-        except HostRefused as err:
-            if err.code == FailCode.MISSING:
-                raise HostRefused(
-                    err.code, f"the peer holds nothing at {os.fsdecode(remote_root)}"
-                ) from None
-            if err.code != FailCode.PATH or not sub:
-                raise
-            # Not a directory: one file (READ says which, or why not). Totals come with it.
-            files = [sub] if not overwrite else []
-        else:
-            state.scan_complete = True
-        if files:
-            conflicts = await loop.run_in_executor(None, writer.conflicts, files)
-            if conflicts:
-                raise RestoreConflict(os.fsdecode(dest), os.fsdecode(conflicts[0]), len(conflicts))
-        files.clear()
-        await _receive(link, remote_root, writer, relative, result, state, progress)
-    finally:
-        await link.close()
-    result.seconds = time.monotonic() - started
-    state.phase = Phase.DONE
-    state.scan_complete = True
-    if progress is not None:
-        progress(state)
-    return result
-
-
-async def _receive(
-    link: PeerLink,
-    remote_root: bytes,
-    writer: _LocalWriter,
-    relative: Callable[[bytes], bytes],
-    result: RestoreResult,
-    state: Progress,
-    progress: ProgressCallback | None,
-) -> None:
-    loop = asyncio.get_running_loop()
-    dirs: list[tuple[bytes, int]] = []
-    pending: list[tuple[tree.Entry, bytes, bytes]] = []
-    pending_size = 0
-    current: tree.Entry | None = None
-    current_rel = b""
-    parts: list[bytes] = []
-    received = 0
-    large: tuple[int, bytes] | None = None
-    last = 0.0
-
-    async def flush() -> None:
-        nonlocal pending, pending_size
-        if pending:
-            batch, pending, pending_size = pending, [], 0
-            await loop.run_in_executor(None, writer.write_files, batch)
-
-    async def complete() -> None:
-        nonlocal current, large, pending_size
-        assert current is not None
-        if large is not None:
-            tmp, large = large, None
-            await loop.run_in_executor(None, writer.install, tmp, current, current_rel)
-        else:
-            pending.append((current, current_rel, b"".join(parts)))
-            pending_size += current.size
-            if len(pending) >= 256 or pending_size >= 4 * 1024 * 1024:
-                await flush()
-        result.files += 1
-        result.bytes += current.size
-        state.files_done += 1
-        current = None
-
-    try:
-        async with contextlib.aclosing(link.read(remote_root)) as frames:
-            async for kind, value in frames:
-                if kind is Frame.ENTRY:
-                    if current is not None:
-                        raise PathRefused("the host sent a file shorter than announced")
-                    item: tree.Entry = value[0]
-                    rel = relative(item.path)
-                    if item.kind is tree.Kind.DIR:
-                        await loop.run_in_executor(None, writer.make_dir, rel)
-                        dirs.append((rel, item.mtime_ns))
-                        result.dirs += 1
-                        continue
-                    if not state.scan_complete:  # a single file: its totals come now
-                        state.files_total, state.bytes_total = 1, item.size
-                        state.scan_complete = True
-                    current, current_rel, parts, received = item, rel, [], 0
-                    if item.size > SMALL_FILE:
-                        await flush()
-                        large = await loop.run_in_executor(None, writer.open_temp, rel)
-                    elif item.size == 0:
-                        await complete()
-                else:
-                    chunk = bytes(value)
-                    if current is None or received + len(chunk) > current.size:
-                        raise PathRefused("the host sent more data than announced")
-                    received += len(chunk)
-                    state.bytes_done += len(chunk)
-                    if large is not None:
-                        await loop.run_in_executor(None, writer.write, large, chunk)
-                    else:
-                        parts.append(chunk)
-                    if received == current.size:
-                        await complete()
-                    now = time.monotonic()
-                    if progress is not None and now - last >= _PROGRESS_INTERVAL:
-                        last = now
-                        progress(state)
-        if current is not None:
-            raise PathRefused("the host sent a file shorter than announced")
-        await flush()
-        dirs.sort(key=lambda d: len(d[0]), reverse=True)
-        await loop.run_in_executor(None, writer.set_dir_mtimes, dirs)
-    finally:
-        if large is not None:
-            await loop.run_in_executor(None, writer.discard, large)
-
-
-# --- verify ----------------------------------------------------------------------------------
-
-
-class _LocalHasher:
-    """Walks the source and hashes its files in a worker thread, for verify."""
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, source: bytes, exclude: Sequence[str]
-    ) -> None:
-        self.queue: asyncio.Queue[list[tuple[tree.Entry, bytes | None]] | BaseException | None] = (
-            asyncio.Queue(_QUEUE_BATCHES)
-        )
-        self._loop = loop
-        self._source = source
-        self._exclude = exclude
-        self._stop = threading.Event()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def run(self) -> None:
-        try:
-            skip = scanner.Excludes(self._exclude) if self._exclude else None
-            batch: list[tuple[tree.Entry, bytes | None]] = []
-            for entry in tree.walk(self._source, skip=skip, on_error=lambda *_: None):
-                digest = None
-                if entry.kind is tree.Kind.FILE:
-                    try:
-                        digest = tree.hash_file(self._source + b"/" + entry.path)
-                    except OSError:
-                        digest = None
-                batch.append((entry, digest))
-                if len(batch) >= _HANDOFF_FILES and not self._hand(batch):
-                    return
-                if len(batch) >= _HANDOFF_FILES:
-                    batch = []
-            if batch and not self._hand(batch):
-                return
-            self._hand(None)
-        except BaseException as err:  # handed to the loop, which re-raises
-            self._hand(err)
-
-    def _hand(self, item: Any) -> bool:
-        future = asyncio.run_coroutine_threadsafe(self.queue.put(item), self._loop)
-        while not self._stop.is_set():
-            try:
-                future.result(timeout=0.2)
-                return True
-            except TimeoutError:
-                continue
-        future.cancel()
-        return False
-
-    async def entries(self) -> AsyncGenerator[tuple[tree.Entry, bytes | None]]:
-        while (batch := await self.queue.get()) is not None:
-            if isinstance(batch, BaseException):
-                raise batch
-            for item in batch:
-                yield item
-
-
-async def verify(
-    identity: Identity,
-    target: PeerTarget,
-    folder: str,
-    source: str | os.PathLike[str],
-    index: Index | None = None,
-    *,
-    exclude: Sequence[str] = (),
-    repair: bool = False,
-    progress: ProgressCallback | None = None,
-) -> VerifyResult:
-    """Compare the host's content hashes with the local files, without downloading.
-
-    Reports missing (here, not there), extra (there, not here) and mismatched files. With
-    ``repair`` (which needs ``index``), the index learns what the host really holds —
-    mismatched files left out — and a push then sends what is missing or wrong and moves
-    the extras to the host's trash.
-    """
-    if repair and index is None:
-        raise ValueError("repairing a replica needs the index")
-    started = time.monotonic()
-    loop = asyncio.get_running_loop()
-    folder_name = check_folder_name(folder)
-    raw_source = await loop.run_in_executor(None, _check_source, source)
-    result = VerifyResult(folder)
-    state = Progress(Phase.VERIFYING)
-    prefix = folder_name + b"/"
-    writer = _IndexWriter(index, folder, target.id) if repair and index is not None else None
-    try:
-        link = await connect_any(identity, target.addresses, target.public_key)
-        try:
-            await _compare(
-                link,
-                loop,
-                folder_name,
-                prefix,
-                raw_source,
-                exclude,
-                result,
-                state,
-                writer,
-                progress,
-            )
-        finally:
-            await link.close()
-            if writer is not None:
-                await writer.flush()
-    finally:
-        if writer is not None:
-            await loop.run_in_executor(None, writer.close)
-    state.scan_complete = True
-    if repair and index is not None and not result.clean:
-        pushed = await push(
-            identity, target, folder, source, index, exclude=exclude, progress=progress
-        )
-        result.repaired = pushed.files_sent + pushed.files_deleted
-        result.repair_complete = not (pushed.error_count or pushed.files_changed_during_read)
-    state.phase = Phase.DONE
-    if progress is not None:
-        progress(state)
-    result.seconds = time.monotonic() - started
-    return result
-
-
-async def _compare(
-    link: PeerLink,
-    loop: asyncio.AbstractEventLoop,
-    folder_name: bytes,
-    prefix: bytes,
-    source: bytes,
-    exclude: Sequence[str],
-    result: VerifyResult,
-    state: Progress,
-    writer: _IndexWriter | None,
-    progress: ProgressCallback | None,
-) -> None:
-    """Merge the host's listing with the local walk (both in canonical order)."""
-    hasher = _LocalHasher(loop, source, exclude)
-    thread = loop.run_in_executor(None, hasher.run)
-    remote = _host_entries(link, folder_name, prefix)
-    local_items = hasher.entries()
-    last = 0.0
-    try:
-        host = await anext(remote, None)
-        mine = await anext(local_items, None)
-        while host is not None or mine is not None:
-            if mine is not None and (host is None or mine[0].key < host[0].key):
-                result.missing += 1
-                result.note("missing", mine[0].path)
-                if writer is not None:
-                    writer.forget(mine[0].path, mine[0].kind)
-                mine = await anext(local_items, None)
-            elif host is not None and (mine is None or host[0].key < mine[0].key):
-                result.extra += 1
-                result.note("extra", host[0].path)
-                if writer is not None:  # known to the index, so the push deletes it
-                    writer.record(IndexEntry.from_entry(host[0], host[1]))
-                host = await anext(remote, None)
-            else:
-                assert host is not None
-                assert mine is not None
-                same = True
-                if mine[0].kind is tree.Kind.FILE:
-                    result.checked += 1
-                    state.files_done += 1
-                    state.bytes_done += mine[0].size
-                    if mine[1] is None or mine[1] != host[1] or mine[0].size != host[0].size:
-                        same = False
-                        result.mismatched += 1
-                        result.note("mismatched", mine[0].path)
-                if writer is not None:
-                    if same:
-                        writer.record(IndexEntry.from_entry(host[0], host[1]))
-                    else:
-                        writer.forget(mine[0].path, mine[0].kind)
-                host = await anext(remote, None)
-                mine = await anext(local_items, None)
-            if writer is not None:
-                await writer.maybe_flush()
-            now = time.monotonic()
-            if progress is not None and now - last >= _PROGRESS_INTERVAL:
-                last = now
-                progress(state)
-    finally:
-        hasher.stop()
-        await remote.aclose()
-        await local_items.aclose()
-        await asyncio.gather(thread, return_exceptions=True)
-
-
-async def _host_entries(
-    link: PeerLink, folder: bytes, prefix: bytes
-) -> AsyncGenerator[tuple[tree.Entry, bytes | None]]:
-    try:
-        async with contextlib.aclosing(link.list(folder, with_hash=True)) as listing:
-            async for item, digest in listing:
-                if item.path.startswith(prefix):
-                    rel = item.path[len(prefix) :]
-                    yield tree.Entry(rel, item.kind, item.size, item.mtime_ns, item.mode), digest
-    except HostRefused as err:
-        if err.code != FailCode.MISSING:
-            raise
