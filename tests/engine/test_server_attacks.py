@@ -20,13 +20,14 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 import contextlib
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 import stat
 import struct
 import time
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 import pytest
@@ -42,6 +43,7 @@ from custom_components.mynas.engine.errors import (
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.protocol import MAX_FRAME, Close, Frame
 from custom_components.mynas.engine.server import Limits, NodeServer, PeerGrant
+from custom_components.mynas.engine.sftp import ReadOnlySFTPServer
 
 from .conftest import DEFAULT_QUOTA, ServerFactory, address
 from .openssh_support import OpenSSH
@@ -613,6 +615,63 @@ async def test_sftp_refuses_links_and_every_write(
     finally:
         conn.close()
         await conn.wait_closed()
+    assert world(tmp_path) == before
+
+
+class _NoChannel:
+    """What ``SFTPServer.__init__`` asks of a channel, for calling the server directly."""
+
+    def get_extra_info(self, _name: str, default: Any = None) -> Any:
+        return default
+
+
+async def test_sftp_speaks_v3_only_and_a_v6_open_would_stay_read_only(
+    server: NodeServer, alice_id: Identity, furnished: Path, storage_dir: Path, tmp_path: Path
+) -> None:
+    """v3 (OpenSSH's) is the smallest surface; were v6 enabled, its open still only reads.
+
+    asyncssh's own v6 open would open the mapped path with any access asked, so the
+    override matters; and so do the path mappings its default methods rely on.
+    """
+    conn = await ssh_connect(server, alice_id)
+    try:
+        sftp = await conn.start_sftp_client(sftp_version=6)
+        assert sftp.version == 3
+        sftp.exit()
+    finally:
+        conn.close()
+        await conn.wait_closed()
+    before = world(tmp_path)
+    direct = ReadOnlySFTPServer(cast(Any, _NoChannel()), server.jail("alice"))
+    read, attrs = asyncssh.ACE4_READ_DATA, asyncssh.SFTPAttrs()
+    for access, disposition in [
+        (asyncssh.ACE4_WRITE_DATA, asyncssh.FXF_OPEN_EXISTING),
+        (read | asyncssh.ACE4_APPEND_DATA, asyncssh.FXF_OPEN_EXISTING),
+        (read | asyncssh.ACE4_WRITE_ATTRIBUTES, asyncssh.FXF_OPEN_EXISTING),
+        (read, asyncssh.FXF_CREATE_NEW),
+        (read, asyncssh.FXF_CREATE_TRUNCATE),
+        (read, asyncssh.FXF_OPEN_OR_CREATE),
+        (read, asyncssh.FXF_TRUNCATE_EXISTING),
+    ]:
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await direct.open56(b"/notes.txt", access, disposition, attrs)
+    handle = await direct.open56(b"/notes.txt", read, asyncssh.FXF_OPEN_EXISTING, attrs)
+    assert isinstance(handle, io.FileIO)
+    with handle:
+        assert handle.read() == ALICE_FILES["notes.txt"]
+    with pytest.raises(asyncssh.SFTPPermissionDenied):
+        await direct.open56(b"/filelink", read, asyncssh.FXF_OPEN_EXISTING, attrs)
+    root = os.fsencode(storage_dir / "alice")
+    assert direct.map_path(b"/") == root
+    assert direct.map_path(b"../../dir/./inner.txt") == root + b"/dir/inner.txt"
+    for through in THROUGH_LINKS:
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            direct.map_path(b"/" + through)
+    assert direct.reverse_map_path(root) == b"/"
+    assert direct.reverse_map_path(root + b"/dir/inner.txt") == b"/dir/inner.txt"
+    for outside in (os.fsencode(storage_dir / "bob"), root + b"-other", b"/etc/passwd"):
+        with pytest.raises(asyncssh.SFTPNoSuchFile):
+            direct.reverse_map_path(outside)
     assert world(tmp_path) == before
 
 
