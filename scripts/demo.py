@@ -15,6 +15,7 @@ What a run does, all under one demo directory (default ``demo/`` at the reposito
   the options flow (menu "Show our invite code"), pairs the nodes by pasting each other's code
   in a peer subentry flow, and protects each node's ``Family`` folder on the other node through
   a folder subentry flow -- whatever already exists (a second run) is kept, not added again;
+  a new node alerts at once when the other is unreachable (options flow), not after 3 days;
 - runs a first sync on both (``mynas.sync`` with ``wait: true``) and waits for the sensors.
 
 Then, by mode:
@@ -23,7 +24,8 @@ Then, by mode:
 - ``--headless-check``: checks that each node's files are byte-identical in the other's
   replica, that both "last backup" sensors are set, that each node sees its peer connected,
   that every entity the dashboard names exists and that Home Assistant loads the blueprints;
-  prints a summary, stops, and exits 0 (all good) or 1 (CI runs it);
+  then stops Bob and checks that Alice's next sync fails and raises the "unreachable" repair
+  issue; prints a summary, stops, and exits 0 (all good) or 1 (CI runs it);
 - ``--exec CMD ...``: runs CMD with the demo's URLs and login in its environment
   (MYNAS_DEMO_*), then stops and exits with CMD's status (``scripts/screenshots`` uses it).
 
@@ -769,10 +771,30 @@ async def ensure_node(state: NodeState) -> None:
             raise DemoError(f"{node.name}: setting MyNAS up failed: {result}")
         state.entry_id = result["result"]["entry_id"]
         say(f"{node.name}: MyNAS set up (config flow), disk {node.disk}, port {node.ssh_port}")
+        await wait_loaded(api, state.entry_id)
+        await alert_at_once(state)
     else:
         state.entry_id = entry["entry_id"]
         say(f"{node.name}: MyNAS already set up ({entry['title']})")
     await wait_loaded(api, state.entry_id)
+
+
+async def alert_at_once(state: NodeState) -> None:
+    """Raise "unreachable" at the first failed contact (options flow), not after 3 days.
+
+    So that stopping one demo node shows the repair issue on the other at its next sync or
+    connection test; a second run keeps whatever the user set since.
+    """
+    api = state.api
+    base = "/api/config/config_entries/options/flow"
+    menu = await api.post(base, {"handler": state.entry_id})
+    form = await api.post(f"{base}/{menu['flow_id']}", {"next_step_id": "settings"})
+    done = await api.post(
+        f"{base}/{form['flow_id']}", {"overdue_hours": 36, "unreachable_hours": 0}
+    )
+    if done["type"] != "create_entry":
+        raise DemoError(f"{state.node.name}: setting the alerts failed: {done}")
+    say(f"{state.node.name}: alerts when the other node is unreachable at once (options flow)")
 
 
 async def read_invite_code(state: NodeState) -> None:
@@ -1042,6 +1064,38 @@ async def headless_check(states: tuple[NodeState, NodeState]) -> Checks:
     return checks
 
 
+async def check_peer_stopped(
+    states: tuple[NodeState, NodeState], other: Instance, checks: Checks
+) -> None:
+    """Stop Bob: Alice's next sync fails, says why, and raises the "unreachable" issue."""
+    state = states[0]
+    await alert_at_once(state)  # whatever an earlier run left in the options
+    await wait_loaded(state.api, state.entry_id)
+    await asyncio.to_thread(stop_all, [other])
+    reply = await state.api.post(
+        "/api/services/mynas/sync?return_response", {"folder": FOLDER, "wait": True}
+    )
+    results = reply["service_response"]["results"]
+    checks.record(
+        f"{state.node.name}: with {other.node.name} stopped, the sync fails and says why",
+        []
+        if results and all(r["status"] == "failed" and r.get("error") for r in results)
+        else [f"results {results}"],
+    )
+    listed = await state.api.ws("repairs/list_issues")
+    issues = [
+        issue
+        for issue in listed["issues"]
+        if issue["domain"] == "mynas" and issue["translation_key"] == "peer_unreachable"
+    ]
+    checks.record(
+        f"{state.node.name}: a repair issue says {other.node.name} is unreachable",
+        []
+        if issues and issues[0]["translation_placeholders"]["peer"] == other.node.name
+        else [f"mynas issues: {[i for i in listed['issues'] if i['domain'] == 'mynas']}"],
+    )
+
+
 def banner(states: tuple[NodeState, NodeState], login: hb.Login, base: Path) -> str:
     lines = ["", "  MyNAS demo: two paired nodes", ""]
     for state, other in (states, states[::-1]):
@@ -1134,6 +1188,8 @@ async def run(
         say(f"both nodes are up, paired and synced ({time.monotonic() - _T0:.0f} s)")
         if args.headless_check:
             checks = await headless_check(states)
+            bob = next(inst for inst in instances if inst.node is states[1].node)
+            await check_peer_stopped(states, bob, checks)
             CLOSING.append(checks.line)
             print()
             if checks.failed:
@@ -1142,7 +1198,8 @@ async def run(
             print(
                 f"HEADLESS CHECK PASSED in {time.monotonic() - _T0:.0f} s: both replicas are"
                 " byte-identical, both last-backup sensors are set, the peers are connected,"
-                " the dashboard's entities exist, the blueprints load"
+                " the dashboard's entities exist, the blueprints load, a stopped peer raises"
+                " its repair issue"
             )
             return 0
         if args.exec:
