@@ -96,8 +96,17 @@ class DemoError(Exception):
 
 
 def say(message: str) -> None:
-    """Print one progress line with the time since start."""
-    print(f"[{time.monotonic() - _T0:6.1f}s] {message}", flush=True)
+    """Print one progress line with the time since start.
+
+    A reader that went away (``scripts/demo | head``) must not stop the demo halfway, with
+    its Home Assistants left running: from then on, progress goes nowhere.
+    """
+    try:
+        print(f"[{time.monotonic() - _T0:6.1f}s] {message}", flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 # --- the two nodes --------------------------------------------------------------------------
