@@ -37,50 +37,11 @@ from custom_components.mynas.engine.__main__ import main
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.protocol import Frame
 
+from .cli_support import ROOT, mynas, public_key_file
 from .openssh_support import HOST, OpenSSH
 
-ROOT = Path(__file__).resolve().parents[2]
 PUBLIC_LINE = re.compile(r"ssh-ed25519 AAAA[0-9A-Za-z+/]+=*")
 GIB = 1 << 30
-
-
-@dataclass
-class Run:
-    """What one command did."""
-
-    code: int
-    out: str
-    err: str
-
-    @property
-    def reason(self) -> str:
-        """The single line a failure prints on stderr."""
-        lines = self.err.splitlines()
-        assert len(lines) == 1, self.err
-        return lines[0]
-
-
-async def mynas(*args: str | os.PathLike[str]) -> Run:
-    """Run one engine command to its end."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "custom_components.mynas.engine",
-        *map(str, args),
-        cwd=ROOT,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
-
-
-def public_key_file(directory: Path, name: str, line: str) -> Path:
-    path = directory / f"{name}.pub"
-    path.write_text(line + "\n")
-    return path
 
 
 def free_port() -> int:

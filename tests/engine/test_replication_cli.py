@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-import json
 import os
 from pathlib import Path
 import signal
@@ -24,49 +22,9 @@ import pytest
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.replicator import SMALL_FILE
 
+from .cli_support import ROOT, mynas, public_key_file
 from .conftest import ServerFactory
 from .replica_support import MTIME, Env, close_env, make_env, snapshot, write
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Run:
-    """What one command did."""
-
-    code: int
-    out: str
-    err: str
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        """The JSON summary on the last line of stdout."""
-        last = self.out.strip().splitlines()[-1]
-        data: dict[str, Any] = json.loads(last)
-        return data
-
-    @property
-    def reason(self) -> str:
-        """The one line a failure prints on stderr."""
-        lines = self.err.strip().splitlines()
-        assert len(lines) == 1, self.err
-        return lines[0]
-
-
-async def mynas(*args: str | os.PathLike[str]) -> Run:
-    """Run one engine command and wait for it."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "custom_components.mynas.engine",
-        *map(str, args),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
 
 
 @pytest.fixture
@@ -81,12 +39,6 @@ async def env(fast_dir: Path, make_server: ServerFactory, alice_id: Identity) ->
 def alice_key(tmp_path: Path, alice_id: Identity) -> Path:
     """Alice's private key file (the conftest identities live there)."""
     return tmp_path / "keys" / "alice" / "id_ed25519"
-
-
-def _public_key_file(directory: Path, name: str, line: str) -> Path:
-    path = directory / f"{name}.pub"
-    path.write_text(line + "\n")
-    return path
 
 
 def _common(env: Env, key: Path, peer_key: Path, address: str | None = None) -> list[Any]:
@@ -107,7 +59,7 @@ async def test_push_verify_restore(env: Env, alice_key: Path) -> None:
     write(env.src / "a.txt", b"hello")
     write(env.src / "sub" / "b.bin", os.urandom(SMALL_FILE + 10), mode=0o755)
     (env.src / "empty").mkdir()
-    host_key = _public_key_file(env.work, "host", env.server.identity.public_line)
+    host_key = public_key_file(env.work, "host", env.server.identity.public_line)
     common = _common(env, alice_key, host_key)
     index = ["--index", env.work / "cli-index.sqlite"]
 
@@ -164,8 +116,8 @@ async def test_failures_exit_non_zero_with_one_line(
 ) -> None:
     """Unreachable port, wrong peer key, missing or empty source: one line on stderr."""
     write(env.src / "a", b"a", mtime_ns=MTIME)
-    host_key = _public_key_file(env.work, "host", env.server.identity.public_line)
-    wrong_key = _public_key_file(env.work, "bob", bob_id.public_line)
+    host_key = public_key_file(env.work, "host", env.server.identity.public_line)
+    wrong_key = public_key_file(env.work, "bob", bob_id.public_line)
     index = ["--index", env.work / "cli-index.sqlite"]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -208,8 +160,8 @@ async def test_serve_as_a_process(fast_dir: Path, alice_key: Path, alice_id: Ide
     host_key = fast_dir / "host" / "id_ed25519"
     run = await mynas("keygen", "--key", host_key)
     assert run.code == 0, run.err
-    host_pub = _public_key_file(fast_dir, "host", run.out.strip())
-    alice_pub = _public_key_file(fast_dir, "alice", alice_id.public_line)
+    host_pub = public_key_file(fast_dir, "host", run.out.strip())
+    alice_pub = public_key_file(fast_dir, "alice", alice_id.public_line)
     storage = fast_dir / "storage"
     storage.mkdir()
     with socket.socket() as probe:
