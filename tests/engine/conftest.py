@@ -18,8 +18,9 @@ import pytest
 
 from custom_components.mynas.engine import identity
 from custom_components.mynas.engine.identity import Identity
+from custom_components.mynas.engine.limits import Limits
 from custom_components.mynas.engine.replicator import PeerTarget
-from custom_components.mynas.engine.server import Limits, NodeServer, PeerGrant
+from custom_components.mynas.engine.server import NodeServer, PeerGrant
 from custom_components.mynas.engine.storage import HostedSpace
 
 MIB = 1 << 20

@@ -27,8 +27,9 @@ from custom_components.mynas.engine.errors import (
     QuotaExceeded,
 )
 from custom_components.mynas.engine.identity import Identity
+from custom_components.mynas.engine.limits import Limits
 from custom_components.mynas.engine.protocol import FailCode, Frame
-from custom_components.mynas.engine.server import Limits, PeerGrant
+from custom_components.mynas.engine.server import PeerGrant
 from custom_components.mynas.engine.tree import Entry, Kind
 
 from .conftest import ServerFactory, address

@@ -41,8 +41,9 @@ from custom_components.mynas.engine.errors import (
     QuotaExceeded,
 )
 from custom_components.mynas.engine.identity import Identity
+from custom_components.mynas.engine.limits import Limits
 from custom_components.mynas.engine.protocol import MAX_FRAME, Close, Frame
-from custom_components.mynas.engine.server import Limits, NodeServer, PeerGrant
+from custom_components.mynas.engine.server import NodeServer, PeerGrant
 from custom_components.mynas.engine.sftp import ReadOnlySFTPServer
 
 from .conftest import DEFAULT_QUOTA, ServerFactory, address
