@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+import json
 import os
 from pathlib import Path
 import random
 import shutil
 import subprocess
 import tempfile
+import time
 from typing import Any
 
 from hypothesis import HealthCheck, event, given, settings, strategies as st
@@ -32,9 +34,10 @@ from custom_components.mynas.engine.errors import (
 )
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.index import Index
+from custom_components.mynas.engine.limits import Limits
 from custom_components.mynas.engine.replicator import SMALL_FILE, PeerTarget
 from custom_components.mynas.engine.server import NodeServer, PeerGrant
-from custom_components.mynas.engine.storage import HostedSpace
+from custom_components.mynas.engine.storage import DIR_CHARGE, HostedSpace, charge
 
 from .conftest import ServerFactory, address
 from .replica_support import (
@@ -48,6 +51,7 @@ from .replica_support import (
     make_env,
     snapshot,
     trash_files,
+    wait_until,
     without_root,
     write,
 )
@@ -418,6 +422,33 @@ async def test_a_source_gone_before_its_root_is_read_leaves_the_scan_to_say_so(
 
 
 # --- deletions and the trash -----------------------------------------------------------------
+
+
+async def test_the_serving_host_purges_expired_trash_and_writes_usage_down(
+    fast_dir: Path, make_server: ServerFactory, alice_id: Identity
+) -> None:
+    """While it serves, the host empties trash past its retention and persists each usage."""
+    limits = Limits(persist_every=0.05, purge_every=0.05)
+    env = await make_env(make_server, fast_dir, alice_id, limits=limits, trash_days=1)
+    try:
+        write(env.src / "a.txt", b"one" * 1000)
+        await env.push()
+        write(env.src / "a.txt", b"two", mtime_ns=MTIME + 1)
+        await env.push()
+        jail = env.server.jail("alice")
+        (stamp,) = os.listdir(jail.trash_dir)  # the old version, kept for a day
+        await asyncio.sleep(0.2)  # a few rounds of maintenance: too young to go
+        assert trash_files(env.storage) == {(b"Docs/a.txt", digest(b"one" * 1000))}
+        used = jail.quota.used
+        # Two days later (its stamp says so), the next round removes it and credits the quota:
+        # the file, its folder and the stamp directory.
+        older = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() - 2 * 86400))
+        os.rename(jail.trash_dir / stamp, jail.trash_dir / older)
+        await wait_until(lambda: os.listdir(jail.trash_dir) == [])
+        assert jail.quota.used == used - charge(3000) - 2 * DIR_CHARGE
+        await wait_until(lambda: json.loads(jail.state_path.read_text())["used"] == jail.quota.used)
+    finally:
+        close_env(env)
 
 
 async def test_deletions_go_to_the_hosts_trash(env: Env) -> None:

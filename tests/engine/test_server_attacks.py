@@ -2040,6 +2040,19 @@ async def test_failed_logins_are_remembered_in_bounded_memory(
     assert server._login_delay("::ffff:10.0.78.31") == server._login_delay("10.0.78.31")
 
 
+async def test_unknown_keys_are_remembered_in_bounded_memory(server: NodeServer) -> None:
+    """A flood of fresh keys keeps the newest 100 (the UI's "who tried"); repeats are counted."""
+    keys = [asyncssh.generate_private_key("ssh-ed25519") for _ in range(105)]
+    for n, key in enumerate(keys):
+        server._record_unknown_key(key, f"10.0.0.{n}")
+    server._record_unknown_key(keys[-1], "10.0.0.200")
+    assert len(server.unknown_keys) == 100
+    kept = [key.get_fingerprint("sha256") for key in keys[5:]]
+    assert list(server.unknown_keys) == kept  # the five oldest went first
+    last = server.unknown_keys[kept[-1]]
+    assert (last.attempts, last.address) == (2, "10.0.0.200")  # where it came from last
+
+
 async def test_no_setuid_sticky_or_odd_modes_reach_the_disk(
     server: NodeServer, alice_id: Identity, storage_dir: Path
 ) -> None:

@@ -1,4 +1,4 @@
-"""What one peer may make this node hold in memory or open at once: the server's bounds."""
+"""The server's bounds: what one peer may make this node hold or open, and how often it tidies."""
 
 from __future__ import annotations
 
@@ -36,3 +36,6 @@ class Limits:
     max_delay: float = 30.0
     # Unknown keys one connection may offer before it is cut off (sshd's MaxAuthTries).
     auth_attempts: int = 6
+    # Usage is written to disk this often (seconds), and expired trash purged this often.
+    persist_every: float = 60.0
+    purge_every: float = 3600.0

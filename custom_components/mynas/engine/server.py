@@ -230,12 +230,12 @@ class NodeServer:
                 event.set()
 
     async def _maintain(self) -> None:
-        """Persist usage every minute and purge expired trash every hour."""
+        """Persist usage every minute and purge expired trash every hour (``Limits``)."""
         last_purge = 0.0
         while True:
-            await asyncio.sleep(60)
+            await asyncio.sleep(self.limits.persist_every)
             try:
-                if time.monotonic() - last_purge >= 3600:
+                if time.monotonic() - last_purge >= self.limits.purge_every:
                     freed = await self._in_thread(self.space.purge)
                     last_purge = time.monotonic()
                     if freed:
