@@ -335,3 +335,27 @@ async def test_a_broken_request_in_a_group_ends_the_session_after_the_others(
     rest = await raw.ended()
     assert rest.startswith(protocol.ok(1, 2))
     assert sorted(os.listdir(storage_dir / "alice")) == ["a", "b"]
+
+
+async def test_close_waits_for_the_maintenance_under_way(make_server: ServerFactory) -> None:
+    """A trash purge running in a thread when the server closes ends before close() returns:
+    nothing writes into the storage afterwards (Home Assistant may delete it next)."""
+    server = await make_server(limits=Limits(persist_every=0.01, purge_every=0.0))
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+    purge = server.space.purge
+
+    def slow_purge(now: float | None = None) -> int:
+        started.set()
+        release.wait(5)
+        freed = purge(now)
+        finished.set()
+        return freed
+
+    server.space.purge = slow_purge  # type: ignore[method-assign]
+    assert await asyncio.to_thread(started.wait, 5)
+    closing = asyncio.create_task(server.close())
+    await asyncio.sleep(0.2)
+    assert not closing.done()  # still waiting for the purge
+    release.set()
+    await closing
+    assert finished.is_set()

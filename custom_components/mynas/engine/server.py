@@ -236,11 +236,11 @@ class NodeServer:
             await asyncio.sleep(self.limits.persist_every)
             try:
                 if time.monotonic() - last_purge >= self.limits.purge_every:
-                    freed = await self._in_thread(self.space.purge)
+                    freed = await self._in_thread_to_the_end(self.space.purge)
                     last_purge = time.monotonic()
                     if freed:
                         _LOGGER.info("Purged %d bytes of expired trash", freed)
-                await self._in_thread(self.space.persist)
+                await self._in_thread_to_the_end(self.space.persist)
             except OSError:
                 _LOGGER.exception("Storage maintenance failed")
 
@@ -250,6 +250,16 @@ class NodeServer:
 
     async def _in_thread[T](self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, func, *args)
+
+    async def _in_thread_to_the_end[T](self, func: Callable[..., T], *args: Any) -> T:
+        """``_in_thread`` for work that close() must wait for, even if its caller is cancelled.
+
+        Cancelling the caller does not stop a thread: without this, close() could return
+        while a purge still deletes files.
+        """
+        future = asyncio.get_running_loop().run_in_executor(None, func, *args)
+        self._track(future)
+        return await asyncio.shield(future)
 
     def _emit(self, kind: str, **data: Any) -> None:
         if self._on_event is not None:
