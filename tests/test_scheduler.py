@@ -67,6 +67,25 @@ def _statuses(events: list[Event]) -> list[str]:
     return [event.data["status"] for event in events]
 
 
+def _protect(
+    hass: HomeAssistant, entry: MockConfigEntry, bob: Bob, photos: Path, **folder: Any
+) -> list[Event]:
+    """Pair with Bob and protect ``photos`` on him; return the sync events from now on."""
+    add_peer(hass, entry, bob)
+    add_folder(hass, entry, photos, **folder)
+    return async_capture_events(hass, EVENT_SYNC_FINISHED)
+
+
+async def _start(
+    hass: HomeAssistant, entry: MockConfigEntry, bob: Bob, photos: Path, **folder: Any
+) -> list[Event]:
+    """``_protect``, then load the node and let its first runs finish."""
+    events = _protect(hass, entry, bob, photos, **folder)
+    await setup_entry(hass, entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    return events
+
+
 def _manager(entry: MockConfigEntry) -> SyncManager:
     return entry.runtime_data.manager
 
@@ -74,11 +93,7 @@ def _manager(entry: MockConfigEntry) -> SyncManager:
 async def test_never_synced_pair_runs_at_once(
     hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    events = async_capture_events(hass, EVENT_SYNC_FINISHED)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    events = await _start(hass, node_entry, bob, photos)
     assert _statuses(events) == ["success"]
     assert (bob.replica("Photos") / "sub" / "b.jpg").read_bytes() == b"b" * 2000
     status = _manager(node_entry).data.pairs[PAIR]
@@ -97,11 +112,7 @@ async def test_daily_schedule_runs_at_its_time(
     freezer: FrozenDateTimeFactory,
 ) -> None:
     freezer.move_to("2026-05-04 10:00:00+02:00")
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos, schedule="daily", at="03:00:00")
-    events = async_capture_events(hass, EVENT_SYNC_FINISHED)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    events = await _start(hass, node_entry, bob, photos, schedule="daily", at="03:00:00")
     assert _statuses(events) == ["success"]  # never synced: at once
     manager = _manager(node_entry)
     assert manager.next_run(PAIR) == dt_util.parse_datetime("2026-05-05 03:00:00+02:00")
@@ -125,11 +136,7 @@ async def test_interval_schedule(
     photos: Path,
     freezer: FrozenDateTimeFactory,
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos, schedule="interval", hours=6)
-    events = async_capture_events(hass, EVENT_SYNC_FINISHED)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    events = await _start(hass, node_entry, bob, photos, schedule="interval", hours=6)
     assert len(events) == 1
     await _advance(hass, freezer, timedelta(hours=5, minutes=58))
     assert len(events) == 1
@@ -149,12 +156,8 @@ async def test_retries_with_backoff_while_the_peer_is_down(
 ) -> None:
     # Late morning: the daily 03:00 run must not fall inside the retry window.
     freezer.move_to(dt_util.now().replace(hour=10, minute=0))
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
     await bob.stop()
-    events = async_capture_events(hass, EVENT_SYNC_FINISHED)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    events = await _start(hass, node_entry, bob, photos)
     manager = _manager(node_entry)
     status = manager.data.pairs[PAIR]
     first = status.last_attempt
@@ -190,9 +193,7 @@ async def test_retries_with_backoff_while_the_peer_is_down(
 async def test_never_two_runs_of_a_pair_at_once(
     hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    events = async_capture_events(hass, EVENT_SYNC_FINISHED)
+    events = _protect(hass, node_entry, bob, photos)
     with gated_pushes(hass) as (entered, release):
         await setup_entry(hass, node_entry)
         assert await entered.get() == "Photos"
@@ -224,10 +225,8 @@ async def test_one_transfer_per_peer_at_a_time(
 ) -> None:
     """Two folders to Bob: the second waits for the first, without looking busy."""
     docs = make_tree(tmp_path / "docs", {"letter.txt": b"dear bob"})
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
     add_folder(hass, node_entry, docs, name="Docs", subentry_id=DOCS_ID)
-    events = async_capture_events(hass, EVENT_SYNC_FINISHED)
+    events = _protect(hass, node_entry, bob, photos)
     with gated_pushes(hass) as (entered, release):
         await setup_entry(hass, node_entry)
         first = await entered.get()
@@ -256,10 +255,7 @@ async def test_state_survives_a_restart(
     bob: Bob,
     photos: Path,
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await _start(hass, node_entry, bob, photos)
     before = _manager(node_entry).data.pairs[PAIR]
     assert before.last_success is not None
     assert await hass.config_entries.async_reload(node_entry.entry_id)
@@ -301,11 +297,7 @@ async def test_restored_failures_keep_the_backoff(
             "peers": {BOB_ID: {"last_seen": (now - timedelta(days=1)).isoformat()}},
         },
     }
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    events = async_capture_events(hass, EVENT_SYNC_FINISHED)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    events = await _start(hass, node_entry, bob, photos)
     status = _manager(node_entry).data.pairs[PAIR]
     assert (status.state, status.failures) == (SyncState.ERROR, 3)
     assert events == []  # the retry is due 20 minutes after the last attempt
@@ -323,11 +315,7 @@ async def test_no_run_while_the_disk_is_missing(
     freezer: FrozenDateTimeFactory,
 ) -> None:
     """Unplugged or swapped: no run sends anything, and none counts against the pair."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos, schedule="interval", hours=1)
-    events = async_capture_events(hass, EVENT_SYNC_FINISHED)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    events = await _start(hass, node_entry, bob, photos, schedule="interval", hours=1)
     assert len(events) == 1
     marker = node_root / ".mynas" / "node.json"
     saved = marker.read_bytes()
@@ -363,10 +351,7 @@ async def test_a_run_checks_the_disk_first(
     photos: Path,
 ) -> None:
     """Started before the coordinator noticed, a run still refuses a foreign disk."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await _start(hass, node_entry, bob, photos)
     storage_root.write_marker(node_root, storage_root.Marker("other", "Eve"))
     summary = await _manager(node_entry).start(PAIR, SyncKind.SYNC)
     assert summary["status"] == "failed"
@@ -381,9 +366,7 @@ async def test_the_tick_leaves_a_running_pair_alone(
     photos: Path,
     freezer: FrozenDateTimeFactory,
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos, schedule="interval", hours=1)
-    events = async_capture_events(hass, EVENT_SYNC_FINISHED)
+    events = _protect(hass, node_entry, bob, photos, schedule="interval", hours=1)
     with gated_pushes(hass) as (entered, release):
         await setup_entry(hass, node_entry)
         await entered.get()
@@ -405,9 +388,7 @@ async def test_an_unexpected_engine_error_ends_the_run_cleanly(
     photos: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    events = async_capture_events(hass, EVENT_SYNC_FINISHED)
+    events = _protect(hass, node_entry, bob, photos)
     with patch(
         "custom_components.mynas.engine.node.replicator.push",
         side_effect=RuntimeError("index on fire"),
@@ -432,10 +413,7 @@ async def test_a_peer_that_has_not_added_us_yet(
     stranger, _ = await hass.async_add_executor_job(identity.load_or_create, tmp_path / "other.key")
     bob.alice_key = stranger.public_line
     await bob.restart()
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await _start(hass, node_entry, bob, photos)
     manager = _manager(node_entry)
     assert manager.data.peers[BOB_ID].reachability is Reachability.WAITING
     assert "has not added this node yet" in (manager.data.pairs[PAIR].last_error or "")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+import contextlib
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
@@ -322,9 +324,9 @@ async def test_restore_refused_by_the_host(
     assert "The restore failed: Bob's disk failed" in str(err.value)
 
 
-async def test_restore_interrupted_by_the_node_stopping(
-    hass: HomeAssistant, node: MockConfigEntry, tmp_path: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def _restore_under_way(hass: HomeAssistant, target: Path) -> AsyncIterator[asyncio.Task[Any]]:
+    """A ``mynas.restore`` call whose restore has started and never ends by itself."""
     started = asyncio.Event()
 
     async def endless(*_args: object, **_kwargs: object) -> None:
@@ -333,9 +335,16 @@ async def test_restore_interrupted_by_the_node_stopping(
 
     with patch("custom_components.mynas.engine.node.restorer.restore", endless):
         call = hass.async_create_task(
-            _call(hass, "restore", folder="Photos", peer="Bob", target=str(tmp_path / "out"))
+            _call(hass, "restore", folder="Photos", peer="Bob", target=str(target))
         )
         await started.wait()
+        yield call
+
+
+async def test_restore_interrupted_by_the_node_stopping(
+    hass: HomeAssistant, node: MockConfigEntry, tmp_path: Path
+) -> None:
+    async with _restore_under_way(hass, tmp_path / "out") as call:
         assert await hass.config_entries.async_unload(node.entry_id)
         with pytest.raises(HomeAssistantError) as err:
             await call
@@ -346,17 +355,7 @@ async def test_restore_call_cancelled(
     hass: HomeAssistant, node: MockConfigEntry, tmp_path: Path
 ) -> None:
     """Cancelling the call (not the node) cancels the restore with it."""
-    started = asyncio.Event()
-
-    async def endless(*_args: object, **_kwargs: object) -> None:
-        hass.loop.call_soon_threadsafe(started.set)
-        await asyncio.Event().wait()
-
-    with patch("custom_components.mynas.engine.node.restorer.restore", endless):
-        call = hass.async_create_task(
-            _call(hass, "restore", folder="Photos", peer="Bob", target=str(tmp_path / "out"))
-        )
-        await started.wait()
+    async with _restore_under_way(hass, tmp_path / "out") as call:
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call

@@ -131,9 +131,14 @@ class PushResult:
 
     def as_dict(self) -> dict[str, Any]:
         """Return the summary as plain data (the command line prints it as JSON)."""
-        data = asdict(self)
-        data["seconds"] = round(self.seconds, 3)
-        return data
+        return summary(self)
+
+
+def summary(result: Any) -> dict[str, Any]:
+    """Return a run's result (a dataclass) as plain data, its seconds to the millisecond."""
+    data: dict[str, Any] = asdict(result)
+    data["seconds"] = round(data["seconds"], 3)
+    return data
 
 
 def check_folder_name(folder: str) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 import os
 import stat
 import time
@@ -31,6 +31,7 @@ from .replicator import (
     ProgressCallback,
     check_folder_name,
     remote_path,
+    summary,
 )
 
 
@@ -46,9 +47,7 @@ class RestoreResult:
 
     def as_dict(self) -> dict[str, Any]:
         """Return the summary as plain data."""
-        data = asdict(self)
-        data["seconds"] = round(self.seconds, 3)
-        return data
+        return summary(self)
 
 
 def check_subpath(path: str | bytes) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Sequence
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 import os
 import threading
 import time
@@ -33,6 +33,7 @@ from .replicator import (
     check_folder_name,
     check_source,
     push,
+    summary,
 )
 
 # Hashed entries handed to the event loop at a time, and batches queued at most.
@@ -67,10 +68,7 @@ class VerifyResult:
 
     def as_dict(self) -> dict[str, Any]:
         """Return the summary as plain data."""
-        data = asdict(self)
-        data["seconds"] = round(self.seconds, 3)
-        data["clean"] = self.clean
-        return data
+        return {**summary(self), "clean": self.clean}
 
 
 class _LocalHasher:
