@@ -54,10 +54,11 @@ from custom_components.mynas.const import (
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
-from custom_components.mynas.engine import identity, invite, replicator, storage_root
+from custom_components.mynas.engine import identity, invite, storage_root
+from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
+from custom_components.mynas.engine.host.storage import HostedSpace
 from custom_components.mynas.engine.loop_thread import EngineLoop
-from custom_components.mynas.engine.server import NodeServer, PeerGrant
-from custom_components.mynas.engine.storage import HostedSpace
+from custom_components.mynas.engine.owner import push as replicator
 
 # Fixed ids keep unique ids, Store keys and snapshots stable from run to run.
 ALICE_ENTRY_ID = "01ALICEENTRY0000000000000A"
@@ -447,7 +448,7 @@ def gated_pushes(hass: HomeAssistant) -> Iterator[tuple[asyncio.Queue[str], Gate
         await release.wait()
         return await real(*args, **kwargs)
 
-    with patch("custom_components.mynas.engine.node.replicator.push", push):
+    with patch("custom_components.mynas.engine.node.push_folder", push):
         try:
             yield entered, release
         finally:

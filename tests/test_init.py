@@ -26,9 +26,10 @@ from custom_components.mynas.const import (
     DOMAIN,
     EVENT_UNKNOWN_KEY,
 )
-from custom_components.mynas.engine import client, identity, storage_root
+from custom_components.mynas.engine import identity, storage_root
 from custom_components.mynas.engine.errors import AuthRefused
 from custom_components.mynas.engine.node import Node
+from custom_components.mynas.engine.owner import client
 from custom_components.mynas.sync_manager import SyncKind
 
 from .conftest import BOB_ID, PHOTOS_ID, Bob, add_folder, add_peer, make_tree, setup_entry, unmount
@@ -287,7 +288,7 @@ async def test_unload_waits_for_the_engine_to_unwind(
             await asyncio.sleep(0.2)  # e.g. the shielded flush of acknowledged files
             unwound.append("done")
 
-    with patch("custom_components.mynas.engine.node.replicator.push", slow_to_cancel):
+    with patch("custom_components.mynas.engine.node.push_folder", slow_to_cancel):
         await setup_entry(hass, node_entry)
         await started.wait()
         manager = node_entry.runtime_data.manager

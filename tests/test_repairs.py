@@ -30,8 +30,8 @@ from custom_components.mynas.const import (
     SUBENTRY_PEER,
 )
 from custom_components.mynas.engine import identity
+from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.server import NodeServer, PeerGrant
 from custom_components.mynas.engine.storage_root import INTERNAL_DIR
 from custom_components.mynas.orphans import CONF_KEPT_DATA, jails_on_disk
 

@@ -390,7 +390,7 @@ async def test_an_unexpected_engine_error_ends_the_run_cleanly(
 ) -> None:
     events = _protect(hass, node_entry, bob, photos)
     with patch(
-        "custom_components.mynas.engine.node.replicator.push",
+        "custom_components.mynas.engine.node.push_folder",
         side_effect=RuntimeError("index on fire"),
     ):
         await setup_entry(hass, node_entry)

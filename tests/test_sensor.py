@@ -25,9 +25,9 @@ from custom_components.mynas.const import (
     DOMAIN,
     SCHEDULER_TICK,
 )
-from custom_components.mynas.engine import replicator
-from custom_components.mynas.engine.index import Index
-from custom_components.mynas.engine.replicator import PeerTarget, Phase, Progress
+from custom_components.mynas.engine.owner import push as replicator
+from custom_components.mynas.engine.owner.index import Index
+from custom_components.mynas.engine.owner.push import PeerTarget, Phase, Progress
 from custom_components.mynas.models import SyncState
 from custom_components.mynas.sync_manager import SyncKind
 

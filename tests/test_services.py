@@ -333,7 +333,7 @@ async def _restore_under_way(hass: HomeAssistant, target: Path) -> AsyncIterator
         hass.loop.call_soon_threadsafe(started.set)
         await asyncio.Event().wait()
 
-    with patch("custom_components.mynas.engine.node.restorer.restore", endless):
+    with patch("custom_components.mynas.engine.node.restore_folder", endless):
         call = hass.async_create_task(
             _call(hass, "restore", folder="Photos", peer="Bob", target=str(target))
         )

@@ -19,9 +19,9 @@ from .const import (
     LOGGER,
 )
 from .engine import storage_root
+from .engine.host.storage import JailUsage
 from .engine.loop_thread import EngineLoop
 from .engine.node import Node
-from .engine.storage import JailUsage
 from .engine.storage_root import DiskUsage
 from .models import SyncData
 

@@ -43,10 +43,10 @@ from .const import (
 )
 from .engine import invite, node as engine_node
 from .engine.errors import InvalidInvite
+from .engine.host.storage import validate_peer_name
 from .engine.identity import fingerprint
 from .engine.node import ProbeResult, Reachability
-from .engine.replicator import PeerTarget
-from .engine.storage import validate_peer_name
+from .engine.owner.push import PeerTarget
 from .engine.storage_root import INTERNAL_DIR
 
 if TYPE_CHECKING:

@@ -21,9 +21,9 @@ import probatio as vol
 from .const import DOMAIN, SERVICE_RESTORE, SERVICE_SYNC, SERVICE_VERIFY
 from .coordinator import MyNasConfigEntry
 from .engine.errors import HostRefused, MyNasError, RestoreConflict
+from .engine.owner.push import check_folder_name
+from .engine.owner.restore import check_subpath
 from .engine.protocol import FailCode
-from .engine.replicator import check_folder_name
-from .engine.restorer import check_subpath
 from .sync_manager import SyncKind, SyncManager
 
 ATTR_ENTRY = "config_entry_id"

@@ -44,9 +44,9 @@ from .engine.errors import (
 from .engine.identity import fingerprint
 from .engine.loop_thread import EngineLoop
 from .engine.node import Node, PeerConfig, ProbeResult, Reachability
-from .engine.replicator import Phase, Progress, PushResult
+from .engine.owner.push import Phase, Progress, PushResult
+from .engine.owner.verify import VerifyResult
 from .engine.units import format_bytes
-from .engine.verifier import VerifyResult
 from .models import FolderSetup, PairStatus, PeerStatus, SyncData, SyncState, pair_key
 from .schedule import next_run
 

@@ -17,11 +17,11 @@ from typing import Any, Protocol
 import pytest
 
 from custom_components.mynas.engine import identity
+from custom_components.mynas.engine.host.limits import Limits
+from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
+from custom_components.mynas.engine.host.storage import HostedSpace
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.limits import Limits
-from custom_components.mynas.engine.replicator import PeerTarget
-from custom_components.mynas.engine.server import NodeServer, PeerGrant
-from custom_components.mynas.engine.storage import HostedSpace
+from custom_components.mynas.engine.owner.push import PeerTarget
 
 MIB = 1 << 20
 DEFAULT_QUOTA = 16 * MIB

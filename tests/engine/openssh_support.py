@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from custom_components.mynas.engine.server import NodeServer
+    from custom_components.mynas.engine.host.server import NodeServer
 
 HOST = "127.0.0.1"
 

@@ -17,13 +17,18 @@ import stat
 import time
 from typing import Any
 
-from custom_components.mynas.engine import replicator, restorer, tree, verifier
+from custom_components.mynas.engine import tree
+from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.index import Index
-from custom_components.mynas.engine.replicator import PeerTarget, PushResult
-from custom_components.mynas.engine.restorer import RestoreResult
-from custom_components.mynas.engine.server import NodeServer, PeerGrant
-from custom_components.mynas.engine.verifier import VerifyResult
+from custom_components.mynas.engine.owner import (
+    push as replicator,
+    restore as restorer,
+    verify as verifier,
+)
+from custom_components.mynas.engine.owner.index import Index
+from custom_components.mynas.engine.owner.push import PeerTarget, PushResult
+from custom_components.mynas.engine.owner.restore import RestoreResult
+from custom_components.mynas.engine.owner.verify import VerifyResult
 
 from .conftest import ServerFactory, peer_target
 

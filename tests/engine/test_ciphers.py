@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from custom_components.mynas.engine import ciphers
-from custom_components.mynas.engine.client import connect
 from custom_components.mynas.engine.identity import Identity
+from custom_components.mynas.engine.owner.client import connect
 
 from .conftest import address
 

@@ -25,16 +25,10 @@ from typing import Any
 
 import pytest
 
-from custom_components.mynas.engine import (
-    __main__ as cli,
-    client,
-    identity,
-    invite,
-    protocol,
-    replicator,
-)
+from custom_components.mynas.engine import __main__ as cli, identity, invite, protocol
 from custom_components.mynas.engine.__main__ import main
 from custom_components.mynas.engine.identity import Identity
+from custom_components.mynas.engine.owner import client, push as replicator
 from custom_components.mynas.engine.protocol import Frame
 
 from .cli_support import ROOT, mynas, public_key_file

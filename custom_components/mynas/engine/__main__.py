@@ -21,11 +21,11 @@ from typing import Any, NoReturn
 
 from . import identity as identity_mod, invite as invite_mod
 from .errors import MyNasError
-from .index import Index
-from .replicator import PeerTarget, Progress, push
-from .restorer import restore
+from .owner.index import Index
+from .owner.push import PeerTarget, Progress, push
+from .owner.restore import restore
+from .owner.verify import verify
 from .units import format_bytes, parse_size
-from .verifier import verify
 
 _LOGGER = logging.getLogger("mynas")
 
@@ -78,7 +78,7 @@ def _peer_grant(text: str) -> tuple[str, str, int]:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected NAME=PUBKEY_FILE:QUOTA, e.g. bob=bob.pub:20G"
         )
-    from .storage import validate_peer_name  # noqa: PLC0415 - serve only (see cmd_serve)
+    from .host.storage import validate_peer_name  # noqa: PLC0415 - serve only (see cmd_serve)
 
     try:
         validate_peer_name(name)
@@ -214,8 +214,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     """Host the peers' jails until SIGINT or SIGTERM."""
     # Imported here: the other commands (push above all) need neither the server nor the
     # host's storage, and their import is time a push with nothing to send would wait for.
-    from .server import NodeServer, PeerGrant  # noqa: PLC0415
-    from .storage import HostedSpace  # noqa: PLC0415
+    from .host.server import NodeServer, PeerGrant  # noqa: PLC0415
+    from .host.storage import HostedSpace  # noqa: PLC0415
 
     node = _load_identity(args.key)
     storage = Path(args.storage)

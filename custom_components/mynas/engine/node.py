@@ -17,15 +17,15 @@ from pathlib import Path
 import time
 from typing import Any
 
-from . import client, replicator, restorer, verifier
 from .errors import AuthRefused, HostKeyMismatch, MyNasError, PeerUnreachable
+from .host.server import EventCallback, NodeServer, PeerGrant
+from .host.storage import HostedSpace, JailUsage
 from .identity import Identity
-from .index import Index
-from .replicator import PeerTarget, ProgressCallback, PushResult
-from .restorer import RestoreResult
-from .server import EventCallback, NodeServer, PeerGrant
-from .storage import HostedSpace, JailUsage
-from .verifier import VerifyResult
+from .owner import client
+from .owner.index import Index
+from .owner.push import PeerTarget, ProgressCallback, PushResult, push as push_folder
+from .owner.restore import RestoreResult, restore as restore_folder
+from .owner.verify import VerifyResult, verify as verify_folder
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class Node:
         async with self._lock(peer_id):
             if on_start is not None:
                 on_start()
-            return await replicator.push(
+            return await push_folder(
                 self.identity,
                 peer.target,
                 folder.name,
@@ -221,7 +221,7 @@ class Node:
         """Compare a folder's replica on a peer with the folder (optionally repair it)."""
         peer = self.peers[peer_id]
         async with self._lock(peer_id):
-            return await verifier.verify(
+            return await verify_folder(
                 self.identity,
                 peer.target,
                 folder.name,
@@ -245,7 +245,7 @@ class Node:
         """Copy a folder's replica (or a path in it) back from a peer."""
         peer = self.peers[peer_id]
         async with self._lock(peer_id):
-            return await restorer.restore(
+            return await restore_folder(
                 self.identity,
                 peer.target,
                 folder_name,

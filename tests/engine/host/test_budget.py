@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from custom_components.mynas.engine.budget import ByteBudget
+from custom_components.mynas.engine.host.budget import ByteBudget
 
 
 async def test_take_and_give_within_the_limit() -> None:

@@ -32,7 +32,7 @@ from typing import Any, cast
 import asyncssh
 import pytest
 
-from custom_components.mynas.engine import client, protocol
+from custom_components.mynas.engine import protocol
 from custom_components.mynas.engine.errors import (
     AuthRefused,
     HostRefused,
@@ -40,14 +40,15 @@ from custom_components.mynas.engine.errors import (
     PeerUnreachable,
     QuotaExceeded,
 )
+from custom_components.mynas.engine.host.limits import Limits
+from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
+from custom_components.mynas.engine.host.sftp import ReadOnlySFTPServer
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.limits import Limits
+from custom_components.mynas.engine.owner import client
 from custom_components.mynas.engine.protocol import MAX_FRAME, Close, Frame
-from custom_components.mynas.engine.server import NodeServer, PeerGrant
-from custom_components.mynas.engine.sftp import ReadOnlySFTPServer
 
-from .conftest import DEFAULT_QUOTA, ServerFactory, address
-from .openssh_support import OpenSSH
+from ..conftest import DEFAULT_QUOTA, ServerFactory, address
+from ..openssh_support import OpenSSH
 
 HOST = "127.0.0.1"
 MTIME = 1_700_000_000_123_456_789

@@ -18,13 +18,14 @@ from typing import Any
 
 import pytest
 
-from custom_components.mynas.engine import protocol, storage
+from custom_components.mynas.engine import protocol
+from custom_components.mynas.engine.host import storage
+from custom_components.mynas.engine.host.limits import Limits
+from custom_components.mynas.engine.host.server import NodeServer
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.limits import Limits
 from custom_components.mynas.engine.protocol import Close, Frame
-from custom_components.mynas.engine.server import NodeServer
 
-from .conftest import ServerFactory
+from ..conftest import ServerFactory
 from .test_server_attacks import MTIME, Raw, disk_charge, temps, wait_until
 
 KIB = 1 << 10

@@ -21,7 +21,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings, strategies as st
 import pytest
 
-from custom_components.mynas.engine import storage, tree
+from custom_components.mynas.engine import tree
 from custom_components.mynas.engine.errors import (
     MyNasError,
     PathRefused,
@@ -29,7 +29,8 @@ from custom_components.mynas.engine.errors import (
     ProtocolError,
     QuotaExceeded,
 )
-from custom_components.mynas.engine.storage import (
+from custom_components.mynas.engine.host import storage
+from custom_components.mynas.engine.host.storage import (
     BLOCK,
     DIR_CHARGE,
     HostedSpace,

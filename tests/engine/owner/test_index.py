@@ -12,7 +12,7 @@ import tracemalloc
 import pytest
 
 from custom_components.mynas.engine import tree
-from custom_components.mynas.engine.index import Index, IndexEntry, IndexVersionError
+from custom_components.mynas.engine.owner.index import Index, IndexEntry, IndexVersionError
 
 FILE, DIR = tree.Kind.FILE, tree.Kind.DIR
 F, P = "Photos", "bob"

@@ -25,22 +25,28 @@ from typing import Any
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 import pytest
 
-from custom_components.mynas.engine import client, identity, replicator, restorer, tree, verifier
+from custom_components.mynas.engine import identity, tree
 from custom_components.mynas.engine.errors import (
     HostRefused,
     PeerUnreachable,
     RestoreConflict,
     SourceMissing,
 )
+from custom_components.mynas.engine.host.limits import Limits
+from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
+from custom_components.mynas.engine.host.storage import DIR_CHARGE, HostedSpace, charge
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.index import Index
-from custom_components.mynas.engine.limits import Limits
-from custom_components.mynas.engine.replicator import SMALL_FILE, PeerTarget
-from custom_components.mynas.engine.server import NodeServer, PeerGrant
-from custom_components.mynas.engine.storage import DIR_CHARGE, HostedSpace, charge
+from custom_components.mynas.engine.owner import (
+    client,
+    push as replicator,
+    restore as restorer,
+    verify as verifier,
+)
+from custom_components.mynas.engine.owner.index import Index
+from custom_components.mynas.engine.owner.push import SMALL_FILE, PeerTarget
 
-from .conftest import ServerFactory, address
-from .replica_support import (
+from ..conftest import ServerFactory, address
+from ..replica_support import (
     FOLDER,
     MIB,
     MTIME,

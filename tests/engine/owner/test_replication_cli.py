@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.replicator import SMALL_FILE
+from custom_components.mynas.engine.owner.push import SMALL_FILE
 
-from .cli_support import ROOT, mynas, public_key_file
-from .conftest import ServerFactory
-from .replica_support import MTIME, Env, close_env, make_env, snapshot, write
+from ..cli_support import ROOT, mynas, public_key_file
+from ..conftest import ServerFactory
+from ..replica_support import MTIME, Env, close_env, make_env, snapshot, write
 
 
 @pytest.fixture

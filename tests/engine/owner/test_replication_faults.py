@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from custom_components.mynas.engine import replicator, restorer, scanner, storage, tree, verifier
+from custom_components.mynas.engine import tree
 from custom_components.mynas.engine.errors import (
     AuthRefused,
     HostKeyMismatch,
@@ -28,13 +28,20 @@ from custom_components.mynas.engine.errors import (
     QuotaExceeded,
     RestoreConflict,
 )
+from custom_components.mynas.engine.host import storage
+from custom_components.mynas.engine.host.storage import Jail
 from custom_components.mynas.engine.identity import Identity
+from custom_components.mynas.engine.owner import (
+    push as replicator,
+    restore as restorer,
+    scanner,
+    verify as verifier,
+)
+from custom_components.mynas.engine.owner.push import SMALL_FILE, PeerTarget, Phase, Progress
 from custom_components.mynas.engine.protocol import Frame
-from custom_components.mynas.engine.replicator import SMALL_FILE, PeerTarget, Phase, Progress
-from custom_components.mynas.engine.storage import Jail
 
-from .conftest import ServerFactory
-from .replica_support import (
+from ..conftest import ServerFactory
+from ..replica_support import (
     FOLDER,
     MIB,
     MTIME,
@@ -478,7 +485,7 @@ def _client_side_tasks() -> list[asyncio.Task[Any]]:
     for task in asyncio.all_tasks():
         code = getattr(task.get_coro(), "cr_code", None)
         name = code.co_filename if code is not None else ""
-        if task is not asyncio.current_task() and name.endswith(("replicator.py", "client.py")):
+        if task is not asyncio.current_task() and name.endswith(("push.py", "client.py")):
             found.append(task)
     return found
 

@@ -16,8 +16,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from custom_components.mynas.engine import client, protocol
-from custom_components.mynas.engine.client import PeerLink, connect
+from custom_components.mynas.engine import protocol
 from custom_components.mynas.engine.errors import (
     HostRefused,
     MyNasError,
@@ -26,13 +25,15 @@ from custom_components.mynas.engine.errors import (
     ProtocolError,
     QuotaExceeded,
 )
+from custom_components.mynas.engine.host.limits import Limits
+from custom_components.mynas.engine.host.server import PeerGrant
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.limits import Limits
+from custom_components.mynas.engine.owner import client
+from custom_components.mynas.engine.owner.client import PeerLink, connect
 from custom_components.mynas.engine.protocol import FailCode, Frame
-from custom_components.mynas.engine.server import PeerGrant
 from custom_components.mynas.engine.tree import Entry, Kind
 
-from .conftest import ServerFactory, address
+from ..conftest import ServerFactory, address
 
 
 class FakeChannel:

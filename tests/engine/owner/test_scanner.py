@@ -16,10 +16,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings, strategies as st
 import pytest
 
-from custom_components.mynas.engine import scanner, tree
+from custom_components.mynas.engine import tree
 from custom_components.mynas.engine.errors import SourceMissing
-from custom_components.mynas.engine.index import Index, IndexEntry
-from custom_components.mynas.engine.scanner import (
+from custom_components.mynas.engine.owner import scanner
+from custom_components.mynas.engine.owner.index import Index, IndexEntry
+from custom_components.mynas.engine.owner.scanner import (
     Action,
     Change,
     Excludes,

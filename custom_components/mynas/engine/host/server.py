@@ -37,9 +37,9 @@ import asyncssh
 from asyncssh.session import DataType
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
-from . import ciphers, protocol
+from .. import ciphers, protocol
+from ..identity import Identity
 from .budget import ByteBudget
-from .identity import Identity
 from .limits import Limits
 from .session import ReplicationSession
 from .sftp import ReadOnlySFTPServer

@@ -23,13 +23,13 @@ from typing import Any, ClassVar
 import asyncssh
 from asyncssh.stream import SSHReader, SSHWriter
 
-from . import protocol
+from .. import protocol
+from ..errors import MyNasError, PathRefused, PeerDiskFull, ProtocolError, QuotaExceeded
+from ..protocol import FailCode, Frame
+from ..tree import Entry, Kind
 from .budget import ByteBudget
-from .errors import MyNasError, PathRefused, PeerDiskFull, ProtocolError, QuotaExceeded
 from .limits import Limits
-from .protocol import FailCode, Frame
 from .storage import IncomingFile, Jail, Upload, charge
-from .tree import Entry, Kind
 
 _LOGGER = logging.getLogger(__name__)
 

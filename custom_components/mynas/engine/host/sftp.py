@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import asyncssh
 
-from .errors import PathRefused
+from ..errors import PathRefused
 
 if TYPE_CHECKING:
     from .storage import Jail

@@ -70,9 +70,9 @@ from types import TracebackType
 from typing import Any, NoReturn, Self
 import unicodedata
 
-from . import tree
-from .errors import MyNasError, PathRefused, PeerDiskFull, ProtocolError, QuotaExceeded
-from .storage_root import INTERNAL_DIR, write_file_atomic
+from .. import tree
+from ..errors import MyNasError, PathRefused, PeerDiskFull, ProtocolError, QuotaExceeded
+from ..storage_root import INTERNAL_DIR, write_file_atomic
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any, cast
 
 import asyncssh
 
-from . import ciphers, protocol
-from .errors import (
+from .. import ciphers, protocol
+from ..errors import (
     AuthRefused,
     HostKeyMismatch,
     HostRefused,
@@ -32,10 +32,10 @@ from .errors import (
     ProtocolError,
     QuotaExceeded,
 )
-from .identity import Identity, fingerprint, parse_public_key, public_key_line
-from .invite import parse_address
-from .protocol import FailCode, Frame
-from .tree import Entry
+from ..identity import Identity, fingerprint, parse_public_key, public_key_line
+from ..invite import parse_address
+from ..protocol import FailCode, Frame
+from ..tree import Entry
 
 _LOGGER = logging.getLogger(__name__)
 

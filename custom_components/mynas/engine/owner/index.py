@@ -26,8 +26,8 @@ import sqlite3
 import threading
 from typing import Self
 
-from . import tree
-from .errors import MyNasError
+from .. import tree
+from ..errors import MyNasError
 
 SCHEMA_VERSION = 1
 _FETCH_ROWS = 1024  # rows per fetchmany: bounded memory, few round trips into C

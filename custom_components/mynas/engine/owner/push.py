@@ -25,9 +25,8 @@ import threading
 import time
 from typing import Any
 
-from . import protocol, scanner, tree
-from .client import PeerLink, connect_any
-from .errors import (
+from .. import protocol, tree
+from ..errors import (
     HostRefused,
     MyNasError,
     PeerDiskFull,
@@ -35,9 +34,11 @@ from .errors import (
     QuotaExceeded,
     SourceMissing,
 )
-from .identity import Identity
+from ..identity import Identity
+from ..protocol import CHUNK, Close
+from . import scanner
+from .client import PeerLink, connect_any
 from .index import Index, IndexEntry
-from .protocol import CHUNK, Close
 from .scanner import Action, Change
 from .throttle import Throttle
 

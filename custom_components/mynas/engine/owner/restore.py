@@ -17,12 +17,12 @@ import stat
 import time
 from typing import Any
 
-from . import tree
+from .. import tree
+from ..errors import HostRefused, PathRefused, RestoreConflict
+from ..identity import Identity
+from ..protocol import FailCode, Frame
 from .client import PeerLink, connect_any
-from .errors import HostRefused, PathRefused, RestoreConflict
-from .identity import Identity
-from .protocol import FailCode, Frame
-from .replicator import (
+from .push import (
     PROGRESS_INTERVAL,
     SMALL_FILE,
     PeerTarget,

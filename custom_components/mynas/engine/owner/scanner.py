@@ -18,8 +18,8 @@ import os
 import re
 import stat
 
-from . import tree
-from .errors import SourceMissing
+from .. import tree
+from ..errors import SourceMissing
 from .index import IndexEntry, IndexRow
 
 MAX_ERRORS = 100  # errors kept with their path; more are only counted

@@ -16,13 +16,14 @@ import threading
 import time
 from typing import Any
 
-from . import scanner, tree
+from .. import tree
+from ..errors import HostRefused
+from ..identity import Identity
+from ..protocol import FailCode
+from . import scanner
 from .client import PeerLink, connect_any
-from .errors import HostRefused
-from .identity import Identity
 from .index import Index, IndexEntry
-from .protocol import FailCode
-from .replicator import (
+from .push import (
     MAX_REPORTED,
     PROGRESS_INTERVAL,
     IndexWriter,
