@@ -29,18 +29,12 @@ from custom_components.mynas.engine.errors import (
     ProtocolError,
     QuotaExceeded,
 )
-from custom_components.mynas.engine.host import storage
-from custom_components.mynas.engine.host.storage import (
-    BLOCK,
-    DIR_CHARGE,
-    HostedSpace,
-    IncomingFile,
-    Jail,
-    Quota,
-    charge,
-    check_path,
-    validate_peer_name,
-)
+from custom_components.mynas.engine.host import disk, paths, quota, trash, writes
+from custom_components.mynas.engine.host.jail import Jail
+from custom_components.mynas.engine.host.paths import check_path, validate_peer_name
+from custom_components.mynas.engine.host.quota import BLOCK, DIR_CHARGE, Quota, charge
+from custom_components.mynas.engine.host.space import HostedSpace
+from custom_components.mynas.engine.host.writes import IncomingFile
 
 MTIME = 1_700_000_000_123_456_789
 DAY = 86400
@@ -205,11 +199,11 @@ def test_check_path_property(rel: bytes) -> None:
         return
     names = rel.split(b"/")
     assert b"\0" not in rel
-    assert 0 < len(rel) <= storage.MAX_PATH
-    assert len(names) <= storage.MAX_DEPTH
+    assert 0 < len(rel) <= paths.MAX_PATH
+    assert len(names) <= paths.MAX_DEPTH
     for name in names:
         assert name not in (b"", b".", b"..")
-        assert len(name) <= storage.MAX_NAME
+        assert len(name) <= paths.MAX_NAME
         assert not name.startswith(b".mynas")
 
 
@@ -286,12 +280,12 @@ def acceptable(rel: bytes) -> bool:
     """The rules of ``check_path``, spelt out the slow way."""
     names = rel.split(b"/")
     return (
-        0 < len(rel) <= storage.MAX_PATH
+        0 < len(rel) <= paths.MAX_PATH
         and b"\0" not in rel
-        and len(names) <= storage.MAX_DEPTH
+        and len(names) <= paths.MAX_DEPTH
         and all(
             name not in (b"", b".", b"..")
-            and len(name) <= storage.MAX_NAME
+            and len(name) <= paths.MAX_NAME
             and not name.startswith(b".mynas")
             for name in names
         )
@@ -615,7 +609,7 @@ def test_peer_can_lengthen_but_never_shorten_retention(space: HostedSpace, jail:
     assert files_under(jail.trash_dir) == {}
     assert_consistent(jail)
     jail.set_retention("long", 10**9)
-    assert jail.retention_days(b"long") == storage.MAX_RETENTION_DAYS
+    assert jail.retention_days(b"long") == trash.MAX_RETENTION_DAYS
     # Persisted: a restart keeps the requests.
     again = HostedSpace(space.root).jail("alice", MIB)
     assert again.retention_days(b"docs") == 90
@@ -627,7 +621,7 @@ def test_retention_requests_are_checked(jail: Jail, monkeypatch: pytest.MonkeyPa
             jail.set_retention(folder, 40)
     with pytest.raises(ProtocolError, match="negative"):
         jail.set_retention("a", -1)
-    monkeypatch.setattr(storage, "MAX_RETENTION_FOLDERS", 2)
+    monkeypatch.setattr(trash, "MAX_RETENTION_FOLDERS", 2)
     jail.set_retention("a", 40)
     jail.set_retention("b", 40)
     jail.set_retention("a", 50)  # an existing folder may still grow
@@ -646,7 +640,7 @@ def test_rescan_equals_the_sum_of_charges(space: HostedSpace, jail: Jail) -> Non
     assert jail.quota.used == expected
     jail.quota.set_used(0)
     assert space.rescan("alice") == expected == jail.quota.used
-    assert jail.usage() == storage.JailUsage(used=expected, reserved=0, quota=64 * MIB)
+    assert jail.usage() == quota.JailUsage(used=expected, reserved=0, quota=64 * MIB)
 
 
 def test_restart_starts_from_the_persisted_usage(space: HostedSpace, jail: Jail) -> None:
@@ -697,7 +691,7 @@ def test_failing_write_leaves_no_temp_and_the_old_version(
     jail: Jail, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     put(jail, b"b", b"old b")
-    real = storage._write_all
+    real = disk.write_all
 
     def disk_full_on_b(fd: int, data: bytes | memoryview) -> None:
         if bytes(data).startswith(b"new b"):
@@ -705,7 +699,7 @@ def test_failing_write_leaves_no_temp_and_the_old_version(
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, data)
 
-    monkeypatch.setattr(storage, "_write_all", disk_full_on_b)
+    monkeypatch.setattr(disk, "write_all", disk_full_on_b)
     results = push(jail, {b"a": b"new a", b"b": b"new b" * 100, b"c": b"new c"})
     assert results[0] is None
     assert results[2] is None
@@ -719,14 +713,14 @@ def test_failing_write_leaves_no_temp_and_the_old_version(
 def test_unexpected_os_error_fails_only_that_file(
     jail: Jail, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = storage._write_all
+    real = disk.write_all
 
     def broken(fd: int, data: bytes | memoryview) -> None:
         if bytes(data) == b"bad":
             raise OSError(errno.EIO, "Input/output error")
         real(fd, data)
 
-    monkeypatch.setattr(storage, "_write_all", broken)
+    monkeypatch.setattr(disk, "write_all", broken)
     results = push(jail, {b"a": b"bad", b"b": b"good"})
     assert type(results[0]) is MyNasError
     assert "Input/output error" in str(results[0])
@@ -740,7 +734,7 @@ class Crash(BaseException):
 
 def test_crash_of_the_writing_thread_cleans_up(jail: Jail, monkeypatch: pytest.MonkeyPatch) -> None:
     put(jail, b"b", b"old b")
-    real = jail._install_at
+    real = jail._writer._install_at
     calls = []
 
     def crash_on_second(dirs: Any, source: bytes, rel: bytes) -> None:
@@ -749,7 +743,7 @@ def test_crash_of_the_writing_thread_cleans_up(jail: Jail, monkeypatch: pytest.M
             raise Crash
         real(dirs, source, rel)
 
-    monkeypatch.setattr(jail, "_install_at", crash_on_second)
+    monkeypatch.setattr(jail._writer, "_install_at", crash_on_second)
     with pytest.raises(Crash):
         push(jail, {b"a": b"new a", b"b": b"new b", b"c": b"new c"})
     assert (jail.root / "a").read_bytes() == b"new a"
@@ -771,13 +765,13 @@ def test_batch_is_made_durable_before_and_after_the_renames(
     jail: Jail, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen = []
-    real = storage._syncfs
+    real = disk.syncfs
 
     def spy(path: bytes) -> None:
         seen.append(sorted(os.listdir(jail.root)))
         real(path)
 
-    monkeypatch.setattr(storage, "_syncfs", spy)
+    monkeypatch.setattr(disk, "syncfs", spy)
     push(jail, {b"a": b"1", b"b": b"2"})
     assert seen == [[], ["a", "b"]]  # one syncfs before any final name, one after
 
@@ -788,7 +782,7 @@ def test_failing_syncfs_fails_the_batch(jail: Jail, monkeypatch: pytest.MonkeyPa
     def broken(_path: bytes) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(storage, "_syncfs", broken)
+    monkeypatch.setattr(disk, "syncfs", broken)
     results = push(jail, {b"a": b"new", b"b": b"new"})
     assert all(type(r) is MyNasError for r in results)
     assert (jail.root / "a").read_bytes() == b"old"
@@ -800,7 +794,7 @@ def test_failing_second_syncfs_is_not_acknowledged(
     jail: Jail, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real = storage._syncfs
+    real = disk.syncfs
 
     def second_fails(path: bytes) -> None:
         calls.append(path)
@@ -808,7 +802,7 @@ def test_failing_second_syncfs_is_not_acknowledged(
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path)
 
-    monkeypatch.setattr(storage, "_syncfs", second_fails)
+    monkeypatch.setattr(disk, "syncfs", second_fails)
     results = push(jail, {b"a": b"1"})
     assert isinstance(results[0], PeerDiskFull)  # in place, but the caller must not ack
     assert (jail.root / "a").read_bytes() == b"1"
@@ -817,29 +811,29 @@ def test_failing_second_syncfs_is_not_acknowledged(
 
 def test_syncfs_falls_back_to_sync(jail: Jail, monkeypatch: pytest.MonkeyPatch) -> None:
     synced = []
-    monkeypatch.setattr(storage, "_libc_syncfs", lambda: None)
+    monkeypatch.setattr(disk, "_libc_syncfs", lambda: None)
     monkeypatch.setattr(os, "sync", lambda: synced.append(True))
     put(jail, b"a", b"1")
     assert len(synced) == 2
 
 
 def test_syncfs_error_is_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert storage._libc_syncfs() is not None
-    storage._syncfs(os.fsencode(tmp_path))  # the real one works
+    assert disk._libc_syncfs() is not None
+    disk.syncfs(os.fsencode(tmp_path))  # the real one works
 
     def failing(_fd: int) -> int:
         ctypes.set_errno(errno.EIO)
         return -1
 
-    monkeypatch.setattr(storage, "_libc_syncfs", lambda: failing)
+    monkeypatch.setattr(disk, "_libc_syncfs", lambda: failing)
     with pytest.raises(OSError, match="Input/output error"):
-        storage._syncfs(os.fsencode(tmp_path))
+        disk.syncfs(os.fsencode(tmp_path))
 
 
 def test_parent_deleted_during_the_batch_is_made_again(
     jail: Jail, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = storage._syncfs
+    real = disk.syncfs
     first: list[bool] = []
 
     def delete_parent(path: bytes) -> None:
@@ -849,7 +843,7 @@ def test_parent_deleted_during_the_batch_is_made_again(
         real(path)
 
     jail.make_dir(b"dir/sub")  # there when the batch starts...
-    monkeypatch.setattr(storage, "_syncfs", delete_parent)
+    monkeypatch.setattr(disk, "syncfs", delete_parent)
     assert push(jail, {b"dir/sub/f": b"data"}) == [None]
     assert (jail.root / "dir" / "sub" / "f").read_bytes() == b"data"
     assert_consistent(jail)
@@ -955,7 +949,7 @@ def test_link_swapped_in_while_a_batch_is_staged_is_refused(
 ) -> None:
     """Between the temp files and their renames: the renames still refuse the new link."""
     put(jail, b"d/f0", b"zero")
-    real = storage._syncfs
+    real = disk.syncfs
 
     def swap(path: bytes) -> None:
         if not (jail.root / "moved").exists():
@@ -963,7 +957,7 @@ def test_link_swapped_in_while_a_batch_is_staged_is_refused(
             os.symlink(outside, jail.root / "d")
         real(path)
 
-    monkeypatch.setattr(storage, "_syncfs", swap)
+    monkeypatch.setattr(disk, "syncfs", swap)
     before = snapshot(outside)
     result = push(jail, {b"d/f1": b"evil"})
     assert isinstance(result[0], PathRefused)
@@ -996,7 +990,7 @@ def test_batch_into_a_missing_jail_root_is_refused(space: HostedSpace) -> None:
 
 def test_deep_trees_in_one_batch(jail: Jail) -> None:
     """Deeper than the handles a batch keeps: switching between deep directories works."""
-    deep = b"/".join(b"l%02d" % n for n in range(storage._HELD_LEVELS + 4))
+    deep = b"/".join(b"l%02d" % n for n in range(writes._HELD_LEVELS + 4))
     files = {
         deep + b"/a": b"a",
         deep + b"/b": b"b",  # the same deep directory: its handle is reused
@@ -1051,7 +1045,7 @@ def test_modes_hold_whatever_the_umask(
     jail: Jail, monkeypatch: pytest.MonkeyPatch, umask: int | None
 ) -> None:
     """Temp files are made with their final mode; a umask that takes bits away is undone."""
-    monkeypatch.setattr(storage, "_umask", lambda: umask)
+    monkeypatch.setattr(disk, "umask", lambda: umask)
     old = os.umask(0o077)
     try:
         push(jail, {b"plain": b"p"})
@@ -1065,13 +1059,13 @@ def test_modes_hold_whatever_the_umask(
 def test_umask_is_read_from_proc(monkeypatch: pytest.MonkeyPatch) -> None:
     current = os.umask(0o022)
     os.umask(current)
-    assert storage._umask.__wrapped__() == current
+    assert disk.umask.__wrapped__() == current
 
     def unreadable(*_args: Any, **_kwargs: Any) -> Any:
         raise OSError(errno.ENOENT, "No such file or directory")
 
-    monkeypatch.setattr(storage, "open", unreadable, raising=False)
-    assert storage._umask.__wrapped__() is None
+    monkeypatch.setattr(disk, "open", unreadable, raising=False)
+    assert disk.umask.__wrapped__() is None
 
 
 def test_upload_writes_many_chunks_through_short_writes(
@@ -1083,7 +1077,7 @@ def test_upload_writes_many_chunks_through_short_writes(
         # What a real short write does: the first buffer, then part of the second.
         return os.pwrite(fd, b"".join(bytes(b) for b in buffers[:2])[:7], offset)
 
-    chunks = [bytes([n % 256]) * 5 for n in range(storage._IOV_MAX + 10)]
+    chunks = [bytes([n % 256]) * 5 for n in range(disk._IOV_MAX + 10)]
     content = b"".join(chunks)
     upload = jail.begin_upload(b"f", len(content), MTIME, 0o644)
     upload.write_many(chunks[:-20])
@@ -1149,7 +1143,7 @@ def test_resume_never_trusts_bytes_past_the_checkpoint(jail: Jail) -> None:
 
 
 def test_checkpoints_while_writing(jail: Jail, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage, "CHECKPOINT", 2 * BLOCK)
+    monkeypatch.setattr("custom_components.mynas.engine.host.upload.CHECKPOINT", 2 * BLOCK)
     with jail.begin_upload(b"f", 10 * BLOCK, MTIME, 0o644) as upload:
         upload.write(b"x" * BLOCK)
         assert partials(jail)[0].endswith(".0.part")
@@ -1335,7 +1329,7 @@ def test_delete_moves_files_and_trees_to_the_trash(
     ]
     assert sorted(trashed.values()) == [b"1", b"b", b"c"]
     (stamp,) = {name.split("/", 1)[0] for name in trashed}
-    assert storage._stamp_time(stamp.encode()) is not None
+    assert trash._stamp_time(stamp.encode()) is not None
     assert any(d.endswith("tree/empty") for d in snapshot(jail.trash_dir))
     assert_consistent(jail)
 
@@ -1364,7 +1358,7 @@ def test_trash_collisions_get_suffixes(jail: Jail, monkeypatch: pytest.MonkeyPat
         f"{stamp}~3/a/b": b"4",
     }
     assert_consistent(jail)
-    monkeypatch.setattr(storage, "_MAX_COLLISIONS", 2)
+    monkeypatch.setattr(trash, "_MAX_COLLISIONS", 2)
     with pytest.raises(PathRefused, match="too many versions"):
         jail.delete(b"a")
 
@@ -1385,14 +1379,14 @@ def test_purge_goes_on_past_what_it_cannot_remove(
     put(jail, b"b/y", b"2")
     jail.delete(b"a")
     jail.delete(b"b")
-    real = storage._remove_tree
+    real = disk.remove_tree
 
     def stuck_on_a(path: bytes) -> int:
         if path.endswith(b"/a"):
             raise PermissionError(errno.EACCES, "Permission denied")
         return real(path)
 
-    monkeypatch.setattr(storage, "_remove_tree", stuck_on_a)
+    monkeypatch.setattr(disk, "remove_tree", stuck_on_a)
     assert space.purge(time.time() + 31 * DAY) == DIR_CHARGE + charge(1)  # b/ and b/y
     assert [name.split("/", 1)[1] for name in files_under(jail.trash_dir)] == ["a/x"]
     assert_consistent(jail)
@@ -1547,10 +1541,10 @@ def test_remove_peer_data(space: HostedSpace, jail: Jail) -> None:
 
 
 def test_deepest_accepted_tree_is_walked(space: HostedSpace, jail: Jail) -> None:
-    deep = b"/".join([b"d"] * (storage.MAX_DEPTH - 1))
+    deep = b"/".join([b"d"] * (paths.MAX_DEPTH - 1))
     put(jail, deep + b"/f", b"bottom")
     assert jail.stat(deep + b"/f").size == 6
-    assert len(list(jail.list())) == storage.MAX_DEPTH
+    assert len(list(jail.list())) == paths.MAX_DEPTH
     jail.delete(b"d")
     assert_consistent(jail)
     assert space.rescan("alice") == jail.quota.used
@@ -1560,12 +1554,12 @@ def test_deepest_accepted_tree_is_walked(space: HostedSpace, jail: Jail) -> None
 
 
 def test_cleanup_helpers_never_raise_on_the_way_out(tmp_path: Path) -> None:
-    storage._unlink_quietly(os.fsencode(tmp_path / "missing"))
-    storage._unlink_quietly(os.fsencode(tmp_path))  # a directory: logged, not raised
+    disk.unlink_quietly(os.fsencode(tmp_path / "missing"))
+    disk.unlink_quietly(os.fsencode(tmp_path))  # a directory: logged, not raised
     assert tmp_path.is_dir()
-    storage._ignore_vanished(b"gone", FileNotFoundError())
+    disk.ignore_vanished(b"gone", FileNotFoundError())
     with pytest.raises(PermissionError):
-        storage._ignore_vanished(b"locked", PermissionError())
+        disk.ignore_vanished(b"locked", PermissionError())
 
 
 def test_resume_over_the_quota_keeps_the_partial(space: HostedSpace) -> None:

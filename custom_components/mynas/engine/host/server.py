@@ -40,10 +40,11 @@ from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 from .. import ciphers, protocol
 from ..identity import Identity
 from .budget import ByteBudget
+from .jail import Jail
 from .limits import Limits
 from .session import ReplicationSession
 from .sftp import ReadOnlySFTPServer
-from .storage import HostedSpace, Jail
+from .space import HostedSpace
 
 _LOGGER = logging.getLogger(__name__)
 # Packets peers may send us: 4 x asyncssh's 32 KiB default. Each packet costs the host a

@@ -28,8 +28,11 @@ from ..errors import MyNasError, PathRefused, PeerDiskFull, ProtocolError, Quota
 from ..protocol import FailCode, Frame
 from ..tree import Entry, Kind
 from .budget import ByteBudget
+from .jail import Jail
 from .limits import Limits
-from .storage import IncomingFile, Jail, Upload, charge
+from .quota import charge
+from .upload import Upload
+from .writes import IncomingFile
 
 _LOGGER = logging.getLogger(__name__)
 
