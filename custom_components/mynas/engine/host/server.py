@@ -130,6 +130,9 @@ class NodeServer:
             server_host_keys=[self.identity.private_key],
             encoding=None,
             allow_pty=False,
+            # No pty, no text: the line editor could never engage, but its wrapper would
+            # still sit between every channel read and write and the session.
+            line_editor=False,
             x11_forwarding=False,
             agent_forwarding=False,
             allow_scp=False,
