@@ -177,7 +177,9 @@ class ReplicationSession:
                 await self._ops(kind, body)
             else:
                 await handler(body)
-        await self._io.drain_written()
+        if self._io.written:  # checked here: a coroutine per frame costs the small-file path
+            # Bound what the writer holds: a peer that never reads its answers gets paused.
+            await self._io.drain_written()
 
     # --- the batched path ------------------------------------------------------------------
 

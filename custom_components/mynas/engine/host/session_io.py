@@ -24,12 +24,12 @@ class SessionIO:
     def __init__(self, writer: SSHWriter[bytes]) -> None:
         self._writer = writer
         self._loop = asyncio.get_running_loop()
-        self._written = False  # frames were written since the last drain_written()
+        self.written = False  # frames were written since the last drain_written()
 
     def send(self, data: bytes) -> None:
         """Write frames to the peer (not waiting for them to leave)."""
         self._writer.write(data)
-        self._written = True
+        self.written = True
 
     def fail(self, req: int, err: BaseException) -> None:
         """Tell the peer that request ``req`` failed, and why."""
@@ -40,11 +40,9 @@ class SessionIO:
         await self._writer.drain()
 
     async def drain_written(self) -> None:
-        """``drain`` if frames were written since the last call: one per frame handled."""
-        if self._written:
-            # Bound what the writer holds: a peer that never reads its answers gets paused.
-            self._written = False
-            await self._writer.drain()
+        """``drain`` what was written since the last call (callers check ``written`` first)."""
+        self.written = False
+        await self._writer.drain()
 
     async def thread[T](self, func: Callable[..., T], *args: Any) -> T:
         """Run blocking ``func(*args)`` in a worker thread."""
