@@ -56,7 +56,7 @@ from custom_components.mynas.const import (
 )
 from custom_components.mynas.engine import identity, invite, storage_root
 from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
-from custom_components.mynas.engine.host.storage import HostedSpace
+from custom_components.mynas.engine.host.space import HostedSpace
 from custom_components.mynas.engine.loop_thread import EngineLoop
 from custom_components.mynas.engine.owner import push as replicator
 

@@ -13,7 +13,7 @@ from homeassistant.data_entry_flow import FlowResultType
 
 from custom_components.mynas.engine import identity, invite
 from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
-from custom_components.mynas.engine.host.storage import HostedSpace
+from custom_components.mynas.engine.host.space import HostedSpace
 
 EN: dict[str, Any] = json.loads(
     (

@@ -19,7 +19,7 @@ from .const import (
     LOGGER,
 )
 from .engine import storage_root
-from .engine.host.storage import JailUsage
+from .engine.host.quota import JailUsage
 from .engine.loop_thread import EngineLoop
 from .engine.node import Node
 from .engine.storage_root import DiskUsage

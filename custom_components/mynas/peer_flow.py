@@ -43,7 +43,7 @@ from .const import (
 )
 from .engine import invite, node as engine_node
 from .engine.errors import InvalidInvite
-from .engine.host.storage import validate_peer_name
+from .engine.host.paths import validate_peer_name
 from .engine.identity import fingerprint
 from .engine.node import ProbeResult, Reachability
 from .engine.owner.push import PeerTarget

@@ -19,7 +19,7 @@ import pytest
 from custom_components.mynas.engine import identity
 from custom_components.mynas.engine.host.limits import Limits
 from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
-from custom_components.mynas.engine.host.storage import HostedSpace
+from custom_components.mynas.engine.host.space import HostedSpace
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner.push import PeerTarget
 

@@ -78,7 +78,7 @@ def _peer_grant(text: str) -> tuple[str, str, int]:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected NAME=PUBKEY_FILE:QUOTA, e.g. bob=bob.pub:20G"
         )
-    from .host.storage import validate_peer_name  # noqa: PLC0415 - serve only (see cmd_serve)
+    from .host.paths import validate_peer_name  # noqa: PLC0415 - serve only (see cmd_serve)
 
     try:
         validate_peer_name(name)
@@ -215,7 +215,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     # Imported here: the other commands (push above all) need neither the server nor the
     # host's storage, and their import is time a push with nothing to send would wait for.
     from .host.server import NodeServer, PeerGrant  # noqa: PLC0415
-    from .host.storage import HostedSpace  # noqa: PLC0415
+    from .host.space import HostedSpace  # noqa: PLC0415
 
     node = _load_identity(args.key)
     storage = Path(args.storage)

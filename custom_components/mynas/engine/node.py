@@ -18,8 +18,9 @@ import time
 from typing import Any
 
 from .errors import AuthRefused, HostKeyMismatch, MyNasError, PeerUnreachable
+from .host.quota import JailUsage
 from .host.server import EventCallback, NodeServer, PeerGrant
-from .host.storage import HostedSpace, JailUsage
+from .host.space import HostedSpace
 from .identity import Identity
 from .owner import client
 from .owner.index import Index

@@ -49,6 +49,7 @@ from custom_components.mynas.engine.protocol import MAX_FRAME, Close, Frame
 
 from ..conftest import DEFAULT_QUOTA, ServerFactory, address
 from ..openssh_support import OpenSSH
+from .ssh_support import connected, ssh_connect
 
 HOST = "127.0.0.1"
 MTIME = 1_700_000_000_123_456_789
@@ -70,7 +71,7 @@ def blocks(size: int) -> int:
 
 
 def disk_charge(storage: Path, peer: str) -> int:
-    """Recount, independently of storage.py, what the disk holds for ``peer``."""
+    """Recount, independently of the host's quota code, what the disk holds for ``peer``."""
     total = 0
     for top in (storage / peer, storage / ".mynas" / "trash" / peer):
         total += _charge_below(top)
@@ -160,29 +161,6 @@ class Events:
             while self.count(kind) < count:
                 self._changed.clear()
                 await self._changed.wait()
-
-
-async def ssh_connect(
-    server: NodeServer,
-    who: Identity | None,
-    *,
-    username: str = "mynas",
-    **options: Any,
-) -> asyncssh.SSHClientConnection:
-    """An asyncssh connection with ``who``'s key, the host key pinned, nothing else offered."""
-    settings: dict[str, Any] = {
-        "username": username,
-        "client_keys": [who.private_key] if who is not None else None,
-        "known_hosts": ([asyncssh.import_public_key(server.identity.public_line)], [], []),
-        "config": None,
-        "agent_path": None,
-        "password": None,
-        "kbdint_auth": False,
-        "gss_auth": False,
-        "host_based_auth": False,
-    }
-    settings.update(options)
-    return await asyncssh.connect(HOST, server.port, **settings)
 
 
 def _field(path: bytes) -> bytes:
@@ -467,8 +445,7 @@ async def test_sftp_traversal_stays_in_the_jail(
     """Every path-taking SFTP request: nothing outside alice's own jail is ever reached."""
     before = world(tmp_path)
     outside = [os.fsencode(furnished / "secret.txt"), os.fsencode(furnished)]
-    conn = await ssh_connect(server, alice_id)
-    try:
+    async with connected(server, alice_id) as conn:
         sftp = await conn.start_sftp_client()
         own_root = sorted(await sftp.listdir(b"/"))
         assert own_root == sorted([b".", b"..", b"notes.txt", b"photos", b"dir"])
@@ -482,9 +459,6 @@ async def test_sftp_traversal_stays_in_the_jail(
         await _sftp_readlink_refused(sftp, [b"/notes.txt", b"/escape", b"/filelink"])
         sftp.exit()
         await sftp.wait_closed()
-    finally:
-        conn.close()
-        await conn.wait_closed()
     assert world(tmp_path) == before
 
 
@@ -529,8 +503,7 @@ async def test_sftp_refuses_every_link_already_in_the_jail(
 ) -> None:
     """stat/lstat/open/listdir through or onto a link: permission denied, never followed."""
     before = world(tmp_path)
-    conn = await ssh_connect(server, alice_id)
-    try:
+    async with connected(server, alice_id) as conn:
         sftp = await conn.start_sftp_client()
         for path in LINKS + THROUGH_LINKS:
             for name, call in _sftp_reads(sftp, b"/" + path).items():
@@ -550,9 +523,6 @@ async def test_sftp_refuses_every_link_already_in_the_jail(
         assert sorted(await sftp.listdir(b"/photos")) == [b".", b"..", b"cat.jpg"]
         sftp.exit()
         await sftp.wait_closed()
-    finally:
-        conn.close()
-        await conn.wait_closed()
     assert world(tmp_path) == before
 
 
@@ -564,8 +534,7 @@ async def test_sftp_refuses_links_and_every_write(
 ) -> None:
     """symlink, hard link, rename, remove, rmdir, mkdir, setstat, writes, creates: refused."""
     before = world(tmp_path)
-    conn = await ssh_connect(server, alice_id)
-    try:
+    async with connected(server, alice_id) as conn:
         sftp = await conn.start_sftp_client()
         attempts: dict[str, Callable[[], Awaitable[Any]]] = {
             "symlink out": lambda: sftp.symlink(str(furnished), "/out"),
@@ -614,9 +583,6 @@ async def test_sftp_refuses_links_and_every_write(
             assert await handle.read() == ALICE_FILES["notes.txt"]
         sftp.exit()
         await sftp.wait_closed()
-    finally:
-        conn.close()
-        await conn.wait_closed()
     assert world(tmp_path) == before
 
 
@@ -635,14 +601,10 @@ async def test_sftp_speaks_v3_only_and_a_v6_open_would_stay_read_only(
     asyncssh's own v6 open would open the mapped path with any access asked, so the
     override matters; and so do the path mappings its default methods rely on.
     """
-    conn = await ssh_connect(server, alice_id)
-    try:
+    async with connected(server, alice_id) as conn:
         sftp = await conn.start_sftp_client(sftp_version=6)
         assert sftp.version == 3
         sftp.exit()
-    finally:
-        conn.close()
-        await conn.wait_closed()
     before = world(tmp_path)
     direct = ReadOnlySFTPServer(cast(Any, _NoChannel()), server.jail("alice"))
     read, attrs = asyncssh.ACE4_READ_DATA, asyncssh.SFTPAttrs()
@@ -701,8 +663,7 @@ async def test_sftp_statvfs_reports_the_quota(
         assert await push_files(link, {b"a.bin": b"a" * 10_000}) == {b"a.bin": None}
     used = server.jail("alice").quota.used
     assert used == disk_charge(storage_dir, "alice") == blocks(10_000)
-    conn = await ssh_connect(server, alice_id)
-    try:
+    async with connected(server, alice_id) as conn:
         sftp = await conn.start_sftp_client()
         fs = await sftp.statvfs("/")
         assert fs.blocks * fs.frsize == DEFAULT_QUOTA
@@ -712,9 +673,6 @@ async def test_sftp_statvfs_reports_the_quota(
             assert str(await handle.statvfs()) == str(fs)  # no __eq__
         sftp.exit()
         await sftp.wait_closed()
-    finally:
-        conn.close()
-        await conn.wait_closed()
 
 
 async def test_openssh_sftp_browses_own_files_and_is_refused_everything_else(
@@ -880,8 +838,7 @@ async def test_known_key_cannot_name_another_jail(
     assert sorted(os.listdir(storage_dir / "bob")) == ["private.txt"]
     assert (storage_dir / "bob" / "private.txt").read_bytes() == BOB_SECRET
     # The SSH user name is ignored: "bob@host" with alice's key is alice.
-    conn = await ssh_connect(server, alice_id, username="bob")
-    try:
+    async with connected(server, alice_id, username="bob") as conn:
         sftp = await conn.start_sftp_client()
         assert sorted(await sftp.listdir("/")) == [".", "..", "mine.txt"]
         assert sorted(await sftp.listdir("/..")) == [".", "..", "mine.txt"]
@@ -889,9 +846,6 @@ async def test_known_key_cannot_name_another_jail(
             await sftp.stat("/bob/private.txt")
         sftp.exit()
         await sftp.wait_closed()
-    finally:
-        conn.close()
-        await conn.wait_closed()
     openssh = OpenSSH.for_server(server, key_file("alice"), tmp_path / "openssh")
     code, out, err = await openssh.sftp_batch(["ls -1 /", "ls -1 /.."], user="bob")
     assert code == 0, err
@@ -945,8 +899,7 @@ async def test_asyncssh_client_gets_no_shell_exec_or_forwarding(
     """Every channel and global request but our two subsystems is refused."""
     port, received = bystander
     canary = tmp_path / "canary"
-    conn = await ssh_connect(server, alice_id)
-    try:
+    async with connected(server, alice_id) as conn:
         for command in (f"touch {canary}", "true", "scp -t .", "internal-sftp"):
             with pytest.raises(asyncssh.ChannelOpenError):
                 await conn.run(command, check=False)
@@ -970,9 +923,6 @@ async def test_asyncssh_client_gets_no_shell_exec_or_forwarding(
         assert await sftp.listdir("/") == [".", ".."]
         sftp.exit()
         await sftp.wait_closed()
-    finally:
-        conn.close()
-        await conn.wait_closed()
     assert not canary.exists()
     assert not (tmp_path / "planted.sock").exists()
     assert received == []
@@ -1284,8 +1234,7 @@ async def test_peer_cannot_reach_its_trash(
     raw.send(protocol.query(req + 2, {"op": "retention", "folder": "f.txt", "days": -5}))
     assert fail_info(await raw.recv())  # refused, and the session goes on
     await raw.close()
-    conn = await ssh_connect(server, alice_id)
-    try:
+    async with connected(server, alice_id) as conn:
         sftp = await conn.start_sftp_client()
         assert sorted(await sftp.listdir("/")) == [".", "..", "f.txt"]
         for path in ("/.mynas", "/../.mynas/trash/alice", f"/../.mynas/trash/alice/{stamp}"):
@@ -1297,9 +1246,6 @@ async def test_peer_cannot_reach_its_trash(
                 await sftp.remove(path)
         sftp.exit()
         await sftp.wait_closed()
-    finally:
-        conn.close()
-        await conn.wait_closed()
     assert world(tmp_path) == before
     assert trash_contents(storage_dir, "alice") == [b"v1"]
 
@@ -1467,8 +1413,7 @@ async def test_sessions_per_connection_are_bounded_and_given_back(
 ) -> None:
     """Two sessions at most; SFTP, replication and refused requests all give theirs back."""
     server = await make_server(limits=Limits(sessions_per_connection=2, free_failures=1000))
-    conn = await ssh_connect(server, alice_id)
-    try:
+    async with connected(server, alice_id) as conn:
         first = await Raw.open(server, alice_id, conn=conn)
         second = await Raw.open(server, alice_id, conn=conn)
         with pytest.raises(asyncssh.ChannelOpenError):
@@ -1489,9 +1434,6 @@ async def test_sessions_per_connection_are_bounded_and_given_back(
             raw.writer.write_eof()
             assert await raw.ended() == b""
             await raw.writer.channel.wait_closed()
-    finally:
-        conn.close()
-        await conn.wait_closed()
 
 
 async def test_connections_per_peer_are_bounded(
@@ -1595,8 +1537,7 @@ async def test_hostile_frames_end_the_session_and_nothing_else(
     """
     server = await make_server(limits=Limits(hello_timeout=0.5, free_failures=1000))
     before = world(tmp_path)
-    conn = await ssh_connect(server, alice_id)
-    try:
+    async with connected(server, alice_id) as conn:
         for name, data in _hostile_streams().items():
             raw = await Raw.open(server, alice_id, conn=conn, hello=False)
             raw.send(data)
@@ -1615,9 +1556,6 @@ async def test_hostile_frames_end_the_session_and_nothing_else(
         raw = await Raw.open(server, alice_id, conn=conn)
         raw.send(protocol.query(1, {"op": "usage"}))
         assert (await raw.recv())[0] is Frame.REPLY
-    finally:
-        conn.close()
-        await conn.wait_closed()
     assert world(tmp_path) == before
     assert server.jail("alice").quota.reserved == 0
     assert "Uncaught exception" not in caplog.text
@@ -1707,8 +1645,7 @@ async def test_sftp_open_handles_are_bounded(
     for n in range(200):
         (crowd / str(n)).mkdir()
     fds = len(os.listdir("/proc/self/fd"))
-    conn = await ssh_connect(server, alice_id)
-    try:
+    async with connected(server, alice_id) as conn:
         sftp = await conn.start_sftp_client()
         handler = sftp._handler
 
@@ -1739,9 +1676,6 @@ async def test_sftp_open_handles_are_bounded(
         assert len(await sftp.listdir("/crowd")) == 202
         sftp.exit()
         await sftp.wait_closed()
-    finally:
-        conn.close()
-        await conn.wait_closed()
 
 
 async def _open_until_refused(opener: Callable[[], Awaitable[bytes]]) -> list[bytes]:
@@ -1769,15 +1703,11 @@ async def test_sftp_lists_big_directories_whole_and_hides_links(
     names = {f"file{n}" for n in range(300)}
     for name in names:
         (many / name).write_bytes(b"")
-    conn = await ssh_connect(server, alice_id)
-    try:
+    async with connected(server, alice_id) as conn:
         sftp = await conn.start_sftp_client()
         assert set(await sftp.listdir("/many")) == names | {".", ".."}
         sftp.exit()
         await sftp.wait_closed()
-    finally:
-        conn.close()
-        await conn.wait_closed()
 
 
 class _StalledLogin(asyncssh.SSHClient):
@@ -1850,16 +1780,14 @@ async def test_a_login_held_across_a_peer_change_gets_no_other_jail(
     except asyncssh.PermissionDenied:
         assert expected is None
         return
-    try:
-        raw = await Raw.open(server, bob_id, conn=conn)
-        assert raw.welcome["peer"] == expected
-        raw.send(protocol.list_tree(1, b"", with_hash=False))
-        assert (await raw.recv())[0] is Frame.DONE  # bob's jail is empty
-    except asyncssh.ChannelOpenError, asyncio.IncompleteReadError:
-        assert expected is None
-    finally:
-        conn.close()
-        await conn.wait_closed()
+    async with conn:  # what connected() does, for a connection made by hand
+        try:
+            raw = await Raw.open(server, bob_id, conn=conn)
+            assert raw.welcome["peer"] == expected
+            raw.send(protocol.list_tree(1, b"", with_hash=False))
+            assert (await raw.recv())[0] is Frame.DONE  # bob's jail is empty
+        except asyncssh.ChannelOpenError, asyncio.IncompleteReadError:
+            assert expected is None
 
 
 async def test_replacing_a_peers_key_drops_its_live_connections(
@@ -1919,8 +1847,7 @@ async def test_an_sftp_peer_that_never_reads_is_held_to_a_bounded_buffer(
 ) -> None:
     """Thousands of 1 MiB READs for 30 bytes each, answers never read: the host stalls."""
     (storage_dir / "alice" / "big.bin").write_bytes(os.urandom(MIB))
-    conn = await ssh_connect(server, alice_id)
-    try:
+    async with connected(server, alice_id) as conn:
         writer, reader, _ = await conn.open_session(subsystem="sftp", encoding=None)
 
         async def answer() -> bytes:
@@ -1951,9 +1878,6 @@ async def test_an_sftp_peer_that_never_reads_is_held_to_a_bounded_buffer(
             assert reply[0] == 103  # DATA
             assert struct.unpack_from(">II", reply, 1) == (2 + n, MIB)
         writer.channel.abort()
-    finally:
-        conn.close()
-        await conn.wait_closed()
 
 
 async def test_asyncssh_sftp_client_downloads_the_replica(
@@ -1964,8 +1888,7 @@ async def test_asyncssh_sftp_client_downloads_the_replica(
     (storage_dir / "alice" / "docs").mkdir()
     (storage_dir / "alice" / "docs" / "big.bin").write_bytes(big)
     (storage_dir / "alice" / "docs" / "small.txt").write_bytes(b"small")
-    conn = await ssh_connect(server, alice_id)
-    try:
+    async with connected(server, alice_id) as conn:
         sftp = await conn.start_sftp_client()
         await sftp.get("/docs/big.bin", str(tmp_path / "big.bin"))
         await sftp.get("/docs", str(tmp_path / "restored"), recurse=True)
@@ -1974,9 +1897,6 @@ async def test_asyncssh_sftp_client_downloads_the_replica(
             assert (await handle.stat()).size == 5
         sftp.exit()
         await sftp.wait_closed()
-    finally:
-        conn.close()
-        await conn.wait_closed()
     assert (tmp_path / "big.bin").read_bytes() == big
     assert (tmp_path / "restored" / "big.bin").read_bytes() == big
     assert (tmp_path / "restored" / "small.txt").read_bytes() == b"small"

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 from custom_components.mynas.engine import protocol
-from custom_components.mynas.engine.host import storage
+from custom_components.mynas.engine.host.jail import Jail
 from custom_components.mynas.engine.host.limits import Limits
 from custom_components.mynas.engine.host.server import NodeServer
+from custom_components.mynas.engine.host.upload import Upload
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.protocol import Close, Frame
 
@@ -157,7 +158,7 @@ async def test_a_session_holds_no_more_than_its_budget_while_the_disk_is_slow(
     server = await make_server(limits=limits)
     # 8 MiB: more than the budget plus what asyncssh takes in (about two 2 MiB windows).
     frames = puts(500, 16 * KIB)
-    with slow_disk(monkeypatch, storage.Jail, "write_batch") as gate:
+    with slow_disk(monkeypatch, Jail, "write_batch") as gate:
         raw = await Raw.open(server, alice_id)
         raw.send(*frames)
         held = Sampler(lambda: server.peer_budget("alice").used)
@@ -179,7 +180,7 @@ async def test_sessions_of_one_peer_share_its_budget(
     peer = 384 * KIB
     limits = Limits(free_failures=1000, batch_files=64, session_bytes=256 * KIB, peer_bytes=peer)
     server = await make_server(limits=limits)
-    with slow_disk(monkeypatch, storage.Jail, "write_batch") as gate:
+    with slow_disk(monkeypatch, Jail, "write_batch") as gate:
         first = await Raw.open(server, alice_id)
         second = await Raw.open(server, alice_id, conn=first.conn)
         first.send(*puts(60, 16 * KIB, prefix=b"a"))
@@ -204,7 +205,7 @@ async def test_an_upload_holds_no_more_than_its_budget(
     )
     server = await make_server(limits=limits)
     content = os.urandom(4 << 20)
-    with slow_disk(monkeypatch, storage.Upload, "write_many") as gate:
+    with slow_disk(monkeypatch, Upload, "write_many") as gate:
         raw = await Raw.open(server, alice_id)
         raw.send(protocol.open_upload(1, b"big.bin", len(content), MTIME, 0o644))
         kind, _ = await raw.recv()
@@ -230,7 +231,7 @@ async def test_a_cut_while_the_budget_is_spent_leaves_nothing_held(
     budget = 256 * KIB
     limits = Limits(free_failures=1000, batch_files=4, session_bytes=budget, peer_bytes=budget)
     server = await make_server(limits=limits)
-    with slow_disk(monkeypatch, storage.Jail, "write_batch") as gate:
+    with slow_disk(monkeypatch, Jail, "write_batch") as gate:
         raw = await Raw.open(server, alice_id)
         raw.send(*puts(100, 16 * KIB))
         await Sampler(lambda: server.peer_budget("alice").used).settle()
@@ -254,7 +255,7 @@ async def test_a_cut_while_an_upload_is_being_written_waits_for_the_write(
     server = await make_server(limits=limits)
     content = os.urandom(1 << 20)
     fds = len(os.listdir("/proc/self/fd"))
-    with slow_disk(monkeypatch, storage.Upload, "write_many") as gate:
+    with slow_disk(monkeypatch, Upload, "write_many") as gate:
         raw = await Raw.open(server, alice_id)
         raw.send(protocol.open_upload(1, b"big.bin", len(content), MTIME, 0o644))
         assert (await raw.recv())[0] is Frame.OFFSET
@@ -283,13 +284,13 @@ async def test_requests_on_paths_are_answered_in_groups_and_made_durable(
 ) -> None:
     """MKDIR/UTIME/DELETE already read go to the disk together: one hop, one syncfs."""
     synced = []
-    real = storage.Jail.sync
+    real = Jail.sync
 
-    def spy(self: storage.Jail) -> None:
+    def spy(self: Jail) -> None:
         synced.append(True)
         real(self)
 
-    monkeypatch.setattr(storage.Jail, "sync", spy)
+    monkeypatch.setattr(Jail, "sync", spy)
     raw = await Raw.open(server, alice_id)
     raw.send(*puts(50, 10))
     await raw.sync(999)
@@ -316,10 +317,10 @@ def fail_code(answer: tuple[Frame, bytes]) -> str:
 async def test_a_group_whose_sync_fails_is_not_acknowledged(
     server: NodeServer, alice_id: Identity, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(_self: storage.Jail) -> None:
+    def broken(_self: Jail) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(storage.Jail, "sync", broken)
+    monkeypatch.setattr(Jail, "sync", broken)
     raw = await Raw.open(server, alice_id)
     raw.send(protocol.mkdir(1, b"a", None), protocol.mkdir(2, b"b", None))
     codes = {fail_code(await raw.recv()) for _ in range(2)}

@@ -33,8 +33,9 @@ from custom_components.mynas.engine.errors import (
     SourceMissing,
 )
 from custom_components.mynas.engine.host.limits import Limits
+from custom_components.mynas.engine.host.quota import DIR_CHARGE, charge
 from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
-from custom_components.mynas.engine.host.storage import DIR_CHARGE, HostedSpace, charge
+from custom_components.mynas.engine.host.space import HostedSpace
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner import (
     client,

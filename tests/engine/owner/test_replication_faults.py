@@ -28,8 +28,8 @@ from custom_components.mynas.engine.errors import (
     QuotaExceeded,
     RestoreConflict,
 )
-from custom_components.mynas.engine.host import storage
-from custom_components.mynas.engine.host.storage import Jail
+from custom_components.mynas.engine.host.jail import Jail
+from custom_components.mynas.engine.host.upload import Upload
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner import (
     push as replicator,
@@ -99,7 +99,7 @@ async def test_cut_mid_large_file_then_resume(env: Env, monkeypatch: pytest.Monk
     write(env.src / "big.bin", os.urandom(size))
     write(env.src / "small", b"small")
     state = _cut_after(
-        env, monkeypatch, storage.Upload, "write_many", lambda upload, _: upload.offset >= 6 * MIB
+        env, monkeypatch, Upload, "write_many", lambda upload, _: upload.offset >= 6 * MIB
     )
     with pytest.raises(PeerUnreachable, match="connection lost"):
         await env.push()
@@ -224,7 +224,7 @@ async def test_resume_of_a_file_that_shrank_since_the_scan(
     """A partial whose local bytes are gone is not trusted: the file counts as changed."""
     size = 12 * MIB
     write(env.src / "big", os.urandom(size))
-    _cut_after(env, monkeypatch, storage.Upload, "write_many", lambda up, _: up.offset >= 4 * MIB)
+    _cut_after(env, monkeypatch, Upload, "write_many", lambda up, _: up.offset >= 4 * MIB)
     with pytest.raises(PeerUnreachable):
         await env.push()
     await wait_until(env.upload_idle)
@@ -684,10 +684,10 @@ async def test_peer_disk_full_stops_the_run(env: Env, monkeypatch: pytest.Monkey
     """The host's disk itself is full: PeerDiskFull, and nothing unconfirmed is recorded."""
     write(env.src / "big", os.urandom(SMALL_FILE + 1))
 
-    def full(self: storage.Upload) -> None:
+    def full(self: Upload) -> None:
         raise PeerDiskFull("No space left on device")
 
-    monkeypatch.setattr(storage.Upload, "finish", full)
+    monkeypatch.setattr(Upload, "finish", full)
     with pytest.raises(PeerDiskFull, match="disk is full"):
         await env.push()
     assert index_view(env.index) == {}

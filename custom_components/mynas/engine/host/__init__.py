@@ -1,5 +1,9 @@
 """The host's side of replication: the node that keeps friends' copies.
 
-The SSH server that authenticates a peer by its pinned key, the replication session and the
-read-only SFTP it serves, and the storage that confines each peer to its own jail.
+``server`` authenticates a peer by its pinned key and serves two subsystems: the
+replication session (``session`` with ``session_upload``, ``session_reads`` and
+``session_io``; ``budget`` and ``limits`` bound it) and read-only SFTP (``sftp``). Both
+work in the peer's ``jail`` inside the ``space`` of all jails: the jail's path rules
+(``paths``, ``jailfs``), its ``quota``, its ``trash``, batch ``writes`` and large
+files received in ``upload``, on top of the blocking ``disk`` helpers.
 """

@@ -23,6 +23,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+# What one frame held in memory costs beyond its body (the bytes object, a memoryview, a
+# batch entry): charged with the body, so that a flood of tiny frames is bounded too.
+FRAME_COST = 512
+
+
+def frame_cost(body: bytes) -> int:
+    """Return the budget bytes a frame with ``body`` holds while it is kept."""
+    return len(body) + FRAME_COST
+
 
 class ByteBudget:
     """A ceiling on bytes held; ``take`` waits until the bytes fit, ``give`` returns them."""

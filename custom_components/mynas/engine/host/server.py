@@ -34,16 +34,20 @@ import time
 from typing import Any, cast
 
 import asyncssh
-from asyncssh.session import DataType
-from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
+from asyncssh import SSHReader, SSHWriter
+
+# Not exported by asyncssh: the one session class that runs its SFTP server for a session
+# we accept ourselves (see _Session for why, and test_asyncssh_contract for what we rely on).
+from asyncssh.stream import SSHServerStreamSession
 
 from .. import ciphers, protocol
 from ..identity import Identity
 from .budget import ByteBudget
+from .jail import Jail
 from .limits import Limits
 from .session import ReplicationSession
 from .sftp import ReadOnlySFTPServer
-from .storage import HostedSpace, Jail
+from .space import HostedSpace
 
 _LOGGER = logging.getLogger(__name__)
 # Packets peers may send us: 4 x asyncssh's 32 KiB default. Each packet costs the host a
@@ -129,6 +133,9 @@ class NodeServer:
             server_host_keys=[self.identity.private_key],
             encoding=None,
             allow_pty=False,
+            # No pty, no text: the line editor could never engage, but its wrapper would
+            # still sit between every channel read and write and the session.
+            line_editor=False,
             x11_forwarding=False,
             agent_forwarding=False,
             allow_scp=False,
@@ -468,7 +475,17 @@ def _token(name: str, public_key: str) -> str:
 
 
 class _Session(SSHServerStreamSession[bytes]):
-    """A session that offers exactly two subsystems and nothing else."""
+    """A session that offers exactly two subsystems and nothing else.
+
+    asyncssh's public choices do not fit: with a ``process_factory`` or ``session_factory``
+    on ``create_server``, ``session_requested`` is never called (no per-connection limit),
+    shell and exec requests are accepted before the handler can refuse them, and nothing
+    lets SFTP requests wait for the answers to drain. So this subclasses the (unexported)
+    session that asyncssh itself makes for ``session_factory`` and ``sftp_factory``, using
+    only what ``tests/engine/host/test_asyncssh_contract.py`` pins: its keyword arguments,
+    the public ``SSHServerSession`` callbacks, and ``read``/``drain``, through which
+    ``SSHReader`` reads.
+    """
 
     def __init__(
         self,
@@ -476,8 +493,14 @@ class _Session(SSHServerStreamSession[bytes]):
         sftp: Callable[[asyncssh.SSHServerChannel[bytes]], asyncssh.SFTPServer],
         on_close: Callable[[], None],
     ) -> None:
-        super().__init__(cast(Any, replicate), cast(Any, sftp), 3, False)
+        super().__init__(
+            session_factory=cast(Any, replicate),
+            sftp_factory=cast(Any, sftp),
+            sftp_version=3,
+            allow_scp=False,
+        )
         self._on_close: Callable[[], None] | None = on_close
+        self._sftp = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -487,7 +510,7 @@ class _Session(SSHServerStreamSession[bytes]):
             self._on_close()
             self._on_close = None
 
-    async def read(self, datatype: DataType, n: int = -1, exact: bool = False) -> bytes:
+    async def read(self, datatype: int | None, n: int = -1, exact: bool = False) -> bytes:
         """Hand the next bytes of a request to the subsystem (SFTP: once its answers flow).
 
         asyncssh's SFTP server writes each answer without waiting for the peer to take it,
@@ -496,8 +519,7 @@ class _Session(SSHServerStreamSession[bytes]):
         only when what was written before has drained. (The replication session drains
         after every frame itself.)
         """
-        assert self._chan is not None
-        if self._chan.get_subsystem() == "sftp":
+        if self._sftp:
             await self.drain(datatype)
         return await super().read(datatype, n, exact)
 
@@ -508,6 +530,7 @@ class _Session(SSHServerStreamSession[bytes]):
         return False
 
     def subsystem_requested(self, subsystem: str) -> bool:
+        self._sftp = subsystem == "sftp"
         return subsystem in ("sftp", protocol.SUBSYSTEM)
 
     def pty_requested(self, *_args: Any) -> bool:

@@ -23,7 +23,7 @@ import asyncssh
 from ..errors import PathRefused
 
 if TYPE_CHECKING:
-    from .storage import Jail
+    from .jail import Jail
 
 _NO_WRITES = "this replica is read-only over SFTP"
 # Files and directory listings one SFTP session may hold open at once: each holds a file

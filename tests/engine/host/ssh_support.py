@@ -1,0 +1,54 @@
+"""asyncssh connections to a live NodeServer, as a hostile or careless peer would open them.
+
+``connected`` is how a test holds one: the host key pinned, only the key given offered, and
+the connection closed (and its close waited for) on the way out, whatever happened inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+import contextlib
+from typing import Any
+
+import asyncssh
+
+from custom_components.mynas.engine.host.server import NodeServer
+from custom_components.mynas.engine.identity import Identity
+
+from ..openssh_support import HOST
+
+
+async def ssh_connect(
+    server: NodeServer,
+    who: Identity | None,
+    *,
+    username: str = "mynas",
+    **options: Any,
+) -> asyncssh.SSHClientConnection:
+    """An asyncssh connection with ``who``'s key, the host key pinned, nothing else offered."""
+    settings: dict[str, Any] = {
+        "username": username,
+        "client_keys": [who.private_key] if who is not None else None,
+        "known_hosts": ([asyncssh.import_public_key(server.identity.public_line)], [], []),
+        "config": None,
+        "agent_path": None,
+        "password": None,
+        "kbdint_auth": False,
+        "gss_auth": False,
+        "host_based_auth": False,
+    }
+    settings.update(options)
+    return await asyncssh.connect(HOST, server.port, **settings)
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    server: NodeServer,
+    who: Identity | None,
+    *,
+    username: str = "mynas",
+    **options: Any,
+) -> AsyncIterator[asyncssh.SSHClientConnection]:
+    """``ssh_connect``, closed and waited for on the way out (the server sees it gone)."""
+    async with await ssh_connect(server, who, username=username, **options) as conn:
+        yield conn
