@@ -23,9 +23,10 @@ from .host.storage import HostedSpace, JailUsage
 from .identity import Identity
 from .owner import client
 from .owner.index import Index
-from .owner.push import PeerTarget, ProgressCallback, PushResult, push as push_folder
-from .owner.restore import RestoreResult, restore as restore_folder
-from .owner.verify import VerifyResult, verify as verify_folder
+from .owner.push import push as push_folder
+from .owner.restore import restore as restore_folder
+from .owner.run import PeerTarget, ProgressCallback, PushResult, RestoreResult, VerifyResult
+from .owner.verify import verify as verify_folder
 
 _LOGGER = logging.getLogger(__name__)
 

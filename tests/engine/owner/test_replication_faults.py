@@ -37,7 +37,13 @@ from custom_components.mynas.engine.owner import (
     scanner,
     verify as verifier,
 )
-from custom_components.mynas.engine.owner.push import SMALL_FILE, PeerTarget, Phase, Progress
+from custom_components.mynas.engine.owner.run import (
+    PROGRESS_INTERVAL,
+    SMALL_FILE,
+    PeerTarget,
+    Phase,
+    Progress,
+)
 from custom_components.mynas.engine.protocol import Frame
 
 from ..conftest import ServerFactory
@@ -469,14 +475,18 @@ async def test_bandwidth_limit_and_progress(env: Env) -> None:
     assert last.bytes_done == last.bytes_total == total
     assert last.percent == 100.0
     assert len(seen) >= 3
-    assert len(seen) <= elapsed / replicator.PROGRESS_INTERVAL + 2  # throttled
+    assert len(seen) <= elapsed / PROGRESS_INTERVAL + 2  # throttled
     # Throttled: a few per second; only the final DONE comes whenever the run ends.
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(seen[:-1])]
-    assert all(gap >= replicator.PROGRESS_INTERVAL * 0.9 for gap in gaps), gaps
+    assert all(gap >= PROGRESS_INTERVAL * 0.9 for gap in gaps), gaps
     done = [p.bytes_done for _, p in seen]
     assert done == sorted(done)
     assert all(p.bytes_done <= total for _, p in seen)
     assert Phase.TRANSFERRING in {p.phase for _, p in seen}
+
+
+# The modules of the replicator (push and its halves) and of the client.
+_CLIENT_SIDE = ("push.py", "feed.py", "handoff.py", "index_writer.py", "client.py")
 
 
 def _client_side_tasks() -> list[asyncio.Task[Any]]:
@@ -485,7 +495,7 @@ def _client_side_tasks() -> list[asyncio.Task[Any]]:
     for task in asyncio.all_tasks():
         code = getattr(task.get_coro(), "cr_code", None)
         name = code.co_filename if code is not None else ""
-        if task is not asyncio.current_task() and name.endswith(("push.py", "client.py")):
+        if task is not asyncio.current_task() and name.endswith(_CLIENT_SIDE):
             found.append(task)
     return found
 

@@ -1,13 +1,15 @@
-"""Push: keep a folder's replica on a peer current; and what push, restore and verify share.
+"""Push: keep a folder's replica on a peer current.
 
 A replica of folder ``F`` is a plain mirror at ``<jail>/F/`` on the host (same relative paths,
 same bytes, same mtimes), readable with standard tools. Push follows DESIGN.md's data flow:
 the scanner walks the folder in a worker thread and diffs it against the SQLite index, the
-same thread reads the small files it must send, and the event loop streams them over one
-channel; the index records a file only once the host says it is durable, so a broken run
-leaves index and replica consistent, and the next run completes the work.
+same thread reads the small files it must send (``feed``), and the event loop streams them
+over one channel; the index records a file only once the host says it is durable
+(``index_writer``), so a broken run leaves index and replica consistent, and the next run
+completes the work.
 
-Getting the replica back is ``restorer``'s job, checking it ``verifier``'s.
+Getting the replica back is ``restore``'s job, checking it ``verify``'s; the words they all
+share (targets, progress, results) are ``run``'s.
 """
 
 from __future__ import annotations
@@ -16,12 +18,9 @@ import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 import contextlib
-from dataclasses import asdict, dataclass, field
-import enum
-import itertools
+from dataclasses import dataclass
 import os
 import stat
-import threading
 import time
 from typing import Any
 
@@ -36,335 +35,35 @@ from ..errors import (
 )
 from ..identity import Identity
 from ..protocol import CHUNK, Close
-from . import scanner
 from .client import PeerLink, connect_any
+from .feed import Feeder, Work
 from .index import Index, IndexEntry
-from .scanner import Action, Change
+from .index_writer import IndexWriter
+from .run import (
+    PeerTarget,
+    Phase,
+    Progress,
+    ProgressCallback,
+    PushResult,
+    Reporter,
+    check_folder_name,
+    check_source,
+    remote_path,
+)
+from .scanner import Action
 from .throttle import Throttle
 
-# Files up to this size travel whole in one PUT (the batched path); larger ones stream.
-SMALL_FILE = 1024 * 1024
-# How much the scan thread may read ahead of the network, in files and bytes.
-_HANDOFF_FILES = 256
-_HANDOFF_BYTES = 4 * 1024 * 1024
-_QUEUE_BATCHES = 4
 # A large file travels in DATA frames of exactly CHUNK bytes, header included: whole SSH
 # packets (CHUNK is a multiple of their 32 KiB), never a tiny one for a header's overflow.
 _PIECE = CHUNK - len(protocol.data(0, b""))
 # Read large files this much per worker-thread hop (sent as several frames).
 _READ_BLOCK = 4 * _PIECE
-_INDEX_BATCH = 1000
 # The longest the push handles files without letting the event loop run other tasks.
 _TURN = 0.002
-PROGRESS_INTERVAL = 0.25
-MAX_REPORTED = 100
-
-
-class Phase(enum.StrEnum):
-    """What a run is doing."""
-
-    CONNECTING = "connecting"
-    SCANNING = "scanning"
-    TRANSFERRING = "transferring"
-    VERIFYING = "verifying"
-    RESTORING = "restoring"
-    DONE = "done"
-
-
-@dataclass(frozen=True, slots=True)
-class PeerTarget:
-    """A peer to replicate to: its stable id (the index key), addresses and pinned key."""
-
-    id: str
-    addresses: tuple[str, ...]
-    public_key: str
-
-
-@dataclass(slots=True)
-class Progress:
-    """Where a run stands. Totals grow while the scan is still running."""
-
-    phase: Phase = Phase.CONNECTING
-    files_done: int = 0
-    files_total: int = 0
-    bytes_done: int = 0
-    bytes_total: int = 0
-    scan_complete: bool = False
-
-    @property
-    def percent(self) -> float | None:
-        """Share of the bytes (or files) done, once the totals are known."""
-        if not self.scan_complete:
-            return None
-        if self.bytes_total:
-            return round(100.0 * self.bytes_done / self.bytes_total, 1)
-        if self.files_total:
-            return round(100.0 * self.files_done / self.files_total, 1)
-        return 100.0
-
-
-type ProgressCallback = Callable[[Progress], None]
-
-
-@dataclass(slots=True)
-class PushResult:
-    """What one push did."""
-
-    folder: str
-    files_sent: int = 0
-    bytes_sent: int = 0
-    files_deleted: int = 0
-    dirs_updated: int = 0
-    files_total: int = 0
-    bytes_total: int = 0
-    files_changed_during_read: int = 0
-    errors: list[str] = field(default_factory=list)
-    error_count: int = 0
-    seconds: float = 0.0
-    # False when nothing had changed and the run did not connect (``connect_if_unchanged``).
-    peer_contacted: bool = False
-
-    def add_error(self, message: str) -> None:
-        """Keep the first errors word for word, count the rest."""
-        if len(self.errors) < MAX_REPORTED:
-            self.errors.append(message)
-        self.error_count += 1
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the summary as plain data (the command line prints it as JSON)."""
-        return summary(self)
-
-
-def summary(result: Any) -> dict[str, Any]:
-    """Return a run's result (a dataclass) as plain data, its seconds to the millisecond."""
-    data: dict[str, Any] = asdict(result)
-    data["seconds"] = round(data["seconds"], 3)
-    return data
-
-
-def check_folder_name(folder: str) -> bytes:
-    """Return a folder name as the first path component of its replica, or raise ValueError."""
-    raw = os.fsencode(folder)
-    if (
-        not raw
-        or b"/" in raw
-        or b"\0" in raw
-        or raw in (b".", b"..")
-        or raw.startswith(b".mynas")
-        or len(raw) > 255
-    ):
-        raise ValueError(f"{folder!r} cannot name a folder: use a plain name without '/'")
-    return raw
-
-
-def remote_path(folder: bytes, path: bytes) -> bytes:
-    """Return where ``path`` of a folder is on the host (the folder itself for an empty path)."""
-    return folder + b"/" + path if path else folder
 
 
 def _parent(path: bytes) -> bytes:
     return path.rpartition(b"/")[0]
-
-
-# --- push ------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Work:
-    """One change, with what the scan thread already read for it."""
-
-    change: Change
-    data: bytes | None = None
-    digest: bytes | None = None
-    error: str | None = None
-    changed: bool = False
-
-
-class _Feeder:
-    """Runs the scan (and reads small files) in a worker thread, handing work to the loop."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        source: bytes,
-        index: Index,
-        folder: str,
-        peer: str,
-        exclude: Sequence[str],
-    ) -> None:
-        # (batch, whether it is the scan's last), then None; or the exception that ended it.
-        self.queue: asyncio.Queue[tuple[list[_Work], bool] | BaseException | None] = asyncio.Queue(
-            _QUEUE_BATCHES
-        )
-        self.report = scanner.ScanReport()
-        self._loop = loop
-        self._source = source
-        self._index = index
-        self._folder = folder
-        self._peer = peer
-        self._exclude = exclude
-        self._stop = threading.Event()
-        # Once the run cannot store anything more, sizes are all that matter: stop reading.
-        self.count_only = threading.Event()
-
-    def stop(self) -> None:
-        """Ask the thread to stop at the next hand-over."""
-        self._stop.set()
-
-    def run(self) -> None:
-        """Scan, read, and hand over batches; always ends with None or an exception."""
-        try:
-            batch = self._root_change()
-            size = 0
-            entries = self._index.rows(self._folder, self._peer)
-            try:
-                for change in scanner.scan_rows(
-                    self._source, entries, exclude=self._exclude, report=self.report
-                ):
-                    work = self._prepare(change)
-                    batch.append(work)
-                    size += len(work.data) if work.data else 0
-                    if len(batch) >= _HANDOFF_FILES or size >= _HANDOFF_BYTES:
-                        if not self._hand((batch, False)):
-                            return
-                        batch, size = [], 0
-            finally:
-                # Now, not when collected: the stream holds an SQLite connection.
-                close = getattr(entries, "close", None)
-                if close is not None:
-                    close()
-            if self._hand((batch, True)):
-                self._hand(None)
-        except BaseException as err:  # handed to the loop, which re-raises
-            self._hand(err)
-
-    def _root_change(self) -> list[_Work]:
-        """The folder itself, if its mtime is not what the peer's copy got last time.
-
-        The root is no entry of the scan; without this a run where only the folder's own
-        mtime moved (a file created and removed, an excluded file written) would leave the
-        replica's root behind.
-        """
-        try:
-            mtime = os.lstat(self._source).st_mtime_ns
-        except OSError:
-            return []  # the scan will say what is wrong with the source
-        if mtime == self._index.root_mtime(self._folder, self._peer):
-            return []
-        root = tree.Entry(b"", tree.Kind.DIR, 0, mtime, tree.DIR_MODE)
-        return [_Work(Change(Action.CHANGED, root))]
-
-    def _prepare(self, change: Change) -> _Work:
-        entry = change.entry
-        work = _Work(change)
-        if change.action is Action.DELETED or entry.kind is not tree.Kind.FILE:
-            return work
-        if entry.size > SMALL_FILE or self.count_only.is_set():
-            return work
-        assert isinstance(entry, tree.Entry)
-        try:
-            data = scanner.read_file_checked(self._source + b"/" + entry.path, entry)
-        except OSError as err:
-            work.error = f"{os.fsdecode(entry.path)}: {err.strerror or err}"
-            return work
-        if data is None:
-            work.changed = True
-            return work
-        digest = tree.new_hash()
-        digest.update(data)
-        work.data = data
-        work.digest = digest.digest()
-        return work
-
-    def _hand(self, item: tuple[list[_Work], bool] | BaseException | None) -> bool:
-        future = asyncio.run_coroutine_threadsafe(self.queue.put(item), self._loop)
-        while not self._stop.is_set():
-            try:
-                future.result(timeout=0.2)
-                return True
-            except TimeoutError:
-                continue
-        future.cancel()
-        return False
-
-
-class IndexWriter:
-    """Applies acknowledged changes to the index, in order, from one dedicated thread."""
-
-    def __init__(self, index: Index, folder: str, peer: str) -> None:
-        self._index = index
-        self._folder = folder
-        self._peer = peer
-        self._ops: list[tuple[str, Any]] = []
-        self._count = 0
-        self._last = time.monotonic()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="mynas-index")
-
-    def record(self, entry: IndexEntry) -> None:
-        """Remember that the host holds ``entry`` (applied at the next flush)."""
-        self._ops.append(("record", entry))
-        self._count += 1
-
-    def forget(self, path: bytes, kind: tree.Kind) -> None:
-        """Remember that the host no longer holds ``path``."""
-        self._ops.append(("forget", (path, kind)))
-        self._count += 1
-
-    def forget_tree(self, path: bytes) -> None:
-        """Remember that the host holds nothing below directory ``path`` any more."""
-        self._ops.append(("forget_tree", path))
-        self._count += 1
-
-    def record_root(self, mtime_ns: int) -> None:
-        """Remember the mtime the host's copy of the folder itself got."""
-        self._ops.append(("root", mtime_ns))
-        self._count += 1
-
-    async def maybe_flush(self) -> None:
-        """Flush once enough changes are pending, or they wait for over a second."""
-        if self._count >= _INDEX_BATCH or (self._ops and time.monotonic() - self._last > 1.0):
-            await self.flush()
-
-    async def flush(self) -> None:
-        """Apply every pending change, in order, before returning."""
-        ops, self._ops, self._count = self._ops, [], 0
-        self._last = time.monotonic()
-        if ops:
-            # Shielded: acknowledged files stay recorded even if the run is cancelled now.
-            await asyncio.shield(
-                asyncio.get_running_loop().run_in_executor(self._executor, self._apply, ops)
-            )
-
-    def _apply(self, ops: list[tuple[str, Any]]) -> None:
-        # In order, each run of records (or of forgets) in one transaction.
-        for op, group in itertools.groupby(ops, key=lambda item: item[0]):
-            values = [value for _, value in group]
-            if op == "record":
-                self._index.record(self._folder, self._peer, values)
-            elif op == "forget":
-                self._index.forget(self._folder, self._peer, values)
-            elif op == "root":
-                self._index.record_root(self._folder, self._peer, values[-1])
-            else:
-                for path in values:
-                    self._index.forget_tree(self._folder, self._peer, path)
-
-    async def call[T](self, func: Callable[..., T], *args: Any) -> T:
-        """Run ``func`` on the writer's thread, after what is already queued there."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
-
-    def register_pair(self) -> None:
-        """Make (folder, peer) known to the index, even while the peer holds nothing."""
-        self._index.record(self._folder, self._peer, [])
-
-    async def discard_pair(self) -> None:
-        """Forget everything about (folder, peer), pending changes included."""
-        self._ops, self._count = [], 0
-        await asyncio.shield(self.call(self._index.clear, self._folder, self._peer))
-
-    def close(self) -> None:
-        """Stop the writer's thread once its work is done (blocking)."""
-        self._executor.shutdown(wait=True)
 
 
 @dataclass(slots=True)
@@ -434,13 +133,12 @@ class _Pusher:
         self.throttle = throttle
         self.result = PushResult(folder)
         self.state = Progress(Phase.SCANNING)
+        self.report = Reporter(self.state, progress)
         self.stop_error: MyNasError | None = None
         # Bytes of the files the run could not store once the host ran out of room.
         self.still_needed = 0
         self.quota_available: int | None = None
         self.on_stop: Callable[[], None] | None = None
-        self._progress = progress
-        self._last_progress = 0.0
         self._deleted_dir: _DirDeletion | None = None
         # Directories whose mtime must be set at the end (their contents change theirs).
         self._dirs: dict[bytes, int | None] = {}
@@ -465,12 +163,6 @@ class _Pusher:
             await asyncio.sleep(0)
             self._turn_ends = self._loop.time() + _TURN
 
-    def report(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if self._progress is not None and (force or now - self._last_progress >= PROGRESS_INTERVAL):
-            self._last_progress = now
-            self._progress(self.state)
-
     def _failed(self, err: MyNasError, what: bytes, size: int = 0) -> None:
         if isinstance(err, QuotaExceeded):
             self.still_needed += size
@@ -487,7 +179,7 @@ class _Pusher:
         parent = _parent(path)
         self._dirs.setdefault(parent, None)
 
-    def plan(self, batch: list[_Work], last: bool) -> None:
+    def plan(self, batch: list[Work], last: bool) -> None:
         """Count a batch into the totals before sending it (final with the last one)."""
         for work in batch:
             if (
@@ -498,7 +190,7 @@ class _Pusher:
                 self.state.bytes_total += work.change.entry.size
         self.state.scan_complete = last
 
-    async def handle(self, work: _Work) -> None:
+    async def handle(self, work: Work) -> None:
         change = work.change
         entry = change.entry
         if self.stop_error is not None:
@@ -555,7 +247,7 @@ class _Pusher:
         self._dirs.pop(path, None)
         await self.link.delete(remote_path(self.folder, path), done)
 
-    async def _put(self, work: _Work) -> None:
+    async def _put(self, work: Work) -> None:
         entry = work.change.entry
         assert work.data is not None
         size = len(work.data)
@@ -652,11 +344,15 @@ class _Pusher:
                 return False
             self.state.bytes_done += offset
         position = offset
-        ahead: asyncio.Future[bytes] | None = None
-        if position < entry.size:
-            ahead = self._in_reader(
-                _read_block, fd, position, min(_READ_BLOCK, entry.size - position), digest
-            )
+        step = _PIECE
+
+        def read_ahead() -> asyncio.Future[bytes] | None:
+            if position >= entry.size:
+                return None
+            size = min(_READ_BLOCK, entry.size - position)
+            return self._in_reader(_read_block, fd, position, size, digest)
+
+        ahead = read_ahead()
         try:
             while ahead is not None:
                 block = await ahead
@@ -664,13 +360,10 @@ class _Pusher:
                 if not block:
                     break
                 position += len(block)
-                if position < entry.size:
-                    ahead = self._in_reader(
-                        _read_block, fd, position, min(_READ_BLOCK, entry.size - position), digest
-                    )
+                ahead = read_ahead()
                 view = memoryview(block)
-                for start in range(0, len(block), _PIECE):
-                    piece = view[start : start + _PIECE]
+                for start in range(0, len(block), step):
+                    piece = view[start : start + step]
                     await self.throttle.consume(len(piece))
                     await self.link.send_data(req, piece)
                     await self.take_turns()
@@ -747,14 +440,6 @@ def _dir_mtimes(source: bytes, paths: Iterable[bytes]) -> dict[bytes, int]:
         if stat.S_ISDIR(info.st_mode):
             result[path] = info.st_mtime_ns
     return result
-
-
-def check_source(source: str | os.PathLike[str]) -> bytes:
-    """Return the folder to back up as an absolute bytes path, or raise SourceMissing."""
-    path = os.fsencode(os.path.abspath(source))
-    if not os.path.isdir(path) or not os.access(path, os.R_OK | os.X_OK):
-        raise SourceMissing(os.fsdecode(path))
-    return path
 
 
 def _is_empty(path: bytes) -> bool:
@@ -886,13 +571,11 @@ async def _run_push(
 ) -> PushResult:
     loop = asyncio.get_running_loop()
     pusher = _Pusher(connection, writer, folder, source, Throttle(bwlimit), progress)
-    feeder = _Feeder(loop, source, index, folder, target.id, exclude)
+    feeder = Feeder(loop, source, index, folder, target.id, exclude)
     pusher.on_stop = feeder.count_only.set
     thread = loop.run_in_executor(None, feeder.run)
     try:
-        while (item := await feeder.queue.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
+        while (item := await feeder.handoff.get()) is not None:
             batch, last = item
             pusher.plan(batch, last)
             if batch and connection.link is None:
@@ -931,6 +614,5 @@ async def _run_push(
                 stopped.available if available is None else available,
             )
         raise stopped
-    pusher.state.phase = Phase.DONE
-    pusher.report(force=True)
+    pusher.report.done()
     return result
