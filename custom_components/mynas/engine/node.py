@@ -8,7 +8,7 @@ engine's own event loop (see ``loop_thread``); blocking work goes to worker thre
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 import enum
 import logging
@@ -182,9 +182,19 @@ class Node:
         self.peers = {peer.id: peer for peer in peers}
         await self.server.set_peers([peer.grant for peer in self.peers.values()])
 
-    def _lock(self, peer_id: str) -> asyncio.Lock:
+    async def _with_peer[T](
+        self,
+        peer_id: str,
+        run: Callable[[PeerTarget], Awaitable[T]],
+        on_start: Callable[[], None] | None = None,
+    ) -> T:
+        """Run ``run(peer's target)`` once any other transfer to that peer has finished."""
+        peer = self.peers[peer_id]  # KeyError at once for an unknown peer, not after a wait
         # One transfer per peer at a time: a household uplink gains nothing from two.
-        return self._peer_locks.setdefault(peer_id, asyncio.Lock())
+        async with self._peer_locks.setdefault(peer_id, asyncio.Lock()):
+            if on_start is not None:
+                on_start()
+            return await run(peer.target)
 
     async def push(
         self,
@@ -195,13 +205,11 @@ class Node:
         on_start: Callable[[], None] | None = None,
     ) -> PushResult:
         """Push ``folder`` to a peer, after any other transfer to that peer finished."""
-        peer = self.peers[peer_id]
-        async with self._lock(peer_id):
-            if on_start is not None:
-                on_start()
-            return await push_folder(
+        return await self._with_peer(
+            peer_id,
+            lambda target: push_folder(
                 self.identity,
-                peer.target,
+                target,
                 folder.name,
                 folder.path,
                 self.index,
@@ -209,7 +217,9 @@ class Node:
                 bwlimit=folder.bwlimit,
                 retention_days=folder.retention_days,
                 progress=progress,
-            )
+            ),
+            on_start,
+        )
 
     async def verify(
         self,
@@ -220,18 +230,19 @@ class Node:
         progress: ProgressCallback | None = None,
     ) -> VerifyResult:
         """Compare a folder's replica on a peer with the folder (optionally repair it)."""
-        peer = self.peers[peer_id]
-        async with self._lock(peer_id):
-            return await verify_folder(
+        return await self._with_peer(
+            peer_id,
+            lambda target: verify_folder(
                 self.identity,
-                peer.target,
+                target,
                 folder.name,
                 folder.path,
                 self.index,
                 exclude=folder.exclude,
                 repair=repair,
                 progress=progress,
-            )
+            ),
+        )
 
     async def restore(
         self,
@@ -244,17 +255,18 @@ class Node:
         progress: ProgressCallback | None = None,
     ) -> RestoreResult:
         """Copy a folder's replica (or a path in it) back from a peer."""
-        peer = self.peers[peer_id]
-        async with self._lock(peer_id):
-            return await restore_folder(
+        return await self._with_peer(
+            peer_id,
+            lambda target: restore_folder(
                 self.identity,
-                peer.target,
+                target,
                 folder_name,
                 destination,
                 path=path,
                 overwrite=overwrite,
                 progress=progress,
-            )
+            ),
+        )
 
     async def probe(self, peer_id: str) -> ProbeResult:
         """Test the connection to a peer."""
