@@ -44,7 +44,6 @@ from custom_components.mynas.engine.owner.run import (
     Phase,
     Progress,
 )
-from custom_components.mynas.engine.protocol import Frame
 
 from ..conftest import ServerFactory
 from ..replica_support import (
@@ -556,36 +555,39 @@ async def test_verify_progress_ends_with_done(env: Env) -> None:
 # --- a host that lies on restore -------------------------------------------------------------
 
 
+type _Item = tree.Entry | memoryview
+
+
 class _LyingLink:
     """Stands in for a PeerLink to a hostile host: answers LIST and READ as scripted."""
 
-    def __init__(self, frames: list[tuple[Frame, Any]]) -> None:
-        self.frames = frames
+    def __init__(self, items: list[_Item]) -> None:
+        self.items = items
         self.closed = False
 
     async def list(self, path: bytes = b"", **_kw: Any) -> AsyncIterator[tuple[tree.Entry, None]]:
-        for kind, value in self.frames:
-            if kind is Frame.ENTRY:
-                yield value[0], None
+        for item in self.items:
+            if isinstance(item, tree.Entry):
+                yield item, None
 
-    async def read(self, path: bytes) -> AsyncIterator[tuple[Frame, Any]]:
-        for item in self.frames:
+    async def download(self, path: bytes) -> AsyncIterator[_Item]:
+        for item in self.items:
             yield item
 
     async def close(self) -> None:
         self.closed = True
 
 
-def _file(path: bytes, size: int) -> tuple[Frame, Any]:
-    return Frame.ENTRY, (tree.Entry(path, tree.Kind.FILE, size, MTIME, 0o644), None)
+def _file(path: bytes, size: int) -> _Item:
+    return tree.Entry(path, tree.Kind.FILE, size, MTIME, 0o644)
 
 
-def _dir(path: bytes) -> tuple[Frame, Any]:
-    return Frame.ENTRY, (tree.Entry(path, tree.Kind.DIR, 0, MTIME, 0o755), None)
+def _dir(path: bytes) -> _Item:
+    return tree.Entry(path, tree.Kind.DIR, 0, MTIME, 0o755)
 
 
-def _data(data: bytes) -> tuple[Frame, Any]:
-    return Frame.DATA, memoryview(data)
+def _data(data: bytes) -> _Item:
+    return memoryview(data)
 
 
 LIES = {
@@ -612,8 +614,8 @@ async def test_restore_refuses_a_lying_host(
     env: Env, monkeypatch: pytest.MonkeyPatch, lie: str, overwrite: bool
 ) -> None:
     """Whatever a hostile host sends, nothing lands outside what was asked."""
-    sub, frames = LIES[lie]
-    link = _LyingLink(frames)
+    sub, items = LIES[lie]
+    link = _LyingLink(items)
 
     async def fake_connect(*_args: Any) -> _LyingLink:
         return link

@@ -204,6 +204,55 @@ async def test_streams_end_with_done_or_fail(link: PeerLink, chan: FakeChannel) 
             pass
 
 
+async def test_an_upload_sends_whole_frames_and_ends_each_way(
+    link: PeerLink, chan: FakeChannel
+) -> None:
+    """An upload resumes at the host's offset, sends CHUNK-sized frames, ends three ways."""
+    task = asyncio.create_task(link.upload(b"big", 3 * client.Upload.piece_size, 5, 0o644))
+    await _settle()
+    chan.feed(protocol.offset(1, 7))
+    upload = await task
+    assert upload.offset == 7
+    await upload.send(b"p" * upload.piece_size)
+    await link.flush()
+    data_frame = chan.requests()[-1]
+    assert data_frame[0] is Frame.DATA
+    assert len(chan.sent[-1]) == protocol.CHUNK  # a full piece is one whole CHUNK frame
+    assert protocol.parse_data(data_frame[1]) == (1, memoryview(b"p" * upload.piece_size))
+    for req, (end, how) in enumerate(
+        [
+            (client.Upload.finish, protocol.Close.FINISH),
+            (client.Upload.abandon, protocol.Close.ABANDON),
+            (client.Upload.discard, protocol.Close.DISCARD),
+        ],
+        start=1,
+    ):
+        ending = asyncio.create_task(end(client.Upload(link, req, 0)))
+        await _settle()
+        kind, body = chan.requests()[-1]
+        assert (kind, protocol.parse_close(body)) == (Frame.CLOSE, (req, how))
+        chan.feed(protocol.ok(req))
+        await ending
+
+
+async def test_a_download_yields_entries_and_their_data(link: PeerLink, chan: FakeChannel) -> None:
+    """READ's answer as typed items: an Entry per file or directory, then the file's bytes."""
+    chan.feed(
+        protocol.entry(1, Entry(b"d", Kind.DIR, 0, 6, 0o755)),
+        _entry(1, b"d/f"),
+        protocol.data(1, b"x"),
+        protocol.done(1),
+    )
+    got = [item async for item in link.download(b"d")]
+    assert got[:2] == [Entry(b"d", Kind.DIR, 0, 6, 0o755), Entry(b"d/f", Kind.FILE, 1, 5, 0o644)]
+    assert isinstance(got[2], memoryview)
+    assert bytes(got[2]) == b"x"
+    chan.feed(protocol.fail(2, FailCode.PATH, "a symlink"))
+    with pytest.raises(HostRefused, match="a symlink"):
+        async for _ in link.download(b"link"):
+            pass
+
+
 async def test_a_stream_left_early_drops_its_late_frames(link: PeerLink, chan: FakeChannel) -> None:
     """A reader that stops halfway: the rest of that answer is dropped, the link goes on."""
     # The rest of the answer is still on its way when the reader leaves...

@@ -17,7 +17,7 @@ import contextlib
 from dataclasses import dataclass
 import logging
 import socket
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import asyncssh
 
@@ -34,7 +34,7 @@ from ..errors import (
 )
 from ..identity import Identity, fingerprint, parse_public_key, public_key_line
 from ..invite import parse_address
-from ..protocol import FailCode, Frame
+from ..protocol import Close, FailCode, Frame
 from ..tree import Entry
 
 _LOGGER = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ _DRAIN_EVERY = 512 * 1024
 _COALESCE = 256 * 1024
 # The data an SSH packet carries at most (asyncssh's default maximum packet size).
 _PACKET = 32 * 1024
+# A large file travels in DATA frames of exactly CHUNK bytes, header included: whole SSH
+# packets (CHUNK is a multiple of _PACKET), never a tiny one for a header's overflow.
+_PIECE = protocol.CHUNK - protocol.DATA_OVERHEAD
 
 type AckCallback = Callable[[MyNasError | None], None]
 
@@ -87,8 +90,48 @@ class _Stream:
     error: MyNasError | None = None
 
 
+class Upload:
+    """A large file on its way to the host (``PeerLink.upload``): pieces, then one ending.
+
+    ``offset`` is how much of it the host already holds (a partial kept from an earlier
+    run): send the file from there, in pieces of at most ``piece_size`` bytes, then end with
+    ``finish`` (it returns once the file is durable under its name), ``abandon`` (the host
+    keeps the partial for a resume) or ``discard``.
+    """
+
+    __slots__ = ("_link", "_req", "offset")
+    piece_size: ClassVar[int] = _PIECE
+
+    def __init__(self, link: PeerLink, req: int, offset: int) -> None:
+        self._link = link
+        self._req = req
+        self.offset = offset
+
+    async def send(self, piece: bytes | memoryview) -> None:
+        """Send the next piece (at most ``piece_size`` bytes)."""
+        await self._link.send_data(self._req, piece)
+
+    async def finish(self) -> None:
+        """End the upload; return once the file is durable under its name."""
+        await self._link.close_upload(self._req, Close.FINISH)
+
+    async def abandon(self) -> None:
+        """Stop sending; the host keeps what it has for the next run to resume."""
+        await self._link.close_upload(self._req, Close.ABANDON)
+
+    async def discard(self) -> None:
+        """Stop sending; the host drops what it has (the file changed under the reader)."""
+        await self._link.close_upload(self._req, Close.DISCARD)
+
+
 class PeerLink:
-    """An open replication channel to one peer."""
+    """An open replication channel to one peer.
+
+    One method per request of the protocol. Push, restore and verify use ``put``,
+    ``upload`` (an ``Upload``), ``delete``, ``mkdir``, ``sync``, ``list``, ``download``...;
+    ``open_upload``/``send_data``/``close_upload`` and ``read`` are the same requests frame
+    by frame, for tests that drive the host one frame at a time.
+    """
 
     def __init__(
         self,
@@ -263,6 +306,11 @@ class PeerLink:
         req = self._new_id()
         await self._post(req, protocol.put(req, path, mtime_ns, mode, data), on_done)
 
+    async def upload(self, path: bytes, size: int, mtime_ns: int, mode: int) -> Upload:
+        """Start (or resume) a large file; the host's answer says from which offset."""
+        req, offset = await self.open_upload(path, size, mtime_ns, mode)
+        return Upload(self, req, offset)
+
     async def open_upload(
         self, path: bytes, size: int, mtime_ns: int, mode: int
     ) -> tuple[int, int]:
@@ -329,8 +377,19 @@ class PeerLink:
                     raise ProtocolError(f"unexpected {kind.name} in a listing")
                 yield value
 
+    async def download(self, path: bytes) -> AsyncGenerator[Entry | memoryview]:
+        """Yield a file's or a tree's entries in canonical order, each file's data after it.
+
+        An ``Entry`` starts each file and directory; a file's bytes follow as memoryview
+        chunks until its size is reached. Close the generator (``contextlib.aclosing``)
+        when leaving it early.
+        """
+        async with contextlib.aclosing(self.read(path)) as frames:
+            async for kind, value in frames:
+                yield value[0] if kind is Frame.ENTRY else value
+
     def read(self, path: bytes) -> AsyncGenerator[tuple[Frame, Any]]:
-        """Yield a file's or tree's ENTRY frames ((Entry, None)) and DATA frames (bytes).
+        """Yield READ's answer frame by frame: (ENTRY, (Entry, None)) and (DATA, bytes).
 
         Close the generator (``contextlib.aclosing``) when leaving it early.
         """

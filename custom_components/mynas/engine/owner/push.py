@@ -24,7 +24,7 @@ import stat
 import time
 from typing import Any
 
-from .. import protocol, tree
+from .. import tree
 from ..errors import (
     HostRefused,
     MyNasError,
@@ -34,8 +34,7 @@ from ..errors import (
     SourceMissing,
 )
 from ..identity import Identity
-from ..protocol import CHUNK, Close
-from .client import PeerLink, connect_any
+from .client import PeerLink, Upload, connect_any
 from .feed import Feeder, Work
 from .index import Index, IndexEntry
 from .index_writer import IndexWriter
@@ -53,11 +52,8 @@ from .run import (
 from .scanner import Action
 from .throttle import Throttle
 
-# A large file travels in DATA frames of exactly CHUNK bytes, header included: whole SSH
-# packets (CHUNK is a multiple of their 32 KiB), never a tiny one for a header's overflow.
-_PIECE = CHUNK - len(protocol.data(0, b""))
-# Read large files this much per worker-thread hop (sent as several frames).
-_READ_BLOCK = 4 * _PIECE
+# Read large files this much per worker-thread hop (sent as several pieces).
+_READ_BLOCK = 4 * Upload.piece_size
 # The longest the push handles files without letting the event loop run other tasks.
 _TURN = 0.002
 
@@ -300,51 +296,48 @@ class _Pusher:
             return
         try:
             try:
-                req, offset = await self.link.open_upload(
-                    remote, entry.size, entry.mtime_ns, entry.mode
-                )
+                upload = await self.link.upload(remote, entry.size, entry.mtime_ns, entry.mode)
             except MyNasError as err:
                 self._failed(err, entry.path, entry.size)
                 return
             digest = tree.new_hash()
             try:
-                sent = await self._stream_file(fd, req, entry, offset, digest)
+                sent = await self._stream_file(fd, upload, entry, digest)
             except OSError as err:
                 # The local disk failed us: keep what the host has for a later resume.
-                await self.link.close_upload(req, Close.ABANDON)
+                await upload.abandon()
                 self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
                 return
             if not sent:
                 # Changed while we read it: never record it; the next run sends it again.
-                await self.link.close_upload(req, Close.DISCARD)
+                await upload.discard()
                 self.result.files_changed_during_read += 1
                 return
             try:
-                await self.link.close_upload(req, Close.FINISH)
+                await upload.finish()
             except MyNasError as err:
                 self._failed(err, entry.path, entry.size)
                 return
             self.index.record(IndexEntry.from_entry(entry, digest.digest()))
             self.result.files_sent += 1
-            self.result.bytes_sent += entry.size - offset
+            self.result.bytes_sent += entry.size - upload.offset
             self.state.files_done += 1
         finally:
             # Queued behind any read still running: the descriptor outlives its last use.
             self._in_reader(os.close, fd)
 
-    async def _stream_file(
-        self, fd: int, req: int, entry: tree.Entry, offset: int, digest: Any
-    ) -> bool:
-        """Send ``entry`` from ``offset`` on; return False if it changed under the reader.
+    async def _stream_file(self, fd: int, upload: Upload, entry: tree.Entry, digest: Any) -> bool:
+        """Send ``entry`` from where the host's copy ends; False if it changed under the reader.
 
         The reader thread reads and hashes the next block while this one is being sent.
         """
+        offset = upload.offset
         if offset:
             if not await self._in_reader(_hash_prefix, fd, offset, digest):
                 return False
             self.state.bytes_done += offset
         position = offset
-        step = _PIECE
+        step = upload.piece_size
 
         def read_ahead() -> asyncio.Future[bytes] | None:
             if position >= entry.size:
@@ -365,7 +358,7 @@ class _Pusher:
                 for start in range(0, len(block), step):
                     piece = view[start : start + step]
                     await self.throttle.consume(len(piece))
-                    await self.link.send_data(req, piece)
+                    await upload.send(piece)
                     await self.take_turns()
                 self.state.bytes_done += len(block)
                 self.report()

@@ -18,7 +18,7 @@ import time
 from .. import tree
 from ..errors import HostRefused, PathRefused, RestoreConflict
 from ..identity import Identity
-from ..protocol import FailCode, Frame
+from ..protocol import FailCode
 from .client import PeerLink, connect_any
 from .run import (
     BATCH_BYTES,
@@ -269,12 +269,11 @@ async def _receive(
         current = None
 
     try:
-        async with contextlib.aclosing(link.read(remote_root)) as frames:
-            async for kind, value in frames:
-                if kind is Frame.ENTRY:
+        async with contextlib.aclosing(link.download(remote_root)) as items:
+            async for item in items:
+                if isinstance(item, tree.Entry):
                     if current is not None:
                         raise PathRefused("the host sent a file shorter than announced")
-                    item: tree.Entry = value[0]
                     rel = relative(item.path)
                     if item.kind is tree.Kind.DIR:
                         await loop.run_in_executor(None, writer.make_dir, rel)
@@ -291,7 +290,7 @@ async def _receive(
                     elif item.size == 0:
                         await complete()
                 else:
-                    chunk = bytes(value)
+                    chunk = bytes(item)
                     if current is None or received + len(chunk) > current.size:
                         raise PathRefused("the host sent more data than announced")
                     received += len(chunk)
