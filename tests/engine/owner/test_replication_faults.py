@@ -35,6 +35,7 @@ from custom_components.mynas.engine.owner import (
     push as replicator,
     restore as restorer,
     scanner,
+    sender,
     verify as verifier,
 )
 from custom_components.mynas.engine.owner.run import (
@@ -191,7 +192,7 @@ async def test_large_file_modified_during_the_push(
     """A streamed file changing under the reader is discarded on the host, not recorded."""
     size = 3 * MIB
     write(env.src / "big", os.urandom(size))
-    real = replicator._read_block
+    real = sender._read_block
     calls = {"n": 0}
 
     def meddle(fd: int, position: int, count: int, digest: Any) -> bytes:
@@ -207,7 +208,7 @@ async def test_large_file_modified_during_the_push(
                 os.utime(path, ns=(MTIME + 7, MTIME + 7))
         return real(fd, position, count, digest)
 
-    monkeypatch.setattr(replicator, "_read_block", meddle)
+    monkeypatch.setattr(sender, "_read_block", meddle)
     result = await env.push()
     assert result.files_changed_during_read == 1
     assert result.files_sent == 0
@@ -216,7 +217,7 @@ async def test_large_file_modified_during_the_push(
     await wait_until(env.upload_idle)
     assert partials(env.storage) == []
 
-    monkeypatch.setattr(replicator, "_read_block", real)
+    monkeypatch.setattr(sender, "_read_block", real)
     result = await env.push()
     assert result.files_sent == 1
     env.check_replica()
@@ -233,13 +234,13 @@ async def test_resume_of_a_file_that_shrank_since_the_scan(
     with pytest.raises(PeerUnreachable):
         await env.push()
     await wait_until(env.upload_idle)
-    real_open = replicator._open_local
+    real_open = sender._open_local
 
     def open_shrunk(path: bytes) -> int:
         os.truncate(path, 1000)  # after the scan saw the full size
         return real_open(path)
 
-    monkeypatch.setattr(replicator, "_open_local", open_shrunk)
+    monkeypatch.setattr(sender, "_open_local", open_shrunk)
     result = await env.push()
     assert result.files_changed_during_read == 1
     assert index_view(env.index) == {}
@@ -252,7 +253,7 @@ async def test_a_file_that_vanishes_or_cannot_be_read(
     write(env.src / "big-gone", b"g" * (SMALL_FILE + 1))
     write(env.src / "big-locked", b"l" * (SMALL_FILE + 1))
     write(env.src / "fine", b"fine")
-    real_open = replicator._open_local
+    real_open = sender._open_local
 
     def failing_open(path: bytes) -> int:
         if path.endswith(b"big-gone"):
@@ -261,7 +262,7 @@ async def test_a_file_that_vanishes_or_cannot_be_read(
             raise PermissionError(13, "Permission denied")
         return real_open(path)
 
-    monkeypatch.setattr(replicator, "_open_local", failing_open)
+    monkeypatch.setattr(sender, "_open_local", failing_open)
     result = await env.push()
     assert result.files_sent == 1
     assert result.files_changed_during_read == 1
@@ -274,7 +275,7 @@ async def test_a_read_error_mid_stream_keeps_the_partial(
 ) -> None:
     """A local disk error mid-file: reported, the host keeps the partial for a resume."""
     write(env.src / "big", os.urandom(6 * MIB))
-    real = replicator._read_block
+    real = sender._read_block
     calls = {"n": 0}
 
     def failing(fd: int, position: int, count: int, digest: Any) -> bytes:
@@ -283,12 +284,12 @@ async def test_a_read_error_mid_stream_keeps_the_partial(
             raise OSError(5, "Input/output error")
         return real(fd, position, count, digest)
 
-    monkeypatch.setattr(replicator, "_read_block", failing)
+    monkeypatch.setattr(sender, "_read_block", failing)
     result = await env.push()
     assert result.errors == ["big: Input/output error"]
     await wait_until(env.upload_idle)
     assert len(partials(env.storage)) == 1
-    monkeypatch.setattr(replicator, "_read_block", real)
+    monkeypatch.setattr(sender, "_read_block", real)
     result = await env.push()
     assert 0 < result.bytes_sent < 6 * MIB
     env.check_replica()
@@ -420,16 +421,16 @@ async def test_the_push_lets_other_tasks_run(env: Env, monkeypatch: pytest.Monke
     """Sending small files never has to wait on loopback; other tasks still get turns."""
     for i in range(200):
         write(env.src / f"f{i:03d}", b"x")
-    monkeypatch.setattr(replicator, "_TURN", 0.0)  # a turn after every file
+    monkeypatch.setattr(sender, "_TURN", 0.0)  # a turn after every file
     handled = 0
-    real = replicator._Pusher.handle
+    real = sender.Sender.handle
 
-    async def counting(self: replicator._Pusher, work: Any) -> None:
+    async def counting(self: sender.Sender, work: Any) -> None:
         nonlocal handled
         handled += 1
         await real(self, work)
 
-    monkeypatch.setattr(replicator._Pusher, "handle", counting)
+    monkeypatch.setattr(sender.Sender, "handle", counting)
     longest = 0  # files handled while the other task waited for its turn
     running = True
 
@@ -485,7 +486,7 @@ async def test_bandwidth_limit_and_progress(env: Env) -> None:
 
 
 # The modules of the replicator (push and its halves) and of the client.
-_CLIENT_SIDE = ("push.py", "feed.py", "handoff.py", "index_writer.py", "client.py")
+_CLIENT_SIDE = ("push.py", "feed.py", "sender.py", "handoff.py", "index_writer.py", "client.py")
 
 
 def _client_side_tasks() -> list[asyncio.Task[Any]]:
@@ -788,7 +789,7 @@ async def test_verify_problems(env: Env, monkeypatch: pytest.MonkeyPatch) -> Non
             raise RuntimeError("walk failed")
         return real_walk(root, **kwargs)
 
-    monkeypatch.setattr(replicator.tree, "walk", broken_walk)
+    monkeypatch.setattr(tree, "walk", broken_walk)
     with pytest.raises(RuntimeError, match="walk failed"):
         await env.verify()
     monkeypatch.undo()
@@ -833,5 +834,5 @@ def test_dir_mtimes_skip_what_is_gone(tmp_path: Path) -> None:
     """Directories gone (or no longer directories) since the scan are left out."""
     (tmp_path / "d").mkdir()
     (tmp_path / "f").write_bytes(b"")
-    found = replicator._dir_mtimes(os.fsencode(tmp_path), [b"", b"d", b"f", b"gone"])
+    found = sender._dir_mtimes(os.fsencode(tmp_path), [b"", b"d", b"f", b"gone"])
     assert set(found) == {b"", b"d"}
