@@ -486,7 +486,16 @@ async def test_bandwidth_limit_and_progress(env: Env) -> None:
 
 
 # The modules of the replicator (push and its halves) and of the client.
-_CLIENT_SIDE = ("push.py", "feed.py", "sender.py", "handoff.py", "index_writer.py", "client.py")
+_CLIENT_SIDE = (
+    "push.py",
+    "feed.py",
+    "sender.py",
+    "handoff.py",
+    "index_writer.py",
+    "client.py",
+    "outbox.py",
+    "answers.py",
+)
 
 
 def _client_side_tasks() -> list[asyncio.Task[Any]]:

@@ -28,7 +28,7 @@ from custom_components.mynas.engine.errors import (
 from custom_components.mynas.engine.host.limits import Limits
 from custom_components.mynas.engine.host.server import PeerGrant
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.owner import client
+from custom_components.mynas.engine.owner import answers, client, outbox
 from custom_components.mynas.engine.owner.client import PeerLink, connect
 from custom_components.mynas.engine.protocol import FailCode, Frame
 from custom_components.mynas.engine.tree import Entry, Kind
@@ -276,7 +276,7 @@ async def test_a_stream_left_early_drops_its_late_frames(link: PeerLink, chan: F
     await _settle()
     chan.feed(protocol.ok(4))
     await sync  # still answered, nothing was mistaken for it
-    assert link._abandoned == set()
+    assert link._answers.abandoned == set()
 
 
 async def test_a_lost_connection_reaches_a_reader_that_is_behind(
@@ -289,7 +289,7 @@ async def test_a_lost_connection_reaches_a_reader_that_is_behind(
     assert first[0].path == b"f0"
     for _ in range(50):
         await asyncio.sleep(0)
-    assert link._streams[1].queue.full()
+    assert link._answers._streams[1].queue.full()
     await link.close()
     received = [first]
 
@@ -402,7 +402,7 @@ async def test_a_dead_channel_on_write_is_peer_unreachable(
     finally:
         await other.close()
 
-    # A write of _COALESCE bytes or more is not deferred: it fails at once.
+    # A write of COALESCE bytes or more is not deferred: it fails at once.
     third = FakeChannel()
     third.feed(protocol.welcome({}))
     last = PeerLink(third, third, third, "x:1")  # type: ignore[arg-type]
@@ -410,7 +410,7 @@ async def test_a_dead_channel_on_write_is_peer_unreachable(
     third.write_error = error
     try:
         with pytest.raises(PeerUnreachable):
-            await last.put(b"a", 5, 0o644, b"x" * client._COALESCE, heard.append)
+            await last.put(b"a", 5, 0o644, b"x" * outbox.COALESCE, heard.append)
     finally:
         await last.close()
 
@@ -418,7 +418,7 @@ async def test_a_dead_channel_on_write_is_peer_unreachable(
 async def test_frames_of_one_loop_pass_go_out_in_one_write(
     link: PeerLink, chan: FakeChannel
 ) -> None:
-    """Small requests are coalesced in order; flush(), a wait, or _COALESCE bytes write them."""
+    """Small requests are coalesced in order; flush(), a wait, or COALESCE bytes write them."""
     chan.sent.clear()
     for name in (b"a", b"b", b"c"):
         await link.put(name, 5, 0o644, b"x", lambda _err: None)
@@ -439,17 +439,17 @@ async def test_frames_of_one_loop_pass_go_out_in_one_write(
     assert [kind for kind, _ in chan.requests()] == [Frame.MKDIR]
 
     chan.sent.clear()
-    big = b"y" * (client._COALESCE // 2)
+    big = b"y" * (outbox.COALESCE // 2)
     await link.put(b"f", 5, 0o644, big, lambda _err: None)
     assert chan.sent == []
     await link.put(b"g", 5, 0o644, big, lambda _err: None)
-    # Past _COALESCE: whole SSH packets are written before put() returns...
+    # Past COALESCE: whole SSH packets are written before put() returns...
     assert len(chan.sent) == 1
-    assert len(chan.sent[0]) % client._PACKET == 0
+    assert len(chan.sent[0]) % outbox.PACKET == 0
     await asyncio.sleep(0)
     # ...and the tail at the end of the loop's pass.
     assert len(chan.sent) == 2
-    assert 0 < len(chan.sent[1]) < client._PACKET
+    assert 0 < len(chan.sent[1]) < outbox.PACKET
     assert [protocol.parse_put(body).path for _, body in chan.requests()] == [b"f", b"g"]
 
 
@@ -494,15 +494,15 @@ async def test_the_host_must_welcome_us(chan: FakeChannel) -> None:
 
 def test_fail_frames_map_to_errors() -> None:
     """Quota and disk-full keep their figures; the rest is a HostRefused with its code."""
-    quota = client.error_from_fail({"code": "quota", "needed": 5, "available": 1})
+    quota = answers.error_from_fail({"code": "quota", "needed": 5, "available": 1})
     assert isinstance(quota, QuotaExceeded)
     assert (quota.needed, quota.available) == (5, 1)
-    assert isinstance(client.error_from_fail({"code": "disk_full"}), PeerDiskFull)
-    other = client.error_from_fail({"code": "changed", "message": "moved"})
+    assert isinstance(answers.error_from_fail({"code": "disk_full"}), PeerDiskFull)
+    other = answers.error_from_fail({"code": "changed", "message": "moved"})
     assert isinstance(other, HostRefused)
     assert other.code == "changed"
     assert str(other) == "moved"
-    assert str(client.error_from_fail({})) == "refused by the host"
+    assert str(answers.error_from_fail({})) == "refused by the host"
 
 
 # --- connect over real sockets ---------------------------------------------------------------

@@ -7,6 +7,10 @@ presented is kept for the repair flow that asks the user whether to trust it.
 
 The ciphers offered come from ``ciphers.preferred()``: AES-GCM first where the CPU has AES
 instructions, ChaCha20 first elsewhere, or ``MYNAS_CIPHERS`` when set.
+
+A ``PeerLink`` has one method per request of the protocol. Its frames reach the channel
+through an ``Outbox`` (coalesced into whole SSH packets); a dispatcher task reads the
+host's frames and hands each to ``Answers``, which finds the request it answers.
 """
 
 from __future__ import annotations
@@ -14,46 +18,27 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Sequence
 import contextlib
-from dataclasses import dataclass
 import logging
 import socket
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import asyncssh
 
 from .. import ciphers, protocol
-from ..errors import (
-    AuthRefused,
-    HostKeyMismatch,
-    HostRefused,
-    MyNasError,
-    PeerDiskFull,
-    PeerUnreachable,
-    ProtocolError,
-    QuotaExceeded,
-)
+from ..errors import AuthRefused, HostKeyMismatch, MyNasError, PeerUnreachable, ProtocolError
 from ..identity import Identity, fingerprint, parse_public_key, public_key_line
 from ..invite import parse_address
-from ..protocol import Close, FailCode, Frame
+from ..protocol import Close, Frame
 from ..tree import Entry
+from .answers import AckCallback, Answers
+from .outbox import DRAIN_EVERY, Outbox
 
 _LOGGER = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 20.0
-# Wait for the SSH channel's flow control after queueing this much.
-_DRAIN_EVERY = 512 * 1024
-# Frames queued in one pass of the event loop reach the channel in one write, sooner once
-# this much is queued. asyncssh sends every write as packets of its own (each preceded by
-# an IGNORE packet, each one send() call), and the host copies its input per packet: a
-# write per small file cost two packets and two system calls per file on both sides.
-_COALESCE = 256 * 1024
-# The data an SSH packet carries at most (asyncssh's default maximum packet size).
-_PACKET = 32 * 1024
 # A large file travels in DATA frames of exactly CHUNK bytes, header included: whole SSH
-# packets (CHUNK is a multiple of _PACKET), never a tiny one for a header's overflow.
+# packets (CHUNK is a multiple of outbox.PACKET), never a tiny one for a header's overflow.
 _PIECE = protocol.CHUNK - protocol.DATA_OVERHEAD
-
-type AckCallback = Callable[[MyNasError | None], None]
 
 
 class _PinnedClient(asyncssh.SSHClient):
@@ -68,26 +53,6 @@ class _PinnedClient(asyncssh.SSHClient):
         # Only called for a key that is NOT the pinned one: record it, trust nothing.
         self.presented = key
         return False
-
-
-def error_from_fail(info: dict[str, Any]) -> MyNasError:
-    """Turn a FAIL frame's body into the error it stands for."""
-    code = str(info.get("code", ""))
-    message = str(info.get("message", "refused by the host"))
-    if code == FailCode.QUOTA:
-        return QuotaExceeded(int(info.get("needed", 0)), int(info.get("available", 0)))
-    if code == FailCode.DISK_FULL:
-        return PeerDiskFull(message)
-    return HostRefused(code, message)
-
-
-@dataclass(slots=True)
-class _Stream:
-    """Where the frames of a LIST or READ answer go, in order."""
-
-    queue: asyncio.Queue[tuple[Frame, Any]]
-    # Set when the connection is lost: the consumer must hear it even if the queue is full.
-    error: MyNasError | None = None
 
 
 class Upload:
@@ -147,16 +112,8 @@ class PeerLink:
         self._writer = writer
         self._reader = reader
         self._next_id = 0
-        self._waiters: dict[int, asyncio.Future[Any]] = {}
-        self._callbacks: dict[int, AckCallback] = {}
-        self._streams: dict[int, _Stream] = {}
-        # Streams whose reader stopped early: their frames are dropped until DONE or FAIL.
-        self._abandoned: set[int] = set()
-        # Frames not handed to the channel yet (see _COALESCE), and their size.
-        self._out: list[bytes] = []
-        self._out_size = 0
-        self._out_scheduled = False
-        self._unflushed = 0
+        self._answers = Answers()
+        self._outbox = Outbox(writer, self._broken)
         self._closed: BaseException | None = None
         self._dispatcher: asyncio.Task[None] | None = None
 
@@ -172,8 +129,7 @@ class PeerLink:
 
     async def close(self) -> None:
         """Close the channel and the connection (queued requests fail, unsent)."""
-        self._out.clear()
-        self._out_size = 0
+        self._outbox.clear()
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
@@ -194,7 +150,7 @@ class PeerLink:
     @property
     def pending(self) -> int:
         """Requests sent and not answered yet."""
-        return len(self._waiters) + len(self._callbacks) + len(self._streams)
+        return self._answers.pending
 
     # --- sending -------------------------------------------------------------------------
 
@@ -203,68 +159,22 @@ class PeerLink:
         return self._next_id
 
     def _write(self, data: bytes) -> None:
-        """Queue a frame; PeerUnreachable once the connection is gone.
-
-        The frame reaches the channel at the end of this pass of the event loop, with every
-        other frame queued meanwhile, in order (or at once when _COALESCE bytes wait).
-        """
+        """Queue a frame (see ``Outbox.put``); PeerUnreachable once the connection is gone."""
         if self._closed is not None:
             raise _lost(self.address, self._closed)
-        self._out.append(data)
-        self._out_size += len(data)
-        self._unflushed += len(data)
-        if self._out_size >= _COALESCE:
-            self._write_out(whole_packets=True)
-        if self._out and not self._out_scheduled:
-            self._out_scheduled = True
-            asyncio.get_running_loop().call_soon(self._scheduled_write)
-
-    def _write_out(self, *, whole_packets: bool = False) -> None:
-        """Hand the queued frames to the channel in one write.
-
-        With ``whole_packets`` a tail shorter than one SSH packet stays queued: a 256 KiB
-        DATA frame plus its header would otherwise cost one more (tiny) packet every time.
-        """
-        if not self._out:
-            return
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-        self._out.clear()
-        tail = len(data) % _PACKET if whole_packets else 0
-        self._out_size = tail
-        if tail:
-            self._out.append(data[-tail:])
-            # The channel copies what it is given before write() returns.
-            data = cast(bytes, memoryview(data)[:-tail])
-        try:
-            self._writer.write(data)
-        except (asyncssh.Error, OSError) as err:
-            raise self._broken(err) from None
-
-    def _scheduled_write(self) -> None:
-        self._out_scheduled = False
-        if self._closed is not None:
-            self._out.clear()  # the requests they carried have already failed
-            self._out_size = 0
-            return
-        with contextlib.suppress(MyNasError):  # _broken failed everything pending
-            self._write_out()
+        self._outbox.put(data)
 
     async def _send(self, data: bytes) -> None:
         """Queue a frame, waiting for the channel's flow control now and then."""
         self._write(data)
-        if self._unflushed >= _DRAIN_EVERY:
+        if self._outbox.unflushed >= DRAIN_EVERY:
             await self.flush()
 
     async def flush(self) -> None:
         """Push everything queued into the channel, waiting for its flow control."""
         if self._closed is not None:
             raise _lost(self.address, self._closed)
-        self._write_out()
-        self._unflushed = 0
-        try:
-            await self._writer.drain()
-        except (asyncssh.Error, OSError) as err:
-            raise self._broken(err) from None
+        await self._outbox.drain()
 
     def _broken(self, cause: BaseException) -> MyNasError:
         """Fail what is pending on a channel that can no longer be written to."""
@@ -274,8 +184,7 @@ class PeerLink:
     async def _ask(self, req: int, data: bytes) -> Any:
         """Send a request and wait for its answer (OK, OFFSET or REPLY; FAIL raises)."""
         self._write(data)  # the answer cannot come before this coroutine waits
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiters[req] = future
+        future = self._answers.expect(req)
         try:
             await self.flush()
         except BaseException:
@@ -289,8 +198,8 @@ class PeerLink:
     async def _post(self, req: int, data: bytes, on_done: AckCallback) -> None:
         """Send a request whose answer goes to ``on_done``, without waiting for it."""
         self._write(data)  # nothing is registered for a request that never left
-        self._callbacks[req] = on_done
-        if self._unflushed >= _DRAIN_EVERY:
+        self._answers.notify(req, on_done)
+        if self._outbox.unflushed >= DRAIN_EVERY:
             await self.flush()
 
     async def _request(self, build: Callable[[int], bytes]) -> Any:
@@ -397,9 +306,7 @@ class PeerLink:
 
     async def _stream(self, build: Callable[[int], bytes]) -> AsyncGenerator[tuple[Frame, Any]]:
         req = self._new_id()
-        # Bounded: a slow consumer stops the dispatcher, which stops reading the channel.
-        stream = _Stream(asyncio.Queue(256))
-        self._streams[req] = stream
+        stream = self._answers.open_stream(req)
         finished = True  # until the request is out: nothing will answer it
         try:
             self._write(build(req))
@@ -418,13 +325,7 @@ class PeerLink:
                     raise value
                 yield kind, value
         finally:
-            if self._streams.pop(req, None) is not None and not finished:
-                # The reader left early (an error, a break): unless its end is already
-                # here, the host is still answering and the rest must be dropped.
-                while not finished and not stream.queue.empty():
-                    finished = stream.queue.get_nowait()[0] in (Frame.DONE, Frame.FAIL)
-                if not finished:
-                    self._abandoned.add(req)
+            self._answers.close_stream(req, stream, finished=finished)
 
     # --- receiving -------------------------------------------------------------------------
 
@@ -432,7 +333,7 @@ class PeerLink:
         try:
             while True:
                 kind, body = await protocol.read_frame(self._reader)
-                await self._handle(kind, body)
+                await self._answers.handle(kind, body)
         except asyncio.CancelledError:
             raise
         except (asyncio.IncompleteReadError, asyncssh.Error, OSError) as err:
@@ -446,82 +347,11 @@ class PeerLink:
             self._fail_everything(err)
             self._conn.close()
 
-    async def _handle(self, kind: Frame, body: bytes) -> None:
-        if kind is Frame.OK:
-            for req in protocol.parse_ok(body):
-                self._resolve(req, None)
-        elif kind is Frame.FAIL:
-            req, info = protocol.parse_fail(body)
-            error = error_from_fail(info)
-            stream = self._streams.get(req)
-            if stream is not None:
-                await stream.queue.put((Frame.FAIL, error))
-            elif req in self._abandoned:
-                self._abandoned.discard(req)
-            else:
-                self._resolve(req, error)
-        elif kind is Frame.OFFSET:
-            req, position = protocol.parse_offset(body)
-            self._resolve(req, None, position)
-        elif kind is Frame.REPLY:
-            req, answer = protocol.parse_reply(body)
-            self._resolve(req, None, answer)
-        elif kind is Frame.ENTRY:
-            req, item, digest = protocol.parse_entry(body)
-            await self._to_stream(req, Frame.ENTRY, (item, digest))
-        elif kind is Frame.DATA:
-            req, chunk = protocol.parse_data(body)
-            await self._to_stream(req, Frame.DATA, chunk)
-        elif kind is Frame.DONE:
-            req = protocol.request_id(body)
-            await self._to_stream(req, Frame.DONE, None)
-        else:
-            raise ProtocolError(f"unexpected {kind.name} from the host")
-
-    async def _to_stream(self, req: int, kind: Frame, value: Any) -> None:
-        stream = self._streams.get(req)
-        if stream is None:
-            if req in self._abandoned:
-                if kind is Frame.DONE:
-                    self._abandoned.discard(req)
-                return
-            raise ProtocolError(f"{kind.name} for no open request")
-        await stream.queue.put((kind, value))
-
-    def _resolve(self, req: int, error: MyNasError | None, value: Any = None) -> None:
-        callback = self._callbacks.pop(req, None)
-        if callback is not None:
-            callback(error)
-            return
-        future = self._waiters.pop(req, None)
-        if future is None:
-            raise ProtocolError(f"answer to unknown request {req}")
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-
     def _fail_everything(self, cause: BaseException) -> None:
         if self._closed is None:
             self._closed = cause
-        error = _lost(self.address, cause)
-        for callback in self._callbacks.values():
-            callback(error)
-        self._callbacks.clear()
-        for future in self._waiters.values():
-            if not future.done():
-                future.set_exception(error)
-        self._waiters.clear()
-        for stream in self._streams.values():
-            # The reader gets what was already queued, then the error (never a hang on a
-            # full queue: it checks ``error`` before each wait).
-            stream.error = error
-            if not stream.queue.full():
-                stream.queue.put_nowait((Frame.FAIL, error))
-        self._streams.clear()
-        self._abandoned.clear()
+        self._outbox.close()  # the requests its frames carried fail here
+        self._answers.fail_all(_lost(self.address, cause))
 
 
 def _lost(address: str, cause: BaseException) -> MyNasError:
