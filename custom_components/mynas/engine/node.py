@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 import time
-from typing import Any
+from typing import Any, Concatenate
 
 from .errors import AuthRefused, HostKeyMismatch, MyNasError, PeerUnreachable
 from .host.server import EventCallback, NodeServer, PeerGrant
@@ -182,19 +182,21 @@ class Node:
         self.peers = {peer.id: peer for peer in peers}
         await self.server.set_peers([peer.grant for peer in self.peers.values()])
 
-    async def _with_peer[T](
+    async def _with_peer[**P, T](
         self,
         peer_id: str,
-        run: Callable[[PeerTarget], Awaitable[T]],
-        on_start: Callable[[], None] | None = None,
+        on_start: Callable[[], None] | None,
+        run: Callable[Concatenate[Identity, PeerTarget, P], Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
     ) -> T:
-        """Run ``run(peer's target)`` once any other transfer to that peer has finished."""
+        """Run ``run(our identity, the peer, ...)`` once other transfers to the peer are done."""
         peer = self.peers[peer_id]  # KeyError at once for an unknown peer, not after a wait
         # One transfer per peer at a time: a household uplink gains nothing from two.
         async with self._peer_locks.setdefault(peer_id, asyncio.Lock()):
             if on_start is not None:
                 on_start()
-            return await run(peer.target)
+            return await run(self.identity, peer.target, *args, **kwargs)
 
     async def push(
         self,
@@ -207,18 +209,15 @@ class Node:
         """Push ``folder`` to a peer, after any other transfer to that peer finished."""
         return await self._with_peer(
             peer_id,
-            lambda target: push_folder(
-                self.identity,
-                target,
-                folder.name,
-                folder.path,
-                self.index,
-                exclude=folder.exclude,
-                bwlimit=folder.bwlimit,
-                retention_days=folder.retention_days,
-                progress=progress,
-            ),
             on_start,
+            push_folder,
+            folder.name,
+            folder.path,
+            self.index,
+            exclude=folder.exclude,
+            bwlimit=folder.bwlimit,
+            retention_days=folder.retention_days,
+            progress=progress,
         )
 
     async def verify(
@@ -232,16 +231,14 @@ class Node:
         """Compare a folder's replica on a peer with the folder (optionally repair it)."""
         return await self._with_peer(
             peer_id,
-            lambda target: verify_folder(
-                self.identity,
-                target,
-                folder.name,
-                folder.path,
-                self.index,
-                exclude=folder.exclude,
-                repair=repair,
-                progress=progress,
-            ),
+            None,
+            verify_folder,
+            folder.name,
+            folder.path,
+            self.index,
+            exclude=folder.exclude,
+            repair=repair,
+            progress=progress,
         )
 
     async def restore(
@@ -257,15 +254,13 @@ class Node:
         """Copy a folder's replica (or a path in it) back from a peer."""
         return await self._with_peer(
             peer_id,
-            lambda target: restore_folder(
-                self.identity,
-                target,
-                folder_name,
-                destination,
-                path=path,
-                overwrite=overwrite,
-                progress=progress,
-            ),
+            None,
+            restore_folder,
+            folder_name,
+            destination,
+            path=path,
+            overwrite=overwrite,
+            progress=progress,
         )
 
     async def probe(self, peer_id: str) -> ProbeResult:
