@@ -240,7 +240,7 @@ def _differs(local: tree.Entry, peer: IndexRow) -> bool:
     """Return whether an entry changed; the same key means the same kind."""
     if local.mtime_ns != peer[2] or local.mode != peer[3]:
         return True
-    # A directory's size means nothing; its mtime does (the replicator sets it again).
+    # A directory's size means nothing; its mtime does (a push sets it again).
     return local.kind is tree.Kind.FILE and local.size != peer[1]
 
 
