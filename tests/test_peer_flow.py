@@ -30,7 +30,7 @@ from custom_components.mynas.const import (
 from custom_components.mynas.engine import identity, invite
 from custom_components.mynas.engine.host.server import PeerGrant
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.owner.push import PeerTarget
+from custom_components.mynas.engine.owner.run import PeerTarget
 from custom_components.mynas.engine.storage_root import INTERNAL_DIR
 
 from .conftest import setup_entry

@@ -29,7 +29,7 @@ from .const import (
     SUBENTRY_PEER,
 )
 from .engine.node import FolderConfig, PeerConfig, Reachability
-from .engine.owner.push import Progress
+from .engine.owner.run import Progress
 from .schedule import Schedule, parse_time
 
 

@@ -46,7 +46,7 @@ from .engine.errors import InvalidInvite
 from .engine.host.paths import validate_peer_name
 from .engine.identity import fingerprint
 from .engine.node import ProbeResult, Reachability
-from .engine.owner.push import PeerTarget
+from .engine.owner.run import PeerTarget
 from .engine.storage_root import INTERNAL_DIR
 
 if TYPE_CHECKING:

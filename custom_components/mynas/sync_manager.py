@@ -44,8 +44,7 @@ from .engine.errors import (
 from .engine.identity import fingerprint
 from .engine.loop_thread import EngineLoop
 from .engine.node import Node, PeerConfig, ProbeResult, Reachability
-from .engine.owner.push import Phase, Progress, PushResult
-from .engine.owner.verify import VerifyResult
+from .engine.owner.run import Phase, Progress, PushResult, VerifyResult
 from .engine.units import format_bytes
 from .models import FolderSetup, PairStatus, PeerStatus, SyncData, SyncState, pair_key
 from .schedule import next_run

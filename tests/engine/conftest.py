@@ -21,7 +21,7 @@ from custom_components.mynas.engine.host.limits import Limits
 from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
 from custom_components.mynas.engine.host.space import HostedSpace
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.owner.push import PeerTarget
+from custom_components.mynas.engine.owner.run import PeerTarget
 
 MIB = 1 << 20
 DEFAULT_QUOTA = 16 * MIB

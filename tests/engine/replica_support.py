@@ -26,9 +26,12 @@ from custom_components.mynas.engine.owner import (
     verify as verifier,
 )
 from custom_components.mynas.engine.owner.index import Index
-from custom_components.mynas.engine.owner.push import PeerTarget, PushResult
-from custom_components.mynas.engine.owner.restore import RestoreResult
-from custom_components.mynas.engine.owner.verify import VerifyResult
+from custom_components.mynas.engine.owner.run import (
+    PeerTarget,
+    PushResult,
+    RestoreResult,
+    VerifyResult,
+)
 
 from .conftest import ServerFactory, peer_target
 

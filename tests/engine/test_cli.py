@@ -28,7 +28,8 @@ import pytest
 from custom_components.mynas.engine import __main__ as cli, identity, invite, protocol
 from custom_components.mynas.engine.__main__ import main
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.owner import client, push as replicator
+from custom_components.mynas.engine.owner import client
+from custom_components.mynas.engine.owner.run import Phase, Progress, PushResult
 from custom_components.mynas.engine.protocol import Frame
 
 from .cli_support import ROOT, mynas, public_key_file
@@ -340,9 +341,9 @@ def test_push_on_a_terminal_and_interrupted(
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
 
-    async def fake_push(*_args: object, **kwargs: Any) -> replicator.PushResult:
-        kwargs["progress"](replicator.Progress(replicator.Phase.TRANSFERRING, 1, 2, 3, 4))
-        result = replicator.PushResult("F", files_total=2)
+    async def fake_push(*_args: object, **kwargs: Any) -> PushResult:
+        kwargs["progress"](Progress(Phase.TRANSFERRING, 1, 2, 3, 4))
+        result = PushResult("F", files_total=2)
         result.add_error("a: Permission denied")
         return result
 

@@ -22,8 +22,9 @@ from typing import Any, NoReturn
 from . import identity as identity_mod, invite as invite_mod
 from .errors import MyNasError
 from .owner.index import Index
-from .owner.push import PeerTarget, Progress, push
+from .owner.push import push
 from .owner.restore import restore
+from .owner.run import PeerTarget, Progress
 from .owner.verify import verify
 from .units import format_bytes, parse_size
 

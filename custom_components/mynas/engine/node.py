@@ -8,14 +8,14 @@ engine's own event loop (see ``loop_thread``); blocking work goes to worker thre
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 import enum
 import logging
 import os
 from pathlib import Path
 import time
-from typing import Any
+from typing import Any, Concatenate
 
 from .errors import AuthRefused, HostKeyMismatch, MyNasError, PeerUnreachable
 from .host.quota import JailUsage
@@ -24,9 +24,10 @@ from .host.space import HostedSpace
 from .identity import Identity
 from .owner import client
 from .owner.index import Index
-from .owner.push import PeerTarget, ProgressCallback, PushResult, push as push_folder
-from .owner.restore import RestoreResult, restore as restore_folder
-from .owner.verify import VerifyResult, verify as verify_folder
+from .owner.push import push as push_folder
+from .owner.restore import restore as restore_folder
+from .owner.run import PeerTarget, ProgressCallback, PushResult, RestoreResult, VerifyResult
+from .owner.verify import verify as verify_folder
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -182,9 +183,21 @@ class Node:
         self.peers = {peer.id: peer for peer in peers}
         await self.server.set_peers([peer.grant for peer in self.peers.values()])
 
-    def _lock(self, peer_id: str) -> asyncio.Lock:
+    async def _with_peer[**P, T](
+        self,
+        peer_id: str,
+        on_start: Callable[[], None] | None,
+        run: Callable[Concatenate[Identity, PeerTarget, P], Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run ``run(our identity, the peer, ...)`` once other transfers to the peer are done."""
+        peer = self.peers[peer_id]  # KeyError at once for an unknown peer, not after a wait
         # One transfer per peer at a time: a household uplink gains nothing from two.
-        return self._peer_locks.setdefault(peer_id, asyncio.Lock())
+        async with self._peer_locks.setdefault(peer_id, asyncio.Lock()):
+            if on_start is not None:
+                on_start()
+            return await run(self.identity, peer.target, *args, **kwargs)
 
     async def push(
         self,
@@ -195,21 +208,18 @@ class Node:
         on_start: Callable[[], None] | None = None,
     ) -> PushResult:
         """Push ``folder`` to a peer, after any other transfer to that peer finished."""
-        peer = self.peers[peer_id]
-        async with self._lock(peer_id):
-            if on_start is not None:
-                on_start()
-            return await push_folder(
-                self.identity,
-                peer.target,
-                folder.name,
-                folder.path,
-                self.index,
-                exclude=folder.exclude,
-                bwlimit=folder.bwlimit,
-                retention_days=folder.retention_days,
-                progress=progress,
-            )
+        return await self._with_peer(
+            peer_id,
+            on_start,
+            push_folder,
+            folder.name,
+            folder.path,
+            self.index,
+            exclude=folder.exclude,
+            bwlimit=folder.bwlimit,
+            retention_days=folder.retention_days,
+            progress=progress,
+        )
 
     async def verify(
         self,
@@ -220,18 +230,17 @@ class Node:
         progress: ProgressCallback | None = None,
     ) -> VerifyResult:
         """Compare a folder's replica on a peer with the folder (optionally repair it)."""
-        peer = self.peers[peer_id]
-        async with self._lock(peer_id):
-            return await verify_folder(
-                self.identity,
-                peer.target,
-                folder.name,
-                folder.path,
-                self.index,
-                exclude=folder.exclude,
-                repair=repair,
-                progress=progress,
-            )
+        return await self._with_peer(
+            peer_id,
+            None,
+            verify_folder,
+            folder.name,
+            folder.path,
+            self.index,
+            exclude=folder.exclude,
+            repair=repair,
+            progress=progress,
+        )
 
     async def restore(
         self,
@@ -244,17 +253,16 @@ class Node:
         progress: ProgressCallback | None = None,
     ) -> RestoreResult:
         """Copy a folder's replica (or a path in it) back from a peer."""
-        peer = self.peers[peer_id]
-        async with self._lock(peer_id):
-            return await restore_folder(
-                self.identity,
-                peer.target,
-                folder_name,
-                destination,
-                path=path,
-                overwrite=overwrite,
-                progress=progress,
-            )
+        return await self._with_peer(
+            peer_id,
+            None,
+            restore_folder,
+            folder_name,
+            destination,
+            path=path,
+            overwrite=overwrite,
+            progress=progress,
+        )
 
     async def probe(self, peer_id: str) -> ProbeResult:
         """Test the connection to a peer."""

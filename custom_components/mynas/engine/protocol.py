@@ -115,6 +115,8 @@ _FLAGS = struct.Struct(">IB")
 _OFFSET = struct.Struct(">IQ")
 _ENTRY = struct.Struct(">IBQqH")
 _LEN16 = struct.Struct(">H")
+# What a DATA frame carries besides its bytes (length, type, id).
+DATA_OVERHEAD = _HEAD.size + _ID.size
 
 
 class Reader(Protocol):

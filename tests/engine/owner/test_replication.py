@@ -39,12 +39,24 @@ from custom_components.mynas.engine.host.space import HostedSpace
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner import (
     client,
+    feed,
     push as replicator,
     restore as restorer,
     verify as verifier,
 )
 from custom_components.mynas.engine.owner.index import Index
-from custom_components.mynas.engine.owner.push import SMALL_FILE, PeerTarget
+from custom_components.mynas.engine.owner.run import (
+    MAX_REPORTED,
+    SMALL_FILE,
+    PeerTarget,
+    Phase,
+    Progress,
+    PushResult,
+    RestoreResult,
+    VerifyResult,
+    check_folder_name,
+    check_subpath,
+)
 
 from ..conftest import ServerFactory, address
 from ..replica_support import (
@@ -422,7 +434,7 @@ async def test_a_source_gone_before_its_root_is_read_leaves_the_scan_to_say_so(
     env: Env,
 ) -> None:
     """The folder's own mtime is not compared when the folder cannot be read."""
-    feeder = replicator._Feeder(
+    feeder = feed.Feeder(
         asyncio.get_running_loop(), os.fsencode(env.work / "gone"), env.index, FOLDER, "x", ()
     )
     assert feeder._root_change() == []
@@ -719,11 +731,11 @@ async def test_restore_progress_ends_with_done(env: Env) -> None:
     write(env.src / "big", os.urandom(3 * MIB))
     write(env.src / "small", b"s")
     await env.push()
-    seen: list[replicator.Progress] = []
+    seen: list[Progress] = []
     await env.restore(
         env.work / "r",
         progress=lambda p: seen.append(
-            replicator.Progress(
+            Progress(
                 **{
                     f: getattr(p, f)
                     for f in (
@@ -738,7 +750,7 @@ async def test_restore_progress_ends_with_done(env: Env) -> None:
             )
         ),
     )
-    assert seen[-1].phase is replicator.Phase.DONE
+    assert seen[-1].phase is Phase.DONE
     assert seen[-1].files_done == seen[-1].files_total == 2
     assert seen[-1].bytes_done == seen[-1].bytes_total == 3 * MIB + 1
     assert seen[-1].percent == 100.0
@@ -749,24 +761,24 @@ async def test_restore_progress_ends_with_done(env: Env) -> None:
 
 def test_folder_names_are_checked() -> None:
     """A folder name is one plain path component."""
-    assert replicator.check_folder_name("Photos 2020") == b"Photos 2020"
+    assert check_folder_name("Photos 2020") == b"Photos 2020"
     for bad in ("", ".", "..", "a/b", ".mynas", "x\0y", "n" * 256):
         with pytest.raises(ValueError):
-            replicator.check_folder_name(bad)
+            check_folder_name(bad)
 
 
 def test_sub_paths_are_checked() -> None:
     """A sub-path stays inside its folder."""
-    assert restorer.check_subpath("/a/b/") == b"a/b"
-    assert restorer.check_subpath(b"") == b""
+    assert check_subpath("/a/b/") == b"a/b"
+    assert check_subpath(b"") == b""
     for bad in ("a/../b", "./a", "a//b", "a/\0"):
         with pytest.raises(ValueError):
-            restorer.check_subpath(bad)
+            check_subpath(bad)
 
 
 def test_progress_percent() -> None:
     """Percent is known once the scan is complete, by bytes, else by files."""
-    progress = replicator.Progress()
+    progress = Progress()
     assert progress.percent is None
     progress.scan_complete = True
     assert progress.percent == 100.0
@@ -778,15 +790,15 @@ def test_progress_percent() -> None:
 
 def test_results_are_plain_data() -> None:
     """Summaries turn into JSON-ready dicts; error lists are bounded."""
-    pushed = replicator.PushResult("F", seconds=1.23456)
-    for i in range(replicator.MAX_REPORTED + 5):
+    pushed = PushResult("F", seconds=1.23456)
+    for i in range(MAX_REPORTED + 5):
         pushed.add_error(f"e{i}")
     data = pushed.as_dict()
     assert data["seconds"] == 1.235
-    assert len(data["errors"]) == replicator.MAX_REPORTED
-    assert data["error_count"] == replicator.MAX_REPORTED + 5
-    verified = verifier.VerifyResult("F")
-    for i in range(replicator.MAX_REPORTED + 5):
+    assert len(data["errors"]) == MAX_REPORTED
+    assert data["error_count"] == MAX_REPORTED + 5
+    verified = VerifyResult("F")
+    for i in range(MAX_REPORTED + 5):
         verified.note("extra", b"x%d" % i)
-    assert len(verified.examples) == replicator.MAX_REPORTED
-    assert restorer.RestoreResult("F", seconds=0.5).as_dict()["seconds"] == 0.5
+    assert len(verified.examples) == MAX_REPORTED
+    assert RestoreResult("F", seconds=0.5).as_dict()["seconds"] == 0.5

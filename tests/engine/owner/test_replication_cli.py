@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.owner.push import SMALL_FILE
+from custom_components.mynas.engine.owner.run import SMALL_FILE
 
 from ..cli_support import ROOT, mynas, public_key_file
 from ..conftest import ServerFactory

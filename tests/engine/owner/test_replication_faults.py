@@ -35,10 +35,16 @@ from custom_components.mynas.engine.owner import (
     push as replicator,
     restore as restorer,
     scanner,
+    sender,
     verify as verifier,
 )
-from custom_components.mynas.engine.owner.push import SMALL_FILE, PeerTarget, Phase, Progress
-from custom_components.mynas.engine.protocol import Frame
+from custom_components.mynas.engine.owner.run import (
+    PROGRESS_INTERVAL,
+    SMALL_FILE,
+    PeerTarget,
+    Phase,
+    Progress,
+)
 
 from ..conftest import ServerFactory
 from ..replica_support import (
@@ -186,7 +192,7 @@ async def test_large_file_modified_during_the_push(
     """A streamed file changing under the reader is discarded on the host, not recorded."""
     size = 3 * MIB
     write(env.src / "big", os.urandom(size))
-    real = replicator._read_block
+    real = sender._read_block
     calls = {"n": 0}
 
     def meddle(fd: int, position: int, count: int, digest: Any) -> bytes:
@@ -202,7 +208,7 @@ async def test_large_file_modified_during_the_push(
                 os.utime(path, ns=(MTIME + 7, MTIME + 7))
         return real(fd, position, count, digest)
 
-    monkeypatch.setattr(replicator, "_read_block", meddle)
+    monkeypatch.setattr(sender, "_read_block", meddle)
     result = await env.push()
     assert result.files_changed_during_read == 1
     assert result.files_sent == 0
@@ -211,7 +217,7 @@ async def test_large_file_modified_during_the_push(
     await wait_until(env.upload_idle)
     assert partials(env.storage) == []
 
-    monkeypatch.setattr(replicator, "_read_block", real)
+    monkeypatch.setattr(sender, "_read_block", real)
     result = await env.push()
     assert result.files_sent == 1
     env.check_replica()
@@ -228,13 +234,13 @@ async def test_resume_of_a_file_that_shrank_since_the_scan(
     with pytest.raises(PeerUnreachable):
         await env.push()
     await wait_until(env.upload_idle)
-    real_open = replicator._open_local
+    real_open = sender._open_local
 
     def open_shrunk(path: bytes) -> int:
         os.truncate(path, 1000)  # after the scan saw the full size
         return real_open(path)
 
-    monkeypatch.setattr(replicator, "_open_local", open_shrunk)
+    monkeypatch.setattr(sender, "_open_local", open_shrunk)
     result = await env.push()
     assert result.files_changed_during_read == 1
     assert index_view(env.index) == {}
@@ -247,7 +253,7 @@ async def test_a_file_that_vanishes_or_cannot_be_read(
     write(env.src / "big-gone", b"g" * (SMALL_FILE + 1))
     write(env.src / "big-locked", b"l" * (SMALL_FILE + 1))
     write(env.src / "fine", b"fine")
-    real_open = replicator._open_local
+    real_open = sender._open_local
 
     def failing_open(path: bytes) -> int:
         if path.endswith(b"big-gone"):
@@ -256,7 +262,7 @@ async def test_a_file_that_vanishes_or_cannot_be_read(
             raise PermissionError(13, "Permission denied")
         return real_open(path)
 
-    monkeypatch.setattr(replicator, "_open_local", failing_open)
+    monkeypatch.setattr(sender, "_open_local", failing_open)
     result = await env.push()
     assert result.files_sent == 1
     assert result.files_changed_during_read == 1
@@ -269,7 +275,7 @@ async def test_a_read_error_mid_stream_keeps_the_partial(
 ) -> None:
     """A local disk error mid-file: reported, the host keeps the partial for a resume."""
     write(env.src / "big", os.urandom(6 * MIB))
-    real = replicator._read_block
+    real = sender._read_block
     calls = {"n": 0}
 
     def failing(fd: int, position: int, count: int, digest: Any) -> bytes:
@@ -278,12 +284,12 @@ async def test_a_read_error_mid_stream_keeps_the_partial(
             raise OSError(5, "Input/output error")
         return real(fd, position, count, digest)
 
-    monkeypatch.setattr(replicator, "_read_block", failing)
+    monkeypatch.setattr(sender, "_read_block", failing)
     result = await env.push()
     assert result.errors == ["big: Input/output error"]
     await wait_until(env.upload_idle)
     assert len(partials(env.storage)) == 1
-    monkeypatch.setattr(replicator, "_read_block", real)
+    monkeypatch.setattr(sender, "_read_block", real)
     result = await env.push()
     assert 0 < result.bytes_sent < 6 * MIB
     env.check_replica()
@@ -415,16 +421,16 @@ async def test_the_push_lets_other_tasks_run(env: Env, monkeypatch: pytest.Monke
     """Sending small files never has to wait on loopback; other tasks still get turns."""
     for i in range(200):
         write(env.src / f"f{i:03d}", b"x")
-    monkeypatch.setattr(replicator, "_TURN", 0.0)  # a turn after every file
+    monkeypatch.setattr(sender, "_TURN", 0.0)  # a turn after every file
     handled = 0
-    real = replicator._Pusher.handle
+    real = sender.Sender.handle
 
-    async def counting(self: replicator._Pusher, work: Any) -> None:
+    async def counting(self: sender.Sender, work: Any) -> None:
         nonlocal handled
         handled += 1
         await real(self, work)
 
-    monkeypatch.setattr(replicator._Pusher, "handle", counting)
+    monkeypatch.setattr(sender.Sender, "handle", counting)
     longest = 0  # files handled while the other task waited for its turn
     running = True
 
@@ -469,14 +475,27 @@ async def test_bandwidth_limit_and_progress(env: Env) -> None:
     assert last.bytes_done == last.bytes_total == total
     assert last.percent == 100.0
     assert len(seen) >= 3
-    assert len(seen) <= elapsed / replicator.PROGRESS_INTERVAL + 2  # throttled
+    assert len(seen) <= elapsed / PROGRESS_INTERVAL + 2  # throttled
     # Throttled: a few per second; only the final DONE comes whenever the run ends.
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(seen[:-1])]
-    assert all(gap >= replicator.PROGRESS_INTERVAL * 0.9 for gap in gaps), gaps
+    assert all(gap >= PROGRESS_INTERVAL * 0.9 for gap in gaps), gaps
     done = [p.bytes_done for _, p in seen]
     assert done == sorted(done)
     assert all(p.bytes_done <= total for _, p in seen)
     assert Phase.TRANSFERRING in {p.phase for _, p in seen}
+
+
+# The modules of the replicator (push and its halves) and of the client.
+_CLIENT_SIDE = (
+    "push.py",
+    "feed.py",
+    "sender.py",
+    "handoff.py",
+    "index_writer.py",
+    "client.py",
+    "outbox.py",
+    "answers.py",
+)
 
 
 def _client_side_tasks() -> list[asyncio.Task[Any]]:
@@ -485,7 +504,7 @@ def _client_side_tasks() -> list[asyncio.Task[Any]]:
     for task in asyncio.all_tasks():
         code = getattr(task.get_coro(), "cr_code", None)
         name = code.co_filename if code is not None else ""
-        if task is not asyncio.current_task() and name.endswith(("push.py", "client.py")):
+        if task is not asyncio.current_task() and name.endswith(_CLIENT_SIDE):
             found.append(task)
     return found
 
@@ -546,36 +565,39 @@ async def test_verify_progress_ends_with_done(env: Env) -> None:
 # --- a host that lies on restore -------------------------------------------------------------
 
 
+type _Item = tree.Entry | memoryview
+
+
 class _LyingLink:
     """Stands in for a PeerLink to a hostile host: answers LIST and READ as scripted."""
 
-    def __init__(self, frames: list[tuple[Frame, Any]]) -> None:
-        self.frames = frames
+    def __init__(self, items: list[_Item]) -> None:
+        self.items = items
         self.closed = False
 
     async def list(self, path: bytes = b"", **_kw: Any) -> AsyncIterator[tuple[tree.Entry, None]]:
-        for kind, value in self.frames:
-            if kind is Frame.ENTRY:
-                yield value[0], None
+        for item in self.items:
+            if isinstance(item, tree.Entry):
+                yield item, None
 
-    async def read(self, path: bytes) -> AsyncIterator[tuple[Frame, Any]]:
-        for item in self.frames:
+    async def download(self, path: bytes) -> AsyncIterator[_Item]:
+        for item in self.items:
             yield item
 
     async def close(self) -> None:
         self.closed = True
 
 
-def _file(path: bytes, size: int) -> tuple[Frame, Any]:
-    return Frame.ENTRY, (tree.Entry(path, tree.Kind.FILE, size, MTIME, 0o644), None)
+def _file(path: bytes, size: int) -> _Item:
+    return tree.Entry(path, tree.Kind.FILE, size, MTIME, 0o644)
 
 
-def _dir(path: bytes) -> tuple[Frame, Any]:
-    return Frame.ENTRY, (tree.Entry(path, tree.Kind.DIR, 0, MTIME, 0o755), None)
+def _dir(path: bytes) -> _Item:
+    return tree.Entry(path, tree.Kind.DIR, 0, MTIME, 0o755)
 
 
-def _data(data: bytes) -> tuple[Frame, Any]:
-    return Frame.DATA, memoryview(data)
+def _data(data: bytes) -> _Item:
+    return memoryview(data)
 
 
 LIES = {
@@ -602,8 +624,8 @@ async def test_restore_refuses_a_lying_host(
     env: Env, monkeypatch: pytest.MonkeyPatch, lie: str, overwrite: bool
 ) -> None:
     """Whatever a hostile host sends, nothing lands outside what was asked."""
-    sub, frames = LIES[lie]
-    link = _LyingLink(frames)
+    sub, items = LIES[lie]
+    link = _LyingLink(items)
 
     async def fake_connect(*_args: Any) -> _LyingLink:
         return link
@@ -776,7 +798,7 @@ async def test_verify_problems(env: Env, monkeypatch: pytest.MonkeyPatch) -> Non
             raise RuntimeError("walk failed")
         return real_walk(root, **kwargs)
 
-    monkeypatch.setattr(replicator.tree, "walk", broken_walk)
+    monkeypatch.setattr(tree, "walk", broken_walk)
     with pytest.raises(RuntimeError, match="walk failed"):
         await env.verify()
     monkeypatch.undo()
@@ -821,5 +843,5 @@ def test_dir_mtimes_skip_what_is_gone(tmp_path: Path) -> None:
     """Directories gone (or no longer directories) since the scan are left out."""
     (tmp_path / "d").mkdir()
     (tmp_path / "f").write_bytes(b"")
-    found = replicator._dir_mtimes(os.fsencode(tmp_path), [b"", b"d", b"f", b"gone"])
+    found = sender._dir_mtimes(os.fsencode(tmp_path), [b"", b"d", b"f", b"gone"])
     assert set(found) == {b"", b"d"}

@@ -28,7 +28,7 @@ from custom_components.mynas.engine.errors import (
 from custom_components.mynas.engine.host.limits import Limits
 from custom_components.mynas.engine.host.server import PeerGrant
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.owner import client
+from custom_components.mynas.engine.owner import answers, client, outbox
 from custom_components.mynas.engine.owner.client import PeerLink, connect
 from custom_components.mynas.engine.protocol import FailCode, Frame
 from custom_components.mynas.engine.tree import Entry, Kind
@@ -204,6 +204,55 @@ async def test_streams_end_with_done_or_fail(link: PeerLink, chan: FakeChannel) 
             pass
 
 
+async def test_an_upload_sends_whole_frames_and_ends_each_way(
+    link: PeerLink, chan: FakeChannel
+) -> None:
+    """An upload resumes at the host's offset, sends CHUNK-sized frames, ends three ways."""
+    task = asyncio.create_task(link.upload(b"big", 3 * client.Upload.piece_size, 5, 0o644))
+    await _settle()
+    chan.feed(protocol.offset(1, 7))
+    upload = await task
+    assert upload.offset == 7
+    await upload.send(b"p" * upload.piece_size)
+    await link.flush()
+    data_frame = chan.requests()[-1]
+    assert data_frame[0] is Frame.DATA
+    assert len(chan.sent[-1]) == protocol.CHUNK  # a full piece is one whole CHUNK frame
+    assert protocol.parse_data(data_frame[1]) == (1, memoryview(b"p" * upload.piece_size))
+    for req, (end, how) in enumerate(
+        [
+            (client.Upload.finish, protocol.Close.FINISH),
+            (client.Upload.abandon, protocol.Close.ABANDON),
+            (client.Upload.discard, protocol.Close.DISCARD),
+        ],
+        start=1,
+    ):
+        ending = asyncio.create_task(end(client.Upload(link, req, 0)))
+        await _settle()
+        kind, body = chan.requests()[-1]
+        assert (kind, protocol.parse_close(body)) == (Frame.CLOSE, (req, how))
+        chan.feed(protocol.ok(req))
+        await ending
+
+
+async def test_a_download_yields_entries_and_their_data(link: PeerLink, chan: FakeChannel) -> None:
+    """READ's answer as typed items: an Entry per file or directory, then the file's bytes."""
+    chan.feed(
+        protocol.entry(1, Entry(b"d", Kind.DIR, 0, 6, 0o755)),
+        _entry(1, b"d/f"),
+        protocol.data(1, b"x"),
+        protocol.done(1),
+    )
+    got = [item async for item in link.download(b"d")]
+    assert got[:2] == [Entry(b"d", Kind.DIR, 0, 6, 0o755), Entry(b"d/f", Kind.FILE, 1, 5, 0o644)]
+    assert isinstance(got[2], memoryview)
+    assert bytes(got[2]) == b"x"
+    chan.feed(protocol.fail(2, FailCode.PATH, "a symlink"))
+    with pytest.raises(HostRefused, match="a symlink"):
+        async for _ in link.download(b"link"):
+            pass
+
+
 async def test_a_stream_left_early_drops_its_late_frames(link: PeerLink, chan: FakeChannel) -> None:
     """A reader that stops halfway: the rest of that answer is dropped, the link goes on."""
     # The rest of the answer is still on its way when the reader leaves...
@@ -227,7 +276,7 @@ async def test_a_stream_left_early_drops_its_late_frames(link: PeerLink, chan: F
     await _settle()
     chan.feed(protocol.ok(4))
     await sync  # still answered, nothing was mistaken for it
-    assert link._abandoned == set()
+    assert link._answers.abandoned == set()
 
 
 async def test_a_lost_connection_reaches_a_reader_that_is_behind(
@@ -240,7 +289,7 @@ async def test_a_lost_connection_reaches_a_reader_that_is_behind(
     assert first[0].path == b"f0"
     for _ in range(50):
         await asyncio.sleep(0)
-    assert link._streams[1].queue.full()
+    assert link._answers._streams[1].queue.full()
     await link.close()
     received = [first]
 
@@ -353,7 +402,7 @@ async def test_a_dead_channel_on_write_is_peer_unreachable(
     finally:
         await other.close()
 
-    # A write of _COALESCE bytes or more is not deferred: it fails at once.
+    # A write of COALESCE bytes or more is not deferred: it fails at once.
     third = FakeChannel()
     third.feed(protocol.welcome({}))
     last = PeerLink(third, third, third, "x:1")  # type: ignore[arg-type]
@@ -361,7 +410,7 @@ async def test_a_dead_channel_on_write_is_peer_unreachable(
     third.write_error = error
     try:
         with pytest.raises(PeerUnreachable):
-            await last.put(b"a", 5, 0o644, b"x" * client._COALESCE, heard.append)
+            await last.put(b"a", 5, 0o644, b"x" * outbox.COALESCE, heard.append)
     finally:
         await last.close()
 
@@ -369,7 +418,7 @@ async def test_a_dead_channel_on_write_is_peer_unreachable(
 async def test_frames_of_one_loop_pass_go_out_in_one_write(
     link: PeerLink, chan: FakeChannel
 ) -> None:
-    """Small requests are coalesced in order; flush(), a wait, or _COALESCE bytes write them."""
+    """Small requests are coalesced in order; flush(), a wait, or COALESCE bytes write them."""
     chan.sent.clear()
     for name in (b"a", b"b", b"c"):
         await link.put(name, 5, 0o644, b"x", lambda _err: None)
@@ -390,17 +439,17 @@ async def test_frames_of_one_loop_pass_go_out_in_one_write(
     assert [kind for kind, _ in chan.requests()] == [Frame.MKDIR]
 
     chan.sent.clear()
-    big = b"y" * (client._COALESCE // 2)
+    big = b"y" * (outbox.COALESCE // 2)
     await link.put(b"f", 5, 0o644, big, lambda _err: None)
     assert chan.sent == []
     await link.put(b"g", 5, 0o644, big, lambda _err: None)
-    # Past _COALESCE: whole SSH packets are written before put() returns...
+    # Past COALESCE: whole SSH packets are written before put() returns...
     assert len(chan.sent) == 1
-    assert len(chan.sent[0]) % client._PACKET == 0
+    assert len(chan.sent[0]) % outbox.PACKET == 0
     await asyncio.sleep(0)
     # ...and the tail at the end of the loop's pass.
     assert len(chan.sent) == 2
-    assert 0 < len(chan.sent[1]) < client._PACKET
+    assert 0 < len(chan.sent[1]) < outbox.PACKET
     assert [protocol.parse_put(body).path for _, body in chan.requests()] == [b"f", b"g"]
 
 
@@ -445,15 +494,15 @@ async def test_the_host_must_welcome_us(chan: FakeChannel) -> None:
 
 def test_fail_frames_map_to_errors() -> None:
     """Quota and disk-full keep their figures; the rest is a HostRefused with its code."""
-    quota = client.error_from_fail({"code": "quota", "needed": 5, "available": 1})
+    quota = answers.error_from_fail({"code": "quota", "needed": 5, "available": 1})
     assert isinstance(quota, QuotaExceeded)
     assert (quota.needed, quota.available) == (5, 1)
-    assert isinstance(client.error_from_fail({"code": "disk_full"}), PeerDiskFull)
-    other = client.error_from_fail({"code": "changed", "message": "moved"})
+    assert isinstance(answers.error_from_fail({"code": "disk_full"}), PeerDiskFull)
+    other = answers.error_from_fail({"code": "changed", "message": "moved"})
     assert isinstance(other, HostRefused)
     assert other.code == "changed"
     assert str(other) == "moved"
-    assert str(client.error_from_fail({})) == "refused by the host"
+    assert str(answers.error_from_fail({})) == "refused by the host"
 
 
 # --- connect over real sockets ---------------------------------------------------------------

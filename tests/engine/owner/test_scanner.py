@@ -18,8 +18,8 @@ import pytest
 
 from custom_components.mynas.engine import tree
 from custom_components.mynas.engine.errors import SourceMissing
-from custom_components.mynas.engine.owner import scanner
 from custom_components.mynas.engine.owner.index import Index, IndexEntry
+from custom_components.mynas.engine.owner.run import MAX_REPORTED
 from custom_components.mynas.engine.owner.scanner import (
     Action,
     Change,
@@ -341,12 +341,12 @@ def test_only_the_first_errors_are_kept(
     source: Path, index: Index, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = os.fsencode(source)
-    names = [b"d%03d" % i for i in range(scanner.MAX_ERRORS + 5)]
+    names = [b"d%03d" % i for i in range(MAX_REPORTED + 5)]
     build(root, {name: {} for name in names})
     unlistable(monkeypatch, *(root + b"/" + name for name in names))
     report = ScanReport()
     run(source, index, report=report)
-    assert [path for path, _ in report.errors] == names[: scanner.MAX_ERRORS]
+    assert [path for path, _ in report.errors] == names[:MAX_REPORTED]
     assert report.error_count == 5
 
 

@@ -7,6 +7,10 @@ presented is kept for the repair flow that asks the user whether to trust it.
 
 The ciphers offered come from ``ciphers.preferred()``: AES-GCM first where the CPU has AES
 instructions, ChaCha20 first elsewhere, or ``MYNAS_CIPHERS`` when set.
+
+A ``PeerLink`` has one method per request of the protocol. Its frames reach the channel
+through an ``Outbox`` (coalesced into whole SSH packets); a dispatcher task reads the
+host's frames and hands each to ``Answers``, which finds the request it answers.
 """
 
 from __future__ import annotations
@@ -14,43 +18,27 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Sequence
 import contextlib
-from dataclasses import dataclass
 import logging
 import socket
-from typing import Any, cast
+from typing import Any, ClassVar
 
 import asyncssh
 
 from .. import ciphers, protocol
-from ..errors import (
-    AuthRefused,
-    HostKeyMismatch,
-    HostRefused,
-    MyNasError,
-    PeerDiskFull,
-    PeerUnreachable,
-    ProtocolError,
-    QuotaExceeded,
-)
+from ..errors import AuthRefused, HostKeyMismatch, MyNasError, PeerUnreachable, ProtocolError
 from ..identity import Identity, fingerprint, parse_public_key, public_key_line
 from ..invite import parse_address
-from ..protocol import FailCode, Frame
+from ..protocol import Close, Frame
 from ..tree import Entry
+from .answers import AckCallback, Answers
+from .outbox import DRAIN_EVERY, Outbox
 
 _LOGGER = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 20.0
-# Wait for the SSH channel's flow control after queueing this much.
-_DRAIN_EVERY = 512 * 1024
-# Frames queued in one pass of the event loop reach the channel in one write, sooner once
-# this much is queued. asyncssh sends every write as packets of its own (each preceded by
-# an IGNORE packet, each one send() call), and the host copies its input per packet: a
-# write per small file cost two packets and two system calls per file on both sides.
-_COALESCE = 256 * 1024
-# The data an SSH packet carries at most (asyncssh's default maximum packet size).
-_PACKET = 32 * 1024
-
-type AckCallback = Callable[[MyNasError | None], None]
+# A large file travels in DATA frames of exactly CHUNK bytes, header included: whole SSH
+# packets (CHUNK is a multiple of outbox.PACKET), never a tiny one for a header's overflow.
+_PIECE = protocol.CHUNK - protocol.DATA_OVERHEAD
 
 
 class _PinnedClient(asyncssh.SSHClient):
@@ -67,28 +55,48 @@ class _PinnedClient(asyncssh.SSHClient):
         return False
 
 
-def error_from_fail(info: dict[str, Any]) -> MyNasError:
-    """Turn a FAIL frame's body into the error it stands for."""
-    code = str(info.get("code", ""))
-    message = str(info.get("message", "refused by the host"))
-    if code == FailCode.QUOTA:
-        return QuotaExceeded(int(info.get("needed", 0)), int(info.get("available", 0)))
-    if code == FailCode.DISK_FULL:
-        return PeerDiskFull(message)
-    return HostRefused(code, message)
+class Upload:
+    """A large file on its way to the host (``PeerLink.upload``): pieces, then one ending.
 
+    ``offset`` is how much of it the host already holds (a partial kept from an earlier
+    run): send the file from there, in pieces of at most ``piece_size`` bytes, then end with
+    ``finish`` (it returns once the file is durable under its name), ``abandon`` (the host
+    keeps the partial for a resume) or ``discard``.
+    """
 
-@dataclass(slots=True)
-class _Stream:
-    """Where the frames of a LIST or READ answer go, in order."""
+    __slots__ = ("_link", "_req", "offset")
+    piece_size: ClassVar[int] = _PIECE
 
-    queue: asyncio.Queue[tuple[Frame, Any]]
-    # Set when the connection is lost: the consumer must hear it even if the queue is full.
-    error: MyNasError | None = None
+    def __init__(self, link: PeerLink, req: int, offset: int) -> None:
+        self._link = link
+        self._req = req
+        self.offset = offset
+
+    async def send(self, piece: bytes | memoryview) -> None:
+        """Send the next piece (at most ``piece_size`` bytes)."""
+        await self._link.send_data(self._req, piece)
+
+    async def finish(self) -> None:
+        """End the upload; return once the file is durable under its name."""
+        await self._link.close_upload(self._req, Close.FINISH)
+
+    async def abandon(self) -> None:
+        """Stop sending; the host keeps what it has for the next run to resume."""
+        await self._link.close_upload(self._req, Close.ABANDON)
+
+    async def discard(self) -> None:
+        """Stop sending; the host drops what it has (the file changed under the reader)."""
+        await self._link.close_upload(self._req, Close.DISCARD)
 
 
 class PeerLink:
-    """An open replication channel to one peer."""
+    """An open replication channel to one peer.
+
+    One method per request of the protocol. Push, restore and verify use ``put``,
+    ``upload`` (an ``Upload``), ``delete``, ``mkdir``, ``sync``, ``list``, ``download``...;
+    ``open_upload``/``send_data``/``close_upload`` and ``read`` are the same requests frame
+    by frame, for tests that drive the host one frame at a time.
+    """
 
     def __init__(
         self,
@@ -104,16 +112,8 @@ class PeerLink:
         self._writer = writer
         self._reader = reader
         self._next_id = 0
-        self._waiters: dict[int, asyncio.Future[Any]] = {}
-        self._callbacks: dict[int, AckCallback] = {}
-        self._streams: dict[int, _Stream] = {}
-        # Streams whose reader stopped early: their frames are dropped until DONE or FAIL.
-        self._abandoned: set[int] = set()
-        # Frames not handed to the channel yet (see _COALESCE), and their size.
-        self._out: list[bytes] = []
-        self._out_size = 0
-        self._out_scheduled = False
-        self._unflushed = 0
+        self._answers = Answers()
+        self._outbox = Outbox(writer, self._broken)
         self._closed: BaseException | None = None
         self._dispatcher: asyncio.Task[None] | None = None
 
@@ -129,8 +129,7 @@ class PeerLink:
 
     async def close(self) -> None:
         """Close the channel and the connection (queued requests fail, unsent)."""
-        self._out.clear()
-        self._out_size = 0
+        self._outbox.clear()
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
@@ -151,7 +150,7 @@ class PeerLink:
     @property
     def pending(self) -> int:
         """Requests sent and not answered yet."""
-        return len(self._waiters) + len(self._callbacks) + len(self._streams)
+        return self._answers.pending
 
     # --- sending -------------------------------------------------------------------------
 
@@ -160,68 +159,22 @@ class PeerLink:
         return self._next_id
 
     def _write(self, data: bytes) -> None:
-        """Queue a frame; PeerUnreachable once the connection is gone.
-
-        The frame reaches the channel at the end of this pass of the event loop, with every
-        other frame queued meanwhile, in order (or at once when _COALESCE bytes wait).
-        """
+        """Queue a frame (see ``Outbox.put``); PeerUnreachable once the connection is gone."""
         if self._closed is not None:
             raise _lost(self.address, self._closed)
-        self._out.append(data)
-        self._out_size += len(data)
-        self._unflushed += len(data)
-        if self._out_size >= _COALESCE:
-            self._write_out(whole_packets=True)
-        if self._out and not self._out_scheduled:
-            self._out_scheduled = True
-            asyncio.get_running_loop().call_soon(self._scheduled_write)
-
-    def _write_out(self, *, whole_packets: bool = False) -> None:
-        """Hand the queued frames to the channel in one write.
-
-        With ``whole_packets`` a tail shorter than one SSH packet stays queued: a 256 KiB
-        DATA frame plus its header would otherwise cost one more (tiny) packet every time.
-        """
-        if not self._out:
-            return
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-        self._out.clear()
-        tail = len(data) % _PACKET if whole_packets else 0
-        self._out_size = tail
-        if tail:
-            self._out.append(data[-tail:])
-            # The channel copies what it is given before write() returns.
-            data = cast(bytes, memoryview(data)[:-tail])
-        try:
-            self._writer.write(data)
-        except (asyncssh.Error, OSError) as err:
-            raise self._broken(err) from None
-
-    def _scheduled_write(self) -> None:
-        self._out_scheduled = False
-        if self._closed is not None:
-            self._out.clear()  # the requests they carried have already failed
-            self._out_size = 0
-            return
-        with contextlib.suppress(MyNasError):  # _broken failed everything pending
-            self._write_out()
+        self._outbox.put(data)
 
     async def _send(self, data: bytes) -> None:
         """Queue a frame, waiting for the channel's flow control now and then."""
         self._write(data)
-        if self._unflushed >= _DRAIN_EVERY:
+        if self._outbox.unflushed >= DRAIN_EVERY:
             await self.flush()
 
     async def flush(self) -> None:
         """Push everything queued into the channel, waiting for its flow control."""
         if self._closed is not None:
             raise _lost(self.address, self._closed)
-        self._write_out()
-        self._unflushed = 0
-        try:
-            await self._writer.drain()
-        except (asyncssh.Error, OSError) as err:
-            raise self._broken(err) from None
+        await self._outbox.drain()
 
     def _broken(self, cause: BaseException) -> MyNasError:
         """Fail what is pending on a channel that can no longer be written to."""
@@ -231,8 +184,7 @@ class PeerLink:
     async def _ask(self, req: int, data: bytes) -> Any:
         """Send a request and wait for its answer (OK, OFFSET or REPLY; FAIL raises)."""
         self._write(data)  # the answer cannot come before this coroutine waits
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiters[req] = future
+        future = self._answers.expect(req)
         try:
             await self.flush()
         except BaseException:
@@ -246,8 +198,8 @@ class PeerLink:
     async def _post(self, req: int, data: bytes, on_done: AckCallback) -> None:
         """Send a request whose answer goes to ``on_done``, without waiting for it."""
         self._write(data)  # nothing is registered for a request that never left
-        self._callbacks[req] = on_done
-        if self._unflushed >= _DRAIN_EVERY:
+        self._answers.notify(req, on_done)
+        if self._outbox.unflushed >= DRAIN_EVERY:
             await self.flush()
 
     async def _request(self, build: Callable[[int], bytes]) -> Any:
@@ -262,6 +214,11 @@ class PeerLink:
         """Send a whole small file; ``on_done`` hears whether the host stored it durably."""
         req = self._new_id()
         await self._post(req, protocol.put(req, path, mtime_ns, mode, data), on_done)
+
+    async def upload(self, path: bytes, size: int, mtime_ns: int, mode: int) -> Upload:
+        """Start (or resume) a large file; the host's answer says from which offset."""
+        req, offset = await self.open_upload(path, size, mtime_ns, mode)
+        return Upload(self, req, offset)
 
     async def open_upload(
         self, path: bytes, size: int, mtime_ns: int, mode: int
@@ -329,8 +286,19 @@ class PeerLink:
                     raise ProtocolError(f"unexpected {kind.name} in a listing")
                 yield value
 
+    async def download(self, path: bytes) -> AsyncGenerator[Entry | memoryview]:
+        """Yield a file's or a tree's entries in canonical order, each file's data after it.
+
+        An ``Entry`` starts each file and directory; a file's bytes follow as memoryview
+        chunks until its size is reached. Close the generator (``contextlib.aclosing``)
+        when leaving it early.
+        """
+        async with contextlib.aclosing(self.read(path)) as frames:
+            async for kind, value in frames:
+                yield value[0] if kind is Frame.ENTRY else value
+
     def read(self, path: bytes) -> AsyncGenerator[tuple[Frame, Any]]:
-        """Yield a file's or tree's ENTRY frames ((Entry, None)) and DATA frames (bytes).
+        """Yield READ's answer frame by frame: (ENTRY, (Entry, None)) and (DATA, bytes).
 
         Close the generator (``contextlib.aclosing``) when leaving it early.
         """
@@ -338,9 +306,7 @@ class PeerLink:
 
     async def _stream(self, build: Callable[[int], bytes]) -> AsyncGenerator[tuple[Frame, Any]]:
         req = self._new_id()
-        # Bounded: a slow consumer stops the dispatcher, which stops reading the channel.
-        stream = _Stream(asyncio.Queue(256))
-        self._streams[req] = stream
+        stream = self._answers.open_stream(req)
         finished = True  # until the request is out: nothing will answer it
         try:
             self._write(build(req))
@@ -359,13 +325,7 @@ class PeerLink:
                     raise value
                 yield kind, value
         finally:
-            if self._streams.pop(req, None) is not None and not finished:
-                # The reader left early (an error, a break): unless its end is already
-                # here, the host is still answering and the rest must be dropped.
-                while not finished and not stream.queue.empty():
-                    finished = stream.queue.get_nowait()[0] in (Frame.DONE, Frame.FAIL)
-                if not finished:
-                    self._abandoned.add(req)
+            self._answers.close_stream(req, stream, finished=finished)
 
     # --- receiving -------------------------------------------------------------------------
 
@@ -373,7 +333,7 @@ class PeerLink:
         try:
             while True:
                 kind, body = await protocol.read_frame(self._reader)
-                await self._handle(kind, body)
+                await self._answers.handle(kind, body)
         except asyncio.CancelledError:
             raise
         except (asyncio.IncompleteReadError, asyncssh.Error, OSError) as err:
@@ -387,82 +347,11 @@ class PeerLink:
             self._fail_everything(err)
             self._conn.close()
 
-    async def _handle(self, kind: Frame, body: bytes) -> None:
-        if kind is Frame.OK:
-            for req in protocol.parse_ok(body):
-                self._resolve(req, None)
-        elif kind is Frame.FAIL:
-            req, info = protocol.parse_fail(body)
-            error = error_from_fail(info)
-            stream = self._streams.get(req)
-            if stream is not None:
-                await stream.queue.put((Frame.FAIL, error))
-            elif req in self._abandoned:
-                self._abandoned.discard(req)
-            else:
-                self._resolve(req, error)
-        elif kind is Frame.OFFSET:
-            req, position = protocol.parse_offset(body)
-            self._resolve(req, None, position)
-        elif kind is Frame.REPLY:
-            req, answer = protocol.parse_reply(body)
-            self._resolve(req, None, answer)
-        elif kind is Frame.ENTRY:
-            req, item, digest = protocol.parse_entry(body)
-            await self._to_stream(req, Frame.ENTRY, (item, digest))
-        elif kind is Frame.DATA:
-            req, chunk = protocol.parse_data(body)
-            await self._to_stream(req, Frame.DATA, chunk)
-        elif kind is Frame.DONE:
-            req = protocol.request_id(body)
-            await self._to_stream(req, Frame.DONE, None)
-        else:
-            raise ProtocolError(f"unexpected {kind.name} from the host")
-
-    async def _to_stream(self, req: int, kind: Frame, value: Any) -> None:
-        stream = self._streams.get(req)
-        if stream is None:
-            if req in self._abandoned:
-                if kind is Frame.DONE:
-                    self._abandoned.discard(req)
-                return
-            raise ProtocolError(f"{kind.name} for no open request")
-        await stream.queue.put((kind, value))
-
-    def _resolve(self, req: int, error: MyNasError | None, value: Any = None) -> None:
-        callback = self._callbacks.pop(req, None)
-        if callback is not None:
-            callback(error)
-            return
-        future = self._waiters.pop(req, None)
-        if future is None:
-            raise ProtocolError(f"answer to unknown request {req}")
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-
     def _fail_everything(self, cause: BaseException) -> None:
         if self._closed is None:
             self._closed = cause
-        error = _lost(self.address, cause)
-        for callback in self._callbacks.values():
-            callback(error)
-        self._callbacks.clear()
-        for future in self._waiters.values():
-            if not future.done():
-                future.set_exception(error)
-        self._waiters.clear()
-        for stream in self._streams.values():
-            # The reader gets what was already queued, then the error (never a hang on a
-            # full queue: it checks ``error`` before each wait).
-            stream.error = error
-            if not stream.queue.full():
-                stream.queue.put_nowait((Frame.FAIL, error))
-        self._streams.clear()
-        self._abandoned.clear()
+        self._outbox.close()  # the requests its frames carried fail here
+        self._answers.fail_all(_lost(self.address, cause))
 
 
 def _lost(address: str, cause: BaseException) -> MyNasError:

@@ -1,9 +1,9 @@
 """The index: what each peer holds of each folder, in one SQLite database per node.
 
 It is the source of truth for "what changed since the last run": the scanner diffs the
-local walk against it, so a run with nothing changed never lists the peer. The replicator
-records a file only once the host has acknowledged it, so the index never claims more than
-the peer holds.
+local walk against it, so a run with nothing changed never lists the peer. A push records
+a file only once the host has acknowledged it, so the index never claims more than the peer
+holds.
 
 A row is keyed by ``(replica, key)`` where ``key`` is the entry's ``tree.sort_key``, so
 ``ORDER BY key`` is the canonical order of every other stream. The path and the kind are

@@ -11,52 +11,29 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 import contextlib
-from dataclasses import dataclass
 import os
 import stat
 import time
-from typing import Any
 
 from .. import tree
 from ..errors import HostRefused, PathRefused, RestoreConflict
 from ..identity import Identity
-from ..protocol import FailCode, Frame
+from ..protocol import FailCode
 from .client import PeerLink, connect_any
-from .push import (
-    PROGRESS_INTERVAL,
+from .run import (
+    BATCH_BYTES,
+    BATCH_FILES,
     SMALL_FILE,
     PeerTarget,
     Phase,
     Progress,
     ProgressCallback,
+    Reporter,
+    RestoreResult,
     check_folder_name,
+    check_subpath,
     remote_path,
-    summary,
 )
-
-
-@dataclass(slots=True)
-class RestoreResult:
-    """What a restore wrote."""
-
-    folder: str
-    files: int = 0
-    bytes: int = 0
-    dirs: int = 0
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the summary as plain data."""
-        return summary(self)
-
-
-def check_subpath(path: str | bytes) -> bytes:
-    """Return a sub-path of a folder as relative bytes, or raise ValueError."""
-    raw = os.fsencode(path).strip(b"/")
-    parts = raw.split(b"/") if raw else []
-    if any(part in (b"", b".", b"..") or b"\0" in part for part in parts):
-        raise ValueError(f"{os.fsdecode(raw)!r} is not a path inside the folder")
-    return raw
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -201,7 +178,8 @@ async def restore(
     dest = await loop.run_in_executor(None, _make_destination, destination)
     writer = _LocalWriter(dest, overwrite)
     result = RestoreResult(folder)
-    state = Progress(Phase.RESTORING)
+    report = Reporter(Progress(Phase.RESTORING), progress)
+    state = report.state
     remote_root = remote_path(folder_name, sub)
     prefix = folder_name + b"/"
 
@@ -241,14 +219,11 @@ async def restore(
             if conflicts:
                 raise RestoreConflict(os.fsdecode(dest), os.fsdecode(conflicts[0]), len(conflicts))
         files.clear()
-        await _receive(link, remote_root, writer, relative, result, state, progress)
+        await _receive(link, remote_root, writer, relative, result, report)
     finally:
         await link.close()
     result.seconds = time.monotonic() - started
-    state.phase = Phase.DONE
-    state.scan_complete = True
-    if progress is not None:
-        progress(state)
+    report.done()
     return result
 
 
@@ -258,10 +233,10 @@ async def _receive(
     writer: _LocalWriter,
     relative: Callable[[bytes], bytes],
     result: RestoreResult,
-    state: Progress,
-    progress: ProgressCallback | None,
+    report: Reporter,
 ) -> None:
     loop = asyncio.get_running_loop()
+    state = report.state
     dirs: list[tuple[bytes, int]] = []
     pending: list[tuple[tree.Entry, bytes, bytes]] = []
     pending_size = 0
@@ -270,7 +245,6 @@ async def _receive(
     parts: list[bytes] = []
     received = 0
     large: tuple[int, bytes] | None = None
-    last = 0.0
 
     async def flush() -> None:
         nonlocal pending, pending_size
@@ -287,7 +261,7 @@ async def _receive(
         else:
             pending.append((current, current_rel, b"".join(parts)))
             pending_size += current.size
-            if len(pending) >= 256 or pending_size >= 4 * 1024 * 1024:
+            if len(pending) >= BATCH_FILES or pending_size >= BATCH_BYTES:
                 await flush()
         result.files += 1
         result.bytes += current.size
@@ -295,12 +269,11 @@ async def _receive(
         current = None
 
     try:
-        async with contextlib.aclosing(link.read(remote_root)) as frames:
-            async for kind, value in frames:
-                if kind is Frame.ENTRY:
+        async with contextlib.aclosing(link.download(remote_root)) as items:
+            async for item in items:
+                if isinstance(item, tree.Entry):
                     if current is not None:
                         raise PathRefused("the host sent a file shorter than announced")
-                    item: tree.Entry = value[0]
                     rel = relative(item.path)
                     if item.kind is tree.Kind.DIR:
                         await loop.run_in_executor(None, writer.make_dir, rel)
@@ -317,7 +290,7 @@ async def _receive(
                     elif item.size == 0:
                         await complete()
                 else:
-                    chunk = bytes(value)
+                    chunk = bytes(item)
                     if current is None or received + len(chunk) > current.size:
                         raise PathRefused("the host sent more data than announced")
                     received += len(chunk)
@@ -328,10 +301,7 @@ async def _receive(
                         parts.append(chunk)
                     if received == current.size:
                         await complete()
-                    now = time.monotonic()
-                    if progress is not None and now - last >= PROGRESS_INTERVAL:
-                        last = now
-                        progress(state)
+                    report()
         if current is not None:
             raise PathRefused("the host sent a file shorter than announced")
         await flush()

@@ -21,8 +21,7 @@ import stat
 from .. import tree
 from ..errors import SourceMissing
 from .index import IndexEntry, IndexRow
-
-MAX_ERRORS = 100  # errors kept with their path; more are only counted
+from .run import MAX_REPORTED
 
 # Never follow a symlink; never wait on a FIFO that replaced a file since the walk.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -57,12 +56,12 @@ class ScanReport:
     dirs: int = 0
     bytes: int = 0
     errors: list[tuple[builtins.bytes, str]] = field(default_factory=list)
-    error_count: int = 0  # errors beyond the first MAX_ERRORS kept in ``errors``
+    error_count: int = 0  # errors beyond the first MAX_REPORTED kept in ``errors``
     skipped: int = 0  # symlinks and special files, which are never backed up
 
     def add_error(self, path: builtins.bytes, message: str) -> None:
         """Keep the error if there is room, count it otherwise."""
-        if len(self.errors) < MAX_ERRORS:
+        if len(self.errors) < MAX_REPORTED:
             self.errors.append((path, message))
         else:
             self.error_count += 1
@@ -241,7 +240,7 @@ def _differs(local: tree.Entry, peer: IndexRow) -> bool:
     """Return whether an entry changed; the same key means the same kind."""
     if local.mtime_ns != peer[2] or local.mode != peer[3]:
         return True
-    # A directory's size means nothing; its mtime does (the replicator sets it again).
+    # A directory's size means nothing; its mtime does (a push sets it again).
     return local.kind is tree.Kind.FILE and local.size != peer[1]
 
 

@@ -10,11 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Sequence
 import contextlib
-from dataclasses import dataclass, field
 import os
-import threading
 import time
-from typing import Any
 
 from .. import tree
 from ..errors import HostRefused
@@ -22,54 +19,25 @@ from ..identity import Identity
 from ..protocol import FailCode
 from . import scanner
 from .client import PeerLink, connect_any
+from .handoff import Handoff
 from .index import Index, IndexEntry
-from .push import (
-    MAX_REPORTED,
-    PROGRESS_INTERVAL,
-    IndexWriter,
+from .index_writer import IndexWriter
+
+# The repair is a push: verify runs one (after teaching the index) when asked to.
+from .push import push
+from .run import (
+    BATCH_FILES,
     PeerTarget,
     Phase,
     Progress,
     ProgressCallback,
+    Reporter,
+    VerifyResult,
     check_folder_name,
     check_source,
-    push,
-    summary,
 )
 
-# Hashed entries handed to the event loop at a time, and batches queued at most.
-_HAND_OFF = 256
-_QUEUE_BATCHES = 4
-
-
-@dataclass(slots=True)
-class VerifyResult:
-    """What verify found (and repaired)."""
-
-    folder: str
-    checked: int = 0
-    missing: int = 0
-    mismatched: int = 0
-    extra: int = 0
-    repaired: int = 0
-    # True once a repair push went through without errors: the replica matches now.
-    repair_complete: bool = False
-    examples: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def clean(self) -> bool:
-        """True when the replica matches the source exactly."""
-        return not (self.missing or self.mismatched or self.extra)
-
-    def note(self, kind: str, path: bytes) -> None:
-        """Remember an example of a difference."""
-        if len(self.examples) < MAX_REPORTED:
-            self.examples.append(f"{kind}: {os.fsdecode(path)}")
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the summary as plain data."""
-        return {**summary(self), "clean": self.clean}
+type _Hashed = tuple[tree.Entry, bytes | None]
 
 
 class _LocalHasher:
@@ -78,54 +46,32 @@ class _LocalHasher:
     def __init__(
         self, loop: asyncio.AbstractEventLoop, source: bytes, exclude: Sequence[str]
     ) -> None:
-        self.queue: asyncio.Queue[list[tuple[tree.Entry, bytes | None]] | BaseException | None] = (
-            asyncio.Queue(_QUEUE_BATCHES)
-        )
-        self._loop = loop
+        self.handoff: Handoff[list[_Hashed]] = Handoff(loop)
         self._source = source
         self._exclude = exclude
-        self._stop = threading.Event()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def run(self) -> None:
-        try:
-            skip = scanner.Excludes(self._exclude) if self._exclude else None
-            batch: list[tuple[tree.Entry, bytes | None]] = []
-            for entry in tree.walk(self._source, skip=skip, on_error=lambda *_: None):
-                digest = None
-                if entry.kind is tree.Kind.FILE:
-                    try:
-                        digest = tree.hash_file(self._source + b"/" + entry.path)
-                    except OSError:
-                        digest = None
-                batch.append((entry, digest))
-                if len(batch) >= _HAND_OFF and not self._hand(batch):
-                    return
-                if len(batch) >= _HAND_OFF:
-                    batch = []
-            if batch and not self._hand(batch):
-                return
-            self._hand(None)
-        except BaseException as err:  # handed to the loop, which re-raises
-            self._hand(err)
+        self.handoff.feed(self._hash)
 
-    def _hand(self, item: Any) -> bool:
-        future = asyncio.run_coroutine_threadsafe(self.queue.put(item), self._loop)
-        while not self._stop.is_set():
-            try:
-                future.result(timeout=0.2)
-                return True
-            except TimeoutError:
-                continue
-        future.cancel()
-        return False
+    def _hash(self) -> bool:
+        skip = scanner.Excludes(self._exclude) if self._exclude else None
+        batch: list[_Hashed] = []
+        for entry in tree.walk(self._source, skip=skip, on_error=lambda *_: None):
+            digest = None
+            if entry.kind is tree.Kind.FILE:
+                try:
+                    digest = tree.hash_file(self._source + b"/" + entry.path)
+                except OSError:
+                    digest = None
+            batch.append((entry, digest))
+            if len(batch) >= BATCH_FILES:
+                if not self.handoff.put(batch):
+                    return False
+                batch = []
+        return not batch or self.handoff.put(batch)
 
-    async def entries(self) -> AsyncGenerator[tuple[tree.Entry, bytes | None]]:
-        while (batch := await self.queue.get()) is not None:
-            if isinstance(batch, BaseException):
-                raise batch
+    async def entries(self) -> AsyncGenerator[_Hashed]:
+        while (batch := await self.handoff.get()) is not None:
             for item in batch:
                 yield item
 
@@ -155,7 +101,7 @@ async def verify(
     folder_name = check_folder_name(folder)
     raw_source = await loop.run_in_executor(None, check_source, source)
     result = VerifyResult(folder)
-    state = Progress(Phase.VERIFYING)
+    report = Reporter(Progress(Phase.VERIFYING), progress)
     prefix = folder_name + b"/"
     writer = IndexWriter(index, folder, target.id) if repair and index is not None else None
     try:
@@ -169,9 +115,8 @@ async def verify(
                 raw_source,
                 exclude,
                 result,
-                state,
+                report,
                 writer,
-                progress,
             )
         finally:
             await link.close()
@@ -180,16 +125,14 @@ async def verify(
     finally:
         if writer is not None:
             await loop.run_in_executor(None, writer.close)
-    state.scan_complete = True
+    report.state.scan_complete = True
     if repair and index is not None and not result.clean:
         pushed = await push(
             identity, target, folder, source, index, exclude=exclude, progress=progress
         )
         result.repaired = pushed.files_sent + pushed.files_deleted
         result.repair_complete = not (pushed.error_count or pushed.files_changed_during_read)
-    state.phase = Phase.DONE
-    if progress is not None:
-        progress(state)
+    report.done()
     result.seconds = time.monotonic() - started
     return result
 
@@ -202,16 +145,15 @@ async def _compare(
     source: bytes,
     exclude: Sequence[str],
     result: VerifyResult,
-    state: Progress,
+    report: Reporter,
     writer: IndexWriter | None,
-    progress: ProgressCallback | None,
 ) -> None:
     """Merge the host's listing with the local walk (both in canonical order)."""
     hasher = _LocalHasher(loop, source, exclude)
     thread = loop.run_in_executor(None, hasher.run)
     remote = _host_entries(link, folder_name, prefix)
     local_items = hasher.entries()
-    last = 0.0
+    state = report.state
     try:
         host = await anext(remote, None)
         mine = await anext(local_items, None)
@@ -249,12 +191,9 @@ async def _compare(
                 mine = await anext(local_items, None)
             if writer is not None:
                 await writer.maybe_flush()
-            now = time.monotonic()
-            if progress is not None and now - last >= PROGRESS_INTERVAL:
-                last = now
-                progress(state)
+            report()
     finally:
-        hasher.stop()
+        hasher.handoff.stop()
         await remote.aclose()
         await local_items.aclose()
         await asyncio.gather(thread, return_exceptions=True)

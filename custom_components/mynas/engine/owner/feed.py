@@ -1,0 +1,128 @@
+"""Push's worker-thread half: scan the folder against the index and read the small files.
+
+The scan (``scanner.scan_rows``) and the reads of files up to ``SMALL_FILE`` block, so they
+run in a worker thread that hands ``Work`` to the event loop in batches (``Handoff``); the
+loop (``push``) only sends. Large files are left to the loop's reader, which streams them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+import os
+import threading
+
+from .. import tree
+from . import scanner
+from .handoff import Handoff
+from .index import Index
+from .run import BATCH_BYTES, BATCH_FILES, SMALL_FILE
+from .scanner import Action, Change
+
+
+@dataclass(slots=True)
+class Work:
+    """One change, with what the scan thread already read for it."""
+
+    change: Change
+    data: bytes | None = None
+    digest: bytes | None = None
+    error: str | None = None
+    changed: bool = False
+
+
+# A batch of work, and whether it is the scan's last.
+type Batch = tuple[list[Work], bool]
+
+
+class Feeder:
+    """Runs the scan (and reads small files) in a worker thread, handing work to the loop."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        source: bytes,
+        index: Index,
+        folder: str,
+        peer: str,
+        exclude: Sequence[str],
+    ) -> None:
+        """Scan ``source`` against the index of (``folder``, ``peer``); call ``run`` in a thread."""
+        self.handoff: Handoff[Batch] = Handoff(loop)
+        self.report = scanner.ScanReport()
+        self._source = source
+        self._index = index
+        self._folder = folder
+        self._peer = peer
+        self._exclude = exclude
+        # Once the run cannot store anything more, sizes are all that matter: stop reading.
+        self.count_only = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the thread to stop at the next hand-over."""
+        self.handoff.stop()
+
+    def run(self) -> None:
+        """Scan, read, and hand over batches; always ends with the end or an exception."""
+        self.handoff.feed(self._scan)
+
+    def _scan(self) -> bool:
+        batch = self._root_change()
+        size = 0
+        entries = self._index.rows(self._folder, self._peer)
+        try:
+            for change in scanner.scan_rows(
+                self._source, entries, exclude=self._exclude, report=self.report
+            ):
+                work = self._prepare(change)
+                batch.append(work)
+                size += len(work.data) if work.data else 0
+                if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+                    if not self.handoff.put((batch, False)):
+                        return False
+                    batch, size = [], 0
+        finally:
+            # Now, not when collected: the stream holds an SQLite connection.
+            close = getattr(entries, "close", None)
+            if close is not None:
+                close()
+        return self.handoff.put((batch, True))
+
+    def _root_change(self) -> list[Work]:
+        """The folder itself, if its mtime is not what the peer's copy got last time.
+
+        The root is no entry of the scan; without this a run where only the folder's own
+        mtime moved (a file created and removed, an excluded file written) would leave the
+        replica's root behind.
+        """
+        try:
+            mtime = os.lstat(self._source).st_mtime_ns
+        except OSError:
+            return []  # the scan will say what is wrong with the source
+        if mtime == self._index.root_mtime(self._folder, self._peer):
+            return []
+        root = tree.Entry(b"", tree.Kind.DIR, 0, mtime, tree.DIR_MODE)
+        return [Work(Change(Action.CHANGED, root))]
+
+    def _prepare(self, change: Change) -> Work:
+        entry = change.entry
+        work = Work(change)
+        if change.action is Action.DELETED or entry.kind is not tree.Kind.FILE:
+            return work
+        if entry.size > SMALL_FILE or self.count_only.is_set():
+            return work
+        assert isinstance(entry, tree.Entry)
+        try:
+            data = scanner.read_file_checked(self._source + b"/" + entry.path, entry)
+        except OSError as err:
+            work.error = f"{os.fsdecode(entry.path)}: {err.strerror or err}"
+            return work
+        if data is None:
+            work.changed = True
+            return work
+        digest = tree.new_hash()
+        digest.update(data)
+        work.data = data
+        work.digest = digest.digest()
+        return work

@@ -1,0 +1,388 @@
+"""Push's sending half: each change over the link, and what the host acknowledged booked.
+
+``push`` feeds a ``Sender`` the scan's work in batches (``feed``): small files go whole in a
+PUT each, large ones stream from a reader thread (``Upload``), deletions and directories
+are requests of their own. A small file waits for nothing but the channel's flow control:
+the host's acknowledgements arrive as callbacks that update the result and queue index
+records (``IndexWriter``). A quota or disk-full refusal, or a lost connection, stops the sending
+(``stop_error``) while the scan goes on counting what the run still needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+import os
+import stat
+from typing import Any
+
+from .. import tree
+from ..errors import HostRefused, MyNasError, PeerDiskFull, PeerUnreachable, QuotaExceeded
+from .client import PeerLink, Upload
+from .feed import Work
+from .index import IndexEntry
+from .index_writer import IndexWriter
+from .run import (
+    Phase,
+    Progress,
+    ProgressCallback,
+    PushResult,
+    Reporter,
+    check_folder_name,
+    remote_path,
+)
+from .scanner import Action
+from .throttle import Throttle
+
+# Read large files this much per worker-thread hop (sent as several pieces).
+_READ_BLOCK = 4 * Upload.piece_size
+# The longest the push handles files without letting the event loop run other tasks.
+_TURN = 0.002
+
+
+def _parent(path: bytes) -> bytes:
+    return path.rpartition(b"/")[0]
+
+
+@dataclass(slots=True)
+class _DirDeletion:
+    """A directory sent to the trash: its files below count as deleted once it is."""
+
+    prefix: bytes
+    files: int = 0
+    done: bool | None = None  # None while the host has not answered
+
+
+class Sender:
+    """Sends one push's changes to one peer, over a link attached at the first change."""
+
+    def __init__(
+        self,
+        index: IndexWriter,
+        folder: str,
+        source: bytes,
+        throttle: Throttle,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.index = index
+        self.folder = check_folder_name(folder)
+        self.source = source
+        self.throttle = throttle
+        self.result = PushResult(folder)
+        self.state = Progress(Phase.SCANNING)
+        self.report = Reporter(self.state, progress)
+        self.stop_error: MyNasError | None = None
+        # Bytes of the files the run could not store once the host ran out of room.
+        self.still_needed = 0
+        self.quota_available: int | None = None
+        self.on_stop: Callable[[], None] | None = None
+        self._deleted_dir: _DirDeletion | None = None
+        # Directories whose mtime must be set at the end (their contents change theirs).
+        self._dirs: dict[bytes, int | None] = {}
+        self._loop = asyncio.get_running_loop()
+        self._reader: ThreadPoolExecutor | None = None  # started by the first large file
+        self._turn_ends = 0.0  # when sending must next let the loop's other tasks run
+        self._link: PeerLink | None = None
+
+    @property
+    def attached(self) -> bool:
+        """Whether a link is attached (``push`` attaches it before the first change)."""
+        return self._link is not None
+
+    @property
+    def link(self) -> PeerLink:
+        """The attached link."""
+        assert self._link is not None
+        return self._link
+
+    def attach(self, link: PeerLink) -> None:
+        """Send over ``link`` from now on."""
+        self._link = link
+
+    async def take_turns(self) -> None:
+        """Let the loop's other tasks run if this push has had it for _TURN seconds.
+
+        Sending small files, or blocks read ahead, seldom has to wait for anything: without
+        this the loop would run nothing else for as long as the channel takes data.
+        """
+        if self._loop.time() >= self._turn_ends:
+            await asyncio.sleep(0)
+            self._turn_ends = self._loop.time() + _TURN
+
+    def _failed(self, err: MyNasError, what: bytes, size: int = 0) -> None:
+        if isinstance(err, QuotaExceeded):
+            self.still_needed += size
+            self.quota_available = err.available
+        if isinstance(err, (QuotaExceeded, PeerDiskFull, PeerUnreachable)):
+            if self.stop_error is None:
+                self.stop_error = err
+                if self.on_stop is not None:
+                    self.on_stop()
+        else:
+            self.result.add_error(f"{os.fsdecode(what)}: {err}")
+
+    def _touch(self, path: bytes) -> None:
+        parent = _parent(path)
+        self._dirs.setdefault(parent, None)
+
+    def plan(self, batch: list[Work], last: bool) -> None:
+        """Count a batch into the totals before sending it (final with the last one)."""
+        for work in batch:
+            if (
+                work.change.action is not Action.DELETED
+                and work.change.entry.kind is tree.Kind.FILE
+            ):
+                self.state.files_total += 1
+                self.state.bytes_total += work.change.entry.size
+        self.state.scan_complete = last
+
+    async def handle(self, work: Work) -> None:
+        """Send one change (or, once stopped, count what it would have needed)."""
+        change = work.change
+        entry = change.entry
+        if self.stop_error is not None:
+            if change.action is not Action.DELETED and entry.kind is tree.Kind.FILE:
+                self.still_needed += entry.size
+            return
+        if change.action is not Action.DELETED and entry.kind is tree.Kind.DIR:
+            self._dirs[entry.path] = entry.mtime_ns
+            return
+        self.state.phase = Phase.TRANSFERRING
+        if change.action is Action.DELETED:
+            await self._delete(entry)
+        elif work.error is not None:
+            self.result.add_error(work.error)
+        elif work.changed:
+            self.result.files_changed_during_read += 1
+        elif work.data is not None:
+            await self._put(work)
+        else:
+            assert isinstance(entry, tree.Entry)
+            await self._upload(entry)
+        await self.index.maybe_flush()
+        self.report()
+
+    async def _delete(self, entry: tree.Entry | IndexEntry) -> None:
+        gone = self._deleted_dir
+        if gone is not None and entry.path.startswith(gone.prefix):
+            # It goes to the host's trash with its directory.
+            if entry.kind is tree.Kind.FILE:
+                gone.files += 1
+                self.result.files_deleted += 1 if gone.done else 0
+            return
+        is_dir = entry.kind is tree.Kind.DIR
+        deletion = _DirDeletion(entry.path + b"/") if is_dir else None
+        if deletion is not None:
+            self._deleted_dir = deletion
+        path = entry.path
+
+        def done(err: MyNasError | None) -> None:
+            if err is not None and not (isinstance(err, HostRefused) and err.code == "missing"):
+                if deletion is not None:
+                    deletion.done = False
+                self._failed(err, path)
+                return
+            if deletion is not None:
+                deletion.done = True
+                self.result.files_deleted += deletion.files
+                self.index.forget_tree(path)
+            else:
+                self.index.forget(path, tree.Kind.FILE)
+                self.result.files_deleted += 1
+
+        self._touch(path)
+        self._dirs.pop(path, None)
+        await self.link.delete(remote_path(self.folder, path), done)
+
+    async def _put(self, work: Work) -> None:
+        entry = work.change.entry
+        assert work.data is not None
+        size = len(work.data)
+        record = IndexEntry(
+            entry.path, tree.Kind.FILE, entry.size, entry.mtime_ns, entry.mode, work.digest
+        )
+
+        def done(err: MyNasError | None) -> None:
+            if err is not None:
+                self._failed(err, entry.path, size)
+                return
+            self.index.record(record)
+            self.result.files_sent += 1
+            self.result.bytes_sent += size
+            self.state.files_done += 1
+            self.state.bytes_done += size
+
+        self._touch(entry.path)
+        await self.throttle.consume(size)
+        await self.link.put(
+            remote_path(self.folder, entry.path), entry.mtime_ns, entry.mode, work.data, done
+        )
+
+    def _in_reader[T](self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``func`` in the thread that reads large files, after what it already runs.
+
+        One thread, so a file's reads, its hash updates and its close happen in order, and a
+        close never races a read still running for a transfer that was cut short.
+        """
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="mynas-read")
+        return self._loop.run_in_executor(self._reader, func, *args)
+
+    def close(self) -> None:
+        """Wait for the reader thread's last jobs (blocking: call it from a worker thread)."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+
+    async def _upload(self, entry: tree.Entry) -> None:
+        local = self.source + b"/" + entry.path
+        remote = remote_path(self.folder, entry.path)
+        self._touch(entry.path)
+        try:
+            fd = await self._in_reader(_open_local, local)
+        except FileNotFoundError:
+            self.result.files_changed_during_read += 1  # gone since the scan
+            return
+        except OSError as err:
+            self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
+            return
+        try:
+            try:
+                upload = await self.link.upload(remote, entry.size, entry.mtime_ns, entry.mode)
+            except MyNasError as err:
+                self._failed(err, entry.path, entry.size)
+                return
+            digest = tree.new_hash()
+            try:
+                sent = await self._stream_file(fd, upload, entry, digest)
+            except OSError as err:
+                # The local disk failed us: keep what the host has for a later resume.
+                await upload.abandon()
+                self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
+                return
+            if not sent:
+                # Changed while we read it: never record it; the next run sends it again.
+                await upload.discard()
+                self.result.files_changed_during_read += 1
+                return
+            try:
+                await upload.finish()
+            except MyNasError as err:
+                self._failed(err, entry.path, entry.size)
+                return
+            self.index.record(IndexEntry.from_entry(entry, digest.digest()))
+            self.result.files_sent += 1
+            self.result.bytes_sent += entry.size - upload.offset
+            self.state.files_done += 1
+        finally:
+            # Queued behind any read still running: the descriptor outlives its last use.
+            self._in_reader(os.close, fd)
+
+    async def _stream_file(self, fd: int, upload: Upload, entry: tree.Entry, digest: Any) -> bool:
+        """Send ``entry`` from where the host's copy ends; False if it changed under the reader.
+
+        The reader thread reads and hashes the next block while this one is being sent.
+        """
+        offset = upload.offset
+        if offset:
+            if not await self._in_reader(_hash_prefix, fd, offset, digest):
+                return False
+            self.state.bytes_done += offset
+        position = offset
+        step = upload.piece_size
+
+        def read_ahead() -> asyncio.Future[bytes] | None:
+            if position >= entry.size:
+                return None
+            size = min(_READ_BLOCK, entry.size - position)
+            return self._in_reader(_read_block, fd, position, size, digest)
+
+        ahead = read_ahead()
+        try:
+            while ahead is not None:
+                block = await ahead
+                ahead = None
+                if not block:
+                    break
+                position += len(block)
+                ahead = read_ahead()
+                view = memoryview(block)
+                for start in range(0, len(block), step):
+                    piece = view[start : start + step]
+                    await self.throttle.consume(len(piece))
+                    await upload.send(piece)
+                    await self.take_turns()
+                self.state.bytes_done += len(block)
+                self.report()
+        finally:
+            if ahead is not None:  # left early: nobody wants that block any more
+                ahead.cancel()
+        after = await self._in_reader(os.fstat, fd)
+        return (
+            position == entry.size
+            and after.st_size == entry.size
+            and after.st_mtime_ns == entry.mtime_ns
+        )
+
+    async def finish_dirs(self) -> None:
+        """Create every new directory (empty ones too) and give each its local mtime."""
+        self._dirs.setdefault(b"", None)
+        # Deepest first, the folder itself last: creating a directory changes its parent's
+        # mtime, never the reverse.
+        paths = sorted(self._dirs, key=lambda p: p.count(b"/") if p else -1, reverse=True)
+        mtimes = await self._loop.run_in_executor(None, _dir_mtimes, self.source, paths)
+        for path in paths:
+            mtime = mtimes.get(path)
+            if mtime is None:
+                continue  # gone locally since the scan; the next run deletes it
+
+            def done(err: MyNasError | None, path: bytes = path, mtime: int = mtime) -> None:
+                if err is not None:
+                    self._failed(err, path)
+                    return
+                self.result.dirs_updated += 1
+                if path:
+                    self.index.record(
+                        IndexEntry(path, tree.Kind.DIR, 0, mtime, tree.DIR_MODE, None)
+                    )
+                else:
+                    self.index.record_root(mtime)
+
+            await self.link.mkdir(remote_path(self.folder, path), mtime, done)
+        await self.link.sync()
+
+
+def _open_local(path: bytes) -> int:
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def _hash_prefix(fd: int, length: int, digest: Any) -> bool:
+    """Hash the first ``length`` bytes; False if the file is shorter now."""
+    position = 0
+    while position < length:
+        block = os.pread(fd, min(_READ_BLOCK, length - position), position)
+        if not block:
+            return False
+        digest.update(block)
+        position += len(block)
+    return True
+
+
+def _read_block(fd: int, position: int, size: int, digest: Any) -> bytes:
+    block = os.pread(fd, size, position)
+    digest.update(block)
+    return block
+
+
+def _dir_mtimes(source: bytes, paths: Iterable[bytes]) -> dict[bytes, int]:
+    """Return the current local mtime of each directory (read now: files changed them)."""
+    result = {}
+    for path in paths:
+        try:
+            info = os.lstat(source + b"/" + path if path else source)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            result[path] = info.st_mtime_ns
+    return result
