@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -108,18 +107,7 @@ def _install_key(key_file: Path, restore_from: str | None) -> str:
     replicas back after losing a node: friends still trust that key.
     """
     if restore_from:
-        old = identity.load(restore_from)
-        if key_file.exists() and identity.load(key_file).public_line != old.public_line:
-            raise KeyFileError(f"{key_file} already holds another key; not replacing it")
-        if not key_file.exists():
-            key_file.parent.mkdir(mode=identity.KEY_DIR_MODE, parents=True, exist_ok=True)
-            # Created 0600 from the start: the private key is never readable by others.
-            data = Path(restore_from).read_bytes()
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, identity.KEY_FILE_MODE)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+        identity.copy_key(restore_from, key_file)
     node, _ = identity.load_or_create(key_file)
     return node.public_line
 

@@ -56,12 +56,6 @@ class NodeData:
         return sum(usage.used for usage in self.hosted.values())
 
 
-def read_disk(root: str, node_id: str) -> DiskUsage:
-    """Check that the storage root is still our disk, then measure it (blocking)."""
-    storage_root.check_root(root, node_id)
-    return storage_root.disk_usage(root)
-
-
 class NodeCoordinator(DataUpdateCoordinator[NodeData]):
     """Polls the disk and the hosted space; fails (entities unavailable) without the disk."""
 
@@ -92,7 +86,9 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
     async def _async_update_data(self) -> NodeData:
         entry = self.config_entry
         try:
-            disk = await self.hass.async_add_executor_job(read_disk, self.root, self.node_id)
+            disk = await self.hass.async_add_executor_job(
+                storage_root.measure_root, self.root, self.node_id
+            )
         except storage_root.StorageRootError as err:
             # Scheduled runs wait: the index lives on that disk, and a folder path may now
             # show another disk's content.

@@ -7,7 +7,6 @@ and they pin ours from the code this flow shows to send back.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +46,7 @@ from .engine.host.storage import validate_peer_name
 from .engine.identity import fingerprint
 from .engine.node import ProbeResult, Reachability
 from .engine.owner.push import PeerTarget
-from .engine.storage_root import INTERNAL_DIR
+from .engine.storage_root import names_on_disk
 
 if TYPE_CHECKING:
     from .coordinator import MyNasRuntimeData
@@ -73,24 +72,6 @@ def jail_name(name: str, taken: set[str]) -> str:
         candidate = f"{base}-{number}"
         number += 1
     return validate_peer_name(candidate)
-
-
-def names_on_disk(root: str) -> set[str]:
-    """Names already used in the storage root or its per-peer internal folders (blocking).
-
-    A new peer never gets the folder of a removed one (kept or not yet settled): another
-    person must not read what the previous peer stored.
-    """
-    names: set[str] = set()
-    internal = Path(root, INTERNAL_DIR)
-    try:
-        # The jails, then each internal area (peers' state, trash, partial uploads...).
-        folders = [Path(root), *(area for area in internal.iterdir() if area.is_dir())]
-        for folder in folders:
-            names.update(child.name for child in folder.iterdir())
-    except OSError:
-        pass
-    return names
 
 
 def peer_port(addresses: list[str]) -> int:

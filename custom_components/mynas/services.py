@@ -23,7 +23,6 @@ from .coordinator import MyNasConfigEntry
 from .engine.errors import HostRefused, MyNasError, RestoreConflict
 from .engine.owner.push import check_folder_name
 from .engine.owner.restore import check_subpath
-from .engine.protocol import FailCode
 from .sync_manager import SyncKind, SyncManager
 
 ATTR_ENTRY = "config_entry_id"
@@ -208,7 +207,7 @@ async def _restore(call: ServiceCall) -> ServiceResponse:
     except RestoreConflict as err:
         raise _invalid("target_not_empty", target=target) from err
     except HostRefused as err:
-        if err.code != FailCode.MISSING:
+        if not err.nothing_there:
             raise _failed(err) from err
         raise _invalid(
             "restore_nothing", peer=peer_name, path="/".join(p for p in (name, sub_path) if p)
