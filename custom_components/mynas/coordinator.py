@@ -21,8 +21,8 @@ from .const import (
 from .engine import storage_root
 from .engine.host.storage import JailUsage
 from .engine.loop_thread import EngineLoop
-from .engine.node import Node
 from .engine.storage_root import DiskUsage
+from .engine.threaded_node import ThreadedNode
 from .models import SyncData
 
 if TYPE_CHECKING:
@@ -33,11 +33,15 @@ if TYPE_CHECKING:
 class MyNasRuntimeData:
     """What a loaded node entry holds while it runs."""
 
-    engine: EngineLoop
-    node: Node
+    node: ThreadedNode
     node_data: NodeCoordinator
     syncs: SyncCoordinator
     manager: SyncManager
+
+    @property
+    def engine(self) -> EngineLoop:
+        """The engine's loop thread, the node's (to see whether it still runs)."""
+        return self.node.engine
 
 
 type MyNasConfigEntry = ConfigEntry[MyNasRuntimeData]
@@ -65,8 +69,7 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
         self,
         hass: HomeAssistant,
         entry: MyNasConfigEntry,
-        engine: EngineLoop,
-        node: Node,
+        node: ThreadedNode,
         manager: SyncManager,
     ) -> None:
         """Poll the disk of ``entry``'s storage root; pause ``manager`` while it is gone."""
@@ -77,7 +80,6 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
             name=f"{DOMAIN} node",
             update_interval=DISK_SCAN_INTERVAL,
         )
-        self._engine = engine
         self._node = node
         self._manager = manager
         self.root: str = entry.data[CONF_STORAGE_ROOT]
@@ -105,12 +107,7 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
             self.hass, entry.entry_id, entry.data[CONF_NODE_NAME], None, self.root
         )
         self._manager.set_storage_ok(True)
-        hosted = await self._engine.run(_hosted(self._node))
-        return NodeData(disk=disk, hosted=hosted)
-
-
-async def _hosted(node: Node) -> dict[str, JailUsage]:
-    return node.hosted()
+        return NodeData(disk=disk, hosted=await self._node.hosted())
 
 
 class SyncCoordinator(DataUpdateCoordinator[SyncData]):

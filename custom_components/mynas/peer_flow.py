@@ -40,12 +40,11 @@ from .const import (
     GB,
     SUBENTRY_PEER,
 )
-from .engine import invite, node as engine_node
+from .engine import invite
 from .engine.errors import InvalidInvite
 from .engine.host.storage import validate_peer_name
 from .engine.identity import fingerprint
 from .engine.node import ProbeResult, Reachability
-from .engine.owner.push import PeerTarget
 from .engine.storage_root import names_on_disk
 
 if TYPE_CHECKING:
@@ -193,9 +192,10 @@ class PeerSubentryFlow(ConfigSubentryFlow):
 
     async def _probe(self, runtime: MyNasRuntimeData) -> ProbeResult:
         assert self._invite is not None
-        target = PeerTarget("test", self._invite.addresses, self._invite.public_key)
         try:
-            return await runtime.engine.run(engine_node.probe(runtime.node.identity, target))
+            return await runtime.node.probe_unpaired(
+                self._invite.addresses, self._invite.public_key
+            )
         except Exception as err:  # an engine failure is a failed test, not a broken flow
             return ProbeResult(Reachability.UNREACHABLE, error=str(err) or type(err).__name__)
 

@@ -126,7 +126,7 @@ class OrphanedDataFlow(RepairsFlow):
                 description_placeholders=self._placeholders(),
             )
         runtime = entry.runtime_data
-        await runtime.engine.run(runtime.node.remove_peer_data(self._jail))
+        await runtime.node.remove_peer_data(self._jail)
         issues.clear_orphaned_data(self.hass, self._entry_id, self._jail)
         return self.async_create_entry(data={})
 

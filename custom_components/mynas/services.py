@@ -189,14 +189,8 @@ async def _restore(call: ServiceCall) -> ServiceResponse:
     name = next((n for n in known if n.casefold() == folder_name.casefold()), folder_name)
     peer_name = manager.peers[peer_ids[0]].name
     try:
-        result = await manager.in_engine(
-            runtime.node.restore(
-                name,
-                peer_ids[0],
-                target,
-                path=sub_path,
-                overwrite=call.data[ATTR_OVERWRITE],
-            )
+        result = await runtime.node.restore(
+            name, peer_ids[0], target, path=sub_path, overwrite=call.data[ATTR_OVERWRITE]
         )
     except asyncio.CancelledError:
         task = asyncio.current_task()

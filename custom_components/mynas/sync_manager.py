@@ -9,10 +9,10 @@ repair issues where the user can act.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
-import dataclasses
+from collections.abc import Callable
 from datetime import datetime, timedelta
 import enum
+from functools import partial
 import logging
 from typing import Any
 
@@ -42,10 +42,10 @@ from .engine.errors import (
     QuotaExceeded,
 )
 from .engine.identity import fingerprint
-from .engine.loop_thread import EngineLoop
-from .engine.node import Node, PeerConfig, ProbeResult, Reachability
+from .engine.node import PeerConfig, ProbeResult, Reachability
 from .engine.owner.push import Phase, Progress, PushResult
 from .engine.owner.verify import VerifyResult
+from .engine.threaded_node import ThreadedNode
 from .engine.units import format_bytes
 from .models import FolderSetup, PairStatus, PeerStatus, SyncData, SyncState, pair_key
 from .schedule import next_run
@@ -56,8 +56,6 @@ STORAGE_VERSION = 1
 _SAVE_DELAY = 10
 # Entities follow a running sync this often at most.
 _PROGRESS_UPDATES = 1.0
-# How long stopping waits for the engine's side of a cancelled run to wind down.
-_STOP_TIMEOUT = 30
 
 type Pair = tuple[str, str]
 
@@ -77,8 +75,7 @@ class SyncManager:
         hass: HomeAssistant,
         entry_id: str,
         node_name: str,
-        engine: EngineLoop,
-        node: Node,
+        node: ThreadedNode,
         folders: dict[str, FolderSetup],
         peers: dict[str, PeerConfig],
         options: dict[str, Any],
@@ -94,7 +91,6 @@ class SyncManager:
         self.entry_id = entry_id
         self.node_id: str = node_id
         self.node_name = node_name
-        self.engine = engine
         self.node = node
         self.folders = folders
         self.peers = peers
@@ -116,8 +112,6 @@ class SyncManager:
         # Pairs inside a run: news from the engine (started, progress) may arrive late,
         # after the run's end, and must not bring a finished run back to life.
         self._active: set[Pair] = set()
-        # The engine-side tasks of our runs and probes (touched on the engine loop only).
-        self._engine_tasks: set[asyncio.Task[Any]] = set()
         self._unsub: list[CALLBACK_TYPE] = []
         self._listeners: list[Callable[[], None]] = []
         self._last_push = 0.0
@@ -159,7 +153,11 @@ class SyncManager:
         self._tick(dt_util.utcnow())
 
     async def async_stop(self) -> None:
-        """Stop ticking, cancel what runs (here and in the engine), and save state."""
+        """Stop ticking, cancel what runs, and save state.
+
+        The engine's side of a cancelled run unwinds on its own; the node's ``stop`` waits
+        for it before it closes the index under it.
+        """
         self._stopping = True
         for unsub in self._unsub:
             unsub()
@@ -173,10 +171,6 @@ class SyncManager:
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
-        if self.engine.running:
-            # Cancelling our side does not wait for the engine's: let it finish unwinding
-            # (index writes, closing the link) before the node closes the index under it.
-            await asyncio.wait_for(self.engine.run(self._drain()), _STOP_TIMEOUT)
         await self._store.async_save(self._stored())
 
     @callback
@@ -317,37 +311,12 @@ class SyncManager:
         """True while a run of the pair is queued or running."""
         return any(p == pair and not task.done() for (p, _), task in self._tasks.items())
 
-    async def in_engine[T](self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the engine's loop; stopping the node cancels it and waits for it."""
-        return await self.engine.run(self._tracked(coro))
-
-    async def _tracked[T](self, coro: Coroutine[Any, Any, T]) -> T:
-        task = asyncio.current_task()
-        assert task is not None
-        self._engine_tasks.add(task)
-        try:
-            return await coro
-        finally:
-            self._engine_tasks.discard(task)
-
-    async def _drain(self) -> None:
-        tasks = [task for task in self._engine_tasks if not task.done()]
-        for task in tasks:
-            if not task.cancelling():  # a cancelled run unwinds: don't cut its cleanup short
-                task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
     def _progress_sink(self, pair: Pair, verifying: bool) -> Callable[[Progress], None]:
-        loop = self.hass.loop
-
-        def on_progress(progress: Progress) -> None:  # called on the engine's loop
-            snapshot = dataclasses.replace(progress)
-            loop.call_soon_threadsafe(self._on_progress, pair, snapshot, verifying)
-
-        return on_progress
+        """What the engine reports a run's progress to (on its thread): relayed to here."""
+        return self.node.relay(partial(self._on_progress, pair, verifying))
 
     @callback
-    def _on_progress(self, pair: Pair, progress: Progress, verifying: bool) -> None:
+    def _on_progress(self, pair: Pair, verifying: bool, progress: Progress) -> None:
         status = self.data.pairs.get(pair)
         if pair not in self._active or status is None or progress.phase is Phase.DONE:
             return
@@ -376,11 +345,6 @@ class SyncManager:
             "peer": peer.name,
             "kind": kind.value,
         }
-        loop = self.hass.loop
-
-        def on_start() -> None:  # called on the engine's loop once the peer is free
-            loop.call_soon_threadsafe(self._on_started, pair, verifying)
-
         async with self._pair_locks.setdefault(pair, asyncio.Lock()):
             started = dt_util.utcnow()
             if not await self._storage_checks_out():
@@ -399,13 +363,8 @@ class SyncManager:
             try:
                 if verifying:
                     self._on_started(pair, verifying)
-                    verified: VerifyResult = await self.in_engine(
-                        self.node.verify(
-                            setup.config,
-                            peer_id,
-                            repair=bool(options.get("repair")),
-                            progress=sink,
-                        )
+                    verified: VerifyResult = await self.node.verify(
+                        setup.config, peer_id, repair=bool(options.get("repair")), progress=sink
                     )
                     summary.update(verified.as_dict())
                     summary["status"] = (
@@ -413,12 +372,14 @@ class SyncManager:
                     )
                     self._seen(peer_id, dt_util.utcnow())
                 else:
-                    pushed: PushResult = await self.in_engine(
-                        self.node.push(setup.config, peer_id, sink, on_start=on_start)
+                    # Once the peer is free (the engine's one transfer per peer at a time).
+                    on_start = self.node.relay(partial(self._on_started, pair, verifying))
+                    synced: PushResult = await self.node.push(
+                        setup.config, peer_id, sink, on_start=on_start
                     )
-                    summary.update(pushed.as_dict())
-                    summary["status"] = "partial" if pushed.error_count else "success"
-                    self._succeeded(pair, pushed)
+                    summary.update(synced.as_dict())
+                    summary["status"] = "partial" if synced.error_count else "success"
+                    self._succeeded(pair, synced)
             except asyncio.CancelledError:
                 self._active.discard(pair)
                 status.progress = None
@@ -636,7 +597,7 @@ class SyncManager:
 
     async def _probe(self, peer_id: str) -> None:
         try:
-            result: ProbeResult = await self.in_engine(self.node.probe(peer_id))
+            result: ProbeResult = await self.node.probe(peer_id)
         except Exception as err:  # a failed test is a result, not a crash
             _LOGGER.exception("Testing the connection to %s failed", self.peers[peer_id].name)
             result = ProbeResult(Reachability.UNREACHABLE, error=str(err))
