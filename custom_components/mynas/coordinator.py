@@ -18,11 +18,14 @@ from .const import (
     DOMAIN,
     LOGGER,
 )
-from .engine import storage_root
-from .engine.host.storage import JailUsage
-from .engine.loop_thread import EngineLoop
-from .engine.storage_root import DiskUsage
-from .engine.threaded_node import ThreadedNode
+from .engine import (
+    DiskUsage,
+    EngineLoop,
+    JailUsage,
+    StorageRootError,
+    ThreadedNode,
+    measure_root,
+)
 from .models import SyncData
 
 if TYPE_CHECKING:
@@ -88,10 +91,8 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
     async def _async_update_data(self) -> NodeData:
         entry = self.config_entry
         try:
-            disk = await self.hass.async_add_executor_job(
-                storage_root.measure_root, self.root, self.node_id
-            )
-        except storage_root.StorageRootError as err:
+            disk = await self.hass.async_add_executor_job(measure_root, self.root, self.node_id)
+        except StorageRootError as err:
             # Scheduled runs wait: the index lives on that disk, and a folder path may now
             # show another disk's content.
             self._manager.set_storage_ok(False, str(err))

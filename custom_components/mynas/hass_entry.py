@@ -34,8 +34,7 @@ from .const import (
     LOGGER,
 )
 from .coordinator import MyNasConfigEntry, MyNasRuntimeData, NodeCoordinator, SyncCoordinator
-from .engine import identity, storage_root
-from .engine.threaded_node import ThreadedNode
+from .engine import StorageRootError, ThreadedNode, load_or_create_identity, open_root
 from .entity import node_device
 from .models import folders_of, peers_of
 from .orphans import async_check_orphans
@@ -71,10 +70,8 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
     data = entry.data
     root = data[CONF_STORAGE_ROOT]
     try:
-        await hass.async_add_executor_job(
-            storage_root.open_root, root, data[CONF_NODE_ID], data[CONF_NODE_NAME]
-        )
-    except storage_root.StorageRootError as err:
+        await hass.async_add_executor_job(open_root, root, data[CONF_NODE_ID], data[CONF_NODE_NAME])
+    except StorageRootError as err:
         issues.storage_problem(hass, entry.entry_id, data[CONF_NODE_NAME], err.problem, err.path)
         raise ConfigEntryNotReady(
             translation_domain=DOMAIN,
@@ -82,7 +79,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
             translation_placeholders={"path": err.path},
         ) from err
     issues.storage_problem(hass, entry.entry_id, data[CONF_NODE_NAME], None, root)
-    node_key, _ = await hass.async_add_executor_job(identity.load_or_create, key_path(hass, entry))
+    node_key, _ = await hass.async_add_executor_job(load_or_create_identity, key_path(hass, entry))
 
     node = ThreadedNode(node_key, root)
     peers = peers_of(entry)

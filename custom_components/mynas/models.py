@@ -28,8 +28,7 @@ from .const import (
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
-from .engine.node import FolderConfig, PeerConfig, Reachability
-from .engine.owner.push import Progress
+from .engine import FolderConfig, PeerConfig, Progress, Reachability
 from .schedule import Schedule, parse_time
 
 

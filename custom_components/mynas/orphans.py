@@ -12,8 +12,7 @@ from homeassistant.core import HomeAssistant
 from . import issues
 from .const import CONF_STORAGE_ROOT
 from .coordinator import MyNasConfigEntry
-from .engine.storage_root import jails_on_disk
-from .engine.units import format_bytes
+from .engine import format_bytes, jails_on_disk
 
 CONF_KEPT_DATA = "kept_data"
 

@@ -40,12 +40,18 @@ from .const import (
     GB,
     SUBENTRY_PEER,
 )
-from .engine import invite
-from .engine.errors import InvalidInvite
-from .engine.host.storage import validate_peer_name
-from .engine.identity import fingerprint
-from .engine.node import ProbeResult, Reachability
-from .engine.storage_root import names_on_disk
+from .engine import (
+    MAX_ADDRESSES,
+    InvalidInvite,
+    Invite,
+    ProbeResult,
+    Reachability,
+    decode_invite,
+    fingerprint,
+    names_on_disk,
+    parse_address,
+    validate_peer_name,
+)
 
 if TYPE_CHECKING:
     from .coordinator import MyNasRuntimeData
@@ -75,7 +81,7 @@ def jail_name(name: str, taken: set[str]) -> str:
 
 def peer_port(addresses: list[str]) -> int:
     """The port of a peer's first address (what a bare host typed for it gets)."""
-    return invite.parse_address(addresses[0])[1] if addresses else DEFAULT_PORT
+    return parse_address(addresses[0])[1] if addresses else DEFAULT_PORT
 
 
 class PeerSubentryFlow(ConfigSubentryFlow):
@@ -83,7 +89,7 @@ class PeerSubentryFlow(ConfigSubentryFlow):
 
     def __init__(self) -> None:
         """Start with no invite read."""
-        self._invite: invite.Invite | None = None
+        self._invite: Invite | None = None
         self._quota_gb = DEFAULT_QUOTA_GB
         self._test: asyncio.Task[ProbeResult] | None = None
         self._test_error = ""
@@ -103,7 +109,7 @@ class PeerSubentryFlow(ConfigSubentryFlow):
         entry = self._get_entry()
         if user_input is not None:
             try:
-                parsed = invite.decode(user_input[CONF_INVITE])
+                parsed = decode_invite(user_input[CONF_INVITE])
             except InvalidInvite as err:
                 errors[CONF_INVITE] = "invalid_invite"
                 placeholders["reason"] = str(err)
@@ -261,7 +267,7 @@ class PeerSubentryFlow(ConfigSubentryFlow):
             else:
                 if not addresses:
                     errors[CONF_ADDRESSES] = "no_address"
-                elif len(addresses) > our_invite.MAX_ADDRESSES:
+                elif len(addresses) > MAX_ADDRESSES:
                     errors[CONF_ADDRESSES] = "too_many_addresses"
                 else:
                     return self.async_update_and_abort(

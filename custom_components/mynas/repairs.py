@@ -14,7 +14,7 @@ import probatio as vol
 from . import issues
 from .const import CONF_PUBLIC_KEY, DOMAIN
 from .coordinator import MyNasConfigEntry
-from .engine.identity import canonical_key, fingerprint
+from .engine import canonical_key, fingerprint
 from .orphans import CONF_KEPT_DATA
 
 CONF_CONFIRM = "confirm"

@@ -20,9 +20,7 @@ import probatio as vol
 
 from .const import DOMAIN, SERVICE_RESTORE, SERVICE_SYNC, SERVICE_VERIFY
 from .coordinator import MyNasConfigEntry
-from .engine.errors import HostRefused, MyNasError, RestoreConflict
-from .engine.owner.push import check_folder_name
-from .engine.owner.restore import check_subpath
+from .engine import HostRefused, MyNasError, RestoreConflict, check_folder_name, check_subpath
 from .sync_manager import SyncKind, SyncManager
 
 ATTR_ENTRY = "config_entry_id"

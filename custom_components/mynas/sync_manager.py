@@ -33,20 +33,25 @@ from .const import (
     PEER_PROBE_INTERVAL,
     SCHEDULER_TICK,
 )
-from .engine import storage_root
-from .engine.errors import (
+from .engine import (
     AuthRefused,
     HostKeyMismatch,
     MyNasError,
+    PeerConfig,
     PeerUnreachable,
+    Phase,
+    ProbeResult,
+    Progress,
+    PushResult,
     QuotaExceeded,
+    Reachability,
+    StorageRootError,
+    ThreadedNode,
+    VerifyResult,
+    check_root,
+    fingerprint,
+    format_bytes,
 )
-from .engine.identity import fingerprint
-from .engine.node import PeerConfig, ProbeResult, Reachability
-from .engine.owner.push import Phase, Progress, PushResult
-from .engine.owner.verify import VerifyResult
-from .engine.threaded_node import ThreadedNode
-from .engine.units import format_bytes
 from .models import FolderSetup, PairStatus, PeerStatus, SyncData, SyncState, pair_key
 from .schedule import next_run
 
@@ -439,10 +444,8 @@ class SyncManager:
     async def _storage_checks_out(self) -> bool:
         """Check (off the loop) that the storage root is still this node's disk."""
         try:
-            await self.hass.async_add_executor_job(
-                storage_root.check_root, self.node.storage_root, self.node_id
-            )
-        except storage_root.StorageRootError as err:
+            await self.hass.async_add_executor_job(check_root, self.node.storage_root, self.node_id)
+        except StorageRootError as err:
             self.set_storage_ok(False, str(err))
             return False
         return True

@@ -96,11 +96,6 @@ class ThreadedNode:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
-    def identity(self) -> Identity:
-        """The node's key pair."""
-        return self._node.identity
-
-    @property
     def storage_root(self) -> Path:
         """The node's storage root."""
         return self._node.storage_root
@@ -114,11 +109,6 @@ class ThreadedNode:
     def index(self) -> Index:
         """The node's index (after ``start``); blocking, thread-safe: use it off any loop."""
         return self._node.index
-
-    @property
-    def running(self) -> bool:
-        """True between ``start`` and ``stop``."""
-        return self.engine.running
 
     async def start(
         self,
