@@ -1,4 +1,4 @@
-"""Coordinators: the node's disk and hosted space (polled), sync and peer state (pushed)."""
+"""Coordinators: the node's disk and hosted space (polled), sync and peer state (as it changes)."""
 
 from __future__ import annotations
 

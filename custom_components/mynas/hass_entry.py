@@ -18,7 +18,6 @@ from homeassistant.core import CALLBACK_TYPE, Event, HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryNotReady
 from homeassistant.helpers import config_validation as cv, device_registry as dr
 from homeassistant.helpers.dispatcher import async_dispatcher_connect
-from homeassistant.helpers.storage import Store
 from homeassistant.helpers.typing import ConfigType
 from homeassistant.util import dt as dt_util
 
@@ -38,8 +37,9 @@ from .engine import StorageRootError, ThreadedNode, load_or_create_identity, ope
 from .entity import node_device
 from .models import folders_of, peers_of
 from .orphans import async_check_orphans
+from .persistence import async_remove
 from .services import async_setup_services
-from .sync_manager import STORAGE_VERSION, SyncManager
+from .sync_manager import SyncManager
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 
@@ -231,7 +231,7 @@ async def async_remove_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> No
 
     The key stays in the config dir: with it, a rebuilt node gets its backups back.
     """
-    await Store[dict[str, Any]](hass, STORAGE_VERSION, f"{DOMAIN}.{entry.entry_id}").async_remove()
+    await async_remove(hass, entry.entry_id)
 
 
 async def async_unload_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> bool:

@@ -31,6 +31,9 @@ from .const import (
 from .engine import FolderConfig, PeerConfig, Progress, Reachability
 from .schedule import Schedule, parse_time
 
+# A folder × peer pair: (folder subentry id, peer subentry id).
+type Pair = tuple[str, str]
+
 
 def peer_config(subentry: ConfigSubentry) -> PeerConfig:
     """Return a peer subentry as the engine's PeerConfig."""
@@ -90,6 +93,23 @@ def folders_of(entry: ConfigEntry[Any]) -> dict[str, FolderSetup]:
         for sub in entry.subentries.values()
         if sub.subentry_type == SUBENTRY_FOLDER
     }
+
+
+def pairs_of(folders: dict[str, FolderSetup], peers: dict[str, PeerConfig]) -> list[Pair]:
+    """Every (folder id, peer id) that should be synced: each folder on each of its peers."""
+    return [
+        (folder_id, peer_id)
+        for folder_id, setup in folders.items()
+        for peer_id in setup.peers
+        if peer_id in peers
+    ]
+
+
+class SyncKind(enum.StrEnum):
+    """What a run of a pair does: send what changed, or compare the copy with the folder."""
+
+    SYNC = "sync"
+    VERIFY = "verify"
 
 
 class SyncState(enum.StrEnum):
@@ -188,7 +208,7 @@ class PeerStatus:
 class SyncData:
     """Everything the sync entities show: pairs by (folder id, peer id), peers by id."""
 
-    pairs: dict[tuple[str, str], PairStatus] = field(default_factory=dict)
+    pairs: dict[Pair, PairStatus] = field(default_factory=dict)
     peers: dict[str, PeerStatus] = field(default_factory=dict)
 
 

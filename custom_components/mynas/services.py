@@ -21,7 +21,8 @@ import probatio as vol
 from .const import DOMAIN, SERVICE_RESTORE, SERVICE_SYNC, SERVICE_VERIFY
 from .coordinator import MyNasConfigEntry
 from .engine import HostRefused, MyNasError, RestoreConflict, check_folder_name, check_subpath
-from .sync_manager import SyncKind, SyncManager
+from .models import SyncKind
+from .sync_manager import SyncManager
 
 ATTR_ENTRY = "config_entry_id"
 ATTR_FOLDER = "folder"
