@@ -12,7 +12,7 @@ import asyncio
 from datetime import datetime, timedelta
 import logging
 
-from homeassistant.core import CALLBACK_TYPE, HomeAssistant, callback
+from homeassistant.core import CALLBACK_TYPE, callback
 from homeassistant.helpers.event import async_track_time_interval
 from homeassistant.util import dt as dt_util
 
@@ -21,43 +21,26 @@ from .const import PEER_PROBE_INTERVAL
 from .engine import (
     AuthRefused,
     HostKeyMismatch,
-    PeerConfig,
     PeerUnreachable,
     ProbeResult,
     Reachability,
-    ThreadedNode,
     fingerprint,
 )
-from .models import PeerStatus
-from .persistence import SyncStore
-from .updates import EntityUpdates
+from .models import PeerStatus, SyncContext
 
 _LOGGER = logging.getLogger(__name__)
 
 
 class PeerProber:
-    """Tests a node's peers and keeps their status (``statuses``, by peer id)."""
+    """Tests a node's peers and keeps their status (in the context's data, by peer id)."""
 
-    def __init__(
-        self,
-        hass: HomeAssistant,
-        entry_id: str,
-        node: ThreadedNode,
-        peers: dict[str, PeerConfig],
-        statuses: dict[str, PeerStatus],
-        unreachable_after: timedelta,
-        store: SyncStore,
-        updates: EntityUpdates,
-    ) -> None:
-        """Watch ``peers`` of the node entry ``entry_id``."""
-        self._hass = hass
-        self._entry_id = entry_id
-        self._node = node
-        self._peers = peers
-        self._statuses = statuses
+    def __init__(self, context: SyncContext, unreachable_after: timedelta) -> None:
+        """Watch the context's peers; unreachable once silent for ``unreachable_after``."""
+        self._context = context
+        self._hass = context.hass
+        self._peers = context.peers
+        self._statuses = context.data.peers
         self.unreachable_after = unreachable_after
-        self._store = store
-        self._updates = updates
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._unsub: CALLBACK_TYPE | None = None
         self._stopped = False
@@ -109,8 +92,8 @@ class PeerProber:
         status = self._statuses.setdefault(peer_id, PeerStatus())
         if status.last_seen is None or when > status.last_seen:
             status.last_seen = when
-            self._store.save()
-            self._updates.changed()
+            self._context.store.save()
+            self._context.updates.changed()
 
     def seen(self, peer_id: str, when: datetime) -> None:
         """The peer answered (a run or a test went through): it is online."""
@@ -150,7 +133,7 @@ class PeerProber:
             status.presented_key = presented_key
             issues.key_changed(
                 self._hass,
-                self._entry_id,
+                self._context.entry_id,
                 peer_id,
                 peer.name,
                 fingerprint(peer.public_key),
@@ -180,7 +163,7 @@ class PeerProber:
 
     async def _probe(self, peer_id: str) -> None:
         try:
-            result: ProbeResult = await self._node.probe(peer_id)
+            result: ProbeResult = await self._context.node.probe(peer_id)
         except Exception as err:  # a failed test is a result, not a crash
             _LOGGER.exception("Testing the connection to %s failed", self._peers[peer_id].name)
             result = ProbeResult(Reachability.UNREACHABLE, error=str(err))
@@ -193,5 +176,5 @@ class PeerProber:
             status.quota_there = result.quota_there
         else:
             self._problem(peer_id, result.status, result.error, result.presented_key)
-        self._store.save()
-        self._updates.changed()
+        self._context.store.save()
+        self._context.updates.changed()

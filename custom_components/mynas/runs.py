@@ -14,7 +14,7 @@ from functools import partial
 import logging
 from typing import Any
 
-from homeassistant.core import HomeAssistant, callback
+from homeassistant.core import callback
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.util import dt as dt_util
 
@@ -28,52 +28,39 @@ from .engine import (
     PushResult,
     QuotaExceeded,
     StorageRootError,
-    ThreadedNode,
     VerifyResult,
     check_root,
     format_bytes,
 )
-from .models import FolderSetup, Pair, PairStatus, SyncKind, SyncState
+from .models import Pair, PairStatus, SyncContext, SyncKind, SyncState
 from .peer_prober import PeerProber
-from .persistence import SyncStore
 from .scheduler import Overdue
-from .updates import EntityUpdates
 
 _LOGGER = logging.getLogger(__name__)
 
 
 class Runs:
-    """Starts, tracks and concludes the runs of one node's pairs (state in ``pairs``)."""
+    """Starts, tracks and concludes the runs of one node's pairs."""
 
     def __init__(
         self,
-        hass: HomeAssistant,
-        entry_id: str,
-        node: ThreadedNode,
-        folders: dict[str, FolderSetup],
-        peers: dict[str, PeerConfig],
-        pairs: dict[Pair, PairStatus],
+        context: SyncContext,
         *,
         node_name: str,
         node_id: str,
         overdue: Overdue,
         prober: PeerProber,
-        store: SyncStore,
-        updates: EntityUpdates,
     ) -> None:
-        """Run ``folders`` × ``peers`` of the node entry ``entry_id`` on ``node``."""
-        self._hass = hass
-        self._entry_id = entry_id
-        self._node = node
-        self._folders = folders
-        self._peers = peers
-        self._pairs = pairs
+        """Run the context's pairs on its node (called ``node_name``, whose id is ``node_id``)."""
+        self._context = context
+        self._hass = context.hass
+        self._node = context.node
+        self._pairs = context.data.pairs
         self._node_name = node_name
         self._node_id = node_id
         self._overdue = overdue
         self._prober = prober
-        self._store = store
-        self._updates = updates
+        self._updates = context.updates
         # False while the storage disk is missing or another one is mounted: no run starts.
         self.storage_ok = True
         self.storage_error: str | None = None
@@ -157,8 +144,8 @@ class Runs:
 
     async def _run(self, pair: Pair, kind: SyncKind, **options: Any) -> dict[str, Any]:
         folder_id, peer_id = pair
-        setup = self._folders[folder_id]
-        peer = self._peers[peer_id]
+        setup = self._context.folders[folder_id]
+        peer = self._context.peers[peer_id]
         status = self._pairs.setdefault(pair, PairStatus())
         verifying = kind is SyncKind.VERIFY
         summary: dict[str, Any] = {
@@ -239,12 +226,12 @@ class Runs:
     ) -> dict[str, Any]:
         """Publish the end of a run: state saved, entities updated, the event fired."""
         self._overdue.check(dt_util.utcnow())
-        self._store.save()
+        self._context.store.save()
         self._updates.changed()
         self._hass.bus.async_fire(
             EVENT_SYNC_FINISHED,
             {
-                "entry_id": self._entry_id,
+                "entry_id": self._context.entry_id,
                 "folder": folder,
                 "peer": peer.name,
                 "kind": kind.value,
@@ -286,8 +273,8 @@ class Runs:
         if status.failures:
             _LOGGER.info(
                 "Sync of %s to %s works again",
-                self._folders[pair[0]].config.name,
-                self._peers[pair[1]].name,
+                self._context.folders[pair[0]].config.name,
+                self._context.peers[pair[1]].name,
             )
         now = dt_util.utcnow()
         status.last_success = now
@@ -310,8 +297,8 @@ class Runs:
         if count:
             status.failures += 1
         status.last_error = str(err) or type(err).__name__
-        folder = self._folders[pair[0]].config.name
-        peer = self._peers[pair[1]]
+        folder = self._context.folders[pair[0]].config.name
+        peer = self._context.peers[pair[1]]
         if isinstance(err, QuotaExceeded):
             status.quota_refused = True
             issues.quota_refused(

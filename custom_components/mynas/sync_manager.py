@@ -24,7 +24,7 @@ from .const import (
     DEFAULT_UNREACHABLE_HOURS,
 )
 from .engine import PeerConfig, Progress, ThreadedNode
-from .models import FolderSetup, Pair, SyncData, SyncKind, pairs_of
+from .models import FolderSetup, Pair, SyncContext, SyncData, SyncKind
 from .peer_prober import PeerProber
 from .persistence import SyncStore
 from .runs import Runs
@@ -55,50 +55,51 @@ class SyncManager:
 
         Nothing runs before ``async_start``.
         """
-        self.folders = folders
-        self.peers = peers
-        self.data = SyncData()
-        self.updates = EntityUpdates(hass)
-        self.store = SyncStore(hass, entry_id, self.data)
-        self.prober = PeerProber(
+        data = SyncData()
+        self.context = SyncContext(
             hass,
             entry_id,
             node,
+            folders,
             peers,
-            self.data.peers,
-            _hours(options, CONF_UNREACHABLE_HOURS, DEFAULT_UNREACHABLE_HOURS),
-            self.store,
-            self.updates,
+            data,
+            store=SyncStore(hass, entry_id, data),
+            updates=EntityUpdates(hass),
+        )
+        self.prober = PeerProber(
+            self.context, _hours(options, CONF_UNREACHABLE_HOURS, DEFAULT_UNREACHABLE_HOURS)
         )
         self.overdue = Overdue(
-            hass,
-            folders,
-            peers,
-            self.data.pairs,
-            _hours(options, CONF_OVERDUE_HOURS, DEFAULT_OVERDUE_HOURS),
+            self.context, _hours(options, CONF_OVERDUE_HOURS, DEFAULT_OVERDUE_HOURS)
         )
         self.runs = Runs(
-            hass,
-            entry_id,
-            node,
-            folders,
-            peers,
-            self.data.pairs,
+            self.context,
             node_name=node_name,
             node_id=node_id,
             overdue=self.overdue,
             prober=self.prober,
-            store=self.store,
-            updates=self.updates,
         )
-        self.scheduler = Scheduler(
-            hass, folders, peers, self.data.pairs, self.overdue, self.runs, self.updates
-        )
+        self.scheduler = Scheduler(self.context, self.overdue, self.runs)
+
+    @property
+    def folders(self) -> dict[str, FolderSetup]:
+        """The node's protected folders, by id."""
+        return self.context.folders
+
+    @property
+    def peers(self) -> dict[str, PeerConfig]:
+        """The node's peers, by id."""
+        return self.context.peers
+
+    @property
+    def data(self) -> SyncData:
+        """The live state of every pair and peer."""
+        return self.context.data
 
     @property
     def pairs(self) -> list[Pair]:
         """Every (folder id, peer id) that should be synced."""
-        return pairs_of(self.folders, self.peers)
+        return self.context.pairs
 
     @property
     def overdue_after(self) -> timedelta:
@@ -119,7 +120,7 @@ class SyncManager:
 
     async def async_load(self) -> None:
         """Restore what the last run of Home Assistant knew."""
-        await self.store.async_load(self.pairs, list(self.peers))
+        await self.context.store.async_load(self.pairs, list(self.peers))
 
     @callback
     def async_start(self) -> None:
@@ -136,18 +137,18 @@ class SyncManager:
         for it before it closes the index under it.
         """
         self.scheduler.stop()
-        self.updates.stop()
-        self.store.stop()
+        self.context.updates.stop()
+        self.context.store.stop()
         running: list[asyncio.Task[Any]] = [*self.runs.stop(), *self.prober.stop()]
         await asyncio.gather(*running, return_exceptions=True)
-        await self.store.async_save()
+        await self.context.store.async_save()
 
     # --- what the rest of the integration asks -----------------------------------------------
 
     @callback
     def async_add_listener(self, update: Callable[[], None]) -> CALLBACK_TYPE:
         """Call ``update`` whenever pair or peer state changed."""
-        return self.updates.add_listener(update)
+        return self.context.updates.add_listener(update)
 
     @callback
     def set_storage_ok(self, ok: bool, error: str | None = None) -> None:
