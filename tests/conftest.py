@@ -59,6 +59,7 @@ from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
 from custom_components.mynas.engine.host.space import HostedSpace
 from custom_components.mynas.engine.loop_thread import EngineLoop
 from custom_components.mynas.engine.owner import push as replicator
+from custom_components.mynas.engine.owner.run import PushResult
 
 # Fixed ids keep unique ids, Store keys and snapshots stable from run to run.
 ALICE_ENTRY_ID = "01ALICEENTRY0000000000000A"
@@ -443,7 +444,7 @@ def gated_pushes(hass: HomeAssistant) -> Iterator[tuple[asyncio.Queue[str], Gate
     entered: asyncio.Queue[str] = asyncio.Queue()
     release = Gate()
 
-    async def push(*args: Any, **kwargs: Any) -> replicator.PushResult:
+    async def push(*args: Any, **kwargs: Any) -> PushResult:
         hass.loop.call_soon_threadsafe(entered.put_nowait, args[2])
         await release.wait()
         return await real(*args, **kwargs)

@@ -62,7 +62,7 @@ def substitute(blueprint: Blueprint, inputs: dict[str, Any]) -> dict[str, Any]:
 
 def sync_event_fields() -> set[str]:
     """The keys of the data of the ``mynas_sync_finished`` event, read from the source."""
-    tree = ast.parse((INTEGRATION / "sync_manager.py").read_text())
+    tree = ast.parse((INTEGRATION / "runs.py").read_text())
     for node in ast.walk(tree):
         if (
             isinstance(node, ast.Call)
@@ -73,7 +73,7 @@ def sync_event_fields() -> set[str]:
             and isinstance(node.args[1], ast.Dict)
         ):
             return {key.value for key in node.args[1].keys if isinstance(key, ast.Constant)}
-    raise AssertionError("sync_manager.py fires no mynas_sync_finished event")
+    raise AssertionError("runs.py fires no mynas_sync_finished event")
 
 
 @pytest.mark.parametrize("name", ["backup_alert.yaml", "sync_when.yaml"])

@@ -137,6 +137,73 @@ def test_engine_never_imports_home_assistant() -> None:
             assert not any(name.split(".")[0] == "homeassistant" for name in names), path.name
 
 
+def _engine_imports(tree: ast.AST) -> list[tuple[str, list[str]]]:
+    """(module, names) of every import of the engine in an HA-layer module, made absolute."""
+    package = "custom_components.mynas"
+    engine = f"{package}.engine"
+    found: list[tuple[str, list[str]]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names if alias.name.startswith(engine)]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 1:
+                module = f"{package}.{module}" if module else package
+            names = [alias.name for alias in node.names]
+            if module == package and "engine" in names:
+                found.append((engine, []))  # ``from . import engine``
+            elif module.startswith(engine):
+                found.append((module, names))
+    return found
+
+
+def test_the_ha_layer_imports_the_engine_only_through_its_api() -> None:
+    """``from .engine import <a name of engine.__all__>``, never a submodule of the engine."""
+    from custom_components.mynas import engine  # noqa: PLC0415
+
+    for path in sorted(INTEGRATION.glob("*.py")):
+        for module, names in _engine_imports(ast.parse(path.read_text())):
+            assert module == "custom_components.mynas.engine", f"{path.name} imports {module}"
+            assert names, f"{path.name} imports the engine package itself, not names from it"
+            assert set(names) <= set(engine.__all__), (path.name, set(names) - set(engine.__all__))
+
+
+def test_every_name_of_the_engine_api_exists() -> None:
+    """Each name of ``__all__`` loads, and is the one its typed import (for mypy) names."""
+    from importlib import import_module  # noqa: PLC0415
+
+    from custom_components.mynas import engine  # noqa: PLC0415
+
+    assert len(set(engine.__all__)) == len(engine.__all__)
+    typed: dict[str, object] = {}
+    for node in ast.walk(ast.parse((INTEGRATION / "engine" / "__init__.py").read_text())):
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            for imported in node.body:
+                assert isinstance(imported, ast.ImportFrom), ast.unparse(imported)
+                source = import_module(f"custom_components.mynas.engine.{imported.module}")
+                for alias in imported.names:
+                    typed[alias.asname or alias.name] = getattr(source, alias.name)
+    assert set(typed) == set(engine.__all__)
+    for name in engine.__all__:
+        assert getattr(engine, name) is typed[name], name
+    assert set(dir(engine)) >= set(engine.__all__)
+    with pytest.raises(AttributeError):
+        _ = engine.NotAnEngineName  # type: ignore[attr-defined]
+
+
+def test_importing_the_engine_package_loads_nothing_more() -> None:
+    """The command line starts through the package: its names load on first use only."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = (
+        "import sys; import custom_components.mynas.engine\n"
+        "loaded = [m for m in sys.modules if m.startswith('custom_components.mynas.engine.')]\n"
+        "assert not loaded and 'asyncssh' not in sys.modules, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
 def test_engine_runs_without_home_assistant() -> None:
     """The engine package imports in a process where homeassistant cannot be imported."""
     import subprocess  # noqa: PLC0415

@@ -30,7 +30,7 @@ from custom_components.mynas.engine import identity, storage_root
 from custom_components.mynas.engine.errors import AuthRefused
 from custom_components.mynas.engine.node import Node
 from custom_components.mynas.engine.owner import client
-from custom_components.mynas.sync_manager import SyncKind
+from custom_components.mynas.models import SyncKind
 
 from .conftest import BOB_ID, PHOTOS_ID, Bob, add_folder, add_peer, make_tree, setup_entry, unmount
 

@@ -27,7 +27,7 @@ from custom_components.mynas.const import (
     GB,
     SUBENTRY_PEER,
 )
-from custom_components.mynas.engine import identity, invite
+from custom_components.mynas.engine import identity, invite, node as engine_node
 from custom_components.mynas.engine.host.server import PeerGrant
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner.run import PeerTarget
@@ -349,7 +349,7 @@ async def test_test_failures_are_unreachable(
     async def broken(_identity: Identity, _target: PeerTarget) -> None:
         raise failure
 
-    monkeypatch.setattr(peer_flow.engine_node, "probe", broken)
+    monkeypatch.setattr(engine_node, "probe", broken)
     frank = make_key("frank")
     result = await _paste(
         hass, node_entry, invite_code("Frank", ["127.0.0.1:9"], frank.public_line)
@@ -379,7 +379,7 @@ async def test_closing_the_dialog_during_the_test(
         finally:
             stopped.append(True)
 
-    monkeypatch.setattr(peer_flow.engine_node, "probe", slow)
+    monkeypatch.setattr(engine_node, "probe", slow)
     gina = make_key("gina")
     result = await _paste(hass, node_entry, invite_code("Gina", ["127.0.0.1:9"], gina.public_line))
     result = await hass.config_entries.subentries.async_configure(

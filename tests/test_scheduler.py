@@ -22,8 +22,8 @@ from pytest_homeassistant_custom_component.common import (
 from custom_components.mynas.const import DOMAIN, EVENT_SYNC_FINISHED, SCHEDULER_TICK
 from custom_components.mynas.engine import identity, storage_root
 from custom_components.mynas.engine.node import Reachability
-from custom_components.mynas.models import SyncState
-from custom_components.mynas.sync_manager import SyncKind, SyncManager
+from custom_components.mynas.models import SyncKind, SyncState
+from custom_components.mynas.sync_manager import SyncManager
 
 from .conftest import (
     BOB_ID,

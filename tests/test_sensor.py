@@ -28,8 +28,7 @@ from custom_components.mynas.const import (
 from custom_components.mynas.engine.owner import push as replicator
 from custom_components.mynas.engine.owner.index import Index
 from custom_components.mynas.engine.owner.run import PeerTarget, Phase, Progress
-from custom_components.mynas.models import SyncState
-from custom_components.mynas.sync_manager import SyncKind
+from custom_components.mynas.models import SyncKind, SyncState
 
 from .conftest import (
     BOB_ID,

@@ -12,7 +12,7 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from .const import SUBENTRY_FOLDER, SUBENTRY_PEER
 from .coordinator import MyNasConfigEntry
-from .engine.node import Reachability
+from .engine import Reachability
 from .entity import PairEntity, PeerStatusEntity
 
 PARALLEL_UPDATES = 0

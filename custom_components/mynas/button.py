@@ -10,7 +10,7 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from .const import SUBENTRY_FOLDER, SUBENTRY_PEER
 from .coordinator import MyNasConfigEntry, SyncCoordinator
 from .entity import PairEntity
-from .sync_manager import SyncKind
+from .models import SyncKind
 
 PARALLEL_UPDATES = 1
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +43,18 @@ from .const import (
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
-from .engine import identity, invite, storage_root
-from .engine.errors import KeyFileError
+from .engine import (
+    MAX_ADDRESSES,
+    MAX_NODE_NAME_LENGTH,
+    KeyFileError,
+    StorageRootError,
+    check_new_root,
+    claim_root,
+    copy_key,
+    filesystem_identity,
+    load_identity,
+    load_or_create_identity,
+)
 from .folder_flow import FolderSubentryFlow
 from .peer_flow import PeerSubentryFlow
 
@@ -87,8 +96,8 @@ def _reconfigure_schema(defaults: dict[str, Any]) -> vol.Schema:
 
 def _validate_root(root: str, config_dir: str, allow_same_disk: bool) -> tuple[str, str]:
     """Validate a storage root (blocking); return its resolved path and its unique id."""
-    path = storage_root.check_new_root(root, config_dir, allow_same_disk=allow_same_disk)
-    return str(path), storage_root.filesystem_identity(path)
+    path = check_new_root(root, config_dir, allow_same_disk=allow_same_disk)
+    return str(path), filesystem_identity(path)
 
 
 def _check_name(name: str) -> dict[str, str]:
@@ -96,7 +105,7 @@ def _check_name(name: str) -> dict[str, str]:
     errors: dict[str, str] = {}
     if not name:
         errors[CONF_NODE_NAME] = "name_required"
-    elif len(name) > invite.MAX_NAME_LENGTH or not name.isprintable():
+    elif len(name) > MAX_NODE_NAME_LENGTH or not name.isprintable():
         errors[CONF_NODE_NAME] = "bad_name"
     return errors
 
@@ -108,19 +117,8 @@ def _install_key(key_file: Path, restore_from: str | None) -> str:
     replicas back after losing a node: friends still trust that key.
     """
     if restore_from:
-        old = identity.load(restore_from)
-        if key_file.exists() and identity.load(key_file).public_line != old.public_line:
-            raise KeyFileError(f"{key_file} already holds another key; not replacing it")
-        if not key_file.exists():
-            key_file.parent.mkdir(mode=identity.KEY_DIR_MODE, parents=True, exist_ok=True)
-            # Created 0600 from the start: the private key is never readable by others.
-            data = Path(restore_from).read_bytes()
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, identity.KEY_FILE_MODE)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-    node, _ = identity.load_or_create(key_file)
+        copy_key(restore_from, key_file)
+    node, _ = load_or_create_identity(key_file)
     return node.public_line
 
 
@@ -154,7 +152,7 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
             if restore_key:
                 try:
                     # Read the old key before anything is written to the disk.
-                    await self.hass.async_add_executor_job(identity.load, restore_key)
+                    await self.hass.async_add_executor_job(load_identity, restore_key)
                 except KeyFileError:
                     errors[CONF_RESTORE_KEY] = "bad_key"
             if not errors:
@@ -165,14 +163,12 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
                         self.hass.config.config_dir,
                         user_input[CONF_ALLOW_SAME_DISK],
                     )
-                except storage_root.StorageRootError as err:
+                except StorageRootError as err:
                     errors[CONF_STORAGE_ROOT] = err.problem.value
                 else:
                     await self.async_set_unique_id(unique_id)
                     self._abort_if_unique_id_configured()
-                    marker = await self.hass.async_add_executor_job(
-                        storage_root.claim_root, path, name
-                    )
+                    marker = await self.hass.async_add_executor_job(claim_root, path, name)
                     key_file = Path(self.hass.config.path(DOMAIN, f"{marker.node_id}.key"))
                     try:
                         public_key = await self.hass.async_add_executor_job(
@@ -262,7 +258,7 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
             except ValueError:
                 errors[CONF_ADDRESSES] = "bad_address"
             else:
-                if len(addresses) > our_invite.MAX_ADDRESSES:
+                if len(addresses) > MAX_ADDRESSES:
                     errors[CONF_ADDRESSES] = "too_many_addresses"
                 else:
                     return self.async_create_entry(

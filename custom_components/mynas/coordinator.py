@@ -1,4 +1,4 @@
-"""Coordinators: the node's disk and hosted space (polled), sync and peer state (pushed)."""
+"""Coordinators: the node's disk and hosted space (polled), sync and peer state (as it changes)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,14 @@ from .const import (
     DOMAIN,
     LOGGER,
 )
-from .engine import storage_root
-from .engine.host.quota import JailUsage
-from .engine.loop_thread import EngineLoop
-from .engine.node import Node
-from .engine.storage_root import DiskUsage
+from .engine import (
+    DiskUsage,
+    EngineLoop,
+    JailUsage,
+    StorageRootError,
+    ThreadedNode,
+    measure_root,
+)
 from .models import SyncData
 
 if TYPE_CHECKING:
@@ -33,11 +36,15 @@ if TYPE_CHECKING:
 class MyNasRuntimeData:
     """What a loaded node entry holds while it runs."""
 
-    engine: EngineLoop
-    node: Node
+    node: ThreadedNode
     node_data: NodeCoordinator
     syncs: SyncCoordinator
     manager: SyncManager
+
+    @property
+    def engine(self) -> EngineLoop:
+        """The engine's loop thread, the node's (to see whether it still runs)."""
+        return self.node.engine
 
 
 type MyNasConfigEntry = ConfigEntry[MyNasRuntimeData]
@@ -56,12 +63,6 @@ class NodeData:
         return sum(usage.used for usage in self.hosted.values())
 
 
-def read_disk(root: str, node_id: str) -> DiskUsage:
-    """Check that the storage root is still our disk, then measure it (blocking)."""
-    storage_root.check_root(root, node_id)
-    return storage_root.disk_usage(root)
-
-
 class NodeCoordinator(DataUpdateCoordinator[NodeData]):
     """Polls the disk and the hosted space; fails (entities unavailable) without the disk."""
 
@@ -71,8 +72,7 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
         self,
         hass: HomeAssistant,
         entry: MyNasConfigEntry,
-        engine: EngineLoop,
-        node: Node,
+        node: ThreadedNode,
         manager: SyncManager,
     ) -> None:
         """Poll the disk of ``entry``'s storage root; pause ``manager`` while it is gone."""
@@ -83,7 +83,6 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
             name=f"{DOMAIN} node",
             update_interval=DISK_SCAN_INTERVAL,
         )
-        self._engine = engine
         self._node = node
         self._manager = manager
         self.root: str = entry.data[CONF_STORAGE_ROOT]
@@ -92,8 +91,8 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
     async def _async_update_data(self) -> NodeData:
         entry = self.config_entry
         try:
-            disk = await self.hass.async_add_executor_job(read_disk, self.root, self.node_id)
-        except storage_root.StorageRootError as err:
+            disk = await self.hass.async_add_executor_job(measure_root, self.root, self.node_id)
+        except StorageRootError as err:
             # Scheduled runs wait: the index lives on that disk, and a folder path may now
             # show another disk's content.
             self._manager.set_storage_ok(False, str(err))
@@ -109,12 +108,7 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
             self.hass, entry.entry_id, entry.data[CONF_NODE_NAME], None, self.root
         )
         self._manager.set_storage_ok(True)
-        hosted = await self._engine.run(_hosted(self._node))
-        return NodeData(disk=disk, hosted=hosted)
-
-
-async def _hosted(node: Node) -> dict[str, JailUsage]:
-    return node.hosted()
+        return NodeData(disk=disk, hosted=await self._node.hosted())
 
 
 class SyncCoordinator(DataUpdateCoordinator[SyncData]):

@@ -17,7 +17,7 @@ from .const import (
     CONF_PUBLIC_KEY,
     CONF_STORAGE_ROOT,
 )
-from .coordinator import MyNasConfigEntry, MyNasRuntimeData
+from .coordinator import MyNasConfigEntry
 
 TO_REDACT = {
     CONF_ADDRESSES,
@@ -94,13 +94,9 @@ async def async_get_config_entry_diagnostics(
                 for peer_id, usage in node_data.hosted.items()
                 if peer_id in manager.peers
             },
-            "server": await runtime.engine.run(_snapshot(runtime)),
+            "server": await runtime.node.snapshot(),
             "pairs": pairs,
             "peers": peers,
         },
         TO_REDACT,
     )
-
-
-async def _snapshot(runtime: MyNasRuntimeData) -> dict[str, Any]:
-    return dict(runtime.node.snapshot())

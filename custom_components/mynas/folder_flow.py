@@ -40,7 +40,7 @@ from .const import (
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
-from .engine.owner.run import check_folder_name
+from .engine import check_folder_name
 from .schedule import night_time
 
 

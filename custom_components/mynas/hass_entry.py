@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 import errno
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from homeassistant.core import CALLBACK_TYPE, Event, HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryNotReady
 from homeassistant.helpers import config_validation as cv, device_registry as dr
 from homeassistant.helpers.dispatcher import async_dispatcher_connect
-from homeassistant.helpers.storage import Store
 from homeassistant.helpers.typing import ConfigType
 from homeassistant.util import dt as dt_util
 
@@ -35,14 +33,13 @@ from .const import (
     LOGGER,
 )
 from .coordinator import MyNasConfigEntry, MyNasRuntimeData, NodeCoordinator, SyncCoordinator
-from .engine import identity, storage_root
-from .engine.loop_thread import EngineLoop
-from .engine.node import Node
+from .engine import StorageRootError, ThreadedNode, load_or_create_identity, open_root
 from .entity import node_device
 from .models import folders_of, peers_of
 from .orphans import async_check_orphans
+from .persistence import async_remove
 from .services import async_setup_services
-from .sync_manager import STORAGE_VERSION, SyncManager
+from .sync_manager import SyncManager
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 
@@ -73,10 +70,8 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
     data = entry.data
     root = data[CONF_STORAGE_ROOT]
     try:
-        await hass.async_add_executor_job(
-            storage_root.open_root, root, data[CONF_NODE_ID], data[CONF_NODE_NAME]
-        )
-    except storage_root.StorageRootError as err:
+        await hass.async_add_executor_job(open_root, root, data[CONF_NODE_ID], data[CONF_NODE_NAME])
+    except StorageRootError as err:
         issues.storage_problem(hass, entry.entry_id, data[CONF_NODE_NAME], err.problem, err.path)
         raise ConfigEntryNotReady(
             translation_domain=DOMAIN,
@@ -84,17 +79,31 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
             translation_placeholders={"path": err.path},
         ) from err
     issues.storage_problem(hass, entry.entry_id, data[CONF_NODE_NAME], None, root)
-    node_key, _ = await hass.async_add_executor_job(identity.load_or_create, key_path(hass, entry))
+    node_key, _ = await hass.async_add_executor_job(load_or_create_identity, key_path(hass, entry))
 
-    engine = EngineLoop()
-    await hass.async_add_executor_job(engine.start)
+    node = ThreadedNode(node_key, root)
     peers = peers_of(entry)
-    manager_box: list[SyncManager] = []
-    node = Node(node_key, root, on_event=_server_events(hass, entry, manager_box))
+    folders = folders_of(entry)
+    manager = SyncManager(
+        hass,
+        entry.entry_id,
+        data[CONF_NODE_NAME],
+        node,
+        folders,
+        peers,
+        dict(entry.options),
+        node_id=data[CONF_NODE_ID],
+    )
+    # Before the server listens: a peer that connects at once finds its state loaded.
+    await manager.async_load()
     try:
-        await engine.run(node.start(LISTEN_HOST, data[CONF_PORT], peers.values()))
+        await node.start(
+            LISTEN_HOST,
+            data[CONF_PORT],
+            peers.values(),
+            on_event=partial(_on_server_event, hass, entry, manager),
+        )
     except OSError as err:
-        await hass.async_add_executor_job(engine.stop)
         if err.errno in (errno.EADDRINUSE, errno.EACCES):
             raise ConfigEntryNotReady(
                 translation_domain=DOMAIN,
@@ -106,46 +115,25 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
             translation_key="start_failed",
             translation_placeholders={"error": str(err)},
         ) from err
-    except BaseException:
-        await hass.async_add_executor_job(engine.stop)
-        raise
 
-    folders = folders_of(entry)
     try:
         # A removed folder or peer leaves its index behind; were it added again, that
-        # index would claim files the host may no longer hold. Forget it: the next push
+        # index would claim files the host may no longer hold. Forget it: the next sync
         # then adopts what the host really has.
-        await engine.run(
-            _forget_stale_pairs(
-                node, {(f.config.name, peer) for f in folders.values() for peer in f.peers}
-            )
+        await _forget_stale_pairs(
+            node, {(f.config.name, peer) for f in folders.values() for peer in f.peers}
         )
     except BaseException:
-        await engine.run(node.stop())
-        await hass.async_add_executor_job(engine.stop)
+        await node.stop()
         raise
 
-    manager = SyncManager(
-        hass,
-        entry.entry_id,
-        data[CONF_NODE_NAME],
-        engine,
-        node,
-        folders,
-        peers,
-        dict(entry.options),
-        node_id=data[CONF_NODE_ID],
-    )
-    manager_box.append(manager)
     runtime = MyNasRuntimeData(
-        engine=engine,
         node=node,
-        node_data=NodeCoordinator(hass, entry, engine, node, manager),
+        node_data=NodeCoordinator(hass, entry, node, manager),
         syncs=SyncCoordinator(hass, entry, manager),
         manager=manager,
     )
     try:
-        await manager.async_load()
         await runtime.node_data.async_config_entry_first_refresh()
         await runtime.syncs.async_config_entry_first_refresh()
         entry.runtime_data = runtime
@@ -154,13 +142,13 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
         await async_check_orphans(hass, entry)
         await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     except BaseException:
-        await _stop(hass, runtime)
+        await _stop(runtime)
         raise
     manager.async_start()
 
     @callback
     def _on_hass_stop(_event: Event) -> None:
-        hass.async_create_task(_stop(hass, runtime), eager_start=True)
+        hass.async_create_task(_stop(runtime), eager_start=True)
 
     entry.async_on_unload(hass.bus.async_listen_once(EVENT_HOMEASSISTANT_STOP, _on_hass_stop))
     entry.async_on_unload(_reload_on_subentry_change(hass, entry))
@@ -196,25 +184,15 @@ def _reload_on_subentry_change(hass: HomeAssistant, entry: MyNasConfigEntry) -> 
     return async_dispatcher_connect(hass, SIGNAL_CONFIG_ENTRY_CHANGED, changed)
 
 
-def _server_events(
-    hass: HomeAssistant, entry: MyNasConfigEntry, manager_box: list[SyncManager]
-) -> Callable[[str, dict[str, Any]], None]:
-    """Turn the server's events (on the engine's thread) into state and HA events."""
-
-    def handle(kind: str, details: dict[str, Any]) -> None:
-        hass.loop.call_soon_threadsafe(_on_server_event, hass, entry, manager_box, kind, details)
-
-    return handle
-
-
 @callback
 def _on_server_event(
     hass: HomeAssistant,
     entry: MyNasConfigEntry,
-    manager_box: list[SyncManager],
+    manager: SyncManager,
     kind: str,
     details: dict[str, Any],
 ) -> None:
+    """Turn one of the server's events into state or an HA event."""
     if kind == "unknown_key":
         LOGGER.warning(
             "A node with unknown key %s tried to connect from %s: if it is a friend, "
@@ -226,32 +204,26 @@ def _on_server_event(
             EVENT_UNKNOWN_KEY,
             {"entry_id": entry.entry_id, "fingerprint": details.get("fingerprint")},
         )
-    elif kind == "peer_connected" and manager_box:
-        manager = manager_box[0]
+    elif kind == "peer_connected":
         for peer_id, peer in manager.peers.items():
             if peer.jail == details.get("peer"):
                 manager.contact(peer_id, dt_util.utcnow())
 
 
-async def _forget_stale_pairs(node: Node, keep: set[tuple[str, str]]) -> None:
+async def _forget_stale_pairs(node: ThreadedNode, keep: set[tuple[str, str]]) -> None:
     """Drop the index of every (folder name, peer id) not configured any more."""
-    known = await asyncio.get_running_loop().run_in_executor(None, node.index.folders)
-    stale = [pair for pair in known if pair not in keep]
+    stale = [pair for pair in await node.known_pairs() if pair not in keep]
     if stale:
         LOGGER.debug("Forgetting the index of %d removed folder/peer pairs", len(stale))
         await node.forget_pairs(stale)
 
 
-async def _stop(hass: HomeAssistant, runtime: MyNasRuntimeData) -> None:
-    """Stop the coordinators, the scheduler, the server and the engine's thread (idempotent)."""
+async def _stop(runtime: MyNasRuntimeData) -> None:
+    """Stop the coordinators, the scheduler, then the node and its thread (idempotent)."""
     await runtime.node_data.async_shutdown()
     await runtime.syncs.async_shutdown()
     await runtime.manager.async_stop()
-    if runtime.engine.running:
-        try:
-            await asyncio.wait_for(runtime.engine.run(runtime.node.stop()), 30)
-        finally:
-            await hass.async_add_executor_job(runtime.engine.stop)
+    await runtime.node.stop()
 
 
 async def async_remove_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> None:
@@ -259,12 +231,12 @@ async def async_remove_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> No
 
     The key stays in the config dir: with it, a rebuilt node gets its backups back.
     """
-    await Store[dict[str, Any]](hass, STORAGE_VERSION, f"{DOMAIN}.{entry.entry_id}").async_remove()
+    await async_remove(hass, entry.entry_id)
 
 
 async def async_unload_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> bool:
     """Stop the node."""
     unloaded = await hass.config_entries.async_unload_platforms(entry, PLATFORMS)
     if unloaded:
-        await _stop(hass, entry.runtime_data)
+        await _stop(entry.runtime_data)
     return unloaded

@@ -8,7 +8,7 @@ from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 
 from .const import DOMAIN
-from .engine.storage_root import RootProblem
+from .engine import RootProblem
 
 
 def _create(

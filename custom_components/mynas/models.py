@@ -1,11 +1,15 @@
-"""The node's configuration as the engine's types; the live state of pairs and peers."""
+"""The node's configuration as the engine's types; the live state of pairs and peers.
+
+``SyncContext`` is what the parts of a node's sync manager share: the node, what it
+protects where, that state, and where its changes go.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 import enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from homeassistant.config_entries import ConfigEntry, ConfigSubentry
 
@@ -28,9 +32,18 @@ from .const import (
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
-from .engine.node import FolderConfig, PeerConfig, Reachability
-from .engine.owner.run import Progress
+from .engine import FolderConfig, PeerConfig, Progress, Reachability
 from .schedule import Schedule, parse_time
+
+if TYPE_CHECKING:
+    from homeassistant.core import HomeAssistant
+
+    from .engine import ThreadedNode
+    from .persistence import SyncStore
+    from .updates import EntityUpdates
+
+# A folder × peer pair: (folder subentry id, peer subentry id).
+type Pair = tuple[str, str]
 
 
 def peer_config(subentry: ConfigSubentry) -> PeerConfig:
@@ -91,6 +104,23 @@ def folders_of(entry: ConfigEntry[Any]) -> dict[str, FolderSetup]:
         for sub in entry.subentries.values()
         if sub.subentry_type == SUBENTRY_FOLDER
     }
+
+
+def pairs_of(folders: dict[str, FolderSetup], peers: dict[str, PeerConfig]) -> list[Pair]:
+    """Every (folder id, peer id) that should be synced: each folder on each of its peers."""
+    return [
+        (folder_id, peer_id)
+        for folder_id, setup in folders.items()
+        for peer_id in setup.peers
+        if peer_id in peers
+    ]
+
+
+class SyncKind(enum.StrEnum):
+    """What a run of a pair does: send what changed, or compare the copy with the folder."""
+
+    SYNC = "sync"
+    VERIFY = "verify"
 
 
 class SyncState(enum.StrEnum):
@@ -189,8 +219,28 @@ class PeerStatus:
 class SyncData:
     """Everything the sync entities show: pairs by (folder id, peer id), peers by id."""
 
-    pairs: dict[tuple[str, str], PairStatus] = field(default_factory=dict)
+    pairs: dict[Pair, PairStatus] = field(default_factory=dict)
     peers: dict[str, PeerStatus] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncContext:
+    """What the parts of one node's sync manager share (each keeps its own collaborators)."""
+
+    hass: HomeAssistant
+    entry_id: str
+    node: ThreadedNode
+    folders: dict[str, FolderSetup]
+    peers: dict[str, PeerConfig]
+    data: SyncData
+    # Where changes of ``data`` go: saved for the next start, told to the entities.
+    store: SyncStore
+    updates: EntityUpdates
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """Every (folder id, peer id) that should be synced."""
+        return pairs_of(self.folders, self.peers)
 
 
 def pair_key(folder_id: str, peer_id: str) -> str:

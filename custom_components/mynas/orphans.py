@@ -7,35 +7,14 @@ folders, and those must never be offered for deletion.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from homeassistant.core import HomeAssistant
 
 from . import issues
 from .const import CONF_STORAGE_ROOT
 from .coordinator import MyNasConfigEntry
-from .engine.storage_root import INTERNAL_DIR
-from .engine.units import format_bytes
+from .engine import format_bytes, jails_on_disk
 
 CONF_KEPT_DATA = "kept_data"
-
-
-def jails_on_disk(root: str) -> dict[str, int]:
-    """Peers' jails under ``root`` and the space each used when last recorded (blocking)."""
-    peers_dir = Path(root, INTERNAL_DIR, "peers")
-    found: dict[str, int] = {}
-    if not peers_dir.is_dir():
-        return found
-    for state_dir in peers_dir.iterdir():
-        if not (Path(root) / state_dir.name).is_dir():
-            continue
-        try:
-            used = int(json.loads((state_dir / "state.json").read_text()).get("used", 0))
-        except OSError, ValueError, AttributeError:
-            used = 0
-        found[state_dir.name] = used
-    return found
 
 
 async def async_check_orphans(hass: HomeAssistant, entry: MyNasConfigEntry) -> None:

@@ -10,9 +10,7 @@ from homeassistant.core import HomeAssistant
 from homeassistant.helpers.network import NoURLAvailableError, get_url
 
 from .const import CONF_ADDRESSES, CONF_NODE_NAME, CONF_NODE_PUBLIC_KEY, CONF_PORT
-from .engine import invite
-
-MAX_ADDRESSES = invite.MAX_ADDRESSES
+from .engine import MAX_ADDRESSES, Invite, encode_invite, format_address, parse_address
 
 
 def default_address(hass: HomeAssistant, port: int) -> str:
@@ -23,9 +21,9 @@ def default_address(hass: HomeAssistant, port: int) -> str:
         host = None
     try:
         # A URL may name a host an invite code cannot carry (my_ha.local): not an address.
-        return invite.format_address(*invite.parse_address(invite.format_address(host or "", port)))
+        return format_address(*parse_address(format_address(host or "", port)))
     except ValueError:
-        return invite.format_address("127.0.0.1", port)
+        return format_address("127.0.0.1", port)
 
 
 def addresses(hass: HomeAssistant, data: dict[str, Any], options: dict[str, Any]) -> list[str]:
@@ -41,10 +39,10 @@ def with_port(text: str, port: int) -> str:
     """``host`` or ``host:port`` as ``host:port`` (ValueError if it is not an address)."""
     text = text.strip()
     try:
-        host, parsed = invite.parse_address(text)
+        host, parsed = parse_address(text)
     except ValueError:
-        host, parsed = invite.parse_address(invite.format_address(text.strip("[]"), port))
-    return invite.format_address(host, parsed)
+        host, parsed = parse_address(format_address(text.strip("[]"), port))
+    return format_address(host, parsed)
 
 
 def split_addresses(text: str | None) -> list[str]:
@@ -62,8 +60,8 @@ def canonical_addresses(text: str | None, port: int) -> list[str]:
 
 def our_code(hass: HomeAssistant, data: dict[str, Any], options: dict[str, Any]) -> str:
     """Return our invite code."""
-    return invite.encode(
-        invite.Invite(
+    return encode_invite(
+        Invite(
             name=data[CONF_NODE_NAME],
             addresses=tuple(addresses(hass, data, options)),
             public_key=data[CONF_NODE_PUBLIC_KEY],

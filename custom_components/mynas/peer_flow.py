@@ -7,7 +7,6 @@ and they pin ours from the code this flow shows to send back.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -41,13 +40,18 @@ from .const import (
     GB,
     SUBENTRY_PEER,
 )
-from .engine import invite, node as engine_node
-from .engine.errors import InvalidInvite
-from .engine.host.paths import validate_peer_name
-from .engine.identity import fingerprint
-from .engine.node import ProbeResult, Reachability
-from .engine.owner.run import PeerTarget
-from .engine.storage_root import INTERNAL_DIR
+from .engine import (
+    MAX_ADDRESSES,
+    InvalidInvite,
+    Invite,
+    ProbeResult,
+    Reachability,
+    decode_invite,
+    fingerprint,
+    names_on_disk,
+    parse_address,
+    validate_peer_name,
+)
 
 if TYPE_CHECKING:
     from .coordinator import MyNasRuntimeData
@@ -75,27 +79,9 @@ def jail_name(name: str, taken: set[str]) -> str:
     return validate_peer_name(candidate)
 
 
-def names_on_disk(root: str) -> set[str]:
-    """Names already used in the storage root or its per-peer internal folders (blocking).
-
-    A new peer never gets the folder of a removed one (kept or not yet settled): another
-    person must not read what the previous peer stored.
-    """
-    names: set[str] = set()
-    internal = Path(root, INTERNAL_DIR)
-    try:
-        # The jails, then each internal area (peers' state, trash, partial uploads...).
-        folders = [Path(root), *(area for area in internal.iterdir() if area.is_dir())]
-        for folder in folders:
-            names.update(child.name for child in folder.iterdir())
-    except OSError:
-        pass
-    return names
-
-
 def peer_port(addresses: list[str]) -> int:
     """The port of a peer's first address (what a bare host typed for it gets)."""
-    return invite.parse_address(addresses[0])[1] if addresses else DEFAULT_PORT
+    return parse_address(addresses[0])[1] if addresses else DEFAULT_PORT
 
 
 class PeerSubentryFlow(ConfigSubentryFlow):
@@ -103,7 +89,7 @@ class PeerSubentryFlow(ConfigSubentryFlow):
 
     def __init__(self) -> None:
         """Start with no invite read."""
-        self._invite: invite.Invite | None = None
+        self._invite: Invite | None = None
         self._quota_gb = DEFAULT_QUOTA_GB
         self._test: asyncio.Task[ProbeResult] | None = None
         self._test_error = ""
@@ -123,7 +109,7 @@ class PeerSubentryFlow(ConfigSubentryFlow):
         entry = self._get_entry()
         if user_input is not None:
             try:
-                parsed = invite.decode(user_input[CONF_INVITE])
+                parsed = decode_invite(user_input[CONF_INVITE])
             except InvalidInvite as err:
                 errors[CONF_INVITE] = "invalid_invite"
                 placeholders["reason"] = str(err)
@@ -212,9 +198,10 @@ class PeerSubentryFlow(ConfigSubentryFlow):
 
     async def _probe(self, runtime: MyNasRuntimeData) -> ProbeResult:
         assert self._invite is not None
-        target = PeerTarget("test", self._invite.addresses, self._invite.public_key)
         try:
-            return await runtime.engine.run(engine_node.probe(runtime.node.identity, target))
+            return await runtime.node.probe_unpaired(
+                self._invite.addresses, self._invite.public_key
+            )
         except Exception as err:  # an engine failure is a failed test, not a broken flow
             return ProbeResult(Reachability.UNREACHABLE, error=str(err) or type(err).__name__)
 
@@ -280,7 +267,7 @@ class PeerSubentryFlow(ConfigSubentryFlow):
             else:
                 if not addresses:
                     errors[CONF_ADDRESSES] = "no_address"
-                elif len(addresses) > our_invite.MAX_ADDRESSES:
+                elif len(addresses) > MAX_ADDRESSES:
                     errors[CONF_ADDRESSES] = "too_many_addresses"
                 else:
                     return self.async_update_and_abort(

@@ -14,7 +14,7 @@ import probatio as vol
 from . import issues
 from .const import CONF_PUBLIC_KEY, DOMAIN
 from .coordinator import MyNasConfigEntry
-from .engine.identity import fingerprint, parse_public_key, public_key_line
+from .engine import canonical_key, fingerprint
 from .orphans import CONF_KEPT_DATA
 
 CONF_CONFIRM = "confirm"
@@ -45,7 +45,7 @@ class KeyChangedFlow(RepairsFlow):
             if not user_input.get(CONF_CONFIRM):
                 errors[CONF_CONFIRM] = "confirm_required"
             else:
-                line = public_key_line(parse_public_key(self._new_key))
+                line = canonical_key(self._new_key)
                 new_id = fingerprint(line)
                 if any(
                     other.unique_id == new_id
@@ -126,7 +126,7 @@ class OrphanedDataFlow(RepairsFlow):
                 description_placeholders=self._placeholders(),
             )
         runtime = entry.runtime_data
-        await runtime.engine.run(runtime.node.remove_peer_data(self._jail))
+        await runtime.node.remove_peer_data(self._jail)
         issues.clear_orphaned_data(self.hass, self._entry_id, self._jail)
         return self.async_create_entry(data={})
 

@@ -22,7 +22,7 @@ from homeassistant.util import dt as dt_util
 
 from .const import SUBENTRY_FOLDER, SUBENTRY_PEER
 from .coordinator import MyNasConfigEntry, NodeCoordinator, NodeData, SyncCoordinator
-from .engine.host.quota import JailUsage
+from .engine import JailUsage
 from .entity import NodeEntity, PairEntity, PeerHostedEntity, PeerStatusEntity
 from .models import PairStatus, PeerStatus, SyncState
 

@@ -20,10 +20,9 @@ import probatio as vol
 
 from .const import DOMAIN, SERVICE_RESTORE, SERVICE_SYNC, SERVICE_VERIFY
 from .coordinator import MyNasConfigEntry
-from .engine.errors import HostRefused, MyNasError, RestoreConflict
-from .engine.owner.run import check_folder_name, check_subpath
-from .engine.protocol import FailCode
-from .sync_manager import SyncKind, SyncManager
+from .engine import HostRefused, MyNasError, RestoreConflict, check_folder_name, check_subpath
+from .models import SyncKind
+from .sync_manager import SyncManager
 
 ATTR_ENTRY = "config_entry_id"
 ATTR_FOLDER = "folder"
@@ -189,14 +188,8 @@ async def _restore(call: ServiceCall) -> ServiceResponse:
     name = next((n for n in known if n.casefold() == folder_name.casefold()), folder_name)
     peer_name = manager.peers[peer_ids[0]].name
     try:
-        result = await manager.in_engine(
-            runtime.node.restore(
-                name,
-                peer_ids[0],
-                target,
-                path=sub_path,
-                overwrite=call.data[ATTR_OVERWRITE],
-            )
+        result = await runtime.node.restore(
+            name, peer_ids[0], target, path=sub_path, overwrite=call.data[ATTR_OVERWRITE]
         )
     except asyncio.CancelledError:
         task = asyncio.current_task()
@@ -207,7 +200,7 @@ async def _restore(call: ServiceCall) -> ServiceResponse:
     except RestoreConflict as err:
         raise _invalid("target_not_empty", target=target) from err
     except HostRefused as err:
-        if err.code != FailCode.MISSING:
+        if not err.nothing_there:
             raise _failed(err) from err
         raise _invalid(
             "restore_nothing", peer=peer_name, path="/".join(p for p in (name, sub_path) if p)

@@ -94,6 +94,13 @@ class HostRefused(MyNasError):
         self.code = code
         super().__init__(message)
 
+    @property
+    def nothing_there(self) -> bool:
+        """True when the host holds nothing at the path asked for (no such folder or file)."""
+        from .protocol import FailCode  # noqa: PLC0415 - protocol imports this module
+
+        return self.code == FailCode.MISSING
+
 
 class PathRefused(MyNasError):
     """A path a peer sent is not acceptable (traversal, symlink, internal name, too long...)."""

@@ -92,6 +92,35 @@ def load(path: str | os.PathLike[str]) -> Identity:
         raise KeyFileError(f"the key file {path} does not exist") from err
 
 
+def copy_key(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> Identity:
+    """Install a copy of the key file ``source`` at ``path`` (blocking); return its identity.
+
+    How a rebuilt node gets its replicas back: friends still trust its previous key. A
+    ``path`` that already holds that same key is kept; one holding another key raises
+    ``KeyFileError`` and is never replaced.
+    """
+    key = load(source)
+    target = Path(path)
+    if target.exists():
+        if load(target).public_line != key.public_line:
+            raise KeyFileError(f"{target} already holds another key; not replacing it")
+        return key
+    target.parent.mkdir(mode=KEY_DIR_MODE, parents=True, exist_ok=True)
+    # Created 0600 from the start: the private key is never readable by others.
+    data = Path(source).read_bytes()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return key
+
+
+def canonical_key(text: str) -> str:
+    """Return the one spelling of an Ed25519 public key line (no comment), or raise KeyFileError."""
+    return public_key_line(parse_public_key(text))
+
+
 def parse_public_key(text: str) -> asyncssh.SSHKey:
     """Parse one OpenSSH public key line, ``ssh-ed25519 AAAA… [comment]``.
 

@@ -29,6 +29,7 @@ import unicodedata
 
 from .errors import InvalidInvite, KeyFileError
 from .identity import (
+    canonical_key,
     fingerprint,
     parse_public_key,
     public_key_from_raw,
@@ -83,7 +84,7 @@ class Invite:
         object.__setattr__(self, "name", _check_name(self.name))
         object.__setattr__(self, "addresses", _check_addresses(self.addresses))
         try:
-            key = public_key_line(parse_public_key(self.public_key))
+            key = canonical_key(self.public_key)
         except KeyFileError as err:
             raise ValueError(f"invalid public key: {err}") from err
         object.__setattr__(self, "public_key", key)

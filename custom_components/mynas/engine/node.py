@@ -2,7 +2,8 @@
 
 This is what a host application (Home Assistant, the demo) drives: it keeps the pieces
 together and offers one coroutine per thing a user asks for. Every method runs on the
-engine's own event loop (see ``loop_thread``); blocking work goes to worker threads.
+engine's own event loop; a host application drives it through ``threaded_node``, which
+makes that hop. Blocking work goes to worker threads.
 """
 
 from __future__ import annotations
@@ -291,6 +292,10 @@ class Node:
         await asyncio.get_running_loop().run_in_executor(
             None, self.server.space.remove_peer_data, jail
         )
+
+    async def known_pairs(self) -> list[tuple[str, str]]:
+        """Every (folder name, peer id) the index holds something for."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.index.folders)
 
     async def forget_pairs(self, folders: Sequence[tuple[str, str]]) -> None:
         """Drop the index of (folder name, peer id) pairs that no longer exist."""

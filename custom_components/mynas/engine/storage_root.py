@@ -1,8 +1,10 @@
 """The storage root: the folder on the USB disk that MyNAS owns.
 
 It carries a marker file (``.mynas/node.json``) naming the node, so a later start can tell
-"the disk is missing or another disk is mounted here" from "this is our disk". Everything in
-this module does blocking file I/O: call it from a worker thread, never from an event loop.
+"the disk is missing or another disk is mounted here" from "this is our disk". It also
+says what the disk already holds for peers (names taken, jails a removed peer left).
+Everything in this module does blocking file I/O: call it from a worker thread, never from
+an event loop.
 """
 
 from __future__ import annotations
@@ -206,3 +208,48 @@ def disk_usage(root: str | os.PathLike[str]) -> DiskUsage:
     """Return the usage of the filesystem holding ``root``, as ``df`` computes it."""
     usage = psutil.disk_usage(os.fspath(root))
     return DiskUsage(total=usage.total, used=usage.used, free=usage.free)
+
+
+def measure_root(root: str | os.PathLike[str], node_id: str) -> DiskUsage:
+    """Confirm ``root`` is still this node's disk (``check_root``), then measure it."""
+    check_root(root, node_id)
+    return disk_usage(root)
+
+
+def names_on_disk(root: str | os.PathLike[str]) -> set[str]:
+    """Names already used in ``root`` or in its per-peer internal folders.
+
+    The jails, then each internal area (peers' state, trash, partial uploads...): a new
+    peer must never get a name that would hand it what a removed peer left behind.
+    """
+    names: set[str] = set()
+    internal = Path(root, INTERNAL_DIR)
+    try:
+        folders = [Path(root), *(area for area in internal.iterdir() if area.is_dir())]
+        for folder in folders:
+            names.update(child.name for child in folder.iterdir())
+    except OSError:
+        pass
+    return names
+
+
+def jails_on_disk(root: str | os.PathLike[str]) -> dict[str, int]:
+    """Peers' jails under ``root`` and the space each used when last recorded.
+
+    A directory counts as a jail only if MyNAS keeps state for it (``.mynas/peers/<name>/``,
+    written by the hosted space): the household's own folders beside the jails never do.
+    Damaged or missing state counts as nothing used.
+    """
+    peers_dir = Path(root, INTERNAL_DIR, "peers")
+    found: dict[str, int] = {}
+    if not peers_dir.is_dir():
+        return found
+    for state_dir in peers_dir.iterdir():
+        if not (Path(root) / state_dir.name).is_dir():
+            continue
+        try:
+            used = int(json.loads((state_dir / "state.json").read_text()).get("used", 0))
+        except OSError, ValueError, AttributeError:
+            used = 0
+        found[state_dir.name] = used
+    return found

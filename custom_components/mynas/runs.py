@@ -1,0 +1,316 @@
+"""Runs of a folder × peer pair: a sync (send what changed) or a verify, one at a time.
+
+A run first checks that the storage root is still this node's disk, then awaits the
+engine (its ``ThreadedNode``, which adds "one transfer per peer at a time") and turns what
+it reports into the pair's state, a ``mynas_sync_finished`` event and the repair issues a
+user can act on. Never two runs of one pair at once: a verify waits for a running sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from functools import partial
+import logging
+from typing import Any
+
+from homeassistant.core import callback
+from homeassistant.exceptions import HomeAssistantError
+from homeassistant.util import dt as dt_util
+
+from . import issues
+from .const import DOMAIN, EVENT_SYNC_FINISHED
+from .engine import (
+    MyNasError,
+    PeerConfig,
+    Phase,
+    Progress,
+    PushResult,
+    QuotaExceeded,
+    StorageRootError,
+    VerifyResult,
+    check_root,
+    format_bytes,
+)
+from .models import Pair, PairStatus, SyncContext, SyncKind, SyncState
+from .peer_prober import PeerProber
+from .scheduler import Overdue
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class Runs:
+    """Starts, tracks and concludes the runs of one node's pairs."""
+
+    def __init__(
+        self,
+        context: SyncContext,
+        *,
+        node_name: str,
+        node_id: str,
+        overdue: Overdue,
+        prober: PeerProber,
+    ) -> None:
+        """Run the context's pairs on its node (called ``node_name``, whose id is ``node_id``)."""
+        self._context = context
+        self._hass = context.hass
+        self._node = context.node
+        self._pairs = context.data.pairs
+        self._node_name = node_name
+        self._node_id = node_id
+        self._overdue = overdue
+        self._prober = prober
+        self._updates = context.updates
+        # False while the storage disk is missing or another one is mounted: no run starts.
+        self.storage_ok = True
+        self.storage_error: str | None = None
+        self._tasks: dict[tuple[Pair, SyncKind], asyncio.Task[dict[str, Any]]] = {}
+        # Never two runs of one pair at once (a verify waits for a running sync, and back).
+        self._pair_locks: dict[Pair, asyncio.Lock] = {}
+        # Pairs inside a run: news from the engine (started, progress) may arrive late,
+        # after the run's end, and must not bring a finished run back to life.
+        self._active: set[Pair] = set()
+        self._stopping = False
+
+    @callback
+    def stop(self) -> list[asyncio.Task[dict[str, Any]]]:
+        """Start nothing more; cancel the runs under way and return them (to wait for)."""
+        self._stopping = True
+        running = [task for task in self._tasks.values() if not task.done()]
+        for task in running:
+            task.cancel()
+        return running
+
+    def start(self, pair: Pair, kind: SyncKind, **options: Any) -> asyncio.Task[dict[str, Any]]:
+        """Start a run of the pair (or return the same kind of run already under way).
+
+        A run of the other kind waits for the running one: never two runs of a pair at once.
+        Raises HomeAssistantError while the node is stopping or its disk is missing.
+        """
+        key = (pair, kind)
+        running = self._tasks.get(key)
+        if running is not None and not running.done():
+            return running
+        if self._stopping:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN,
+                translation_key="node_not_loaded",
+                translation_placeholders={"node": self._node_name},
+            )
+        if not self.storage_ok:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN,
+                translation_key="storage_unavailable",
+                translation_placeholders={"node": self._node_name},
+            )
+        task = self._hass.async_create_background_task(
+            self._run(pair, kind, **options), name=f"mynas {kind} {pair[0]} {pair[1]}"
+        )
+        self._tasks[key] = task
+
+        def forget(done: asyncio.Task[dict[str, Any]]) -> None:
+            if self._tasks.get(key) is done:
+                del self._tasks[key]
+
+        task.add_done_callback(forget)
+        return task
+
+    def running(self, pair: Pair) -> bool:
+        """True while a run of the pair is queued or running."""
+        return any(p == pair and not task.done() for (p, _), task in self._tasks.items())
+
+    def progress_sink(self, pair: Pair, verifying: bool) -> Callable[[Progress], None]:
+        """What the engine reports a run's progress to (on its thread): relayed to here."""
+        return self._node.relay(partial(self._on_progress, pair, verifying))
+
+    @callback
+    def _on_progress(self, pair: Pair, verifying: bool, progress: Progress) -> None:
+        status = self._pairs.get(pair)
+        if pair not in self._active or status is None or progress.phase is Phase.DONE:
+            return
+        status.progress = progress
+        if verifying:
+            status.state = SyncState.VERIFYING
+        elif progress.phase is Phase.TRANSFERRING or progress.files_done or progress.bytes_done:
+            # The engine may still be scanning, but data is moving: that is a transfer.
+            status.state = SyncState.TRANSFERRING
+        else:
+            status.state = SyncState.SCANNING
+        self._updates.changed(throttle=True)
+
+    @staticmethod
+    def _resting(status: PairStatus) -> SyncState:
+        return SyncState.ERROR if status.failures else SyncState.IDLE
+
+    async def _run(self, pair: Pair, kind: SyncKind, **options: Any) -> dict[str, Any]:
+        folder_id, peer_id = pair
+        setup = self._context.folders[folder_id]
+        peer = self._context.peers[peer_id]
+        status = self._pairs.setdefault(pair, PairStatus())
+        verifying = kind is SyncKind.VERIFY
+        summary: dict[str, Any] = {
+            "folder": setup.config.name,
+            "peer": peer.name,
+            "kind": kind.value,
+        }
+        async with self._pair_locks.setdefault(pair, asyncio.Lock()):
+            started = dt_util.utcnow()
+            if not await self._storage_checks_out():
+                # Not the pair's fault: nothing counts against its schedule.
+                summary["status"] = "failed"
+                summary["error"] = self.storage_error or ""
+                summary["duration"] = 0.0
+                status.last_error = self.storage_error
+                return self._finished(setup.config.name, peer, kind, summary)
+            if not verifying:
+                # Only syncs move the schedule; a verify in between changes nothing there.
+                status.last_attempt = started
+                status.first_attempt = status.first_attempt or started
+            sink = self.progress_sink(pair, verifying)
+            self._active.add(pair)
+            try:
+                if verifying:
+                    self._on_started(pair, verifying)
+                    verified: VerifyResult = await self._node.verify(
+                        setup.config, peer_id, repair=bool(options.get("repair")), progress=sink
+                    )
+                    summary.update(verified.as_dict())
+                    summary["status"] = (
+                        "success" if verified.clean or verified.repair_complete else "mismatch"
+                    )
+                    self._prober.seen(peer_id, dt_util.utcnow())
+                else:
+                    # Once the peer is free (the engine's one transfer per peer at a time).
+                    on_start = self._node.relay(partial(self._on_started, pair, verifying))
+                    synced: PushResult = await self._node.push(
+                        setup.config, peer_id, sink, on_start=on_start
+                    )
+                    summary.update(synced.as_dict())
+                    summary["status"] = "partial" if synced.error_count else "success"
+                    self._succeeded(pair, synced)
+            except asyncio.CancelledError:
+                self._active.discard(pair)
+                status.progress = None
+                status.state = self._resting(status)
+                self._updates.changed()
+                raise
+            except Exception as err:  # a run always ends with a result
+                if isinstance(err, MyNasError):
+                    # Once per outage: the retries that follow say nothing new.
+                    _LOGGER.log(
+                        logging.DEBUG if status.failures and not verifying else logging.WARNING,
+                        "%s of %s to %s failed: %s",
+                        kind.capitalize(),
+                        setup.config.name,
+                        peer.name,
+                        err,
+                    )
+                else:
+                    _LOGGER.exception(
+                        "Unexpected error in %s of %s to %s", kind, setup.config.name, peer.name
+                    )
+                summary["status"] = "failed"
+                summary["error"] = str(err) or type(err).__name__
+                self._failed(pair, err, count=not verifying)
+            self._active.discard(pair)
+            status.progress = None
+            status.state = self._resting(status)
+            summary["duration"] = round((dt_util.utcnow() - started).total_seconds(), 3)
+        if summary["status"] in ("success", "partial") and not verifying:
+            # Refresh "space we use there" now rather than at the next probe.
+            self._prober.probe(peer_id)
+        return self._finished(setup.config.name, peer, kind, summary)
+
+    def _finished(
+        self, folder: str, peer: PeerConfig, kind: SyncKind, summary: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Publish the end of a run: state saved, entities updated, the event fired."""
+        self._overdue.check(dt_util.utcnow())
+        self._context.store.save()
+        self._updates.changed()
+        self._hass.bus.async_fire(
+            EVENT_SYNC_FINISHED,
+            {
+                "entry_id": self._context.entry_id,
+                "folder": folder,
+                "peer": peer.name,
+                "kind": kind.value,
+                "status": summary["status"],
+                "files": summary.get("files_sent", 0),
+                "bytes": summary.get("bytes_sent", 0),
+                "duration": summary["duration"],
+                "error": summary.get("error"),
+            },
+        )
+        return summary
+
+    @callback
+    def set_storage_ok(self, ok: bool, error: str | None = None) -> None:
+        """The storage disk checked out (or did not, and why): resume (or pause) runs."""
+        self.storage_ok = ok
+        self.storage_error = None if ok else error
+
+    async def _storage_checks_out(self) -> bool:
+        """Check (off the loop) that the storage root is still this node's disk."""
+        try:
+            await self._hass.async_add_executor_job(
+                check_root, self._node.storage_root, self._node_id
+            )
+        except StorageRootError as err:
+            self.set_storage_ok(False, str(err))
+            return False
+        return True
+
+    @callback
+    def _on_started(self, pair: Pair, verifying: bool) -> None:
+        status = self._pairs.get(pair)
+        if status is not None and pair in self._active:
+            status.state = SyncState.VERIFYING if verifying else SyncState.SCANNING
+            self._updates.changed()
+
+    def _succeeded(self, pair: Pair, result: PushResult) -> None:
+        status = self._pairs[pair]
+        if status.failures:
+            _LOGGER.info(
+                "Sync of %s to %s works again",
+                self._context.folders[pair[0]].config.name,
+                self._context.peers[pair[1]].name,
+            )
+        now = dt_util.utcnow()
+        status.last_success = now
+        status.failures = 0
+        status.last_files_sent = result.files_sent
+        status.last_bytes_sent = result.bytes_sent
+        status.last_duration = round(result.seconds, 3)
+        status.last_error = (
+            f"{result.error_count} file(s) could not be sent, for example {result.errors[0]}"
+            if result.error_count and result.errors
+            else None
+        )
+        status.quota_refused = False
+        issues.quota_refused(self._hass, pair[0], pair[1], None)
+        self._prober.seen(pair[1], now)
+
+    def _failed(self, pair: Pair, err: Exception, *, count: bool = True) -> None:
+        """Record a failed run; ``count`` it against the schedule (syncs, not verifies)."""
+        status = self._pairs[pair]
+        if count:
+            status.failures += 1
+        status.last_error = str(err) or type(err).__name__
+        folder = self._context.folders[pair[0]].config.name
+        peer = self._context.peers[pair[1]]
+        if isinstance(err, QuotaExceeded):
+            status.quota_refused = True
+            issues.quota_refused(
+                self._hass,
+                pair[0],
+                pair[1],
+                {
+                    "folder": folder,
+                    "peer": peer.name,
+                    "needed": format_bytes(err.needed),
+                    "available": format_bytes(err.available),
+                },
+            )
+        else:
+            self._prober.run_failed(pair[1], err)
