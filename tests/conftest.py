@@ -27,7 +27,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from pytest_homeassistant_custom_component.syrupy import HomeAssistantSnapshotExtension
 from syrupy.assertion import SnapshotAssertion
 
-# HA's loader finds the integration through this package (see DESIGN.md, toolchain facts).
+# HA's loader finds the integration through this package (it is not on the plugin's path).
 import custom_components  # noqa: F401
 from custom_components.mynas import hass_entry
 from custom_components.mynas.const import (

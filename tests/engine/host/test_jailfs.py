@@ -1,4 +1,4 @@
-"""Attack suite for the jail on disk (jailfs.py; DESIGN.md, invariant 2).
+"""Attack suite for the jail on disk (jailfs.py; docs/architecture.md, invariant 2).
 
 Links the host made, special files, a jail root that is not a plain directory, paths too
 long for this host, other jails and the trash: every path-taking operation refuses them.

@@ -1,4 +1,4 @@
-"""Attack suite for the node's SSH server: every invariant of DESIGN.md is a target.
+"""Attack suite for the node's SSH server: every invariant of docs/architecture.md is a target.
 
 A live NodeServer on 127.0.0.1 is attacked as a hostile (or compromised, or buggy) friend
 would, through
@@ -538,7 +538,7 @@ async def test_sftp_refuses_links_and_every_write(
         sftp = await conn.start_sftp_client()
         attempts: dict[str, Callable[[], Awaitable[Any]]] = {
             "symlink out": lambda: sftp.symlink(str(furnished), "/out"),
-            # The two-step escape of DESIGN.md: a dangling relative link, then its target.
+            # The two-step escape of a dangling link: a dangling relative link, then its target.
             "symlink dangling": lambda: sftp.symlink("foo/../../out", "/dir/out"),
             "symlink root": lambda: sftp.symlink("/", "/dir/foo"),
             "hardlink": lambda: sftp.link("/notes.txt", "/hard.txt"),

@@ -1,4 +1,4 @@
-"""The trash (trash.py; DESIGN.md, invariant 4): old versions kept, retentions, purge."""
+"""The trash (trash.py; docs/architecture.md, invariant 4): old versions kept, retentions, purge."""
 
 from __future__ import annotations
 

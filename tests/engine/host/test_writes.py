@@ -1,4 +1,4 @@
-"""Atomic, durable batch writes (writes.py; DESIGN.md, invariant 5).
+"""Atomic, durable batch writes (writes.py; docs/architecture.md, invariant 5).
 
 Temp files, one syncfs before and one after the renames, renames through directory
 handles opened link-free; a failure costs that file only and leaves the old version.

@@ -4,7 +4,7 @@
 and hands the rest to its parts, each in a module of its own:
 
 * ``jailfs.JailFS``: where the peer's things live, paths resolved link-free, directories
-  made (the rules of ``paths`` first, then the disk: DESIGN.md, invariant 2);
+  made (the rules of ``paths`` first, then the disk: docs/architecture.md, invariant 2);
 * ``quota.Quota``: space reserved before any byte or directory reaches the disk (3);
 * ``trash.Trash``: old versions kept outside the jail until the host purges them (4);
 * ``writes.JailWriter``: batches of small files, atomic and durable (5);

@@ -4,7 +4,7 @@ What every part of a jail stands on (``writes``, ``upload``, ``trash`` and ``jai
 A path that passed ``paths.check_path`` is resolved by ``locate``, which runs ``lstat`` on
 every existing component and refuses symlinks and special files; directories are opened
 with ``O_NOFOLLOW``. Peers cannot create links, so the only links a jail can hold are ones
-the host made, and those are refused wherever they are (DESIGN.md, invariant 2). A
+the host made, and those are refused wherever they are (docs/architecture.md, invariant 2). A
 directory is created only once its ``DIR_CHARGE`` is reserved (invariant 3).
 
 Everything here blocks: call it from worker threads, never from an event loop.

@@ -2,7 +2,7 @@
 
 Every path a peer sends is relative ``bytes``; ``check_path`` refuses traversal, absolute
 paths, NUL, over-long names and paths, deep trees and any component starting with
-``.mynas`` (DESIGN.md, invariant 2). Nothing here looks at the disk: ``jailfs.JailFS``
+``.mynas`` (docs/architecture.md, invariant 2). Nothing here looks at the disk: ``jailfs.JailFS``
 does that, on every existing component, once a path has passed these rules.
 """
 

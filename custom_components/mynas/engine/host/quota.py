@@ -1,4 +1,4 @@
-"""What a peer's space costs and how much of it is left (DESIGN.md, invariant 3).
+"""What a peer's space costs and how much of it is left (docs/architecture.md, invariant 3).
 
 Usage counts what the disk really holds for a peer: its jail, its trash and its partial
 uploads, each file by ``charge(size)`` (4 KiB blocks, at least one) and each directory by

@@ -1,6 +1,6 @@
 """Read-only SFTP on a peer's own jail, for browsing and downloading a replica by hand.
 
-``SFTPServer(chroot=...)`` is not a jail (see DESIGN.md's asyncssh facts), so nothing here
+``SFTPServer(chroot=...)`` is not a jail (see docs/architecture.md, invariant 2), so nothing here
 touches the filesystem through asyncssh's defaults: every path goes through
 ``Jail.resolve`` (which refuses symlinks and internal names), files open with
 ``O_NOFOLLOW``, and everything that would change the disk is refused. Blocking calls run in

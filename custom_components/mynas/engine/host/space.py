@@ -8,7 +8,7 @@ Layout under the storage root::
     <storage>/.mynas/partial/<peer>/<..>.part      resumable large uploads
     <storage>/.mynas/tmp/<peer>/                   temp files of in-flight batch writes
 
-What each jail enforces (DESIGN.md, invariants 2 to 5) is said in ``jail`` and its parts.
+What each jail enforces (docs/architecture.md, invariants 2 to 5) is said in ``jail`` and its parts.
 Everything here blocks: call it from worker threads, never from an event loop.
 """
 

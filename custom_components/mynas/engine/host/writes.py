@@ -1,6 +1,6 @@
 """Atomic, durable writes into a jail: batches of small files, and complete files put in place.
 
-Small files come in batches (DESIGN.md, invariant 5): each is written to a temp file, one
+Small files come in batches (docs/architecture.md, invariant 5): each is written to a temp file, one
 ``syncfs`` makes the whole batch durable, then each takes its final name (an existing
 version is hard-linked into the trash first, so the target always holds a complete
 version), and a second ``syncfs`` makes the renames durable before the caller acknowledges.

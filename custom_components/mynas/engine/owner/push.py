@@ -1,7 +1,7 @@
 """Push: keep a folder's replica on a peer current.
 
 A replica of folder ``F`` is a plain mirror at ``<jail>/F/`` on the host (same relative paths,
-same bytes, same mtimes), readable with standard tools. Push follows DESIGN.md's data flow:
+same bytes, same mtimes), readable with standard tools. Push follows the data flow of docs/architecture.md:
 the scanner walks the folder in a worker thread and diffs it against the SQLite index, the
 same thread reads the small files it must send (``feed``), and the event loop streams them
 over one channel (``sender``); the index records a file only once the host says it is
