@@ -2,7 +2,8 @@
 
 Why not SFTP: per-file SFTP round trips top out near 2,000 files/s from Python. Here the
 client streams requests without waiting, the host writes them in batches from a worker thread
-and acknowledges each file once its batch is durable (see docs/architecture.md, "One sync, end to end").
+and acknowledges each file once its batch is durable
+(see docs/architecture.md, "One sync, end to end").
 
 Every frame is ``u32 length | u8 type | body`` (big-endian; ``length`` counts type + body and
 never exceeds ``MAX_FRAME``). ``id`` is a u32 the client picks per request; the host answers

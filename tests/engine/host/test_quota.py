@@ -1,4 +1,4 @@
-"""The quota (quota.py; docs/architecture.md, invariant 3): reserved before anything reaches the disk.
+"""The quota (quota.py; docs/architecture.md, invariant 3): reserved before bytes reach the disk.
 
 The "server" here is the test itself, which reserves each file's charge before
 ``write_batch`` as the real server does (``jail_support.push``).

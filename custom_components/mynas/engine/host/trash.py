@@ -1,10 +1,10 @@
 """A peer's trash: the old versions it overwrote or deleted, kept outside its jail.
 
 Overwrite and delete move the old version to ``<storage>/.mynas/trash/<peer>/<stamp>/<rel>``
-(docs/architecture.md, invariant 4). It still counts against the quota, and only ``purge``, run by the
-host, removes it, after the effective retention of its folder (the first component of its
-path): the host's, or longer if the peer asked for more. Requests only ever lengthen it, so
-a compromised peer cannot shorten what protects its replicas.
+(docs/architecture.md, invariant 4). It still counts against the quota, and only ``purge``,
+run by the host, removes it, after the effective retention of its folder (the first
+component of its path): the host's, or longer if the peer asked for more. Requests only ever
+lengthen it, so a compromised peer cannot shorten what protects its replicas.
 
 Everything here blocks: call it from worker threads, never from an event loop.
 """

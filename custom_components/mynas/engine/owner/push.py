@@ -1,13 +1,13 @@
 """Push: keep a folder's replica on a peer current.
 
-A replica of folder ``F`` is a plain mirror at ``<jail>/F/`` on the host (same relative paths,
-same bytes, same mtimes), readable with standard tools. Push follows the data flow of docs/architecture.md:
-the scanner walks the folder in a worker thread and diffs it against the SQLite index, the
-same thread reads the small files it must send (``feed``), and the event loop streams them
-over one channel (``sender``); the index records a file only once the host says it is
-durable (``index_writer``), so a broken run leaves index and replica consistent, and the
-next run completes the work. This module runs the whole: the checks before a run, the
-adoption of what the host already holds, the connection, and the result.
+A replica of folder ``F`` is a plain mirror at ``<jail>/F/`` on the host (same relative
+paths, same bytes, same mtimes), readable with standard tools. Push follows the data flow of
+docs/architecture.md: the scanner walks the folder in a worker thread and diffs it against
+the SQLite index, the same thread reads the small files it must send (``feed``), and the
+event loop streams them over one channel (``sender``); the index records a file only once
+the host says it is durable (``index_writer``), so a broken run leaves index and replica
+consistent, and the next run completes the work. This module runs the whole: the checks
+before a run, the adoption of what the host already holds, the connection, and the result.
 
 Getting the replica back is ``restore``'s job, checking it ``verify``'s; the words they all
 share (targets, progress, results) are ``run``'s.
