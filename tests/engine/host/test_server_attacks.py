@@ -30,6 +30,7 @@ import time
 from typing import Any, cast
 
 import asyncssh
+from asyncssh.packet import String
 import pytest
 
 from custom_components.mynas.engine import protocol
@@ -951,6 +952,27 @@ async def test_openssh_gets_no_shell_exec_pty_or_other_subsystem(
         assert code == 255
         assert "subsystem request failed" in err
     assert not canary.exists()
+
+
+@pytest.mark.parametrize("first", [protocol.SUBSYSTEM, "sftp"])
+async def test_a_channel_gets_one_subsystem_only(
+    server: NodeServer, alice_id: Identity, first: str
+) -> None:
+    """A second `subsystem` request on a running channel is refused, whatever it asks for.
+
+    Accepted, asyncssh would start another handler on the same channel: many SFTP servers on
+    one channel, each with its own handle limit, past the per-connection session limit.
+    """
+    async with connected(server, alice_id) as conn:
+        writer, reader, _ = await conn.open_session(subsystem=first, encoding=None)
+        channel = writer.channel
+        for again in ("sftp", protocol.SUBSYSTEM):
+            assert await channel._make_request(b"subsystem", String(again)) is False
+        if first == protocol.SUBSYSTEM:  # the first subsystem still serves
+            writer.write(protocol.hello())
+            kind, _ = await protocol.read_frame(reader)
+            assert kind is protocol.Frame.WELCOME
+        writer.close()
 
 
 async def test_openssh_forwarding_is_refused(

@@ -500,6 +500,7 @@ class _Session(SSHServerStreamSession[bytes]):
             allow_scp=False,
         )
         self._on_close: Callable[[], None] | None = on_close
+        self._subsystem: str | None = None
         self._sftp = False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -530,8 +531,15 @@ class _Session(SSHServerStreamSession[bytes]):
         return False
 
     def subsystem_requested(self, subsystem: str) -> bool:
+        # One subsystem per channel: asyncssh would start a second handler on the same
+        # channel, and each SFTP handler has its own handle limit (descriptor exhaustion).
+        if self._subsystem is not None:
+            return False
+        if subsystem not in ("sftp", protocol.SUBSYSTEM):
+            return False
+        self._subsystem = subsystem
         self._sftp = subsystem == "sftp"
-        return subsystem in ("sftp", protocol.SUBSYSTEM)
+        return True
 
     def pty_requested(self, *_args: Any) -> bool:
         return False
