@@ -26,3 +26,14 @@ def test_no_reference_is_left_unresolved(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     json.loads(text)  # and the file is valid JSON
     assert "[%key:" not in text
+
+
+EN = json.loads((TRANSLATIONS / "en.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("key", sorted(EN["issues"]))
+def test_an_issue_has_a_description_or_a_fix_flow_never_both(key: str) -> None:
+    """Home Assistant shows a fixable issue through its fix flow's first step (hassfest)."""
+    issue = EN["issues"][key]
+    assert issue["title"]
+    assert ("description" in issue) != ("fix_flow" in issue), key
