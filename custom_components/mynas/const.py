@@ -61,6 +61,8 @@ DISK_SCAN_INTERVAL: Final = timedelta(minutes=1)
 SCHEDULER_TICK: Final = timedelta(minutes=1)
 # How often each peer is asked whether it is there (and how much of its space we use).
 PEER_PROBE_INTERVAL: Final = timedelta(minutes=10)
+# "Last seen" moves on by a minute at least (a peer that syncs connects many times a second).
+LAST_SEEN_RESOLUTION: Final = timedelta(minutes=1)
 # Retries after a failed sync: 5 min, 10, 20... at most 6 h apart.
 RETRY_FIRST: Final = timedelta(minutes=5)
 RETRY_MAX: Final = timedelta(hours=6)
