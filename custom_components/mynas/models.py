@@ -215,7 +215,7 @@ class PeerStatus:
         next test, instead of going through "unknown".
         """
         try:
-            reachability: Reachability | None = Reachability(data.get("reachability"))
+            reachability: Reachability | None = Reachability(str(data.get("reachability")))
         except ValueError:  # not stored (an older version) or not known here
             reachability = None
         return cls(
