@@ -9,9 +9,11 @@ import shutil
 from freezegun.api import FrozenDateTimeFactory
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
+from homeassistant.util import dt as dt_util
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
 
+from custom_components.mynas import issues
 from custom_components.mynas.const import (
     CONF_UNREACHABLE_HOURS,
     DISK_SCAN_INTERVAL,
@@ -77,11 +79,22 @@ async def test_storage_disk_gone_at_run_time(
     assert _issue(hass, issue_id) is None
     swap_disk(node_root)  # type: ignore[operator]
     await _advance(hass, freezer, DISK_SCAN_INTERVAL + timedelta(seconds=1))
+    found = issues.since(dt_util.utcnow())
     issue = _issue(hass, issue_id)
     assert issue is not None
     assert issue.translation_key == key
-    assert issue.translation_placeholders == {"node": "Alice", "path": str(node_root)}
-    assert not issue.is_fixable  # the user plugs the disk back; MyNAS recovers by itself
+    # Since when, and what is not backed up meanwhile.
+    assert issue.translation_placeholders == {
+        "node": "Alice",
+        "path": str(node_root),
+        "since": found,
+        "folders": "Photos",
+    }
+    assert issue.is_fixable  # its fix flow checks again now (MyNAS does every minute)
+    # Still gone a few minutes later: the issue still says since when it began.
+    for _ in range(3):
+        await _advance(hass, freezer, DISK_SCAN_INTERVAL + timedelta(seconds=1))
+    assert _placeholders(hass, issue_id)["since"] == found
     # The disk is back.
     for rel, data in saved.items():
         (internal / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +129,8 @@ async def test_peer_key_changed(
         "peer": "Bob",
         "old": pinned.fingerprint,
         "new": impostor.fingerprint,
+        "since": issues.since(dt_util.utcnow()),
+        "folders": "Photos",
     }
     assert issue.data == {
         "entry_id": synced_node.entry_id,
@@ -157,7 +172,13 @@ async def test_peer_unreachable_for_days(
     assert issue is not None
     assert issue.severity is ir.IssueSeverity.WARNING
     assert issue.translation_key == "peer_unreachable"
-    assert issue.translation_placeholders == {"peer": "Bob", "duration": "3 days"}
+    assert issue.is_fixable  # try again now, or change the address
+    down_since = synced_node.runtime_data.manager.data.peers[BOB_ID].down_since
+    assert issue.translation_placeholders == {
+        "peer": "Bob",
+        "since": issues.since(down_since),
+        "folders": "Photos",
+    }
     # Bob is back: the next test or sync clears it.
     await bob.start()
     await _advance(hass, freezer, PEER_PROBE_INTERVAL)
@@ -182,7 +203,7 @@ async def test_unreachable_counts_across_a_restart(
     await _advance(hass, freezer, timedelta(days=1, hours=1))
     issue = _issue(hass, f"unreachable_{BOB_ID}")
     assert issue is not None
-    assert (issue.translation_placeholders or {})["duration"] == "3 days"
+    assert (issue.translation_placeholders or {})["since"] == issues.since(down_since)
 
 
 async def test_unreachable_threshold_is_an_option(
@@ -191,26 +212,19 @@ async def test_unreachable_threshold_is_an_option(
     bob: Bob,
     freezer: FrozenDateTimeFactory,
 ) -> None:
-    """With 0 hours the issue comes at the first failed contact, and tells how long it is."""
+    """With 0 hours the issue comes at the first failed contact; its text never goes stale."""
     issue_id = f"unreachable_{BOB_ID}"
     hass.config_entries.async_update_entry(synced_node, options={CONF_UNREACHABLE_HOURS: 0})
     await hass.config_entries.async_reload(synced_node.entry_id)
     await hass.async_block_till_done(wait_background_tasks=True)
     await bob.stop()
     await _advance(hass, freezer, PEER_PROBE_INTERVAL + timedelta(seconds=1))
-    issue = _issue(hass, issue_id)
-    assert issue is not None
-    assert issue.translation_placeholders == {"peer": "Bob", "duration": "less than a minute"}
-    durations = []
-    for jump in (
-        PEER_PROBE_INTERVAL,
-        timedelta(minutes=50),
-        timedelta(hours=23),
-        timedelta(days=1),
-    ):
-        await _advance(hass, freezer, jump)  # the next test of the connection updates it
-        durations.append(_placeholders(hass, issue_id)["duration"])
-    assert durations == ["10 minutes", "1 hour", "1 day", "2 days"]
+    first = _placeholders(hass, issue_id)
+    assert first["since"] == issues.since(dt_util.utcnow() - timedelta(seconds=1))
+    # Said as "since 05:10", not "for less than a minute": still true days later.
+    for jump in (PEER_PROBE_INTERVAL, timedelta(hours=23), timedelta(days=1)):
+        await _advance(hass, freezer, jump)
+        assert _placeholders(hass, issue_id) == first
 
 
 async def test_quota_refused(
@@ -230,6 +244,8 @@ async def test_quota_refused(
     assert issue.translation_key == "quota_exceeded"
     placeholders = issue.translation_placeholders or {}
     assert (placeholders["folder"], placeholders["peer"]) == ("Photos", "Bob")
+    assert placeholders["since"] == issues.since(dt_util.utcnow())
+    assert issue.is_fixable  # once Bob grants more, its fix flow backs up again
     assert placeholders["needed"].endswith("KiB")
     assert placeholders["available"].endswith("KiB")
     assert synced_node.runtime_data.manager.data.pairs[PAIR].quota_refused
@@ -255,7 +271,15 @@ async def test_folder_overdue(
     assert issue is not None
     assert issue.severity is ir.IssueSeverity.WARNING
     assert issue.translation_key == "folder_overdue"
-    assert issue.translation_placeholders == {"folder": "Photos", "peers": "Bob", "hours": "36"}
+    placeholders = dict(issue.translation_placeholders or {})
+    assert "connection refused" in placeholders.pop("error")  # what there is to fix
+    assert placeholders == {
+        "folder": "Photos",
+        "peers": "Bob",
+        "hours": "36",
+        # The last success, two hours before the test began (synced_node).
+        "since": issues.since(dt_util.utcnow() - timedelta(hours=36, minutes=1)),
+    }
     # Back up again: cleared as soon as the sync succeeds.
     await bob.start()
     assert (await _sync(hass))["status"] == "success"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from pathlib import Path
+import shutil
 from types import MappingProxyType
 from typing import Any
 
@@ -26,6 +27,7 @@ from custom_components.mynas.const import (
     CONF_NODE_PUBLIC_KEY,
     CONF_PUBLIC_KEY,
     CONF_QUOTA,
+    CONF_UNREACHABLE_HOURS,
     DOMAIN,
     SUBENTRY_PEER,
 )
@@ -35,11 +37,32 @@ from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.storage_root import INTERNAL_DIR
 from custom_components.mynas.orphans import CONF_KEPT_DATA, jails_on_disk
 
-from .conftest import setup_entry
+from .conftest import (
+    BOB_ID,
+    PHOTOS_ID,
+    Bob,
+    add_folder,
+    add_peer,
+    gated_pushes,
+    make_tree,
+    setup_entry,
+)
 from .flow_support import EN, assert_translated, node_server
 
 KEY_FIX = ("issues", "key_changed", "fix_flow")
 ORPHAN_FIX = ("issues", "orphaned_data", "fix_flow")
+STORAGE_FIX = ("issues", "storage_missing", "fix_flow")
+UNREACHABLE_FIX = ("issues", "peer_unreachable", "fix_flow")
+QUOTA_FIX = ("issues", "quota_exceeded", "fix_flow")
+OVERDUE_FIX = ("issues", "folder_overdue", "fix_flow")
+QUOTA_TEXT = {"folder": "Photos", "peer": "Bob", "needed": "2 GB", "available": "1 GB"}
+OVERDUE_TEXT = {
+    "folder": "Photos",
+    "peers": "Bob",
+    "hours": "36",
+    "since": "2026-05-04 10:35",
+    "error": "Bob's node does not answer",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +123,10 @@ async def test_key_change_accepted_only_when_confirmed(
         "peer": "Bob",
         "old": old_key.fingerprint,
         "new": new_key.fingerprint,
+        "since": issues.since(
+            node_entry.runtime_data.manager.data.peers[peer.subentry_id].down_since
+        ),
+        "folders": "-",  # no folder is copied to Bob
     }
 
     client = await hass_client()
@@ -109,12 +136,9 @@ async def test_key_change_accepted_only_when_confirmed(
     assert response.status == HTTPStatus.OK
     result = await response.json()
     assert result["type"] == "form"
-    assert result["step_id"] == "init"
-    assert result["description_placeholders"] == {
-        "peer": "Bob",
-        "old": old_key.fingerprint,
-        "new": new_key.fingerprint,
-    }
+    assert result["step_id"] == "confirm"
+    assert not result["errors"]  # the question first, not "tick the box"
+    assert result["description_placeholders"] == issue.translation_placeholders
     flow_url = f"/api/repairs/issues/fix/{result['flow_id']}"
 
     # Submitting without ticking the box refuses the key: nothing changes.
@@ -214,11 +238,10 @@ async def test_key_change_for_a_removed_peer(
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "peer_gone"
     assert_translated(result, *KEY_FIX)
-    # The node is gone too.
+    # The node is removed: its issues go with it.
     issue_id = _raise_key_changed(hass, node_entry, peer, new)
     await hass.config_entries.async_remove(node_entry.entry_id)
-    result = await _fix(hass, issue_id)
-    assert result["reason"] == "peer_gone"
+    assert _issue(hass, issue_id) is None
 
 
 async def test_key_already_pinned_for_another_peer(
@@ -384,3 +407,194 @@ def test_jails_on_disk(tmp_path: Path) -> None:
     (peers / "good" / "state.json").write_text('{"used": 12288}')
     (peers / "damaged" / "state.json").write_text("{not json")
     assert jails_on_disk(str(tmp_path)) == {"good": 12288, "damaged": 0, "no-state": 0}
+
+
+# --- the backup disk -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["running", "waiting-for-its-disk"])
+async def test_storage_fix_flow_checks_the_disk_again(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    node_root: Path,
+    tmp_path: Path,
+    loaded: bool,
+) -> None:
+    """ "Check now": not back yet says so; back, the issue is gone (and a waiting node runs)."""
+    saved = tmp_path / "unplugged"
+    if loaded:
+        await setup_entry(hass, node_entry)
+        shutil.move(node_root, saved)
+        await node_entry.runtime_data.node_data.async_refresh()
+    else:
+        shutil.move(node_root, saved)
+        await setup_entry(hass, node_entry)
+        assert node_entry.state is ConfigEntryState.SETUP_RETRY
+    issue_id = f"storage_{node_entry.entry_id}"
+    assert _issue(hass, issue_id) is not None
+    result = await _fix(hass, issue_id)
+    assert_translated(result, *STORAGE_FIX)
+    result = await _step(hass, result["flow_id"], {})
+    assert result["errors"] == {"base": "not_back"}
+    assert_translated(result, *STORAGE_FIX)
+    shutil.move(saved, node_root)  # plugged in again
+    result = await _step(hass, result["flow_id"], {})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert _issue(hass, issue_id) is None
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert node_entry.state is ConfigEntryState.LOADED
+
+
+async def test_storage_fix_flow_for_a_removed_node(
+    hass: HomeAssistant, node_entry: MockConfigEntry, node_root: Path
+) -> None:
+    """The node is removed with the dialog open: nothing to check; its issues are gone."""
+    shutil.rmtree(node_root)
+    await setup_entry(hass, node_entry)  # waits for its disk
+    issue_id = f"storage_{node_entry.entry_id}"
+    result = await _fix(hass, issue_id)
+    await hass.config_entries.async_remove(node_entry.entry_id)
+    assert _issue(hass, issue_id) is None
+    result = await _step(hass, result["flow_id"], {})
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "node_gone"
+    assert_translated(result, *STORAGE_FIX)
+
+
+# --- a peer that does not answer -------------------------------------------------------------
+
+
+@pytest.fixture
+async def silent_bob(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+) -> str:
+    """Bob is down, and has been long enough for the issue (threshold 0 hours)."""
+    add_peer(hass, node_entry, bob)
+    add_folder(hass, node_entry, make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
+    hass.config_entries.async_update_entry(node_entry, options={CONF_UNREACHABLE_HOURS: 0})
+    await bob.stop()
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    issue_id = f"unreachable_{BOB_ID}"
+    assert _issue(hass, issue_id) is not None
+    return issue_id
+
+
+async def test_unreachable_try_again_now(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, silent_bob: str
+) -> None:
+    result = await _fix(hass, silent_bob)
+    assert result["type"] is FlowResultType.MENU
+    assert result["description_placeholders"]["folders"] == "Photos"
+    assert_translated(result, *UNREACHABLE_FIX)
+    result = await _step(hass, result["flow_id"], {"next_step_id": "retry"})
+    # Still down: says why, and offers to try again.
+    assert result["step_id"] == "retry"
+    assert "connection refused" in result["description_placeholders"]["error"]
+    assert_translated(result, *UNREACHABLE_FIX)
+    await bob.start()
+    result = await _step(hass, result["flow_id"], {})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert _issue(hass, silent_bob) is None
+
+
+async def test_unreachable_change_the_address(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, silent_bob: str
+) -> None:
+    """Bob moved: his new address, checked as the peer's settings check it, then a restart."""
+    await bob.start()  # listening again, on a new port: the old address is wrong
+    result = await _fix(hass, silent_bob)
+    result = await _step(hass, result["flow_id"], {"next_step_id": "address"})
+    assert result["step_id"] == "address"
+    assert_translated(result, *UNREACHABLE_FIX)
+    for typed, error in (("", "no_address"), ("not an address!", "bad_address")):
+        result = await _step(hass, result["flow_id"], {CONF_ADDRESSES: typed})
+        assert result["errors"] == {CONF_ADDRESSES: error}
+        assert_translated(result, *UNREACHABLE_FIX)
+    result = await _step(hass, result["flow_id"], {CONF_ADDRESSES: f" 127.0.0.1:{bob.port}\n"})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert node_entry.subentries[BOB_ID].data[CONF_ADDRESSES] == [f"127.0.0.1:{bob.port}"]
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert node_entry.state is ConfigEntryState.LOADED
+    assert _issue(hass, silent_bob) is None  # the restarted node reached him at once
+
+
+async def test_unreachable_flow_when_the_node_or_peer_is_gone(
+    hass: HomeAssistant, node_entry: MockConfigEntry, silent_bob: str
+) -> None:
+    assert await hass.config_entries.async_unload(node_entry.entry_id)
+    result = await _fix(hass, silent_bob)
+    result = await _step(hass, result["flow_id"], {"next_step_id": "retry"})
+    assert result["reason"] == "node_not_loaded"
+    assert_translated(result, *UNREACHABLE_FIX)
+    hass.config_entries.async_remove_subentry(node_entry, BOB_ID)
+    result = await _fix(hass, silent_bob)
+    result = await _step(hass, result["flow_id"], {"next_step_id": "address"})
+    assert result["reason"] == "peer_gone"
+    assert_translated(result, *UNREACHABLE_FIX)
+
+
+async def test_unreachable_retry_for_a_peer_removed_meanwhile(
+    hass: HomeAssistant, node_entry: MockConfigEntry, silent_bob: str
+) -> None:
+    result = await _fix(hass, silent_bob)
+    node_entry.runtime_data.manager.peers.pop(BOB_ID)  # as between a removal and the reload
+    result = await _step(hass, result["flow_id"], {"next_step_id": "retry"})
+    assert result["reason"] == "peer_gone"
+
+
+# --- back up again: a friend granted more space, an overdue backup -------------------------
+
+
+@pytest.mark.parametrize(
+    ("issue_id", "section"),
+    [(f"quota_{PHOTOS_ID}_{BOB_ID}", QUOTA_FIX), (f"overdue_{PHOTOS_ID}", OVERDUE_FIX)],
+    ids=["quota", "overdue"],
+)
+async def test_back_up_again_now(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+    issue_id: str,
+    section: tuple[str, ...],
+) -> None:
+    add_peer(hass, node_entry, bob)
+    add_folder(hass, node_entry, make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
+    with gated_pushes(hass) as (entered, release):
+        await setup_entry(hass, node_entry)
+        await entered.get()  # the first sync runs: hold it
+        manager = node_entry.runtime_data.manager
+        if issue_id.startswith("quota"):
+            issues.quota_refused(hass, node_entry.entry_id, PHOTOS_ID, BOB_ID, QUOTA_TEXT)
+        else:
+            issues.overdue(hass, node_entry.entry_id, PHOTOS_ID, OVERDUE_TEXT)
+        result = await _fix(hass, issue_id)
+        assert result["type"] is FlowResultType.FORM
+        assert_translated(result, *section)
+        result = await _step(hass, result["flow_id"], {})
+        assert result["type"] is FlowResultType.CREATE_ENTRY
+        assert _issue(hass, issue_id) is None
+        assert manager.running((PHOTOS_ID, BOB_ID))
+        release.set()
+    await hass.async_block_till_done(wait_background_tasks=True)
+
+
+async def test_back_up_again_needs_the_node_and_its_disk(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+) -> None:
+    add_peer(hass, node_entry, bob)
+    add_folder(hass, node_entry, make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    issue_id = f"overdue_{PHOTOS_ID}"
+    issues.overdue(hass, node_entry.entry_id, PHOTOS_ID, OVERDUE_TEXT)
+    result = await _fix(hass, issue_id)
+    node_entry.runtime_data.manager.set_storage_ok(False, "the disk is gone")
+    result = await _step(hass, result["flow_id"], {})
+    assert result["reason"] == "node_not_loaded"
+    assert_translated(result, *OVERDUE_FIX)
+    assert await hass.config_entries.async_unload(node_entry.entry_id)
+    issues.overdue(hass, node_entry.entry_id, PHOTOS_ID, OVERDUE_TEXT)
+    result = await _fix(hass, issue_id)
+    assert result["reason"] == "node_not_loaded"

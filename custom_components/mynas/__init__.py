@@ -68,13 +68,15 @@ async def async_unload_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> bo
 
 
 async def async_remove_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> None:
-    """The node is deleted: drop what Home Assistant kept of its pairs and peers.
+    """The node is deleted: drop its repair issues and what was kept of its pairs and peers.
 
     The key stays in the config dir: with it, a rebuilt node gets its backups back.
     """
     await _load_hass_entry(hass)
+    from .issues import clear_node  # noqa: PLC0415 - loaded with hass_entry
     from .persistence import async_remove  # noqa: PLC0415 - loaded with hass_entry
 
+    clear_node(hass, entry.entry_id)
     await async_remove(hass, entry.entry_id)
 
 

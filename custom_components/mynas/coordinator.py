@@ -98,7 +98,12 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
             # show another disk's content.
             self._manager.set_storage_ok(False, str(err))
             issues.storage_problem(
-                self.hass, entry.entry_id, entry.data[CONF_NODE_NAME], err.problem, err.path
+                self.hass,
+                entry.entry_id,
+                entry.data[CONF_NODE_NAME],
+                err.problem,
+                err.path,
+                [setup.config.name for setup in self._manager.folders.values()],
             )
             raise UpdateFailed(
                 translation_domain=DOMAIN,

@@ -66,7 +66,14 @@ async def async_start_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> MyNa
     try:
         await hass.async_add_executor_job(open_root, root, data[CONF_NODE_ID], data[CONF_NODE_NAME])
     except StorageRootError as err:
-        issues.storage_problem(hass, entry.entry_id, data[CONF_NODE_NAME], err.problem, err.path)
+        issues.storage_problem(
+            hass,
+            entry.entry_id,
+            data[CONF_NODE_NAME],
+            err.problem,
+            err.path,
+            [setup.config.name for setup in folders_of(entry).values()],
+        )
         raise ConfigEntryNotReady(
             translation_domain=DOMAIN,
             translation_key=err.problem.value,

@@ -1,14 +1,37 @@
-"""Repair issues MyNAS raises: only for what the user can act on, each saying what to do."""
+"""Repair issues MyNAS raises: only for what the user can act on, each saying what to do.
+
+Every issue says since when (an absolute local time: a duration would be stale as soon as
+it is shown), which folders are not copied meanwhile, and the one thing to do; where the
+user can act from the dialog, the issue is fixable (retry now, change an address, accept a
+key, keep or delete data) and its fix flow's first step carries the text.
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime
 
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
+from homeassistant.util import dt as dt_util
 
 from .const import DOMAIN
 from .engine import RootProblem
+
+# Nothing in a list of folders (a peer that protects none of ours).
+NONE = "-"
+
+
+def since(when: datetime | None) -> str:
+    """``2026-05-04 14:35``: when something began, in Home Assistant's time zone.
+
+    Digits only, so that it reads the same in every language of the texts around it.
+    """
+    return dt_util.as_local(when or dt_util.utcnow()).strftime("%Y-%m-%d %H:%M")
+
+
+def names(items: list[str]) -> str:
+    """Folder or peer names for a text: ``Photos, Documents``."""
+    return ", ".join(sorted(items, key=str.casefold)) or NONE
 
 
 def _create(
@@ -38,10 +61,28 @@ def _delete(hass: HomeAssistant, issue_id: str) -> None:
     ir.async_delete_issue(hass, DOMAIN, issue_id)
 
 
+def _since_before(hass: HomeAssistant, issue_id: str, key: str) -> str:
+    """When the issue ``issue_id`` (of ``key``) was first raised: kept while it stays."""
+    issue = ir.async_get(hass).async_get_issue(DOMAIN, issue_id)
+    if issue is not None and issue.translation_key == key:
+        kept = (issue.translation_placeholders or {}).get("since")
+        if kept:
+            return kept
+    return since(None)
+
+
 def storage_problem(
-    hass: HomeAssistant, entry_id: str, node: str, problem: RootProblem | None, path: str
+    hass: HomeAssistant,
+    entry_id: str,
+    node: str,
+    problem: RootProblem | None,
+    path: str,
+    folders: list[str] | None = None,
 ) -> None:
-    """Raise (or, with ``problem`` None, clear) the "storage disk" issue of a node."""
+    """Raise (or, with ``problem`` None, clear) the "storage disk" issue of a node.
+
+    Fixable: the fix flow checks the disk again now (MyNAS also does, every minute).
+    """
     issue_id = f"storage_{entry_id}"
     if problem is None:
         _delete(hass, issue_id)
@@ -51,7 +92,19 @@ def storage_problem(
         RootProblem.MARKER_MISSING: "storage_missing",
         RootProblem.FOREIGN_MARKER: "storage_foreign",
     }.get(problem, "storage_missing")
-    _create(hass, issue_id, key, {"node": node, "path": path})
+    _create(
+        hass,
+        issue_id,
+        key,
+        {
+            "node": node,
+            "path": path,
+            "since": _since_before(hass, issue_id, key),
+            "folders": names(folders or []),
+        },
+        fixable=True,
+        data={"entry_id": entry_id},
+    )
 
 
 def key_changed(
@@ -62,6 +115,9 @@ def key_changed(
     old_fingerprint: str,
     new_fingerprint: str | None,
     new_key: str | None,
+    *,
+    down_since: datetime | None = None,
+    folders: list[str] | None = None,
 ) -> None:
     """A peer answers with another key: nothing is sent until the user decides.
 
@@ -72,7 +128,13 @@ def key_changed(
         hass,
         f"key_changed_{peer_id}",
         "key_changed" if new_key is not None else "key_changed_unknown",
-        {"peer": peer, "old": old_fingerprint, "new": new_fingerprint or "unknown"},
+        {
+            "peer": peer,
+            "old": old_fingerprint,
+            "new": new_fingerprint or "unknown",
+            "since": since(down_since),
+            "folders": names(folders or []),
+        },
         severity=ir.IssueSeverity.CRITICAL,
         fixable=new_key is not None,
         data={"entry_id": entry_id, "peer_id": peer_id, "new_key": new_key},
@@ -84,55 +146,79 @@ def clear_key_changed(hass: HomeAssistant, peer_id: str) -> None:
     _delete(hass, f"key_changed_{peer_id}")
 
 
-def unreachable(hass: HomeAssistant, peer_id: str, peer: str, silent: timedelta | None) -> None:
-    """Raise (or, with ``silent`` None, clear) "peer unreachable for <how long>"."""
+def unreachable(
+    hass: HomeAssistant,
+    entry_id: str,
+    peer_id: str,
+    peer: str,
+    down_since: datetime | None,
+    folders: list[str] | None = None,
+) -> None:
+    """Raise (or, with ``down_since`` None, clear) "peer unreachable since <when>".
+
+    Fixable: the fix flow tries again now, or changes the peer's address.
+    """
     issue_id = f"unreachable_{peer_id}"
-    if silent is None:
+    if down_since is None:
         _delete(hass, issue_id)
     else:
         _create(
             hass,
             issue_id,
             "peer_unreachable",
-            {"peer": peer, "duration": _duration(silent)},
+            {"peer": peer, "since": since(down_since), "folders": names(folders or [])},
             severity=ir.IssueSeverity.WARNING,
+            fixable=True,
+            data={"entry_id": entry_id, "peer_id": peer_id},
         )
-
-
-def _duration(span: timedelta) -> str:
-    """``3 days``, ``5 hours``, ``1 minute``: the largest whole unit, as people say it."""
-    seconds = int(span.total_seconds())
-    if seconds < 60:
-        return "less than a minute"
-    unit, size = next(
-        ((unit, size) for unit, size in (("day", 86400), ("hour", 3600)) if seconds >= size),
-        ("minute", 60),
-    )
-    count = seconds // size
-    return f"{count} {unit}{'' if count == 1 else 's'}"
 
 
 def quota_refused(
     hass: HomeAssistant,
+    entry_id: str,
     folder_id: str,
     peer_id: str,
     placeholders: dict[str, str] | None,
 ) -> None:
-    """Raise (or, with ``placeholders`` None, clear) "the host refused us for quota"."""
+    """Raise (or, with ``placeholders`` None, clear) "the host refused us for quota".
+
+    Fixable: once the friend grants more space, the fix flow backs the folder up again.
+    """
     issue_id = f"quota_{folder_id}_{peer_id}"
     if placeholders is None:
         _delete(hass, issue_id)
     else:
-        _create(hass, issue_id, "quota_exceeded", placeholders)
+        _create(
+            hass,
+            issue_id,
+            "quota_exceeded",
+            {**placeholders, "since": _since_before(hass, issue_id, "quota_exceeded")},
+            fixable=True,
+            data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
+        )
 
 
-def overdue(hass: HomeAssistant, folder_id: str, placeholders: dict[str, str] | None) -> None:
-    """Raise (or, with ``placeholders`` None, clear) "folder backup overdue"."""
+def overdue(
+    hass: HomeAssistant, entry_id: str, folder_id: str, placeholders: dict[str, str] | None
+) -> None:
+    """Raise (or, with ``placeholders`` None, clear) "folder backup overdue".
+
+    Fixable: the fix flow backs the folder up now (once the cause, which the text names,
+    is dealt with).
+    """
     issue_id = f"overdue_{folder_id}"
     if placeholders is None:
         _delete(hass, issue_id)
     else:
-        _create(hass, issue_id, "folder_overdue", placeholders, severity=ir.IssueSeverity.WARNING)
+        _create(
+            hass,
+            issue_id,
+            "folder_overdue",
+            placeholders,
+            severity=ir.IssueSeverity.WARNING,
+            fixable=True,
+            data={"entry_id": entry_id, "folder_id": folder_id},
+        )
 
 
 def orphaned_data(hass: HomeAssistant, entry_id: str, jail: str, size: str) -> None:
@@ -151,3 +237,11 @@ def orphaned_data(hass: HomeAssistant, entry_id: str, jail: str, size: str) -> N
 def clear_orphaned_data(hass: HomeAssistant, entry_id: str, jail: str) -> None:
     """The removed peer's data question is settled."""
     _delete(hass, f"orphan_{entry_id}_{jail}")
+
+
+def clear_node(hass: HomeAssistant, entry_id: str) -> None:
+    """The node is removed: none of its issues has anything left to say."""
+    registry = ir.async_get(hass)
+    for (domain, issue_id), issue in list(registry.issues.items()):
+        if domain == DOMAIN and (issue.data or {}).get("entry_id") == entry_id:
+            _delete(hass, issue_id)

@@ -84,6 +84,19 @@ def peer_port(addresses: list[str]) -> int:
     return parse_address(addresses[0])[1] if addresses else DEFAULT_PORT
 
 
+def check_addresses(text: str | None, port: int) -> tuple[list[str], str | None]:
+    """A peer's typed addresses as ``host:port`` (``port`` where missing), or an error key."""
+    try:
+        addresses = our_invite.canonical_addresses(text, port)
+    except ValueError:
+        return [], "bad_address"
+    if not addresses:
+        return [], "no_address"
+    if len(addresses) > MAX_ADDRESSES:
+        return [], "too_many_addresses"
+    return addresses, None
+
+
 class PeerSubentryFlow(ConfigSubentryFlow):
     """Add or change a peer of this node."""
 
@@ -260,25 +273,19 @@ class PeerSubentryFlow(ConfigSubentryFlow):
         port = peer_port(list(subentry.data[CONF_ADDRESSES]))
         errors: dict[str, str] = {}
         if user_input is not None:
-            try:
-                addresses = our_invite.canonical_addresses(user_input[CONF_ADDRESSES], port)
-            except ValueError:
-                errors[CONF_ADDRESSES] = "bad_address"
+            addresses, problem = check_addresses(user_input[CONF_ADDRESSES], port)
+            if problem:
+                errors[CONF_ADDRESSES] = problem
             else:
-                if not addresses:
-                    errors[CONF_ADDRESSES] = "no_address"
-                elif len(addresses) > MAX_ADDRESSES:
-                    errors[CONF_ADDRESSES] = "too_many_addresses"
-                else:
-                    return self.async_update_and_abort(
-                        self._get_entry(),
-                        subentry,
-                        data={
-                            **subentry.data,
-                            CONF_ADDRESSES: addresses,
-                            CONF_QUOTA: int(user_input[CONF_QUOTA_GB]) * GB,
-                        },
-                    )
+                return self.async_update_and_abort(
+                    self._get_entry(),
+                    subentry,
+                    data={
+                        **subentry.data,
+                        CONF_ADDRESSES: addresses,
+                        CONF_QUOTA: int(user_input[CONF_QUOTA_GB]) * GB,
+                    },
+                )
         if user_input is None:
             typed = "\n".join(subentry.data[CONF_ADDRESSES])
             quota_gb = max(1, int(subentry.data[CONF_QUOTA]) // GB)

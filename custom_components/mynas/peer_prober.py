@@ -113,7 +113,9 @@ class PeerProber:
         status.down_since = None
         status.error = None
         status.presented_key = None
-        issues.unreachable(self._hass, peer_id, self._peers[peer_id].name, None)
+        issues.unreachable(
+            self._hass, self._context.entry_id, peer_id, self._peers[peer_id].name, None
+        )
         issues.clear_key_changed(self._hass, peer_id)
 
     def run_failed(self, peer_id: str, err: Exception) -> None:
@@ -148,8 +150,16 @@ class PeerProber:
                 fingerprint(peer.public_key),
                 fingerprint(presented_key) if presented_key else None,
                 presented_key,
+                down_since=status.down_since,
+                folders=self._folders_on(peer_id),
             )
         self._check_unreachable(peer_id)
+
+    def _folders_on(self, peer_id: str) -> list[str]:
+        """The folders copied to the peer (what is not copied while it is away)."""
+        return [
+            setup.config.name for setup in self._context.folders.values() if peer_id in setup.peers
+        ]
 
     def _check_unreachable(self, peer_id: str) -> None:
         """Raise "unreachable" once no answer came for long enough (else clear it).
@@ -160,15 +170,14 @@ class PeerProber:
         status = self._statuses[peer_id]
         peer = self._peers[peer_id]
         since = status.down_since
-        silent = dt_util.utcnow() - since if since is not None else None
-        if (
-            status.reachability in (Reachability.UNREACHABLE, Reachability.WAITING)
-            and silent is not None
-            and silent >= self.unreachable_after
-        ):
-            issues.unreachable(self._hass, peer_id, peer.name, silent)
+        silent = since is not None and dt_util.utcnow() - since >= self.unreachable_after
+        entry_id = self._context.entry_id
+        if silent and status.reachability in (Reachability.UNREACHABLE, Reachability.WAITING):
+            issues.unreachable(
+                self._hass, entry_id, peer_id, peer.name, since, self._folders_on(peer_id)
+            )
         else:
-            issues.unreachable(self._hass, peer_id, peer.name, None)
+            issues.unreachable(self._hass, entry_id, peer_id, peer.name, None)
 
     async def _probe(self, peer_id: str) -> None:
         try:

@@ -1,4 +1,9 @@
-"""Fix flows: trust a peer's new key (only once confirmed), settle a removed peer's data."""
+"""Fix flows: the one thing to do about an issue, from its dialog.
+
+Check the backup disk again; try a silent peer again or change its address; back a folder
+up again (once a friend granted more space, or the cause of an overdue backup is dealt
+with); trust a peer's new key (only once confirmed); settle a removed peer's data.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,18 @@ from typing import Any
 from homeassistant.components.repairs import RepairsFlow, RepairsFlowResult
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
+from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers import issue_registry as ir
-from homeassistant.helpers.selector import BooleanSelector
+from homeassistant.helpers.selector import BooleanSelector, TextSelector, TextSelectorConfig
 import probatio as vol
 
 from . import issues
-from .const import CONF_PUBLIC_KEY, DOMAIN
+from .const import CONF_ADDRESSES, CONF_PUBLIC_KEY, DOMAIN
 from .coordinator import MyNasConfigEntry
 from .engine import canonical_key, fingerprint
+from .models import SyncKind
 from .orphans import CONF_KEPT_DATA
+from .peer_flow import check_addresses, peer_port
 
 CONF_CONFIRM = "confirm"
 
@@ -23,6 +31,171 @@ CONF_CONFIRM = "confirm"
 def _entry(hass: HomeAssistant, entry_id: str) -> MyNasConfigEntry | None:
     entry = hass.config_entries.async_get_entry(entry_id)
     return entry if entry is not None and entry.domain == DOMAIN else None
+
+
+def _issue_placeholders(hass: HomeAssistant, issue_id: str) -> dict[str, str]:
+    """What the issue's text says (its fix flow's texts say the same)."""
+    issue = ir.async_get(hass).async_get_issue(DOMAIN, issue_id)
+    return dict(issue.translation_placeholders or {}) if issue else {}
+
+
+def _loaded(entry: MyNasConfigEntry | None) -> MyNasConfigEntry | None:
+    return entry if entry is not None and entry.state is ConfigEntryState.LOADED else None
+
+
+class _IssueFlow(RepairsFlow):
+    """A fix flow of node ``entry_id``'s issue: its texts take the issue's placeholders."""
+
+    def __init__(self, entry_id: str) -> None:
+        """Fix an issue of node ``entry_id``."""
+        self._entry_id = entry_id
+
+    def _issue_open(self) -> bool:
+        return ir.async_get(self.hass).async_get_issue(DOMAIN, self.issue_id) is not None
+
+    def _placeholders(self) -> dict[str, str]:
+        return _issue_placeholders(self.hass, self.issue_id)
+
+
+class StorageFlow(_IssueFlow):
+    """The backup disk is missing or another one is mounted: check it again now."""
+
+    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
+        """Start with the text (Home Assistant hands ``init`` the issue id as input)."""
+        return await self.async_step_confirm()
+
+    async def async_step_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Say what to do; on submit, look at the disk again."""
+        entry = _entry(self.hass, self._entry_id)
+        if entry is None:
+            return self.async_abort(reason="node_gone")
+        errors: dict[str, str] = {}
+        placeholders = self._placeholders()  # before the check may clear the issue
+        if user_input is not None:
+            if (loaded := _loaded(entry)) is not None:
+                await loaded.runtime_data.node_data.async_refresh()
+            else:  # waiting for its disk to start: start it now
+                await self.hass.config_entries.async_reload(entry.entry_id)
+            if not self._issue_open():
+                return self.async_create_entry(data={})
+            errors["base"] = "not_back"
+        return self.async_show_form(
+            step_id="confirm",
+            data_schema=vol.Schema({}),
+            errors=errors,
+            description_placeholders=placeholders,
+        )
+
+
+class UnreachableFlow(_IssueFlow):
+    """A peer does not answer: try it again now, or change its address."""
+
+    def __init__(self, entry_id: str, peer_id: str) -> None:
+        """Fix the silence of ``peer_id`` in node ``entry_id``."""
+        super().__init__(entry_id)
+        self._peer_id = peer_id
+
+    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
+        """Offer the two things there are to do."""
+        return self.async_show_menu(
+            step_id="init",
+            menu_options=["retry", "address"],
+            description_placeholders=self._placeholders(),
+        )
+
+    async def async_step_retry(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
+        """Test the connection now: done once the peer answers."""
+        entry = _loaded(_entry(self.hass, self._entry_id))
+        if entry is None:
+            return self.async_abort(reason="node_not_loaded")
+        manager = entry.runtime_data.manager
+        if self._peer_id not in manager.peers:
+            return self.async_abort(reason="peer_gone")
+        placeholders = self._placeholders()
+        await manager.probe(self._peer_id)
+        if not self._issue_open():
+            return self.async_create_entry(data={})
+        status = manager.data.peers.get(self._peer_id)
+        return self.async_show_form(
+            step_id="retry",
+            data_schema=vol.Schema({}),
+            description_placeholders={
+                **placeholders,
+                "error": (status.error if status else None) or issues.NONE,
+            },
+        )
+
+    async def async_step_address(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Change the peer's addresses (the node restarts with them and tests at once)."""
+        entry = _entry(self.hass, self._entry_id)
+        subentry = entry.subentries.get(self._peer_id) if entry else None
+        if entry is None or subentry is None:
+            return self.async_abort(reason="peer_gone")
+        port = peer_port(list(subentry.data[CONF_ADDRESSES]))
+        errors: dict[str, str] = {}
+        typed = "\n".join(subentry.data[CONF_ADDRESSES])
+        if user_input is not None:
+            typed = user_input[CONF_ADDRESSES]
+            addresses, problem = check_addresses(typed, port)
+            if problem:
+                errors[CONF_ADDRESSES] = problem
+            else:
+                self.hass.config_entries.async_update_subentry(
+                    entry, subentry, data={**subentry.data, CONF_ADDRESSES: addresses}
+                )
+                return self.async_create_entry(data={})
+        return self.async_show_form(
+            step_id="address",
+            data_schema=vol.Schema(
+                {
+                    vol.Required(CONF_ADDRESSES, default=typed): TextSelector(
+                        TextSelectorConfig(multiline=True)
+                    )
+                }
+            ),
+            errors=errors,
+            description_placeholders={**self._placeholders(), "port": str(port)},
+        )
+
+
+class BackUpAgainFlow(_IssueFlow):
+    """A folder is not (fully) copied: once the cause is dealt with, back it up now."""
+
+    def __init__(self, entry_id: str, folder_id: str, peer_id: str | None) -> None:
+        """Back ``folder_id`` up to ``peer_id`` (to all its peers when None)."""
+        super().__init__(entry_id)
+        self._folder_id = folder_id
+        self._peer_id = peer_id
+
+    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
+        """Start with the text (Home Assistant hands ``init`` the issue id as input)."""
+        return await self.async_step_confirm()
+
+    async def async_step_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Say what to do; on submit, start the sync (the issue comes back if it fails)."""
+        entry = _loaded(_entry(self.hass, self._entry_id))
+        if entry is None:
+            return self.async_abort(reason="node_not_loaded")
+        if user_input is not None:
+            manager = entry.runtime_data.manager
+            for pair in manager.pairs:
+                if pair[0] == self._folder_id and self._peer_id in (None, pair[1]):
+                    try:
+                        manager.start(pair, SyncKind.SYNC)
+                    except HomeAssistantError:  # the disk went away meanwhile: its issue says
+                        return self.async_abort(reason="node_not_loaded")
+            return self.async_create_entry(data={})
+        return self.async_show_form(
+            step_id="confirm",
+            data_schema=vol.Schema({}),
+            description_placeholders=self._placeholders(),
+        )
 
 
 class KeyChangedFlow(RepairsFlow):
@@ -35,6 +208,12 @@ class KeyChangedFlow(RepairsFlow):
         self._new_key = new_key
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
+        """Start with the question (Home Assistant hands ``init`` the issue id as input)."""
+        return await self.async_step_confirm()
+
+    async def async_step_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
         """Ask for an explicit confirmation."""
         entry = _entry(self.hass, self._entry_id)
         subentry = entry.subentries.get(self._peer_id) if entry else None
@@ -62,10 +241,13 @@ class KeyChangedFlow(RepairsFlow):
                 issues.clear_key_changed(self.hass, self._peer_id)
                 return self.async_create_entry(data={})
         return self.async_show_form(
-            step_id="init",
+            step_id="confirm",
             data_schema=vol.Schema({vol.Required(CONF_CONFIRM, default=False): BooleanSelector()}),
             errors=errors,
             description_placeholders={
+                "since": issues.NONE,
+                "folders": issues.NONE,
+                **_issue_placeholders(self.hass, self.issue_id),
                 "peer": subentry.title,
                 "old": fingerprint(subentry.data[CONF_PUBLIC_KEY]),
                 "new": fingerprint(self._new_key),
@@ -136,6 +318,15 @@ async def async_create_fix_flow(
 ) -> RepairsFlow:
     """Create the fix flow of a fixable issue."""
     data = data or {}
+    entry_id = str(data["entry_id"])
+    if issue_id.startswith("storage_"):
+        return StorageFlow(entry_id)
+    if issue_id.startswith("unreachable_"):
+        return UnreachableFlow(entry_id, str(data["peer_id"]))
+    if issue_id.startswith("quota_"):
+        return BackUpAgainFlow(entry_id, str(data["folder_id"]), str(data["peer_id"]))
+    if issue_id.startswith("overdue_"):
+        return BackUpAgainFlow(entry_id, str(data["folder_id"]), None)
     if issue_id.startswith("key_changed_"):
-        return KeyChangedFlow(str(data["entry_id"]), str(data["peer_id"]), str(data["new_key"]))
-    return OrphanedDataFlow(str(data["entry_id"]), str(data["jail"]))
+        return KeyChangedFlow(entry_id, str(data["peer_id"]), str(data["new_key"]))
+    return OrphanedDataFlow(entry_id, str(data["jail"]))

@@ -288,7 +288,7 @@ class Runs:
             else None
         )
         status.quota_refused = False
-        issues.quota_refused(self._hass, pair[0], pair[1], None)
+        issues.quota_refused(self._hass, self._context.entry_id, pair[0], pair[1], None)
         self._prober.seen(pair[1], now)
 
     def _failed(self, pair: Pair, err: Exception, *, count: bool = True) -> None:
@@ -303,6 +303,7 @@ class Runs:
             status.quota_refused = True
             issues.quota_refused(
                 self._hass,
+                self._context.entry_id,
                 pair[0],
                 pair[1],
                 {

@@ -40,20 +40,35 @@ class Overdue:
         return reference is not None and now - reference > self.after
 
     def check(self, now: datetime) -> None:
-        """Raise each folder's "overdue" issue naming its late peers (or clear it)."""
+        """Raise each folder's "overdue" issue naming its late peers (or clear it).
+
+        It says since when the folder has not been copied (the oldest of its late peers'
+        last success, or first attempt when it never succeeded) and the last error, which
+        is what there is to fix.
+        """
+        pairs = self._context.data.pairs
         for folder_id, setup in self._context.folders.items():
             late = [
-                self._context.peers[peer_id].name
+                peer_id
                 for peer_id in setup.peers
                 if peer_id in self._context.peers and self.is_overdue((folder_id, peer_id), now)
             ]
+            statuses = [pairs[(folder_id, peer_id)] for peer_id in late]
+            references = [
+                status.last_success or status.first_attempt or status.last_attempt
+                for status in statuses
+            ]
+            errors = [status.last_error for status in statuses if status.last_error]
             issues.overdue(
                 self._context.hass,
+                self._context.entry_id,
                 folder_id,
                 {
                     "folder": setup.config.name,
-                    "peers": ", ".join(late),
+                    "peers": issues.names([self._context.peers[peer_id].name for peer_id in late]),
                     "hours": f"{self.after.total_seconds() / 3600:g}",
+                    "since": issues.since(min(ref for ref in references if ref is not None)),
+                    "error": errors[0] if errors else issues.NONE,
                 }
                 if late
                 else None,
