@@ -19,7 +19,7 @@ from homeassistant.util import dt as dt_util
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
 
-from custom_components.mynas import async_remove_config_entry_device, issues
+from custom_components.mynas import async_remove_config_entry_device, texts
 from custom_components.mynas.const import (
     CONF_KEY_FILE,
     CONF_OVERDUE_HOURS,
@@ -148,7 +148,7 @@ async def test_setup_retries_when_disk_missing_then_recovers(
     assert issue.translation_placeholders == {
         "node": "Alice",
         "path": str(node_root),
-        "since": issues.since(dt_util.utcnow()),
+        "since": texts.since(dt_util.utcnow()),
         "folders": "-",
     }
     assert _engine_threads() == []

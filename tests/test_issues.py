@@ -13,7 +13,7 @@ from homeassistant.util import dt as dt_util
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
 
-from custom_components.mynas import issues
+from custom_components.mynas import texts
 from custom_components.mynas.const import (
     CONF_UNREACHABLE_HOURS,
     DISK_SCAN_INTERVAL,
@@ -79,7 +79,7 @@ async def test_storage_disk_gone_at_run_time(
     assert _issue(hass, issue_id) is None
     swap_disk(node_root)  # type: ignore[operator]
     await _advance(hass, freezer, DISK_SCAN_INTERVAL + timedelta(seconds=1))
-    found = issues.since(dt_util.utcnow())
+    found = texts.since(dt_util.utcnow())
     issue = _issue(hass, issue_id)
     assert issue is not None
     assert issue.translation_key == key
@@ -129,7 +129,7 @@ async def test_peer_key_changed(
         "peer": "Bob",
         "old": pinned.fingerprint,
         "new": impostor.fingerprint,
-        "since": issues.since(dt_util.utcnow()),
+        "since": texts.since(dt_util.utcnow()),
         "folders": "Photos",
     }
     assert issue.data == {
@@ -176,7 +176,7 @@ async def test_peer_unreachable_for_days(
     down_since = synced_node.runtime_data.manager.data.peers[BOB_ID].down_since
     assert issue.translation_placeholders == {
         "peer": "Bob",
-        "since": issues.since(down_since),
+        "since": texts.since(down_since),
         "folders": "Photos",
     }
     # Bob is back: the next test or sync clears it.
@@ -203,7 +203,7 @@ async def test_unreachable_counts_across_a_restart(
     await _advance(hass, freezer, timedelta(days=1, hours=1))
     issue = _issue(hass, f"unreachable_{BOB_ID}")
     assert issue is not None
-    assert (issue.translation_placeholders or {})["since"] == issues.since(down_since)
+    assert (issue.translation_placeholders or {})["since"] == texts.since(down_since)
 
 
 async def test_unreachable_threshold_is_an_option(
@@ -220,7 +220,7 @@ async def test_unreachable_threshold_is_an_option(
     await bob.stop()
     await _advance(hass, freezer, PEER_PROBE_INTERVAL + timedelta(seconds=1))
     first = _placeholders(hass, issue_id)
-    assert first["since"] == issues.since(dt_util.utcnow() - timedelta(seconds=1))
+    assert first["since"] == texts.since(dt_util.utcnow() - timedelta(seconds=1))
     # Said as "since 05:10", not "for less than a minute": still true days later.
     for jump in (PEER_PROBE_INTERVAL, timedelta(hours=23), timedelta(days=1)):
         await _advance(hass, freezer, jump)
@@ -244,10 +244,11 @@ async def test_quota_refused(
     assert issue.translation_key == "quota_exceeded"
     placeholders = issue.translation_placeholders or {}
     assert (placeholders["folder"], placeholders["peer"]) == ("Photos", "Bob")
-    assert placeholders["since"] == issues.since(dt_util.utcnow())
+    assert placeholders["since"] == texts.since(dt_util.utcnow())
     assert issue.is_fixable  # once Bob grants more, its fix flow backs up again
-    assert placeholders["needed"].endswith("KiB")
-    assert placeholders["available"].endswith("KiB")
+    # In the units the quota is granted in (and Home Assistant shows sizes in).
+    assert placeholders["needed"].endswith(" kB")
+    assert placeholders["available"].endswith(" kB")
     assert synced_node.runtime_data.manager.data.pairs[PAIR].quota_refused
     # Bob grants more: the next sync goes through and the issue is gone.
     await bob.restart(quota=10**9)
@@ -278,7 +279,7 @@ async def test_folder_overdue(
         "peers": "Bob",
         "hours": "36",
         # The last success, two hours before the test began (synced_node).
-        "since": issues.since(dt_util.utcnow() - timedelta(hours=36, minutes=1)),
+        "since": texts.since(dt_util.utcnow() - timedelta(hours=36, minutes=1)),
     }
     # Back up again: cleared as soon as the sync succeeds.
     await bob.start()

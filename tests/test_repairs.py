@@ -19,7 +19,7 @@ import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
 
-from custom_components.mynas import issues, repairs
+from custom_components.mynas import issues, repairs, texts
 from custom_components.mynas.const import (
     CONF_ADDRESSES,
     CONF_JAIL,
@@ -123,7 +123,7 @@ async def test_key_change_accepted_only_when_confirmed(
         "peer": "Bob",
         "old": old_key.fingerprint,
         "new": new_key.fingerprint,
-        "since": issues.since(
+        "since": texts.since(
             node_entry.runtime_data.manager.data.peers[peer.subentry_id].down_since
         ),
         "folders": "-",  # no folder is copied to Bob

@@ -15,6 +15,7 @@ from homeassistant.exceptions import HomeAssistantError, ServiceValidationError,
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, MockUser
 
+from custom_components.mynas import texts
 from custom_components.mynas.const import (
     CONF_KEY_FILE,
     CONF_NODE_ID,
@@ -236,8 +237,21 @@ async def test_restore_into_an_empty_folder(
 ) -> None:
     target = tmp_path / "restored"
     result = await _call(hass, "restore", folder="Photos", peer="Bob", target=str(target))
-    assert (result["peer"], result["folder"], result["files"]) == ("Bob", "Photos", 3)
-    assert result["bytes"] == sum(len(data) for data in FILES.values())
+    size = sum(len(data) for data in FILES.values())
+    seconds = result.pop("seconds")
+    assert 0 <= seconds < 30
+    # What was asked, said back; what was written, in bytes and as people read a size.
+    assert result == {
+        "folder": "Photos",
+        "path": "",
+        "peer": "Bob",
+        "target": str(target),
+        "files": 3,
+        "dirs": result["dirs"],
+        "bytes": size,
+        "size": texts.size(size),
+    }
+    assert result["size"] == "6.0 kB"
     for rel, data in FILES.items():
         assert (target / rel).read_bytes() == data
 
@@ -330,6 +344,7 @@ async def test_restore_validation(
     err = await _invalid(hass, "restore", **call)
     assert err.translation_key == key
     assert "{" not in str(err)  # every placeholder was filled
+    assert not (tmp_path / "out").exists()  # a failed restore leaves no empty folder
 
 
 async def test_restore_with_the_peer_down(
@@ -341,6 +356,7 @@ async def test_restore_with_the_peer_down(
     assert not isinstance(err.value, ServiceValidationError)
     assert err.value.translation_key == "restore_failed"
     assert "connection refused" in str(err.value)
+    assert not (tmp_path / "out").exists()
 
 
 async def test_restore_refused_by_the_host(

@@ -12,26 +12,10 @@ from datetime import datetime
 
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
-from homeassistant.util import dt as dt_util
 
 from .const import DOMAIN
 from .engine import RootProblem
-
-# Nothing in a list of folders (a peer that protects none of ours).
-NONE = "-"
-
-
-def since(when: datetime | None) -> str:
-    """``2026-05-04 14:35``: when something began, in Home Assistant's time zone.
-
-    Digits only, so that it reads the same in every language of the texts around it.
-    """
-    return dt_util.as_local(when or dt_util.utcnow()).strftime("%Y-%m-%d %H:%M")
-
-
-def names(items: list[str]) -> str:
-    """Folder or peer names for a text: ``Photos, Documents``."""
-    return ", ".join(sorted(items, key=str.casefold)) or NONE
+from .texts import names, since
 
 
 def _create(

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from homeassistant.core import HomeAssistant
 
-from . import issues
+from . import issues, texts
 from .const import CONF_STORAGE_ROOT
 from .coordinator import MyNasConfigEntry
-from .engine import format_bytes, jails_on_disk
+from .engine import jails_on_disk
 
 CONF_KEPT_DATA = "kept_data"
 
@@ -26,4 +26,4 @@ async def async_check_orphans(hass: HomeAssistant, entry: MyNasConfigEntry) -> N
         if jail in configured or jail in kept:
             issues.clear_orphaned_data(hass, entry.entry_id, jail)
         else:
-            issues.orphaned_data(hass, entry.entry_id, jail, format_bytes(used))
+            issues.orphaned_data(hass, entry.entry_id, jail, texts.size(used))

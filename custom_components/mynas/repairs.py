@@ -17,7 +17,7 @@ from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.selector import BooleanSelector, TextSelector, TextSelectorConfig
 import probatio as vol
 
-from . import issues
+from . import issues, texts
 from .const import CONF_ADDRESSES, CONF_PUBLIC_KEY, DOMAIN
 from .coordinator import MyNasConfigEntry
 from .engine import canonical_key, fingerprint
@@ -123,7 +123,7 @@ class UnreachableFlow(_IssueFlow):
             data_schema=vol.Schema({}),
             description_placeholders={
                 **placeholders,
-                "error": (status.error if status else None) or issues.NONE,
+                "error": (status.error if status else None) or texts.NONE,
             },
         )
 
@@ -245,8 +245,8 @@ class KeyChangedFlow(RepairsFlow):
             data_schema=vol.Schema({vol.Required(CONF_CONFIRM, default=False): BooleanSelector()}),
             errors=errors,
             description_placeholders={
-                "since": issues.NONE,
-                "folders": issues.NONE,
+                "since": texts.NONE,
+                "folders": texts.NONE,
                 **_issue_placeholders(self.hass, self.issue_id),
                 "peer": subentry.title,
                 "old": fingerprint(subentry.data[CONF_PUBLIC_KEY]),

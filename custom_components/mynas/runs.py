@@ -18,7 +18,7 @@ from homeassistant.core import callback
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.util import dt as dt_util
 
-from . import issues
+from . import issues, texts
 from .const import DOMAIN, EVENT_SYNC_FINISHED
 from .engine import (
     MyNasError,
@@ -30,7 +30,6 @@ from .engine import (
     StorageRootError,
     VerifyResult,
     check_root,
-    format_bytes,
 )
 from .models import Pair, PairStatus, SyncContext, SyncKind, SyncState
 from .peer_prober import PeerProber
@@ -309,8 +308,8 @@ class Runs:
                 {
                     "folder": folder,
                     "peer": peer.name,
-                    "needed": format_bytes(err.needed),
-                    "available": format_bytes(err.available),
+                    "needed": texts.size(err.needed),
+                    "available": texts.size(err.available),
                 },
             )
         else:

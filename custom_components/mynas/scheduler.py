@@ -14,7 +14,7 @@ from homeassistant.core import CALLBACK_TYPE, callback
 from homeassistant.helpers.event import async_track_time_interval
 from homeassistant.util import dt as dt_util
 
-from . import issues
+from . import issues, texts
 from .const import SCHEDULER_TICK
 from .models import Pair, SyncContext, SyncKind
 from .schedule import next_run
@@ -65,10 +65,10 @@ class Overdue:
                 folder_id,
                 {
                     "folder": setup.config.name,
-                    "peers": issues.names([self._context.peers[peer_id].name for peer_id in late]),
+                    "peers": texts.names([self._context.peers[peer_id].name for peer_id in late]),
                     "hours": f"{self.after.total_seconds() / 3600:g}",
-                    "since": issues.since(min(ref for ref in references if ref is not None)),
-                    "error": errors[0] if errors else issues.NONE,
+                    "since": texts.since(min(ref for ref in references if ref is not None)),
+                    "error": errors[0] if errors else texts.NONE,
                 }
                 if late
                 else None,

@@ -17,6 +17,7 @@ from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
 from homeassistant.helpers import config_validation as cv, service
 import probatio as vol
 
+from . import texts
 from .const import DOMAIN, SERVICE_RESTORE, SERVICE_SYNC, SERVICE_VERIFY
 from .coordinator import MyNasConfigEntry
 from .engine import HostRefused, MyNasError, RestoreConflict, check_folder_name, check_subpath
@@ -196,7 +197,18 @@ async def _restore(call: ServiceCall) -> ServiceResponse:
         ) from err
     except (MyNasError, OSError) as err:
         raise _failed(err) from err
-    return {"peer": peer_name, **result.as_dict()}
+    # What was asked, said back, then what was written (and its size, as people read it).
+    return {
+        "folder": result.folder,
+        "path": sub_path,
+        "peer": peer_name,
+        "target": target,
+        "files": result.files,
+        "dirs": result.dirs,
+        "bytes": result.bytes,
+        "size": texts.size(result.bytes),
+        "seconds": round(result.seconds, 3),
+    }
 
 
 def _known(manager: SyncManager) -> str:

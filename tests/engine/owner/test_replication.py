@@ -724,6 +724,26 @@ async def test_restore_of_something_the_host_does_not_hold(env: Env) -> None:
         await env.restore(env.work / "x", path="../etc")
     with pytest.raises(ValueError, match="cannot name a folder"):
         await restorer.restore(env.alice, env.target, "a/b", env.work / "x")
+    # None of these left an empty target behind.
+    assert not (env.work / "x").exists()
+
+
+async def test_a_failed_restore_leaves_no_empty_target(env: Env, unused_tcp_port: int) -> None:
+    """Nothing there, or nobody answering: the target folder it would have made is not made."""
+    write(env.src / "a", b"a")
+    await env.push()
+    target = env.work / "new" / "restored"
+    down = PeerTarget("host", (f"127.0.0.1:{unused_tcp_port}",), env.target.public_key)
+    with pytest.raises(PeerUnreachable):
+        await restorer.restore(env.alice, down, FOLDER, target)
+    with pytest.raises(HostRefused):  # one file asked, not there: fails while receiving
+        await env.restore(target, path="nothing-here.txt")
+    assert not target.exists()
+    # A target that was there (empty) stays: it is the user's.
+    target.mkdir(parents=True)
+    with pytest.raises(HostRefused):
+        await env.restore(target, path="nothing-here.txt")
+    assert target.is_dir()
 
 
 async def test_restore_progress_ends_with_done(env: Env) -> None:

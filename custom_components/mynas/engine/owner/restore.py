@@ -147,10 +147,17 @@ class _LocalWriter:
                 os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
 
 
-def _make_destination(destination: str | os.PathLike[str]) -> bytes:
-    path = os.fsencode(os.path.abspath(destination))
+def _make_destination(path: bytes) -> bool:
+    """Create the target directory; True if it was not there (blocking)."""
+    created = not os.path.lexists(path)
     os.makedirs(path, exist_ok=True)
-    return path
+    return created
+
+
+def _remove_if_empty(path: bytes) -> None:
+    """Take back a target directory a failed restore created and left empty (blocking)."""
+    with contextlib.suppress(OSError):  # not empty (what was written stays), or gone
+        os.rmdir(path)
 
 
 async def restore(
@@ -175,7 +182,9 @@ async def restore(
     loop = asyncio.get_running_loop()
     folder_name = check_folder_name(folder)
     sub = check_subpath(path)
-    dest = await loop.run_in_executor(None, _make_destination, destination)
+    # Created once the host has said what it holds: a restore that fails before (the peer
+    # down, nothing at that path) leaves no empty folder behind.
+    dest = os.fsencode(await loop.run_in_executor(None, os.path.abspath, destination))
     writer = _LocalWriter(dest, overwrite)
     result = RestoreResult(folder)
     report = Reporter(Progress(Phase.RESTORING), progress)
@@ -219,7 +228,13 @@ async def restore(
             if conflicts:
                 raise RestoreConflict(os.fsdecode(dest), os.fsdecode(conflicts[0]), len(conflicts))
         files.clear()
-        await _receive(link, remote_root, writer, relative, result, report)
+        created = await loop.run_in_executor(None, _make_destination, dest)
+        try:
+            await _receive(link, remote_root, writer, relative, result, report)
+        except BaseException:
+            if created:
+                await asyncio.shield(loop.run_in_executor(None, _remove_if_empty, dest))
+            raise
     finally:
         await link.close()
     result.seconds = time.monotonic() - started
