@@ -869,13 +869,12 @@ async def ensure_folder(state: NodeState) -> None:
                 "name": FOLDER,
                 "path": str(node.folder),
                 "peers": [state.peer_id],
-                "schedule": "daily",
-                "time": "03:00:00",
-                "hours": 6,
                 "retention_days": 30,
                 "bwlimit_mbps": 0,
                 "exclude": "\n".join(EXCLUDE),
-            }
+            },
+            "schedule": {"next_step_id": "daily"},
+            "daily": {"time": "03:00:00"},
         },
     )
     if result["type"] != "create_entry":

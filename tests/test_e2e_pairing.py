@@ -17,17 +17,16 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry, async_
 from custom_components.mynas.const import (
     CONF_BWLIMIT,
     CONF_EXCLUDE,
-    CONF_HOURS,
     CONF_INVITE,
     CONF_NAME,
     CONF_PATH,
     CONF_PEERS,
     CONF_QUOTA_GB,
     CONF_RETENTION_DAYS,
-    CONF_SCHEDULE,
     CONF_TIME,
     DOMAIN,
     EVENT_SYNC_FINISHED,
+    SCHEDULE_DAILY,
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
@@ -82,13 +81,16 @@ async def test_pair_sync_and_see_it(
             CONF_NAME: "Photos",
             CONF_PATH: str(source),
             CONF_PEERS: [peer_id],
-            CONF_SCHEDULE: "daily",
-            CONF_TIME: "03:00:00",
-            CONF_HOURS: 6,
             CONF_RETENTION_DAYS: 30,
             CONF_BWLIMIT: 0,
             CONF_EXCLUDE: "",
         },
+    )
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], {"next_step_id": SCHEDULE_DAILY}
+    )
+    result = await hass.config_entries.subentries.async_configure(
+        result["flow_id"], {CONF_TIME: "03:00"}
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
     # The node restarts with the folder; a pair that never ran runs at once.

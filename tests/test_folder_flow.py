@@ -26,6 +26,7 @@ from custom_components.mynas.const import (
     CONF_QUOTA,
     CONF_RETENTION_DAYS,
     CONF_SCHEDULE,
+    CONF_STORAGE_ROOT,
     CONF_TIME,
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
@@ -77,9 +78,6 @@ def _form(path: Path | str, peers: list[str], **changes: Any) -> dict[str, Any]:
         CONF_NAME: "Photos",
         CONF_PATH: str(path),
         CONF_PEERS: peers,
-        CONF_SCHEDULE: "daily",
-        CONF_TIME: "03:15:00",
-        CONF_HOURS: 6,
         CONF_RETENTION_DAYS: 30,
         CONF_BWLIMIT: 0,
         CONF_EXCLUDE: "",
@@ -92,6 +90,36 @@ async def _start(hass: HomeAssistant, entry: MockConfigEntry) -> dict[str, Any]:
     return await hass.config_entries.subentries.async_init(
         (entry.entry_id, SUBENTRY_FOLDER), context={"source": "user"}
     )
+
+
+async def _answer(hass: HomeAssistant, flow_id: str, answers: dict[str, Any]) -> dict[str, Any]:
+    return await hass.config_entries.subentries.async_configure(flow_id, answers)
+
+
+async def _when(
+    hass: HomeAssistant, result: dict[str, Any], kind: str = "daily", value: Any = "03:15"
+) -> dict[str, Any]:
+    """The second step: pick the kind of schedule in the menu, then its one field."""
+    assert result["type"] is FlowResultType.MENU, result
+    assert result["step_id"] == "schedule"
+    assert result["menu_options"] == ["daily", "interval"]
+    assert_translated(result, *FOLDER)
+    result = await _answer(hass, result["flow_id"], {"next_step_id": kind})
+    assert result["step_id"] == kind
+    assert_translated(result, *FOLDER)
+    field = CONF_TIME if kind == "daily" else CONF_HOURS
+    assert list(result["data_schema"].schema) == [field]  # only what that kind needs
+    return await _answer(hass, result["flow_id"], {field: value})
+
+
+async def _protect(
+    hass: HomeAssistant,
+    flow_id: str,
+    form: dict[str, Any],
+    kind: str = "daily",
+    value: Any = "03:15",
+) -> dict[str, Any]:
+    return await _when(hass, await _answer(hass, flow_id, form), kind, value)
 
 
 def _folders(entry: MockConfigEntry) -> list[ConfigSubentry]:
@@ -112,45 +140,117 @@ async def test_protect_a_folder(
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "user"
     assert_translated(result, *FOLDER)
+    # What and where first; when comes next, as a menu.
+    assert not {CONF_SCHEDULE, CONF_TIME, CONF_HOURS} & set(result["data_schema"].schema)
     defaults = result["data_schema"]({CONF_NAME: "x", CONF_PATH: "/x"})
-    # The default daily time is during the night, spread between nodes.
-    assert "02:00:00" <= defaults[CONF_TIME] <= "04:59:00"
-    assert defaults[CONF_PEERS] == []
+    assert defaults[CONF_PEERS] == []  # two friends: the user picks
     # Both peers are offered.
     selector = next(v for k, v in result["data_schema"].schema.items() if k == CONF_PEERS)
     assert [option["label"] for option in selector.config["options"]] == ["Bob", "Carol"]
 
-    result = await hass.config_entries.subentries.async_configure(
+    result = await _answer(
+        hass,
         result["flow_id"],
         _form(
             f" {photos}/./ ",
             [peers["Bob"], peers["Carol"]],
             **{
                 CONF_NAME: " Photos ",
-                CONF_SCHEDULE: "interval",
-                CONF_TIME: "3:05",
-                CONF_HOURS: 12,
                 CONF_RETENTION_DAYS: 90,
                 CONF_BWLIMIT: 2.5,
                 CONF_EXCLUDE: "*.tmp\n\n  .DS_Store \ncache/",
             },
         ),
     )
+    assert result["description_placeholders"] == {"name": "Photos"}
+    result = await _when(hass, result, "interval", 12)
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert result["title"] == "Photos"
     assert result["unique_id"] == "Photos"
-    assert result["data"] == {
+    data = dict(result["data"])
+    # The daily time is kept for a later change of kind: at night, spread between nodes.
+    assert "02:00:00" <= data.pop(CONF_TIME) <= "04:59:00"
+    assert data == {
         CONF_NAME: "Photos",
         CONF_PATH: str(photos),
         CONF_PEERS: [peers["Bob"], peers["Carol"]],
         CONF_SCHEDULE: "interval",
-        CONF_TIME: "03:05:00",
         CONF_HOURS: 12,
         CONF_RETENTION_DAYS: 90,
         CONF_BWLIMIT: 2.5,
         CONF_EXCLUDE: ["*.tmp", ".DS_Store", "cache/"],
     }
     assert [sub.title for sub in _folders(node_entry)] == ["Photos"]
+
+
+async def test_daily_at_a_time_without_seconds(
+    hass: HomeAssistant, node_entry: MockConfigEntry, peers: dict[str, str], photos: Path
+) -> None:
+    result = await _start(hass, node_entry)
+    result = await _answer(hass, result["flow_id"], _form(photos, [peers["Bob"]]))
+    result = await _answer(hass, result["flow_id"], {"next_step_id": "daily"})
+    (marker, selector) = next(iter(result["data_schema"].schema.items()))
+    assert selector.serialize() == {"selector": {"time": {"no_second": True}}}
+    # By default a time at night, spread so that friends' nodes do not all copy at once.
+    assert "02:00:00" <= marker.default() <= "04:59:00"
+    result = await _answer(hass, result["flow_id"], {CONF_TIME: "3:05"})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert (result["data"][CONF_SCHEDULE], result["data"][CONF_TIME]) == ("daily", "03:05:00")
+    assert result["data"][CONF_HOURS] == 6  # kept for a later change of kind
+
+
+async def test_one_friend_is_ticked(
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, photos: Path
+) -> None:
+    """With one friend there is nothing to choose: "Copy to" starts ticked."""
+    bob = _peer(hass, node_entry, "Bob", tmp_path / "keys")
+    result = await _start(hass, node_entry)
+    assert result["data_schema"]({CONF_NAME: "x", CONF_PATH: "/x"})[CONF_PEERS] == [bob]
+    form = _form(photos, [bob])
+    result = await _protect(hass, result["flow_id"], form)
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+
+
+async def test_folders_found_on_the_disk_are_offered(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    node_root: Path,
+    tmp_path: Path,
+    peers: dict[str, str],
+    photos: Path,
+) -> None:
+    """The backup disk's folders (beside the storage root) are offered; any path may be typed."""
+    for name in ("TimeMachine", "FileHistory/alice", ".hidden", "lost+found"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "to-root").symlink_to(node_root)
+    result = await _start(hass, node_entry)
+    selector = result["data_schema"].schema[CONF_PATH]
+    assert selector.config["custom_value"] is True
+    offered = [Path(path).relative_to(tmp_path).as_posix() for path in selector.config["options"]]
+    assert {"photos", "photos/2024"} <= set(offered)
+    assert {"TimeMachine", "FileHistory", "FileHistory/alice"} <= set(offered)
+    # Never the storage root (nor through a link), hidden folders or files.
+    assert not {"disk", "to-root", ".hidden", "lost+found", "a-file"} & set(offered)
+    assert offered.index("FileHistory") < offered.index("photos") < offered.index("TimeMachine")
+    # A folder not offered (three levels down), typed.
+    elsewhere = tmp_path / "deep" / "down" / "here"
+    elsewhere.mkdir(parents=True)
+    assert str(elsewhere) not in selector.config["options"]
+    result = await _protect(hass, result["flow_id"], _form(elsewhere, [peers["Bob"]]))
+    assert result["data"][CONF_PATH] == str(elsewhere)
+
+
+async def test_folders_offered_at_most(
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path
+) -> None:
+    for number in range(folder_flow.MAX_OFFERED + 5):
+        (tmp_path / f"f{number:03d}").mkdir()
+    offered = await hass.async_add_executor_job(
+        folder_flow.folders_on_disk, node_entry.data[CONF_STORAGE_ROOT]
+    )
+    assert len(offered) == folder_flow.MAX_OFFERED
+    assert folder_flow.folders_on_disk(str(tmp_path / "gone" / "mynas")) == []
 
 
 def _link_to_root(tmp: Path, root: Path) -> Path:
@@ -205,9 +305,7 @@ async def test_path_errors_recover(
     assert shown[CONF_NAME] == "Photos"
     exclude = next(k for k in result["data_schema"].schema if k == CONF_EXCLUDE)
     assert exclude.description["suggested_value"] == "*.tmp\ncache/"
-    result = await hass.config_entries.subentries.async_configure(
-        result["flow_id"], {**form, CONF_PATH: str(photos)}
-    )
+    result = await _protect(hass, result["flow_id"], {**form, CONF_PATH: str(photos)})
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert result["data"][CONF_EXCLUDE] == ["*.tmp", "cache/"]
 
@@ -228,9 +326,7 @@ async def test_unreadable_folder(
     assert result["errors"] == {CONF_PATH: "not_readable"}
     assert_translated(result, *FOLDER)
     monkeypatch.undo()
-    result = await hass.config_entries.subentries.async_configure(
-        result["flow_id"], _form(photos, [peers["Bob"]])
-    )
+    result = await _protect(hass, result["flow_id"], _form(photos, [peers["Bob"]]))
     assert result["type"] is FlowResultType.CREATE_ENTRY
 
 
@@ -258,8 +354,8 @@ async def test_name_errors_recover(
     )
     assert result["errors"] == {CONF_NAME: error}
     assert_translated(result, *FOLDER)
-    result = await hass.config_entries.subentries.async_configure(
-        result["flow_id"], _form(photos, [peers["Bob"]], **{CONF_NAME: "Photos 2024"})
+    result = await _protect(
+        hass, result["flow_id"], _form(photos, [peers["Bob"]], **{CONF_NAME: "Photos 2024"})
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert result["unique_id"] == "Photos 2024"
@@ -274,9 +370,7 @@ async def test_no_peer_selected(
     )
     assert result["errors"] == {CONF_PEERS: "no_peer_selected"}
     assert_translated(result, *FOLDER)
-    result = await hass.config_entries.subentries.async_configure(
-        result["flow_id"], _form(photos, [peers["Carol"]])
-    )
+    result = await _protect(hass, result["flow_id"], _form(photos, [peers["Carol"]]))
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert result["data"][CONF_PEERS] == [peers["Carol"]]
 
@@ -305,14 +399,12 @@ async def test_bad_time_is_refused(
 ) -> None:
     """The time selector refuses what is not a time; the form stays open."""
     result = await _start(hass, node_entry)
+    result = await _answer(hass, result["flow_id"], _form(photos, [peers["Bob"]]))
+    result = await _answer(hass, result["flow_id"], {"next_step_id": "daily"})
     with pytest.raises(InvalidData) as err:
-        await hass.config_entries.subentries.async_configure(
-            result["flow_id"], _form(photos, [peers["Bob"]], **{CONF_TIME: bad_time})
-        )
+        await _answer(hass, result["flow_id"], {CONF_TIME: bad_time})
     assert CONF_TIME in err.value.schema_errors
-    result = await hass.config_entries.subentries.async_configure(
-        result["flow_id"], _form(photos, [peers["Bob"]], **{CONF_TIME: "23:45:00"})
-    )
+    result = await _answer(hass, result["flow_id"], {CONF_TIME: "23:45:00"})
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert result["data"][CONF_TIME] == "23:45:00"
 
@@ -329,9 +421,7 @@ async def test_duplicate_name_is_refused(
     The form stays open with the error on the name, so nothing typed is lost.
     """
     result = await _start(hass, node_entry)
-    result = await hass.config_entries.subentries.async_configure(
-        result["flow_id"], _form(photos, [peers["Bob"]])
-    )
+    result = await _protect(hass, result["flow_id"], _form(photos, [peers["Bob"]]))
     assert result["type"] is FlowResultType.CREATE_ENTRY
     other = tmp_path / "other"
     other.mkdir()
@@ -344,8 +434,8 @@ async def test_duplicate_name_is_refused(
         assert result["errors"] == {CONF_NAME: "name_taken"}
         assert_translated(result, *FOLDER)
         assert result["data_schema"]({})[CONF_PATH] == str(other)
-    result = await hass.config_entries.subentries.async_configure(
-        result["flow_id"], _form(other, [peers["Carol"]], **{CONF_NAME: "Other"})
+    result = await _protect(
+        hass, result["flow_id"], _form(other, [peers["Carol"]], **{CONF_NAME: "Other"})
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert sorted(sub.title for sub in _folders(node_entry)) == ["Other", "Photos"]
@@ -359,7 +449,8 @@ async def test_reconfigure_all_but_the_name(
     tmp_path: Path,
 ) -> None:
     result = await _start(hass, node_entry)
-    result = await hass.config_entries.subentries.async_configure(
+    result = await _protect(
+        hass,
         result["flow_id"],
         _form(photos, [peers["Bob"], peers["Carol"]], **{CONF_EXCLUDE: "*.tmp\ncache/"}),
     )
@@ -375,30 +466,30 @@ async def test_reconfigure_all_but_the_name(
     shown = result["data_schema"]({})
     assert shown[CONF_PATH] == str(photos)
     assert shown[CONF_PEERS] == [peers["Bob"]]
-    assert shown[CONF_TIME] == "03:15:00"
     exclude = next(k for k in result["data_schema"].schema if k == CONF_EXCLUDE)
     assert exclude.description["suggested_value"] == "*.tmp\ncache/"
 
-    moved = tmp_path / "pictures"
+    moved = tmp_path / "deep" / "down" / "pictures"  # not among the folders offered: typed
     answers = {
         CONF_PATH: str(tmp_path / "nowhere"),
         CONF_PEERS: [peers["Bob"]],
-        CONF_SCHEDULE: "interval",
-        CONF_TIME: "01:00:00",
-        CONF_HOURS: 4,
         CONF_RETENTION_DAYS: 7,
         CONF_BWLIMIT: 1.5,
         CONF_EXCLUDE: "*.bak",
     }
-    result = await hass.config_entries.subentries.async_configure(result["flow_id"], answers)
+    result = await _answer(hass, result["flow_id"], answers)
     assert result["errors"] == {CONF_PATH: "not_found"}
     assert_translated(result, *FOLDER)
     exclude = next(k for k in result["data_schema"].schema if k == CONF_EXCLUDE)
     assert exclude.description["suggested_value"] == "*.bak"
-    moved.mkdir()
-    result = await hass.config_entries.subentries.async_configure(
-        result["flow_id"], {**answers, CONF_PATH: str(moved)}
-    )
+    moved.mkdir(parents=True)
+    result = await _answer(hass, result["flow_id"], {**answers, CONF_PATH: str(moved)})
+    # When: the daily time it had is shown again; switched to every 4 hours.
+    result = await _answer(hass, result["flow_id"], {"next_step_id": "daily"})
+    assert next(iter(result["data_schema"].schema)).default() == "03:15:00"
+    result = await node_entry.start_subentry_reconfigure_flow(hass, folder.subentry_id)
+    result = await _answer(hass, result["flow_id"], {**answers, CONF_PATH: str(moved)})
+    result = await _when(hass, result, "interval", 4)
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "reconfigure_successful"
     assert_translated(result, *FOLDER)
@@ -410,9 +501,12 @@ async def test_reconfigure_all_but_the_name(
         CONF_PATH: str(moved),
         CONF_PEERS: [peers["Bob"]],
         CONF_SCHEDULE: "interval",
-        CONF_TIME: "01:00:00",
+        CONF_TIME: "03:15:00",  # kept, for a change back to daily
         CONF_HOURS: 4,
         CONF_RETENTION_DAYS: 7,
         CONF_BWLIMIT: 1.5,
         CONF_EXCLUDE: ["*.bak"],
     }
+    # The path it protects is offered first, even when not found on the disk.
+    result = await node_entry.start_subentry_reconfigure_flow(hass, folder.subentry_id)
+    assert result["data_schema"].schema[CONF_PATH].config["options"][0] == str(moved)

@@ -12,6 +12,7 @@ from unittest.mock import patch
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError, Unauthorized
+from homeassistant.helpers import device_registry as dr
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, MockUser
 
@@ -28,6 +29,7 @@ from custom_components.mynas.const import (
 from custom_components.mynas.engine import identity, storage_root
 from custom_components.mynas.engine.errors import HostRefused
 from custom_components.mynas.engine.node import Node
+from custom_components.mynas.entity import device_identifier
 
 from .conftest import (
     BOB_ID,
@@ -254,6 +256,33 @@ async def test_restore_into_an_empty_folder(
     assert result["size"] == "6.0 kB"
     for rel, data in FILES.items():
         assert (target / rel).read_bytes() == data
+
+
+async def test_the_form_picks_folder_and_peer_as_devices(
+    hass: HomeAssistant, node: MockConfigEntry, tmp_path: Path
+) -> None:
+    """The action form's device pickers hand in device ids; names work in YAML too."""
+    devices = dr.async_get(hass)
+
+    def device_id(subentry_id: str) -> str:
+        device = devices.async_get_device_by_identifier(
+            device_identifier(node.entry_id, subentry_id), node.entry_id
+        )
+        assert device is not None
+        return device.id
+
+    photos, bob = device_id(PHOTOS_ID), device_id(BOB_ID)
+    (result,) = (await _call(hass, "verify", folder=photos, peer=bob))["results"]
+    assert (result["folder"], result["peer"], result["status"]) == ("Photos", "Bob", "success")
+    target = tmp_path / "picked"
+    result = await _call(hass, "restore", folder=photos, peer=bob, target=str(target))
+    assert (result["folder"], result["peer"], result["files"]) == ("Photos", "Bob", 3)
+    # A device of something else is no folder of ours.
+    other = devices.async_get_or_create(
+        config_entry_id=node.entry_id, identifiers={(DOMAIN, "other")}, name="Other"
+    )
+    err = await _invalid(hass, "sync", folder=other.id)
+    assert err.translation_key == "unknown_folder"
 
 
 async def test_restore_is_for_administrators(

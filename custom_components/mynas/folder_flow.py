@@ -1,12 +1,21 @@
-"""Protecting a folder: which local directory, on which peers, when, and how."""
+"""Protecting a folder: which local directory, on which peers, when, and how.
+
+Two steps, as Home Assistant's own flows ask them: what and where (the folder, picked from
+those found on the backup disk or typed, the peers, the retention and limits), then when
+(a menu: daily at a time, or every few hours, and only the field that kind needs).
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from homeassistant.config_entries import ConfigSubentryFlow, SubentryFlowResult
+from homeassistant.config_entries import (
+    SOURCE_RECONFIGURE,
+    ConfigSubentryFlow,
+    SubentryFlowResult,
+)
 from homeassistant.helpers import config_validation as cv
 from homeassistant.helpers.selector import (
     NumberSelector,
@@ -19,6 +28,8 @@ from homeassistant.helpers.selector import (
     TextSelector,
     TextSelectorConfig,
     TimeSelector,
+    TimeSelectorConfig,
+    make_selector_config_schema,
 )
 import probatio as vol
 
@@ -43,6 +54,22 @@ from .const import (
 from .engine import check_folder_name
 from .schedule import night_time
 
+# At most this many folders found on the disk are offered (a typed path is always possible).
+MAX_OFFERED = 50
+
+
+class TimeWithoutSeconds(TimeSelector):
+    """The time selector, shown without its seconds field (the frontend's ``no_second``).
+
+    Home Assistant's frontend reads ``no_second``; its Python selector does not list it yet.
+    """
+
+    CONFIG_SCHEMA = make_selector_config_schema({vol.Optional("no_second"): bool})
+
+    def __init__(self) -> None:
+        """Hours and minutes only."""
+        super().__init__(cast("TimeSelectorConfig", {"no_second": True}))
+
 
 def check_local_folder(path: str, storage_root: str) -> str | None:
     """Return an error key for a folder to protect, or None when it is fine (blocking)."""
@@ -62,6 +89,37 @@ def check_local_folder(path: str, storage_root: str) -> str | None:
     if real == root or root in real.parents or real in root.parents:
         return "inside_storage"
     return None
+
+
+def folders_on_disk(storage_root: str) -> list[str]:
+    """Folders beside the storage root (two levels down), to offer for protection (blocking).
+
+    The storage root sits on the backup disk, beside the household's own folders (a Time
+    Machine share, File History, photos): those are what there is to protect. Hidden
+    folders, the storage root and what holds it are left out.
+    """
+    disk = Path(storage_root).resolve().parent
+    found: list[str] = []
+
+    def visit(folder: Path, depth: int) -> None:
+        try:
+            children = sorted(folder.iterdir(), key=lambda path: path.name.casefold())
+        except OSError:
+            return
+        for child in children:
+            if len(found) >= MAX_OFFERED:
+                return
+            if child.name.startswith(".") or child.name == "lost+found" or child.is_symlink():
+                continue
+            if not child.is_dir():
+                continue
+            if check_local_folder(str(child), storage_root) is None:
+                found.append(str(child))
+                if depth < 2:
+                    visit(child, depth + 1)
+
+    visit(disk, 1)
+    return found
 
 
 def _number(minimum: float, maximum: float, unit: str, step: float = 1) -> Any:
@@ -86,6 +144,11 @@ def _normalize(path: str) -> str:
 class FolderSubentryFlow(ConfigSubentryFlow):
     """Add or change a protected folder."""
 
+    def __init__(self) -> None:
+        """Start with nothing answered."""
+        # What the first step settled (and, when changing a folder, what it was).
+        self._data: dict[str, Any] = {}
+
     def _peer_options(self) -> list[SelectOptionDict]:
         return [
             SelectOptionDict(value=sub.subentry_id, label=sub.title)
@@ -93,20 +156,34 @@ class FolderSubentryFlow(ConfigSubentryFlow):
             if sub.subentry_type == SUBENTRY_PEER
         ]
 
-    def _schema(self, defaults: dict[str, Any], *, with_name: bool) -> vol.Schema:
+    async def _schema(self, defaults: dict[str, Any], *, with_name: bool) -> vol.Schema:
         peer_options = self._peer_options()
         # A peer removed since the folder was set up is no longer offered (nor preselected).
         known = {option["value"] for option in peer_options}
-        peers = [peer for peer in defaults.get(CONF_PEERS) or [] if peer in known]
+        if CONF_PEERS in defaults:
+            peers = [peer for peer in defaults[CONF_PEERS] or [] if peer in known]
+        else:  # a new folder: with one friend, it is the one to copy to
+            peers = list(known) if len(known) == 1 else []
         exclude = defaults.get(CONF_EXCLUDE) or ""
         if not isinstance(exclude, str):  # stored as a list, typed as lines
             exclude = "\n".join(exclude)
+        path = defaults.get(CONF_PATH, "")
+        found = await self.hass.async_add_executor_job(
+            folders_on_disk, self._get_entry().data[CONF_STORAGE_ROOT]
+        )
+        if path and path not in found:
+            found.insert(0, path)
         fields: dict[Any, Any] = {}
         if with_name:
             fields[vol.Required(CONF_NAME, default=defaults.get(CONF_NAME, ""))] = TextSelector()
         fields.update(
             {
-                vol.Required(CONF_PATH, default=defaults.get(CONF_PATH, "")): TextSelector(),
+                # The folders found on the disk, or any path typed in.
+                vol.Required(CONF_PATH, default=path): SelectSelector(
+                    SelectSelectorConfig(
+                        options=found, custom_value=True, mode=SelectSelectorMode.DROPDOWN
+                    )
+                ),
                 vol.Required(CONF_PEERS, default=peers): SelectSelector(
                     SelectSelectorConfig(
                         options=peer_options,
@@ -114,20 +191,6 @@ class FolderSubentryFlow(ConfigSubentryFlow):
                         mode=SelectSelectorMode.LIST,
                     )
                 ),
-                vol.Required(
-                    CONF_SCHEDULE, default=defaults.get(CONF_SCHEDULE, SCHEDULE_DAILY)
-                ): SelectSelector(
-                    SelectSelectorConfig(
-                        options=[SCHEDULE_DAILY, SCHEDULE_INTERVAL],
-                        translation_key=CONF_SCHEDULE,
-                    )
-                ),
-                vol.Required(CONF_TIME, default=defaults.get(CONF_TIME) or night_time()): (
-                    TimeSelector()
-                ),
-                vol.Required(
-                    CONF_HOURS, default=defaults.get(CONF_HOURS, DEFAULT_INTERVAL_HOURS)
-                ): _number(1, 24 * 7, "h"),
                 vol.Required(
                     CONF_RETENTION_DAYS,
                     default=defaults.get(CONF_RETENTION_DAYS, DEFAULT_RETENTION_DAYS),
@@ -143,7 +206,7 @@ class FolderSubentryFlow(ConfigSubentryFlow):
         return vol.Schema(fields)
 
     async def _validate(self, user_input: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-        """Check the answers; return the subentry data (without the name) and errors."""
+        """Check the first step's answers; return them as subentry data, and errors."""
         errors: dict[str, str] = {}
         path = user_input[CONF_PATH].strip()
         storage = self._get_entry().data[CONF_STORAGE_ROOT]
@@ -156,43 +219,42 @@ class FolderSubentryFlow(ConfigSubentryFlow):
         data = {
             CONF_PATH: _normalize(path) if not problem else path,
             CONF_PEERS: list(user_input.get(CONF_PEERS) or []),
-            CONF_SCHEDULE: user_input[CONF_SCHEDULE],
-            # The time selector accepted it already; store it in one spelling (03:15:00).
-            CONF_TIME: cv.time(user_input[CONF_TIME]).strftime("%H:%M:%S"),
-            CONF_HOURS: int(user_input[CONF_HOURS]),
             CONF_RETENTION_DAYS: int(user_input[CONF_RETENTION_DAYS]),
             CONF_BWLIMIT: float(user_input[CONF_BWLIMIT]),
             CONF_EXCLUDE: [line for line in exclude if line],
         }
         return data, errors
 
+    def _name_error(self, name: str) -> str | None:
+        try:
+            check_folder_name(name)
+        except ValueError:
+            return "bad_folder_name"
+        # Names differing only in case would share a replica on many disks (exFAT).
+        if any(
+            sub.subentry_type == SUBENTRY_FOLDER
+            and str(sub.data[CONF_NAME]).casefold() == name.casefold()
+            for sub in self._get_entry().subentries.values()
+        ):
+            return "name_taken"
+        return None
+
     async def async_step_user(self, user_input: dict[str, Any] | None = None) -> SubentryFlowResult:
-        """Describe the folder to protect."""
+        """Describe the folder to protect; then, when."""
         if not self._peer_options():
             return self.async_abort(reason="no_peers")
         errors: dict[str, str] = {}
         if user_input is not None:
             name = user_input[CONF_NAME].strip()
             data, errors = await self._validate(user_input)
-            try:
-                check_folder_name(name)
-            except ValueError:
-                errors[CONF_NAME] = "bad_folder_name"
-            else:
-                # Names differing only in case would share a replica on many disks (exFAT).
-                if any(
-                    sub.subentry_type == SUBENTRY_FOLDER
-                    and str(sub.data[CONF_NAME]).casefold() == name.casefold()
-                    for sub in self._get_entry().subentries.values()
-                ):
-                    errors[CONF_NAME] = "name_taken"
+            if problem := self._name_error(name):
+                errors[CONF_NAME] = problem
             if not errors:
-                return self.async_create_entry(
-                    title=name, data={CONF_NAME: name, **data}, unique_id=name
-                )
+                self._data = {CONF_NAME: name, **data}
+                return await self.async_step_schedule()
         return self.async_show_form(
             step_id="user",
-            data_schema=self._schema(user_input or {}, with_name=True),
+            data_schema=await self._schema(user_input or {}, with_name=True),
             errors=errors,
         )
 
@@ -205,13 +267,76 @@ class FolderSubentryFlow(ConfigSubentryFlow):
         if user_input is not None:
             data, errors = await self._validate(user_input)
             if not errors:
-                return self.async_update_and_abort(
-                    self._get_entry(), subentry, data={**subentry.data, **data}
-                )
+                self._data = {**subentry.data, **data}
+                return await self.async_step_schedule()
         defaults = dict(subentry.data) if user_input is None else user_input
         return self.async_show_form(
             step_id="reconfigure",
-            data_schema=self._schema(defaults, with_name=False),
+            data_schema=await self._schema(defaults, with_name=False),
             errors=errors,
             description_placeholders={"name": subentry.title},
         )
+
+    async def async_step_schedule(
+        self, user_input: dict[str, Any] | None = None
+    ) -> SubentryFlowResult:
+        """When: daily at a time, or every few hours."""
+        return self.async_show_menu(
+            step_id="schedule",
+            menu_options=[SCHEDULE_DAILY, SCHEDULE_INTERVAL],
+            description_placeholders={"name": self._data[CONF_NAME]},
+        )
+
+    async def async_step_daily(
+        self, user_input: dict[str, Any] | None = None
+    ) -> SubentryFlowResult:
+        """At which time of day (by default a time at night, spread between nodes)."""
+        if user_input is not None:
+            # The selector accepted it already; store it in one spelling (03:15:00).
+            at = cv.time(user_input[CONF_TIME]).strftime("%H:%M:%S")
+            return self._finish(SCHEDULE_DAILY, time=at)
+        return self.async_show_form(
+            step_id="daily",
+            data_schema=vol.Schema(
+                {
+                    vol.Required(
+                        CONF_TIME, default=self._data.get(CONF_TIME) or night_time()
+                    ): TimeWithoutSeconds()
+                }
+            ),
+            description_placeholders={"name": self._data[CONF_NAME]},
+        )
+
+    async def async_step_interval(
+        self, user_input: dict[str, Any] | None = None
+    ) -> SubentryFlowResult:
+        """How many hours apart."""
+        if user_input is not None:
+            return self._finish(SCHEDULE_INTERVAL, hours=int(user_input[CONF_HOURS]))
+        return self.async_show_form(
+            step_id="interval",
+            data_schema=vol.Schema(
+                {
+                    vol.Required(
+                        CONF_HOURS, default=self._data.get(CONF_HOURS, DEFAULT_INTERVAL_HOURS)
+                    ): _number(1, 24 * 7, "h")
+                }
+            ),
+            description_placeholders={"name": self._data[CONF_NAME]},
+        )
+
+    def _finish(self, kind: str, **when: Any) -> SubentryFlowResult:
+        """Create the folder, or save the change (the other kind's setting is kept)."""
+        data = {
+            CONF_TIME: night_time(),
+            CONF_HOURS: DEFAULT_INTERVAL_HOURS,
+            **self._data,
+            CONF_SCHEDULE: kind,
+            **when,
+        }
+        if self.source == SOURCE_RECONFIGURE:
+            return self.async_update_and_abort(
+                self._get_entry(), self._get_reconfigure_subentry(), data=data
+            )
+        name = data[CONF_NAME]
+        return self.async_create_entry(title=name, data=data, unique_id=name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from homeassistant.core import (
     HomeAssistant,
@@ -14,13 +14,14 @@ from homeassistant.core import (
     callback,
 )
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
-from homeassistant.helpers import config_validation as cv, service
+from homeassistant.helpers import config_validation as cv, device_registry as dr, service
 import probatio as vol
 
 from . import texts
 from .const import DOMAIN, SERVICE_RESTORE, SERVICE_SYNC, SERVICE_VERIFY
 from .coordinator import MyNasConfigEntry
 from .engine import HostRefused, MyNasError, RestoreConflict, check_folder_name, check_subpath
+from .entity import device_identifier
 from .models import SyncKind
 from .sync_manager import SyncManager
 
@@ -80,14 +81,37 @@ def _match(name: str | None, candidates: dict[str, str], key: str) -> list[str]:
     return found
 
 
-def _pairs(manager: SyncManager, call: ServiceCall) -> list[tuple[str, str]]:
+@overload
+def _named(hass: HomeAssistant, entry: MyNasConfigEntry, value: str) -> str: ...
+@overload
+def _named(hass: HomeAssistant, entry: MyNasConfigEntry, value: None) -> None: ...
+def _named(hass: HomeAssistant, entry: MyNasConfigEntry, value: str | None) -> str | None:
+    """A folder or peer as the call names it: the device picked in the form is its subentry.
+
+    Automations may name it instead (the folder's or peer's name, or its subentry id).
+    """
+    if value is None or (device := dr.async_get(hass).async_get(value)) is None:
+        return value
+    return next(
+        (
+            subentry_id
+            for subentry_id in entry.subentries
+            if device_identifier(entry.entry_id, subentry_id) in device.identifiers
+        ),
+        value,
+    )
+
+
+def _pairs(
+    entry: MyNasConfigEntry, manager: SyncManager, call: ServiceCall
+) -> list[tuple[str, str]]:
     folders = _match(
-        call.data.get(ATTR_FOLDER),
+        _named(call.hass, entry, call.data.get(ATTR_FOLDER)),
         {fid: setup.config.name for fid, setup in manager.folders.items()},
         "unknown_folder",
     )
     peers = _match(
-        call.data.get(ATTR_PEER),
+        _named(call.hass, entry, call.data.get(ATTR_PEER)),
         {pid: peer.name for pid, peer in manager.peers.items()},
         "unknown_peer",
     )
@@ -98,8 +122,9 @@ def _pairs(manager: SyncManager, call: ServiceCall) -> list[tuple[str, str]]:
 
 
 async def _sync(call: ServiceCall) -> ServiceResponse:
-    manager = _entry(call.hass, call).runtime_data.manager
-    pairs = _pairs(manager, call)
+    entry = _entry(call.hass, call)
+    manager = entry.runtime_data.manager
+    pairs = _pairs(entry, manager, call)
     tasks = [manager.start(pair, SyncKind.SYNC) for pair in pairs]
     if not call.data[ATTR_WAIT]:
         started: list[Any] = [_describe(manager, pair) for pair in pairs]
@@ -108,8 +133,9 @@ async def _sync(call: ServiceCall) -> ServiceResponse:
 
 
 async def _verify(call: ServiceCall) -> ServiceResponse:
-    manager = _entry(call.hass, call).runtime_data.manager
-    pairs = _pairs(manager, call)
+    entry = _entry(call.hass, call)
+    manager = entry.runtime_data.manager
+    pairs = _pairs(entry, manager, call)
     tasks = [manager.start(pair, SyncKind.VERIFY, repair=call.data[ATTR_REPAIR]) for pair in pairs]
     return {"results": await _results(manager, pairs, tasks)}
 
@@ -152,10 +178,12 @@ async def _restore(call: ServiceCall) -> ServiceResponse:
     entry = _entry(hass, call)
     runtime = entry.runtime_data
     manager = runtime.manager
-    folder_name = call.data[ATTR_FOLDER]
+    folder_name = _named(hass, entry, call.data[ATTR_FOLDER])
+    if folder_name in manager.folders:  # picked in the form: its name
+        folder_name = manager.folders[folder_name].config.name
     sub_path = call.data[ATTR_PATH]
     peer_ids = _match(
-        call.data[ATTR_PEER],
+        _named(hass, entry, call.data[ATTR_PEER]),
         {pid: peer.name for pid, peer in manager.peers.items()},
         "unknown_peer",
     )
