@@ -902,7 +902,8 @@ async def sync_now(state: NodeState) -> None:
                 sent = (
                     f"{files} files, {result.get('bytes_sent', 0) / 1e6:.1f} MB sent"
                     if files
-                    else "nothing new to send: up to date"
+                    # The first backup ran when the folder was protected: all is there.
+                    else "the copy there is already complete: nothing to send"
                 )
                 say(
                     f"{node.name}: synced {result['folder']} to {result['peer']} in"

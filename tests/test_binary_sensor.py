@@ -19,7 +19,7 @@ from custom_components.mynas.const import CONF_OVERDUE_HOURS
 
 from .conftest import BOB_ID, Bob, add_folder, add_peer, make_tree, setup_entry, snapshot_entities
 
-CONNECTED = "binary_sensor.bob_connected"
+CONNECTED = "binary_sensor.bob_connection"
 OVERDUE = "binary_sensor.photos_backup_to_bob_overdue"
 PROBE_ALL = "custom_components.mynas.sync_manager.PeerProber.probe_all"
 

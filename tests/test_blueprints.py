@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterator
+from datetime import timedelta
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from homeassistant.components.blueprint.models import Blueprint, BlueprintInputs
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import entity_registry as er
 from homeassistant.helpers.template import Template
-from homeassistant.util import slugify, yaml as yaml_util
+from homeassistant.util import dt as dt_util, slugify, yaml as yaml_util
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 import yaml
@@ -248,11 +249,10 @@ def test_dashboard_names_only_entities_mynas_creates() -> None:
     # The dashboard shows what the issue asks for.
     for wanted in (
         "sensor.alice_disk_used_percent",
-        "binary_sensor.bob_connected",
+        "binary_sensor.bob_connection",
         "sensor.bob_last_seen",
         "sensor.bob_quota_used_here",
         "sensor.family_last_backup_to_bob",
-        "sensor.family_backup_age_on_bob",
         "sensor.family_backup_state_on_bob",
         "sensor.family_backup_progress_to_bob",
         "button.family_back_up_to_bob_now",
@@ -283,19 +283,30 @@ async def test_dashboard_overview_template_renders(hass: HomeAssistant) -> None:
     # entry titled like its argument: the latter stands in for a running node here.
     config_entry = MockConfigEntry(domain=DOMAIN, title=DOMAIN)
     config_entry.add_to_hass(hass)
-    entry = er.async_get(hass).async_get_or_create(
-        "sensor",
-        DOMAIN,
-        "pair-last-success",
-        suggested_object_id="family_last_backup_to_bob",
-        config_entry=config_entry,
-    )
-    hass.states.async_set(
-        entry.entity_id,
-        "2026-01-01T12:00:00+00:00",
-        {"device_class": "timestamp", "friendly_name": "Family Last backup to Bob"},
-    )
+    registry = er.async_get(hass)
+    rows = {"pair-family-bob": ("family_backup_state_on_bob", "idle", 2)}
+    rows["pair-docs-bob"] = ("docs_backup_state_on_bob", "error", 2)
+    rows["pair-old-bob"] = ("old_backup_state_on_bob", "idle", 48)
+    for unique_id, (object_id, state, hours) in rows.items():
+        entry = registry.async_get_or_create(
+            "sensor", DOMAIN, unique_id, suggested_object_id=object_id, config_entry=config_entry
+        )
+        hass.states.async_set(
+            entry.entity_id,
+            state,
+            {
+                "device_class": "enum",
+                "folder": object_id.split("_")[0].capitalize(),
+                "peer": "Bob",
+                "last_success": dt_util.utcnow() - timedelta(hours=hours),
+            },
+        )
     rendered = Template(content, hass).async_render()
-    assert "| Backup | Last success |" in rendered
-    assert "Family Last backup to Bob" in rendered
-    assert "ago" in rendered
+    assert "| Backup | State | Last success |" in rendered
+    lines = {line.split("|")[2].strip(): line for line in rendered.splitlines() if "→" in line}
+    assert set(lines) == {"Family → Bob", "Docs → Bob", "Old → Bob"}
+    # A check mark only for a recent success while nothing is wrong.
+    assert "mdi:check-circle" in lines["Family → Bob"]
+    assert "mdi:alert" in lines["Docs → Bob"]  # in error: no check mark
+    assert "mdi:alert" in lines["Old → Bob"]  # two days old
+    assert "ago" in lines["Family → Bob"]

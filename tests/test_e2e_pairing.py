@@ -128,7 +128,7 @@ async def test_pair_sync_and_see_it(
     assert float(_state(hass, "sensor.photos_backup_age_on_bob")) < 0.1
     assert _state(hass, "sensor.photos_backup_state_on_bob") == "idle"
     assert _state(hass, "binary_sensor.photos_backup_to_bob_overdue") == "off"
-    assert _state(hass, "binary_sensor.bob_connected") == "on"
+    assert _state(hass, "binary_sensor.bob_connection") == "on"
     # After a sync the node asks Bob how much of his disk we use.
     assert int(_state(hass, "sensor.bob_space_we_use_there").split(".")[0]) >= 0
     status = node_entry.runtime_data.manager.data.peers[peer_id]

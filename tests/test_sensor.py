@@ -19,6 +19,7 @@ import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
 from syrupy.assertion import SnapshotAssertion
 
+from custom_components.mynas import sensor
 from custom_components.mynas.const import (
     CONF_NODE_PUBLIC_KEY,
     CONF_PORT,
@@ -72,9 +73,10 @@ async def test_sensors_show_what_df_shows(
         entity_id = f"sensor.alice_{key}"
         assert registry.async_get(entity_id) is not None
         state = hass.states.get(entity_id)
-        assert state.attributes["unit_of_measurement"] == "GB"
+        # In the unit that fits the disk (GB or TB), one decimal.
+        assert state.attributes["unit_of_measurement"] == sensor.fitting_unit(expected)
         # disk_free moves as the machine writes; allow 64 MiB of drift between readings.
-        assert float(state.state) == pytest.approx(expected / 1e9, abs=0.07)
+        assert _size(hass, entity_id) == pytest.approx(expected, abs=7e7)
     percent = float(_disk(hass, "disk_used_percent"))
     assert percent == pytest.approx(100 * usage.used / (usage.used + usage.free), abs=0.2)
 
@@ -208,13 +210,13 @@ async def test_backup_age_grows_with_time(
 async def test_peer_figures(hass: HomeAssistant, synced_node: MockConfigEntry) -> None:
     """Bob answers: last seen now, nothing of ours there yet, 1 GB granted to us."""
     assert _sensor(hass, "bob_last_seen") == "2026-05-04T12:00:00+00:00"
-    assert float(_sensor(hass, "bob_space_we_use_there")) < 0.001
-    assert _sensor(hass, "bob_quota_granted_to_us") == "1.0"
+    assert _size(hass, "sensor.bob_space_we_use_there") < 1e6
+    assert _sensor(hass, "bob_quota_granted_to_us") == "1.0"  # quotas: whole GB
     # What Bob may use here: next to nothing yet (his empty folders), of the 1 GB we grant.
-    assert float(_sensor(hass, "bob_space_used_here")) < 0.001
+    assert _size(hass, "sensor.bob_space_used_here") < 1e6
     assert float(_sensor(hass, "bob_quota_used_here")) < 0.1
     assert _sensor(hass, "bob_quota_granted") == "1.0"
-    assert float(_sensor(hass, "alice_space_hosted_for_peers")) < 0.001
+    assert _size(hass, "sensor.alice_space_hosted_for_peers") < 1e6
 
 
 async def test_last_seen_moves_by_the_minute(
@@ -290,13 +292,18 @@ async def test_progress_while_transferring(
         if progress != "unknown":
             assert 0 <= float(progress) <= 100
         if bytes_left != "unknown":
-            assert 0 <= float(bytes_left) * 1e9 <= size
+            assert 0 <= float(bytes_left) * 1e6 <= size  # MB: it fitted the nothing left
         if files_left != "unknown":
             assert files_left in ("0", "1")
     # Done: the last run's figures.
     assert seen[-1] == ("idle", "100.0", "0.0", "0")
     assert _sensor(hass, "video_files_sent_to_bob_last_time") == "1"
-    assert float(_sensor(hass, "video_data_sent_to_bob_last_time")) == pytest.approx(0.006)
+    # 6 MB read as such, not as "0.01 GB".
+    assert _size(hass, "sensor.video_data_sent_to_bob_last_time") == pytest.approx(6e6)
+    assert (
+        hass.states.get("sensor.video_data_sent_to_bob_last_time").attributes["unit_of_measurement"]
+        == "MB"
+    )
     assert float(_sensor(hass, "video_last_backup_duration_on_bob")) >= 1
     assert _sensor(hass, "video_last_error_with_bob") == STATE_UNAVAILABLE  # no error to tell
 
@@ -311,10 +318,21 @@ async def test_last_error_and_error_state(
     await setup_entry(hass, node_entry)
     await hass.async_block_till_done(wait_background_tasks=True)
     assert _sensor(hass, "docs_backup_state_on_bob") == "error"
-    assert "connection refused" in _sensor(hass, "docs_last_error_with_bob")
+    # Said for the household (translated); the engine's words are the details.
+    error = hass.states.get("sensor.docs_last_error_with_bob")
+    assert error is not None
+    assert error.state == "unreachable"
+    assert "connection refused" in error.attributes["details"]
+    state = hass.states.get("sensor.docs_backup_state_on_bob")
+    assert state is not None
+    assert {key: state.attributes[key] for key in ("folder", "peer", "last_success")} == {
+        "folder": "Docs",
+        "peer": "Bob",
+        "last_success": None,
+    }
     assert _sensor(hass, "docs_last_backup_to_bob") == "unknown"
     assert _sensor(hass, "docs_backup_age_on_bob") == "unknown"
-    state = hass.states.get("binary_sensor.bob_connected")
+    state = hass.states.get("binary_sensor.bob_connection")
     assert state is not None
     assert state.state == "off"
     assert state.attributes["reachability"] == "unreachable"
@@ -350,17 +368,25 @@ async def test_space_bob_uses_here(
     used = node_entry.runtime_data.node_data.data.hosted[BOB_ID]
     assert used.used >= 500_000
     assert used.quota == 2_000_000
-    assert float(_sensor(hass, "bob_space_used_here")) == pytest.approx(used.used / 1e9, abs=0.01)
+    assert _size(hass, "sensor.bob_space_used_here") == pytest.approx(used.used, abs=1e5)
     assert float(_sensor(hass, "bob_quota_used_here")) == round(100 * used.used / 2_000_000, 1)
-    assert float(_sensor(hass, "alice_space_hosted_for_peers")) == pytest.approx(
-        used.used / 1e9, abs=0.01
-    )
+    assert _size(hass, "sensor.alice_space_hosted_for_peers") == pytest.approx(used.used, abs=1e5)
     # Bob connected to us: he counts as seen.
     assert _sensor(hass, "bob_last_seen") not in ("unknown", "unavailable")
 
 
 def _sensor(hass: HomeAssistant, key: str) -> str:
     return _state(hass, f"sensor.{key}")
+
+
+UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+
+
+def _size(hass: HomeAssistant, entity_id: str) -> float:
+    """A data-size sensor's state, in bytes, whatever unit it is shown in."""
+    state = hass.states.get(entity_id)
+    assert state is not None, entity_id
+    return float(state.state) * UNITS[state.attributes["unit_of_measurement"]]
 
 
 def _state(hass: HomeAssistant, entity_id: str) -> str:
@@ -409,7 +435,7 @@ async def test_state_progress_and_left_follow_the_engine(
         moving = Progress(
             Phase.SCANNING, files_done=1, files_total=4, bytes_done=1000, bytes_total=4000
         )
-        assert await report(sync, moving) == ("transferring", "unknown", "3", "3e-06")
+        assert await report(sync, moving) == ("transferring", "unknown", "3", "0.003")  # MB
         known = Progress(
             Phase.TRANSFERRING,
             files_done=2,
@@ -418,7 +444,7 @@ async def test_state_progress_and_left_follow_the_engine(
             bytes_total=4000,
             scan_complete=True,
         )
-        assert await report(sync, known) == ("transferring", "75.0", "2", "1e-06")
+        assert await report(sync, known) == ("transferring", "75.0", "2", "0.001")
         # "Done" comes with the run's result, not from a report.
         assert (await report(sync, Progress(Phase.DONE)))[0] == "transferring"
         assert (await report(verify, Progress(Phase.VERIFYING)))[0] == "verifying"

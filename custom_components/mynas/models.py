@@ -123,6 +123,19 @@ class SyncKind(enum.StrEnum):
     VERIFY = "verify"
 
 
+class ErrorKind(enum.StrEnum):
+    """What went wrong with a pair, as a household member says it (the details go apart)."""
+
+    UNREACHABLE = "unreachable"  # the friend's node does not answer
+    NOT_ADDED = "not_added"  # it answers, but has not added this node yet
+    KEY_CHANGED = "key_changed"  # another key answers: nothing is sent
+    NO_ROOM = "no_room"  # the quota they grant us, or their disk, is full
+    DISK_MISSING = "disk_missing"  # this node's backup disk is away
+    FOLDER_MISSING = "folder_missing"  # the folder to back up is missing or empty
+    FILES_SKIPPED = "files_skipped"  # the sync went through, some files could not be sent
+    FAILED = "failed"  # anything else: the details say what
+
+
 class SyncState(enum.StrEnum):
     """What a folder × peer pair is doing."""
 
@@ -148,6 +161,7 @@ class PairStatus:
     last_bytes_sent: int | None = None
     last_duration: float | None = None
     last_error: str | None = None
+    last_error_kind: ErrorKind | None = None
     quota_refused: bool = False
 
     def as_stored(self) -> dict[str, Any]:
@@ -161,11 +175,17 @@ class PairStatus:
             "last_bytes_sent": self.last_bytes_sent,
             "last_duration": self.last_duration,
             "last_error": self.last_error,
+            "last_error_kind": self.last_error_kind.value if self.last_error_kind else None,
         }
 
     @classmethod
     def from_stored(cls, data: dict[str, Any]) -> PairStatus:
         """Rebuild from what ``as_stored`` returned."""
+        last_error = data.get("last_error")
+        try:
+            kind: ErrorKind | None = ErrorKind(str(data.get("last_error_kind")))
+        except ValueError:  # stored by an older version, or no error
+            kind = ErrorKind.FAILED if last_error else None
         status = cls(
             last_success=_parse(data.get("last_success")),
             last_attempt=_parse(data.get("last_attempt")),
@@ -174,7 +194,8 @@ class PairStatus:
             last_files_sent=data.get("last_files_sent"),
             last_bytes_sent=data.get("last_bytes_sent"),
             last_duration=data.get("last_duration"),
-            last_error=data.get("last_error"),
+            last_error=last_error,
+            last_error_kind=kind,
         )
         if status.failures:
             status.state = SyncState.ERROR

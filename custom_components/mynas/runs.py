@@ -21,21 +21,43 @@ from homeassistant.util import dt as dt_util
 from . import issues, texts
 from .const import DOMAIN, EVENT_SYNC_FINISHED
 from .engine import (
+    AuthRefused,
+    HostKeyMismatch,
     MyNasError,
     PeerConfig,
+    PeerDiskFull,
+    PeerUnreachable,
     Phase,
     Progress,
     PushResult,
     QuotaExceeded,
+    SourceMissing,
     StorageRootError,
     VerifyResult,
     check_root,
 )
-from .models import Pair, PairStatus, SyncContext, SyncKind, SyncState
+from .models import ErrorKind, Pair, PairStatus, SyncContext, SyncKind, SyncState
 from .peer_prober import PeerProber
 from .scheduler import Overdue
 
 _LOGGER = logging.getLogger(__name__)
+
+
+def error_kind(err: BaseException) -> ErrorKind:
+    """What a failed run's error means for the household."""
+    if isinstance(err, PeerUnreachable):
+        return ErrorKind.UNREACHABLE
+    if isinstance(err, AuthRefused):
+        return ErrorKind.NOT_ADDED
+    if isinstance(err, HostKeyMismatch):
+        return ErrorKind.KEY_CHANGED
+    if isinstance(err, (QuotaExceeded, PeerDiskFull)):
+        return ErrorKind.NO_ROOM
+    if isinstance(err, StorageRootError):
+        return ErrorKind.DISK_MISSING
+    if isinstance(err, SourceMissing):
+        return ErrorKind.FOLDER_MISSING
+    return ErrorKind.FAILED
 
 
 class Runs:
@@ -160,6 +182,7 @@ class Runs:
                 summary["error"] = self.storage_error or ""
                 summary["duration"] = 0.0
                 status.last_error = self.storage_error
+                status.last_error_kind = ErrorKind.DISK_MISSING
                 return self._finished(setup.config.name, peer, kind, summary)
             if not verifying:
                 # Only syncs move the schedule; a verify in between changes nothing there.
@@ -286,6 +309,7 @@ class Runs:
             if result.error_count and result.errors
             else None
         )
+        status.last_error_kind = ErrorKind.FILES_SKIPPED if status.last_error else None
         status.quota_refused = False
         issues.quota_refused(self._hass, self._context.entry_id, pair[0], pair[1], None)
         self._prober.seen(pair[1], now)
@@ -296,6 +320,7 @@ class Runs:
         if count:
             status.failures += 1
         status.last_error = str(err) or type(err).__name__
+        status.last_error_kind = error_kind(err)
         folder = self._context.folders[pair[0]].config.name
         peer = self._context.peers[pair[1]]
         if isinstance(err, QuotaExceeded):

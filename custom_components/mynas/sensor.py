@@ -6,6 +6,7 @@ from collections.abc import Callable
 import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from homeassistant.components.sensor import (
     SensorDeviceClass,
@@ -20,25 +21,59 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from homeassistant.helpers.typing import StateType
 from homeassistant.util import dt as dt_util
 
-from .const import SUBENTRY_FOLDER, SUBENTRY_PEER
+from .const import CONF_NAME, SUBENTRY_FOLDER, SUBENTRY_PEER
 from .coordinator import MyNasConfigEntry, NodeCoordinator, NodeData, SyncCoordinator
 from .engine import JailUsage, Reachability
 from .entity import NodeEntity, PairEntity, PeerHostedEntity, PeerStatusEntity
-from .models import PairStatus, PeerStatus, SyncState
+from .models import ErrorKind, PairStatus, PeerStatus, SyncState
 
 # Coordinator-driven: no per-entity polling to throttle.
 PARALLEL_UPDATES = 0
 
 
-def _data_size[D: SensorEntityDescription](description: D) -> D:
-    """Make ``description`` a data-size sensor: bytes natively, shown in GB."""
+def _data_size[D: SensorEntityDescription](description: D, *, quota: bool = False) -> D:
+    """Make ``description`` a data-size sensor: bytes natively, shown in a unit that fits.
+
+    A quota is granted in whole GB and shown so. Any other size gets the unit that fits its
+    value when the entity is first registered (``fitting_unit``): 5 MB reads "5.0 MB", not
+    "0.01 GB". Home Assistant keeps that unit afterwards; the user may pick another one.
+    """
     return dataclasses.replace(
         description,
         device_class=SensorDeviceClass.DATA_SIZE,
         native_unit_of_measurement=UnitOfInformation.BYTES,
-        suggested_unit_of_measurement=UnitOfInformation.GIGABYTES,
-        suggested_display_precision=2,
+        suggested_unit_of_measurement=UnitOfInformation.GIGABYTES if quota else None,
+        suggested_display_precision=0 if quota else 1,
     )
+
+
+def fitting_unit(value: object) -> UnitOfInformation:
+    """The unit a size in bytes reads best in (MB for nothing yet: sizes grow from there)."""
+    size = value if isinstance(value, int | float) else 0
+    if size >= 10**12:
+        return UnitOfInformation.TERABYTES
+    if size >= 10**9:
+        return UnitOfInformation.GIGABYTES
+    return UnitOfInformation.MEGABYTES
+
+
+class _FittedSize(SensorEntity):
+    """A data-size sensor whose suggested unit fits its value at registration."""
+
+    def _fit_unit(self) -> None:
+        description = self.entity_description
+        if (
+            description.device_class is SensorDeviceClass.DATA_SIZE
+            and description.suggested_unit_of_measurement is None
+        ):
+            self._attr_suggested_unit_of_measurement = fitting_unit(self._value_now())
+
+    def _value_now(self) -> object:
+        """The value, or None when it cannot be read yet."""
+        try:
+            return self.native_value
+        except KeyError, AttributeError, TypeError:
+            return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,7 +157,8 @@ HOSTED_SENSORS: tuple[HostedSensorDescription, ...] = (
             translation_key="peer_quota",
             entity_category=EntityCategory.DIAGNOSTIC,
             value_fn=lambda usage: usage.quota,
-        )
+        ),
+        quota=True,
     ),
 )
 
@@ -163,7 +199,8 @@ PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
             entity_category=EntityCategory.DIAGNOSTIC,
             value_fn=lambda status: status.quota_there,
             available_fn=_answers,
-        )
+        ),
+        quota=True,
     ),
 )
 
@@ -218,6 +255,13 @@ class PairSensorDescription(SensorEntityDescription):
 
     value_fn: Callable[[PairStatus], StateType | datetime]
     available_fn: Callable[[PairStatus], bool] = lambda status: True
+    # Attributes for templates and cards, from the pair's status (and the pair's names).
+    attrs_fn: Callable[[PairStatus, str, str], dict[str, Any]] | None = None
+
+
+def _state_attributes(status: PairStatus, folder: str, peer: str) -> dict[str, Any]:
+    """Which pair, and its last success: what a table of all backups needs."""
+    return {"folder": folder, "peer": peer, "last_success": status.last_success}
 
 
 PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
@@ -233,7 +277,8 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
         device_class=SensorDeviceClass.DURATION,
         state_class=SensorStateClass.MEASUREMENT,
         native_unit_of_measurement=UnitOfTime.HOURS,
-        suggested_display_precision=1,
+        # No display precision: the frontend shows hours as "5h 12m" from the value itself
+        # (with one decimal, a fresh backup read "0h").
         value_fn=_age_hours,
     ),
     PairSensorDescription(
@@ -242,6 +287,7 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
         device_class=SensorDeviceClass.ENUM,
         options=[state.value for state in SyncState],
         value_fn=lambda status: status.state.value,
+        attrs_fn=_state_attributes,
     ),
     PairSensorDescription(
         key="progress",
@@ -298,10 +344,15 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
     PairSensorDescription(
         key="last_error",
         translation_key="last_error",
+        # What went wrong, in the household's words (translated); the engine's text, which
+        # names addresses and errno, is the "details" attribute.
+        device_class=SensorDeviceClass.ENUM,
+        options=[kind.value for kind in ErrorKind],
         entity_category=EntityCategory.DIAGNOSTIC,
-        value_fn=lambda status: (status.last_error or "")[:255],
+        value_fn=lambda status: status.last_error_kind.value if status.last_error_kind else None,
         # No error to tell: nothing to say (rather than "unknown").
-        available_fn=lambda status: bool(status.last_error),
+        available_fn=lambda status: status.last_error_kind is not None,
+        attrs_fn=lambda status, folder, peer: {"details": (status.last_error or "")[:1000]},
     ),
 )
 
@@ -341,7 +392,7 @@ async def async_setup_entry(
         )
 
 
-class NodeSensor(NodeEntity, SensorEntity):
+class NodeSensor(NodeEntity, _FittedSize):
     """A figure about the node's disk."""
 
     entity_description: NodeSensorDescription
@@ -350,6 +401,7 @@ class NodeSensor(NodeEntity, SensorEntity):
         """Create the sensor for ``description``."""
         super().__init__(coordinator, description.key)
         self.entity_description = description
+        self._fit_unit()
 
     @property
     def native_value(self) -> StateType:
@@ -357,7 +409,7 @@ class NodeSensor(NodeEntity, SensorEntity):
         return self.entity_description.value_fn(self.coordinator.data)
 
 
-class HostedSensor(PeerHostedEntity, SensorEntity):
+class HostedSensor(PeerHostedEntity, _FittedSize):
     """A figure about the space one peer uses here."""
 
     entity_description: HostedSensorDescription
@@ -371,6 +423,7 @@ class HostedSensor(PeerHostedEntity, SensorEntity):
         """Create the sensor for ``description``."""
         super().__init__(coordinator, peer, description.key)
         self.entity_description = description
+        self._fit_unit()
 
     @property
     def available(self) -> bool:
@@ -383,7 +436,7 @@ class HostedSensor(PeerHostedEntity, SensorEntity):
         return self.entity_description.value_fn(self.coordinator.data.hosted[self.peer_id])
 
 
-class PeerSensor(PeerStatusEntity, SensorEntity):
+class PeerSensor(PeerStatusEntity, _FittedSize):
     """A figure about a peer's contact."""
 
     entity_description: PeerSensorDescription
@@ -397,6 +450,7 @@ class PeerSensor(PeerStatusEntity, SensorEntity):
         """Create the sensor for ``description``."""
         super().__init__(coordinator, peer, description.key)
         self.entity_description = description
+        self._fit_unit()
 
     @property
     def available(self) -> bool:
@@ -409,7 +463,7 @@ class PeerSensor(PeerStatusEntity, SensorEntity):
         return self.entity_description.value_fn(self.status)
 
 
-class PairSensor(PairEntity, SensorEntity):
+class PairSensor(PairEntity, _FittedSize):
     """A figure about one folder × peer pair."""
 
     entity_description: PairSensorDescription
@@ -424,6 +478,14 @@ class PairSensor(PairEntity, SensorEntity):
         """Create the sensor for ``description``."""
         super().__init__(coordinator, folder, peer, description.key)
         self.entity_description = description
+        self._fit_unit()
+        self._names = (str(folder.data.get(CONF_NAME, folder.title)), peer.title)
+
+    @property
+    def extra_state_attributes(self) -> dict[str, Any] | None:
+        """Which pair this is (the state sensor), or the error's details (the last error)."""
+        attrs_fn = self.entity_description.attrs_fn
+        return attrs_fn(self.status, *self._names) if attrs_fn else None
 
     @property
     def available(self) -> bool:
