@@ -46,6 +46,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import contextlib
 from dataclasses import dataclass, field
 import errno
+import functools
 import itertools
 import json
 import os
@@ -798,6 +799,10 @@ async def alert_at_once(state: NodeState) -> None:
     base = "/api/config/config_entries/options/flow"
     menu = await api.post(base, {"handler": state.entry_id})
     form = await api.post(f"{base}/{menu['flow_id']}", {"next_step_id": "settings"})
+    shown = {field["name"]: field.get("default") for field in form.get("data_schema", [])}
+    if shown.get("unreachable_hours") == 0:  # already so: close the form, change nothing
+        await api.call("DELETE", f"{base}/{form['flow_id']}")
+        return
     done = await api.post(
         f"{base}/{form['flow_id']}", {"overdue_hours": 36, "unreachable_hours": 0}
     )
@@ -940,9 +945,9 @@ async def wait_last_backup(state: NodeState) -> str:
     return state.last_backup_entity
 
 
-async def peer_connected(state: NodeState) -> str | None:
-    """The state of the node's "Connected" sensor for its peer (None: no such sensor yet)."""
-    entity = next(
+async def connection_entity(state: NodeState) -> str | None:
+    """The node's "Connection" sensor for its peer (None: no such sensor yet)."""
+    return next(
         (
             e["entity_id"]
             for e in await state.api.mynas_entities()
@@ -950,6 +955,11 @@ async def peer_connected(state: NodeState) -> str | None:
         ),
         None,
     )
+
+
+async def peer_connected(state: NodeState) -> str | None:
+    """The state of the node's "Connection" sensor for its peer (None: no such sensor yet)."""
+    entity = await connection_entity(state)
     if entity is None:
         return None
     current = (await state.api.states()).get(entity)
@@ -968,7 +978,12 @@ async def refresh_figures(state: NodeState) -> None:
     await wait_loaded(state.api, state.entry_id)
 
     async def tested() -> bool | None:
-        return True if await peer_connected(state) == "on" else None
+        # A reload shows the last known state at once; "last_test" comes with the new test.
+        entity = await connection_entity(state)
+        current = (await state.api.states()).get(entity or "", {})
+        if current.get("attributes", {}).get("last_test") is None:
+            return None
+        return True if current.get("state") == "on" else None
 
     try:
         await wait_for(f"{state.node.name}'s peer test", tested, 60)
@@ -1035,6 +1050,15 @@ async def headless_check(states: tuple[NodeState, NodeState]) -> Checks:
     checks = Checks()
     for state, other in (states, states[::-1]):
         node = state.node
+        # Home Assistant writes its config entries a moment after a change.
+        with contextlib.suppress(DemoError):
+            await wait_for(
+                f"{other.node.name}'s stored peers",
+                functools.partial(
+                    asyncio.to_thread, read_jail, other.node.config, other.entry_id, node.name
+                ),
+                20,
+            )
         jail = read_jail(other.node.config, other.entry_id, node.name)
         replica = other.node.disk / (jail or node.name) / FOLDER
         count = sum(1 for rel in tree(node.folder) if not excluded(rel))
@@ -1053,13 +1077,20 @@ async def headless_check(states: tuple[NodeState, NodeState]) -> Checks:
         connected = await peer_connected(state)
         checks.record(
             f"{node.name}: {other.node.name} is connected",
-            [] if connected == "on" else [f"its Connected sensor is {connected}"],
+            [] if connected == "on" else [f"its Connection sensor is {connected}"],
         )
         named = dashboard_entities((node.config / DASHBOARD_FILE).read_text(encoding="utf-8"))
         missing = sorted(named - states_now.keys())
         checks.record(
             f"{node.name}: the {len(named)} entities the dashboard names exist",
             [f"unknown entities: {missing}"] if missing else [],
+        )
+        unknown = await unknown_while_idle(state)
+        checks.record(f"{node.name}: no MyNAS entity reads unknown while all is at rest", unknown)
+        raw = await raw_translation_keys(state)
+        checks.record(
+            f"{node.name}: the texts Home Assistant serves for MyNAS (en, fr) are all written out",
+            raw,
         )
         listed = await state.api.ws("blueprint/list", domain="automation")
         ours = {path: item for path, item in listed.items() if path.startswith("mynas/")}
@@ -1071,6 +1102,64 @@ async def headless_check(states: tuple[NodeState, NodeState]) -> Checks:
             else [],
         )
     return checks
+
+
+# Categories of the texts Home Assistant serves the frontend for an integration.
+TRANSLATION_CATEGORIES = (
+    "config",
+    "config_subentries",
+    "options",
+    "entity",
+    "exceptions",
+    "issues",
+    "services",
+    "selector",
+)
+
+
+async def unknown_while_idle(state: NodeState) -> list[str]:
+    """MyNAS entities that read "unknown" once every backup is at rest (they should not).
+
+    Buttons are left out: a button's state is when it was last pressed, "unknown" until the
+    first press for every button in Home Assistant.
+    """
+    api = state.api
+    entities = [
+        e for e in await api.mynas_entities() if not e.get("disabled_by") and e["entity_id"]
+    ]
+    sync_states = [e["entity_id"] for e in entities if e.get("translation_key") == "sync_state"]
+
+    async def idle() -> dict[str, dict[str, Any]] | None:
+        now = await api.states()
+        return now if all(now.get(e, {}).get("state") == "idle" for e in sync_states) else None
+
+    now = await wait_for(f"{state.node.name}'s backups at rest", idle, 120)
+    return sorted(
+        f"{e['entity_id']} is unknown"
+        for e in entities
+        if not e["entity_id"].startswith("button.")
+        and now.get(e["entity_id"], {}).get("state") == "unknown"
+    )
+
+
+async def raw_translation_keys(state: NodeState) -> list[str]:
+    """Texts Home Assistant serves for MyNAS that are a raw ``[%key:…%]`` reference."""
+    raw = []
+    for language in ("en", "fr"):
+        served = 0
+        for category in TRANSLATION_CATEGORIES:
+            reply = await state.api.ws(
+                "frontend/get_translations",
+                language=language,
+                category=category,
+                integration=["mynas"],
+            )
+            texts = reply["resources"]
+            served += len(texts)
+            raw += [f"{language}: {key}" for key, text in texts.items() if "[%key:" in text]
+        if not served:
+            raw.append(f"{language}: Home Assistant serves no text for MyNAS")
+    return raw
 
 
 async def check_peer_stopped(
@@ -1207,6 +1296,7 @@ async def run(
             print(
                 f"HEADLESS CHECK PASSED in {time.monotonic() - _T0:.0f} s: both replicas are"
                 " byte-identical, both last-backup sensors are set, the peers are connected,"
+                " no entity reads unknown at rest, every text is written out (en, fr),"
                 " the dashboard's entities exist, the blueprints load, a stopped peer raises"
                 " its repair issue"
             )

@@ -58,6 +58,12 @@ def _peer(hass: HomeAssistant, entry: MockConfigEntry, name: str, key_dir: Path)
     return subentry.subentry_id
 
 
+@pytest.fixture(autouse=True)
+def config_dir_apart(hass: HomeAssistant, tmp_path: Path) -> None:
+    """Home Assistant's config dir away from the disk's folders (tests share tmp_path)."""
+    hass.config.config_dir = str(tmp_path / "ha-config")
+
+
 @pytest.fixture
 def peers(hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path) -> dict[str, str]:
     """Bob and Carol, paired (the node is not running: no syncs start)."""
@@ -250,6 +256,12 @@ async def test_folders_offered_at_most(
         folder_flow.folders_on_disk, node_entry.data[CONF_STORAGE_ROOT]
     )
     assert len(offered) == folder_flow.MAX_OFFERED
+    # Home Assistant's own configuration is never offered (its own backups keep it).
+    offered = folder_flow.folders_on_disk(
+        node_entry.data[CONF_STORAGE_ROOT], str(tmp_path / "f000")
+    )
+    assert str(tmp_path / "f000") not in offered
+    assert str(tmp_path / "f001") in offered
     assert folder_flow.folders_on_disk(str(tmp_path / "gone" / "mynas")) == []
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from homeassistant.components.binary_sensor import (
     BinarySensorEntity,
     BinarySensorEntityDescription,
@@ -74,12 +76,14 @@ class PeerConnected(PeerStatusEntity, BinarySensorEntity):
         return self.status.reachability is Reachability.ONLINE
 
     @property
-    def extra_state_attributes(self) -> dict[str, str | None]:
-        """Why the peer is not reachable, in one word and one sentence."""
+    def extra_state_attributes(self) -> dict[str, str | datetime | None]:
+        """Why the peer is not reachable, in one word and one sentence; when it was tested."""
         status = self.status
         return {
             "reachability": status.reachability.value if status.reachability else None,
             "error": status.error,
+            # None after a restart until the first test: the state is then the last known.
+            "last_test": status.last_probe,
         }
 
 

@@ -91,14 +91,16 @@ def check_local_folder(path: str, storage_root: str) -> str | None:
     return None
 
 
-def folders_on_disk(storage_root: str) -> list[str]:
+def folders_on_disk(storage_root: str, config_dir: str | None = None) -> list[str]:
     """Folders beside the storage root (two levels down), to offer for protection (blocking).
 
     The storage root sits on the backup disk, beside the household's own folders (a Time
     Machine share, File History, photos): those are what there is to protect. Hidden
-    folders, the storage root and what holds it are left out.
+    folders, the storage root and what holds it, and Home Assistant's own configuration
+    (which Home Assistant's backups keep) are left out.
     """
     disk = Path(storage_root).resolve().parent
+    config = Path(config_dir).resolve() if config_dir else None
     found: list[str] = []
 
     def visit(folder: Path, depth: int) -> None:
@@ -112,6 +114,8 @@ def folders_on_disk(storage_root: str) -> list[str]:
             if child.name.startswith(".") or child.name == "lost+found" or child.is_symlink():
                 continue
             if not child.is_dir():
+                continue
+            if config is not None and (child == config or config in child.parents):
                 continue
             if check_local_folder(str(child), storage_root) is None:
                 found.append(str(child))
@@ -169,7 +173,7 @@ class FolderSubentryFlow(ConfigSubentryFlow):
             exclude = "\n".join(exclude)
         path = defaults.get(CONF_PATH, "")
         found = await self.hass.async_add_executor_job(
-            folders_on_disk, self._get_entry().data[CONF_STORAGE_ROOT]
+            folders_on_disk, self._get_entry().data[CONF_STORAGE_ROOT], self.hass.config.config_dir
         )
         if path and path not in found:
             found.insert(0, path)
