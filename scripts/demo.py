@@ -79,6 +79,10 @@ EXCLUDE = ("*.tmp", ".DS_Store")
 DASHBOARD_SOURCE = REPO_ROOT / "dashboards" / "mynas.yaml"
 DASHBOARD_FILE = "dashboards/mynas.yaml"  # relative to each config dir
 DASHBOARD_URL = "dashboard-mynas"
+# The same dashboard in French (dashboards/mynas.fr.yaml).
+DASHBOARD_FR_SOURCE = REPO_ROOT / "dashboards" / "mynas.fr.yaml"
+DASHBOARD_FR_FILE = "dashboards/mynas.fr.yaml"
+DASHBOARD_FR_URL = "dashboard-mynas-fr"
 BLUEPRINTS_SOURCE = REPO_ROOT / "blueprints" / "automation" / "mynas"
 BLUEPRINTS_DIR = "blueprints/automation/mynas"  # relative to each config dir
 # First start of a fresh venv: Home Assistant pip-installs its frontend (~110 MB) and compiles
@@ -504,6 +508,14 @@ lovelace:
       show_in_sidebar: true
       filename: {DASHBOARD_FILE}
 """
+# The French dashboard, added beside (also to a demo directory made before it existed).
+LOVELACE_FR_ENTRY = f"""    {DASHBOARD_FR_URL}:
+      mode: yaml
+      title: MyNAS (français)
+      icon: mdi:nas
+      show_in_sidebar: true
+      filename: {DASHBOARD_FR_FILE}
+"""
 
 
 def dashboard_for(node: Node, other: Node, text: str) -> str:
@@ -519,11 +531,19 @@ def install_dashboard(node: Node, other: Node) -> None:
     yaml_path = node.config / "configuration.yaml"
     text = yaml_path.read_text(encoding="utf-8")
     if not re.search(r"^lovelace:", text, re.MULTILINE):
-        yaml_path.write_text(text.rstrip("\n") + "\n" + LOVELACE_BLOCK, encoding="utf-8")
-    target = node.config / DASHBOARD_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    content = dashboard_for(node, other, DASHBOARD_SOURCE.read_text(encoding="utf-8"))
-    target.write_text(content, encoding="utf-8")
+        text = text.rstrip("\n") + "\n" + LOVELACE_BLOCK
+    if DASHBOARD_FR_URL not in text:
+        text = text.replace("\n  dashboards:\n", "\n  dashboards:\n" + LOVELACE_FR_ENTRY, 1)
+    yaml_path.write_text(text, encoding="utf-8")
+    for source, name in (
+        (DASHBOARD_SOURCE, DASHBOARD_FILE),
+        (DASHBOARD_FR_SOURCE, DASHBOARD_FR_FILE),
+    ):
+        target = node.config / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(
+            dashboard_for(node, other, source.read_text(encoding="utf-8")), encoding="utf-8"
+        )
 
 
 def install_blueprints(node: Node) -> None:
@@ -1224,6 +1244,7 @@ def demo_env(states: tuple[NodeState, NodeState], login: hb.Login, base: Path) -
         MYNAS_DEMO_PASSWORD=login.password,
         MYNAS_DEMO_PYTHON=sys.executable,
         MYNAS_DEMO_DASHBOARD=DASHBOARD_URL,
+        MYNAS_DEMO_DASHBOARD_FR=DASHBOARD_FR_URL,
     )
     for state in states:
         prefix = f"MYNAS_DEMO_{state.node.name.upper()}"

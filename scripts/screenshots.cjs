@@ -10,7 +10,15 @@
 //   docs/pairing-code.png    "Add peer": a friend's invite code pasted in
 //   docs/pairing-confirm.png the next step: who the code names, its fingerprint, our own code
 //                            to send back, the space granted
+//   docs/folder-what.png     "Protect a folder": the folders found on the disk offered
+//   docs/folder-when.png     its second step: when, as a menu
+//   docs/folder-daily.png    daily: a time without seconds
+//   docs/repair-issue.png    a repair issue (Bob's node stopped): since when, what is not
+//                            copied, try again now or change the address
+//   docs/restore-form.png    Developer tools -> Actions -> mynas.restore, with its selectors
 //   docs/dashboard.png       the MyNAS dashboard (dashboards/mynas.yaml)
+//   docs/dashboard-fr.png    the same in French (dashboards/mynas.fr.yaml), Home Assistant
+//                            in French
 //
 // The pairing shots use a third node's invite code ("Carol", made with the engine's command
 // line) and close the dialog before the connection test: Carol is never added.
@@ -71,20 +79,24 @@ async function hassTokens(url, username, password) {
   };
 }
 
-async function openHass(browser, url) {
+async function openHass(browser, url, language = 'en') {
   const tokens = await hassTokens(url, env('MYNAS_DEMO_USER'), env('MYNAS_DEMO_PASSWORD'));
   const context = await browser.newContext({
     viewport: VIEWPORT,
     deviceScaleFactor: 1,
     colorScheme: 'light',
-    locale: 'en-US',
+    locale: language === 'fr' ? 'fr-FR' : 'en-US',
     timezoneId: 'Europe/Berlin',
   });
-  await context.addInitScript((stored) => {
-    window.localStorage.setItem('hassTokens', JSON.stringify(stored));
-    // Keep the sidebar expanded and skip "what's new" style prompts.
-    window.localStorage.setItem('dockedSidebar', JSON.stringify('docked'));
-  }, tokens);
+  await context.addInitScript(
+    ([stored, lang]) => {
+      window.localStorage.setItem('hassTokens', JSON.stringify(stored));
+      // Keep the sidebar expanded and skip "what's new" style prompts.
+      window.localStorage.setItem('dockedSidebar', JSON.stringify('docked'));
+      window.localStorage.setItem('selectedLanguage', JSON.stringify(lang));
+    },
+    [tokens, language],
+  );
   const page = await context.newPage();
   page.setDefaultTimeout(60_000);
   return { context, page };
@@ -210,6 +222,128 @@ async function dashboard(page, url) {
   await shot(page, 'dashboard.png', true);
 }
 
+// A websocket command through the page's own connection to Home Assistant.
+async function callWS(page, message) {
+  return page.evaluate((msg) => document.querySelector('home-assistant').hass.callWS(msg), message);
+}
+
+async function mynasEntry(page) {
+  const entries = await callWS(page, { type: 'config_entries/get', domain: 'mynas' });
+  return entries[0].entry_id;
+}
+
+async function folderDialog(page, url) {
+  // "Protect a folder": what and where first (the folders found on the backup disk offered,
+  // one friend already ticked), then when, as a menu. Closed before anything is created.
+  await goto(page, `${url}/config/integrations/integration/mynas`);
+  await page.getByText('Family', { exact: true }).first().waitFor();
+  await settle(page, 500);
+  await page.getByRole('button', { name: 'Protect a folder' }).first().click();
+  const dialog = page.locator('dialog-data-entry-flow');
+  await dialog.getByText('Next: when to copy it').first().waitFor();
+  await dialog.getByRole('textbox', { name: 'Name' }).first().fill('Photos');
+  // The folder picker (a select that also takes a typed path), opened on what it found.
+  await dialog.locator('ha-selector-select ha-picker-field').first().click();
+  const found = page.locator('ha-combo-box-item', { hasText: '/Family' }).first();
+  await found.waitFor();
+  await settle(page, 800);
+  await shot(page, 'folder-what.png');
+  await found.click();
+  await settle(page, 300);
+  await dialog.getByRole('button', { name: /^(Next|Submit)$/ }).click();
+  await dialog.getByText('When to copy Photos').first().waitFor();
+  await settle(page, 800);
+  await shot(page, 'folder-when.png');
+  await dialog.getByText('Daily at a time').first().click();
+  await dialog.getByText('Copy Photos daily').first().waitFor();
+  await settle(page, 800);
+  await shot(page, 'folder-daily.png');
+  await page.keyboard.press('Escape');
+}
+
+async function repairIssue(browser, page, url) {
+  // Bob's node stops (his MyNAS entry disabled): Alice's next sync fails, and the repair
+  // issue says since when, what is not copied, and offers to try again or change the address.
+  const bob = await openHass(browser, env('MYNAS_DEMO_BOB_URL'));
+  await goto(bob.page, env('MYNAS_DEMO_BOB_URL'));
+  const bobEntry = await mynasEntry(bob.page);
+  await callWS(bob.page, { type: 'config_entries/disable', entry_id: bobEntry, disabled_by: 'user' });
+  try {
+    await goto(page, `${url}/config/repairs`);
+    await callWS(page, {
+      type: 'call_service',
+      domain: 'mynas',
+      service: 'sync',
+      service_data: { wait: true },
+      return_response: true,
+    });
+    await page.getByText('Bob does not answer').first().waitFor();
+    await settle(page, 800);
+    await page.getByText('Bob does not answer').first().click();
+    const dialog = page.locator('dialog-repairs-issue, dialog-data-entry-flow').first();
+    await dialog.getByText('Try again now').first().waitFor();
+    await settle(page, 800);
+    await shot(page, 'repair-issue.png');
+    await page.keyboard.press('Escape');
+  } finally {
+    await callWS(bob.page, { type: 'config_entries/disable', entry_id: bobEntry, disabled_by: null });
+    await bob.context.close();
+  }
+  // Bob is back: a sync goes through and takes the issue away.
+  for (let attempt = 0; attempt < 20; attempt += 1) {
+    await page.waitForTimeout(1000);
+    const reply = await callWS(page, {
+      type: 'call_service',
+      domain: 'mynas',
+      service: 'sync',
+      service_data: { wait: true },
+      return_response: true,
+    }).catch(() => null);
+    const results = reply?.response?.results || [];
+    if (results.length && results.every((r) => r.status === 'success')) break;
+  }
+}
+
+async function restoreForm(page, url) {
+  // Developer tools -> Actions -> mynas.restore: folder and peer picked as devices.
+  await goto(page, url);
+  const devices = await callWS(page, { type: 'config/device_registry/list' });
+  const device = (model) => devices.find((d) => d.model === model && d.manufacturer === 'MyNAS');
+  const data = {
+    folder: device('Protected folder')?.id,
+    peer: device('Peer')?.id,
+    target: '/media/backup/restored',
+  };
+  await page.evaluate((picked) => {
+    localStorage.setItem(
+      'panel-dev-action-state-service-data',
+      JSON.stringify({ action: 'mynas.restore', target: {}, data: picked }),
+    );
+    localStorage.setItem('panel-dev-action-state-yaml-mode', JSON.stringify(false));
+  }, data);
+  await goto(page, `${url}/developer-tools/action`);
+  await page.getByText('The folder to get back', { exact: false }).first().waitFor();
+  await settle(page, 1500);
+  await shot(page, 'restore-form.png', true);
+}
+
+async function dashboardFrench(browser, url) {
+  // The French dashboard (dashboards/mynas.fr.yaml), with Home Assistant itself in French.
+  const { context, page } = await openHass(browser, url, 'fr');
+  await goto(page, url);
+  await callWS(page, { type: 'config/core/update', language: 'fr' });
+  try {
+    await goto(page, `${url}/${env('MYNAS_DEMO_DASHBOARD_FR')}/sauvegardes`);
+    await page.locator('hui-gauge-card').first().waitFor();
+    await page.getByText('Dernière sauvegarde vers Bob').first().waitFor();
+    await settle(page, 2500);
+    await shot(page, 'dashboard-fr.png', true);
+  } finally {
+    await callWS(page, { type: 'config/core/update', language: 'en' });
+    await context.close();
+  }
+}
+
 async function main() {
   fs.mkdirSync(OUT, { recursive: true });
   const url = env('MYNAS_DEMO_ALICE_URL');
@@ -231,7 +365,11 @@ async function main() {
     if (wanted('integration')) await integrationPage(page, url);
     if (wanted('invite')) await inviteCode(page, url);
     if (wanted('pairing')) await pairing(page, url);
+    if (wanted('folder')) await folderDialog(page, url);
+    if (wanted('repair')) await repairIssue(browser, page, url);
+    if (wanted('restore')) await restoreForm(page, url);
     if (wanted('dashboard')) await dashboard(page, url);
+    if (wanted('french')) await dashboardFrench(browser, url);
   } finally {
     await browser.close();
   }

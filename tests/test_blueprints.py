@@ -34,6 +34,8 @@ from custom_components.mynas.const import DOMAIN, EVENT_SYNC_FINISHED
 ROOT = Path(__file__).parent.parent
 BLUEPRINTS = ROOT / "blueprints" / "automation" / "mynas"
 DASHBOARD = ROOT / "dashboards" / "mynas.yaml"
+# The same dashboard in French: the same cards and entities, French words.
+DASHBOARDS = [DASHBOARD, ROOT / "dashboards" / "mynas.fr.yaml"]
 INTEGRATION = ROOT / "custom_components" / "mynas"
 EN = json.loads((INTEGRATION / "translations" / "en.json").read_text())
 SERVICES = yaml.safe_load((INTEGRATION / "services.yaml").read_text())
@@ -228,17 +230,18 @@ def _walk(value: Any, key: str | None = None) -> Iterator[tuple[str | None, Any]
         yield key, value
 
 
-def dashboard() -> dict[str, Any]:
-    data = yaml.safe_load(DASHBOARD.read_text())
+def dashboard(path: Path = DASHBOARD) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
     assert isinstance(data, dict)
     return data
 
 
-def test_dashboard_names_only_entities_mynas_creates() -> None:
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda path: path.name)
+def test_dashboard_names_only_entities_mynas_creates(path: Path) -> None:
     expected = expected_entities()
     named = {
         value
-        for key, value in _walk(dashboard())
+        for key, value in _walk(dashboard(path))
         if key in ("entity", "entity_id") and isinstance(value, str)
     }
     assert named, "the dashboard names no entity"
@@ -260,8 +263,9 @@ def test_dashboard_names_only_entities_mynas_creates() -> None:
         assert wanted in named, wanted
 
 
-def test_dashboard_calls_only_existing_actions() -> None:
-    actions = {value for key, value in _walk(dashboard()) if key == "perform_action"}
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda path: path.name)
+def test_dashboard_calls_only_existing_actions(path: Path) -> None:
+    actions = {value for key, value in _walk(dashboard(path)) if key == "perform_action"}
     assert f"{DOMAIN}.sync" in actions
     for action in actions:
         domain, service = action.split(".")
@@ -271,14 +275,44 @@ def test_dashboard_calls_only_existing_actions() -> None:
             assert action == "button.press", action
 
 
-def test_dashboard_cards_are_known_types() -> None:
-    types = {value for key, value in _walk(dashboard()) if key == "type"}
+def test_the_french_dashboard_is_the_same_dashboard() -> None:
+    """Card for card and entity for entity; only the words differ."""
+
+    def shape(data: dict[str, Any]) -> list[tuple[str | None, Any]]:
+        return [
+            (key, value)
+            for key, value in _walk(data)
+            if key in ("type", "entity", "entity_id", "perform_action", "icon", "state_not")
+        ]
+
+    english, french = dashboard(DASHBOARDS[0]), dashboard(DASHBOARDS[1])
+    assert shape(french) == shape(english)
+    assert french != english
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda path: path.name)
+def test_dashboard_cards_are_known_types(path: Path) -> None:
+    types = {value for key, value in _walk(dashboard(path)) if key == "type"}
     assert types <= {"sections", "grid", "heading", "gauge", "tile", "button", "markdown"}
 
 
-async def test_dashboard_overview_template_renders(hass: HomeAssistant) -> None:
-    (content,) = [value for key, value in _walk(dashboard()) if key == "content"]
-    assert "No protected folder yet" in Template(content, hass).async_render()
+@pytest.mark.parametrize(
+    ("path", "words"),
+    [
+        (DASHBOARDS[0], ("No protected folder yet", "| Backup | State | Last success |", "ago")),
+        (
+            DASHBOARDS[1],
+            ("Aucun dossier protégé", "| Sauvegarde | État | Dernière réussite |", "/"),
+        ),
+    ],
+    ids=["en", "fr"],
+)
+async def test_dashboard_overview_template_renders(
+    hass: HomeAssistant, path: Path, words: tuple[str, str, str]
+) -> None:
+    empty, header, when = words
+    (content,) = [value for key, value in _walk(dashboard(path)) if key == "content"]
+    assert empty in Template(content, hass).async_render()
     # integration_entities() lists a loaded integration's entities, or those of the config
     # entry titled like its argument: the latter stands in for a running node here.
     config_entry = MockConfigEntry(domain=DOMAIN, title=DOMAIN)
@@ -302,11 +336,11 @@ async def test_dashboard_overview_template_renders(hass: HomeAssistant) -> None:
             },
         )
     rendered = Template(content, hass).async_render()
-    assert "| Backup | State | Last success |" in rendered
+    assert header in rendered
     lines = {line.split("|")[2].strip(): line for line in rendered.splitlines() if "→" in line}
     assert set(lines) == {"Family → Bob", "Docs → Bob", "Old → Bob"}
     # A check mark only for a recent success while nothing is wrong.
     assert "mdi:check-circle" in lines["Family → Bob"]
     assert "mdi:alert" in lines["Docs → Bob"]  # in error: no check mark
     assert "mdi:alert" in lines["Old → Bob"]  # two days old
-    assert "ago" in lines["Family → Bob"]
+    assert when in lines["Family → Bob"]

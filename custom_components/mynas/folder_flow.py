@@ -260,6 +260,7 @@ class FolderSubentryFlow(ConfigSubentryFlow):
             step_id="user",
             data_schema=await self._schema(user_input or {}, with_name=True),
             errors=errors,
+            last_step=False,  # "Next": when comes after
         )
 
     async def async_step_reconfigure(
@@ -279,6 +280,7 @@ class FolderSubentryFlow(ConfigSubentryFlow):
             data_schema=await self._schema(defaults, with_name=False),
             errors=errors,
             description_placeholders={"name": subentry.title},
+            last_step=False,
         )
 
     async def async_step_schedule(
