@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from homeassistant.config_entries import ConfigSubentry
@@ -14,24 +13,20 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.mynas import folder_flow
 from custom_components.mynas.const import (
-    CONF_ADDRESSES,
     CONF_BWLIMIT,
     CONF_EXCLUDE,
     CONF_HOURS,
-    CONF_JAIL,
     CONF_NAME,
     CONF_PATH,
     CONF_PEERS,
-    CONF_PUBLIC_KEY,
-    CONF_QUOTA,
     CONF_RETENTION_DAYS,
     CONF_SCHEDULE,
     CONF_TIME,
     SUBENTRY_FOLDER,
-    SUBENTRY_PEER,
 )
 from custom_components.mynas.engine import identity
 
+from .conftest import pin_peer
 from .flow_support import assert_translated
 
 FOLDER = ("config_subentries", "folder")
@@ -39,22 +34,7 @@ FOLDER = ("config_subentries", "folder")
 
 def _peer(hass: HomeAssistant, entry: MockConfigEntry, name: str, key_dir: Path) -> str:
     key, _ = identity.load_or_create(key_dir / f"{name}.key")
-    subentry = ConfigSubentry(
-        data=MappingProxyType(
-            {
-                CONF_NAME: name,
-                CONF_JAIL: name,
-                CONF_ADDRESSES: ["127.0.0.1:9"],
-                CONF_PUBLIC_KEY: key.public_line,
-                CONF_QUOTA: 10**9,
-            }
-        ),
-        subentry_type=SUBENTRY_PEER,
-        title=name,
-        unique_id=key.fingerprint,
-    )
-    hass.config_entries.async_add_subentry(entry, subentry)
-    return subentry.subentry_id
+    return pin_peer(hass, entry, key, "127.0.0.1:9", name=name, jail=name).subentry_id
 
 
 @pytest.fixture

@@ -47,28 +47,20 @@ def key_file(tmp_path: Path) -> Callable[[str], Path]:
     return lambda name: _key_path(tmp_path, name)
 
 
-@pytest.fixture
-def host_id(tmp_path: Path) -> Identity:
-    """The identity of the node under test (the host)."""
-    return _identity(tmp_path, "host")
+def _identity_fixture(name: str, about: str) -> Any:
+    """A fixture ``<name>_id``: the named identity, created on first use in this test."""
+
+    def named(tmp_path: Path) -> Identity:
+        return _identity(tmp_path, name)
+
+    named.__doc__ = about
+    return pytest.fixture(name=f"{name}_id")(named)
 
 
-@pytest.fixture
-def alice_id(tmp_path: Path) -> Identity:
-    """A peer's identity (a friend's node): "alice"."""
-    return _identity(tmp_path, "alice")
-
-
-@pytest.fixture
-def bob_id(tmp_path: Path) -> Identity:
-    """Another peer's identity: "bob"."""
-    return _identity(tmp_path, "bob")
-
-
-@pytest.fixture
-def mallory_id(tmp_path: Path) -> Identity:
-    """A key that no node has added."""
-    return _identity(tmp_path, "mallory")
+host_id = _identity_fixture("host", "The identity of the node under test (the host).")
+alice_id = _identity_fixture("alice", "A peer's identity (a friend's node): \"alice\".")
+bob_id = _identity_fixture("bob", 'Another peer\'s identity: "bob".')
+mallory_id = _identity_fixture("mallory", "A key that no node has added.")
 
 
 @pytest.fixture
