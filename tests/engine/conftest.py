@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 import shutil
 import tempfile
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import pytest
 
@@ -71,18 +71,21 @@ def storage_dir(tmp_path: Path) -> Path:
     return path
 
 
+class ServerOptions(TypedDict, total=False):
+    """What a test may change about the server it starts (the rest: the fixtures' defaults)."""
+
+    limits: Limits | None
+    storage: Path
+    identity: Identity
+    on_event: Callable[[str, dict[str, Any]], None] | None
+    trash_days: int
+
+
 class ServerFactory(Protocol):
     """Starts a NodeServer on 127.0.0.1, port 0; the fixture closes it at teardown."""
 
     def __call__(
-        self,
-        peers: Iterable[PeerGrant] | None = None,
-        *,
-        limits: Limits | None = None,
-        storage: Path | None = None,
-        identity: Identity | None = None,
-        on_event: Callable[[str, dict[str, Any]], None] | None = None,
-        trash_days: int = 30,
+        self, peers: Iterable[PeerGrant] | None = None, **options: Unpack[ServerOptions]
     ) -> Awaitable[NodeServer]: ...
 
 
@@ -94,13 +97,7 @@ async def make_server(
     started: list[NodeServer] = []
 
     async def make(
-        peers: Iterable[PeerGrant] | None = None,
-        *,
-        limits: Limits | None = None,
-        storage: Path | None = None,
-        identity: Identity | None = None,
-        on_event: Callable[[str, dict[str, Any]], None] | None = None,
-        trash_days: int = 30,
+        peers: Iterable[PeerGrant] | None = None, **options: Unpack[ServerOptions]
     ) -> NodeServer:
         grants = (
             list(peers)
@@ -110,8 +107,16 @@ async def make_server(
                 PeerGrant("bob", bob_id.public_line, DEFAULT_QUOTA),
             ]
         )
-        space = HostedSpace(storage or storage_dir, trash_days=trash_days)
-        server = NodeServer(identity or host_id, space, grants, limits=limits, on_event=on_event)
+        space = HostedSpace(
+            options.get("storage", storage_dir), trash_days=options.get("trash_days", 30)
+        )
+        server = NodeServer(
+            options.get("identity", host_id),
+            space,
+            grants,
+            limits=options.get("limits"),
+            on_event=options.get("on_event"),
+        )
         started.append(server)
         await server.start("127.0.0.1", 0)
         for grant in grants:

@@ -32,7 +32,7 @@ from custom_components.mynas.engine.owner import client
 from custom_components.mynas.engine.owner.run import Phase, Progress, PushResult
 from custom_components.mynas.engine.protocol import Frame
 
-from .cli_support import ROOT, mynas, public_key_file
+from .cli_support import mynas, public_key_file, spawn
 from .openssh_support import HOST, OpenSSH
 
 PUBLIC_LINE = re.compile(r"ssh-ed25519 AAAA[0-9A-Za-z+/]+=*")
@@ -79,16 +79,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Serving
         args = ["serve", "--key", host_key, "--storage", storage, "--listen", f"{HOST}:{port}"]
         for spec in peers:
             args += ["--peer", spec]
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "custom_components.mynas.engine",
-            *map(str, args),
-            cwd=ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        proc = await spawn(*args)
         serving = Serving(proc, port, host.public_line, [])
         started.append(serving)
         assert proc.stderr is not None
