@@ -45,6 +45,7 @@ from ..identity import Identity
 from .budget import ByteBudget
 from .jail import Jail
 from .limits import Limits
+from .reach import PeerReach, SessionReach
 from .session import ReplicationSession
 from .sftp import ReadOnlySFTPServer
 from .space import HostedSpace
@@ -119,6 +120,8 @@ class NodeServer:
         self._maintenance: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Future[Any]] = set()
         self._peers_to_apply = list(peers)
+        # Where each peer says it can be reached (ANNOUNCE), and the checks dialed for it.
+        self.reach = PeerReach(identity, self.limits, self._emit)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -189,6 +192,7 @@ class NodeServer:
             # Sessions still running keep their reference until they end (they are cut).
             del self._budgets[name]
             self._ready.pop(name, None)
+            self.reach.forget(name)
         self._grants = grants
         # Tokens, not names, go into the key options: names may hold any character. A token
         # stands for one name *and* one key, and is never given to another peer: a login that
@@ -219,6 +223,10 @@ class NodeServer:
         """Return a peer's jail once its usage has been recounted from disk."""
         await self._ready[name].wait()
         return self._jails[name]
+
+    def session_reach(self, name: str, address: str) -> SessionReach:
+        """ANNOUNCE and CHECK for a session of peer ``name`` that came from ``address``."""
+        return SessionReach(self.reach, name, self._grants[name].public_key, address)
 
     def peer_budget(self, name: str) -> ByteBudget:
         """Return the budget that all replication sessions of a configured peer share."""
@@ -428,7 +436,7 @@ class _Connection(asyncssh.SSHServer):
         if self.peer is None or self._sessions >= server.limits.sessions_per_connection:
             return False
         self._sessions += 1
-        peer = self.peer
+        peer, address = self.peer, self.address
 
         async def replicate(stdin: SSHReader[bytes], stdout: SSHWriter[bytes], _: Any) -> None:
             task = asyncio.current_task()
@@ -437,7 +445,8 @@ class _Connection(asyncssh.SSHServer):
             try:
                 jail = await server.jail_ready(peer)
                 budget = ByteBudget(server.limits.session_bytes, server.peer_budget(peer))
-                await ReplicationSession(server.limits, jail, stdin, stdout, budget).run()
+                reach = server.session_reach(peer, address)
+                await ReplicationSession(server.limits, jail, stdin, stdout, budget, reach).run()
             finally:
                 cast(asyncssh.SSHServerChannel[bytes], stdout.channel).exit(0)
 

@@ -268,6 +268,22 @@ class PeerLink:
             lambda req: protocol.query(req, {"op": "retention", "folder": folder, "days": days})
         )
 
+    def serves(self, feature: str) -> bool:
+        """Whether the host listed ``feature`` (``protocol.FEATURES``) in its WELCOME."""
+        features = self.welcome.get("features")
+        return isinstance(features, list) and feature in features
+
+    async def announce(self, addresses: Sequence[str]) -> None:
+        """Tell the host where we can be reached now (only if it ``serves("announce")``)."""
+        await self._request(lambda req: protocol.announce(req, tuple(addresses)))
+
+    async def check(self, addresses: Sequence[str] = ()) -> dict[str, Any]:
+        """Ask the host to dial back our announced addresses; its REPLY (``results``...)."""
+        result: dict[str, Any] = await self._request(
+            lambda req: protocol.check(req, tuple(addresses))
+        )
+        return result
+
     async def list(
         self, path: bytes = b"", *, with_hash: bool = False
     ) -> AsyncGenerator[tuple[Entry, bytes | None]]:
