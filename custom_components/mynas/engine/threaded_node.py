@@ -13,7 +13,7 @@ cancelled push still writes the files already acknowledged to the index).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 import copy
 import functools
 import os
@@ -87,10 +87,16 @@ class ThreadedNode:
         storage_root: str | os.PathLike[str],
         *,
         trash_days: int = 30,
+        **options: Any,
     ) -> None:
-        """Prepare the node on ``storage_root`` and its thread (nothing runs until ``start``)."""
+        """Prepare the node on ``storage_root`` and its thread (nothing runs until ``start``).
+
+        ``options`` go to ``Node`` (``limits``, ``dial_timeout``, ``refresh_every``).
+        """
         self.engine = EngineLoop()
-        self._node = Node(identity, storage_root, trash_days=trash_days, on_event=self._on_event)
+        self._node = Node(
+            identity, storage_root, trash_days=trash_days, on_event=self._on_event, **options
+        )
         self._events: EventHandler | None = None
         # What runs on the engine loop on our behalf (touched on that loop only).
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -106,6 +112,11 @@ class ThreadedNode:
         return self._node.peers
 
     @property
+    def own_addresses(self) -> tuple[str, ...]:
+        """Our addresses as announced (replaced as a whole by the engine, safe to read here)."""
+        return self._node.own_addresses
+
+    @property
     def index(self) -> Index:
         """The node's index (after ``start``); blocking, thread-safe: use it off any loop."""
         return self._node.index
@@ -117,6 +128,7 @@ class ThreadedNode:
         peers: Iterable[PeerConfig],
         *,
         on_event: EventHandler | None = None,
+        addresses: Sequence[str] = (),
     ) -> None:
         """Start the engine's thread and, on it, the node (index, hosted space, server).
 
@@ -127,7 +139,7 @@ class ThreadedNode:
         self._events = self.relay(on_event) if on_event is not None else None
         await loop.run_in_executor(None, self.engine.start)
         try:
-            await self.run(self._node.start(host, port, peers))
+            await self.run(self._node.start(host, port, peers, addresses=addresses))
         except BaseException:
             await loop.run_in_executor(None, self.engine.stop)
             raise
@@ -177,8 +189,17 @@ class ThreadedNode:
     remove_peer_data = _awaited(Node.remove_peer_data)
     known_pairs = _awaited(Node.known_pairs)
     forget_pairs = _awaited(Node.forget_pairs)
+    set_peers = _awaited(Node.set_peers)
+    set_addresses = _awaited(Node.set_addresses)
+    set_found_addresses = _awaited(Node.set_found_addresses)
+    refresh_addresses = _awaited(Node.refresh_addresses)
+    announce = _awaited(Node.announce)
+    check_reachability = _awaited(Node.check_reachability)
+    set_inbound = _awaited(Node.set_inbound)
+    kept_connections = _called(Node.kept_connections)
     hosted = _called(Node.hosted)
     snapshot = _called(Node.snapshot)
+    peer_addresses = _called(Node.peer_addresses)
 
     def _on_event(self, kind: str, details: dict[str, Any]) -> None:  # on the engine's thread
         if self._events is not None:

@@ -78,7 +78,8 @@ async def alice_node(
 
 async def test_welcome_lists_what_the_host_serves(server: NodeServer, alice_id: Identity) -> None:
     async with await client.connect(alice_id, address(server), server.identity.public_line) as link:
-        assert link.serves("announce") and link.serves("check")
+        assert link.serves("announce")
+        assert link.serves("check")
         assert not link.serves("teleport")
 
 
