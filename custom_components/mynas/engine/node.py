@@ -23,7 +23,7 @@ import logging
 import os
 from pathlib import Path
 import time
-from typing import Any, Concatenate
+from typing import TYPE_CHECKING, Any, Concatenate
 
 from .addresses import ADDRESSES_FILE, AddressBook, host_addresses, own_addresses
 from .errors import AuthRefused, HostKeyMismatch, HostRefused, MyNasError, PeerUnreachable
@@ -41,6 +41,9 @@ from .owner.run import PeerTarget, ProgressCallback, PushResult, RestoreResult, 
 from .owner.verify import verify as verify_folder
 from .reachability import UNREACHABLE_CAUSES, AddressCheck, Cause, Outcome, diagnose
 from .reverse import ReverseKeeper, Serve
+
+if TYPE_CHECKING:
+    from .upnp import MapState, PortMapper
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -201,11 +204,14 @@ class Node:
         dial_timeout: float = client.CONNECT_TIMEOUT,
         refresh_every: float = REFRESH_EVERY,
         inbound: Inbound = Inbound.AUTO,
+        upnp: bool = False,
+        upnp_options: dict[str, Any] | None = None,
     ) -> None:
         """Prepare a node on ``storage_root`` (no I/O until ``start``).
 
         ``dial_timeout`` bounds each address tried when reaching a peer; ``refresh_every``
-        is how often our own addresses are looked at.
+        is how often our own addresses are looked at. ``upnp`` maps our port on the router
+        (``upnp.PortMapper``, with ``upnp_options``) while the node runs.
         """
         self.identity = identity
         self.storage_root = Path(storage_root)
@@ -232,6 +238,9 @@ class Node:
         self.reachability: ReachReport | None = None
         self._inbound = inbound
         self._keepers: dict[str, ReverseKeeper] = {}
+        self._upnp = upnp
+        self._upnp_options = dict(upnp_options or {})
+        self.mapper: PortMapper | None = None
 
     @property
     def server(self) -> NodeServer:
@@ -294,9 +303,18 @@ class Node:
         self._own = self._typed_own
         self._refresher = asyncio.create_task(self._refresh_loop())
         await self._update_keepers()
+        if self._upnp:
+            # Imported here: aiohttp and the UPnP library only load where UPnP is used.
+            from .upnp import PortMapper  # noqa: PLC0415
+
+            self.mapper = PortMapper(server.port, on_change=self._mapped, **self._upnp_options)
+            self.mapper.start()
 
     async def stop(self) -> None:
         """Stop listening and close everything."""
+        if self.mapper is not None:
+            await self.mapper.stop()  # the router forgets the mapping now, not at its lease
+            self.mapper = None
         for keeper in list(self._keepers.values()):
             await keeper.stop()
         self._keepers.clear()
@@ -371,6 +389,16 @@ class Node:
             )
             self._keepers[peer_id] = keeper
             keeper.start()
+
+    def _mapped(self, state: MapState) -> None:
+        """The router's answer changed: announce its external address (when dialable)."""
+        self._emit("upnp", **state.as_dict())
+        public = state.public
+        self._spawn(self.set_found_addresses("upnp", [public] if public else []))
+
+    def upnp_state(self) -> dict[str, Any] | None:
+        """Where the UPnP port mapping stands (None when UPnP is off)."""
+        return self.mapper.state.as_dict() if self.mapper is not None else None
 
     def _serve_reverse(self, peer_id: str, address: str) -> Serve:
         return functools.partial(self.server.serve, self.peers[peer_id].jail, address)
