@@ -16,11 +16,15 @@ import re
 import sys
 from typing import Any
 
+import asyncssh
 import pytest
 
 from custom_components.mynas.engine import ciphers
 from custom_components.mynas.engine.host.server import NodeServer
+from custom_components.mynas.engine.identity import Identity
+from custom_components.mynas.engine.owner.client import connect
 
+from ..conftest import ServerFactory, address
 from ..openssh_support import HOST, OpenSSH
 
 # What ssh-audit 3.9 says of curve25519, the fallback for clients without post-quantum key
@@ -133,3 +137,27 @@ async def test_ssh_audit_finds_nothing_but_the_classic_fallback(server: NodeServ
     assert findings == {alg: [NOT_POST_QUANTUM] for alg in CLASSIC_FALLBACK}
     # Warnings (and nothing worse) are what its exit status says.
     assert proc.returncode == 2
+
+
+async def test_without_ml_kem_the_node_says_so_and_uses_curve25519(
+    make_server: ServerFactory,
+    alice_id: Identity,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cryptography without ML-KEM: a warning at start, curve25519 between the nodes."""
+    classic = [b"curve25519-sha256", b"curve25519-sha256@libssh.org", b"ecdh-sha2-nistp256"]
+    monkeypatch.setattr(ciphers, "get_kex_algs", lambda: classic)
+    server = await make_server()
+    assert "cannot do post-quantum key exchange" in caplog.text
+    chosen: list[bytes] = []
+    real_get_kex = asyncssh.connection.get_kex
+
+    def spy(conn: Any, alg: bytes) -> Any:
+        chosen.append(alg)
+        return real_get_kex(conn, alg)
+
+    monkeypatch.setattr(asyncssh.connection, "get_kex", spy)
+    async with await connect(alice_id, address(server), server.identity.public_line):
+        pass
+    assert chosen == [b"curve25519-sha256"] * 2
