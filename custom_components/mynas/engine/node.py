@@ -28,6 +28,7 @@ from .owner.index import Index
 from .owner.push import push as push_folder
 from .owner.restore import restore as restore_folder
 from .owner.run import PeerTarget, ProgressCallback, PushResult, RestoreResult, VerifyResult
+from .owner.throttle import Throttle
 from .owner.verify import verify as verify_folder
 
 _LOGGER = logging.getLogger(__name__)
@@ -123,9 +124,17 @@ class Node:
         *,
         trash_days: int = 30,
         on_event: EventCallback | None = None,
+        upload_limit: int | None = None,
+        download_limit: int | None = None,
     ) -> None:
-        """Prepare a node on ``storage_root`` (no I/O until ``start``)."""
+        """Prepare a node on ``storage_root`` (no I/O until ``start``).
+
+        ``upload_limit`` and ``download_limit`` (bytes/s, None for none) are node-wide: every
+        push (and repair) shares the first, every restore the second, whichever the peer.
+        """
         self.identity = identity
+        self.upload = Throttle(upload_limit)
+        self.download = Throttle(download_limit)
         self.storage_root = Path(storage_root)
         self.peers: dict[str, PeerConfig] = {}
         self._trash_days = trash_days
@@ -218,6 +227,7 @@ class Node:
             self.index,
             exclude=folder.exclude,
             bwlimit=folder.bwlimit,
+            node_limit=self.upload,
             retention_days=folder.retention_days,
             progress=progress,
         )
@@ -241,6 +251,7 @@ class Node:
             exclude=folder.exclude,
             repair=repair,
             progress=progress,
+            node_limit=self.upload,
         )
 
     async def restore(
@@ -263,6 +274,7 @@ class Node:
             path=path,
             overwrite=overwrite,
             progress=progress,
+            limit=self.download,
         )
 
     async def probe(self, peer_id: str) -> ProbeResult:

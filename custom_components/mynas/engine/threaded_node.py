@@ -87,10 +87,22 @@ class ThreadedNode:
         storage_root: str | os.PathLike[str],
         *,
         trash_days: int = 30,
+        upload_limit: int | None = None,
+        download_limit: int | None = None,
     ) -> None:
-        """Prepare the node on ``storage_root`` and its thread (nothing runs until ``start``)."""
+        """Prepare the node on ``storage_root`` and its thread (nothing runs until ``start``).
+
+        The limits are the node-wide bandwidth limits in bytes/s (``Node``).
+        """
         self.engine = EngineLoop()
-        self._node = Node(identity, storage_root, trash_days=trash_days, on_event=self._on_event)
+        self._node = Node(
+            identity,
+            storage_root,
+            trash_days=trash_days,
+            on_event=self._on_event,
+            upload_limit=upload_limit,
+            download_limit=download_limit,
+        )
         self._events: EventHandler | None = None
         # What runs on the engine loop on our behalf (touched on that loop only).
         self._tasks: set[asyncio.Task[Any]] = set()
