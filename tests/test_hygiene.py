@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 import re
 import struct
-from typing import Any
 
 import pytest
 import yaml
@@ -214,23 +213,6 @@ def test_engine_runs_without_home_assistant() -> None:
         "import custom_components.mynas.engine.__main__, custom_components.mynas.engine.node\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}::"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def test_translation_references_resolve() -> None:
-    flat = _flatten(EN)
-    for key, text in flat.items():
-        for reference in re.findall(r"\[%key:component::mynas::([^%]+)%\]", text):
-            assert reference in flat, f"{key} refers to missing {reference}"
 
 
 def test_entity_translation_keys_and_icons() -> None:

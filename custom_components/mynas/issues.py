@@ -63,11 +63,15 @@ def key_changed(
     new_fingerprint: str | None,
     new_key: str | None,
 ) -> None:
-    """A peer answers with another key: nothing is sent until the user decides."""
+    """A peer answers with another key: nothing is sent until the user decides.
+
+    With the presented key in hand the issue is fixable (its fix flow accepts the key once
+    confirmed); without it there is nothing to accept, and the text says what to do instead.
+    """
     _create(
         hass,
         f"key_changed_{peer_id}",
-        "key_changed",
+        "key_changed" if new_key is not None else "key_changed_unknown",
         {"peer": peer, "old": old_fingerprint, "new": new_fingerprint or "unknown"},
         severity=ir.IssueSeverity.CRITICAL,
         fixable=new_key is not None,
