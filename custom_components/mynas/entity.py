@@ -2,15 +2,54 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from homeassistant.config_entries import ConfigSubentry
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import device_registry as dr
 from homeassistant.helpers.device_registry import DeviceEntryType, DeviceInfo
+from homeassistant.helpers.entity import Entity
+from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from homeassistant.helpers.update_coordinator import CoordinatorEntity
 
-from .const import CONF_NODE_NAME, DOMAIN
+from .const import CONF_NODE_NAME, DOMAIN, SUBENTRY_FOLDER, SUBENTRY_PEER
 from .coordinator import MyNasConfigEntry, NodeCoordinator, SyncCoordinator
 from .models import PairStatus, PeerStatus
+
+
+def subentries(entry: MyNasConfigEntry, kind: str) -> dict[str, ConfigSubentry]:
+    """The entry's peers or folders (``kind``), by subentry id."""
+    return {sid: sub for sid, sub in entry.subentries.items() if sub.subentry_type == kind}
+
+
+def add_per_peer(
+    entry: MyNasConfigEntry,
+    async_add_entities: AddConfigEntryEntitiesCallback,
+    make: Callable[[ConfigSubentry], Iterable[Entity]],
+) -> None:
+    """Add what ``make(peer)`` gives for every peer, each on its peer's subentry."""
+    for peer in subentries(entry, SUBENTRY_PEER).values():
+        async_add_entities(list(make(peer)), config_subentry_id=peer.subentry_id)
+
+
+def add_per_pair(
+    entry: MyNasConfigEntry,
+    async_add_entities: AddConfigEntryEntitiesCallback,
+    make: Callable[[ConfigSubentry, ConfigSubentry], Iterable[Entity]],
+) -> None:
+    """Add what ``make(folder, peer)`` gives for every folder x peer pair, on the folder."""
+    peers = subentries(entry, SUBENTRY_PEER)
+    pairs = entry.runtime_data.manager.pairs
+    for folder in subentries(entry, SUBENTRY_FOLDER).values():
+        async_add_entities(
+            [
+                entity
+                for folder_id, peer_id in pairs
+                if folder_id == folder.subentry_id
+                for entity in make(folder, peers[peer_id])
+            ],
+            config_subentry_id=folder.subentry_id,
+        )
 
 
 def node_device(entry: MyNasConfigEntry) -> DeviceInfo:

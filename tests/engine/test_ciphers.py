@@ -114,23 +114,15 @@ def test_no_cpuinfo_means_no_aes_claim(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_two_nodes_agree_on_the_hybrid_key_exchange(
-    server: Any, alice_id: Identity, host_id: Identity, monkeypatch: pytest.MonkeyPatch
+    server: Any, alice_id: Identity, host_id: Identity, chosen_kex: list[bytes]
 ) -> None:
     """Our client against our server: mlkem768x25519-sha256, an AEAD cipher, no MAC."""
-    chosen: list[bytes] = []
-    real_get_kex = asyncssh.connection.get_kex
-
-    def spy(conn: Any, alg: bytes) -> Any:
-        chosen.append(alg)
-        return real_get_kex(conn, alg)
-
-    monkeypatch.setattr(asyncssh.connection, "get_kex", spy)
     async with await connect(alice_id, address(server), host_id.public_line) as peer:
         info = peer._conn.get_extra_info
         assert info("send_cipher") in ciphers.AEAD
         assert info("send_mac") == info("send_cipher")  # AEAD: the cipher is its own MAC
     # Each end chose (the client and the server, same process): the same hybrid.
-    assert chosen == [b"mlkem768x25519-sha256"] * 2
+    assert chosen_kex == [b"mlkem768x25519-sha256"] * 2
 
 
 class _WeakServer(asyncssh.SSHServer):

@@ -16,7 +16,6 @@ import re
 import sys
 from typing import Any
 
-import asyncssh
 import pytest
 
 from custom_components.mynas.engine import ciphers
@@ -144,20 +143,13 @@ async def test_without_ml_kem_the_node_says_so_and_uses_curve25519(
     alice_id: Identity,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    chosen_kex: list[bytes],
 ) -> None:
     """A cryptography without ML-KEM: a warning at start, curve25519 between the nodes."""
     classic = [b"curve25519-sha256", b"curve25519-sha256@libssh.org", b"ecdh-sha2-nistp256"]
     monkeypatch.setattr(ciphers, "get_kex_algs", lambda: classic)
     server = await make_server()
     assert "cannot do post-quantum key exchange" in caplog.text
-    chosen: list[bytes] = []
-    real_get_kex = asyncssh.connection.get_kex
-
-    def spy(conn: Any, alg: bytes) -> Any:
-        chosen.append(alg)
-        return real_get_kex(conn, alg)
-
-    monkeypatch.setattr(asyncssh.connection, "get_kex", spy)
     async with await connect(alice_id, address(server), server.identity.public_line):
         pass
-    assert chosen == [b"curve25519-sha256"] * 2
+    assert chosen_kex == [b"curve25519-sha256"] * 2
