@@ -21,6 +21,9 @@ CONF_RESTORE_KEY: Final = "restore_key"
 CONF_ADDRESSES: Final = "addresses"
 CONF_OVERDUE_HOURS: Final = "overdue_hours"
 CONF_UNREACHABLE_HOURS: Final = "unreachable_hours"
+# Node-wide bandwidth limits in MB/s (0: none), shared by every sync and restore.
+CONF_UPLOAD_LIMIT: Final = "upload_limit_mbps"
+CONF_DOWNLOAD_LIMIT: Final = "download_limit_mbps"
 
 # Subentry types.
 SUBENTRY_PEER: Final = "peer"

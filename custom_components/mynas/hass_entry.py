@@ -35,7 +35,7 @@ from .const import (
 from .coordinator import MyNasConfigEntry, MyNasRuntimeData, NodeCoordinator, SyncCoordinator
 from .engine import StorageRootError, ThreadedNode, load_or_create_identity, open_root
 from .entity import node_device
-from .models import folders_of, peers_of
+from .models import folders_of, node_limits, peers_of
 from .orphans import async_check_orphans
 from .persistence import async_remove
 from .services import async_setup_services
@@ -81,7 +81,8 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
     issues.storage_problem(hass, entry.entry_id, data[CONF_NODE_NAME], None, root)
     node_key, _ = await hass.async_add_executor_job(load_or_create_identity, key_path(hass, entry))
 
-    node = ThreadedNode(node_key, root)
+    upload_limit, download_limit = node_limits(entry.options)
+    node = ThreadedNode(node_key, root, upload_limit=upload_limit, download_limit=download_limit)
     peers = peers_of(entry)
     folders = folders_of(entry)
     manager = SyncManager(

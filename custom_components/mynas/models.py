@@ -6,6 +6,7 @@ protects where, that state, and where its changes go.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 import enum
@@ -16,6 +17,7 @@ from homeassistant.config_entries import ConfigEntry, ConfigSubentry
 from .const import (
     CONF_ADDRESSES,
     CONF_BWLIMIT,
+    CONF_DOWNLOAD_LIMIT,
     CONF_EXCLUDE,
     CONF_HOURS,
     CONF_JAIL,
@@ -27,6 +29,7 @@ from .const import (
     CONF_RETENTION_DAYS,
     CONF_SCHEDULE,
     CONF_TIME,
+    CONF_UPLOAD_LIMIT,
     DEFAULT_INTERVAL_HOURS,
     SCHEDULE_DAILY,
     SUBENTRY_FOLDER,
@@ -68,16 +71,28 @@ class FolderSetup:
     schedule: Schedule
 
 
+def _bytes_per_second(mbps: Any) -> int | None:
+    """MB/s as typed in a form (0 or nothing: no limit) as the engine's bytes/s."""
+    return int(float(mbps or 0) * 1_000_000) or None
+
+
+def node_limits(options: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """The node-wide (upload, download) limits in bytes/s from the node's options."""
+    return (
+        _bytes_per_second(options.get(CONF_UPLOAD_LIMIT)),
+        _bytes_per_second(options.get(CONF_DOWNLOAD_LIMIT)),
+    )
+
+
 def folder_setup(subentry: ConfigSubentry) -> FolderSetup:
     """Return a folder subentry as the engine's FolderConfig plus its peers and schedule."""
     data = subentry.data
-    bwlimit = float(data.get(CONF_BWLIMIT) or 0)
     config = FolderConfig(
         id=subentry.subentry_id,
         name=data[CONF_NAME],
         path=data[CONF_PATH],
         exclude=tuple(data.get(CONF_EXCLUDE) or ()),
-        bwlimit=int(bwlimit * 1_000_000) or None,
+        bwlimit=_bytes_per_second(data.get(CONF_BWLIMIT)),
         retention_days=data.get(CONF_RETENTION_DAYS),
     )
     if data.get(CONF_SCHEDULE) == SCHEDULE_DAILY:
