@@ -270,9 +270,10 @@ def test_subentry_flow_strings(module: str, subentry: str) -> None:
 
 def test_exception_strings() -> None:
     used: set[str] = set()
-    for name in ("hass_entry.py", "coordinator.py", "services.py"):
+    for name in ("hass_entry.py", "coordinator.py", "services.py", "backup.py"):
         used |= _keyword_literals(_tree(name), "translation_key")
     used |= _call_literals(_tree("services.py"), "_invalid", 0)
+    used |= _call_literals(_tree("backup.py"), "_fail", 0)
     used |= {problem.value for problem in RootProblem}
     used.discard("")
     assert used <= set(EN["exceptions"]), used - set(EN["exceptions"])

@@ -28,6 +28,7 @@ from .const import (
     CONF_NODE_NAME,
     CONF_PORT,
     CONF_STORAGE_ROOT,
+    DATA_BACKUP_AGENT_LISTENERS,
     DOMAIN,
     EVENT_UNKNOWN_KEY,
     LOGGER,
@@ -153,7 +154,16 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
 
     entry.async_on_unload(hass.bus.async_listen_once(EVENT_HOMEASSISTANT_STOP, _on_hass_stop))
     entry.async_on_unload(_reload_on_subentry_change(hass, entry))
+    # Each peer is a backup location (backup.py): loading or unloading changes the agents.
+    entry.async_on_unload(entry.async_on_state_change(partial(_notify_backup_listeners, hass)))
     return True
+
+
+@callback
+def _notify_backup_listeners(hass: HomeAssistant) -> None:
+    """Tell Home Assistant's backup manager that the agents changed."""
+    for listener in hass.data.get(DATA_BACKUP_AGENT_LISTENERS, []):
+        listener()
 
 
 def _subentries(entry: MyNasConfigEntry) -> dict[str, tuple[str, str, dict[str, Any]]]:

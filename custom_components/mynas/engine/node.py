@@ -9,7 +9,7 @@ makes that hop. Blocking work goes to worker threads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 import enum
 import logging
@@ -23,7 +23,8 @@ from .host.quota import JailUsage
 from .host.server import EventCallback, NodeServer, PeerGrant
 from .host.space import HostedSpace
 from .identity import Identity
-from .owner import client
+from .owner import backup_area, client
+from .owner.backup_area import BytesCallback, OpenStream, StoredBackup
 from .owner.index import Index
 from .owner.push import push as push_folder
 from .owner.restore import restore as restore_folder
@@ -276,6 +277,49 @@ class Node:
             progress=progress,
             limit=self.download,
         )
+
+    # --- the host application's own backups, in the backup area at a peer ------------------
+
+    async def upload_backup(
+        self,
+        peer_id: str,
+        backup_id: str,
+        metadata: dict[str, Any],
+        size: int,
+        open_stream: OpenStream,
+        *,
+        progress: BytesCallback | None = None,
+    ) -> StoredBackup:
+        """Store an archive at a peer (``backup_area``), after any other transfer to it."""
+        return await self._with_peer(
+            peer_id,
+            None,
+            backup_area.upload,
+            backup_id,
+            metadata,
+            size,
+            open_stream,
+            progress=progress,
+        )
+
+    async def list_backups(self, peer_id: str) -> list[StoredBackup]:
+        """The archives kept at a peer (not queued behind a transfer: it reads a listing)."""
+        return await backup_area.listing(self.identity, self.peers[peer_id].target)
+
+    async def get_backup(self, peer_id: str, backup_id: str) -> StoredBackup:
+        """One archive kept at a peer; BackupMissing if it is not there."""
+        return await backup_area.get(self.identity, self.peers[peer_id].target, backup_id)
+
+    async def delete_backup(self, peer_id: str, backup_id: str) -> None:
+        """Move one archive kept at a peer into the peer's trash."""
+        await backup_area.delete(self.identity, self.peers[peer_id].target, backup_id)
+
+    def download_backup(self, peer_id: str, backup_id: str) -> AsyncGenerator[bytes]:
+        """Yield the bytes of an archive kept at a peer (a download: not queued either).
+
+        Close the generator (``contextlib.aclosing``) when leaving it early.
+        """
+        return backup_area.download(self.identity, self.peers[peer_id].target, backup_id)
 
     async def probe(self, peer_id: str) -> ProbeResult:
         """Test the connection to a peer."""
