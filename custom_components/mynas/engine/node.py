@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 import time
-from typing import Any, Concatenate
+from typing import Any, Concatenate, TypedDict, Unpack
 
 from .errors import AuthRefused, HostKeyMismatch, MyNasError, PeerUnreachable
 from .host.quota import JailUsage
@@ -115,6 +115,17 @@ async def probe(identity: Identity, peer: PeerTarget) -> ProbeResult:
     )
 
 
+class NodeOptions(TypedDict, total=False):
+    """How a node is set up beyond its key and its disk (``ThreadedNode`` passes them on)."""
+
+    # Days a replaced or deleted file of a friend's stays in the trash.
+    trash_days: int
+    # Bytes/s for the whole node, None for none: every push (and repair) shares the upload
+    # limit, every restore the download limit, whichever the peer.
+    upload_limit: int | None
+    download_limit: int | None
+
+
 class Node:
     """A running node. Create, ``start``, use, ``stop`` — all on the engine loop."""
 
@@ -123,22 +134,16 @@ class Node:
         identity: Identity,
         storage_root: str | os.PathLike[str],
         *,
-        trash_days: int = 30,
         on_event: EventCallback | None = None,
-        upload_limit: int | None = None,
-        download_limit: int | None = None,
+        **options: Unpack[NodeOptions],
     ) -> None:
-        """Prepare a node on ``storage_root`` (no I/O until ``start``).
-
-        ``upload_limit`` and ``download_limit`` (bytes/s, None for none) are node-wide: every
-        push (and repair) shares the first, every restore the second, whichever the peer.
-        """
+        """Prepare a node on ``storage_root`` (no I/O until ``start``)."""
         self.identity = identity
-        self.upload = Throttle(upload_limit)
-        self.download = Throttle(download_limit)
+        self.upload = Throttle(options.get("upload_limit"))
+        self.download = Throttle(options.get("download_limit"))
         self.storage_root = Path(storage_root)
         self.peers: dict[str, PeerConfig] = {}
-        self._trash_days = trash_days
+        self._trash_days = options.get("trash_days", 30)
         self._on_event = on_event
         self._server: NodeServer | None = None
         self._index: Index | None = None

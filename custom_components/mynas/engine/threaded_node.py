@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import functools
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate
+from typing import TYPE_CHECKING, Any, Concatenate, Unpack
 import weakref
 
 from . import node as node_module
 from .loop_thread import EngineLoop
-from .node import Node, PeerConfig, ProbeResult
+from .node import Node, NodeOptions, PeerConfig, ProbeResult
 from .owner.run import PeerTarget
 
 if TYPE_CHECKING:
@@ -94,24 +94,11 @@ class ThreadedNode:
         self,
         identity: Identity,
         storage_root: str | os.PathLike[str],
-        *,
-        trash_days: int = 30,
-        upload_limit: int | None = None,
-        download_limit: int | None = None,
+        **options: Unpack[NodeOptions],
     ) -> None:
-        """Prepare the node on ``storage_root`` and its thread (nothing runs until ``start``).
-
-        The limits are the node-wide bandwidth limits in bytes/s (``Node``).
-        """
+        """Prepare the node on ``storage_root`` and its thread (nothing runs until ``start``)."""
         self.engine = EngineLoop()
-        self._node = Node(
-            identity,
-            storage_root,
-            trash_days=trash_days,
-            on_event=self._on_event,
-            upload_limit=upload_limit,
-            download_limit=download_limit,
-        )
+        self._node = Node(identity, storage_root, on_event=self._on_event, **options)
         self._events: EventHandler | None = None
         # What runs on the engine loop on our behalf (touched on that loop only).
         self._tasks: set[asyncio.Task[Any]] = set()
