@@ -25,9 +25,11 @@ if TYPE_CHECKING:
         InvalidInvite,
         KeyFileError,
         MyNasError,
+        PeerDiskFull,
         PeerUnreachable,
         QuotaExceeded,
         RestoreConflict,
+        SourceMissing,
     )
     from .host.paths import validate_peer_name
     from .host.quota import JailUsage
@@ -90,6 +92,7 @@ __all__ = [
     "KeyFileError",
     "MyNasError",
     "PeerConfig",
+    "PeerDiskFull",
     "PeerUnreachable",
     "Phase",
     "ProbeResult",
@@ -99,6 +102,7 @@ __all__ = [
     "Reachability",
     "RestoreConflict",
     "RootProblem",
+    "SourceMissing",
     "StorageRootError",
     "ThreadedNode",
     "VerifyResult",
@@ -181,6 +185,8 @@ _SOURCES = {
     "PeerUnreachable": "errors",
     "QuotaExceeded": "errors",
     "RestoreConflict": "errors",
+    "PeerDiskFull": "errors",
+    "SourceMissing": "errors",
     "format_bytes": "units",
 }
 
