@@ -72,6 +72,8 @@ DISK_SCAN_INTERVAL: Final = timedelta(minutes=1)
 SCHEDULER_TICK: Final = timedelta(minutes=1)
 # How often each peer is asked whether it is there (and how much of its space we use).
 PEER_PROBE_INTERVAL: Final = timedelta(minutes=10)
+# A peer whose disk has less free space than this (whatever its quota says) is "full".
+PEER_DISK_FULL_BELOW: Final = 100_000_000
 # Retries after a failed sync: 5 min, 10, 20... at most 6 h apart.
 RETRY_FIRST: Final = timedelta(minutes=5)
 RETRY_MAX: Final = timedelta(hours=6)

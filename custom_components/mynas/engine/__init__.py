@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         PeerUnreachable,
         QuotaExceeded,
         RestoreConflict,
+        SourceMissing,
     )
     from .host.paths import validate_peer_name
     from .host.quota import JailUsage
@@ -106,6 +107,7 @@ __all__ = [
     "Reachability",
     "RestoreConflict",
     "RootProblem",
+    "SourceMissing",
     "StorageRootError",
     "StoredBackup",
     "ThreadedNode",
@@ -194,6 +196,8 @@ _SOURCES = {
     "BackupSizeMismatch": "errors",
     "QuotaExceeded": "errors",
     "RestoreConflict": "errors",
+    "PeerDiskFull": "errors",
+    "SourceMissing": "errors",
     "format_bytes": "units",
 }
 

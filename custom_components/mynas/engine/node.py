@@ -18,7 +18,7 @@ from pathlib import Path
 import time
 from typing import Any, Concatenate, TypedDict, Unpack
 
-from .errors import AuthRefused, HostKeyMismatch, MyNasError, PeerUnreachable
+from .errors import AuthRefused, HostKeyMismatch, MyNasError, PeerUnreachable, SourceMissing
 from .host.quota import JailUsage
 from .host.server import EventCallback, NodeServer, PeerGrant
 from .host.space import HostedSpace
@@ -28,7 +28,14 @@ from .owner.backup_area import BytesCallback, OpenStream, StoredBackup
 from .owner.index import Index
 from .owner.push import push as push_folder
 from .owner.restore import restore as restore_folder
-from .owner.run import PeerTarget, ProgressCallback, PushResult, RestoreResult, VerifyResult
+from .owner.run import (
+    PeerTarget,
+    ProgressCallback,
+    PushResult,
+    RestoreResult,
+    VerifyResult,
+    check_source,
+)
 from .owner.throttle import Throttle
 from .owner.verify import verify as verify_folder
 
@@ -88,6 +95,7 @@ class ProbeResult:
     at: float = field(default_factory=time.time)
     used_there: int | None = None
     quota_there: int | None = None
+    disk_free_there: int | None = None
     error: str | None = None
     presented_key: str | None = None
 
@@ -110,8 +118,12 @@ async def probe(identity: Identity, peer: PeerTarget) -> ProbeResult:
         return ProbeResult(Reachability.UNREACHABLE, error=str(err))
     finally:
         await link.close()
+    free = usage.get("disk_free")
     return ProbeResult(
-        Reachability.ONLINE, used_there=int(usage["used"]), quota_there=int(usage["quota"])
+        Reachability.ONLINE,
+        used_there=int(usage["used"]),
+        quota_there=int(usage["quota"]),
+        disk_free_there=int(free) if isinstance(free, int) else None,
     )
 
 
@@ -325,6 +337,41 @@ class Node:
         Close the generator (``contextlib.aclosing``) when leaving it early.
         """
         return backup_area.download(self.identity, self.peers[peer_id].target, backup_id)
+
+    async def check_folder(self, folder: FolderConfig) -> str | None:
+        """Say why ``folder`` cannot be backed up now, or None when it can.
+
+        Missing or unreadable; or empty while a peer holds files of it, as when the disk it
+        lives on is not mounted (a push would refuse it too). Cheap: a stat, the folder's
+        first entry, and the index only for an empty folder.
+        """
+        index = self.index
+
+        def check() -> str | None:
+            try:
+                path = check_source(folder.path)
+            except SourceMissing as err:
+                return str(err)
+            with os.scandir(path) as entries:
+                if next(entries, None) is not None:
+                    return None
+            held = [
+                index.stats(name, peer)[0] for name, peer in index.folders() if name == folder.name
+            ]
+            if any(held):
+                return str(
+                    SourceMissing(
+                        os.fsdecode(path),
+                        f"is empty while the peer holds {max(held)} file(s) of it "
+                        "(is the disk mounted?)",
+                    )
+                )
+            return None
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, check)
+        except OSError as err:  # vanished between the checks, or an I/O error
+            return str(SourceMissing(folder.path, f"cannot be read ({err.strerror or err})"))
 
     async def probe(self, peer_id: str) -> ProbeResult:
         """Test the connection to a peer."""

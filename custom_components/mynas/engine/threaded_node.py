@@ -251,6 +251,7 @@ class ThreadedNode:
     verify = _awaited(Node.verify)
     restore = _awaited(Node.restore)
     probe = _awaited(Node.probe)
+    check_folder = _awaited(Node.check_folder)
     remove_peer_data = _awaited(Node.remove_peer_data)
     known_pairs = _awaited(Node.known_pairs)
     forget_pairs = _awaited(Node.forget_pairs)
