@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import json
 from pathlib import Path
-import re
 import struct
 
 import pytest
@@ -105,12 +104,6 @@ def test_manifest_order_and_keys() -> None:
     # Same pins as the core integrations that use these libraries, and as requirements.txt.
     pins = set((ROOT / "requirements.txt").read_text().split())
     assert set(manifest["requirements"]) == {"asyncssh==2.24.0", "psutil==7.2.2"} <= pins
-
-
-def test_hacs_json_keys() -> None:
-    hacs = json.loads((ROOT / "hacs.json").read_text())
-    assert set(hacs) == {"name", "homeassistant", "hacs"}
-    assert re.fullmatch(r"20\d\d\.\d+\.\d+", hacs["homeassistant"])
 
 
 def test_brand_icon_is_a_256_png() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,3 +38,30 @@ def test_an_issue_has_a_description_or_a_fix_flow_never_both(key: str) -> None:
     issue = EN["issues"][key]
     assert issue["title"]
     assert ("description" in issue) != ("fix_flow" in issue), key
+
+
+def _steps(section: dict[str, Any], where: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every flow step under ``section`` (a flow, or a mapping of flows), with its path."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    for key, value in section.items():
+        if not isinstance(value, dict):
+            continue
+        if key == "step":
+            found += [(f"{where}.step.{name}", step) for name, step in value.items()]
+        else:
+            found += _steps(value, f"{where}.{key}")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("where", "step"),
+    [
+        pair
+        for top in ("config", "options", "config_subentries", "issues")
+        for pair in _steps(EN[top], top)
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_every_field_is_described(where: str, step: dict[str, Any]) -> None:
+    """The quality scale's config-flow rule: each field has a data_description too."""
+    assert set(step.get("data", {})) == set(step.get("data_description", {})), where

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from homeassistant.config_entries import (
-    ConfigEntry,
     ConfigFlow,
     ConfigFlowResult,
     ConfigSubentryFlow,
@@ -45,6 +44,7 @@ from .const import (
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
+from .coordinator import MyNasConfigEntry
 from .engine import (
     MAX_ADDRESSES,
     MAX_NODE_NAME_LENGTH,
@@ -132,14 +132,14 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
 
     @staticmethod
     @callback
-    def async_get_options_flow(config_entry: ConfigEntry) -> MyNasOptionsFlow:
+    def async_get_options_flow(config_entry: MyNasConfigEntry) -> MyNasOptionsFlow:
         """Options: the invite code, the addresses in it, the overdue threshold."""
         return MyNasOptionsFlow()
 
     @classmethod
     @callback
     def async_get_supported_subentry_types(
-        cls, config_entry: ConfigEntry
+        cls, config_entry: MyNasConfigEntry
     ) -> dict[str, type[ConfigSubentryFlow]]:
         """Peers (paired by invite code) and folders (protected on those peers)."""
         return {SUBENTRY_PEER: PeerSubentryFlow, SUBENTRY_FOLDER: FolderSubentryFlow}
@@ -168,8 +168,8 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
                 except StorageRootError as err:
                     errors[CONF_STORAGE_ROOT] = err.problem.value
                 else:
+                    # One node per Home Assistant (single_config_entry); its id is its disk's.
                     await self.async_set_unique_id(unique_id)
-                    self._abort_if_unique_id_configured()
                     marker = await self.hass.async_add_executor_job(claim_root, path, name)
                     key_file = Path(self.hass.config.path(DOMAIN, f"{marker.node_id}.key"))
                     try:

@@ -52,10 +52,15 @@ def add_per_pair(
         )
 
 
+def device_identifier(entry_id: str, subentry_id: str | None = None) -> tuple[str, str]:
+    """The identifier of the node's device, or of a peer's or folder's (one per subentry)."""
+    return (DOMAIN, entry_id if subentry_id is None else f"{entry_id}_{subentry_id}")
+
+
 def node_device(entry: MyNasConfigEntry) -> DeviceInfo:
     """The device that stands for this node."""
     return DeviceInfo(
-        identifiers={(DOMAIN, entry.entry_id)},
+        identifiers={device_identifier(entry.entry_id)},
         name=entry.data[CONF_NODE_NAME],
         manufacturer="MyNAS",
         model="MyNAS node",
@@ -68,15 +73,20 @@ def subentry_device(
 ) -> DeviceInfo:
     """A device for a peer or a folder (a device belongs to exactly one subentry)."""
     return DeviceInfo(
-        identifiers={(DOMAIN, f"{entry.entry_id}_{subentry.subentry_id}")},
+        identifiers={device_identifier(entry.entry_id, subentry.subentry_id)},
         name=subentry.title,
         manufacturer="MyNAS",
         model=model,
         entry_type=DeviceEntryType.SERVICE,
         via_device_id=dr.async_get_device_id_by_identifier(
-            hass, (DOMAIN, entry.entry_id), config_entry_id=entry.entry_id
+            hass, device_identifier(entry.entry_id), config_entry_id=entry.entry_id
         ),
     )
+
+
+def pair_unique_id_prefix(entry_id: str, folder_id: str, peer_id: str) -> str:
+    """What the unique id of every entity of one folder × peer pair starts with."""
+    return f"{entry_id}_{folder_id}_{peer_id}_"
 
 
 class NodeEntity(CoordinatorEntity[NodeCoordinator]):
@@ -137,7 +147,9 @@ class PairEntity(CoordinatorEntity[SyncCoordinator]):
         super().__init__(coordinator)
         entry = coordinator.config_entry
         self.pair = (folder.subentry_id, peer.subentry_id)
-        self._attr_unique_id = f"{entry.entry_id}_{folder.subentry_id}_{peer.subentry_id}_{key}"
+        self._attr_unique_id = (
+            pair_unique_id_prefix(entry.entry_id, folder.subentry_id, peer.subentry_id) + key
+        )
         self._attr_device_info = subentry_device(
             coordinator.hass, entry, folder, "Protected folder"
         )

@@ -21,7 +21,7 @@ from homeassistant.helpers.typing import StateType
 from homeassistant.util import dt as dt_util
 
 from .coordinator import MyNasConfigEntry, NodeCoordinator, NodeData, SyncCoordinator
-from .engine import JailUsage
+from .engine import JailUsage, Reachability
 from .entity import (
     NodeEntity,
     PairEntity,
@@ -138,6 +138,12 @@ class PeerSensorDescription(SensorEntityDescription):
     """A figure about a peer's contact with us."""
 
     value_fn: Callable[[PeerStatus], StateType | datetime]
+    # Whether the figure holds now: what the peer told us stops holding once it does not answer.
+    available_fn: Callable[[PeerStatus], bool] = lambda status: True
+
+
+def _answers(status: PeerStatus) -> bool:
+    return status.reachability is Reachability.ONLINE
 
 
 PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
@@ -153,6 +159,7 @@ PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
             translation_key="used_there",
             state_class=SensorStateClass.MEASUREMENT,
             value_fn=lambda status: status.used_there,
+            available_fn=_answers,
         )
     ),
     _data_size(
@@ -161,6 +168,7 @@ PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
             translation_key="quota_there",
             entity_category=EntityCategory.DIAGNOSTIC,
             value_fn=lambda status: status.quota_there,
+            available_fn=_answers,
         )
     ),
 )
@@ -346,6 +354,11 @@ class PeerSensor(PeerStatusEntity, SensorEntity):
         """Create the sensor for ``description``."""
         super().__init__(coordinator, peer, description.key)
         self.entity_description = description
+
+    @property
+    def available(self) -> bool:
+        """Available while the figure holds (space figures: while the peer answers)."""
+        return super().available and self.entity_description.available_fn(self.status)
 
     @property
     def native_value(self) -> StateType | datetime:

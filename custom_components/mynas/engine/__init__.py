@@ -196,7 +196,6 @@ _SOURCES = {
     "BackupSizeMismatch": "errors",
     "QuotaExceeded": "errors",
     "RestoreConflict": "errors",
-    "PeerDiskFull": "errors",
     "SourceMissing": "errors",
     "format_bytes": "units",
 }
