@@ -24,6 +24,8 @@ from custom_components.mynas.engine.host.space import HostedSpace
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner.run import PeerTarget
 
+from .netns_support import Namespaces, namespaces
+
 MIB = 1 << 20
 DEFAULT_QUOTA = 16 * MIB
 
@@ -31,6 +33,12 @@ DEFAULT_QUOTA = 16 * MIB
 @pytest.fixture(autouse=True)
 def _engine_sockets(socket_enabled: None) -> None:
     """Allow loopback sockets in every engine test."""
+
+
+@pytest.fixture
+def netns(monkeypatch: pytest.MonkeyPatch) -> Iterator[Namespaces]:
+    """Network namespaces for this test (root), removed at its end (``netns_support``)."""
+    yield from namespaces(monkeypatch)
 
 
 def _key_path(tmp_path: Path, name: str) -> Path:

@@ -16,7 +16,7 @@ closes (a cancelled push still writes the files already acknowledged to the inde
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable, Sequence
 import contextlib
 import copy
 from dataclasses import dataclass
@@ -116,6 +116,11 @@ class ThreadedNode:
         return self._node.peers
 
     @property
+    def own_addresses(self) -> tuple[str, ...]:
+        """Our addresses as announced (replaced as a whole by the engine, safe to read here)."""
+        return self._node.own_addresses
+
+    @property
     def index(self) -> Index:
         """The node's index (after ``start``); blocking, thread-safe: use it off any loop."""
         return self._node.index
@@ -127,6 +132,7 @@ class ThreadedNode:
         peers: Iterable[PeerConfig],
         *,
         on_event: EventHandler | None = None,
+        addresses: Sequence[str] = (),
     ) -> None:
         """Start the engine's thread and, on it, the node (index, hosted space, server).
 
@@ -137,7 +143,7 @@ class ThreadedNode:
         self._events = self.relay(on_event) if on_event is not None else None
         await loop.run_in_executor(None, self.engine.start)
         try:
-            await self.run(self._node.start(host, port, peers))
+            await self.run(self._node.start(host, port, peers, addresses=addresses))
         except BaseException:
             await loop.run_in_executor(None, self.engine.stop)
             raise
@@ -258,8 +264,17 @@ class ThreadedNode:
     list_backups = _awaited(Node.list_backups)
     get_backup = _awaited(Node.get_backup)
     delete_backup = _awaited(Node.delete_backup)
+    set_peers = _awaited(Node.set_peers)
+    set_addresses = _awaited(Node.set_addresses)
+    set_found_addresses = _awaited(Node.set_found_addresses)
+    refresh_addresses = _awaited(Node.refresh_addresses)
+    announce = _awaited(Node.announce)
+    check_reachability = _awaited(Node.check_reachability)
+    set_inbound = _awaited(Node.set_inbound)
+    kept_connections = _called(Node.kept_connections)
     hosted = _called(Node.hosted)
     snapshot = _called(Node.snapshot)
+    peer_addresses = _called(Node.peer_addresses)
 
     def _on_event(self, kind: str, details: dict[str, Any]) -> None:  # on the engine's thread
         if self._events is not None:

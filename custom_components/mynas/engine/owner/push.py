@@ -23,7 +23,7 @@ import time
 
 from ..errors import HostRefused, MyNasError, PeerUnreachable, QuotaExceeded, SourceMissing
 from ..identity import Identity
-from .client import PeerLink, connect_any
+from .client import PeerLink, open_link
 from .feed import Feeder
 from .index import Index, IndexEntry
 from .index_writer import IndexWriter
@@ -48,9 +48,7 @@ class _Connection:
         """Begin connecting, without waiting."""
         if self._task is None:
             target = self._target
-            self._task = asyncio.create_task(
-                connect_any(self._identity, target.addresses, target.public_key)
-            )
+            self._task = asyncio.create_task(open_link(self._identity, target))
 
     async def open(self) -> PeerLink:
         """Return the open link, connecting first if needed (``client.connect``'s errors)."""

@@ -19,7 +19,7 @@ from .. import tree
 from ..errors import HostRefused, PathRefused, RestoreConflict
 from ..identity import Identity
 from ..protocol import FailCode
-from .client import PeerLink, connect_any
+from .client import PeerLink, open_link
 from .run import (
     BATCH_BYTES,
     BATCH_FILES,
@@ -190,7 +190,7 @@ async def restore(
             raise PathRefused(f"the host sent {item_path!r}, outside what was asked")
         return item_path[len(prefix) :] if item_path != folder_name else b""
 
-    link = await connect_any(identity, target.addresses, target.public_key)
+    link = await open_link(identity, target)
     try:
         # Totals for progress, and the overwrite check before a single byte is written.
         files: list[bytes] = []

@@ -9,14 +9,17 @@ names and sub-paths live here too, since every run and the HA layer's input chec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 import enum
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceMissing
+
+if TYPE_CHECKING:
+    from .client import PeerLink
 
 # --- tuning: every run's numbers, in one place -------------------------------------------
 
@@ -47,11 +50,16 @@ class Phase(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class PeerTarget:
-    """A peer to replicate to: its stable id (the index key), addresses and pinned key."""
+    """A peer to replicate to: its stable id (the index key), addresses and pinned key.
+
+    ``dial``, when set, opens the link instead (``client.open_link``): a node's own way to
+    the peer, learned addresses and reverse channels included.
+    """
 
     id: str
     addresses: tuple[str, ...]
     public_key: str
+    dial: Callable[[], Awaitable[PeerLink]] | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)

@@ -18,7 +18,7 @@ from ..errors import HostRefused
 from ..identity import Identity
 from ..protocol import FailCode
 from . import scanner
-from .client import PeerLink, connect_any
+from .client import PeerLink, open_link
 from .handoff import Handoff
 from .index import Index, IndexEntry
 from .index_writer import IndexWriter
@@ -107,7 +107,7 @@ async def verify(
     prefix = folder_name + b"/"
     writer = IndexWriter(index, folder, target.id) if repair and index is not None else None
     try:
-        link = await connect_any(identity, target.addresses, target.public_key)
+        link = await open_link(identity, target)
         try:
             await _compare(
                 link,
