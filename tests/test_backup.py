@@ -40,7 +40,6 @@ from custom_components.mynas.const import (
     CONF_NAME,
     CONF_PUBLIC_KEY,
     CONF_QUOTA,
-    DATA_BACKUP_AGENT_LISTENERS,
     DOMAIN,
     SUBENTRY_PEER,
 )
@@ -52,6 +51,7 @@ from custom_components.mynas.engine import (
     PeerDiskFull,
     identity,
 )
+from custom_components.mynas.models import DATA_BACKUP_AGENT_LISTENERS
 
 from .conftest import ALICE_ENTRY_ID, BOB_ID, Bob, add_peer, setup_entry
 

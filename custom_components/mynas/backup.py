@@ -29,7 +29,7 @@ from homeassistant.components.backup.agent import BackupAgentUnreachableError
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant, callback
 
-from .const import DATA_BACKUP_AGENT_LISTENERS, DOMAIN, LOGGER
+from .const import DOMAIN, LOGGER
 from .coordinator import MyNasConfigEntry
 from .engine import (
     AuthRefused,
@@ -44,6 +44,7 @@ from .engine import (
     ThreadedNode,
     format_bytes,
 )
+from .models import DATA_BACKUP_AGENT_LISTENERS
 
 
 async def async_get_backup_agents(hass: HomeAssistant, **kwargs: Any) -> list[BackupAgent]:

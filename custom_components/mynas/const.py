@@ -1,19 +1,12 @@
 """Constants for the MyNAS integration."""
 
-from collections.abc import Callable
 from datetime import timedelta
 import logging
 from typing import Final
 
-from homeassistant.util.hass_dict import HassKey
-
 DOMAIN: Final = "mynas"
 LOGGER = logging.getLogger(__package__)
 
-# Who to tell when backup agents (one per peer of a loaded node) come or go (backup.py).
-DATA_BACKUP_AGENT_LISTENERS: HassKey[list[Callable[[], None]]] = HassKey(
-    f"{DOMAIN}.backup_agent_listeners"
-)
 
 # The node (config entry data).
 CONF_NODE_ID: Final = "node_id"

@@ -27,7 +27,6 @@ from .const import (
     CONF_NODE_NAME,
     CONF_PORT,
     CONF_STORAGE_ROOT,
-    DATA_BACKUP_AGENT_LISTENERS,
     DOMAIN,
     EVENT_UNKNOWN_KEY,
     LOGGER,
@@ -36,7 +35,7 @@ from .const import (
 from .coordinator import MyNasConfigEntry, MyNasRuntimeData, NodeCoordinator, SyncCoordinator
 from .engine import StorageRootError, ThreadedNode, load_or_create_identity, open_root
 from .entity import node_device, pair_unique_id_prefix, subentries
-from .models import Pair, folders_of, node_limits, peers_of
+from .models import DATA_BACKUP_AGENT_LISTENERS, Pair, folders_of, node_limits, peers_of
 from .orphans import async_check_orphans
 from .sync_manager import SyncManager
 

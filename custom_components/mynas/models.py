@@ -6,13 +6,14 @@ protects where, that state, and where its changes go.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 import enum
 from typing import TYPE_CHECKING, Any
 
 from homeassistant.config_entries import ConfigEntry, ConfigSubentry
+from homeassistant.util.hass_dict import HassKey
 
 from .const import (
     CONF_ADDRESSES,
@@ -31,6 +32,7 @@ from .const import (
     CONF_TIME,
     CONF_UPLOAD_LIMIT,
     DEFAULT_INTERVAL_HOURS,
+    DOMAIN,
     SCHEDULE_DAILY,
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
@@ -129,6 +131,13 @@ def pairs_of(folders: dict[str, FolderSetup], peers: dict[str, PeerConfig]) -> l
         for peer_id in setup.peers
         if peer_id in peers
     ]
+
+
+# Who to tell when backup agents (one per peer of a loaded node) come or go (backup.py).
+# Here, not in const: const is imported by the engine's command line, free of Home Assistant.
+DATA_BACKUP_AGENT_LISTENERS: HassKey[list[Callable[[], None]]] = HassKey(
+    f"{DOMAIN}.backup_agent_listeners"
+)
 
 
 class SyncKind(enum.StrEnum):
