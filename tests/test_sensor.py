@@ -216,6 +216,23 @@ async def test_peer_figures(hass: HomeAssistant, synced_node: MockConfigEntry) -
     assert float(_sensor(hass, "alice_space_hosted_for_peers")) < 0.001
 
 
+async def test_space_there_is_unavailable_while_the_peer_does_not_answer(
+    hass: HomeAssistant, synced_node: MockConfigEntry, bob: Bob
+) -> None:
+    """What Bob told us of his disk no longer holds once he does not answer."""
+    manager = synced_node.runtime_data.manager
+    assert _sensor(hass, "bob_quota_granted_to_us") == "1.0"
+    await bob.stop()
+    await manager.probe(BOB_ID)
+    await hass.async_block_till_done()
+    assert _sensor(hass, "bob_space_we_use_there") == STATE_UNAVAILABLE
+    assert _sensor(hass, "bob_quota_granted_to_us") == STATE_UNAVAILABLE
+    await bob.start()
+    await manager.probe(BOB_ID)
+    await hass.async_block_till_done()
+    assert _sensor(hass, "bob_quota_granted_to_us") == "1.0"
+
+
 @pytest.mark.usefixtures("enable_all_entities")
 async def test_progress_while_transferring(
     hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path

@@ -20,10 +20,16 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from homeassistant.helpers.typing import StateType
 from homeassistant.util import dt as dt_util
 
-from .const import SUBENTRY_FOLDER, SUBENTRY_PEER
 from .coordinator import MyNasConfigEntry, NodeCoordinator, NodeData, SyncCoordinator
-from .engine import JailUsage
-from .entity import NodeEntity, PairEntity, PeerHostedEntity, PeerStatusEntity
+from .engine import JailUsage, Reachability
+from .entity import (
+    NodeEntity,
+    PairEntity,
+    PeerHostedEntity,
+    PeerStatusEntity,
+    add_per_pair,
+    add_per_peer,
+)
 from .models import PairStatus, PeerStatus, SyncState
 
 # Coordinator-driven: no per-entity polling to throttle.
@@ -132,6 +138,12 @@ class PeerSensorDescription(SensorEntityDescription):
     """A figure about a peer's contact with us."""
 
     value_fn: Callable[[PeerStatus], StateType | datetime]
+    # Whether the figure holds now: what the peer told us stops holding once it does not answer.
+    available_fn: Callable[[PeerStatus], bool] = lambda status: True
+
+
+def _answers(status: PeerStatus) -> bool:
+    return status.reachability is Reachability.ONLINE
 
 
 PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
@@ -147,6 +159,7 @@ PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
             translation_key="used_there",
             state_class=SensorStateClass.MEASUREMENT,
             value_fn=lambda status: status.used_there,
+            available_fn=_answers,
         )
     ),
     _data_size(
@@ -155,6 +168,7 @@ PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
             translation_key="quota_there",
             entity_category=EntityCategory.DIAGNOSTIC,
             value_fn=lambda status: status.quota_there,
+            available_fn=_answers,
         )
     ),
 )
@@ -269,31 +283,19 @@ async def async_setup_entry(
     """Add the node's, every peer's and every pair's sensors."""
     runtime = entry.runtime_data
     async_add_entities(NodeSensor(runtime.node_data, desc) for desc in NODE_SENSORS)
-    peers = {
-        sub.subentry_id: sub
-        for sub in entry.subentries.values()
-        if sub.subentry_type == SUBENTRY_PEER
-    }
-    for peer in peers.values():
-        async_add_entities(
-            [
-                *(HostedSensor(runtime.node_data, peer, desc) for desc in HOSTED_SENSORS),
-                *(PeerSensor(runtime.syncs, peer, desc) for desc in PEER_SENSORS),
-            ],
-            config_subentry_id=peer.subentry_id,
-        )
-    for folder in entry.subentries.values():
-        if folder.subentry_type != SUBENTRY_FOLDER:
-            continue
-        async_add_entities(
-            [
-                PairSensor(runtime.syncs, folder, peers[peer_id], desc)
-                for (folder_id, peer_id) in runtime.manager.pairs
-                if folder_id == folder.subentry_id
-                for desc in PAIR_SENSORS
-            ],
-            config_subentry_id=folder.subentry_id,
-        )
+    add_per_peer(
+        entry,
+        async_add_entities,
+        lambda peer: [
+            *(HostedSensor(runtime.node_data, peer, desc) for desc in HOSTED_SENSORS),
+            *(PeerSensor(runtime.syncs, peer, desc) for desc in PEER_SENSORS),
+        ],
+    )
+    add_per_pair(
+        entry,
+        async_add_entities,
+        lambda folder, peer: [PairSensor(runtime.syncs, folder, peer, d) for d in PAIR_SENSORS],
+    )
 
 
 class NodeSensor(NodeEntity, SensorEntity):
@@ -352,6 +354,11 @@ class PeerSensor(PeerStatusEntity, SensorEntity):
         """Create the sensor for ``description``."""
         super().__init__(coordinator, peer, description.key)
         self.entity_description = description
+
+    @property
+    def available(self) -> bool:
+        """Available while the figure holds (space figures: while the peer answers)."""
+        return super().available and self.entity_description.available_fn(self.status)
 
     @property
     def native_value(self) -> StateType | datetime:

@@ -136,10 +136,10 @@ class SyncManager:
         The engine's side of a cancelled run unwinds on its own; the node's ``stop`` waits
         for it before it closes the index under it.
         """
-        self.scheduler.stop()
+        checking = self.scheduler.stop()
         self.context.updates.stop()
         self.context.store.stop()
-        running: list[asyncio.Task[Any]] = [*self.runs.stop(), *self.prober.stop()]
+        running: list[asyncio.Task[Any]] = [*self.runs.stop(), *self.prober.stop(), *checking]
         await asyncio.gather(*running, return_exceptions=True)
         await self.context.store.async_save()
 

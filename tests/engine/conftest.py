@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from typing import Any, Protocol, TypedDict, Unpack
 
+import asyncssh
 import pytest
 
 from custom_components.mynas.engine import identity
@@ -69,6 +70,20 @@ host_id = _identity_fixture("host", "The identity of the node under test (the ho
 alice_id = _identity_fixture("alice", "A peer's identity (a friend's node): \"alice\".")
 bob_id = _identity_fixture("bob", 'Another peer\'s identity: "bob".')
 mallory_id = _identity_fixture("mallory", "A key that no node has added.")
+
+
+@pytest.fixture
+def chosen_kex(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The key exchange each side of each connection in the test chose, in order."""
+    chosen: list[bytes] = []
+    real_get_kex = asyncssh.connection.get_kex
+
+    def spy(conn: Any, alg: bytes) -> Any:
+        chosen.append(alg)
+        return real_get_kex(conn, alg)
+
+    monkeypatch.setattr(asyncssh.connection, "get_kex", spy)
+    return chosen
 
 
 @pytest.fixture

@@ -20,14 +20,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .errors import (
         AuthRefused,
+        BackupMissing,
+        BackupSizeMismatch,
         HostKeyMismatch,
         HostRefused,
         InvalidInvite,
         KeyFileError,
         MyNasError,
+        PeerDiskFull,
         PeerUnreachable,
         QuotaExceeded,
         RestoreConflict,
+        SourceMissing,
     )
     from .host.paths import validate_peer_name
     from .host.quota import JailUsage
@@ -50,6 +54,7 @@ if TYPE_CHECKING:
     )
     from .loop_thread import EngineLoop
     from .node import FolderConfig, PeerConfig, ProbeResult, Reachability
+    from .owner.backup_area import StoredBackup
     from .owner.run import (
         Phase,
         Progress,
@@ -78,6 +83,8 @@ __all__ = [
     "MAX_ADDRESSES",
     "MAX_NODE_NAME_LENGTH",
     "AuthRefused",
+    "BackupMissing",
+    "BackupSizeMismatch",
     "DiskUsage",
     "EngineLoop",
     "FolderConfig",
@@ -90,6 +97,7 @@ __all__ = [
     "KeyFileError",
     "MyNasError",
     "PeerConfig",
+    "PeerDiskFull",
     "PeerUnreachable",
     "Phase",
     "ProbeResult",
@@ -99,7 +107,9 @@ __all__ = [
     "Reachability",
     "RestoreConflict",
     "RootProblem",
+    "SourceMissing",
     "StorageRootError",
+    "StoredBackup",
     "ThreadedNode",
     "VerifyResult",
     "canonical_key",
@@ -140,6 +150,8 @@ _SOURCES = {
     "PushResult": "owner.run",
     "VerifyResult": "owner.run",
     "JailUsage": "host.quota",
+    # Home Assistant's own backups kept at a peer (its backup area).
+    "StoredBackup": "owner.backup_area",
     # Names a form or a service call must check.
     "check_folder_name": "owner.run",
     "check_subpath": "owner.run",
@@ -179,8 +191,12 @@ _SOURCES = {
     "InvalidInvite": "errors",
     "KeyFileError": "errors",
     "PeerUnreachable": "errors",
+    "PeerDiskFull": "errors",
+    "BackupMissing": "errors",
+    "BackupSizeMismatch": "errors",
     "QuotaExceeded": "errors",
     "RestoreConflict": "errors",
+    "SourceMissing": "errors",
     "format_bytes": "units",
 }
 

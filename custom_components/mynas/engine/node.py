@@ -15,7 +15,7 @@ change (the typed ones, UPnP's, the host's global IPv6 ones, looked at every
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 import enum
 import functools
@@ -23,21 +23,37 @@ import logging
 import os
 from pathlib import Path
 import time
-from typing import TYPE_CHECKING, Any, Concatenate
+from typing import TYPE_CHECKING, Any, Concatenate, TypedDict, Unpack
 
 from .addresses import ADDRESSES_FILE, AddressBook, host_addresses, own_addresses
-from .errors import AuthRefused, HostKeyMismatch, HostRefused, MyNasError, PeerUnreachable
+from .errors import (
+    AuthRefused,
+    HostKeyMismatch,
+    HostRefused,
+    MyNasError,
+    PeerUnreachable,
+    SourceMissing,
+)
 from .host.limits import Limits
 from .host.quota import JailUsage
 from .host.server import EventCallback, NodeServer, PeerGrant
 from .host.space import HostedSpace
 from .identity import Identity
-from .owner import client
+from .owner import backup_area, client
+from .owner.backup_area import BytesCallback, OpenStream, StoredBackup
 from .owner.client import PeerLink
 from .owner.index import Index
 from .owner.push import push as push_folder
 from .owner.restore import restore as restore_folder
-from .owner.run import PeerTarget, ProgressCallback, PushResult, RestoreResult, VerifyResult
+from .owner.run import (
+    PeerTarget,
+    ProgressCallback,
+    PushResult,
+    RestoreResult,
+    VerifyResult,
+    check_source,
+)
+from .owner.throttle import Throttle
 from .owner.verify import verify as verify_folder
 from .reachability import UNREACHABLE_CAUSES, AddressCheck, Cause, Outcome, diagnose
 from .reverse import ReverseKeeper, Serve
@@ -115,6 +131,7 @@ class ProbeResult:
     at: float = field(default_factory=time.time)
     used_there: int | None = None
     quota_there: int | None = None
+    disk_free_there: int | None = None
     error: str | None = None
     presented_key: str | None = None
 
@@ -137,9 +154,36 @@ async def probe(identity: Identity, peer: PeerTarget) -> ProbeResult:
         return ProbeResult(Reachability.UNREACHABLE, error=str(err))
     finally:
         await link.close()
+    free = usage.get("disk_free")
     return ProbeResult(
-        Reachability.ONLINE, used_there=int(usage["used"]), quota_there=int(usage["quota"])
+        Reachability.ONLINE,
+        used_there=int(usage["used"]),
+        quota_there=int(usage["quota"]),
+        disk_free_there=int(free) if isinstance(free, int) else None,
     )
+
+
+class NodeOptions(TypedDict, total=False):
+    """How a node is set up beyond its key and its disk (``ThreadedNode`` passes them on)."""
+
+    # Days a replaced or deleted file of a friend's stays in the trash.
+    trash_days: int
+    # Bytes/s for the whole node, None for none: every push (and repair) shares the upload
+    # limit, every restore the download limit, whichever the peer.
+    upload_limit: int | None
+    download_limit: int | None
+    # The host's limits (None: the defaults).
+    limits: Limits | None
+    # Bounds each address tried when reaching a peer.
+    dial_timeout: float
+    # How often our own addresses are looked at.
+    refresh_every: float
+    # Whether this node can accept connections (AUTO: the reachability check says).
+    inbound: Inbound
+    # Map our port on the router with UPnP while the node runs (``upnp.PortMapper``, given
+    # ``upnp_options``: a router's description URL, a lease...).
+    upnp: bool
+    upnp_options: dict[str, Any] | None
 
 
 @dataclass(slots=True)
@@ -198,29 +242,20 @@ class Node:
         identity: Identity,
         storage_root: str | os.PathLike[str],
         *,
-        trash_days: int = 30,
         on_event: EventCallback | None = None,
-        limits: Limits | None = None,
-        dial_timeout: float = client.CONNECT_TIMEOUT,
-        refresh_every: float = REFRESH_EVERY,
-        inbound: Inbound = Inbound.AUTO,
-        upnp: bool = False,
-        upnp_options: dict[str, Any] | None = None,
+        **options: Unpack[NodeOptions],
     ) -> None:
-        """Prepare a node on ``storage_root`` (no I/O until ``start``).
-
-        ``dial_timeout`` bounds each address tried when reaching a peer; ``refresh_every``
-        is how often our own addresses are looked at. ``upnp`` maps our port on the router
-        (``upnp.PortMapper``, with ``upnp_options``) while the node runs.
-        """
+        """Prepare a node on ``storage_root`` (no I/O until ``start``)."""
         self.identity = identity
+        self.upload = Throttle(options.get("upload_limit"))
+        self.download = Throttle(options.get("download_limit"))
         self.storage_root = Path(storage_root)
         self.peers: dict[str, PeerConfig] = {}
-        self._trash_days = trash_days
+        self._trash_days = options.get("trash_days", 30)
         self._on_event = on_event
-        self._limits = limits
-        self._dial_timeout = dial_timeout
-        self._refresh_every = refresh_every
+        self._limits = options.get("limits")
+        self._dial_timeout = options.get("dial_timeout", client.CONNECT_TIMEOUT)
+        self._refresh_every = options.get("refresh_every", REFRESH_EVERY)
         self._server: NodeServer | None = None
         self._index: Index | None = None
         self._peer_locks: dict[str, asyncio.Lock] = {}
@@ -236,10 +271,10 @@ class Node:
         self._background: set[asyncio.Task[Any]] = set()
         self._refresher: asyncio.Task[None] | None = None
         self.reachability: ReachReport | None = None
-        self._inbound = inbound
+        self._inbound = options.get("inbound", Inbound.AUTO)
         self._keepers: dict[str, ReverseKeeper] = {}
-        self._upnp = upnp
-        self._upnp_options = dict(upnp_options or {})
+        self._upnp = options.get("upnp", False)
+        self._upnp_options = dict(options.get("upnp_options") or {})
         self.mapper: PortMapper | None = None
 
     @property
@@ -657,6 +692,7 @@ class Node:
             self.index,
             exclude=folder.exclude,
             bwlimit=folder.bwlimit,
+            node_limit=self.upload,
             retention_days=folder.retention_days,
             progress=progress,
         )
@@ -680,6 +716,7 @@ class Node:
             exclude=folder.exclude,
             repair=repair,
             progress=progress,
+            node_limit=self.upload,
         )
 
     async def restore(
@@ -702,7 +739,86 @@ class Node:
             path=path,
             overwrite=overwrite,
             progress=progress,
+            limit=self.download,
         )
+
+    # --- the host application's own backups, in the backup area at a peer ------------------
+
+    async def upload_backup(
+        self,
+        peer_id: str,
+        backup_id: str,
+        metadata: dict[str, Any],
+        size: int,
+        open_stream: OpenStream,
+        *,
+        progress: BytesCallback | None = None,
+    ) -> StoredBackup:
+        """Store an archive at a peer (``backup_area``), after any other transfer to it."""
+        return await self._with_peer(
+            peer_id,
+            None,
+            backup_area.upload,
+            backup_id,
+            metadata,
+            size,
+            open_stream,
+            progress=progress,
+        )
+
+    async def list_backups(self, peer_id: str) -> list[StoredBackup]:
+        """The archives kept at a peer (not queued behind a transfer: it reads a listing)."""
+        return await backup_area.listing(self.identity, self._target(self.peers[peer_id]))
+
+    async def get_backup(self, peer_id: str, backup_id: str) -> StoredBackup:
+        """One archive kept at a peer; BackupMissing if it is not there."""
+        return await backup_area.get(self.identity, self._target(self.peers[peer_id]), backup_id)
+
+    async def delete_backup(self, peer_id: str, backup_id: str) -> None:
+        """Move one archive kept at a peer into the peer's trash."""
+        await backup_area.delete(self.identity, self._target(self.peers[peer_id]), backup_id)
+
+    def download_backup(self, peer_id: str, backup_id: str) -> AsyncGenerator[bytes]:
+        """Yield the bytes of an archive kept at a peer (a download: not queued either).
+
+        Close the generator (``contextlib.aclosing``) when leaving it early.
+        """
+        return backup_area.download(self.identity, self._target(self.peers[peer_id]), backup_id)
+
+    async def check_folder(self, folder: FolderConfig) -> str | None:
+        """Say why ``folder`` cannot be backed up now, or None when it can.
+
+        Missing or unreadable; or empty while a peer holds files of it, as when the disk it
+        lives on is not mounted (a push would refuse it too). Cheap: a stat, the folder's
+        first entry, and the index only for an empty folder.
+        """
+        index = self.index
+
+        def check() -> str | None:
+            try:
+                path = check_source(folder.path)
+            except SourceMissing as err:
+                return str(err)
+            with os.scandir(path) as entries:
+                if next(entries, None) is not None:
+                    return None
+            held = [
+                index.stats(name, peer)[0] for name, peer in index.folders() if name == folder.name
+            ]
+            if any(held):
+                return str(
+                    SourceMissing(
+                        os.fsdecode(path),
+                        f"is empty while the peer holds {max(held)} file(s) of it "
+                        "(is the disk mounted?)",
+                    )
+                )
+            return None
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, check)
+        except OSError as err:  # vanished between the checks, or an I/O error
+            return str(SourceMissing(folder.path, f"cannot be read ({err.strerror or err})"))
 
     async def probe(self, peer_id: str) -> ProbeResult:
         """Test the connection to a peer."""

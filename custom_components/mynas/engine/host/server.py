@@ -145,6 +145,12 @@ class NodeServer:
         """Prepare the jails and listen; raises OSError if the port is taken."""
         await self._in_thread(self.space.clean_tmp)
         await self.set_peers(self._peers_to_apply)
+        if not ciphers.has_post_quantum():
+            _LOGGER.warning(
+                "This installation cannot do post-quantum key exchange (mlkem768x25519-sha256 "
+                "needs a cryptography package built with OpenSSL 3.5 or later): connections "
+                "use curve25519-sha256 only"
+            )
         self._listener = await asyncssh.create_server(
             lambda: _Connection(self),
             host,
@@ -158,7 +164,12 @@ class NodeServer:
             x11_forwarding=False,
             agent_forwarding=False,
             allow_scp=False,
+            # Modern algorithms only (ciphers.py): hybrid post-quantum key exchange first,
+            # Ed25519 host keys, AEAD ciphers.
+            kex_algs=ciphers.key_exchange(),
             encryption_algs=ciphers.preferred(),
+            mac_algs=ciphers.MAC_ALGS,
+            signature_algs=ciphers.HOST_KEY_ALGS,
             login_timeout=self.limits.login_timeout,
             keepalive_interval=60,
             keepalive_count_max=3,

@@ -5,8 +5,9 @@ alone and nothing of ``~/.ssh`` or an agent is consulted. A host presenting anot
 refused during the key exchange, before our key or a byte of data is sent, and the key it
 presented is kept for the repair flow that asks the user whether to trust it.
 
-The ciphers offered come from ``ciphers.preferred()``: AES-GCM first where the CPU has AES
-instructions, ChaCha20 first elsewhere, or ``MYNAS_CIPHERS`` when set.
+The algorithms offered come from ``ciphers``: hybrid post-quantum key exchange first, an
+Ed25519 host key, AEAD ciphers only (AES-GCM first where the CPU has AES instructions,
+ChaCha20 first elsewhere, or ``MYNAS_CIPHERS`` when set).
 
 A ``PeerLink`` has one method per request of the protocol. Its frames reach the channel
 through an ``Outbox`` (coalesced into whole SSH packets); a dispatcher task reads the
@@ -433,7 +434,11 @@ async def open_connection(
                 encoding=None,
                 keepalive_interval=30,
                 keepalive_count_max=4,
+                kex_algs=ciphers.key_exchange(),
                 encryption_algs=ciphers.preferred(),
+                mac_algs=ciphers.MAC_ALGS,
+                server_host_key_algs=ciphers.HOST_KEY_ALGS,
+                signature_algs=ciphers.HOST_KEY_ALGS,
             ),
             connect_timeout,
         )

@@ -34,6 +34,7 @@ from .run import (
     check_subpath,
     remote_path,
 )
+from .throttle import Throttle
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -162,6 +163,7 @@ async def restore(
     path: str | bytes = b"",
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
+    limit: Throttle | None = None,
 ) -> RestoreResult:
     """Copy a folder's replica (or ``path`` inside it) from the host into ``destination``.
 
@@ -169,7 +171,7 @@ async def restore(
     house-fire case). Paths keep their place relative to the folder, mtimes are restored.
     Existing files are never overwritten unless ``overwrite``: RestoreConflict is raised
     before anything is written. PathRefused if the host sends anything else than what was
-    asked.
+    asked. ``limit`` (the node's download limit) paces the bytes received.
     """
     started = time.monotonic()
     loop = asyncio.get_running_loop()
@@ -219,7 +221,7 @@ async def restore(
             if conflicts:
                 raise RestoreConflict(os.fsdecode(dest), os.fsdecode(conflicts[0]), len(conflicts))
         files.clear()
-        await _receive(link, remote_root, writer, relative, result, report)
+        await _receive(link, remote_root, writer, relative, result, report, limit)
     finally:
         await link.close()
     result.seconds = time.monotonic() - started
@@ -234,6 +236,7 @@ async def _receive(
     relative: Callable[[bytes], bytes],
     result: RestoreResult,
     report: Reporter,
+    limit: Throttle | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     state = report.state
@@ -295,6 +298,9 @@ async def _receive(
                         raise PathRefused("the host sent more data than announced")
                     received += len(chunk)
                     state.bytes_done += len(chunk)
+                    if limit is not None:
+                        # Not reading on holds the host back (SSH flow control).
+                        await limit.consume(len(chunk))
                     if large is not None:
                         await loop.run_in_executor(None, writer.write, large, chunk)
                     else:

@@ -198,6 +198,11 @@ class VerifyResult(RunResult):
 # --- names and paths -------------------------------------------------------------------------
 
 
+# Beside the replicas, our space at a peer holds the backup area (``backup_area.AREA``):
+# no folder may take its name (in any case: a friend's disk may ignore case).
+RESERVED_FOLDER = ".ha-backups"
+
+
 def check_folder_name(folder: str) -> bytes:
     """Return a folder name as the first path component of its replica, or raise ValueError."""
     raw = os.fsencode(folder)
@@ -210,6 +215,8 @@ def check_folder_name(folder: str) -> bytes:
         or len(raw) > 255
     ):
         raise ValueError(f"{folder!r} cannot name a folder: use a plain name without '/'")
+    if folder.casefold() == RESERVED_FOLDER:
+        raise ValueError(f"{folder!r} is reserved for Home Assistant's own backups")
     return raw
 
 
