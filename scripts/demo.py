@@ -777,6 +777,8 @@ async def ensure_node(state: NodeState) -> None:
                     "storage_root": str(node.disk),
                     "port": node.ssh_port,
                     "allow_same_disk": True,
+                    # The demo's nodes talk to each other only: no router is asked for a port.
+                    "upnp": False,
                 }
             },
         )
@@ -803,7 +805,8 @@ async def alert_at_once(state: NodeState) -> None:
     menu = await api.post(base, {"handler": state.entry_id})
     form = await api.post(f"{base}/{menu['flow_id']}", {"next_step_id": "settings"})
     done = await api.post(
-        f"{base}/{form['flow_id']}", {"overdue_hours": 36, "unreachable_hours": 0}
+        f"{base}/{form['flow_id']}",
+        {"overdue_hours": 36, "unreachable_hours": 0, "upnp": False, "inbound": "auto"},
     )
     if done["type"] != "create_entry":
         raise DemoError(f"{state.node.name}: setting the alerts failed: {done}")

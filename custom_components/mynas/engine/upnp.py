@@ -46,6 +46,9 @@ WAN_SERVICES = (
     "urn:schemas-upnp-org:service:WANIPConnection:1",
     "urn:schemas-upnp-org:service:WANPPPConnection:1",
 )
+# Where the search goes when no target is given: None, the SSDP multicast group of the LAN.
+# (Tests point it at 127.0.0.1, so that no search ever leaves the machine.)
+DEFAULT_SEARCH_TARGET: tuple[str, int] | None = None
 LEASE = 3600
 SEARCH_SECONDS = 3
 # After a failure (no router, refused), try again this often (seconds).
@@ -262,7 +265,7 @@ class PortMapper:
                     heard,
                     timeout=self._search_seconds,
                     search_target=search_target,
-                    target=self._search_target,
+                    target=self._search_target or DEFAULT_SEARCH_TARGET,
                 )
             if found:
                 break
