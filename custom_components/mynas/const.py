@@ -47,6 +47,10 @@ CONF_HOURS: Final = "hours"
 CONF_RETENTION_DAYS: Final = "retention_days"
 CONF_BWLIMIT: Final = "bwlimit_mbps"
 CONF_EXCLUDE: Final = "exclude"
+# Back up after changes (the folder watched), at most once per this many minutes.
+CONF_WATCH: Final = "watch"
+CONF_WATCH_MINUTES: Final = "watch_minutes"
+DEFAULT_WATCH_MINUTES: Final = 15
 
 SCHEDULE_DAILY: Final = "daily"
 SCHEDULE_INTERVAL: Final = "interval"

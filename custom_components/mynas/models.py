@@ -31,7 +31,10 @@ from .const import (
     CONF_SCHEDULE,
     CONF_TIME,
     CONF_UPLOAD_LIMIT,
+    CONF_WATCH,
+    CONF_WATCH_MINUTES,
     DEFAULT_INTERVAL_HOURS,
+    DEFAULT_WATCH_MINUTES,
     DOMAIN,
     SCHEDULE_DAILY,
     SUBENTRY_FOLDER,
@@ -71,6 +74,8 @@ class FolderSetup:
     config: FolderConfig
     peers: tuple[str, ...]
     schedule: Schedule
+    # Back up after changes, at most once per this interval (None: on the schedule only).
+    watch_interval: timedelta | None = None
 
 
 def _bytes_per_second(mbps: Any) -> int | None:
@@ -102,7 +107,12 @@ def folder_setup(subentry: ConfigSubentry) -> FolderSetup:
     else:
         hours = int(data.get(CONF_HOURS) or DEFAULT_INTERVAL_HOURS)
         schedule = Schedule("interval", every=timedelta(hours=hours))
-    return FolderSetup(config, tuple(data.get(CONF_PEERS) or ()), schedule)
+    watch = (
+        timedelta(minutes=int(data.get(CONF_WATCH_MINUTES) or DEFAULT_WATCH_MINUTES))
+        if data.get(CONF_WATCH)
+        else None
+    )
+    return FolderSetup(config, tuple(data.get(CONF_PEERS) or ()), schedule, watch)
 
 
 def peers_of(entry: ConfigEntry[Any]) -> dict[str, PeerConfig]:
