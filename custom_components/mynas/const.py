@@ -71,6 +71,8 @@ SCHEDULER_TICK: Final = timedelta(minutes=1)
 PEER_PROBE_INTERVAL: Final = timedelta(minutes=10)
 # A peer whose disk has less free space than this (whatever its quota says) is "full".
 PEER_DISK_FULL_BELOW: Final = 100_000_000
+# "Last seen" moves on by a minute at least (a peer that syncs connects many times a second).
+LAST_SEEN_RESOLUTION: Final = timedelta(minutes=1)
 # Retries after a failed sync: 5 min, 10, 20... at most 6 h apart.
 RETRY_FIRST: Final = timedelta(minutes=5)
 RETRY_MAX: Final = timedelta(hours=6)

@@ -232,6 +232,8 @@ class PeerStatus:
     def as_stored(self) -> dict[str, Any]:
         """What survives a restart."""
         return {
+            "reachability": self.reachability.value if self.reachability else None,
+            "error": self.error,
             "last_seen": _iso(self.last_seen),
             "down_since": _iso(self.down_since),
             "used_there": self.used_there,
@@ -240,8 +242,19 @@ class PeerStatus:
 
     @classmethod
     def from_stored(cls, data: dict[str, Any]) -> PeerStatus:
-        """Rebuild from what ``as_stored`` returned."""
+        """Rebuild from what ``as_stored`` returned.
+
+        The last test's outcome comes back too: after a restart (or a reload, at every
+        change of a peer or folder) the peer's entities show what was last known until the
+        next test, instead of going through "unknown".
+        """
+        try:
+            reachability: Reachability | None = Reachability(str(data.get("reachability")))
+        except ValueError:  # not stored (an older version) or not known here
+            reachability = None
         return cls(
+            reachability=reachability,
+            error=data.get("error"),
             last_seen=_parse(data.get("last_seen")),
             down_since=_parse(data.get("down_since")),
             used_there=data.get("used_there"),
