@@ -103,7 +103,11 @@ def test_manifest_order_and_keys() -> None:
     assert manifest["config_flow"] is True
     # Same pins as the core integrations that use these libraries, and as requirements.txt.
     pins = set((ROOT / "requirements.txt").read_text().split())
-    assert set(manifest["requirements"]) == {"asyncssh==2.24.0", "psutil==7.2.2"} <= pins
+    assert (
+        set(manifest["requirements"])
+        == {"async-upnp-client==0.48.2", "asyncssh==2.24.0", "psutil==7.2.2"}
+        <= pins
+    )
 
 
 def test_brand_icon_is_a_256_png() -> None:

@@ -23,7 +23,7 @@ import logging
 import os
 from pathlib import Path
 import time
-from typing import Any, Concatenate, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, Concatenate, TypedDict, Unpack
 
 from .addresses import ADDRESSES_FILE, AddressBook, host_addresses, own_addresses
 from .errors import (
@@ -57,6 +57,9 @@ from .owner.throttle import Throttle
 from .owner.verify import verify as verify_folder
 from .reachability import UNREACHABLE_CAUSES, AddressCheck, Cause, Outcome, diagnose
 from .reverse import ReverseKeeper, Serve
+
+if TYPE_CHECKING:
+    from .upnp import MapState, PortMapper
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -177,6 +180,10 @@ class NodeOptions(TypedDict, total=False):
     refresh_every: float
     # Whether this node can accept connections (AUTO: the reachability check says).
     inbound: Inbound
+    # Map our port on the router with UPnP while the node runs (``upnp.PortMapper``, given
+    # ``upnp_options``: a router's description URL, a lease...).
+    upnp: bool
+    upnp_options: dict[str, Any] | None
 
 
 @dataclass(slots=True)
@@ -266,6 +273,9 @@ class Node:
         self.reachability: ReachReport | None = None
         self._inbound = options.get("inbound", Inbound.AUTO)
         self._keepers: dict[str, ReverseKeeper] = {}
+        self._upnp = options.get("upnp", False)
+        self._upnp_options = dict(options.get("upnp_options") or {})
+        self.mapper: PortMapper | None = None
 
     @property
     def server(self) -> NodeServer:
@@ -328,9 +338,18 @@ class Node:
         self._own = self._typed_own
         self._refresher = asyncio.create_task(self._refresh_loop())
         await self._update_keepers()
+        if self._upnp:
+            # Imported here: aiohttp and the UPnP library only load where UPnP is used.
+            from .upnp import PortMapper  # noqa: PLC0415
+
+            self.mapper = PortMapper(server.port, on_change=self._mapped, **self._upnp_options)
+            self.mapper.start()
 
     async def stop(self) -> None:
         """Stop listening and close everything."""
+        if self.mapper is not None:
+            await self.mapper.stop()  # the router forgets the mapping now, not at its lease
+            self.mapper = None
         for keeper in list(self._keepers.values()):
             await keeper.stop()
         self._keepers.clear()
@@ -405,6 +424,16 @@ class Node:
             )
             self._keepers[peer_id] = keeper
             keeper.start()
+
+    def _mapped(self, state: MapState) -> None:
+        """The router's answer changed: announce its external address (when dialable)."""
+        self._emit("upnp", **state.as_dict())
+        public = state.public
+        self._spawn(self.set_found_addresses("upnp", [public] if public else []))
+
+    def upnp_state(self) -> dict[str, Any] | None:
+        """Where the UPnP port mapping stands (None when UPnP is off)."""
+        return self.mapper.state.as_dict() if self.mapper is not None else None
 
     def _serve_reverse(self, peer_id: str, address: str) -> Serve:
         return functools.partial(self.server.serve, self.peers[peer_id].jail, address)

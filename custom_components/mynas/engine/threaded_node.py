@@ -272,6 +272,7 @@ class ThreadedNode:
     check_reachability = _awaited(Node.check_reachability)
     set_inbound = _awaited(Node.set_inbound)
     kept_connections = _called(Node.kept_connections)
+    upnp_state = _called(Node.upnp_state)
     hosted = _called(Node.hosted)
     snapshot = _called(Node.snapshot)
     peer_addresses = _called(Node.peer_addresses)
