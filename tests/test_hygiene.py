@@ -105,7 +105,7 @@ def test_manifest_order_and_keys() -> None:
     pins = set((ROOT / "requirements.txt").read_text().split())
     assert (
         set(manifest["requirements"])
-        == {"async-upnp-client==0.48.2", "asyncssh==2.24.0", "psutil==7.2.2"}
+        == {"async-upnp-client==0.48.2", "asyncssh==2.24.0", "psutil==7.2.2", "watchdog==6.0.0"}
         <= pins
     )
 
