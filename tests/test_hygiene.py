@@ -13,6 +13,7 @@ import re
 import struct
 from typing import Any
 
+import homeassistant
 import pytest
 import yaml
 
@@ -105,7 +106,25 @@ def test_manifest_order_and_keys() -> None:
     assert manifest["config_flow"] is True
     # Same pins as the core integrations that use these libraries, and as requirements.txt.
     pins = set((ROOT / "requirements.txt").read_text().split())
-    assert set(manifest["requirements"]) == {"asyncssh==2.24.0", "psutil==7.2.2"} <= pins
+    assert (
+        set(manifest["requirements"])
+        == {
+            "asyncssh==2.24.0",
+            "psutil==7.2.2",
+            "watchdog==6.0.0",
+        }
+        <= pins
+    )
+    # Exactly what Home Assistant's own integrations pin (so installing MyNAS never fights).
+    core = Path(homeassistant.__file__).parent / "components"
+    for library, integration in (
+        ("asyncssh", "sftp_storage"),
+        ("psutil", "systemmonitor"),
+        ("watchdog", "folder_watcher"),
+    ):
+        theirs = json.loads((core / integration / "manifest.json").read_text())["requirements"]
+        ours = [pin for pin in manifest["requirements"] if pin.startswith(f"{library}==")]
+        assert ours == [pin for pin in theirs if pin.startswith(f"{library}==")], library
 
 
 def test_hacs_json_keys() -> None:
