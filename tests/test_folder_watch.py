@@ -23,7 +23,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry, async_
 
 from custom_components.mynas.const import EVENT_SYNC_FINISHED, SCHEDULER_TICK
 from custom_components.mynas.folder_watch import QUIET, _State, due
-from custom_components.mynas.models import folder_setup
+from custom_components.mynas.models import SyncKind, folder_setup
 
 from .conftest import NOW, PHOTOS_ID, Bob, add_folder, add_peer, make_tree, setup_entry
 
@@ -205,3 +205,22 @@ async def test_a_folder_that_cannot_be_watched_keeps_its_schedule(
     make_tree(photos, {"a.jpg": b"a"})
     await _advance(hass, freezer, SCHEDULER_TICK)
     assert PHOTOS_ID in watcher.watching
+
+
+async def test_a_change_during_a_run_gets_a_sync_of_its_own(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    watched: list[dict[str, Any]],
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    """The folder settled while a sync of it was under way: one more comes after it."""
+    manager = node_entry.runtime_data.manager
+    state = manager.watcher._states[PHOTOS_ID]
+    (pair,) = manager.pairs
+    manager.start(pair, SyncKind.SYNC)  # under way (its scan may be past the change)
+    manager._sync_changed(PHOTOS_ID)
+    assert state.first_change is not None
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert len(watched) == 2
+    await _advance(hass, freezer, INTERVAL + QUIET)
+    assert len(watched) == 3

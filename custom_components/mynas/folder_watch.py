@@ -220,6 +220,11 @@ class FolderWatcher:
         await self._hass.async_add_executor_job(unschedule)
 
     @callback
+    def again(self, folder_id: str) -> None:
+        """Sync the folder once more later (a run was already under way when it settled)."""
+        self._changed(folder_id)
+
+    @callback
     def _changed(self, folder_id: str) -> None:
         if self._stopped:
             return

@@ -205,9 +205,16 @@ class SyncManager:
         setup = self.folders.get(folder_id)
         if setup is None or not self.runs.storage_ok:
             return
+        busy = False
         for peer_id in setup.peers:
-            if peer_id in self.peers:
+            if peer_id not in self.peers:
+                continue
+            if self.runs.running((folder_id, peer_id)):
+                busy = True  # its scan may have passed the change already
+            else:
                 self.runs.start((folder_id, peer_id), SyncKind.SYNC)
+        if busy:
+            self.watcher.again(folder_id)
 
     async def _folder_checked(self, folder_id: str, present: bool) -> None:
         """Watch a folder while it is there; stop while it is not (its disk unplugged)."""
