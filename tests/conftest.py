@@ -51,6 +51,8 @@ from custom_components.mynas.const import (
     CONF_SCHEDULE,
     CONF_STORAGE_ROOT,
     CONF_TIME,
+    CONF_WATCH,
+    CONF_WATCH_MINUTES,
     DOMAIN,
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
@@ -296,11 +298,14 @@ def add_folder(
     hours: int = 6,
     bwlimit: float = 0,
     exclude: tuple[str, ...] = (),
+    watch_minutes: int | None = None,
 ) -> ConfigSubentry:
-    """Protect ``path`` on ``peers`` without the flow."""
+    """Protect ``path`` on ``peers`` without the flow (watched if ``watch_minutes``)."""
+    watch = {CONF_WATCH: True, CONF_WATCH_MINUTES: watch_minutes} if watch_minutes else {}
     subentry = ConfigSubentry(
         data=MappingProxyType(
             {
+                **watch,
                 CONF_NAME: name,
                 CONF_PATH: str(path),
                 CONF_PEERS: list(peers),

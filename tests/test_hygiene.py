@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 import struct
 
+import homeassistant
 import pytest
 import yaml
 
@@ -105,9 +106,25 @@ def test_manifest_order_and_keys() -> None:
     pins = set((ROOT / "requirements.txt").read_text().split())
     assert (
         set(manifest["requirements"])
-        == {"async-upnp-client==0.48.2", "asyncssh==2.24.0", "psutil==7.2.2"}
+        == {
+            "async-upnp-client==0.48.2",
+            "asyncssh==2.24.0",
+            "psutil==7.2.2",
+            "watchdog==6.0.0",
+        }
         <= pins
     )
+    # Exactly what Home Assistant's own integrations pin (so installing MyNAS never fights).
+    core = Path(homeassistant.__file__).parent / "components"
+    for library, integration in (
+        ("asyncssh", "sftp_storage"),
+        ("psutil", "systemmonitor"),
+        ("watchdog", "folder_watcher"),
+        ("async-upnp-client", "upnp"),
+    ):
+        theirs = json.loads((core / integration / "manifest.json").read_text())["requirements"]
+        ours = [pin for pin in manifest["requirements"] if pin.startswith(f"{library}==")]
+        assert ours == [pin for pin in theirs if pin.startswith(f"{library}==")], library
 
 
 def test_brand_icon_is_a_256_png() -> None:

@@ -51,10 +51,14 @@ class PeerConnected(PeerStatusEntity, BinarySensorEntity):
     entity_description = CONNECTED
 
     @property
-    def is_on(self) -> bool | None:
-        """Whether the last test reached the peer (None before the first test)."""
-        reachability = self.status.reachability
-        return None if reachability is None else reachability is Reachability.ONLINE
+    def available(self) -> bool:
+        """Unavailable only until the peer was first tested: there is nothing to say yet."""
+        return super().available and self.status.reachability is not None
+
+    @property
+    def is_on(self) -> bool:
+        """Whether the last test reached the peer."""
+        return self.status.reachability is Reachability.ONLINE
 
     @property
     def extra_state_attributes(self) -> dict[str, str | None]:

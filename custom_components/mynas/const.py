@@ -51,6 +51,10 @@ CONF_HOURS: Final = "hours"
 CONF_RETENTION_DAYS: Final = "retention_days"
 CONF_BWLIMIT: Final = "bwlimit_mbps"
 CONF_EXCLUDE: Final = "exclude"
+# Back up after changes (the folder watched), at most once per this many minutes.
+CONF_WATCH: Final = "watch"
+CONF_WATCH_MINUTES: Final = "watch_minutes"
+DEFAULT_WATCH_MINUTES: Final = 15
 
 SCHEDULE_DAILY: Final = "daily"
 SCHEDULE_INTERVAL: Final = "interval"
@@ -71,6 +75,8 @@ SCHEDULER_TICK: Final = timedelta(minutes=1)
 PEER_PROBE_INTERVAL: Final = timedelta(minutes=10)
 # A peer whose disk has less free space than this (whatever its quota says) is "full".
 PEER_DISK_FULL_BELOW: Final = 100_000_000
+# "Last seen" moves on by a minute at least (a peer that syncs connects many times a second).
+LAST_SEEN_RESOLUTION: Final = timedelta(minutes=1)
 # Retries after a failed sync: 5 min, 10, 20... at most 6 h apart.
 RETRY_FIRST: Final = timedelta(minutes=5)
 RETRY_MAX: Final = timedelta(hours=6)

@@ -31,7 +31,10 @@ from .const import (
     CONF_SCHEDULE,
     CONF_TIME,
     CONF_UPLOAD_LIMIT,
+    CONF_WATCH,
+    CONF_WATCH_MINUTES,
     DEFAULT_INTERVAL_HOURS,
+    DEFAULT_WATCH_MINUTES,
     DOMAIN,
     SCHEDULE_DAILY,
     SUBENTRY_FOLDER,
@@ -71,6 +74,8 @@ class FolderSetup:
     config: FolderConfig
     peers: tuple[str, ...]
     schedule: Schedule
+    # Back up after changes, at most once per this interval (None: on the schedule only).
+    watch_interval: timedelta | None = None
 
 
 def _bytes_per_second(mbps: Any) -> int | None:
@@ -102,7 +107,12 @@ def folder_setup(subentry: ConfigSubentry) -> FolderSetup:
     else:
         hours = int(data.get(CONF_HOURS) or DEFAULT_INTERVAL_HOURS)
         schedule = Schedule("interval", every=timedelta(hours=hours))
-    return FolderSetup(config, tuple(data.get(CONF_PEERS) or ()), schedule)
+    watch = (
+        timedelta(minutes=int(data.get(CONF_WATCH_MINUTES) or DEFAULT_WATCH_MINUTES))
+        if data.get(CONF_WATCH)
+        else None
+    )
+    return FolderSetup(config, tuple(data.get(CONF_PEERS) or ()), schedule, watch)
 
 
 def peers_of(entry: ConfigEntry[Any]) -> dict[str, PeerConfig]:
@@ -222,6 +232,8 @@ class PeerStatus:
     def as_stored(self) -> dict[str, Any]:
         """What survives a restart."""
         return {
+            "reachability": self.reachability.value if self.reachability else None,
+            "error": self.error,
             "last_seen": _iso(self.last_seen),
             "down_since": _iso(self.down_since),
             "used_there": self.used_there,
@@ -230,8 +242,19 @@ class PeerStatus:
 
     @classmethod
     def from_stored(cls, data: dict[str, Any]) -> PeerStatus:
-        """Rebuild from what ``as_stored`` returned."""
+        """Rebuild from what ``as_stored`` returned.
+
+        The last test's outcome comes back too: after a restart (or a reload, at every
+        change of a peer or folder) the peer's entities show what was last known until the
+        next test, instead of going through "unknown".
+        """
+        try:
+            reachability: Reachability | None = Reachability(str(data.get("reachability")))
+        except ValueError:  # not stored (an older version) or not known here
+            reachability = None
         return cls(
+            reachability=reachability,
+            error=data.get("error"),
             last_seen=_parse(data.get("last_seen")),
             down_since=_parse(data.get("down_since")),
             used_there=data.get("used_there"),

@@ -19,7 +19,7 @@ from homeassistant.helpers.event import async_track_time_interval
 from homeassistant.util import dt as dt_util
 
 from . import issues
-from .const import PEER_DISK_FULL_BELOW, PEER_PROBE_INTERVAL
+from .const import LAST_SEEN_RESOLUTION, PEER_DISK_FULL_BELOW, PEER_PROBE_INTERVAL
 from .engine import (
     AuthRefused,
     HostKeyMismatch,
@@ -32,6 +32,15 @@ from .engine import (
 from .models import PeerStatus, SyncContext
 
 _LOGGER = logging.getLogger(__name__)
+
+
+def _newer(last_seen: datetime | None, when: datetime) -> bool:
+    """Whether ``when`` says more than ``last_seen``: by a minute at least.
+
+    A peer that syncs connects many times a second; "last seen" is read in minutes, and
+    each new value is a state change (and a line in the activity log).
+    """
+    return last_seen is None or when - last_seen >= LAST_SEEN_RESOLUTION
 
 
 class PeerProber:
@@ -93,7 +102,7 @@ class PeerProber:
         if self._stopped:
             return
         status = self._statuses.setdefault(peer_id, PeerStatus())
-        if status.last_seen is None or when > status.last_seen:
+        if _newer(status.last_seen, when):
             status.last_seen = when
             self._context.store.save()
             self._context.updates.changed()
@@ -101,7 +110,7 @@ class PeerProber:
     def seen(self, peer_id: str, when: datetime) -> None:
         """The peer answered (a run or a test went through): it is online."""
         status = self._statuses.setdefault(peer_id, PeerStatus())
-        if status.last_seen is None or when > status.last_seen:
+        if _newer(status.last_seen, when):
             status.last_seen = when
         status.reachability = Reachability.ONLINE
         status.down_since = None

@@ -9,7 +9,7 @@ user can act on. Never two runs of one pair at once: a verify waits for a runnin
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 import logging
 from typing import Any
@@ -73,6 +73,8 @@ class Runs:
         # after the run's end, and must not bring a finished run back to life.
         self._active: set[Pair] = set()
         self._stopping = False
+        # Told each folder check's outcome (folder id, whether it is there): the watcher.
+        self.on_folder_checked: Callable[[str, bool], Awaitable[None]] | None = None
 
     @callback
     def stop(self) -> list[asyncio.Task[dict[str, Any]]]:
@@ -347,3 +349,5 @@ class Runs:
             reason = await self._node.check_folder(setup.config)
             if folder_id in self._context.folders:
                 self.folder_missing(folder_id, reason)
+                if self.on_folder_checked is not None:
+                    await self.on_folder_checked(folder_id, reason is None)

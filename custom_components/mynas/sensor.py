@@ -178,10 +178,39 @@ PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
 )
 
 
+def _complete(status: PairStatus) -> bool:
+    """At rest after a sync that sent everything: the copy there is the folder as it was."""
+    return (
+        status.progress is None
+        and status.state is SyncState.IDLE
+        and status.last_success is not None
+        and not status.last_error
+    )
+
+
+RUNNING = (SyncState.SCANNING, SyncState.TRANSFERRING, SyncState.VERIFYING)
+
+
+def _running_or_complete(status: PairStatus) -> bool:
+    """What a run's figures can speak of: a run under way, or a complete copy.
+
+    After a failure, or before the first sync, there is no run and no complete copy: the
+    figures have nothing to say and the entities are unavailable (the state and the last
+    error say what is wrong), rather than "unknown".
+    """
+    return status.state in RUNNING or _complete(status)
+
+
+def _progress(status: PairStatus) -> float | None:
+    if status.progress is not None:
+        return status.progress.percent  # None while the scan counts what there is
+    return None if status.state in RUNNING else 100.0  # a run starting, or a complete copy
+
+
 def _left(status: PairStatus, files: bool) -> int | None:
     progress = status.progress
     if progress is None:
-        return 0 if status.state is SyncState.IDLE else None
+        return None if status.state in RUNNING else 0  # a run starting, or a complete copy
     if files:
         return max(0, progress.files_total - progress.files_done)
     return max(0, progress.bytes_total - progress.bytes_done)
@@ -198,6 +227,7 @@ class PairSensorDescription(SensorEntityDescription):
     """A figure about one folder × peer pair."""
 
     value_fn: Callable[[PairStatus], StateType | datetime]
+    available_fn: Callable[[PairStatus], bool] = lambda status: True
 
 
 PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
@@ -228,13 +258,17 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
         translation_key="progress",
         native_unit_of_measurement=PERCENTAGE,
         suggested_display_precision=0,
-        value_fn=lambda status: status.progress.percent if status.progress is not None else None,
+        value_fn=_progress,
+        available_fn=_running_or_complete,
     ),
     PairSensorDescription(
         key="files_left",
         translation_key="files_left",
+        # A measurement: it changes every second of a run, the logbook leaves it out.
+        state_class=SensorStateClass.MEASUREMENT,
         entity_registry_enabled_default=False,
         value_fn=lambda status: _left(status, files=True),
+        available_fn=_running_or_complete,
     ),
     _data_size(
         PairSensorDescription(
@@ -242,6 +276,7 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
             translation_key="bytes_left",
             entity_registry_enabled_default=False,
             value_fn=lambda status: _left(status, files=False),
+            available_fn=_running_or_complete,
         )
     ),
     PairSensorDescription(
@@ -274,7 +309,9 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
         key="last_error",
         translation_key="last_error",
         entity_category=EntityCategory.DIAGNOSTIC,
-        value_fn=lambda status: (status.last_error or "")[:255] or None,
+        value_fn=lambda status: (status.last_error or "")[:255],
+        # No error to tell: nothing to say (rather than "unknown").
+        available_fn=lambda status: bool(status.last_error),
     ),
 )
 
@@ -387,6 +424,11 @@ class PairSensor(PairEntity, SensorEntity):
         """Create the sensor for ``description``."""
         super().__init__(coordinator, folder, peer, description.key)
         self.entity_description = description
+
+    @property
+    def available(self) -> bool:
+        """Available while the figure has something to say."""
+        return super().available and self.entity_description.available_fn(self.status)
 
     @property
     def native_value(self) -> StateType | datetime:

@@ -160,10 +160,12 @@ async def test_a_node_learns_what_its_friend_announces_and_keeps_it(
     assert alice.node.own_addresses == ("alice.example:8022",)
     result = await alice.node.push(alice.folder, "bob")  # announces on the way
     assert result.files_sent == 1
+    # Bob stores what he hears on his own loop: under load, a moment after the push ends.
+    stored = ("peer_addresses", {"peer_id": "alice"})
+    await wait_for(lambda: stored in bob.events, "Bob storing Alice's announcement")
     view = await bob.node.peer_addresses("alice")
     assert [seen["address"] for seen in view["learned"]] == ["alice.example:8022"]
     assert view["hint"]["address"] == "127.0.0.1"
-    assert ("peer_addresses", {"peer_id": "alice"}) in bob.events
     # Nothing new: the next link does not announce again.
     assert await alice.node.announce() == {}
     # A new address: every peer hears it at once.

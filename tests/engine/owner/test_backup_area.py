@@ -22,7 +22,10 @@ from custom_components.mynas.engine import protocol
 from custom_components.mynas.engine.errors import (
     BackupMissing,
     BackupSizeMismatch,
+    HostRefused,
+    PathRefused,
     PeerUnreachable,
+    ProtocolError,
     QuotaExceeded,
 )
 from custom_components.mynas.engine.host.quota import charge
@@ -35,10 +38,13 @@ from custom_components.mynas.engine.owner.backup_area import (
     StoredBackup,
     check_backup_id,
 )
-from custom_components.mynas.engine.owner.client import connect
+from custom_components.mynas.engine.owner.client import PeerLink, connect
 from custom_components.mynas.engine.owner.run import PeerTarget, check_folder_name
+from custom_components.mynas.engine.protocol import FailCode, Frame
+from custom_components.mynas.engine.tree import Entry, Kind
 
 from ..conftest import MIB, ServerFactory, address, peer_target
+from .test_replication_link import FakeChannel
 
 META = {"backup_id": "abc123", "name": "Automatic backup", "size": 0, "protected": True}
 
@@ -86,8 +92,9 @@ async def _area_at(server: NodeServer, who: Identity) -> AsyncIterator[BackupAre
 
 
 async def test_an_archive_travels_and_comes_back_byte_identical(
-    server: NodeServer, alice_id: Identity, storage_dir: Path
+    server: NodeServer, alice_id: Identity, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(backup_area, "PROGRESS_INTERVAL", 0)  # every chunk reports
     data = random.Random(1).randbytes(3 * MIB + 12345)
     reports: list[int] = []
     # Chunks that straddle the protocol's pieces: tiny, odd and larger than one piece.
@@ -100,6 +107,7 @@ async def test_an_archive_travels_and_comes_back_byte_identical(
         assert record == {"format": 1, "backup_id": "abc123", "size": len(data), "metadata": META}
         assert reports[-1] == len(data)
         assert reports == sorted(reports)
+        assert len(set(reports)) > 5  # on the way, not only at the end
         assert await area.list() == [stored]
         assert await area.get("abc123") == stored
         chunks = [chunk async for chunk in area.read("abc123")]
@@ -317,3 +325,153 @@ def test_backup_ids_home_assistant_makes() -> None:
 def test_no_folder_may_take_the_area_s_name(name: str) -> None:
     with pytest.raises(ValueError, match="reserved"):
         check_folder_name(name)
+
+
+# --- a host that does not keep to the protocol (scripted frames) ---------------------------
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[BackupArea, FakeChannel]]:
+    """A backup area over a scripted channel: the test plays the host, request ids 1, 2..."""
+    chan = FakeChannel()
+    chan.feed(protocol.welcome({"protocol": 1}))
+    link = PeerLink(chan, chan, chan, "peer:8022")  # type: ignore[arg-type]
+    await link._start()
+    yield BackupArea(link), chan
+    await link.close()
+
+
+def _file(req: int, path: bytes, size: int) -> bytes:
+    return protocol.entry(req, Entry(path, Kind.FILE, size, 1, 0o644))
+
+
+TAR = b".ha-backups/x.tar"
+
+
+async def _read(area: BackupArea) -> bytes:
+    return b"".join([chunk async for chunk in area.read("x")])
+
+
+@pytest.mark.parametrize(
+    ("frames", "message"),
+    [
+        ([_file(1, b"elsewhere", 3)], "not"),
+        ([_file(1, TAR, 3), _file(1, TAR, 3)], "not"),
+        ([_file(1, TAR, 3), protocol.data(1, b"12345")], "more of the backup"),
+        ([_file(1, TAR, 5), protocol.data(1, b"123"), protocol.done(1)], "less of the backup"),
+    ],
+)
+async def test_a_host_that_sends_something_else_is_not_believed(
+    scripted: tuple[BackupArea, FakeChannel], frames: list[bytes], message: str
+) -> None:
+    area, chan = scripted
+    chan.feed(*frames)
+    with pytest.raises(PathRefused, match=message):
+        await _read(area)
+
+
+async def test_a_host_that_sends_no_entry_holds_no_backup(
+    scripted: tuple[BackupArea, FakeChannel],
+) -> None:
+    area, chan = scripted
+    chan.feed(protocol.done(1))
+    with pytest.raises(BackupMissing):
+        await _read(area)
+
+
+async def test_other_refusals_are_passed_on(scripted: tuple[BackupArea, FakeChannel]) -> None:
+    area, chan = scripted
+    chan.feed(protocol.fail(1, FailCode.IO, "disk error"))
+    with pytest.raises(HostRefused, match="disk error"):
+        await _read(area)
+    chan.feed(protocol.fail(2, FailCode.IO, "cannot list"))
+    with pytest.raises(HostRefused, match="cannot list"):
+        await area.list()
+    chan.feed(protocol.fail(3, FailCode.PATH, "refused"))
+    with pytest.raises(HostRefused, match="refused"):
+        await area.delete("x")
+
+
+async def _asked(chan: FakeChannel, count: int) -> None:
+    """Wait until the client has sent ``count`` requests (HELLO not counted)."""
+    for _ in range(400):
+        if len(chan.requests()) - 1 >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"the client sent {len(chan.requests()) - 1} requests, not {count}")
+
+
+def _listing(req: int) -> list[bytes]:
+    return [_file(req, TAR, 3), _file(req, b".ha-backups/x.json", 10), protocol.done(req)]
+
+
+async def test_metadata_the_host_inflates_or_loses(
+    scripted: tuple[BackupArea, FakeChannel],
+) -> None:
+    area, chan = scripted
+    listing = asyncio.ensure_future(area.list())
+    await _asked(chan, 1)
+    chan.feed(*_listing(1))
+    await _asked(chan, 2)
+    chan.feed(_file(2, b".ha-backups/x.json", 10))
+    chan.feed(protocol.data(2, b" " * (backup_area.MAX_METADATA + 1)))
+    with pytest.raises(PathRefused, match="too large"):
+        await listing
+    # Deleted between the listing and the read: not listed.
+    listing = asyncio.ensure_future(area.list())
+    await _asked(chan, 3)
+    chan.feed(*_listing(3))
+    await _asked(chan, 4)
+    chan.feed(protocol.fail(4, FailCode.MISSING, "gone"))
+    assert await listing == []
+    # Unreadable: said so.
+    listing = asyncio.ensure_future(area.list())
+    await _asked(chan, 5)
+    chan.feed(*_listing(5))
+    await _asked(chan, 6)
+    chan.feed(protocol.fail(6, FailCode.IO, "unreadable"))
+    with pytest.raises(HostRefused, match="unreadable"):
+        await listing
+
+
+async def test_a_host_that_offers_to_resume_a_fresh_upload(
+    scripted: tuple[BackupArea, FakeChannel],
+) -> None:
+    area, chan = scripted
+    upload = asyncio.ensure_future(area.upload("x", {}, 1000, _stream(b"x" * 1000)))
+    await _asked(chan, 1)
+    chan.feed(protocol.offset(1, 100))
+    await _asked(chan, 2)  # CLOSE (discard) of the same request
+    chan.feed(protocol.ok(1))
+    with pytest.raises(ProtocolError, match="resume"):
+        await upload
+    assert [kind for kind, _ in chan.requests()][-2:] == [Frame.OPEN, Frame.CLOSE]
+
+
+async def test_an_answer_after_the_wait_was_given_up(
+    scripted: tuple[BackupArea, FakeChannel],
+) -> None:
+    area, chan = scripted
+    waiting = asyncio.ensure_future(area.delete("x"))
+    await _asked(chan, 1)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    chan.feed(protocol.ok(1))  # heard by a callback whose waiter left: nothing breaks
+    deleting = asyncio.ensure_future(area.delete("y"))
+    await _asked(chan, 2)
+    chan.feed(protocol.fail(2, FailCode.MISSING, "none"))
+    await _asked(chan, 3)
+    chan.feed(protocol.fail(3, FailCode.MISSING, "none"))
+    with pytest.raises(BackupMissing):
+        await deleting
+
+
+async def test_sizes_and_metadata_that_cannot_be_stored(
+    server: NodeServer, alice_id: Identity
+) -> None:
+    async with _area_at(server, alice_id) as area:
+        with pytest.raises(ValueError, match="cannot have"):
+            await area.upload("x", {}, -1, _stream(b""))
+        with pytest.raises(ValueError, match="metadata"):
+            await area.upload("x", {"pad": "x" * backup_area.MAX_METADATA}, 1, _stream(b"x"))
