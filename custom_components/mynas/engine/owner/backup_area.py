@@ -10,7 +10,7 @@ beside them, the folder ``.ha-backups`` — a name no protected folder may take
   ``AgentBackup.as_dict()``). It is written after the archive is durable, so an archive is
   listed only once it is complete.
 
-Sealed, as encrypted replicas are (docs/architecture.md, invariant 9): every name through
+Sealed (the design's invariant 9: the host learns no name, no content): every name through
 ``names.NameCipher`` (the area's own name too, so the host cannot tell it from a folder),
 every file through ``sealed.Sealer`` bound to its plain jail path
 (``.ha-backups/<backup_id>.tar``), with the node's data keys (``keys.DataKeys``: from the key
