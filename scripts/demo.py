@@ -25,10 +25,10 @@ Then, by mode:
   replica, that both "last backup" sensors are set, that each node sees its peer connected,
   that every entity the dashboard names exists and that Home Assistant loads the blueprints;
   that Alice backs Home Assistant itself up to Bob through HA's backup API (the backup is
-  listed on Alice, its archive is on Bob's disk in Alice's space, and downloading it through
-  HA gives the same bytes as Alice's own copy); then stops Bob and checks that Alice's next
-  sync fails and raises the "unreachable" repair issue; prints a summary, stops, and exits 0
-  (all good) or 1 (CI runs it);
+  listed on Alice, its archive is on Bob's disk in Alice's space, sealed: opened with
+  Alice's key it equals her own copy, and downloading it through HA gives those bytes too);
+  then stops Bob and checks that Alice's next sync fails and raises the "unreachable" repair
+  issue; prints a summary, stops, and exits 0 (all good) or 1 (CI runs it);
 - ``--exec CMD ...``: runs CMD with the demo's URLs and login in its environment
   (MYNAS_DEMO_*), then stops and exits with CMD's status (``scripts/screenshots`` uses it).
 
@@ -72,7 +72,13 @@ import yaml
 REPO_ROOT = hb.REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT))
 
-from custom_components.mynas.engine import invite as invite_codec  # noqa: E402
+from custom_components.mynas.engine import (  # noqa: E402
+    identity as identity_codec,
+    invite as invite_codec,
+)
+from custom_components.mynas.engine.owner import sealed  # noqa: E402
+from custom_components.mynas.engine.owner.backup_area import SealedArea  # noqa: E402
+from custom_components.mynas.engine.owner.keys import DataKeys  # noqa: E402
 
 DEFAULT_DIR = REPO_ROOT / "demo"
 DEMO_USER = "demo"
@@ -1132,16 +1138,30 @@ async def check_ha_backup(states: tuple[NodeState, NodeState], checks: Checks) -
         else [f"listed as {backup}"],
     )
     jail = read_jail(other.node.config, other.entry_id, state.node.name) or state.node.name
-    on_bob = other.node.disk / jail / ".ha-backups" / f"{backup_id}.tar"
-    stored = on_bob.read_bytes() if on_bob.is_file() else b""
     local = [p for p in (state.node.config / "backups").glob("*.tar") if _tar_slug(p) == backup_id]
     uploaded = local[0].read_bytes() if local else b""
+    # Sealed on Bob's disk: found and opened with Alice's own key, as only she can.
+    [key_file] = (state.node.config / "mynas").glob("*.key")
+    keys = DataKeys.of(identity_codec.load(key_file))
+    area = SealedArea(keys)
+    name = f"{backup_id}.tar".encode()
+    on_bob = other.node.disk / jail / os.fsdecode(area.stored(name))
+    stored = on_bob.read_bytes() if on_bob.is_file() else b""
+    try:
+        opened = sealed.open_sealed(keys.contents, area.jail_path(name), stored)[1]
+    except sealed.SealedFileError as err:
+        opened = b""
+        say(f"{other.node.name}'s copy does not open: {err}")
+    plain_names = [p for p in (other.node.disk / jail).rglob("*") if backup_id in p.name]
     checks.record(
-        f"{state.node.name}: its {len(stored) / 1e6:.1f} MB are on {other.node.name}'s disk"
-        f" in {on_bob.relative_to(other.node.disk)}",
+        f"{state.node.name}: its {len(uploaded) / 1e6:.1f} MB are on {other.node.name}'s disk"
+        f" in {state.node.name}'s space, sealed ({on_bob.relative_to(other.node.disk)})",
         []
-        if stored and stored == uploaded
-        else [f"{on_bob}: {len(stored)} bytes, Alice's own copy {len(uploaded)} bytes"],
+        if uploaded and opened == uploaded and stored != uploaded and not plain_names
+        else [
+            f"{on_bob}: {len(stored)} bytes ({len(opened)} once opened), Alice's own copy"
+            f" {len(uploaded)} bytes; its id in names there: {plain_names}"
+        ],
     )
     url = f"{state.node.url}/api/backup/download/{backup_id}?agent_id={agent_id}"
     async with api.session.get(url, headers=api.headers) as response:
@@ -1155,7 +1175,7 @@ async def check_ha_backup(states: tuple[NodeState, NodeState], checks: Checks) -
     )
     say(
         f"{state.node.name}: Home Assistant backup {backup_id} kept at {other.node.name}"
-        f" ({len(stored) / 1e6:.1f} MB)"
+        f" ({len(uploaded) / 1e6:.1f} MB, sealed there)"
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 import json
+import os
 from pathlib import Path
 import random
 from types import MappingProxyType
@@ -37,6 +38,7 @@ from custom_components.mynas.backup import MyNasBackupAgent
 from custom_components.mynas.const import (
     CONF_ADDRESSES,
     CONF_JAIL,
+    CONF_KEY_FILE,
     CONF_NAME,
     CONF_PUBLIC_KEY,
     CONF_QUOTA,
@@ -49,8 +51,12 @@ from custom_components.mynas.engine import (
     MyNasError,
     PeerConfig,
     PeerDiskFull,
+    SealedFileError,
     identity,
 )
+from custom_components.mynas.engine.owner import sealed
+from custom_components.mynas.engine.owner.backup_area import SealedArea
+from custom_components.mynas.engine.owner.keys import DataKeys
 from custom_components.mynas.models import DATA_BACKUP_AGENT_LISTENERS
 
 from .conftest import ALICE_ENTRY_ID, BOB_ID, Bob, add_peer, setup_entry
@@ -99,9 +105,31 @@ class _Progress:
         self.seen.append(bytes_uploaded)
 
 
-def _area(bob: Bob) -> Path:
-    """Alice's backup area on Bob's disk."""
-    return bob.storage / "alice" / ".ha-backups"
+class _AtBob:
+    """Alice's backup area as it is on Bob's disk (sealed), read with Alice's own key."""
+
+    def __init__(self, hass: HomeAssistant, bob: Bob) -> None:
+        entry = hass.config_entries.async_entries(DOMAIN)[0]
+        keys = DataKeys.of(identity.load(entry.data[CONF_KEY_FILE]))
+        self.contents = keys.contents
+        self.area = SealedArea(keys)
+        self.jail = bob.storage / "alice"
+        self.trash = bob.storage / ".mynas" / "trash" / "alice"
+
+    def path(self, name: str) -> Path:
+        return self.jail / os.fsdecode(self.area.stored(name.encode()))
+
+    def open(self, name: str, data: bytes | None = None) -> bytes:
+        stored = self.path(name).read_bytes() if data is None else data
+        return sealed.open_sealed(self.contents, self.area.jail_path(name.encode()), stored)[1]
+
+    def write(self, name: str, plain: bytes) -> None:
+        sealer = self.area.sealer(name.encode(), len(plain))
+        self.path(name).write_bytes(sealer.head + sealer.update(plain))
+
+    def trashed(self, name: str) -> list[bytes]:
+        stored = os.fsdecode(self.area.stored(name.encode()))
+        return [self.open(name, path.read_bytes()) for path in self.trash.glob(f"*/{stored}")]
 
 
 def _agent(hass: HomeAssistant, agent_id: str = AGENT_ID) -> BackupAgent:
@@ -181,8 +209,10 @@ async def test_upload_list_download_delete(
     data = random.Random(13).randbytes(5 * (1 << 20) + 777)
     progress = await _upload(hass, data)
     # The bytes are on Bob's disk, inside Alice's space there, with HA's metadata beside.
-    assert (_area(bob) / "abc123.tar").read_bytes() == data
-    record = json.loads((_area(bob) / "abc123.json").read_bytes())
+    at_bob = _AtBob(hass, bob)
+    assert at_bob.path("abc123.tar").read_bytes() != data  # sealed there
+    assert at_bob.open("abc123.tar") == data
+    record = json.loads(at_bob.open("abc123.json"))
     assert record["metadata"] == _backup("abc123", len(data)).as_dict()
     assert progress.seen[-1] == len(data)
     assert progress.seen == sorted(progress.seen)
@@ -206,9 +236,8 @@ async def test_upload_list_download_delete(
     reply = await client.receive_json()
     assert reply["success"]
     assert reply["result"] == {"agent_errors": {}}
-    assert not (_area(bob) / "abc123.tar").exists()
-    trashed = list((bob.storage / ".mynas" / "trash" / "alice").glob("*/.ha-backups/abc123.tar"))
-    assert [path.read_bytes() == data for path in trashed] == [True]
+    assert not at_bob.path("abc123.tar").exists()
+    assert at_bob.trashed("abc123.tar") == [data]
     with pytest.raises(BackupNotFound):
         await _agent(hass).async_get_backup("abc123")
     response = await http.get(f"/api/backup/download/abc123?agent_id={AGENT_ID}")
@@ -241,7 +270,7 @@ async def test_a_backup_made_by_home_assistant_goes_to_bob(
     assert info["agent_errors"] == {}
     [made] = [b for b in info["backups"] if b["name"] == "Made by HA"]
     assert list(made["agents"]) == [AGENT_ID]
-    stored = (_area(bob) / f"{made['backup_id']}.tar").read_bytes()
+    stored = _AtBob(hass, bob).open(f"{made['backup_id']}.tar")
     assert made["agents"][AGENT_ID]["size"] == len(stored)
     http = await hass_client()
     response = await http.get(f"/api/backup/download/{made['backup_id']}?agent_id={AGENT_ID}")
@@ -329,8 +358,9 @@ async def test_metadata_that_is_not_home_assistant_s_is_skipped(
 ) -> None:
     await _upload(hass, b"good")
     record = {"format": 1, "backup_id": "odd", "size": 3, "metadata": {"backup_id": "odd"}}
-    (_area(bob) / "odd.json").write_text(json.dumps(record))
-    (_area(bob) / "odd.tar").write_bytes(b"odd")
+    at_bob = _AtBob(hass, bob)
+    at_bob.write("odd.json", json.dumps(record).encode())
+    at_bob.write("odd.tar", b"odd")
     agent = _agent(hass)
     assert [b.backup_id for b in await agent.async_list_backups()] == ["abc123"]
     assert "Ignoring backup odd kept at Bob" in caplog.text
@@ -379,6 +409,7 @@ async def test_a_wrong_key_and_a_friend_who_has_not_added_us(
         (AuthRefused("bob"), "Bob has not added this node"),
         (HostKeyMismatch("bob", "SHA256:a", "SHA256:b"), "Bob presented another key"),
         (MyNasError("something odd"), "Keeping the backup at Bob failed: something odd"),
+        (SealedFileError(b".ha-backups/x.tar", "chunk 3 altered"), "fails authentication"),
     ],
 )
 async def test_every_engine_error_reads_as_a_backup_error(
@@ -408,3 +439,24 @@ async def test_listeners_are_registered_and_removed(
         assert DATA_BACKUP_AGENT_LISTENERS not in hass.data
     finally:
         hass.data[DATA_BACKUP_AGENT_LISTENERS] = saved
+
+
+async def test_a_backup_altered_on_bob_s_disk_is_not_given_back(
+    hass: HomeAssistant, backup_node: MockConfigEntry, bob: Bob
+) -> None:
+    data = random.Random(5).randbytes(3 << 20)
+    await _upload(hass, data)
+    at_bob = _AtBob(hass, bob)
+    stored = bytearray(at_bob.path("abc123.tar").read_bytes())
+    stored[-100] ^= 0x40
+    at_bob.path("abc123.tar").write_bytes(bytes(stored))
+    chunks = await _agent(hass).async_download_backup("abc123")
+    received: list[bytes] = []
+
+    async def read_all() -> None:
+        async for chunk in chunks:
+            received.append(chunk)
+
+    with pytest.raises(BackupAgentError, match="fails authentication"):
+        await read_all()
+    assert len(b"".join(received)) < len(data)

@@ -40,6 +40,7 @@ from .engine import (
     PeerDiskFull,
     PeerUnreachable,
     QuotaExceeded,
+    SealedFileError,
     StoredBackup,
     ThreadedNode,
     format_bytes,
@@ -219,6 +220,8 @@ class MyNasBackupAgent(BackupAgent):
             self._fail("backup_key_mismatch", err)
         except AuthRefused as err:
             self._fail("backup_not_added", err)
+        except SealedFileError as err:
+            self._fail("backup_tampered", err, error=str(err))
         except MyNasError as err:
             self._fail("backup_failed", err, error=str(err))
 

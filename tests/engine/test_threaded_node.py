@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 import errno
+import os
 from pathlib import Path
 import random
 import socket
@@ -22,7 +23,9 @@ from custom_components.mynas.engine import (
 )
 from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
 from custom_components.mynas.engine.identity import Identity
-from custom_components.mynas.engine.owner.backup_area import OpenStream
+from custom_components.mynas.engine.owner import sealed
+from custom_components.mynas.engine.owner.backup_area import OpenStream, SealedArea
+from custom_components.mynas.engine.owner.keys import DataKeys
 
 from .conftest import ServerFactory, address
 
@@ -161,7 +164,7 @@ def _chunks_on(loop_names: list[str], data: bytes, size: int = 100_000) -> OpenS
 
 
 async def test_a_backup_goes_up_and_comes_down_across_the_hop(
-    paired: ThreadedNode, storage_dir: Path
+    paired: ThreadedNode, storage_dir: Path, alice_id: Identity
 ) -> None:
     data = random.Random(7).randbytes(2_500_000)
     read_on: list[str] = []
@@ -181,7 +184,12 @@ async def test_a_backup_goes_up_and_comes_down_across_the_hop(
     assert reports
     assert {name for name, _ in reports} == {here}
     assert reports[-1][1] == len(data)
-    assert (storage_dir / "alice" / ".ha-backups" / "b1.tar").read_bytes() == data
+    area = SealedArea(DataKeys.of(alice_id))
+    on_host = (storage_dir / "alice" / os.fsdecode(area.stored(b"b1.tar"))).read_bytes()
+    assert (
+        sealed.open_sealed(DataKeys.of(alice_id).contents, area.jail_path(b"b1.tar"), on_host)[1]
+        == data
+    )
     assert await paired.list_backups("host") == [stored]
     assert await paired.get_backup("host", "b1") == stored
     chunks = await paired.download_backup("host", "b1")

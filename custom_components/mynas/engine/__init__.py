@@ -63,6 +63,7 @@ if TYPE_CHECKING:
         check_folder_name,
         check_subpath,
     )
+    from .owner.sealed import SealedFileError
     from .storage_root import (
         DiskUsage,
         RootProblem,
@@ -108,6 +109,7 @@ __all__ = [
     "Reachability",
     "RestoreConflict",
     "RootProblem",
+    "SealedFileError",
     "SourceMissing",
     "StorageRootError",
     "StoredBackup",
@@ -154,6 +156,7 @@ _SOURCES = {
     "JailUsage": "host.quota",
     # Home Assistant's own backups kept at a peer (its backup area).
     "StoredBackup": "owner.backup_area",
+    "SealedFileError": "owner.sealed",
     # Names a form or a service call must check.
     "check_folder_name": "owner.run",
     "check_subpath": "owner.run",

@@ -228,7 +228,7 @@ class ThreadedNode:
         ones by the iterator. Iterate it to the end or close it (``aclose``): that ends the
         connection (``stop`` closes what is still open).
         """
-        source = self._node.download_backup(peer_id, backup_id)
+        source = await self.run(_started(self._node, peer_id, backup_id))
         try:
             first = await self.run(_step(source))
         except BaseException:
@@ -298,6 +298,11 @@ class ThreadedNode:
         await asyncio.gather(*tasks, return_exceptions=True)
         for source in sources:  # downloads left open: their connections end here
             await _close(source)
+
+
+async def _started(node: Node, peer_id: str, backup_id: str) -> AsyncGenerator[bytes]:
+    """``node.download_backup`` made on the engine loop (where the peer's addresses live)."""
+    return node.download_backup(peer_id, backup_id)
 
 
 async def _step(source: AsyncGenerator[bytes]) -> bytes | None:
