@@ -979,6 +979,17 @@ async def refresh_figures(state: NodeState) -> None:
     """
     await state.api.post(f"/api/config/config_entries/entry/{state.entry_id}/reload")
     await wait_loaded(state.api, state.entry_id)
+    # The peer test runs in the background once the entry is loaded: wait for its outcome
+    # before the other node reloads, or the test may meet a peer that is restarting.
+    await wait_for(
+        f"{state.node.name}'s peer test",
+        lambda: _connected_on(state),
+        limit=60,
+    )
+
+
+async def _connected_on(state: NodeState) -> str | None:
+    return "on" if await peer_connected(state) == "on" else None
 
     async def tested() -> bool | None:
         return True if await peer_connected(state) == "on" else None
