@@ -53,7 +53,7 @@ if TYPE_CHECKING:
         parse_address,
     )
     from .loop_thread import EngineLoop
-    from .node import FolderConfig, PeerConfig, ProbeResult, Reachability
+    from .node import FolderConfig, Inbound, PeerConfig, ProbeResult, Reachability
     from .owner.backup_area import StoredBackup
     from .owner.run import (
         Phase,
@@ -92,6 +92,7 @@ __all__ = [
     "HostKeyMismatch",
     "HostRefused",
     "Identity",
+    "Inbound",
     "InvalidInvite",
     "Invite",
     "JailUsage",
@@ -145,6 +146,7 @@ _SOURCES = {
     "PeerConfig": "node",
     "FolderConfig": "node",
     "ProbeResult": "node",
+    "Inbound": "node",
     "Reachability": "node",
     # What runs report.
     "Phase": "owner.run",
