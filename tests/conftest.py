@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 import os
 from pathlib import Path
+import re
 import shutil
 import tempfile
 import threading
@@ -50,11 +51,13 @@ from custom_components.mynas.const import (
     CONF_SCHEDULE,
     CONF_STORAGE_ROOT,
     CONF_TIME,
+    CONF_WATCH,
+    CONF_WATCH_MINUTES,
     DOMAIN,
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
-from custom_components.mynas.engine import identity, invite, storage_root
+from custom_components.mynas.engine import identity, invite, storage_root, upnp
 from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
 from custom_components.mynas.engine.host.space import HostedSpace
 from custom_components.mynas.engine.loop_thread import EngineLoop
@@ -76,6 +79,15 @@ def auto_enable_custom_integrations(request: pytest.FixtureRequest) -> None:
     """
     if "hass" in request.fixturenames:
         request.getfixturevalue("enable_custom_integrations")
+
+
+@pytest.fixture(autouse=True)
+def upnp_search_stays_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No router in these tests: UPnP is off unless a test turns it on (UPnP has tests of
+    its own against a real IGD), and a node that has it on searches 127.0.0.1, never the LAN.
+    """
+    monkeypatch.setattr(hass_entry, "DEFAULT_UPNP", False)
+    monkeypatch.setattr(upnp, "DEFAULT_SEARCH_TARGET", ("127.0.0.1", 9))
 
 
 @pytest.fixture(autouse=True)
@@ -227,6 +239,37 @@ async def bob(
         await hass.async_add_executor_job(engine.stop)
 
 
+def pin_peer(
+    hass: HomeAssistant,
+    entry: MockConfigEntry,
+    key: identity.Identity,
+    address: str,
+    *,
+    name: str = "Bob",
+    quota: int = 10**9,
+    jail: str | None = None,
+    **subentry: Any,
+) -> ConfigSubentry:
+    """Pair ``entry`` with the node of ``key`` at ``address`` without the flow."""
+    peer = ConfigSubentry(
+        data=MappingProxyType(
+            {
+                CONF_NAME: name,
+                CONF_JAIL: name.lower() if jail is None else jail,
+                CONF_ADDRESSES: [address],
+                CONF_PUBLIC_KEY: key.public_line,
+                CONF_QUOTA: quota,
+            }
+        ),
+        subentry_type=SUBENTRY_PEER,
+        title=name,
+        unique_id=key.fingerprint,
+        **subentry,
+    )
+    hass.config_entries.async_add_subentry(entry, peer)
+    return peer
+
+
 def add_peer(
     hass: HomeAssistant,
     entry: MockConfigEntry,
@@ -237,23 +280,9 @@ def add_peer(
     name: str = "Bob",
 ) -> ConfigSubentry:
     """Pair ``entry`` with Bob without the flow (his key pinned, ``quota`` granted to him)."""
-    subentry = ConfigSubentry(
-        data=MappingProxyType(
-            {
-                CONF_NAME: name,
-                CONF_JAIL: name.lower(),
-                CONF_ADDRESSES: [bob.address],
-                CONF_PUBLIC_KEY: bob.identity.public_line,
-                CONF_QUOTA: quota,
-            }
-        ),
-        subentry_type=SUBENTRY_PEER,
-        title=name,
-        unique_id=bob.identity.fingerprint,
-        subentry_id=subentry_id,
+    return pin_peer(
+        hass, entry, bob.identity, bob.address, name=name, quota=quota, subentry_id=subentry_id
     )
-    hass.config_entries.async_add_subentry(entry, subentry)
-    return subentry
 
 
 def add_folder(
@@ -269,11 +298,14 @@ def add_folder(
     hours: int = 6,
     bwlimit: float = 0,
     exclude: tuple[str, ...] = (),
+    watch_minutes: int | None = None,
 ) -> ConfigSubentry:
-    """Protect ``path`` on ``peers`` without the flow."""
+    """Protect ``path`` on ``peers`` without the flow (watched if ``watch_minutes``)."""
+    watch = {CONF_WATCH: True, CONF_WATCH_MINUTES: watch_minutes} if watch_minutes else {}
     subentry = ConfigSubentry(
         data=MappingProxyType(
             {
+                **watch,
                 CONF_NAME: name,
                 CONF_PATH: str(path),
                 CONF_PEERS: list(peers),
@@ -384,6 +416,13 @@ async def synced_node(
         await hass.config_entries.async_unload(node_entry.entry_id)
 
 
+def _any_port(data: Any, path: Any) -> Any:
+    """A loopback address's port (Bob listens where the system says) as <port>."""
+    if type(data) is not str:  # not a StrEnum key: those keep their own form
+        return data
+    return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:<port>", data)
+
+
 def snapshot_entities(
     hass: HomeAssistant, snapshot: SnapshotAssertion, entry: MockConfigEntry
 ) -> None:
@@ -398,7 +437,7 @@ def snapshot_entities(
         assert entity.disabled_by is None, "enable every entity to snapshot its state"
         state = hass.states.get(entity.entity_id)
         assert state, f"no state for {entity.entity_id}"
-        assert state == snapshot(name=f"{entity.entity_id}-state")
+        assert state == snapshot(name=f"{entity.entity_id}-state", matcher=_any_port)
 
 
 class Gate:

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from http import HTTPStatus
 from pathlib import Path
 import shutil
-from types import MappingProxyType
 from typing import Any
 
 from homeassistant.components.repairs import repairs_flow_manager
@@ -22,14 +21,10 @@ from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
 from custom_components.mynas import issues, repairs, texts
 from custom_components.mynas.const import (
     CONF_ADDRESSES,
-    CONF_JAIL,
-    CONF_NAME,
     CONF_NODE_PUBLIC_KEY,
     CONF_PUBLIC_KEY,
-    CONF_QUOTA,
     CONF_UNREACHABLE_HOURS,
     DOMAIN,
-    SUBENTRY_PEER,
 )
 from custom_components.mynas.engine import identity
 from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
@@ -45,6 +40,7 @@ from .conftest import (
     add_peer,
     gated_pushes,
     make_tree,
+    pin_peer,
     setup_entry,
 )
 from .flow_support import EN, assert_translated, node_server
@@ -169,22 +165,7 @@ async def test_key_change_accepted_only_when_confirmed(
 def _peer(
     hass: HomeAssistant, entry: MockConfigEntry, key: Identity, name: str, address: str
 ) -> ConfigSubentry:
-    subentry = ConfigSubentry(
-        data=MappingProxyType(
-            {
-                CONF_NAME: name,
-                CONF_JAIL: name.lower(),
-                CONF_ADDRESSES: [address],
-                CONF_PUBLIC_KEY: key.public_line,
-                CONF_QUOTA: 10**9,
-            }
-        ),
-        subentry_type=SUBENTRY_PEER,
-        title=name,
-        unique_id=key.fingerprint,
-    )
-    hass.config_entries.async_add_subentry(entry, subentry)
-    return subentry
+    return pin_peer(hass, entry, key, address, name=name)
 
 
 def _raise_key_changed(

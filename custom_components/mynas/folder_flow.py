@@ -18,6 +18,7 @@ from homeassistant.config_entries import (
 )
 from homeassistant.helpers import config_validation as cv
 from homeassistant.helpers.selector import (
+    BooleanSelector,
     NumberSelector,
     NumberSelectorConfig,
     NumberSelectorMode,
@@ -44,8 +45,11 @@ from .const import (
     CONF_SCHEDULE,
     CONF_STORAGE_ROOT,
     CONF_TIME,
+    CONF_WATCH,
+    CONF_WATCH_MINUTES,
     DEFAULT_INTERVAL_HOURS,
     DEFAULT_RETENTION_DAYS,
+    DEFAULT_WATCH_MINUTES,
     SCHEDULE_DAILY,
     SCHEDULE_INTERVAL,
     SUBENTRY_FOLDER,
@@ -196,6 +200,16 @@ class FolderSubentryFlow(ConfigSubentryFlow):
                     )
                 ),
                 vol.Required(
+                    # New folders are watched; one set up before the option existed is not
+                    # until its owner says so here.
+                    CONF_WATCH,
+                    default=defaults.get(CONF_WATCH, with_name),
+                ): BooleanSelector(),
+                vol.Required(
+                    CONF_WATCH_MINUTES,
+                    default=defaults.get(CONF_WATCH_MINUTES, DEFAULT_WATCH_MINUTES),
+                ): _number(1, 24 * 60, "min"),
+                vol.Required(
                     CONF_RETENTION_DAYS,
                     default=defaults.get(CONF_RETENTION_DAYS, DEFAULT_RETENTION_DAYS),
                 ): _number(1, 3650, "d"),
@@ -223,6 +237,8 @@ class FolderSubentryFlow(ConfigSubentryFlow):
         data = {
             CONF_PATH: _normalize(path) if not problem else path,
             CONF_PEERS: list(user_input.get(CONF_PEERS) or []),
+            CONF_WATCH: bool(user_input[CONF_WATCH]),
+            CONF_WATCH_MINUTES: int(user_input[CONF_WATCH_MINUTES]),
             CONF_RETENTION_DAYS: int(user_input[CONF_RETENTION_DAYS]),
             CONF_BWLIMIT: float(user_input[CONF_BWLIMIT]),
             CONF_EXCLUDE: [line for line in exclude if line],

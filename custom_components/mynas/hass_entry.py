@@ -22,21 +22,26 @@ from homeassistant.util import dt as dt_util
 
 from . import issues
 from .const import (
+    CONF_ADDRESSES,
+    CONF_INBOUND,
     CONF_KEY_FILE,
     CONF_NODE_ID,
     CONF_NODE_NAME,
     CONF_PORT,
     CONF_STORAGE_ROOT,
+    CONF_UPNP,
+    DEFAULT_UPNP,
     DOMAIN,
     EVENT_UNKNOWN_KEY,
     LOGGER,
     SUBENTRY_FOLDER,
 )
 from .coordinator import MyNasConfigEntry, MyNasRuntimeData, NodeCoordinator, SyncCoordinator
-from .engine import StorageRootError, ThreadedNode, load_or_create_identity, open_root
-from .entity import node_device, pair_unique_id_prefix
-from .models import Pair, folders_of, peers_of
+from .engine import Inbound, StorageRootError, ThreadedNode, load_or_create_identity, open_root
+from .entity import node_device, pair_unique_id_prefix, subentries
+from .models import DATA_BACKUP_AGENT_LISTENERS, Pair, folders_of, node_limits, peers_of
 from .orphans import async_check_orphans
+from .reach import ReachCoordinator
 from .sync_manager import SyncManager
 
 PLATFORMS: list[Platform] = [Platform.BINARY_SENSOR, Platform.BUTTON, Platform.SENSOR]
@@ -82,7 +87,16 @@ async def async_start_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> MyNa
     issues.storage_problem(hass, entry.entry_id, data[CONF_NODE_NAME], None, root)
     node_key, _ = await hass.async_add_executor_job(load_or_create_identity, key_path(hass, entry))
 
-    node = ThreadedNode(node_key, root)
+    upload_limit, download_limit = node_limits(entry.options)
+    options = entry.options
+    node = ThreadedNode(
+        node_key,
+        root,
+        upload_limit=upload_limit,
+        download_limit=download_limit,
+        upnp=bool(options.get(CONF_UPNP, DEFAULT_UPNP)),
+        inbound=Inbound(options.get(CONF_INBOUND, Inbound.AUTO)),
+    )
     peers = peers_of(entry)
     folders = folders_of(entry)
     manager = SyncManager(
@@ -97,12 +111,14 @@ async def async_start_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> MyNa
     )
     # Before the server listens: a peer that connects at once finds its state loaded.
     await manager.async_load()
+    reach = ReachCoordinator(hass, entry, node)
     try:
         await node.start(
             LISTEN_HOST,
             data[CONF_PORT],
             peers.values(),
-            on_event=partial(_on_server_event, hass, entry, manager),
+            on_event=partial(_on_server_event, hass, entry, manager, reach),
+            addresses=options.get(CONF_ADDRESSES, []),
         )
     except OSError as err:
         if err.errno in (errno.EADDRINUSE, errno.EACCES):
@@ -133,9 +149,11 @@ async def async_start_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> MyNa
         node_data=NodeCoordinator(hass, entry, node, manager),
         syncs=SyncCoordinator(hass, entry, manager),
         manager=manager,
+        reach=reach,
     )
     try:
         await runtime.node_data.async_config_entry_first_refresh()
+        await runtime.reach.async_config_entry_first_refresh()
         await runtime.syncs.async_config_entry_first_refresh()
     except BaseException:
         await _stop(runtime)
@@ -164,6 +182,8 @@ async def async_run_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> None:
 
     entry.async_on_unload(hass.bus.async_listen_once(EVENT_HOMEASSISTANT_STOP, _on_hass_stop))
     entry.async_on_unload(_reload_on_subentry_change(hass, entry))
+    # Each peer is a backup location (backup.py): loading or unloading changes the agents.
+    entry.async_on_unload(entry.async_on_state_change(partial(_notify_backup_listeners, hass)))
 
 
 def _remove_stale_pair_entities(
@@ -176,13 +196,18 @@ def _remove_stale_pair_entities(
     The same holds for a peer taken off a folder.
     """
     registry = er.async_get(hass)
-    folders = {
-        sub_id for sub_id, sub in entry.subentries.items() if sub.subentry_type == SUBENTRY_FOLDER
-    }
+    folders = subentries(entry, SUBENTRY_FOLDER)
     keep = tuple(pair_unique_id_prefix(entry.entry_id, *pair) for pair in pairs)
     for entity in er.async_entries_for_config_entry(registry, entry.entry_id):
         if entity.config_subentry_id in folders and not entity.unique_id.startswith(keep):
             registry.async_remove(entity.entity_id)
+
+
+@callback
+def _notify_backup_listeners(hass: HomeAssistant) -> None:
+    """Tell Home Assistant's backup manager that the agents changed."""
+    for listener in hass.data.get(DATA_BACKUP_AGENT_LISTENERS, []):
+        listener()
 
 
 def _subentries(entry: MyNasConfigEntry) -> dict[str, tuple[str, str, dict[str, Any]]]:
@@ -219,10 +244,14 @@ def _on_server_event(
     hass: HomeAssistant,
     entry: MyNasConfigEntry,
     manager: SyncManager,
+    reach: ReachCoordinator,
     kind: str,
     details: dict[str, Any],
 ) -> None:
-    """Turn one of the server's events into state or an HA event."""
+    """Turn one of the engine's events into state or an HA event."""
+    if kind in ("reachability", "upnp", "peer_addresses"):
+        reach.on_event(kind, details)
+        return
     if kind == "unknown_key":
         LOGGER.warning(
             "A node with unknown key %s tried to connect from %s: if it is a friend, "
@@ -252,6 +281,7 @@ async def _stop(runtime: MyNasRuntimeData) -> None:
     """Stop the coordinators, the scheduler, then the node and its thread (idempotent)."""
     await runtime.node_data.async_shutdown()
     await runtime.syncs.async_shutdown()
+    await runtime.reach.async_shutdown()
     await runtime.manager.async_stop()
     await runtime.node.stop()
 

@@ -182,6 +182,33 @@ def quota_refused(
         )
 
 
+def peer_disk_full(hass: HomeAssistant, peer_id: str, placeholders: dict[str, str] | None) -> None:
+    """Raise (or, with ``placeholders`` None, clear) "the friend's disk itself is full".
+
+    Not the quota: the host's disk has no room left (it answered "no space left on
+    device", or reports next to no free space). Only the friend can free space there.
+    """
+    issue_id = f"peer_disk_full_{peer_id}"
+    if placeholders is None:
+        _delete(hass, issue_id)
+    else:
+        _create(hass, issue_id, "peer_disk_full", placeholders)
+
+
+def folder_missing(
+    hass: HomeAssistant, folder_id: str, placeholders: dict[str, str] | None
+) -> None:
+    """Raise (or, with ``placeholders`` None, clear) "the protected folder is not there".
+
+    Missing, unreadable, or empty while friends hold its files: its disk is not mounted.
+    """
+    issue_id = f"folder_missing_{folder_id}"
+    if placeholders is None:
+        _delete(hass, issue_id)
+    else:
+        _create(hass, issue_id, "folder_missing", placeholders)
+
+
 def overdue(
     hass: HomeAssistant, entry_id: str, folder_id: str, placeholders: dict[str, str] | None
 ) -> None:

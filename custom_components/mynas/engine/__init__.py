@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .errors import (
         AuthRefused,
+        BackupMissing,
+        BackupSizeMismatch,
         HostKeyMismatch,
         HostRefused,
         InvalidInvite,
@@ -51,7 +53,8 @@ if TYPE_CHECKING:
         parse_address,
     )
     from .loop_thread import EngineLoop
-    from .node import FolderConfig, PeerConfig, ProbeResult, Reachability
+    from .node import FolderConfig, Inbound, PeerConfig, ProbeResult, Reachability
+    from .owner.backup_area import StoredBackup
     from .owner.run import (
         Phase,
         Progress,
@@ -60,6 +63,7 @@ if TYPE_CHECKING:
         check_folder_name,
         check_subpath,
     )
+    from .owner.sealed import SealedFileError
     from .storage_root import (
         DiskUsage,
         RootProblem,
@@ -80,12 +84,15 @@ __all__ = [
     "MAX_ADDRESSES",
     "MAX_NODE_NAME_LENGTH",
     "AuthRefused",
+    "BackupMissing",
+    "BackupSizeMismatch",
     "DiskUsage",
     "EngineLoop",
     "FolderConfig",
     "HostKeyMismatch",
     "HostRefused",
     "Identity",
+    "Inbound",
     "InvalidInvite",
     "Invite",
     "JailUsage",
@@ -102,8 +109,10 @@ __all__ = [
     "Reachability",
     "RestoreConflict",
     "RootProblem",
+    "SealedFileError",
     "SourceMissing",
     "StorageRootError",
+    "StoredBackup",
     "ThreadedNode",
     "VerifyResult",
     "canonical_key",
@@ -137,6 +146,7 @@ _SOURCES = {
     "PeerConfig": "node",
     "FolderConfig": "node",
     "ProbeResult": "node",
+    "Inbound": "node",
     "Reachability": "node",
     # What runs report.
     "Phase": "owner.run",
@@ -144,6 +154,9 @@ _SOURCES = {
     "PushResult": "owner.run",
     "VerifyResult": "owner.run",
     "JailUsage": "host.quota",
+    # Home Assistant's own backups kept at a peer (its backup area).
+    "StoredBackup": "owner.backup_area",
+    "SealedFileError": "owner.sealed",
     # Names a form or a service call must check.
     "check_folder_name": "owner.run",
     "check_subpath": "owner.run",
@@ -184,6 +197,8 @@ _SOURCES = {
     "KeyFileError": "errors",
     "PeerDiskFull": "errors",
     "PeerUnreachable": "errors",
+    "BackupMissing": "errors",
+    "BackupSizeMismatch": "errors",
     "QuotaExceeded": "errors",
     "RestoreConflict": "errors",
     "SourceMissing": "errors",

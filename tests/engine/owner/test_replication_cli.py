@@ -211,3 +211,29 @@ async def test_serve_as_a_process(fast_dir: Path, alice_key: Path, alice_id: Ide
         serve.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(serve.communicate(), 30)
     assert serve.returncode == 0, err.decode()
+
+
+def _closed_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def test_push_tries_each_peer_address_in_order(env: Env, alice_key: Path) -> None:
+    """A friend who moved: the old address first, then the new one; the push goes through."""
+    write(env.src / "a.txt", b"hello")
+    host_key = public_key_file(env.work, "host", env.server.identity.public_line)
+    old, new = _closed_address(), env.target.addresses[0]
+    index = ["--index", env.work / "cli-index.sqlite"]
+    common = ["--key", alice_key, "--peer-key", host_key, "--folder", "Docs"]
+    run = await mynas("push", *common, "--peer", old, "--peer", new, "--source", env.src, *index)
+    assert run.code == 0, run.err
+    assert run.summary["files_sent"] == 1
+    env.check_replica()
+    # Nowhere at all: one line that names every address tried.
+    other = _closed_address()
+    write(env.src / "b.txt", b"more")
+    run = await mynas("push", *common, "--peer", old, "--peer", other, "--source", env.src, *index)
+    assert run.code == 1
+    assert old in run.reason
+    assert other in run.reason

@@ -23,7 +23,7 @@ import time
 
 from ..errors import HostRefused, MyNasError, PeerUnreachable, QuotaExceeded, SourceMissing
 from ..identity import Identity
-from .client import PeerLink, connect_any
+from .client import PeerLink, open_link
 from .feed import Feeder
 from .index import Index, IndexEntry
 from .index_writer import IndexWriter
@@ -48,9 +48,7 @@ class _Connection:
         """Begin connecting, without waiting."""
         if self._task is None:
             target = self._target
-            self._task = asyncio.create_task(
-                connect_any(self._identity, target.addresses, target.public_key)
-            )
+            self._task = asyncio.create_task(open_link(self._identity, target))
 
     async def open(self) -> PeerLink:
         """Return the open link, connecting first if needed (``client.connect``'s errors)."""
@@ -116,6 +114,7 @@ async def push(
     *,
     exclude: Sequence[str] = (),
     bwlimit: int | None = None,
+    node_limit: Throttle | None = None,
     retention_days: int | None = None,
     progress: ProgressCallback | None = None,
     allow_empty: bool = False,
@@ -128,6 +127,9 @@ async def push(
     connection errors of ``client.connect``, QuotaExceeded (with how much is still needed
     and how much is left) or PeerDiskFull — always after recording in the index everything
     the host acknowledged.
+
+    ``bwlimit`` (bytes/s) limits this run; ``node_limit``, a throttle that other runs share,
+    limits it together with them.
 
     The connection is made while the folder is scanned. With ``connect_if_unchanged``
     False, a run that finds nothing to change (the index knows the pair, no retention is
@@ -152,7 +154,15 @@ async def push(
             if retention_days:
                 await (await connection.open()).set_retention(folder, retention_days)
             result = await _run_push(
-                connection, writer, folder, raw_source, target, index, exclude, bwlimit, progress
+                connection,
+                writer,
+                folder,
+                raw_source,
+                target,
+                index,
+                exclude,
+                Throttle(bwlimit, node_limit),
+                progress,
             )
             if connect_if_unchanged and connection.link is None:
                 await connection.open()  # nothing to send, but the peer must still answer
@@ -195,11 +205,11 @@ async def _run_push(
     target: PeerTarget,
     index: Index,
     exclude: Sequence[str],
-    bwlimit: int | None,
+    throttle: Throttle,
     progress: ProgressCallback | None,
 ) -> PushResult:
     loop = asyncio.get_running_loop()
-    sender = Sender(writer, folder, source, Throttle(bwlimit), progress)
+    sender = Sender(writer, folder, source, throttle, progress)
     feeder = Feeder(loop, source, index, folder, target.id, exclude)
     sender.on_stop = feeder.count_only.set
     thread = loop.run_in_executor(None, feeder.run)

@@ -19,7 +19,7 @@ from .. import tree
 from ..errors import HostRefused, PathRefused, RestoreConflict
 from ..identity import Identity
 from ..protocol import FailCode
-from .client import PeerLink, connect_any
+from .client import PeerLink, open_link
 from .run import (
     BATCH_BYTES,
     BATCH_FILES,
@@ -34,6 +34,7 @@ from .run import (
     check_subpath,
     remote_path,
 )
+from .throttle import Throttle
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -169,6 +170,7 @@ async def restore(
     path: str | bytes = b"",
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
+    limit: Throttle | None = None,
 ) -> RestoreResult:
     """Copy a folder's replica (or ``path`` inside it) from the host into ``destination``.
 
@@ -176,7 +178,7 @@ async def restore(
     house-fire case). Paths keep their place relative to the folder, mtimes are restored.
     Existing files are never overwritten unless ``overwrite``: RestoreConflict is raised
     before anything is written. PathRefused if the host sends anything else than what was
-    asked.
+    asked. ``limit`` (the node's download limit) paces the bytes received.
     """
     started = time.monotonic()
     loop = asyncio.get_running_loop()
@@ -197,7 +199,7 @@ async def restore(
             raise PathRefused(f"the host sent {item_path!r}, outside what was asked")
         return item_path[len(prefix) :] if item_path != folder_name else b""
 
-    link = await connect_any(identity, target.addresses, target.public_key)
+    link = await open_link(identity, target)
     try:
         # Totals for progress, and the overwrite check before a single byte is written.
         files: list[bytes] = []
@@ -230,7 +232,7 @@ async def restore(
         files.clear()
         created = await loop.run_in_executor(None, _make_destination, dest)
         try:
-            await _receive(link, remote_root, writer, relative, result, report)
+            await _receive(link, remote_root, writer, relative, result, report, limit)
         except BaseException:
             if created:
                 await asyncio.shield(loop.run_in_executor(None, _remove_if_empty, dest))
@@ -249,6 +251,7 @@ async def _receive(
     relative: Callable[[bytes], bytes],
     result: RestoreResult,
     report: Reporter,
+    limit: Throttle | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     state = report.state
@@ -310,6 +313,9 @@ async def _receive(
                         raise PathRefused("the host sent more data than announced")
                     received += len(chunk)
                     state.bytes_done += len(chunk)
+                    if limit is not None:
+                        # Not reading on holds the host back (SSH flow control).
+                        await limit.consume(len(chunk))
                     if large is not None:
                         await loop.run_in_executor(None, writer.write, large, chunk)
                     else:

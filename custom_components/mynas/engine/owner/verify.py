@@ -18,7 +18,7 @@ from ..errors import HostRefused
 from ..identity import Identity
 from ..protocol import FailCode
 from . import scanner
-from .client import PeerLink, connect_any
+from .client import PeerLink, open_link
 from .handoff import Handoff
 from .index import Index, IndexEntry
 from .index_writer import IndexWriter
@@ -36,6 +36,7 @@ from .run import (
     check_folder_name,
     check_source,
 )
+from .throttle import Throttle
 
 type _Hashed = tuple[tree.Entry, bytes | None]
 
@@ -86,13 +87,14 @@ async def verify(
     exclude: Sequence[str] = (),
     repair: bool = False,
     progress: ProgressCallback | None = None,
+    node_limit: Throttle | None = None,
 ) -> VerifyResult:
     """Compare the host's content hashes with the local files, without downloading.
 
     Reports missing (here, not there), extra (there, not here) and mismatched files. With
     ``repair`` (which needs ``index``), the index learns what the host really holds —
     mismatched files left out — and a push then sends what is missing or wrong and moves
-    the extras to the host's trash.
+    the extras to the host's trash (within ``node_limit``, the node's upload limit).
     """
     if repair and index is None:
         raise ValueError("repairing a replica needs the index")
@@ -105,7 +107,7 @@ async def verify(
     prefix = folder_name + b"/"
     writer = IndexWriter(index, folder, target.id) if repair and index is not None else None
     try:
-        link = await connect_any(identity, target.addresses, target.public_key)
+        link = await open_link(identity, target)
         try:
             await _compare(
                 link,
@@ -128,7 +130,14 @@ async def verify(
     report.state.scan_complete = True
     if repair and index is not None and not result.clean:
         pushed = await push(
-            identity, target, folder, source, index, exclude=exclude, progress=progress
+            identity,
+            target,
+            folder,
+            source,
+            index,
+            exclude=exclude,
+            progress=progress,
+            node_limit=node_limit,
         )
         result.repaired = pushed.files_sent + pushed.files_deleted
         result.repair_complete = not (pushed.error_count or pushed.files_changed_during_read)
