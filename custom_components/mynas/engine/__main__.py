@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="push an empty folder even if the peer holds files of it (deletes them)",
             )
+            sub.add_argument(
+                "--plain",
+                action="store_true",
+                help="keep a readable mirror on the peer instead of an encrypted copy",
+            )
         if name == "verify":
             sub.add_argument("--repair", action="store_true", help="send what is missing or wrong")
     return parser
@@ -274,6 +279,7 @@ async def cmd_push(args: argparse.Namespace) -> int:
             allow_empty=args.allow_empty,
             # A run with nothing to send leaves the peer alone ("peer_contacted": false).
             connect_if_unchanged=False,
+            encrypted=not args.plain,
         )
     for message in result.errors:
         print(f"warning: {message}", file=sys.stderr)

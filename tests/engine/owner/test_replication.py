@@ -68,6 +68,7 @@ from ..replica_support import (
     close_env,
     digest,
     make_env,
+    plain_push,
     snapshot,
     trash_files,
     wait_until,
@@ -230,7 +231,7 @@ async def _round_trips(data: st.DataObject, alice: Identity, host: Identity, bas
                     model.change()
                 model.settle_dirs()
             expected = snapshot(src, portable=True)
-            result = await replicator.push(alice, target, FOLDER, src, index, allow_empty=True)
+            result = await plain_push(alice, target, FOLDER, src, index, allow_empty=True)
             assert result.errors == []
             assert result.files_changed_during_read == 0
             files = [v for v in expected.values() if v[0] == "f"]
@@ -289,7 +290,7 @@ async def test_empty_index_adopts_an_identical_replica(env: Env) -> None:
     await env.push()
 
     with Index(env.work / "fresh.sqlite") as fresh:
-        result = await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+        result = await plain_push(env.alice, env.target, FOLDER, env.src, fresh)
         assert (result.files_sent, result.files_deleted, result.bytes_sent) == (0, 0, 0)
         assert trash_files(env.storage) == set()
         check_index_matches_host(fresh, env.replica)
@@ -297,7 +298,7 @@ async def test_empty_index_adopts_an_identical_replica(env: Env) -> None:
     # Adopted with one file changed since: only that one goes, its old version to trash.
     write(env.src / "a.txt", b"two", mtime_ns=MTIME + 1)
     with Index(env.work / "fresh2.sqlite") as fresh:
-        result = await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+        result = await plain_push(env.alice, env.target, FOLDER, env.src, fresh)
         assert (result.files_sent, result.files_deleted) == (1, 0)
         assert trash_files(env.storage) == {(b"Docs/a.txt", digest(b"one"))}
         check_index_matches_host(fresh, env.replica)
@@ -351,11 +352,11 @@ async def test_adopt_cut_short_is_not_half_remembered(
     monkeypatch.setattr(client.PeerLink, "list", broken)
     with Index(env.work / "fresh.sqlite") as fresh:
         with pytest.raises((HostRefused, PeerUnreachable)):
-            await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+            await plain_push(env.alice, env.target, FOLDER, env.src, fresh)
         assert fresh.folders() == []
         assert list(fresh.entries(FOLDER, "host")) == []
         monkeypatch.setattr(client.PeerLink, "list", real)
-        result = await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+        result = await plain_push(env.alice, env.target, FOLDER, env.src, fresh)
         assert result.files_sent == 0
         check_index_matches_host(fresh, env.replica)
     assert trash_files(env.storage) == set()
@@ -546,7 +547,7 @@ async def test_an_empty_source_never_empties_the_replica(env: Env) -> None:
 
     # Same with a lost index: the host's files are adopted first, then the guard holds.
     with Index(env.work / "fresh.sqlite") as fresh, pytest.raises(SourceMissing, match="empty"):
-        await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+        await plain_push(env.alice, env.target, FOLDER, env.src, fresh)
 
     result = await env.push(allow_empty=True)
     assert result.files_deleted == 2
@@ -566,7 +567,7 @@ async def test_an_empty_folder_can_be_pushed_the_first_time(env: Env) -> None:
 async def test_a_missing_source_is_a_clear_error(env: Env) -> None:
     """A folder that is not there raises SourceMissing before connecting."""
     with pytest.raises(SourceMissing, match="missing or unreadable"):
-        await replicator.push(env.alice, env.target, FOLDER, env.work / "nope", env.index)
+        await plain_push(env.alice, env.target, FOLDER, env.work / "nope", env.index)
     with pytest.raises(SourceMissing):
         await verifier.verify(env.alice, env.target, FOLDER, env.work / "nope", env.index)
 

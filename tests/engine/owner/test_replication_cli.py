@@ -63,7 +63,7 @@ async def test_push_verify_restore(env: Env, alice_key: Path) -> None:
     common = _common(env, alice_key, host_key)
     index = ["--index", env.work / "cli-index.sqlite"]
 
-    run = await mynas("push", *common, "--source", env.src, *index)
+    run = await mynas("push", *common, "--source", env.src, *index, "--plain")
     assert run.code == 0, run.err
     pushed = run.summary
     assert {"files_sent", "bytes_sent", "files_deleted", "files_total", "seconds"} <= set(pushed)
@@ -73,7 +73,7 @@ async def test_push_verify_restore(env: Env, alice_key: Path) -> None:
 
     assert pushed["peer_contacted"]
 
-    run = await mynas("push", *common, "--source", env.src, *index, "--bwlimit", "50M")
+    run = await mynas("push", *common, "--source", env.src, *index, "--bwlimit", "50M", "--plain")
     assert run.code == 0, run.err
     assert (run.summary["files_sent"], run.summary["files_deleted"]) == (0, 0)
     assert not run.summary["peer_contacted"]  # nothing to do: the peer is left alone
@@ -139,14 +139,14 @@ async def test_failures_exit_non_zero_with_one_line(
     assert run.code == 1
     assert "missing or unreadable" in run.reason
 
-    run = await mynas("push", *common, "--source", env.src, *index)
+    run = await mynas("push", *common, "--source", env.src, *index, "--plain")
     assert run.code == 0, run.err
     os.unlink(env.src / "a")
-    run = await mynas("push", *common, "--source", env.src, *index)
+    run = await mynas("push", *common, "--source", env.src, *index, "--plain")
     assert run.code == 1
     assert "is empty while the peer holds 1 file(s)" in run.reason
     assert (env.replica / "a").exists()
-    run = await mynas("push", *common, "--source", env.src, *index, "--allow-empty")
+    run = await mynas("push", *common, "--source", env.src, *index, "--allow-empty", "--plain")
     assert run.code == 0, run.err
     assert run.summary["files_deleted"] == 1
 
@@ -198,7 +198,9 @@ async def test_serve_as_a_process(fast_dir: Path, alice_key: Path, alice_id: Ide
         write(source / "photo.jpg", os.urandom(5000))
         common = ["--key", alice_key, "--peer", f"127.0.0.1:{port}", "--peer-key", host_pub]
         common += ["--folder", "Photos"]
-        run = await mynas("push", *common, "--source", source, "--index", fast_dir / "i.sqlite")
+        run = await mynas(
+            "push", *common, "--source", source, "--index", fast_dir / "i.sqlite", "--plain"
+        )
         assert run.code == 0, run.err
         assert run.summary["files_sent"] == 1
         assert (storage / "alice" / "Photos" / "photo.jpg").read_bytes() == (

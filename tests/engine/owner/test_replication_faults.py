@@ -32,7 +32,6 @@ from custom_components.mynas.engine.host.jail import Jail
 from custom_components.mynas.engine.host.upload import Upload
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner import (
-    push as replicator,
     restore as restorer,
     scanner,
     sender,
@@ -58,6 +57,7 @@ from ..replica_support import (
     index_view,
     make_env,
     partials,
+    plain_push,
     snapshot,
     wait_until,
     write,
@@ -364,7 +364,7 @@ async def test_host_key_mismatch_sends_nothing(
         write(env.src / "secret", b"do not send")
         wrong = PeerTarget("host", env.target.addresses, bob_id.public_line)
         for call in (
-            replicator.push(env.alice, wrong, FOLDER, env.src, env.index),
+            plain_push(env.alice, wrong, FOLDER, env.src, env.index),
             verifier.verify(env.alice, wrong, FOLDER, env.src, env.index),
             restorer.restore(env.alice, wrong, FOLDER, env.work / "r"),
         ):
@@ -389,7 +389,7 @@ async def test_a_host_that_has_not_added_us(env: Env, mallory_id: Identity) -> N
     """AuthRefused says the other side has not added this node."""
     write(env.src / "a", b"a")
     with pytest.raises(AuthRefused, match="has not added this node"):
-        await replicator.push(mallory_id, env.target, FOLDER, env.src, env.index)
+        await plain_push(mallory_id, env.target, FOLDER, env.src, env.index)
     assert mallory_id.fingerprint in env.server.unknown_keys
 
 
@@ -400,18 +400,16 @@ async def test_unreachable_addresses(env: Env) -> None:
         dead = f"127.0.0.1:{probe.getsockname()[1]}"
     key = env.server.identity.public_line
     with pytest.raises(PeerUnreachable, match="connection refused"):
-        await replicator.push(env.alice, PeerTarget("x", (dead,), key), FOLDER, env.src, env.index)
+        await plain_push(env.alice, PeerTarget("x", (dead,), key), FOLDER, env.src, env.index)
     with pytest.raises(PeerUnreachable) as caught:
-        await replicator.push(
-            env.alice, PeerTarget("x", (dead, dead), key), FOLDER, env.src, env.index
-        )
+        await plain_push(env.alice, PeerTarget("x", (dead, dead), key), FOLDER, env.src, env.index)
     assert str(caught.value).count("connection refused") == 2
     with pytest.raises(PeerUnreachable, match="no address"):
-        await replicator.push(env.alice, PeerTarget("x", (), key), FOLDER, env.src, env.index)
+        await plain_push(env.alice, PeerTarget("x", (), key), FOLDER, env.src, env.index)
     # The second address answers: the first one's failure does not matter.
     write(env.src / "a", b"a")
     good = PeerTarget("host", (dead, *env.target.addresses), key)
-    assert (await replicator.push(env.alice, good, FOLDER, env.src, env.index)).files_sent == 1
+    assert (await plain_push(env.alice, good, FOLDER, env.src, env.index)).files_sent == 1
 
 
 # --- bandwidth, progress, cancellation -------------------------------------------------------

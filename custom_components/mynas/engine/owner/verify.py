@@ -127,8 +127,16 @@ async def verify(
             await loop.run_in_executor(None, writer.close)
     report.state.scan_complete = True
     if repair and index is not None and not result.clean:
+        sealed = await loop.run_in_executor(None, index.sealed, folder, target.id)
         pushed = await push(
-            identity, target, folder, source, index, exclude=exclude, progress=progress
+            identity,
+            target,
+            folder,
+            source,
+            index,
+            exclude=exclude,
+            progress=progress,
+            encrypted=bool(sealed),
         )
         result.repaired = pushed.files_sent + pushed.files_deleted
         result.repair_complete = not (pushed.error_count or pushed.files_changed_during_read)
