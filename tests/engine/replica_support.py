@@ -204,7 +204,8 @@ class Env:
         )
 
     async def restore(self, dest: Path, **kwargs: Any) -> RestoreResult:
-        """Restore FOLDER (or a path in it) into ``dest``."""
+        """Restore FOLDER (or a path in it) into ``dest`` (from a plain mirror unless told)."""
+        kwargs.setdefault("encrypted", False)
         return await restorer.restore(self.alice, self.target, FOLDER, dest, **kwargs)
 
     async def set_quota(self, quota: int) -> None:

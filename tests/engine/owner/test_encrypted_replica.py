@@ -299,3 +299,134 @@ async def test_a_large_file_changing_under_the_reader_is_never_sealed_as_it(
     result = await push(env)
     assert result.files_sent == 1
     assert open_replica(env) == source_view(env)
+
+
+# --- restore: decrypted as it streams; what fails authentication is never restored ----------
+
+
+def stored_path(env: Env, rel: str | bytes) -> Path:
+    """Where the host stores the folder's entry ``rel``."""
+    cipher = NameCipher(DataKeys.of(env.alice).names)
+    return env.jail / os.fsdecode(cipher.path(FOLDER.encode() + b"/" + os.fsencode(rel)))
+
+
+def restored_view(dest: Path) -> dict[bytes, tuple[Any, ...]]:
+    """A restored tree in ``open_replica``'s terms."""
+    found: dict[bytes, tuple[Any, ...]] = {}
+    base = os.fsencode(dest)
+    for entry in tree.walk(base):
+        if entry.kind is tree.Kind.DIR:
+            found[entry.path] = ("d",)
+        else:
+            with open(base + b"/" + entry.path, "rb") as handle:
+                found[entry.path] = ("f", handle.read(), entry.mtime_ns, entry.mode)
+    return found
+
+
+def no_temp_files(dest: Path) -> bool:
+    return not list(dest.rglob(".mynas-restore-*"))
+
+
+async def test_restore_reads_back_everything_mtimes_and_exec_bits_included(env: Env) -> None:
+    make_tree(env)
+    await push(env)
+    dest = env.work / "dest"
+    result = await env.restore(dest, encrypted=None)  # found encrypted by its sealed name
+    assert (result.files, result.failed, result.failures) == (6, 0, [])
+    assert result.bytes == sum(p.stat().st_size for p in env.src.rglob("*") if p.is_file())
+    assert restored_view(dest) == source_view(env)
+
+
+@pytest.mark.parametrize(
+    ("sub", "expect"),
+    [
+        (
+            "photos",
+            {b"photos", b"photos/beach.jpg", b"photos/empty", b"photos/" + LONGEST.encode()},
+        ),
+        ("photos/beach.jpg", {b"photos", b"photos/beach.jpg"}),
+        (LONG, {LONG.encode(), LONG.encode() + b"/inside.txt"}),
+        ("photos/" + LONGEST, {b"photos", b"photos/" + LONGEST.encode()}),
+        ("big.bin", {b"big.bin"}),
+    ],
+)
+async def test_restore_of_a_sub_path(env: Env, sub: str, expect: set[bytes]) -> None:
+    make_tree(env)
+    await push(env)
+    dest = env.work / "dest"
+    result = await env.restore(dest, path=sub, encrypted=True)
+    assert result.failed == 0
+    got = restored_view(dest)
+    assert set(got) == expect
+    source = source_view(env)
+    assert all(got[path] == source[path] for path in expect if got[path][0] == "f")
+
+
+async def test_restore_with_the_recovery_code_alone(env: Env) -> None:
+    """After a fire: the code rebuilds the node, which reads its replica and is still trusted."""
+    from custom_components.mynas.engine import identity, recovery_code  # noqa: PLC0415
+    from custom_components.mynas.engine.owner import restore as restorer  # noqa: PLC0415
+
+    make_tree(env)
+    await push(env)
+    code = recovery_code.encode(identity.private_seed(env.alice))
+    rebuilt = identity.from_seed(recovery_code.decode(code.lower().replace("-", " ")))
+    dest = env.work / "dest"
+    result = await restorer.restore(rebuilt, env.target, FOLDER, dest)
+    assert result.failed == 0
+    assert restored_view(dest) == source_view(env)
+
+
+def _flip(path: Path, position: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+async def test_a_tampering_host_gets_nothing_restored_as_good(env: Env) -> None:
+    make_tree(env)
+    write(env.src / "one", b"first file " * 10)
+    write(env.src / "two", b"second file " * 10)
+    write(env.src / "photos" / "three", b"third file " * 10)
+    await push(env)
+    _flip(stored_path(env, "Tax return 2025.pdf"), 100)  # a flipped byte
+    _flip(stored_path(env, "big.bin"), SMALL_FILE + 1000)  # in a large file, mid-stream
+    beach = stored_path(env, "photos/beach.jpg")
+    os.truncate(beach, beach.stat().st_size - 20)  # truncated
+    one, two = stored_path(env, "one"), stored_path(env, "two")
+    a, b = one.read_bytes(), two.read_bytes()
+    one.write_bytes(b)  # two stored files swapped
+    two.write_bytes(a)
+    # And a stored file moved into another directory, under its own sealed name.
+    three = stored_path(env, "photos/three")
+    os.rename(three, stored_path(env, LONG) / three.name)
+
+    dest = env.work / "dest"
+    result = await env.restore(dest, encrypted=True)
+    failed = {failure.split(":")[0] for failure in result.failures}
+    moved = {name for name in failed if name.startswith("(sealed) ")}
+    assert len(moved) == 1  # the moved name does not open where it is
+    assert failed - moved == {"Tax return 2025.pdf", "big.bin", "photos/beach.jpg", "one", "two"}
+    assert result.failed == 6
+    got = restored_view(dest)
+    for gone in (b"Tax return 2025.pdf", b"big.bin", b"photos/beach.jpg", b"one", b"two"):
+        assert gone not in got
+    assert not any(path.endswith(b"three") for path in got)
+    source = source_view(env)
+    for kept in (b"photos/empty", LONG.encode() + b"/inside.txt", b"photos/" + LONGEST.encode()):
+        assert got[kept] == source[kept]
+    assert no_temp_files(dest)
+
+
+async def test_a_replayed_old_version_is_authentic_to_restore(env: Env) -> None:
+    """Without the index nothing tells an old version from the current one (README)."""
+    write(env.src / "contract.txt", b"version 1")
+    await push(env)
+    old = stored_path(env, "contract.txt").read_bytes()
+    write(env.src / "contract.txt", b"version 2", mtime_ns=MTIME + 1)
+    await push(env)
+    stored_path(env, "contract.txt").write_bytes(old)  # the host puts the old one back
+    dest = env.work / "dest"
+    result = await env.restore(dest, encrypted=True)
+    assert result.failed == 0
+    assert (dest / "contract.txt").read_bytes() == b"version 1"

@@ -24,7 +24,7 @@ from custom_components.mynas.engine.owner.run import SMALL_FILE
 
 from ..cli_support import ROOT, mynas, public_key_file
 from ..conftest import ServerFactory
-from ..replica_support import MTIME, Env, close_env, make_env, snapshot, write
+from ..replica_support import MTIME, Env, close_env, make_env, snapshot, without_root, write
 
 
 @pytest.fixture
@@ -213,3 +213,52 @@ async def test_serve_as_a_process(fast_dir: Path, alice_key: Path, alice_id: Ide
         serve.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(serve.communicate(), 30)
     assert serve.returncode == 0, err.decode()
+
+
+async def test_encrypted_by_default_and_restored_from_the_recovery_code(
+    env: Env, alice_key: Path
+) -> None:
+    """push encrypts; recovery-code prints one line; restore needs that line alone."""
+    host_key = public_key_file(env.work, "host", env.server.identity.public_line)
+    common = _common(env, alice_key, host_key)
+    index = ["--index", env.work / "index.sqlite"]
+    write(env.src / "secret.txt", b"the secret")
+    write(env.src / "sub" / "big", os.urandom(SMALL_FILE + 5))
+    run = await mynas("push", *common, "--source", env.src, *index)
+    assert run.code == 0, run.err
+    assert run.summary["files_sent"] == 2
+    assert not (env.jail / "Docs").exists()  # no plain name on the host
+    run = await mynas("push", *common, "--source", env.src, *index, "--plain")
+    assert run.code == 1
+    assert "encrypted copy of 'Docs'" in run.reason
+
+    run = await mynas("recovery-code", "--key", alice_key)
+    assert run.code == 0, run.err
+    (code,) = run.out.split()
+    assert len(code) == 56 + 13
+    without_key = [arg if arg != alice_key else "unused" for arg in common]
+    without_key[0:2] = ["--recovery-code", code.lower()]
+    dest = env.work / "restored"
+    run = await mynas("restore", *without_key, "--to", dest)
+    assert run.code == 0, run.err
+    assert run.summary["files"] == 2
+    assert without_root(snapshot(dest / "sub")) == without_root(snapshot(env.src / "sub"))
+    assert (dest / "secret.txt").read_bytes() == b"the secret"
+
+    # A damaged file: the others are restored, it is named, and the status says so.
+    for path in env.jail.rglob("*"):
+        if path.is_file() and path.stat().st_size < 1000:
+            path.write_bytes(path.read_bytes()[:-1] + b"!")
+    again = env.work / "again"
+    run = await mynas("restore", *without_key, "--to", again)
+    assert run.code == 1
+    assert "not restored: secret.txt: " in run.err
+    assert run.summary["failed"] == 1
+    assert (again / "sub" / "big").exists()
+    assert not (again / "secret.txt").exists()
+
+    typo = code[:5] + ("0" if code[5] != "0" else "1") + code[6:]
+    without_key[1] = typo
+    run = await mynas("restore", *without_key, "--to", env.work / "typo")
+    assert run.code == 1
+    assert "checksum does not match" in run.reason

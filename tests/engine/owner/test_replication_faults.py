@@ -833,7 +833,7 @@ async def test_restore_problems(env: Env, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(restorer, "connect_any", fake_connect)
     twice = env.work / "twice"
     with pytest.raises(RestoreConflict):
-        await restorer.restore(env.alice, env.target, FOLDER, twice)
+        await restorer.restore(env.alice, env.target, FOLDER, twice, encrypted=False)
     assert [p.name for p in twice.rglob(".mynas-restore-*")] == []
 
 

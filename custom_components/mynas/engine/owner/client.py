@@ -25,7 +25,14 @@ from typing import Any, ClassVar
 import asyncssh
 
 from .. import ciphers, protocol
-from ..errors import AuthRefused, HostKeyMismatch, MyNasError, PeerUnreachable, ProtocolError
+from ..errors import (
+    AuthRefused,
+    HostKeyMismatch,
+    HostRefused,
+    MyNasError,
+    PeerUnreachable,
+    ProtocolError,
+)
 from ..identity import Identity, fingerprint, parse_public_key, public_key_line
 from ..invite import parse_address
 from ..protocol import Close, Frame
@@ -267,6 +274,19 @@ class PeerLink:
         await self._request(
             lambda req: protocol.query(req, {"op": "retention", "folder": folder, "days": days})
         )
+
+    async def exists(self, path: bytes) -> bool:
+        """Return whether the host holds anything (a directory or a file) at ``path``."""
+        try:
+            async with contextlib.aclosing(self.list(path)) as listing:
+                async for _ in listing:
+                    break
+        except HostRefused as err:
+            if err.code == protocol.FailCode.MISSING:
+                return False
+            if err.code != protocol.FailCode.PATH:  # PATH: a file, not a directory
+                raise
+        return True
 
     async def list(
         self, path: bytes = b"", *, with_hash: bool = False

@@ -94,19 +94,6 @@ def _is_empty(path: bytes) -> bool:
         return next(entries, None) is None
 
 
-async def _exists(link: PeerLink, path: bytes) -> bool:
-    """Return whether the host holds anything at ``path``."""
-    try:
-        async with contextlib.aclosing(link.list(path)) as listing:
-            async for _ in listing:
-                return True
-    except HostRefused as err:
-        if err.code != "missing":
-            raise
-        return False
-    return True  # an empty listing: the host answered, so the path is there
-
-
 async def _adopt(link: PeerLink, writer: IndexWriter, layout: PlainLayout) -> int:
     """Learn what the host already holds when the index knows nothing of this pair.
 
@@ -222,7 +209,7 @@ async def push(
                 other = await loop.run_in_executor(
                     None, lambda: other_root(identity, folder, sealed=encrypted)
                 )
-                if await _exists(link, other):
+                if await link.exists(other):
                     raise ReplicaKindMismatch(folder, sealed=not encrypted)
                 await _adopt(link, writer, layout)
             if not allow_empty:

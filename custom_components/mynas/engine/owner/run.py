@@ -9,6 +9,7 @@ names and sub-paths live here too, since every run and the HA layer's input chec
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 import enum
@@ -153,11 +154,18 @@ class PushResult(RunResult):
 
 @dataclass(slots=True)
 class RestoreResult(RunResult):
-    """What a restore wrote."""
+    """What a restore wrote, and the files it refused (they failed authentication)."""
 
     files: int = 0
     bytes: int = 0
     dirs: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def fail(self, path: builtins.bytes, why: str) -> None:
+        """Count a file left out, keeping the first ones by name."""
+        self.failed += 1
+        self._keep(self.failures, f"{os.fsdecode(path)}: {why}")
 
 
 @dataclass(slots=True)
