@@ -67,6 +67,9 @@ class FolderConfig:
     exclude: tuple[str, ...] = ()
     bwlimit: int | None = None
     retention_days: int | None = None
+    # Encrypted replicas are the engine's default (``push``); a folder set up before they
+    # existed has plain ones, and the Home Assistant layer decides (issue 11, its part).
+    encrypted: bool = False
 
 
 class Reachability(enum.StrEnum):
@@ -220,6 +223,7 @@ class Node:
             bwlimit=folder.bwlimit,
             retention_days=folder.retention_days,
             progress=progress,
+            encrypted=folder.encrypted,
         )
 
     async def verify(

@@ -430,3 +430,56 @@ async def test_a_replayed_old_version_is_authentic_to_restore(env: Env) -> None:
     result = await env.restore(dest, encrypted=True)
     assert result.failed == 0
     assert (dest / "contract.txt").read_bytes() == b"version 1"
+
+
+# --- verify: the host's hash against what was sent ------------------------------------------
+
+
+async def test_verify_finds_every_tampering_and_repair_sends_only_that(env: Env) -> None:
+    make_tree(env)
+    for name in ("one", "two", "contract", "rot", "lost"):
+        write(env.src / name, name.encode() * 20)
+    await push(env)
+    assert (await env.verify()).clean
+    old_contract = stored_path(env, "contract").read_bytes()
+    write(env.src / "contract", b"contract v2" * 20, mtime_ns=MTIME + 1)
+    await push(env)
+
+    _flip(stored_path(env, "big.bin"), SMALL_FILE + 1000)  # a flipped byte
+    one, two = stored_path(env, "one"), stored_path(env, "two")
+    a, b = one.read_bytes(), two.read_bytes()
+    one.write_bytes(b)  # swapped
+    two.write_bytes(a)
+    stored_path(env, "contract").write_bytes(old_contract)  # an old version put back
+    stored_path(env, "lost").unlink()  # lost
+    planted = sealed_root(env) / "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+    planted.write_bytes(b"not ours")  # a name that does not open
+    write(env.src / "rot", b"R" * len(b"rot" * 20))  # local rot: size and mtime kept
+    write(env.src / "new", b"not sent yet")
+
+    found = await env.verify()
+    assert (found.host_damaged, found.unsent, found.local_rot) == (6, 1, 1)
+    for line in (
+        "host damage: big.bin (not what was sent)",
+        "host damage: one (not what was sent)",
+        "host damage: two (not what was sent)",
+        "host damage: contract (not what was sent)",
+        "host damage: lost (missing on the host)",
+        "local rot: rot (content changed, size and mtime did not)",
+        "not sent yet: new (changed here)",
+    ):
+        assert line in found.examples
+    assert any("a name that does not open" in line for line in found.examples)
+
+    fixed = await env.verify(repair=True)
+    assert fixed.repair_complete
+    assert fixed.repaired == 6  # 5 files sent again, the planted one to the trash
+    after = await env.verify()
+    assert (after.host_damaged, after.unsent, after.local_rot) == (0, 1, 1)
+    assert not planted.exists()
+    dest = env.work / "dest"
+    result = await env.restore(dest, encrypted=True)
+    assert result.failed == 0
+    assert (dest / "contract").read_bytes() == b"contract v2" * 20
+    assert (dest / "rot").read_bytes() == b"rot" * 20  # the good copy, not the rotted one
+    assert not (dest / "new").exists()

@@ -576,7 +576,7 @@ async def test_a_missing_source_is_a_clear_error(env: Env) -> None:
 
 
 async def test_verify_reports_and_repairs_every_kind_of_difference(env: Env) -> None:
-    """Missing, extra and mismatched files (tampered on the host) are found and fixed."""
+    """Host damage of every kind (lost, altered, planted) is found and re-sent or trashed."""
     write(env.src / "keep", b"keep")
     write(env.src / "gone", b"gone")
     write(env.src / "tampered", b"original")
@@ -592,10 +592,10 @@ async def test_verify_reports_and_repairs_every_kind_of_difference(env: Env) -> 
 
     found = await env.verify()
     assert not found.clean
-    assert (found.checked, found.missing, found.mismatched, found.extra) == (3, 1, 2, 3)
-    assert "missing: gone" in found.examples
-    assert "mismatched: tampered" in found.examples
-    assert "extra: xdir" in found.examples
+    assert (found.checked, found.host_damaged, found.unsent, found.local_rot) == (3, 6, 0, 0)
+    assert "host damage: gone (missing on the host)" in found.examples
+    assert "host damage: tampered (not what was sent)" in found.examples
+    assert "host damage: xdir (never sent from here)" in found.examples
     assert found.as_dict()["clean"] is False
 
     fixed = await env.verify(repair=True)
@@ -613,16 +613,65 @@ async def test_verify_reports_and_repairs_every_kind_of_difference(env: Env) -> 
     assert (result.files_sent, result.files_deleted) == (0, 0)
 
 
+async def test_verify_tells_host_damage_unsent_changes_and_local_rot_apart(env: Env) -> None:
+    """Issue 15: the host's hash is compared with what was sent, not with the file now."""
+    for name in ("rot-here", "rot-there", "changed", "deleted", "fine"):
+        write(env.src / name, name.encode() * 10)
+    await env.push()
+    # Local rot: the content changes, size and mtime stay (a failing disk here).
+    write(env.src / "rot-here", b"R" * len(b"rot-here" * 10))
+    # Host damage: the same on the friend's disk.
+    write(env.replica / "rot-there", b"X" * len(b"rot-there" * 10))
+    # Local changes not sent yet.
+    write(env.src / "changed", b"new content", mtime_ns=MTIME + 5)
+    write(env.src / "new", b"new file")
+    os.unlink(env.src / "deleted")
+
+    found = await env.verify()
+    assert (found.host_damaged, found.unsent, found.local_rot) == (1, 3, 1)
+    assert "host damage: rot-there (not what was sent)" in found.examples
+    assert "local rot: rot-here (content changed, size and mtime did not)" in found.examples
+    assert "not sent yet: changed (changed here)" in found.examples
+    assert "not sent yet: deleted (deleted here)" in found.examples
+    assert "not sent yet: new (changed here)" in found.examples
+    assert not found.clean
+
+    fixed = await env.verify(repair=True)
+    assert (fixed.repaired, fixed.repair_complete) == (1, True)  # rot-there only
+    assert (env.replica / "rot-there").read_bytes() == b"rot-there" * 10
+    # The rotted file was not sent over the friend's good copy; unsent changes wait.
+    assert (env.replica / "rot-here").read_bytes() == b"rot-here" * 10
+    assert (env.replica / "changed").read_bytes() == b"changed" * 10
+    assert (env.replica / "deleted").exists()
+    assert not (env.replica / "new").exists()
+    after = await env.verify()
+    assert (after.host_damaged, after.unsent, after.local_rot) == (0, 3, 1)
+
+
+async def test_a_file_damaged_on_both_sides_is_not_repaired(env: Env) -> None:
+    write(env.src / "f", b"original")
+    await env.push()
+    write(env.src / "f", b"rotted!!")
+    write(env.replica / "f", b"damaged!")
+    found = await env.verify(repair=True)
+    assert (found.host_damaged, found.local_rot, found.repaired) == (1, 1, 0)
+    assert "host damage: f (not what was sent; no good copy here either (local rot))" in (
+        found.examples
+    )
+    assert (env.replica / "f").read_bytes() == b"damaged!"
+
+
 async def test_verify_of_a_folder_never_pushed(env: Env) -> None:
-    """Everything is missing; nothing is extra."""
+    """Everything is not sent yet; the host holds nothing to damage."""
     write(env.src / "a", b"a")
     write(env.src / "b", b"b")
     found = await env.verify()
-    assert (found.checked, found.missing, found.mismatched, found.extra) == (0, 2, 0, 0)
+    assert (found.checked, found.host_damaged, found.unsent, found.local_rot) == (0, 0, 2, 0)
+    assert found.clean
 
 
 async def test_verify_repair_needs_the_index(env: Env) -> None:
-    """Repair without an index is a usage error."""
+    """Verify compares with the index: without one it is a usage error."""
     with pytest.raises(ValueError, match="index"):
         await verifier.verify(env.alice, env.target, FOLDER, env.src, None, repair=True)
 
@@ -634,7 +683,7 @@ async def test_verify_repairs_a_file_that_became_a_directory_on_the_host(env: En
     os.unlink(env.replica / "x")
     write(env.replica / "x" / "y", b"y")
     found = await env.verify(repair=True)
-    assert (found.missing, found.extra) == (1, 2)
+    assert found.host_damaged == 3  # x missing, x/ and x/y never sent
     assert (await env.verify()).clean
     env.check_replica()
 
@@ -800,6 +849,6 @@ def test_results_are_plain_data() -> None:
     assert data["error_count"] == MAX_REPORTED + 5
     verified = VerifyResult("F")
     for i in range(MAX_REPORTED + 5):
-        verified.note("extra", b"x%d" % i)
+        verified.note("host damage", b"x%d" % i, "never sent from here")
     assert len(verified.examples) == MAX_REPORTED
     assert RestoreResult("F", seconds=0.5).as_dict()["seconds"] == 0.5

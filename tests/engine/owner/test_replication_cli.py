@@ -80,18 +80,18 @@ async def test_push_verify_restore(env: Env, alice_key: Path) -> None:
 
     run = await mynas("verify", *common, "--source", env.src, *index)
     assert run.code == 0, run.err
-    assert {k: run.summary[k] for k in ("checked", "missing", "mismatched", "extra")} == {
+    assert {k: run.summary[k] for k in ("checked", "host_damaged", "unsent", "local_rot")} == {
         "checked": 2,
-        "missing": 0,
-        "mismatched": 0,
-        "extra": 0,
+        "host_damaged": 0,
+        "unsent": 0,
+        "local_rot": 0,
     }
 
     write(env.replica / "a.txt", b"HELLO")  # same size and mtime: only the hash tells
     run = await mynas("verify", *common, "--source", env.src, *index)
     assert run.code == 1
-    assert run.summary["mismatched"] == 1
-    assert "mismatched: a.txt" in run.err
+    assert run.summary["host_damaged"] == 1
+    assert "host damage: a.txt (not what was sent)" in run.err
     run = await mynas("verify", *common, "--source", env.src, *index, "--repair")
     assert run.code == 0, run.err
     assert run.summary["repaired"] == 1

@@ -771,7 +771,7 @@ async def test_retention_is_asked_of_the_host(env: Env) -> None:
 
 
 async def test_verify_problems(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A local file that cannot be hashed is mismatched; a broken replica is an error."""
+    """A local file that cannot be read is reported (never sent); a broken replica errs."""
     write(env.src / "a", b"a")
     write(env.src / "b", b"b")
     await env.push()
@@ -784,19 +784,20 @@ async def test_verify_problems(env: Env, monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(tree, "hash_file", failing)
     found = await env.verify()
-    assert (found.checked, found.mismatched) == (2, 1)
+    assert (found.checked, found.local_rot, found.host_damaged) == (2, 1, 0)
+    assert "local rot: a (cannot be read)" in found.examples
     repaired = await env.verify(repair=True)
-    assert (repaired.repaired, repaired.repair_complete) == (1, True)  # sent again
+    assert (repaired.repaired, repaired.repair_complete) == (0, True)  # nothing to re-send
     monkeypatch.setattr(tree, "hash_file", real)
 
-    real_walk = tree.walk
+    real_walk = tree.walk_rows
 
     def broken_walk(root: Any, **kwargs: Any) -> Any:
         if os.fsencode(root) == os.fsencode(env.src):  # the host's walks go on
             raise RuntimeError("walk failed")
         return real_walk(root, **kwargs)
 
-    monkeypatch.setattr(tree, "walk", broken_walk)
+    monkeypatch.setattr(tree, "walk_rows", broken_walk)
     with pytest.raises(RuntimeError, match="walk failed"):
         await env.verify()
     monkeypatch.undo()

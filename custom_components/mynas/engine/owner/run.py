@@ -170,25 +170,34 @@ class RestoreResult(RunResult):
 
 @dataclass(slots=True)
 class VerifyResult(RunResult):
-    """What verify found (and repaired)."""
+    """What verify found (and repaired): three findings, told apart (see ``verify``).
+
+    ``host_damaged``: the host's copy is not what was sent (or holds what never was);
+    ``unsent``: local changes the next push sends; ``local_rot``: local files whose content
+    changed while their size and mtime did not. ``checked`` counts the files whose host copy
+    was compared with the index.
+    """
 
     checked: int = 0
-    missing: int = 0
-    mismatched: int = 0
-    extra: int = 0
+    host_damaged: int = 0
+    unsent: int = 0
+    local_rot: int = 0
     repaired: int = 0
-    # True once a repair push went through without errors: the replica matches now.
+    # True once a repair push went through without errors: the host holds what was sent.
     repair_complete: bool = False
     examples: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        """True when the replica matches the source exactly."""
-        return not (self.missing or self.mismatched or self.extra)
+        """True when the host holds what was sent and no local file rotted.
 
-    def note(self, kind: str, path: bytes) -> None:
-        """Remember an example of a difference."""
-        self._keep(self.examples, f"{kind}: {os.fsdecode(path)}")
+        Changes not sent yet do not count: they are the next push's ordinary work.
+        """
+        return not (self.host_damaged or self.local_rot)
+
+    def note(self, kind: str, path: builtins.bytes, why: str) -> None:
+        """Remember an example of a finding."""
+        self._keep(self.examples, f"{kind}: {os.fsdecode(path)} ({why})")
 
     def as_dict(self) -> dict[str, Any]:
         """Return the result as plain data, ``clean`` included."""
