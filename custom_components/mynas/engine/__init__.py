@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         canonical_key,
         copy_key,
         fingerprint,
+        install as install_identity,
         load as load_identity,
         load_or_create as load_or_create_identity,
     )
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     )
     from .loop_thread import EngineLoop
     from .node import FolderConfig, PeerConfig, ProbeResult, Reachability
+    from .owner.replica import ReplicaKindMismatch
     from .owner.run import (
         Phase,
         Progress,
@@ -57,6 +59,11 @@ if TYPE_CHECKING:
         VerifyResult,
         check_folder_name,
         check_subpath,
+    )
+    from .recovery_code import (
+        RecoveryCodeError,
+        identity_from as identity_from_recovery_code,
+        of as recovery_code_of,
     )
     from .storage_root import (
         DiskUsage,
@@ -97,6 +104,8 @@ __all__ = [
     "PushResult",
     "QuotaExceeded",
     "Reachability",
+    "RecoveryCodeError",
+    "ReplicaKindMismatch",
     "RestoreConflict",
     "RootProblem",
     "StorageRootError",
@@ -115,6 +124,8 @@ __all__ = [
     "fingerprint",
     "format_address",
     "format_bytes",
+    "identity_from_recovery_code",
+    "install_identity",
     "jails_on_disk",
     "load_identity",
     "load_or_create_identity",
@@ -122,6 +133,7 @@ __all__ = [
     "names_on_disk",
     "open_root",
     "parse_address",
+    "recovery_code_of",
     "validate_peer_name",
 ]
 
@@ -163,6 +175,11 @@ _SOURCES = {
     "fingerprint": "identity",
     "load_identity": "identity:load",
     "load_or_create_identity": "identity:load_or_create",
+    "install_identity": "identity:install",
+    # The recovery code: the node secret for people (as secret as the key; never log it).
+    "recovery_code_of": "recovery_code:of",
+    "identity_from_recovery_code": "recovery_code:identity_from",
+    "RecoveryCodeError": "recovery_code",
     # Invite codes and the addresses in them.
     "Invite": "invite",
     "MAX_ADDRESSES": "invite",
@@ -181,6 +198,7 @@ _SOURCES = {
     "PeerUnreachable": "errors",
     "QuotaExceeded": "errors",
     "RestoreConflict": "errors",
+    "ReplicaKindMismatch": "owner.replica",
     "format_bytes": "units",
 }
 
