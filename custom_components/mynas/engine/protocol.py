@@ -29,6 +29,11 @@ READ   C→S  id u32, path: a file or a tree → for each file an ENTRY, then it
             frames; directories as ENTRY only; then DONE (or FAIL)
 QUERY  C→S  id u32, JSON: ``{"op": "usage"}`` or ``{"op": "retention", "folder", "days"}``
             → REPLY
+HEADS  C→S  id u32, length u16 (at most MAX_HEAD), path: the directory's tree → for each
+            file an ENTRY (its whole size), then one DATA of its first min(length, size)
+            bytes (none when that is 0); directories as ENTRY only; then DONE (or FAIL).
+            What adopting an encrypted replica reads (each file's sealed meta block); a
+            host that serves it says ``"heads": true`` in WELCOME
 OK     S→C  id u32 ...: the requests named are done (and durable)
 FAIL   S→C  id u32, JSON ``{"code", "message", ...}``; codes in ``FailCode``
 OFFSET S→C  id u32, offset u64
@@ -59,6 +64,7 @@ CHUNK = 256 * 1024
 # FrameReader asks the stream for this much at a time: one call serves many small frames.
 READ_SIZE = 256 * 1024
 MAX_PATH = 4096
+MAX_HEAD = 4096  # bytes of each file a HEADS answer may carry
 
 
 class Frame(enum.IntEnum):
@@ -77,6 +83,7 @@ class Frame(enum.IntEnum):
     LIST = 11
     READ = 12
     QUERY = 13
+    HEADS = 40
     OK = 20
     FAIL = 21
     OFFSET = 22
@@ -113,6 +120,7 @@ _OPEN = struct.Struct(">IQqH")
 _CLOSE = struct.Struct(">IB")
 _TIME = struct.Struct(">Iq")
 _FLAGS = struct.Struct(">IB")
+_HEADS = struct.Struct(">IH")
 _OFFSET = struct.Struct(">IQ")
 _ENTRY = struct.Struct(">IBQqH")
 _LEN16 = struct.Struct(">H")
@@ -381,6 +389,13 @@ def read(req: int, path: bytes) -> bytes:
     return frame(Frame.READ, _ID.pack(req), _path(path))
 
 
+def heads(req: int, path: bytes, length: int) -> bytes:
+    """Encode HEADS (the first ``length`` bytes of every file below ``path``)."""
+    if not 0 <= length <= MAX_HEAD:
+        raise ProtocolError(f"HEADS of {length} bytes (limit {MAX_HEAD})")
+    return frame(Frame.HEADS, _HEADS.pack(req, length), _path(path))
+
+
 def query(req: int, request: dict[str, Any]) -> bytes:
     """Encode QUERY."""
     return frame(Frame.QUERY, _ID.pack(req), _json(request))
@@ -508,6 +523,15 @@ def parse_list(body: bytes) -> tuple[int, bool, bytes]:
     req, flags = _unpack(_FLAGS, body)
     path, _ = _split_path(body, _FLAGS.size)
     return req, bool(flags & 1), path
+
+
+def parse_heads(body: bytes) -> tuple[int, int, bytes]:
+    """Decode HEADS: (id, length, path)."""
+    req, length = _unpack(_HEADS, body)
+    if length > MAX_HEAD:
+        raise ProtocolError(f"HEADS of {length} bytes (limit {MAX_HEAD})")
+    path, _ = _split_path(body, _HEADS.size)
+    return req, length, path
 
 
 def parse_query(body: bytes) -> tuple[int, dict[str, Any]]:

@@ -219,16 +219,56 @@ async def _push_folder(env: Env, folder: str, source: Path, index: Index, **kwar
 
 
 async def test_a_lost_index_is_rebuilt_from_the_host(env: Env) -> None:
-    """Adoption of a sealed replica: names read back; files sent again (mtimes are inside)."""
+    """Adoption of a sealed replica: names read back, mtimes from each file's first bytes."""
     make_tree(env)
     await push(env)
     with Index(env.work / "fresh.sqlite") as fresh:
         result = await _push_with(env, fresh)
-        assert result.files_sent == 6
+        assert (result.files_sent, result.files_deleted) == (0, 0)
         assert fresh.sealed(FOLDER, "host") is True
+        assert {entry.path for entry in fresh.entries(FOLDER, "host")} == set(source_view(env))
+        write(env.src / "photos" / "beach.jpg", b"changed", mtime_ns=MTIME + 9)
+        again = await _push_with(env, fresh)
+        assert (again.files_sent, again.files_deleted) == (1, 0)
+        assert open_replica(env) == source_view(env)
+    assert trash_files(env.storage) != set()
+
+
+async def test_adoption_from_an_older_host_sends_the_files_again(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host without HEADS: names and sizes only, so every file is sent once more."""
+    from custom_components.mynas.engine.owner.client import PeerLink  # noqa: PLC0415
+
+    make_tree(env)
+    await push(env)
+    monkeypatch.setattr(PeerLink, "serves_heads", property(lambda _self: False))
+    with Index(env.work / "fresh.sqlite") as fresh:
+        result = await _push_with(env, fresh)
+        assert result.files_sent == 6
         assert open_replica(env) == source_view(env)
         again = await _push_with(env, fresh)
         assert (again.files_sent, again.files_deleted) == (0, 0)
+
+
+async def test_adoption_skips_what_does_not_open(env: Env) -> None:
+    """A damaged head or a planted name: not adopted, so the push sends the real file."""
+    write(env.src / "a", b"a" * 100)
+    write(env.src / "b", b"b" * 100)
+    await push(env)
+    _flip(stored_path(env, "a"), 40)  # in the meta block
+    (sealed_root(env) / "planted").write_bytes(b"x")
+    with Index(env.work / "fresh.sqlite") as fresh:
+        result = await _push_with(env, fresh)
+        assert result.files_sent == 1  # a, sent again; b adopted as it is
+        assert open_replica_without(env, "planted") == source_view(env)
+
+
+def open_replica_without(env: Env, *names: str) -> dict[bytes, tuple[Any, ...]]:
+    """``open_replica`` with planted files taken away first."""
+    for name in names:
+        (sealed_root(env) / name).unlink()
+    return open_replica(env)
 
 
 # --- large files: streamed, sealed block by block, resumed ----------------------------------

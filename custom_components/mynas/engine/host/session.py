@@ -79,6 +79,7 @@ class ReplicationSession:
             Frame.QUERY: self._query,
             Frame.LIST: reads.list,
             Frame.READ: reads.read,
+            Frame.HEADS: reads.heads,
         }
 
     async def run(self) -> None:
@@ -149,6 +150,7 @@ class ReplicationSession:
             "used": usage.used,
             "chunk": protocol.CHUNK,
             "batch_bytes": self._limits.batch_bytes,
+            "heads": True,  # HEADS is served (older hosts do not know the frame)
         }
 
     async def _teardown(self) -> None:

@@ -36,7 +36,7 @@ from ..errors import (
 from ..identity import Identity, fingerprint, parse_public_key, public_key_line
 from ..invite import parse_address
 from ..protocol import Close, Frame
-from ..tree import Entry
+from ..tree import Entry, Kind
 from .answers import AckCallback, Answers
 from .outbox import DRAIN_EVERY, Outbox
 
@@ -316,6 +316,38 @@ class PeerLink:
         async with contextlib.aclosing(self.read(path)) as frames:
             async for kind, value in frames:
                 yield value[0] if kind is Frame.ENTRY else value
+
+    @property
+    def serves_heads(self) -> bool:
+        """Whether the host answers HEADS (it says so in WELCOME; older hosts do not)."""
+        return bool(self.welcome.get("heads"))
+
+    async def heads(self, path: bytes, length: int) -> AsyncGenerator[tuple[Entry, bytes | None]]:
+        """Yield the host's entries below ``path``, each file with its first ``length`` bytes.
+
+        Only for a host that ``serves_heads``. Close the generator (``contextlib.aclosing``)
+        when leaving it early.
+        """
+        pending: Entry | None = None
+        async with contextlib.aclosing(
+            self._stream(lambda req: protocol.heads(req, path, length))
+        ) as frames:
+            async for kind, value in frames:
+                if kind is Frame.DATA:
+                    if pending is None:
+                        raise ProtocolError("DATA for no file in a HEADS answer")
+                    yield pending, bytes(value)
+                    pending = None
+                    continue
+                if pending is not None:
+                    raise ProtocolError("a HEADS answer left out a file's first bytes")
+                item = value[0]
+                if item.kind is Kind.FILE and min(length, item.size):
+                    pending = item  # its first bytes follow
+                else:
+                    yield item, None
+        if pending is not None:
+            raise ProtocolError("a HEADS answer ended before a file's first bytes")
 
     def read(self, path: bytes) -> AsyncGenerator[tuple[Frame, Any]]:
         """Yield READ's answer frame by frame: (ENTRY, (Entry, None)) and (DATA, bytes).

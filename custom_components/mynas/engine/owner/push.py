@@ -97,21 +97,27 @@ def _is_empty(path: bytes) -> bool:
 async def _adopt(link: PeerLink, writer: IndexWriter, layout: PlainLayout) -> int:
     """Learn what the host already holds when the index knows nothing of this pair.
 
-    That happens after a lost index or on a rebuilt node: unchanged files of a plain
-    replica are then neither sent again nor their host copies moved to trash. A sealed
-    replica's listing tells names and sizes but not mtimes (they are inside each file):
-    its files are recorded with an unknown mtime, so the next scan sends them again (their
-    old copies go to the trash, as any replaced file). All or nothing: a listing cut
-    short leaves the pair unknown, so the next run adopts again.
+    That happens after a lost index or on a rebuilt node: unchanged files are then neither
+    sent again nor their host copies moved to trash. A plain replica's listing says it all;
+    a sealed replica's files carry their mtime inside, so the host sends each file's first
+    bytes (``HEADS``) and their meta block is opened here (an older host that cannot: the
+    files are recorded with an unknown mtime, and the next scan sends them again). All or
+    nothing: a listing cut short leaves the pair unknown, so the next run adopts again.
     """
     prefix = layout.root + b"/"
     reader = layout.tree() if isinstance(layout, SealedLayout) else None
     count = 0
     try:
-        async with contextlib.aclosing(link.list(layout.root)) as listing:
-            async for item, _ in listing:
+        if reader is not None and link.serves_heads:
+            from .sealed import OVERHEAD  # noqa: PLC0415 - sealed replicas only
+
+            listing = link.heads(layout.root, OVERHEAD)
+        else:
+            listing = link.list(layout.root)
+        async with contextlib.aclosing(listing) as items:
+            async for item, head in items:
                 if reader is not None:
-                    entry = _adopt_sealed(reader, layout, item)
+                    entry = _adopt_sealed(reader, layout, item, head)
                     if entry is not None:
                         writer.record(entry)
                         count += 1
@@ -134,11 +140,13 @@ async def _adopt(link: PeerLink, writer: IndexWriter, layout: PlainLayout) -> in
     return count
 
 
-# An mtime no file has: the scan sees every adopted sealed entry as changed.
+# An mtime no file has: the scan sees an entry adopted without its mtime as changed.
 _UNKNOWN_MTIME = -1
 
 
-def _adopt_sealed(reader: StoredTree, layout: PlainLayout, item: tree.Entry) -> IndexEntry | None:
+def _adopt_sealed(
+    reader: StoredTree, layout: PlainLayout, item: tree.Entry, head: bytes | None
+) -> IndexEntry | None:
     """Return the index entry of one listed entry of a sealed replica (None: none)."""
     try:
         rel = reader.plain(item.path, item.kind is tree.Kind.DIR)
@@ -146,10 +154,20 @@ def _adopt_sealed(reader: StoredTree, layout: PlainLayout, item: tree.Entry) -> 
         return None  # not ours or altered: verify reports it, push never touches it
     if not rel:
         return None  # the folder itself, or a long name's continuation
-    size = 0
-    if item.kind is tree.Kind.FILE:
-        plain = layout.plain_size(item.size)
-        size = -1 if plain is None else plain
+    if item.kind is tree.Kind.DIR:
+        return IndexEntry(rel, item.kind, 0, _UNKNOWN_MTIME, tree.DIR_MODE, None)
+    if head is not None and isinstance(layout, SealedLayout):
+        from .sealed import read_meta  # noqa: PLC0415
+
+        try:
+            meta = read_meta(layout.keys.contents, layout.jail_path(rel), head)
+        except MyNasError:
+            return None  # sent again: the host's copy goes to the trash
+        if layout.stored_size(meta.size) == item.size:
+            return IndexEntry(rel, item.kind, meta.size, meta.mtime_ns, meta.mode, None)
+        return None
+    plain = layout.plain_size(item.size)
+    size = -1 if plain is None else plain
     return IndexEntry(rel, item.kind, size, _UNKNOWN_MTIME, item.mode, None)
 
 

@@ -264,6 +264,15 @@ class Opener:
         return self.meta
 
 
+def read_meta(contents_key: bytes, path: bytes, head: bytes) -> Meta:
+    """Return the meta of a stored file from its first ``OVERHEAD`` bytes (SealedFileError)."""
+    opener = Opener(contents_key, path)
+    opener.update(head[:OVERHEAD])
+    if opener.meta is None:
+        raise SealedFileError(path, "truncated")
+    return opener.meta
+
+
 def open_sealed(contents_key: bytes, path: bytes, data: bytes) -> tuple[Meta, bytes]:
     """Open a whole stored file: its meta and its plain bytes (SealedFileError if bad)."""
     opener = Opener(contents_key, path)
