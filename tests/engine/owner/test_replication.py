@@ -852,3 +852,19 @@ def test_results_are_plain_data() -> None:
         verified.note("host damage", b"x%d" % i, "never sent from here")
     assert len(verified.examples) == MAX_REPORTED
     assert RestoreResult("F", seconds=0.5).as_dict()["seconds"] == 0.5
+
+
+async def test_verify_of_adopted_entries_compares_with_the_local_file(env: Env) -> None:
+    """Rows adopted from a listing have no recorded hash: the local file stands in."""
+    write(env.src / "a", b"same")
+    write(env.src / "b", b"good")
+    await env.push()
+    with Index(env.work / "fresh.sqlite") as fresh:
+        await plain_push(env.alice, env.target, FOLDER, env.src, fresh)  # adopts, sends nothing
+        assert {e.hash for e in fresh.entries(FOLDER, "host")} == {None}
+        found = await verifier.verify(env.alice, env.target, FOLDER, env.src, fresh)
+        assert (found.checked, found.host_damaged) == (2, 0)
+        write(env.replica / "b", b"evil")
+        found = await verifier.verify(env.alice, env.target, FOLDER, env.src, fresh)
+        assert (found.host_damaged, found.local_rot) == (1, 0)
+        assert "host damage: b (not what was sent)" in found.examples

@@ -246,12 +246,14 @@ async def test_resume_of_a_file_that_shrank_since_the_scan(
     assert index_view(env.index) == {}
 
 
+@pytest.mark.parametrize("encrypted", [False, True])
 async def test_a_file_that_vanishes_or_cannot_be_read(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, monkeypatch: pytest.MonkeyPatch, encrypted: bool
 ) -> None:
     """Gone since the scan: skipped quietly; unreadable: reported, the run goes on."""
     write(env.src / "big-gone", b"g" * (SMALL_FILE + 1))
     write(env.src / "big-locked", b"l" * (SMALL_FILE + 1))
+    write(env.src / "big-touched", b"t" * (SMALL_FILE + 1))
     write(env.src / "fine", b"fine")
     real_open = sender._open_local
 
@@ -260,39 +262,47 @@ async def test_a_file_that_vanishes_or_cannot_be_read(
             os.unlink(path)
         if path.endswith(b"big-locked"):
             raise PermissionError(13, "Permission denied")
+        if path.endswith(b"big-touched"):  # changed between the scan and the read
+            os.utime(path, ns=(MTIME + 3, MTIME + 3))
         return real_open(path)
 
     monkeypatch.setattr(sender, "_open_local", failing_open)
-    result = await env.push()
+    result = await env.push(encrypted=encrypted)
     assert result.files_sent == 1
-    assert result.files_changed_during_read == 1
+    assert result.files_changed_during_read == 2
     assert result.errors == ["big-locked: Permission denied"]
     assert _files(index_view(env.index)) == {b"fine"}
 
 
+@pytest.mark.parametrize("encrypted", [False, True])
 async def test_a_read_error_mid_stream_keeps_the_partial(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, monkeypatch: pytest.MonkeyPatch, encrypted: bool
 ) -> None:
     """A local disk error mid-file: reported, the host keeps the partial for a resume."""
     write(env.src / "big", os.urandom(6 * MIB))
-    real = sender._read_block
+    real = os.pread
     calls = {"n": 0}
 
-    def failing(fd: int, position: int, count: int, digest: Any) -> bytes:
+    def failing(fd: int, count: int, position: int) -> bytes:
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(5, "Input/output error")
-        return real(fd, position, count, digest)
+        return real(fd, count, position)
 
-    monkeypatch.setattr(sender, "_read_block", failing)
-    result = await env.push()
+    monkeypatch.setattr(sender.os, "pread", failing)
+    result = await env.push(encrypted=encrypted)
+    monkeypatch.setattr(sender.os, "pread", real)
     assert result.errors == ["big: Input/output error"]
     await wait_until(env.upload_idle)
     assert len(partials(env.storage)) == 1
-    monkeypatch.setattr(sender, "_read_block", real)
-    result = await env.push()
+    result = await env.push(encrypted=encrypted)
     assert 0 < result.bytes_sent < 6 * MIB
-    env.check_replica()
+    assert partials(env.storage) == []
+    dest = env.work / "restored"
+    await env.restore(dest, encrypted=encrypted)
+    assert (dest / "big").read_bytes() == (env.src / "big").read_bytes()
+    if not encrypted:
+        env.check_replica()
 
 
 # --- quota -----------------------------------------------------------------------------------
@@ -332,15 +342,16 @@ async def test_quota_exceeded_mid_run_then_raised(
         close_env(env)
 
 
+@pytest.mark.parametrize("encrypted", [False, True])
 async def test_one_large_file_over_quota(
-    fast_dir: Path, make_server: ServerFactory, alice_id: Identity
+    fast_dir: Path, make_server: ServerFactory, alice_id: Identity, encrypted: bool
 ) -> None:
     """A large file the quota cannot take is refused before any byte of it is sent."""
     env = await make_env(make_server, fast_dir, alice_id, quota=MIB)
     try:
         write(env.src / "big", os.urandom(2 * MIB))
         with pytest.raises(QuotaExceeded) as caught:
-            await env.push()
+            await env.push(encrypted=encrypted)
         assert caught.value.needed >= 2 * MIB
         assert caught.value.available <= MIB
         assert partials(env.storage) == []
