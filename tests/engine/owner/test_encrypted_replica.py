@@ -306,7 +306,7 @@ async def test_a_large_file_is_resumed_with_the_same_bytes(
 async def test_a_large_file_changing_under_the_reader_is_never_sealed_as_it(
     env: Env, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    size = 3 * MIB
+    size = 10 * MIB  # three blocks of the sealed reader
     write(env.src / "big", os.urandom(size))
     real = os.pread
     calls = {"n": 0}

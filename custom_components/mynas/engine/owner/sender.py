@@ -35,6 +35,8 @@ from .throttle import Throttle
 
 # Read large files this much per worker-thread hop (sent as several pieces).
 _READ_BLOCK = 4 * Upload.piece_size
+# A sealed file's blocks (a whole number of sealed chunks).
+_SEALED_BLOCK = 64 * 64 * 1024
 # The longest the push handles files without letting the event loop run other tasks.
 _TURN = 0.002
 
@@ -492,7 +494,7 @@ class _SealedReader:
 
     def next_block(self) -> bytes | None:
         """Return the next sealed bytes; None if the file changed (nothing sealed then)."""
-        size = min(_READ_BLOCK, self._entry.size - self._position)
+        size = min(_SEALED_BLOCK, self._entry.size - self._position)
         block = os.pread(self._fd, size, self._position)
         if len(block) != size or not self._same():
             return None
