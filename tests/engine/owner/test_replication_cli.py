@@ -257,6 +257,19 @@ async def test_encrypted_by_default_and_restored_from_the_recovery_code(
     assert (again / "sub" / "big").exists()
     assert not (again / "secret.txt").exists()
 
+    # verify finds it without downloading, and --repair sends it again.
+    run = await mynas("verify", *common, "--source", env.src, *index)
+    assert run.code == 1
+    assert run.summary["host_damaged"] == 1
+    assert "host damage: secret.txt (not what was sent)" in run.err
+    run = await mynas("verify", *common, "--source", env.src, *index, "--repair")
+    assert run.code == 0, run.err
+    assert run.summary["repaired"] == 1
+    fixed = env.work / "fixed"
+    run = await mynas("restore", *without_key, "--to", fixed, "--path", "secret.txt")
+    assert run.code == 0, run.err
+    assert (fixed / "secret.txt").read_bytes() == b"the secret"
+
     typo = code[:5] + ("0" if code[5] != "0" else "1") + code[6:]
     without_key[1] = typo
     run = await mynas("restore", *without_key, "--to", env.work / "typo")
