@@ -35,6 +35,7 @@ import contextlib
 from dataclasses import dataclass, field
 import os
 import sqlite3
+import threading
 import time
 from typing import Any
 
@@ -145,9 +146,15 @@ async def verify(
                 None, lambda: make_layout(identity, folder, sealed=bool(sealed))
             )
             state = report.state
-            hashing = loop.run_in_executor(hasher, _hash_local, raw_source, exclude, local, state)
+            stop = threading.Event()
+            hashing = loop.run_in_executor(
+                hasher, _hash_local, raw_source, exclude, local, state, stop
+            )
             try:
                 await _list_host(link, layout, host, worker, result, findings)
+            except BaseException:
+                stop.set()  # the local hashing is of no use now
+                raise
             finally:
                 await _wait(hashing, report)
             await _wait(
@@ -240,11 +247,15 @@ async def _list_host(
         await loop.run_in_executor(worker, table.add, batch)
 
 
-def _hash_local(source: bytes, exclude: Sequence[str], table: _Table, state: Progress) -> None:
-    """Walk and hash the folder into ``table`` (a worker thread)."""
+def _hash_local(
+    source: bytes, exclude: Sequence[str], table: _Table, state: Progress, stop: threading.Event
+) -> None:
+    """Walk and hash the folder into ``table`` (a worker thread), until done or ``stop``."""
     skip = scanner.Excludes(exclude) if exclude else None
     batch: list[tuple[Any, ...]] = []
     for key, size, mtime_ns, mode in tree.walk_rows(source, skip=skip, on_error=lambda *_: None):
+        if stop.is_set():
+            return
         digest = None
         if key[-1] != 0x2F:  # a file
             try:
