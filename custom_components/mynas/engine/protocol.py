@@ -27,8 +27,9 @@ LIST   C→S  id u32, flags u8 (1: with content hashes), path (empty: whole jail
             → ENTRY frames in canonical order, then DONE (or FAIL)
 READ   C→S  id u32, path: a file or a tree → for each file an ENTRY, then its DATA
             frames; directories as ENTRY only; then DONE (or FAIL)
-QUERY  C→S  id u32, JSON: ``{"op": "usage"}`` or ``{"op": "retention", "folder", "days"}``
-            → REPLY
+QUERY  C→S  id u32, JSON: ``{"op": "usage"}``, ``{"op": "retention", "folder", "days"}``
+            or ``{"op": "stat", "path": hex}`` (→ ``{"kind": "f" | "d" | null}``; a host
+            that serves it says ``"stat": true`` in WELCOME) → REPLY
 HEADS  C→S  id u32, length u16 (at most MAX_HEAD), path: the directory's tree → for each
             file an ENTRY (its whole size), then one DATA of its first min(length, size)
             bytes (none when that is 0); directories as ENTRY only; then DONE (or FAIL).

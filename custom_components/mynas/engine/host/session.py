@@ -150,7 +150,9 @@ class ReplicationSession:
             "used": usage.used,
             "chunk": protocol.CHUNK,
             "batch_bytes": self._limits.batch_bytes,
-            "heads": True,  # HEADS is served (older hosts do not know the frame)
+            # Served here, unknown to older hosts: the HEADS frame, QUERY's "stat".
+            "heads": True,
+            "stat": True,
         }
 
     async def _teardown(self) -> None:
@@ -305,6 +307,19 @@ class ReplicationSession:
                     {"used": usage.used, "quota": usage.quota, "disk_free": disk},
                 )
             )
+        elif op == "stat":
+            try:
+                path = bytes.fromhex(str(request.get("path")))
+            except ValueError:
+                raise ProtocolError("stat needs a path in hex") from None
+            try:
+                found = await self._io.thread(self._jail.stat, path)
+            except FileNotFoundError, NotADirectoryError:
+                self._io.send(protocol.reply(req, {"kind": None}))
+            except (MyNasError, OSError) as err:
+                self._io.fail(req, err)
+            else:
+                self._io.send(protocol.reply(req, {"kind": str(found.kind)}))
         elif op == "retention":
             folder, days = request.get("folder"), request.get("days")
             if not isinstance(folder, str) or not isinstance(days, int):

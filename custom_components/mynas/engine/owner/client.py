@@ -276,7 +276,16 @@ class PeerLink:
         )
 
     async def exists(self, path: bytes) -> bool:
-        """Return whether the host holds anything (a directory or a file) at ``path``."""
+        """Return whether the host holds anything (a directory or a file) at ``path``.
+
+        One QUERY where the host serves ``stat``; an older host is asked for a listing,
+        which it walks whole even though only its first entry is read.
+        """
+        if self.welcome.get("stat"):
+            answer = await self._request(
+                lambda req: protocol.query(req, {"op": "stat", "path": path.hex()})
+            )
+            return answer.get("kind") is not None
         try:
             async with contextlib.aclosing(self.list(path)) as listing:
                 async for _ in listing:
