@@ -25,7 +25,7 @@ from .host.space import HostedSpace
 from .identity import Identity
 from .owner import client
 from .owner.index import Index
-from .owner.push import push as push_folder
+from .owner.push import convert as convert_folder, push as push_folder
 from .owner.restore import restore as restore_folder
 from .owner.run import PeerTarget, ProgressCallback, PushResult, RestoreResult, VerifyResult
 from .owner.verify import verify as verify_folder
@@ -224,6 +224,29 @@ class Node:
             retention_days=folder.retention_days,
             progress=progress,
             encrypted=folder.encrypted,
+        )
+
+    async def convert(
+        self,
+        folder: FolderConfig,
+        peer_id: str,
+        progress: ProgressCallback | None = None,
+    ) -> PushResult:
+        """Turn a folder's plain replica on a peer into an encrypted one (``push.convert``).
+
+        The folder must be set up encrypted from now on: later pushes are.
+        """
+        return await self._with_peer(
+            peer_id,
+            None,
+            convert_folder,
+            folder.name,
+            folder.path,
+            self.index,
+            exclude=folder.exclude,
+            bwlimit=folder.bwlimit,
+            retention_days=folder.retention_days,
+            progress=progress,
         )
 
     async def verify(

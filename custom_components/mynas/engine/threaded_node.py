@@ -171,6 +171,7 @@ class ThreadedNode:
         return await self.run(node_module.probe(self._node.identity, target))
 
     push = _awaited(Node.push)
+    convert = _awaited(Node.convert)
     verify = _awaited(Node.verify)
     restore = _awaited(Node.restore)
     probe = _awaited(Node.probe)

@@ -523,3 +523,58 @@ async def test_verify_finds_every_tampering_and_repair_sends_only_that(env: Env)
     assert (dest / "contract").read_bytes() == b"contract v2" * 20
     assert (dest / "rot").read_bytes() == b"rot" * 20  # the good copy, not the rotted one
     assert not (dest / "new").exists()
+
+
+# --- converting a plain replica --------------------------------------------------------------
+
+
+async def test_a_plain_replica_is_converted_then_its_plain_copy_trashed(env: Env) -> None:
+    from custom_components.mynas.engine.owner import push as replicator  # noqa: PLC0415
+
+    make_tree(env)
+    await env.push()  # plain
+    assert (env.replica / "Tax return 2025.pdf").exists()
+    result = await replicator.convert(env.alice, env.target, FOLDER, env.src, env.index)
+    assert result.replaced_plain
+    assert result.files_sent == 6
+    assert not env.replica.exists()  # in the friend's trash, as replaced data
+    assert (b"Docs/Tax return 2025.pdf", digest_of(env.src / "Tax return 2025.pdf")) in (
+        trash_files(env.storage)
+    )
+    assert env.index.sealed(FOLDER, "host") is True
+    assert open_replica(env) == source_view(env)
+    assert (await push(env)).files_sent == 0  # an encrypted replica now, for good
+    with pytest.raises(ReplicaKindMismatch):
+        await env.push()
+
+
+async def test_a_conversion_cut_short_keeps_the_plain_copy(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from custom_components.mynas.engine.owner import push as replicator  # noqa: PLC0415
+
+    make_tree(env)
+    await env.push()
+    real_open = sender._open_local
+
+    def locked(path: bytes) -> int:
+        if path.endswith(b"big.bin"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path)
+
+    monkeypatch.setattr(sender, "_open_local", locked)
+    result = await replicator.convert(env.alice, env.target, FOLDER, env.src, env.index)
+    assert not result.replaced_plain
+    assert result.errors == ["big.bin: Permission denied"]
+    assert (env.replica / "big.bin").exists()  # the plain copy is still whole
+    monkeypatch.undo()
+    again = await replicator.convert(env.alice, env.target, FOLDER, env.src, env.index)
+    assert (again.replaced_plain, again.files_sent) == (True, 1)  # only what was missing
+    assert not env.replica.exists()
+    assert open_replica(env) == source_view(env)
+
+
+def digest_of(path: Path) -> bytes:
+    import hashlib  # noqa: PLC0415
+
+    return hashlib.sha256(path.read_bytes()).digest()

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import contextlib
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import tree
 from ..errors import HostRefused, MyNasError, PeerUnreachable, QuotaExceeded, SourceMissing
@@ -256,6 +256,47 @@ async def push(
     finally:
         await loop.run_in_executor(None, writer.close)
     result.seconds = time.monotonic() - started
+    return result
+
+
+async def convert(
+    identity: Identity,
+    target: PeerTarget,
+    /,
+    folder: str,
+    source: str | os.PathLike[str],
+    index: Index,
+    **options: Any,
+) -> PushResult:
+    """Turn a plain replica into an encrypted one: send it encrypted, then trash the plain one.
+
+    The encrypted copy is sent whole first (a run cut short is taken up by the next push
+    or conversion: the pair is encrypted from now on); only once it is complete is the
+    plain copy moved to the host's trash, as any replaced data (``replaced_plain``). Until
+    the trash is purged the host holds both, and its quota counts both. ``options`` are
+    ``push``'s.
+    """
+    loop = asyncio.get_running_loop()
+    if await loop.run_in_executor(None, index.sealed, folder, target.id) is not True:
+        await loop.run_in_executor(None, index.clear, folder, target.id)
+        await loop.run_in_executor(None, lambda: index.register(folder, target.id, sealed=True))
+    result = await push(identity, target, folder, source, index, encrypted=True, **options)
+    if result.error_count or result.files_changed_during_read:
+        return result  # the plain copy stays until the encrypted one is whole
+    started = time.monotonic()
+    plain = check_folder_name(folder)
+    link = await connect_any(identity, target.addresses, target.public_key)
+    try:
+        outcome: list[MyNasError | None] = []
+        await link.delete(plain, outcome.append)
+        await link.sync()
+    finally:
+        await link.close()
+    (error,) = outcome
+    if error is not None and not (isinstance(error, HostRefused) and error.nothing_there):
+        raise error
+    result.replaced_plain = True
+    result.seconds += time.monotonic() - started
     return result
 
 

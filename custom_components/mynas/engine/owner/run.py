@@ -145,6 +145,8 @@ class PushResult(RunResult):
     error_count: int = 0
     # False when nothing had changed and the run did not connect (``connect_if_unchanged``).
     peer_contacted: bool = False
+    # A conversion (``push.convert``) moved the plain copy to the host's trash.
+    replaced_plain: bool = False
 
     def add_error(self, message: str) -> None:
         """Keep the first errors word for word, count them all."""
