@@ -776,14 +776,16 @@ async def test_restore_of_something_the_host_does_not_hold(env: Env) -> None:
         await restorer.restore(env.alice, env.target, "a/b", env.work / "x")
 
 
-async def test_restore_progress_ends_with_done(env: Env) -> None:
-    """Restore reports progress with totals and ends with DONE."""
+@pytest.mark.parametrize("encrypted", [False, True])
+async def test_restore_progress_ends_with_done(env: Env, encrypted: bool) -> None:
+    """Restore reports progress with totals (plain bytes) and ends with DONE."""
     write(env.src / "big", os.urandom(3 * MIB))
     write(env.src / "small", b"s")
-    await env.push()
+    await env.push(encrypted=encrypted)
     seen: list[Progress] = []
     await env.restore(
         env.work / "r",
+        encrypted=encrypted,
         progress=lambda p: seen.append(
             Progress(
                 **{

@@ -401,6 +401,8 @@ async def _receive(
         assert current is not None
         entry, current = current, None
         state.files_done += 1
+        # Progress counts plain bytes, as its total does: a sealed file's overhead goes.
+        state.bytes_done -= entry.size - (layout.plain_size(entry.size) or 0)
         if current_rel is None:
             return
         if large is not None:
