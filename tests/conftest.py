@@ -50,6 +50,8 @@ from custom_components.mynas.const import (
     CONF_SCHEDULE,
     CONF_STORAGE_ROOT,
     CONF_TIME,
+    CONF_WATCH,
+    CONF_WATCH_MINUTES,
     DOMAIN,
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
@@ -227,6 +229,37 @@ async def bob(
         await hass.async_add_executor_job(engine.stop)
 
 
+def pin_peer(
+    hass: HomeAssistant,
+    entry: MockConfigEntry,
+    key: identity.Identity,
+    address: str,
+    *,
+    name: str = "Bob",
+    quota: int = 10**9,
+    jail: str | None = None,
+    **subentry: Any,
+) -> ConfigSubentry:
+    """Pair ``entry`` with the node of ``key`` at ``address`` without the flow."""
+    peer = ConfigSubentry(
+        data=MappingProxyType(
+            {
+                CONF_NAME: name,
+                CONF_JAIL: name.lower() if jail is None else jail,
+                CONF_ADDRESSES: [address],
+                CONF_PUBLIC_KEY: key.public_line,
+                CONF_QUOTA: quota,
+            }
+        ),
+        subentry_type=SUBENTRY_PEER,
+        title=name,
+        unique_id=key.fingerprint,
+        **subentry,
+    )
+    hass.config_entries.async_add_subentry(entry, peer)
+    return peer
+
+
 def add_peer(
     hass: HomeAssistant,
     entry: MockConfigEntry,
@@ -237,23 +270,9 @@ def add_peer(
     name: str = "Bob",
 ) -> ConfigSubentry:
     """Pair ``entry`` with Bob without the flow (his key pinned, ``quota`` granted to him)."""
-    subentry = ConfigSubentry(
-        data=MappingProxyType(
-            {
-                CONF_NAME: name,
-                CONF_JAIL: name.lower(),
-                CONF_ADDRESSES: [bob.address],
-                CONF_PUBLIC_KEY: bob.identity.public_line,
-                CONF_QUOTA: quota,
-            }
-        ),
-        subentry_type=SUBENTRY_PEER,
-        title=name,
-        unique_id=bob.identity.fingerprint,
-        subentry_id=subentry_id,
+    return pin_peer(
+        hass, entry, bob.identity, bob.address, name=name, quota=quota, subentry_id=subentry_id
     )
-    hass.config_entries.async_add_subentry(entry, subentry)
-    return subentry
 
 
 def add_folder(
@@ -269,11 +288,14 @@ def add_folder(
     hours: int = 6,
     bwlimit: float = 0,
     exclude: tuple[str, ...] = (),
+    watch_minutes: int | None = None,
 ) -> ConfigSubentry:
-    """Protect ``path`` on ``peers`` without the flow."""
+    """Protect ``path`` on ``peers`` without the flow (watched if ``watch_minutes``)."""
+    watch = {CONF_WATCH: True, CONF_WATCH_MINUTES: watch_minutes} if watch_minutes else {}
     subentry = ConfigSubentry(
         data=MappingProxyType(
             {
+                **watch,
                 CONF_NAME: name,
                 CONF_PATH: str(path),
                 CONF_PEERS: list(peers),

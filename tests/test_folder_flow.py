@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from homeassistant.config_entries import ConfigSubentry
@@ -14,24 +13,22 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.mynas import folder_flow
 from custom_components.mynas.const import (
-    CONF_ADDRESSES,
     CONF_BWLIMIT,
     CONF_EXCLUDE,
     CONF_HOURS,
-    CONF_JAIL,
     CONF_NAME,
     CONF_PATH,
     CONF_PEERS,
-    CONF_PUBLIC_KEY,
-    CONF_QUOTA,
     CONF_RETENTION_DAYS,
     CONF_SCHEDULE,
     CONF_TIME,
+    CONF_WATCH,
+    CONF_WATCH_MINUTES,
     SUBENTRY_FOLDER,
-    SUBENTRY_PEER,
 )
 from custom_components.mynas.engine import identity
 
+from .conftest import pin_peer
 from .flow_support import assert_translated
 
 FOLDER = ("config_subentries", "folder")
@@ -39,22 +36,7 @@ FOLDER = ("config_subentries", "folder")
 
 def _peer(hass: HomeAssistant, entry: MockConfigEntry, name: str, key_dir: Path) -> str:
     key, _ = identity.load_or_create(key_dir / f"{name}.key")
-    subentry = ConfigSubentry(
-        data=MappingProxyType(
-            {
-                CONF_NAME: name,
-                CONF_JAIL: name,
-                CONF_ADDRESSES: ["127.0.0.1:9"],
-                CONF_PUBLIC_KEY: key.public_line,
-                CONF_QUOTA: 10**9,
-            }
-        ),
-        subentry_type=SUBENTRY_PEER,
-        title=name,
-        unique_id=key.fingerprint,
-    )
-    hass.config_entries.async_add_subentry(entry, subentry)
-    return subentry.subentry_id
+    return pin_peer(hass, entry, key, "127.0.0.1:9", name=name, jail=name).subentry_id
 
 
 @pytest.fixture
@@ -116,6 +98,7 @@ async def test_protect_a_folder(
     # The default daily time is during the night, spread between nodes.
     assert "02:00:00" <= defaults[CONF_TIME] <= "04:59:00"
     assert defaults[CONF_PEERS] == []
+    assert (defaults[CONF_WATCH], defaults[CONF_WATCH_MINUTES]) == (True, 15)
     # Both peers are offered.
     selector = next(v for k, v in result["data_schema"].schema.items() if k == CONF_PEERS)
     assert [option["label"] for option in selector.config["options"]] == ["Bob", "Carol"]
@@ -149,6 +132,9 @@ async def test_protect_a_folder(
         CONF_RETENTION_DAYS: 90,
         CONF_BWLIMIT: 2.5,
         CONF_EXCLUDE: ["*.tmp", ".DS_Store", "cache/"],
+        # Watched for changes unless asked otherwise, synced at most every 15 minutes.
+        CONF_WATCH: True,
+        CONF_WATCH_MINUTES: 15,
     }
     assert [sub.title for sub in _folders(node_entry)] == ["Photos"]
 
@@ -376,6 +362,7 @@ async def test_reconfigure_all_but_the_name(
     assert shown[CONF_PATH] == str(photos)
     assert shown[CONF_PEERS] == [peers["Bob"]]
     assert shown[CONF_TIME] == "03:15:00"
+    assert (shown[CONF_WATCH], shown[CONF_WATCH_MINUTES]) == (True, 15)
     exclude = next(k for k in result["data_schema"].schema if k == CONF_EXCLUDE)
     assert exclude.description["suggested_value"] == "*.tmp\ncache/"
 
@@ -389,6 +376,8 @@ async def test_reconfigure_all_but_the_name(
         CONF_RETENTION_DAYS: 7,
         CONF_BWLIMIT: 1.5,
         CONF_EXCLUDE: "*.bak",
+        CONF_WATCH: False,
+        CONF_WATCH_MINUTES: 5,
     }
     result = await hass.config_entries.subentries.async_configure(result["flow_id"], answers)
     assert result["errors"] == {CONF_PATH: "not_found"}
@@ -415,4 +404,6 @@ async def test_reconfigure_all_but_the_name(
         CONF_RETENTION_DAYS: 7,
         CONF_BWLIMIT: 1.5,
         CONF_EXCLUDE: ["*.bak"],
+        CONF_WATCH: False,
+        CONF_WATCH_MINUTES: 5,
     }

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from homeassistant.components.repairs import repairs_flow_manager
@@ -20,14 +19,9 @@ from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
 
 from custom_components.mynas import issues, repairs
 from custom_components.mynas.const import (
-    CONF_ADDRESSES,
-    CONF_JAIL,
-    CONF_NAME,
     CONF_NODE_PUBLIC_KEY,
     CONF_PUBLIC_KEY,
-    CONF_QUOTA,
     DOMAIN,
-    SUBENTRY_PEER,
 )
 from custom_components.mynas.engine import identity
 from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
@@ -35,8 +29,8 @@ from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.storage_root import INTERNAL_DIR
 from custom_components.mynas.orphans import CONF_KEPT_DATA, jails_on_disk
 
-from .conftest import setup_entry
-from .flow_support import assert_translated, node_server
+from .conftest import pin_peer, setup_entry
+from .flow_support import EN, assert_translated, node_server
 
 KEY_FIX = ("issues", "key_changed", "fix_flow")
 ORPHAN_FIX = ("issues", "orphaned_data", "fix_flow")
@@ -145,22 +139,7 @@ async def test_key_change_accepted_only_when_confirmed(
 def _peer(
     hass: HomeAssistant, entry: MockConfigEntry, key: Identity, name: str, address: str
 ) -> ConfigSubentry:
-    subentry = ConfigSubentry(
-        data=MappingProxyType(
-            {
-                CONF_NAME: name,
-                CONF_JAIL: name.lower(),
-                CONF_ADDRESSES: [address],
-                CONF_PUBLIC_KEY: key.public_line,
-                CONF_QUOTA: 10**9,
-            }
-        ),
-        subentry_type=SUBENTRY_PEER,
-        title=name,
-        unique_id=key.fingerprint,
-    )
-    hass.config_entries.async_add_subentry(entry, subentry)
-    return subentry
+    return pin_peer(hass, entry, key, address, name=name)
 
 
 def _raise_key_changed(
@@ -251,6 +230,9 @@ async def test_unfixable_key_change_has_no_flow(
     issue = _issue(hass, f"key_changed_{peer.subentry_id}")
     assert issue is not None
     assert not issue.is_fixable
+    # Its own text (an unfixable issue needs a description, a fixable one has a fix flow).
+    assert issue.translation_key == "key_changed_unknown"
+    assert "description" in EN["issues"]["key_changed_unknown"]
     assert issue.translation_placeholders["new"] == "unknown"
 
 

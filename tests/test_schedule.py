@@ -42,44 +42,26 @@ def test_night_time_is_at_night_and_spread() -> None:
     assert parse_time(night_time())  # the default generator works too
 
 
+def utc(year: int, month: int, day: int, hour: int, minute: int, *rest: int) -> datetime:
+    """A UTC instant from its calendar fields (seconds and microseconds optional)."""
+    second, micro = (*rest, 0, 0)[:2]
+    return datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
+
+
 @pytest.mark.parametrize(
     ("after", "at", "expected"),
     [
         # Later the same day.
-        (
-            datetime(2026, 5, 4, 1, 0, tzinfo=UTC),
-            time(3, 0),
-            datetime(2026, 5, 4, 3, 0, tzinfo=UTC),
-        ),
+        (utc(2026, 5, 4, 1, 0), time(3, 0), utc(2026, 5, 4, 3, 0)),
         # Already past today: tomorrow.
-        (
-            datetime(2026, 5, 4, 4, 0, tzinfo=UTC),
-            time(3, 0),
-            datetime(2026, 5, 5, 3, 0, tzinfo=UTC),
-        ),
+        (utc(2026, 5, 4, 4, 0), time(3, 0), utc(2026, 5, 5, 3, 0)),
         # Strictly after: exactly at the time means tomorrow.
-        (
-            datetime(2026, 5, 4, 3, 0, tzinfo=UTC),
-            time(3, 0),
-            datetime(2026, 5, 5, 3, 0, tzinfo=UTC),
-        ),
+        (utc(2026, 5, 4, 3, 0), time(3, 0), utc(2026, 5, 5, 3, 0)),
         # Across midnight, and across the end of a month and of a year.
-        (
-            datetime(2026, 5, 31, 23, 59, tzinfo=UTC),
-            time(0, 30),
-            datetime(2026, 6, 1, 0, 30, tzinfo=UTC),
-        ),
-        (
-            datetime(2026, 12, 31, 23, 30, tzinfo=UTC),
-            time(0, 0),
-            datetime(2027, 1, 1, 0, 0, tzinfo=UTC),
-        ),
+        (utc(2026, 5, 31, 23, 59), time(0, 30), utc(2026, 6, 1, 0, 30)),
+        (utc(2026, 12, 31, 23, 30), time(0, 0), utc(2027, 1, 1, 0, 0)),
         # Seconds and microseconds of "after" don't leak into the result.
-        (
-            datetime(2026, 5, 4, 2, 59, 59, 999_999, tzinfo=UTC),
-            time(3, 0),
-            datetime(2026, 5, 4, 3, 0, tzinfo=UTC),
-        ),
+        (utc(2026, 5, 4, 2, 59, 59, 999_999), time(3, 0), utc(2026, 5, 4, 3, 0)),
     ],
 )
 def test_next_daily(after: datetime, at: time, expected: datetime) -> None:

@@ -7,9 +7,8 @@ from homeassistant.config_entries import ConfigSubentry
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
-from .const import SUBENTRY_FOLDER, SUBENTRY_PEER
 from .coordinator import MyNasConfigEntry, SyncCoordinator
-from .entity import PairEntity
+from .entity import PairEntity, add_per_pair
 from .models import SyncKind
 
 PARALLEL_UPDATES = 1
@@ -24,23 +23,14 @@ async def async_setup_entry(
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
     """Add "sync now" and "verify" for every folder × peer pair."""
-    runtime = entry.runtime_data
-    peers = {
-        sub.subentry_id: sub
-        for sub in entry.subentries.values()
-        if sub.subentry_type == SUBENTRY_PEER
-    }
-    for folder in entry.subentries.values():
-        if folder.subentry_type == SUBENTRY_FOLDER:
-            async_add_entities(
-                [
-                    PairButton(runtime.syncs, folder, peers[peer_id], description)
-                    for (folder_id, peer_id) in runtime.manager.pairs
-                    if folder_id == folder.subentry_id
-                    for description in (SYNC_NOW, VERIFY)
-                ],
-                config_subentry_id=folder.subentry_id,
-            )
+    syncs = entry.runtime_data.syncs
+    add_per_pair(
+        entry,
+        async_add_entities,
+        lambda folder, peer: [
+            PairButton(syncs, folder, peer, description) for description in (SYNC_NOW, VERIFY)
+        ],
+    )
 
 
 class PairButton(PairEntity, ButtonEntity):

@@ -8,25 +8,17 @@ from homeassistant.components.diagnostics import async_redact_data
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
 
-from .const import (
-    CONF_ADDRESSES,
-    CONF_EXCLUDE,
-    CONF_KEY_FILE,
-    CONF_NODE_PUBLIC_KEY,
-    CONF_PATH,
-    CONF_PUBLIC_KEY,
-    CONF_STORAGE_ROOT,
-)
+from . import const
 from .coordinator import MyNasConfigEntry
 
 TO_REDACT = {
-    CONF_ADDRESSES,
-    CONF_EXCLUDE,
-    CONF_KEY_FILE,
-    CONF_NODE_PUBLIC_KEY,
-    CONF_PATH,
-    CONF_PUBLIC_KEY,
-    CONF_STORAGE_ROOT,
+    const.CONF_ADDRESSES,
+    const.CONF_EXCLUDE,
+    const.CONF_KEY_FILE,
+    const.CONF_NODE_PUBLIC_KEY,
+    const.CONF_PATH,
+    const.CONF_PUBLIC_KEY,
+    const.CONF_STORAGE_ROOT,
     "presented_key",
     "error",
     "last_error",

@@ -20,10 +20,16 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from homeassistant.helpers.typing import StateType
 from homeassistant.util import dt as dt_util
 
-from .const import SUBENTRY_FOLDER, SUBENTRY_PEER
 from .coordinator import MyNasConfigEntry, NodeCoordinator, NodeData, SyncCoordinator
-from .engine import JailUsage
-from .entity import NodeEntity, PairEntity, PeerHostedEntity, PeerStatusEntity
+from .engine import JailUsage, Reachability
+from .entity import (
+    NodeEntity,
+    PairEntity,
+    PeerHostedEntity,
+    PeerStatusEntity,
+    add_per_pair,
+    add_per_peer,
+)
 from .models import PairStatus, PeerStatus, SyncState
 
 # Coordinator-driven: no per-entity polling to throttle.
@@ -132,6 +138,12 @@ class PeerSensorDescription(SensorEntityDescription):
     """A figure about a peer's contact with us."""
 
     value_fn: Callable[[PeerStatus], StateType | datetime]
+    # Whether the figure holds now: what the peer told us stops holding once it does not answer.
+    available_fn: Callable[[PeerStatus], bool] = lambda status: True
+
+
+def _answers(status: PeerStatus) -> bool:
+    return status.reachability is Reachability.ONLINE
 
 
 PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
@@ -147,6 +159,7 @@ PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
             translation_key="used_there",
             state_class=SensorStateClass.MEASUREMENT,
             value_fn=lambda status: status.used_there,
+            available_fn=_answers,
         )
     ),
     _data_size(
@@ -155,15 +168,45 @@ PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
             translation_key="quota_there",
             entity_category=EntityCategory.DIAGNOSTIC,
             value_fn=lambda status: status.quota_there,
+            available_fn=_answers,
         )
     ),
 )
 
 
+def _complete(status: PairStatus) -> bool:
+    """At rest after a sync that sent everything: the copy there is the folder as it was."""
+    return (
+        status.progress is None
+        and status.state is SyncState.IDLE
+        and status.last_success is not None
+        and not status.last_error
+    )
+
+
+RUNNING = (SyncState.SCANNING, SyncState.TRANSFERRING, SyncState.VERIFYING)
+
+
+def _running_or_complete(status: PairStatus) -> bool:
+    """What a run's figures can speak of: a run under way, or a complete copy.
+
+    After a failure, or before the first sync, there is no run and no complete copy: the
+    figures have nothing to say and the entities are unavailable (the state and the last
+    error say what is wrong), rather than "unknown".
+    """
+    return status.state in RUNNING or _complete(status)
+
+
+def _progress(status: PairStatus) -> float | None:
+    if status.progress is not None:
+        return status.progress.percent  # None while the scan counts what there is
+    return None if status.state in RUNNING else 100.0  # a run starting, or a complete copy
+
+
 def _left(status: PairStatus, files: bool) -> int | None:
     progress = status.progress
     if progress is None:
-        return 0 if status.state is SyncState.IDLE else None
+        return None if status.state in RUNNING else 0  # a run starting, or a complete copy
     if files:
         return max(0, progress.files_total - progress.files_done)
     return max(0, progress.bytes_total - progress.bytes_done)
@@ -180,6 +223,7 @@ class PairSensorDescription(SensorEntityDescription):
     """A figure about one folder × peer pair."""
 
     value_fn: Callable[[PairStatus], StateType | datetime]
+    available_fn: Callable[[PairStatus], bool] = lambda status: True
 
 
 PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
@@ -210,13 +254,17 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
         translation_key="progress",
         native_unit_of_measurement=PERCENTAGE,
         suggested_display_precision=0,
-        value_fn=lambda status: status.progress.percent if status.progress is not None else None,
+        value_fn=_progress,
+        available_fn=_running_or_complete,
     ),
     PairSensorDescription(
         key="files_left",
         translation_key="files_left",
+        # A measurement: it changes every second of a run, the logbook leaves it out.
+        state_class=SensorStateClass.MEASUREMENT,
         entity_registry_enabled_default=False,
         value_fn=lambda status: _left(status, files=True),
+        available_fn=_running_or_complete,
     ),
     _data_size(
         PairSensorDescription(
@@ -224,6 +272,7 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
             translation_key="bytes_left",
             entity_registry_enabled_default=False,
             value_fn=lambda status: _left(status, files=False),
+            available_fn=_running_or_complete,
         )
     ),
     PairSensorDescription(
@@ -256,7 +305,9 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
         key="last_error",
         translation_key="last_error",
         entity_category=EntityCategory.DIAGNOSTIC,
-        value_fn=lambda status: (status.last_error or "")[:255] or None,
+        value_fn=lambda status: (status.last_error or "")[:255],
+        # No error to tell: nothing to say (rather than "unknown").
+        available_fn=lambda status: bool(status.last_error),
     ),
 )
 
@@ -269,31 +320,19 @@ async def async_setup_entry(
     """Add the node's, every peer's and every pair's sensors."""
     runtime = entry.runtime_data
     async_add_entities(NodeSensor(runtime.node_data, desc) for desc in NODE_SENSORS)
-    peers = {
-        sub.subentry_id: sub
-        for sub in entry.subentries.values()
-        if sub.subentry_type == SUBENTRY_PEER
-    }
-    for peer in peers.values():
-        async_add_entities(
-            [
-                *(HostedSensor(runtime.node_data, peer, desc) for desc in HOSTED_SENSORS),
-                *(PeerSensor(runtime.syncs, peer, desc) for desc in PEER_SENSORS),
-            ],
-            config_subentry_id=peer.subentry_id,
-        )
-    for folder in entry.subentries.values():
-        if folder.subentry_type != SUBENTRY_FOLDER:
-            continue
-        async_add_entities(
-            [
-                PairSensor(runtime.syncs, folder, peers[peer_id], desc)
-                for (folder_id, peer_id) in runtime.manager.pairs
-                if folder_id == folder.subentry_id
-                for desc in PAIR_SENSORS
-            ],
-            config_subentry_id=folder.subentry_id,
-        )
+    add_per_peer(
+        entry,
+        async_add_entities,
+        lambda peer: [
+            *(HostedSensor(runtime.node_data, peer, desc) for desc in HOSTED_SENSORS),
+            *(PeerSensor(runtime.syncs, peer, desc) for desc in PEER_SENSORS),
+        ],
+    )
+    add_per_pair(
+        entry,
+        async_add_entities,
+        lambda folder, peer: [PairSensor(runtime.syncs, folder, peer, d) for d in PAIR_SENSORS],
+    )
 
 
 class NodeSensor(NodeEntity, SensorEntity):
@@ -354,6 +393,11 @@ class PeerSensor(PeerStatusEntity, SensorEntity):
         self.entity_description = description
 
     @property
+    def available(self) -> bool:
+        """Available while the figure holds (space figures: while the peer answers)."""
+        return super().available and self.entity_description.available_fn(self.status)
+
+    @property
     def native_value(self) -> StateType | datetime:
         """The figure from the peer's status."""
         return self.entity_description.value_fn(self.status)
@@ -374,6 +418,11 @@ class PairSensor(PairEntity, SensorEntity):
         """Create the sensor for ``description``."""
         super().__init__(coordinator, folder, peer, description.key)
         self.entity_description = description
+
+    @property
+    def available(self) -> bool:
+        """Available while the figure has something to say."""
+        return super().available and self.entity_description.available_fn(self.status)
 
     @property
     def native_value(self) -> StateType | datetime:

@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import (
     HomeAssistant,
     ServiceCall,
@@ -15,7 +14,7 @@ from homeassistant.core import (
     callback,
 )
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
-from homeassistant.helpers import config_validation as cv
+from homeassistant.helpers import config_validation as cv, service
 import probatio as vol
 
 from .const import DOMAIN, SERVICE_RESTORE, SERVICE_SYNC, SERVICE_VERIFY
@@ -60,20 +59,10 @@ def _invalid(key: str, **placeholders: str) -> ServiceValidationError:
 
 def _entry(hass: HomeAssistant, call: ServiceCall) -> MyNasConfigEntry:
     """The node a call is for: the one named, or the only loaded one."""
-    entry_id = call.data.get(ATTR_ENTRY)
-    if entry_id:
-        entry = hass.config_entries.async_get_entry(entry_id)
-        if entry is None or entry.domain != DOMAIN:
-            raise _invalid("unknown_node", node=entry_id)
-        if entry.state is not ConfigEntryState.LOADED:
-            raise _invalid("node_not_loaded", node=entry.title)
-        return entry
-    loaded = hass.config_entries.async_loaded_entries(DOMAIN)
-    if not loaded:
-        raise _invalid("no_node")
-    if len(loaded) > 1:
-        raise _invalid("several_nodes")
-    return loaded[0]
+    entry: MyNasConfigEntry = service.async_get_config_entry(
+        hass, DOMAIN, call.data.get(ATTR_ENTRY)
+    )
+    return entry
 
 
 def _match(name: str | None, candidates: dict[str, str], key: str) -> list[str]:
@@ -235,7 +224,9 @@ def async_setup_services(hass: HomeAssistant) -> None:
         schema=VERIFY_SCHEMA,
         supports_response=SupportsResponse.OPTIONAL,
     )
-    hass.services.async_register(
+    # Restore writes files wherever Home Assistant may: for administrators only.
+    service.async_register_admin_service(
+        hass,
         DOMAIN,
         SERVICE_RESTORE,
         _restore,

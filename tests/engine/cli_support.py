@@ -36,18 +36,25 @@ class Run:
         return lines[0]
 
 
-async def mynas(*args: str | os.PathLike[str]) -> Run:
-    """Run ``python -m custom_components.mynas.engine ARGS`` from the repository, to its end."""
-    proc = await asyncio.create_subprocess_exec(
+async def spawn(
+    *args: str | os.PathLike[str], stdout: int = asyncio.subprocess.DEVNULL
+) -> asyncio.subprocess.Process:
+    """Start ``python -m custom_components.mynas.engine ARGS`` from the repository; stderr piped."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "custom_components.mynas.engine",
         *map(str, args),
         cwd=ROOT,
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def mynas(*args: str | os.PathLike[str]) -> Run:
+    """Run ``python -m custom_components.mynas.engine ARGS`` from the repository, to its end."""
+    proc = await spawn(*args, stdout=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return Run(proc.returncode, out.decode(), err.decode())

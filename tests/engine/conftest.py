@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 import shutil
 import tempfile
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
+import asyncssh
 import pytest
 
 from custom_components.mynas.engine import identity
@@ -23,6 +24,8 @@ from custom_components.mynas.engine.host.space import HostedSpace
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner.run import PeerTarget
 
+from .netns_support import Namespaces, namespaces
+
 MIB = 1 << 20
 DEFAULT_QUOTA = 16 * MIB
 
@@ -30,6 +33,12 @@ DEFAULT_QUOTA = 16 * MIB
 @pytest.fixture(autouse=True)
 def _engine_sockets(socket_enabled: None) -> None:
     """Allow loopback sockets in every engine test."""
+
+
+@pytest.fixture
+def netns(monkeypatch: pytest.MonkeyPatch) -> Iterator[Namespaces]:
+    """Network namespaces for this test (root), removed at its end (``netns_support``)."""
+    yield from namespaces(monkeypatch)
 
 
 def _key_path(tmp_path: Path, name: str) -> Path:
@@ -47,28 +56,34 @@ def key_file(tmp_path: Path) -> Callable[[str], Path]:
     return lambda name: _key_path(tmp_path, name)
 
 
-@pytest.fixture
-def host_id(tmp_path: Path) -> Identity:
-    """The identity of the node under test (the host)."""
-    return _identity(tmp_path, "host")
+def _identity_fixture(name: str, about: str) -> Any:
+    """A fixture ``<name>_id``: the named identity, created on first use in this test."""
+
+    def named(tmp_path: Path) -> Identity:
+        return _identity(tmp_path, name)
+
+    named.__doc__ = about
+    return pytest.fixture(name=f"{name}_id")(named)
+
+
+host_id = _identity_fixture("host", "The identity of the node under test (the host).")
+alice_id = _identity_fixture("alice", "A peer's identity (a friend's node): \"alice\".")
+bob_id = _identity_fixture("bob", 'Another peer\'s identity: "bob".')
+mallory_id = _identity_fixture("mallory", "A key that no node has added.")
 
 
 @pytest.fixture
-def alice_id(tmp_path: Path) -> Identity:
-    """A peer's identity (a friend's node): "alice"."""
-    return _identity(tmp_path, "alice")
+def chosen_kex(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The key exchange each side of each connection in the test chose, in order."""
+    chosen: list[bytes] = []
+    real_get_kex = asyncssh.connection.get_kex
 
+    def spy(conn: Any, alg: bytes) -> Any:
+        chosen.append(alg)
+        return real_get_kex(conn, alg)
 
-@pytest.fixture
-def bob_id(tmp_path: Path) -> Identity:
-    """Another peer's identity: "bob"."""
-    return _identity(tmp_path, "bob")
-
-
-@pytest.fixture
-def mallory_id(tmp_path: Path) -> Identity:
-    """A key that no node has added."""
-    return _identity(tmp_path, "mallory")
+    monkeypatch.setattr(asyncssh.connection, "get_kex", spy)
+    return chosen
 
 
 @pytest.fixture
@@ -79,18 +94,21 @@ def storage_dir(tmp_path: Path) -> Path:
     return path
 
 
+class ServerOptions(TypedDict, total=False):
+    """What a test may change about the server it starts (the rest: the fixtures' defaults)."""
+
+    limits: Limits | None
+    storage: Path
+    identity: Identity
+    on_event: Callable[[str, dict[str, Any]], None] | None
+    trash_days: int
+
+
 class ServerFactory(Protocol):
     """Starts a NodeServer on 127.0.0.1, port 0; the fixture closes it at teardown."""
 
     def __call__(
-        self,
-        peers: Iterable[PeerGrant] | None = None,
-        *,
-        limits: Limits | None = None,
-        storage: Path | None = None,
-        identity: Identity | None = None,
-        on_event: Callable[[str, dict[str, Any]], None] | None = None,
-        trash_days: int = 30,
+        self, peers: Iterable[PeerGrant] | None = None, **options: Unpack[ServerOptions]
     ) -> Awaitable[NodeServer]: ...
 
 
@@ -102,13 +120,7 @@ async def make_server(
     started: list[NodeServer] = []
 
     async def make(
-        peers: Iterable[PeerGrant] | None = None,
-        *,
-        limits: Limits | None = None,
-        storage: Path | None = None,
-        identity: Identity | None = None,
-        on_event: Callable[[str, dict[str, Any]], None] | None = None,
-        trash_days: int = 30,
+        peers: Iterable[PeerGrant] | None = None, **options: Unpack[ServerOptions]
     ) -> NodeServer:
         grants = (
             list(peers)
@@ -118,8 +130,16 @@ async def make_server(
                 PeerGrant("bob", bob_id.public_line, DEFAULT_QUOTA),
             ]
         )
-        space = HostedSpace(storage or storage_dir, trash_days=trash_days)
-        server = NodeServer(identity or host_id, space, grants, limits=limits, on_event=on_event)
+        space = HostedSpace(
+            options.get("storage", storage_dir), trash_days=options.get("trash_days", 30)
+        )
+        server = NodeServer(
+            options.get("identity", host_id),
+            space,
+            grants,
+            limits=options.get("limits"),
+            on_event=options.get("on_event"),
+        )
         started.append(server)
         await server.start("127.0.0.1", 0)
         for grant in grants:

@@ -32,7 +32,7 @@ from custom_components.mynas.engine.owner import client
 from custom_components.mynas.engine.owner.run import Phase, Progress, PushResult
 from custom_components.mynas.engine.protocol import Frame
 
-from .cli_support import ROOT, mynas, public_key_file
+from .cli_support import mynas, public_key_file, spawn
 from .openssh_support import HOST, OpenSSH
 
 PUBLIC_LINE = re.compile(r"ssh-ed25519 AAAA[0-9A-Za-z+/]+=*")
@@ -79,16 +79,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Serving
         args = ["serve", "--key", host_key, "--storage", storage, "--listen", f"{HOST}:{port}"]
         for spec in peers:
             args += ["--peer", spec]
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "custom_components.mynas.engine",
-            *map(str, args),
-            cwd=ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        proc = await spawn(*args)
         serving = Serving(proc, port, host.public_line, [])
         started.append(serving)
         assert proc.stderr is not None
@@ -405,6 +396,26 @@ async def test_serve_runs_until_a_signal(
     assert (storage / "alice" / "hello.txt").read_bytes() == b"hi"
     assert any("Stopping" in line for line in serving.log)
     assert not any("Traceback" in line for line in serving.log)
+
+
+async def test_serve_logs_where_peers_say_they_are(
+    serve: Callable[..., Awaitable[Serving]], tmp_path: Path, alice_id: Identity
+) -> None:
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    keys = tmp_path / "pubkeys"
+    keys.mkdir()
+    serving = await serve(
+        f"alice={public_key_file(keys, 'alice', alice_id.public_line)}:1G", storage=storage
+    )
+    async with await client.connect(alice_id, serving.address, serving.host_key) as link:
+        await link.announce(["alice.example:8022", "[2001:db8::a]:8022"])
+    assert await serving.stop() == 0
+    assert any(
+        "alice can be reached at alice.example:8022, [2001:db8::a]:8022 (learned" in line
+        for line in serving.log
+    )
+    assert any("alice connected from 127.0.0.1" in line for line in serving.log)
 
 
 # --- the "done when": a hostile friend with OpenSSH against serve -------------------

@@ -20,14 +20,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .errors import (
         AuthRefused,
+        BackupMissing,
+        BackupSizeMismatch,
         HostKeyMismatch,
         HostRefused,
         InvalidInvite,
         KeyFileError,
         MyNasError,
+        PeerDiskFull,
         PeerUnreachable,
         QuotaExceeded,
         RestoreConflict,
+        SourceMissing,
     )
     from .host.paths import validate_peer_name
     from .host.quota import JailUsage
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
     )
     from .loop_thread import EngineLoop
     from .node import FolderConfig, PeerConfig, ProbeResult, Reachability
+    from .owner.backup_area import StoredBackup
     from .owner.replica import ReplicaKindMismatch
     from .owner.run import (
         Phase,
@@ -60,6 +65,7 @@ if TYPE_CHECKING:
         check_folder_name,
         check_subpath,
     )
+    from .owner.sealed import SealedFileError
     from .recovery_code import (
         RecoveryCodeError,
         identity_from as identity_from_recovery_code,
@@ -85,6 +91,8 @@ __all__ = [
     "MAX_ADDRESSES",
     "MAX_NODE_NAME_LENGTH",
     "AuthRefused",
+    "BackupMissing",
+    "BackupSizeMismatch",
     "DiskUsage",
     "EngineLoop",
     "FolderConfig",
@@ -97,6 +105,7 @@ __all__ = [
     "KeyFileError",
     "MyNasError",
     "PeerConfig",
+    "PeerDiskFull",
     "PeerUnreachable",
     "Phase",
     "ProbeResult",
@@ -108,7 +117,10 @@ __all__ = [
     "ReplicaKindMismatch",
     "RestoreConflict",
     "RootProblem",
+    "SealedFileError",
+    "SourceMissing",
     "StorageRootError",
+    "StoredBackup",
     "ThreadedNode",
     "VerifyResult",
     "canonical_key",
@@ -152,6 +164,9 @@ _SOURCES = {
     "PushResult": "owner.run",
     "VerifyResult": "owner.run",
     "JailUsage": "host.quota",
+    # Home Assistant's own backups kept at a peer (its backup area).
+    "StoredBackup": "owner.backup_area",
+    "SealedFileError": "owner.sealed",
     # Names a form or a service call must check.
     "check_folder_name": "owner.run",
     "check_subpath": "owner.run",
@@ -196,9 +211,13 @@ _SOURCES = {
     "InvalidInvite": "errors",
     "KeyFileError": "errors",
     "PeerUnreachable": "errors",
+    "PeerDiskFull": "errors",
+    "BackupMissing": "errors",
+    "BackupSizeMismatch": "errors",
     "QuotaExceeded": "errors",
     "RestoreConflict": "errors",
     "ReplicaKindMismatch": "owner.replica",
+    "SourceMissing": "errors",
     "format_bytes": "units",
 }
 

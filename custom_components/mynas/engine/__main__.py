@@ -143,7 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
             )
         else:
             sub.add_argument("--key", required=True)
-        sub.add_argument("--peer", required=True, type=_address, metavar="HOST:PORT")
+        sub.add_argument(
+            "--peer",
+            required=True,
+            action="append",
+            type=_address,
+            metavar="HOST:PORT",
+            help="the peer's address; several are tried in the order given",
+        )
         sub.add_argument("--peer-key", required=True, metavar="PUBKEY_FILE")
         sub.add_argument("--folder", required=True, help="the folder's name on the peer")
         if name == "restore":
@@ -182,7 +189,8 @@ def _load_identity(path: str) -> identity_mod.Identity:
 def _target(args: argparse.Namespace) -> PeerTarget:
     key = identity_mod.load_public_key_file(args.peer_key)
     line = identity_mod.public_key_line(key)
-    return PeerTarget(id=identity_mod.fingerprint(key), addresses=(args.peer,), public_key=line)
+    addresses = tuple(dict.fromkeys(args.peer))
+    return PeerTarget(id=identity_mod.fingerprint(key), addresses=addresses, public_key=line)
 
 
 def _index_path(args: argparse.Namespace) -> Path:
@@ -270,7 +278,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         space = HostedSpace(storage, trash_days=args.trash_days)
     except (OSError, ValueError) as err:
         raise CommandError(f"storage dir {storage} is unusable: {err}") from None
-    server = NodeServer(node, space, grants)
+    server = NodeServer(node, space, grants, on_event=_log_event)
     host, port = invite_mod.parse_address(args.listen)
     try:
         await server.start(host, port)
@@ -288,6 +296,18 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         _LOGGER.info("Stopping")
         await server.close()
     return 0
+
+
+def _log_event(kind: str, data: dict[str, Any]) -> None:
+    """What ``serve`` tells about its peers: where they say they are, where they come from."""
+    if kind == "addresses_announced":
+        _LOGGER.info(
+            "%s can be reached at %s (learned: it announced them)",
+            data["peer"],
+            ", ".join(data["addresses"]) or "(nowhere)",
+        )
+    elif kind == "peer_connected":
+        _LOGGER.info("%s connected from %s", data["peer"], data["address"])
 
 
 def _summary(result: dict[str, Any]) -> None:

@@ -29,12 +29,20 @@ READ   C→S  id u32, path: a file or a tree → for each file an ENTRY, then it
             frames; directories as ENTRY only; then DONE (or FAIL)
 QUERY  C→S  id u32, JSON: ``{"op": "usage"}``, ``{"op": "retention", "folder", "days"}``
             or ``{"op": "stat", "path": hex}`` (→ ``{"kind": "f" | "d" | null}``; a host
-            that serves it says ``"stat": true`` in WELCOME) → REPLY
+            that serves it lists ``"stat"`` in WELCOME's features) → REPLY
 HEADS  C→S  id u32, length u16 (at most MAX_HEAD), path: the directory's tree → for each
             file an ENTRY (its whole size), then one DATA of its first min(length, size)
             bytes (none when that is 0); directories as ENTRY only; then DONE (or FAIL).
             What adopting an encrypted replica reads (each file's sealed meta block); a
-            host that serves it says ``"heads": true`` in WELCOME
+            host that serves it lists ``"heads"`` in WELCOME's features
+ANNOUNCE C→S id u32, JSON ``{"addresses": ["host:port", ...]}``: where the sender can be
+            reached now (at most ``MAX_ANNOUNCED``, each at most ``MAX_ADDRESS`` characters,
+            the body at most ``MAX_ANNOUNCE_BODY`` bytes) → OK/FAIL. Only addresses: the
+            sender is the connection's authenticated peer, nothing here changes its key
+CHECK  C→S  id u32, JSON ``{"addresses": [...]}`` (empty: all announced): "connect back to
+            these addresses of mine" → REPLY ``{"results": [{"address", "outcome",
+            "detail"}], "seen_from"}``; only addresses the peer announced, at most
+            ``MAX_CHECKED``, rate-limited (FAIL ``busy`` with ``retry_after`` seconds)
 OK     S→C  id u32 ...: the requests named are done (and durable)
 FAIL   S→C  id u32, JSON ``{"code", "message", ...}``; codes in ``FailCode``
 OFFSET S→C  id u32, offset u64
@@ -42,6 +50,15 @@ ENTRY  S→C  id u32, kind u8, size u64, mtime_ns i64, mode u16, hash (u8 len + 
 DONE   S→C  id u32
 REPLY  S→C  id u32, JSON
 ====== ==== ================================================================================
+
+WELCOME names the optional requests a host serves in ``features`` (``"announce"``,
+``"check"``): an older host breaks off the session on a frame it does not know, so a
+client sends those only when they are listed.
+
+The reverse subsystem (``REVERSE_SUBSYSTEM``) carries the same frames with the roles of the
+SSH connection turned round: a node that cannot accept connections opens the channel (as the
+SSH client) and then *serves* the protocol on it, to the peer that accepted the connection.
+The peer speaks first (HELLO) when it wants the channel; until then it stays idle.
 """
 
 from __future__ import annotations
@@ -58,6 +75,7 @@ from .errors import ProtocolError
 from .tree import Entry, Kind
 
 SUBSYSTEM = "mynas@1"
+REVERSE_SUBSYSTEM = "mynas-reverse@1"
 VERSION = 1
 MAX_FRAME = 4 * 1024 * 1024 + 4096
 # Large files travel as DATA frames of this size; small ones whole, in one PUT each.
@@ -66,6 +84,13 @@ CHUNK = 256 * 1024
 READ_SIZE = 256 * 1024
 MAX_PATH = 4096
 MAX_HEAD = 4096  # bytes of each file a HEADS answer may carry
+# ANNOUNCE and CHECK: what one peer may make the host remember, and dial for it.
+MAX_ANNOUNCED = 8
+MAX_ADDRESS = 255
+MAX_ANNOUNCE_BODY = 4096
+MAX_CHECKED = 4
+# What a host lists in WELCOME's "features": what older hosts do not serve.
+FEATURES = ("announce", "check", "heads", "stat")
 
 
 class Frame(enum.IntEnum):
@@ -91,6 +116,8 @@ class Frame(enum.IntEnum):
     ENTRY = 23
     DONE = 24
     REPLY = 25
+    ANNOUNCE = 30
+    CHECK = 31
 
 
 class Close(enum.IntEnum):
@@ -111,6 +138,8 @@ class FailCode(enum.StrEnum):
     CHANGED = "changed"
     IO = "io"
     PROTOCOL = "protocol"
+    INVALID = "invalid"
+    BUSY = "busy"
 
 
 _HEAD = struct.Struct(">IB")
@@ -402,6 +431,16 @@ def query(req: int, request: dict[str, Any]) -> bytes:
     return frame(Frame.QUERY, _ID.pack(req), _json(request))
 
 
+def announce(req: int, addresses: list[str] | tuple[str, ...]) -> bytes:
+    """Encode ANNOUNCE (where we can be reached)."""
+    return frame(Frame.ANNOUNCE, _ID.pack(req), _json({"addresses": list(addresses)}))
+
+
+def check(req: int, addresses: list[str] | tuple[str, ...] = ()) -> bytes:
+    """Encode CHECK (connect back to these announced addresses of ours)."""
+    return frame(Frame.CHECK, _ID.pack(req), _json({"addresses": list(addresses)}))
+
+
 def ok(*reqs: int) -> bytes:
     """Encode OK for one or more requests."""
     return frame(Frame.OK, b"".join(_ID.pack(req) for req in reqs))
@@ -576,3 +615,29 @@ def parse_entry(body: bytes) -> tuple[int, Entry, bytes | None]:
 def parse_reply(body: bytes) -> tuple[int, dict[str, Any]]:
     """Decode REPLY."""
     return request_id(body), parse_json(body, _ID.size)
+
+
+def _addresses(body: bytes, limit: int) -> tuple[int, list[str]]:
+    req = request_id(body)
+    if len(body) - _ID.size > MAX_ANNOUNCE_BODY:
+        raise ProtocolError(f"address list of {len(body)} bytes (limit {MAX_ANNOUNCE_BODY})")
+    value = parse_json(body, _ID.size).get("addresses", [])
+    if not isinstance(value, list) or len(value) > limit:
+        raise ProtocolError(f"addresses must be a list of at most {limit}")
+    found: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not 0 < len(item) <= MAX_ADDRESS:
+            raise ProtocolError(f"an address is a string of at most {MAX_ADDRESS} characters")
+        if item not in found:
+            found.append(item)
+    return req, found
+
+
+def parse_announce(body: bytes) -> tuple[int, list[str]]:
+    """Decode ANNOUNCE: (id, addresses, duplicates dropped). Anything else in it is ignored."""
+    return _addresses(body, MAX_ANNOUNCED)
+
+
+def parse_check(body: bytes) -> tuple[int, list[str]]:
+    """Decode CHECK: (id, the announced addresses to dial; empty for all of them)."""
+    return _addresses(body, MAX_ANNOUNCED)

@@ -6,6 +6,7 @@ The "server" here is the test itself, which reserves each file's charge before
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import os
 import random
@@ -22,6 +23,15 @@ from custom_components.mynas.engine.host.space import HostedSpace
 from .jail_support import DAY, MTIME, assert_consistent, files_under, push, put, snapshot
 
 # --- charges --------------------------------------------------------------------------------
+
+
+def run_at_once(worker: Callable[[int], None], count: int) -> None:
+    """``worker(0)`` to ``worker(count - 1)``, each in its own thread, all joined."""
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def test_charge_counts_whole_blocks() -> None:
@@ -77,11 +87,7 @@ def test_concurrent_reservations_never_pass_the_limit() -> None:
                 quota.release(BLOCK)
         committed.append(mine)
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_at_once(worker, 8)
     assert quota.reserved == 0
     assert quota.used == sum(committed) * BLOCK == 50 * BLOCK
 
@@ -129,11 +135,7 @@ def test_concurrent_batches_stay_within_the_quota(space: HostedSpace) -> None:
         with lock:
             outcomes.extend(results)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_at_once(worker, 4)
     stored = sum(1 for r in outcomes if r is None)
     assert all(r is None or isinstance(r, QuotaExceeded) for r in outcomes)
     assert small.quota.used <= small.quota.limit

@@ -858,18 +858,26 @@ async def test_removed_peer_is_disconnected_and_refused(
     make_server: ServerFactory, alice_id: Identity, bob_id: Identity
 ) -> None:
     """Dropping a peer from the list cuts its live connection and refuses the next one."""
+    grants = [PeerGrant("bob", bob_id.public_line, DEFAULT_QUOTA)]
+    await _check_cut_off_by_new_grants(make_server, alice_id, grants)
+
+
+async def _check_cut_off_by_new_grants(
+    make_server: ServerFactory, key: Identity, grants: list[PeerGrant]
+) -> None:
+    """Connected with ``key``, the grants change: the link is cut, ``key`` is refused next."""
     events = Events()
     server = await make_server(limits=LENIENT, on_event=events)
-    link = await connect(server, alice_id)
+    link = await connect(server, key)
     try:
-        await server.set_peers([PeerGrant("bob", bob_id.public_line, DEFAULT_QUOTA)])
+        await server.set_peers(grants)
         await events.wait("peer_disconnected")
         with pytest.raises(MyNasError):
             await link.usage()
     finally:
         await link.close()
     with pytest.raises(AuthRefused):
-        await connect(server, alice_id)
+        await connect(server, key)
 
 
 # --- (4) no shell, exec, pty, X11, agent, forwarding or other subsystem ---------------------
@@ -1816,23 +1824,11 @@ async def test_replacing_a_peers_key_drops_its_live_connections(
     make_server: ServerFactory, alice_id: Identity, bob_id: Identity
 ) -> None:
     """A leaked key is replaced: whoever is connected with the old one is cut off at once."""
-    events = Events()
-    server = await make_server(limits=LENIENT, on_event=events)
-    link = await connect(server, bob_id)
-    try:
-        await server.set_peers(
-            [
-                PeerGrant("alice", alice_id.public_line, DEFAULT_QUOTA),
-                PeerGrant("bob", alice_id.public_line, DEFAULT_QUOTA),  # bob's new key
-            ]
-        )
-        await events.wait("peer_disconnected")
-        with pytest.raises(MyNasError):
-            await link.usage()
-    finally:
-        await link.close()
-    with pytest.raises(AuthRefused):
-        await connect(server, bob_id)
+    grants = [
+        PeerGrant("alice", alice_id.public_line, DEFAULT_QUOTA),
+        PeerGrant("bob", alice_id.public_line, DEFAULT_QUOTA),  # bob's new key
+    ]
+    await _check_cut_off_by_new_grants(make_server, bob_id, grants)
 
 
 def _server_buffered(server: NodeServer) -> int:

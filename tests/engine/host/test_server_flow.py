@@ -145,6 +145,13 @@ async def test_frames_in_tiny_pieces_are_read_whole(
 # --- byte budgets and back-pressure -------------------------------------------------------------
 
 
+async def budgeted(make_server: ServerFactory, budget: int, **limits: int) -> NodeServer:
+    """A server whose sessions and peers may each hold ``budget`` bytes, failures tolerated."""
+    return await make_server(
+        limits=Limits(free_failures=1000, session_bytes=budget, peer_bytes=budget, **limits)
+    )
+
+
 async def test_a_session_holds_no_more_than_its_budget_while_the_disk_is_slow(
     make_server: ServerFactory,
     alice_id: Identity,
@@ -154,8 +161,7 @@ async def test_a_session_holds_no_more_than_its_budget_while_the_disk_is_slow(
     """The session stops reading (the peer is held back by SSH flow control), nothing fails."""
     budget = 256 * KIB
     # Batches of 1 MiB: without the budget the session would hold three of them.
-    limits = Limits(free_failures=1000, batch_files=64, session_bytes=budget, peer_bytes=budget)
-    server = await make_server(limits=limits)
+    server = await budgeted(make_server, budget, batch_files=64)
     # 8 MiB: more than the budget plus what asyncssh takes in (about two 2 MiB windows).
     frames = puts(500, 16 * KIB)
     with slow_disk(monkeypatch, Jail, "write_batch") as gate:
@@ -200,10 +206,7 @@ async def test_an_upload_holds_no_more_than_its_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     budget = 256 * KIB
-    limits = Limits(
-        free_failures=1000, upload_group=128 * KIB, session_bytes=budget, peer_bytes=budget
-    )
-    server = await make_server(limits=limits)
+    server = await budgeted(make_server, budget, upload_group=128 * KIB)
     content = os.urandom(4 << 20)
     with slow_disk(monkeypatch, Upload, "write_many") as gate:
         raw = await Raw.open(server, alice_id)
@@ -229,8 +232,7 @@ async def test_a_cut_while_the_budget_is_spent_leaves_nothing_held(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     budget = 256 * KIB
-    limits = Limits(free_failures=1000, batch_files=4, session_bytes=budget, peer_bytes=budget)
-    server = await make_server(limits=limits)
+    server = await budgeted(make_server, budget, batch_files=4)
     with slow_disk(monkeypatch, Jail, "write_batch") as gate:
         raw = await Raw.open(server, alice_id)
         raw.send(*puts(100, 16 * KIB))

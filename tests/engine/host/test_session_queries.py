@@ -39,7 +39,7 @@ async def test_stat_says_what_is_there(
     _fill(storage_dir / "alice")
     link = await _connect(server, alice_id)
     try:
-        assert link.welcome["stat"] is True
+        assert link.serves("stat")
         assert await link.exists(b"F")
         assert await link.exists(b"F/a")
         assert not await link.exists(b"G")
@@ -47,7 +47,7 @@ async def test_stat_says_what_is_there(
             with pytest.raises(HostRefused):
                 await link.exists(refused)
         # The same answers from an older host, which is asked for a listing instead.
-        link.welcome["stat"] = False
+        link.welcome["features"].remove("stat")
         assert await link.exists(b"F")
         assert await link.exists(b"F/a")
         assert not await link.exists(b"G")

@@ -6,6 +6,7 @@ handles opened link-free; a failure costs that file only and leaves the old vers
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import errno
 import os
 from pathlib import Path
@@ -210,14 +211,20 @@ def test_bad_modification_time_fails_that_file(jail: Jail) -> None:
     assert_consistent(jail)
 
 
+def fails_with(code: int) -> Callable[..., None]:
+    """A stand-in for a system call that fails with ``code`` whatever it is given."""
+
+    def fail(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
 def test_overwrite_without_hard_links(jail: Jail, monkeypatch: pytest.MonkeyPatch) -> None:
     """exFAT and FAT have no hard links: the old version is moved, then the new one renamed."""
 
-    def no_links(*_args: Any, **_kwargs: Any) -> None:
-        raise OSError(errno.EPERM, "Operation not permitted")
-
     put(jail, b"a", b"old")
-    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "link", fails_with(errno.EPERM))
     put(jail, b"a", b"new")
     assert (jail.root / "a").read_bytes() == b"new"
     assert list(files_under(jail.trash_dir).values()) == [b"old"]
@@ -237,12 +244,9 @@ def test_failed_rename_keeps_the_old_version_in_place(
             raise OSError(errno.EIO, "Input/output error")
         real_rename(src, dst, *args, **kwargs)
 
-    def no_links(*_args: Any, **_kwargs: Any) -> None:
-        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-
     monkeypatch.setattr(os, "rename", rename)
     if not links:
-        monkeypatch.setattr(os, "link", no_links)
+        monkeypatch.setattr(os, "link", fails_with(errno.EOPNOTSUPP))
     results = push(jail, {b"a": b"new"})
     assert type(results[0]) is MyNasError
     assert (jail.root / "a").read_bytes() == b"old"
@@ -251,11 +255,8 @@ def test_failed_rename_keeps_the_old_version_in_place(
 
 
 def test_other_link_errors_fail_the_file(jail: Jail, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(*_args: Any, **_kwargs: Any) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-
     put(jail, b"a", b"old")
-    monkeypatch.setattr(os, "link", broken)
+    monkeypatch.setattr(os, "link", fails_with(errno.EIO))
     assert type(push(jail, {b"a": b"new"})[0]) is MyNasError
     assert (jail.root / "a").read_bytes() == b"old"
     assert_consistent(jail)

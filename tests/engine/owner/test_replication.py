@@ -376,14 +376,14 @@ async def test_nothing_changed_connects_only_if_asked(
     assert first.peer_contacted  # a new pair and new files: it had to connect
 
     connects = 0
-    real = replicator.connect_any
+    real = replicator.open_link
 
     async def counting(*args: Any) -> client.PeerLink:
         nonlocal connects
         connects += 1
         return await real(*args)
 
-    monkeypatch.setattr(replicator, "connect_any", counting)
+    monkeypatch.setattr(replicator, "open_link", counting)
     quiet = await env.push(connect_if_unchanged=False)
     assert (quiet.files_sent, quiet.files_total, quiet.peer_contacted) == (0, 2, False)
     assert connects == 0

@@ -275,3 +275,29 @@ async def test_encrypted_by_default_and_restored_from_the_recovery_code(
     run = await mynas("restore", *without_key, "--to", env.work / "typo")
     assert run.code == 1
     assert "checksum does not match" in run.reason
+
+
+def _closed_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def test_push_tries_each_peer_address_in_order(env: Env, alice_key: Path) -> None:
+    """A friend who moved: the old address first, then the new one; the push goes through."""
+    write(env.src / "a.txt", b"hello")
+    host_key = public_key_file(env.work, "host", env.server.identity.public_line)
+    old, new = _closed_address(), env.target.addresses[0]
+    index = ["--index", env.work / "cli-index.sqlite"]
+    common = ["--key", alice_key, "--peer-key", host_key, "--folder", "Docs", "--plain"]
+    run = await mynas("push", *common, "--peer", old, "--peer", new, "--source", env.src, *index)
+    assert run.code == 0, run.err
+    assert run.summary["files_sent"] == 1
+    env.check_replica()
+    # Nowhere at all: one line that names every address tried.
+    other = _closed_address()
+    write(env.src / "b.txt", b"more")
+    run = await mynas("push", *common, "--peer", old, "--peer", other, "--source", env.src, *index)
+    assert run.code == 1
+    assert old in run.reason
+    assert other in run.reason

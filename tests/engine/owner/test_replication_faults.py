@@ -639,7 +639,7 @@ async def test_restore_refuses_a_lying_host(
     async def fake_connect(*_args: Any) -> _LyingLink:
         return link
 
-    monkeypatch.setattr(restorer, "connect_any", fake_connect)
+    monkeypatch.setattr(restorer, "open_link", fake_connect)
     outside = env.work / "outside"
     outside.mkdir()
     dest = env.work / "dest"
@@ -842,7 +842,7 @@ async def test_restore_problems(env: Env, monkeypatch: pytest.MonkeyPatch) -> No
     async def fake_connect(*_args: Any) -> _LyingLink:
         return link
 
-    monkeypatch.setattr(restorer, "connect_any", fake_connect)
+    monkeypatch.setattr(restorer, "open_link", fake_connect)
     twice = env.work / "twice"
     with pytest.raises(RestoreConflict):
         await restorer.restore(env.alice, env.target, FOLDER, twice, encrypted=False)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .. import tree
 from ..errors import HostRefused, MyNasError, PeerUnreachable, QuotaExceeded, SourceMissing
 from ..identity import Identity
-from .client import PeerLink, connect_any
+from .client import PeerLink, open_link
 from .feed import Feeder
 from .index import Index, IndexEntry
 from .index_writer import IndexWriter
@@ -66,9 +66,7 @@ class _Connection:
         """Begin connecting, without waiting."""
         if self._task is None:
             target = self._target
-            self._task = asyncio.create_task(
-                connect_any(self._identity, target.addresses, target.public_key)
-            )
+            self._task = asyncio.create_task(open_link(self._identity, target))
 
     async def open(self) -> PeerLink:
         """Return the open link, connecting first if needed (``client.connect``'s errors)."""
@@ -180,6 +178,7 @@ async def push(
     *,
     exclude: Sequence[str] = (),
     bwlimit: int | None = None,
+    node_limit: Throttle | None = None,
     retention_days: int | None = None,
     progress: ProgressCallback | None = None,
     allow_empty: bool = False,
@@ -199,6 +198,9 @@ async def push(
     connection errors of ``client.connect``, QuotaExceeded (with how much is still needed
     and how much is left) or PeerDiskFull — always after recording in the index everything
     the host acknowledged.
+
+    ``bwlimit`` (bytes/s) limits this run; ``node_limit``, a throttle that other runs share,
+    limits it together with them.
 
     The connection is made while the folder is scanned. With ``connect_if_unchanged``
     False, a run that finds nothing to change (the index knows the pair, no retention is
@@ -242,7 +244,7 @@ async def push(
                 target,
                 index,
                 exclude,
-                bwlimit,
+                Throttle(bwlimit, node_limit),
                 progress,
                 select,
             )
@@ -285,7 +287,7 @@ async def convert(
         return result  # the plain copy stays until the encrypted one is whole
     started = time.monotonic()
     plain = check_folder_name(folder)
-    link = await connect_any(identity, target.addresses, target.public_key)
+    link = await open_link(identity, target)
     try:
         outcome: list[MyNasError | None] = []
         await link.delete(plain, outcome.append)
@@ -328,13 +330,13 @@ async def _run_push(
     target: PeerTarget,
     index: Index,
     exclude: Sequence[str],
-    bwlimit: int | None,
+    throttle: Throttle,
     progress: ProgressCallback | None,
     select: Callable[[bytes], bool] | None,
 ) -> PushResult:
     loop = asyncio.get_running_loop()
     folder = layout.name
-    sender = Sender(writer, folder, source, Throttle(bwlimit), progress, layout)
+    sender = Sender(writer, folder, source, throttle, progress, layout)
     feeder = Feeder(loop, source, index, folder, target.id, exclude, layout, select)
     sender.on_stop = feeder.count_only.set
     thread = loop.run_in_executor(None, feeder.run)

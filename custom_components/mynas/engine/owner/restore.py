@@ -29,7 +29,7 @@ from .. import tree
 from ..errors import HostRefused, MyNasError, PathRefused, RestoreConflict
 from ..identity import Identity
 from ..protocol import FailCode
-from .client import PeerLink, connect_any
+from .client import PeerLink, open_link
 from .replica import PlainLayout, SealedLayout, layout as make_layout
 from .run import (
     BATCH_BYTES,
@@ -44,6 +44,7 @@ from .run import (
     check_folder_name,
     check_subpath,
 )
+from .throttle import Throttle
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -256,6 +257,7 @@ async def restore(
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
     encrypted: bool | None = None,
+    limit: Throttle | None = None,
 ) -> RestoreResult:
     """Copy a folder's replica (or ``path`` inside it) from the host into ``destination``.
 
@@ -275,7 +277,7 @@ async def restore(
     result = RestoreResult(folder)
     report = Reporter(Progress(Phase.RESTORING), progress)
     state = report.state
-    link = await connect_any(identity, target.addresses, target.public_key)
+    link = await open_link(identity, target)
     try:
         layout = await _find_layout(link, identity, folder, encrypted)
         writer = _LocalWriter(dest, overwrite, layout)
@@ -315,7 +317,7 @@ async def restore(
             if conflicts:
                 raise RestoreConflict(os.fsdecode(dest), os.fsdecode(conflicts[0]), len(conflicts))
         files.clear()
-        await _receive(link, _Places(layout, sub), writer, result, report)
+        await _receive(link, _Places(layout, sub), writer, result, report, limit)
     finally:
         await link.close()
     for rel, why in writer.failed:
@@ -375,6 +377,7 @@ async def _receive(
     writer: _LocalWriter,
     result: RestoreResult,
     report: Reporter,
+    limit: Throttle | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     state = report.state
@@ -454,6 +457,9 @@ async def _receive(
                         raise PathRefused("the host sent more data than announced")
                     received += len(chunk)
                     state.bytes_done += len(chunk)
+                    if limit is not None:
+                        # Not reading on holds the host back (SSH flow control).
+                        await limit.consume(len(chunk))
                     if large is not None:
                         await loop.run_in_executor(None, writer.write_large, large, chunk)
                     elif current_rel is not None:

@@ -10,14 +10,17 @@ names and sub-paths live here too, since every run and the HA layer's input chec
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 import enum
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceMissing
+
+if TYPE_CHECKING:
+    from .client import PeerLink
 
 # --- tuning: every run's numbers, in one place -------------------------------------------
 
@@ -48,11 +51,16 @@ class Phase(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class PeerTarget:
-    """A peer to replicate to: its stable id (the index key), addresses and pinned key."""
+    """A peer to replicate to: its stable id (the index key), addresses and pinned key.
+
+    ``dial``, when set, opens the link instead (``client.open_link``): a node's own way to
+    the peer, learned addresses and reverse channels included.
+    """
 
     id: str
     addresses: tuple[str, ...]
     public_key: str
+    dial: Callable[[], Awaitable[PeerLink]] | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -209,6 +217,11 @@ class VerifyResult(RunResult):
 # --- names and paths -------------------------------------------------------------------------
 
 
+# Beside the replicas, our space at a peer holds the backup area (``backup_area.AREA``):
+# no folder may take its name (in any case: a friend's disk may ignore case).
+RESERVED_FOLDER = ".ha-backups"
+
+
 def check_folder_name(folder: str) -> bytes:
     """Return a folder name as the first path component of its replica, or raise ValueError."""
     raw = os.fsencode(folder)
@@ -221,6 +234,8 @@ def check_folder_name(folder: str) -> bytes:
         or len(raw) > 255
     ):
         raise ValueError(f"{folder!r} cannot name a folder: use a plain name without '/'")
+    if folder.casefold() == RESERVED_FOLDER:
+        raise ValueError(f"{folder!r} is reserved for Home Assistant's own backups")
     return raw
 
 

@@ -44,7 +44,7 @@ from ..errors import HostRefused, MyNasError
 from ..identity import Identity
 from ..protocol import FailCode
 from . import scanner
-from .client import PeerLink, connect_any
+from .client import PeerLink, open_link
 from .index import Index, IndexEntry
 from .index_writer import IndexWriter
 
@@ -62,6 +62,7 @@ from .run import (
     check_folder_name,
     check_source,
 )
+from .throttle import Throttle
 
 _BATCH = 512  # rows per insert into a temporary table
 _FETCH = 1024
@@ -113,11 +114,13 @@ async def verify(
     exclude: Sequence[str] = (),
     repair: bool = False,
     progress: ProgressCallback | None = None,
+    node_limit: Throttle | None = None,
 ) -> VerifyResult:
     """Compare the host's copy with the index, and the folder with the index.
 
     Reports host damage, local changes not sent yet and local rot as three counts (with
-    examples); ``repair`` re-sends only what the host damaged or lost. The replica's kind
+    examples); ``repair`` re-sends only what the host damaged or lost (within
+    ``node_limit``, the node's upload limit). The replica's kind
     (plain or encrypted) is the index's, or found on the host for a pair it does not know.
     """
     if index is None:
@@ -134,7 +137,7 @@ async def verify(
     local = _Table("size INTEGER, mtime_ns INTEGER, mode INTEGER, hash BLOB")
     findings = _Findings()
     try:
-        link = await connect_any(identity, target.addresses, target.public_key)
+        link = await open_link(identity, target)
         try:
             sealed = await loop.run_in_executor(worker, index.sealed, folder, target.id)
             if sealed is None:
@@ -185,7 +188,17 @@ async def verify(
     report.state.scan_complete = True
     if repair:
         await _repair(
-            identity, target, folder, source, index, exclude, progress, layout, result, findings
+            identity,
+            target,
+            folder,
+            source,
+            index,
+            exclude,
+            progress,
+            layout,
+            result,
+            findings,
+            node_limit,
         )
     report.done()
     result.seconds = time.monotonic() - started
@@ -397,6 +410,7 @@ async def _repair(
     layout: PlainLayout,
     result: VerifyResult,
     findings: _Findings,
+    node_limit: Throttle | None,
 ) -> None:
     """Teach the index what the host lost or holds in excess, then push exactly that."""
     loop = asyncio.get_running_loop()
@@ -424,6 +438,7 @@ async def _repair(
             progress=progress,
             encrypted=layout.sealed,
             select=select,
+            node_limit=node_limit,
         )
         result.repaired += pushed.files_sent + pushed.files_deleted
         result.repair_complete = not (pushed.error_count or pushed.files_changed_during_read)
