@@ -783,6 +783,8 @@ async def ensure_node(state: NodeState) -> None:
                     "storage_root": str(node.disk),
                     "port": node.ssh_port,
                     "allow_same_disk": True,
+                    # The demo's nodes talk to each other only: no router is asked for a port.
+                    "upnp": False,
                 }
             },
         )
@@ -809,7 +811,8 @@ async def alert_at_once(state: NodeState) -> None:
     menu = await api.post(base, {"handler": state.entry_id})
     form = await api.post(f"{base}/{menu['flow_id']}", {"next_step_id": "settings"})
     done = await api.post(
-        f"{base}/{form['flow_id']}", {"overdue_hours": 36, "unreachable_hours": 0}
+        f"{base}/{form['flow_id']}",
+        {"overdue_hours": 36, "unreachable_hours": 0, "upnp": False, "inbound": "auto"},
     )
     if done["type"] != "create_entry":
         raise DemoError(f"{state.node.name}: setting the alerts failed: {done}")
@@ -976,6 +979,17 @@ async def refresh_figures(state: NodeState) -> None:
     """
     await state.api.post(f"/api/config/config_entries/entry/{state.entry_id}/reload")
     await wait_loaded(state.api, state.entry_id)
+    # The peer test runs in the background once the entry is loaded: wait for its outcome
+    # before the other node reloads, or the test may meet a peer that is restarting.
+    await wait_for(
+        f"{state.node.name}'s peer test",
+        lambda: _connected_on(state),
+        limit=60,
+    )
+
+
+async def _connected_on(state: NodeState) -> str | None:
+    return "on" if await peer_connected(state) == "on" else None
 
     async def tested() -> bool | None:
         return True if await peer_connected(state) == "on" else None

@@ -15,11 +15,13 @@ from custom_components.mynas.config_flow import CONF_INVITE_CODE
 from custom_components.mynas.const import (
     CONF_ADDRESSES,
     CONF_DOWNLOAD_LIMIT,
+    CONF_INBOUND,
     CONF_NODE_PUBLIC_KEY,
     CONF_OVERDUE_HOURS,
     CONF_PORT,
     CONF_UNREACHABLE_HOURS,
     CONF_UPLOAD_LIMIT,
+    CONF_UPNP,
     DEFAULT_OVERDUE_HOURS,
     DEFAULT_UNREACHABLE_HOURS,
 )
@@ -117,14 +119,21 @@ async def test_settings_saves_addresses_and_hours(
     assert result["description_placeholders"] == {"default": f"127.0.0.1:{port}"}
     assert result["data_schema"]({})[CONF_OVERDUE_HOURS] == DEFAULT_OVERDUE_HOURS
     assert result["data_schema"]({})[CONF_UNREACHABLE_HOURS] == DEFAULT_UNREACHABLE_HOURS
+    assert result["data_schema"]({})[CONF_UPNP] is True  # on by default
+    assert result["data_schema"]({})[CONF_INBOUND] == "auto"
     result = await _submit(
         hass,
         result["flow_id"],
-        _settings(
-            " Alice.DuckDNS.org\n203.0.113.7:9000, [2001:db8::1]\n\n2001:db8::2 alice.duckdns.org",
-            48,
-            0,
-        ),
+        {
+            **_settings(
+                " Alice.DuckDNS.org\n203.0.113.7:9000, [2001:db8::1]\n\n"
+                "2001:db8::2 alice.duckdns.org",
+                48,
+                0,
+            ),
+            CONF_UPNP: False,
+            CONF_INBOUND: "no",
+        },
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert dict(node_entry.options) == {
@@ -136,6 +145,8 @@ async def test_settings_saves_addresses_and_hours(
         ],
         CONF_OVERDUE_HOURS: 48,
         CONF_UNREACHABLE_HOURS: 0,
+        CONF_UPNP: False,
+        CONF_INBOUND: "no",
         CONF_KEPT_DATA: ["old-peer"],  # other options are kept
     }
     # The invite code now carries them.
@@ -146,6 +157,8 @@ async def test_settings_saves_addresses_and_hours(
     result = await _open(hass, node_entry, "settings")
     assert result["data_schema"]({})[CONF_OVERDUE_HOURS] == 48
     assert result["data_schema"]({})[CONF_UNREACHABLE_HOURS] == 0
+    assert result["data_schema"]({})[CONF_UPNP] is False
+    assert result["data_schema"]({})[CONF_INBOUND] == "no"
     suggested = next(
         marker.description["suggested_value"]
         for marker in result["data_schema"].schema

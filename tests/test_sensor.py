@@ -90,7 +90,16 @@ async def test_sensors_belong_to_node_device(
     assert device.name == "Alice"
     entities = er.async_entries_for_device(er.async_get(hass), device.id)
     assert sorted(e.translation_key for e in entities) == sorted(
-        ["disk_total", "disk_used", "disk_free", "disk_used_percent", "hosted_total"]
+        [
+            "check_reachability",
+            "disk_total",
+            "disk_used",
+            "disk_free",
+            "disk_used_percent",
+            "hosted_total",
+            "reachability",
+            "upnp",
+        ]
     )
     assert all(
         e.has_entity_name
@@ -147,7 +156,8 @@ async def test_entities_are_named_translated_and_have_icons(
     hass: HomeAssistant, synced_node: MockConfigEntry
 ) -> None:
     entities = er.async_entries_for_config_entry(er.async_get(hass), synced_node.entry_id)
-    assert len(entities) == 5 + 6 + 10  # node, peer (hosted + contact), folder × peer
+    # node (disk, reachability, UPnP), peer (hosted, contact, address), folder × peer
+    assert len(entities) == 7 + 7 + 10
     for entity in entities:
         assert entity.has_entity_name, entity.entity_id
         assert entity.translation_key in EN["entity"]["sensor"], entity.entity_id

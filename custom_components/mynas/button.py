@@ -1,4 +1,4 @@
-"""Buttons: back a folder up to a peer now, or verify its copy there."""
+"""Buttons: back a folder up to a peer now, or verify its copy there; check reachability."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ from homeassistant.core import HomeAssistant
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from .coordinator import MyNasConfigEntry, SyncCoordinator
-from .entity import PairEntity, add_per_pair
+from .entity import PairEntity, ReachNodeEntity, add_per_pair
 from .models import SyncKind
+from .reach import ReachCoordinator
 
 PARALLEL_UPDATES = 1
 
 SYNC_NOW = ButtonEntityDescription(key="sync_now", translation_key="sync_now")
 VERIFY = ButtonEntityDescription(key="verify", translation_key="verify")
+CHECK_REACHABILITY = ButtonEntityDescription(
+    key="check_reachability", translation_key="check_reachability"
+)
 
 
 async def async_setup_entry(
@@ -22,7 +26,8 @@ async def async_setup_entry(
     entry: MyNasConfigEntry,
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
-    """Add "sync now" and "verify" for every folder × peer pair."""
+    """Add "sync now" and "verify" for every folder × peer pair; the node's check button."""
+    async_add_entities([ReachabilityButton(entry.runtime_data.reach)])
     syncs = entry.runtime_data.syncs
     add_per_pair(
         entry,
@@ -51,3 +56,17 @@ class PairButton(PairEntity, ButtonEntity):
         """Start the run; progress shows on the pair's sensors."""
         kind = SyncKind.SYNC if self.entity_description.key == SYNC_NOW.key else SyncKind.VERIFY
         self.coordinator.manager.start(self.pair, kind)
+
+
+class ReachabilityButton(ReachNodeEntity, ButtonEntity):
+    """Asks every friend to dial our addresses back; the sensor and a repair issue tell."""
+
+    entity_description = CHECK_REACHABILITY
+
+    def __init__(self, coordinator: ReachCoordinator) -> None:
+        """Create the node's "check reachability" button."""
+        super().__init__(coordinator, CHECK_REACHABILITY.key)
+
+    async def async_press(self) -> None:
+        """Run the check (a few seconds: each friend dials with a short timeout)."""
+        await self.coordinator.async_check()

@@ -17,6 +17,9 @@ from homeassistant.helpers.selector import (
     NumberSelector,
     NumberSelectorConfig,
     NumberSelectorMode,
+    SelectSelector,
+    SelectSelectorConfig,
+    SelectSelectorMode,
     TextSelector,
     TextSelectorConfig,
 )
@@ -27,6 +30,7 @@ from .const import (
     CONF_ADDRESSES,
     CONF_ALLOW_SAME_DISK,
     CONF_DOWNLOAD_LIMIT,
+    CONF_INBOUND,
     CONF_KEY_FILE,
     CONF_NODE_ID,
     CONF_NODE_NAME,
@@ -37,10 +41,13 @@ from .const import (
     CONF_STORAGE_ROOT,
     CONF_UNREACHABLE_HOURS,
     CONF_UPLOAD_LIMIT,
+    CONF_UPNP,
     DEFAULT_OVERDUE_HOURS,
     DEFAULT_PORT,
     DEFAULT_UNREACHABLE_HOURS,
+    DEFAULT_UPNP,
     DOMAIN,
+    INBOUND_CHOICES,
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
@@ -78,6 +85,9 @@ def _user_schema(defaults: dict[str, Any]) -> vol.Schema:
             vol.Required(CONF_PORT, default=defaults.get(CONF_PORT, DEFAULT_PORT)): PORT_SELECTOR,
             vol.Required(
                 CONF_ALLOW_SAME_DISK, default=defaults.get(CONF_ALLOW_SAME_DISK, False)
+            ): BooleanSelector(),
+            vol.Required(
+                CONF_UPNP, default=defaults.get(CONF_UPNP, DEFAULT_UPNP)
             ): BooleanSelector(),
             vol.Optional(
                 CONF_RESTORE_KEY,
@@ -192,6 +202,7 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
                                 CONF_KEY_FILE: str(key_file),
                                 CONF_NODE_PUBLIC_KEY: public_key,
                             },
+                            options={CONF_UPNP: user_input[CONF_UPNP]},
                         )
         return self.async_show_form(
             step_id="user",
@@ -271,16 +282,21 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                             CONF_ADDRESSES: addresses,
                             CONF_OVERDUE_HOURS: user_input[CONF_OVERDUE_HOURS],
                             CONF_UNREACHABLE_HOURS: user_input[CONF_UNREACHABLE_HOURS],
+                            CONF_UPNP: user_input[CONF_UPNP],
+                            CONF_INBOUND: user_input[CONF_INBOUND],
                         }
                     )
         if user_input is None:
             typed = "\n".join(entry.options.get(CONF_ADDRESSES, []))
             hours = entry.options.get(CONF_OVERDUE_HOURS, DEFAULT_OVERDUE_HOURS)
             silent = entry.options.get(CONF_UNREACHABLE_HOURS, DEFAULT_UNREACHABLE_HOURS)
+            upnp = entry.options.get(CONF_UPNP, DEFAULT_UPNP)
+            inbound = entry.options.get(CONF_INBOUND, INBOUND_CHOICES[0])
         else:  # show the answers again with the error: nothing typed is lost
             typed = user_input.get(CONF_ADDRESSES) or ""
             hours = user_input[CONF_OVERDUE_HOURS]
             silent = user_input[CONF_UNREACHABLE_HOURS]
+            upnp, inbound = user_input[CONF_UPNP], user_input[CONF_INBOUND]
         return self.async_show_form(
             step_id="settings",
             data_schema=vol.Schema(
@@ -291,6 +307,14 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                     vol.Required(CONF_OVERDUE_HOURS, default=hours): _hours(minimum=1),
                     # 0: at the first contact that fails (for those who want to know at once).
                     vol.Required(CONF_UNREACHABLE_HOURS, default=silent): _hours(minimum=0),
+                    vol.Required(CONF_UPNP, default=upnp): BooleanSelector(),
+                    vol.Required(CONF_INBOUND, default=inbound): SelectSelector(
+                        SelectSelectorConfig(
+                            options=list(INBOUND_CHOICES),
+                            translation_key=CONF_INBOUND,
+                            mode=SelectSelectorMode.DROPDOWN,
+                        )
+                    ),
                 }
             ),
             errors=errors,

@@ -25,6 +25,10 @@ CONF_UNREACHABLE_HOURS: Final = "unreachable_hours"
 # Node-wide bandwidth limits in MB/s (0: none), shared by every sync and restore.
 CONF_UPLOAD_LIMIT: Final = "upload_limit_mbps"
 CONF_DOWNLOAD_LIMIT: Final = "download_limit_mbps"
+CONF_UPNP: Final = "upnp"
+CONF_INBOUND: Final = "inbound"
+DEFAULT_UPNP: Final = True
+INBOUND_CHOICES: Final = ("auto", "yes", "no")
 
 # Subentry types.
 SUBENTRY_PEER: Final = "peer"
@@ -83,3 +87,4 @@ EVENT_UNKNOWN_KEY: Final = "mynas_unknown_key"
 SERVICE_SYNC: Final = "sync"
 SERVICE_VERIFY: Final = "verify"
 SERVICE_RESTORE: Final = "restore"
+SERVICE_CHECK_REACHABILITY: Final = "check_reachability"

@@ -30,6 +30,7 @@ from .engine import (
 from .models import SyncData
 
 if TYPE_CHECKING:
+    from .reach import ReachCoordinator
     from .sync_manager import SyncManager
 
 
@@ -41,6 +42,7 @@ class MyNasRuntimeData:
     node_data: NodeCoordinator
     syncs: SyncCoordinator
     manager: SyncManager
+    reach: ReachCoordinator
 
     @property
     def engine(self) -> EngineLoop:

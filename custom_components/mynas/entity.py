@@ -15,6 +15,7 @@ from homeassistant.helpers.update_coordinator import CoordinatorEntity
 from .const import CONF_NODE_NAME, DOMAIN, SUBENTRY_FOLDER, SUBENTRY_PEER
 from .coordinator import MyNasConfigEntry, NodeCoordinator, SyncCoordinator
 from .models import PairStatus, PeerStatus
+from .reach import ReachCoordinator
 
 
 def subentries(entry: MyNasConfigEntry, kind: str) -> dict[str, ConfigSubentry]:
@@ -159,3 +160,30 @@ class PairEntity(CoordinatorEntity[SyncCoordinator]):
     def status(self) -> PairStatus:
         """The pair's current status."""
         return self.coordinator.data.pairs.get(self.pair) or PairStatus()
+
+
+class ReachNodeEntity(CoordinatorEntity[ReachCoordinator]):
+    """An entity about whether friends can reach this node, on the node's device."""
+
+    _attr_has_entity_name = True
+
+    def __init__(self, coordinator: ReachCoordinator, key: str) -> None:
+        """Attach to the node's device, unique per entry and ``key``."""
+        super().__init__(coordinator)
+        entry = coordinator.config_entry
+        self._attr_unique_id = f"{entry.entry_id}_{key}"
+        self._attr_device_info = node_device(entry)
+
+
+class ReachPeerEntity(CoordinatorEntity[ReachCoordinator]):
+    """An entity about where a peer is reached, on the peer's device."""
+
+    _attr_has_entity_name = True
+
+    def __init__(self, coordinator: ReachCoordinator, peer: ConfigSubentry, key: str) -> None:
+        """Attach to ``peer``'s device."""
+        super().__init__(coordinator)
+        entry = coordinator.config_entry
+        self.peer_id = peer.subentry_id
+        self._attr_unique_id = f"{entry.entry_id}_{peer.subentry_id}_{key}"
+        self._attr_device_info = subentry_device(coordinator.hass, entry, peer, "Peer")

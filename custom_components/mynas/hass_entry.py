@@ -22,21 +22,26 @@ from homeassistant.util import dt as dt_util
 
 from . import issues
 from .const import (
+    CONF_ADDRESSES,
+    CONF_INBOUND,
     CONF_KEY_FILE,
     CONF_NODE_ID,
     CONF_NODE_NAME,
     CONF_PORT,
     CONF_STORAGE_ROOT,
+    CONF_UPNP,
+    DEFAULT_UPNP,
     DOMAIN,
     EVENT_UNKNOWN_KEY,
     LOGGER,
     SUBENTRY_FOLDER,
 )
 from .coordinator import MyNasConfigEntry, MyNasRuntimeData, NodeCoordinator, SyncCoordinator
-from .engine import StorageRootError, ThreadedNode, load_or_create_identity, open_root
+from .engine import Inbound, StorageRootError, ThreadedNode, load_or_create_identity, open_root
 from .entity import node_device, pair_unique_id_prefix, subentries
 from .models import DATA_BACKUP_AGENT_LISTENERS, Pair, folders_of, node_limits, peers_of
 from .orphans import async_check_orphans
+from .reach import ReachCoordinator
 from .sync_manager import SyncManager
 
 PLATFORMS: list[Platform] = [Platform.BINARY_SENSOR, Platform.BUTTON, Platform.SENSOR]
@@ -76,7 +81,15 @@ async def async_start_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> MyNa
     node_key, _ = await hass.async_add_executor_job(load_or_create_identity, key_path(hass, entry))
 
     upload_limit, download_limit = node_limits(entry.options)
-    node = ThreadedNode(node_key, root, upload_limit=upload_limit, download_limit=download_limit)
+    options = entry.options
+    node = ThreadedNode(
+        node_key,
+        root,
+        upload_limit=upload_limit,
+        download_limit=download_limit,
+        upnp=bool(options.get(CONF_UPNP, DEFAULT_UPNP)),
+        inbound=Inbound(options.get(CONF_INBOUND, Inbound.AUTO)),
+    )
     peers = peers_of(entry)
     folders = folders_of(entry)
     manager = SyncManager(
@@ -91,12 +104,14 @@ async def async_start_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> MyNa
     )
     # Before the server listens: a peer that connects at once finds its state loaded.
     await manager.async_load()
+    reach = ReachCoordinator(hass, entry, node)
     try:
         await node.start(
             LISTEN_HOST,
             data[CONF_PORT],
             peers.values(),
-            on_event=partial(_on_server_event, hass, entry, manager),
+            on_event=partial(_on_server_event, hass, entry, manager, reach),
+            addresses=options.get(CONF_ADDRESSES, []),
         )
     except OSError as err:
         if err.errno in (errno.EADDRINUSE, errno.EACCES):
@@ -127,9 +142,11 @@ async def async_start_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> MyNa
         node_data=NodeCoordinator(hass, entry, node, manager),
         syncs=SyncCoordinator(hass, entry, manager),
         manager=manager,
+        reach=reach,
     )
     try:
         await runtime.node_data.async_config_entry_first_refresh()
+        await runtime.reach.async_config_entry_first_refresh()
         await runtime.syncs.async_config_entry_first_refresh()
     except BaseException:
         await _stop(runtime)
@@ -220,10 +237,14 @@ def _on_server_event(
     hass: HomeAssistant,
     entry: MyNasConfigEntry,
     manager: SyncManager,
+    reach: ReachCoordinator,
     kind: str,
     details: dict[str, Any],
 ) -> None:
-    """Turn one of the server's events into state or an HA event."""
+    """Turn one of the engine's events into state or an HA event."""
+    if kind in ("reachability", "upnp", "peer_addresses"):
+        reach.on_event(kind, details)
+        return
     if kind == "unknown_key":
         LOGGER.warning(
             "A node with unknown key %s tried to connect from %s: if it is a friend, "
@@ -253,6 +274,7 @@ async def _stop(runtime: MyNasRuntimeData) -> None:
     """Stop the coordinators, the scheduler, then the node and its thread (idempotent)."""
     await runtime.node_data.async_shutdown()
     await runtime.syncs.async_shutdown()
+    await runtime.reach.async_shutdown()
     await runtime.manager.async_stop()
     await runtime.node.stop()
 

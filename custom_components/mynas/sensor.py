@@ -1,4 +1,4 @@
-"""Sensors: the node's disk and hosted space, each peer's space and contact, each pair's sync."""
+"""Sensors: the node's disk, space and reach; each peer's space, contact, address; pairs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Callable
 import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from homeassistant.components.sensor import (
     SensorDeviceClass,
@@ -27,10 +28,13 @@ from .entity import (
     PairEntity,
     PeerHostedEntity,
     PeerStatusEntity,
+    ReachNodeEntity,
+    ReachPeerEntity,
     add_per_pair,
     add_per_peer,
 )
 from .models import PairStatus, PeerStatus, SyncState
+from .reach import CAUSES, UPNP_STATES, ReachCoordinator, ReachData
 
 # Coordinator-driven: no per-entity polling to throttle.
 PARALLEL_UPDATES = 0
@@ -320,12 +324,14 @@ async def async_setup_entry(
     """Add the node's, every peer's and every pair's sensors."""
     runtime = entry.runtime_data
     async_add_entities(NodeSensor(runtime.node_data, desc) for desc in NODE_SENSORS)
+    async_add_entities(ReachSensor(runtime.reach, desc) for desc in REACH_SENSORS)
     add_per_peer(
         entry,
         async_add_entities,
         lambda peer: [
             *(HostedSensor(runtime.node_data, peer, desc) for desc in HOSTED_SENSORS),
             *(PeerSensor(runtime.syncs, peer, desc) for desc in PEER_SENSORS),
+            PeerAddressSensor(runtime.reach, peer),
         ],
     )
     add_per_pair(
@@ -428,3 +434,126 @@ class PairSensor(PairEntity, SensorEntity):
     def native_value(self) -> StateType | datetime:
         """The figure from the pair's status."""
         return self.entity_description.value_fn(self.status)
+
+
+# --- reachability ------------------------------------------------------------------------------
+
+
+def _when(seconds: object) -> str | None:
+    """An engine time (seconds since the epoch) as ISO 8601, for an attribute."""
+    if not isinstance(seconds, int | float):
+        return None
+    return dt_util.utc_from_timestamp(seconds).isoformat()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReachSensorDescription(SensorEntityDescription):
+    """A figure about whether friends can reach us, and its details."""
+
+    value_fn: Callable[[ReachData], StateType]
+    attributes_fn: Callable[[ReachData], dict[str, Any]]
+
+
+def _report_attributes(data: ReachData) -> dict[str, Any]:
+    report = data.report
+    if report is None:
+        return {}
+    return {
+        "checked_at": _when(report.get("at")),
+        "addresses": report.get("addresses", []),
+        "lan_address": report.get("lan_address"),
+        "seen_from": report.get("seen_from", []),
+        "answered_by": report.get("answered_by", []),
+        "port": report.get("port"),
+        "not_checked_by": sorted(report.get("errors", {})),
+    }
+
+
+def _upnp_attributes(data: ReachData) -> dict[str, Any]:
+    upnp = data.upnp
+    if upnp is None:
+        return {}
+    return {
+        "external_address": upnp.get("external_address"),
+        "lan_address": upnp.get("lan_address"),
+        "error": upnp.get("error"),
+        "renewed_at": _when(upnp.get("renewed_at")),
+    }
+
+
+REACH_SENSORS: tuple[ReachSensorDescription, ...] = (
+    ReachSensorDescription(
+        key="reachability",
+        translation_key="reachability",
+        device_class=SensorDeviceClass.ENUM,
+        options=list(CAUSES),
+        value_fn=lambda data: str(data.report["cause"]) if data.report else None,
+        attributes_fn=_report_attributes,
+    ),
+    ReachSensorDescription(
+        key="upnp",
+        translation_key="upnp",
+        device_class=SensorDeviceClass.ENUM,
+        options=list(UPNP_STATES),
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=lambda data: str(data.upnp["status"]) if data.upnp else "off",
+        attributes_fn=_upnp_attributes,
+    ),
+)
+
+
+class ReachSensor(ReachNodeEntity, SensorEntity):
+    """Whether friends can reach this node (the last check), or how UPnP fared."""
+
+    entity_description: ReachSensorDescription
+
+    def __init__(self, coordinator: ReachCoordinator, description: ReachSensorDescription) -> None:
+        """Create the sensor for ``description``."""
+        super().__init__(coordinator, description.key)
+        self.entity_description = description
+
+    @property
+    def native_value(self) -> StateType:
+        """The verdict."""
+        return self.entity_description.value_fn(self.coordinator.data)
+
+    @property
+    def extra_state_attributes(self) -> dict[str, Any]:
+        """What the verdict rests on."""
+        return self.entity_description.attributes_fn(self.coordinator.data)
+
+
+class PeerAddressSensor(ReachPeerEntity, SensorEntity):
+    """Where we last reached a peer, since when, and every address we know for it."""
+
+    _attr_translation_key = "peer_address"
+
+    def __init__(self, coordinator: ReachCoordinator, peer: ConfigSubentry) -> None:
+        """Create the peer's address sensor."""
+        super().__init__(coordinator, peer, "peer_address")
+
+    @property
+    def _view(self) -> dict[str, Any]:
+        return self.coordinator.data.peers.get(self.peer_id) or {}
+
+    @property
+    def native_value(self) -> StateType:
+        """The address in use (the last one that answered)."""
+        in_use = self._view.get("in_use")
+        return str(in_use["address"])[:255] if in_use else None
+
+    @property
+    def extra_state_attributes(self) -> dict[str, Any]:
+        """Since when, and the typed, learned (with since when) and hinted addresses."""
+        view = self._view
+        in_use = view.get("in_use")
+        hint = view.get("hint")
+        return {
+            "since": _when(in_use["since"]) if in_use else None,
+            "typed": view.get("typed", []),
+            "learned": [
+                {"address": seen["address"], "since": _when(seen["since"])}
+                for seen in view.get("learned", [])
+            ],
+            "connected_from": hint["address"] if hint else None,
+        }

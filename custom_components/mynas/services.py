@@ -1,4 +1,4 @@
-"""Services: sync (all, a folder, or a folder × peer), verify, restore — with response data."""
+"""Services: sync, verify, restore, check reachability — each with response data."""
 
 from __future__ import annotations
 
@@ -17,7 +17,13 @@ from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
 from homeassistant.helpers import config_validation as cv, service
 import probatio as vol
 
-from .const import DOMAIN, SERVICE_RESTORE, SERVICE_SYNC, SERVICE_VERIFY
+from .const import (
+    DOMAIN,
+    SERVICE_CHECK_REACHABILITY,
+    SERVICE_RESTORE,
+    SERVICE_SYNC,
+    SERVICE_VERIFY,
+)
 from .coordinator import MyNasConfigEntry
 from .engine import HostRefused, MyNasError, RestoreConflict, check_folder_name, check_subpath
 from .models import SyncKind
@@ -49,6 +55,9 @@ RESTORE_SCHEMA = vol.Schema(
         vol.Optional(ATTR_OVERWRITE, default=False): cv.boolean,
     }
 )
+
+
+CHECK_SCHEMA = vol.Schema({vol.Optional(ATTR_ENTRY): cv.string})
 
 
 def _invalid(key: str, **placeholders: str) -> ServiceValidationError:
@@ -199,6 +208,19 @@ async def _restore(call: ServiceCall) -> ServiceResponse:
     return {"peer": peer_name, **result.as_dict()}
 
 
+async def _check_reachability(call: ServiceCall) -> ServiceResponse:
+    """Ask every friend to dial our addresses back; answer with what each found."""
+    entry = _entry(call.hass, call)
+    try:
+        return await entry.runtime_data.reach.async_check()
+    except MyNasError as err:
+        raise HomeAssistantError(
+            translation_domain=DOMAIN,
+            translation_key="check_failed",
+            translation_placeholders={"error": str(err)},
+        ) from err
+
+
 def _known(manager: SyncManager) -> str:
     return ", ".join(sorted(setup.config.name for setup in manager.folders.values())) or "-"
 
@@ -222,6 +244,13 @@ def async_setup_services(hass: HomeAssistant) -> None:
         SERVICE_VERIFY,
         _verify,
         schema=VERIFY_SCHEMA,
+        supports_response=SupportsResponse.OPTIONAL,
+    )
+    hass.services.async_register(
+        DOMAIN,
+        SERVICE_CHECK_REACHABILITY,
+        _check_reachability,
+        schema=CHECK_SCHEMA,
         supports_response=SupportsResponse.OPTIONAL,
     )
     # Restore writes files wherever Home Assistant may: for administrators only.

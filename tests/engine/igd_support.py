@@ -193,4 +193,12 @@ async def router(http_port: int, ssdp_port: int) -> AsyncIterator[UpnpServer]:
         yield server
     finally:
         await server.async_stop()
+        # What async_stop leaves open in 0.48 (and the garbage collector would otherwise
+        # report in some later test): the search responder's reply socket, and the HTTP
+        # runner with the connections it accepted.
+        responder = server._search_responder
+        if responder is not None and responder._response_transport is not None:
+            responder._response_transport.close()
+        if server._site is not None:
+            await server._site._runner.cleanup()
         await asyncio.sleep(0)

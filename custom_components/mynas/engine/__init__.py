@@ -54,7 +54,7 @@ if TYPE_CHECKING:
         parse_address,
     )
     from .loop_thread import EngineLoop
-    from .node import FolderConfig, PeerConfig, ProbeResult, Reachability
+    from .node import FolderConfig, Inbound, PeerConfig, ProbeResult, Reachability
     from .owner.backup_area import StoredBackup
     from .owner.replica import ReplicaKindMismatch
     from .owner.run import (
@@ -99,6 +99,7 @@ __all__ = [
     "HostKeyMismatch",
     "HostRefused",
     "Identity",
+    "Inbound",
     "InvalidInvite",
     "Invite",
     "JailUsage",
@@ -157,6 +158,7 @@ _SOURCES = {
     "PeerConfig": "node",
     "FolderConfig": "node",
     "ProbeResult": "node",
+    "Inbound": "node",
     "Reachability": "node",
     # What runs report.
     "Phase": "owner.run",

@@ -29,7 +29,7 @@ from async_upnp_client.aiohttp import AiohttpRequester
 from async_upnp_client.client import UpnpDevice, UpnpService
 from async_upnp_client.client_factory import UpnpFactory
 from async_upnp_client.exceptions import UpnpActionResponseError, UpnpError
-from async_upnp_client.search import async_search
+from async_upnp_client.search import SsdpSearchListener
 from async_upnp_client.utils import CaseInsensitiveDict
 
 from .invite import format_address
@@ -46,6 +46,9 @@ WAN_SERVICES = (
     "urn:schemas-upnp-org:service:WANIPConnection:1",
     "urn:schemas-upnp-org:service:WANPPPConnection:1",
 )
+# Where the search goes when no target is given: None, the SSDP multicast group of the LAN.
+# (Tests point it at 127.0.0.1, so that no search ever leaves the machine.)
+DEFAULT_SEARCH_TARGET: tuple[str, int] | None = None
 LEASE = 3600
 SEARCH_SECONDS = 3
 # After a failure (no router, refused), try again this often (seconds).
@@ -258,15 +261,33 @@ class PortMapper:
 
         for search_target in IGD_TYPES:
             with contextlib.suppress(OSError):
-                await async_search(
-                    heard,
-                    timeout=self._search_seconds,
-                    search_target=search_target,
-                    target=self._search_target,
-                )
+                await self._search_for(search_target, heard)
             if found:
                 break
         return found
+
+    async def _search_for(
+        self, search_target: str, heard: Callable[[CaseInsensitiveDict], Any]
+    ) -> None:
+        """One SSDP search, its socket closed even if cancelled (``async_search`` isn't)."""
+        listener: SsdpSearchListener | None = None
+
+        async def connected() -> None:
+            assert listener is not None
+            listener.async_search()
+
+        listener = SsdpSearchListener(
+            async_callback=heard,
+            target=self._search_target or DEFAULT_SEARCH_TARGET,
+            timeout=self._search_seconds,
+            search_target=search_target,
+            async_connect_callback=connected,
+        )
+        await listener.async_start()
+        try:
+            await asyncio.sleep(self._search_seconds)
+        finally:
+            listener.async_stop()
 
     def _set(self, state: MapState) -> MapState:
         changed = state != self.state
