@@ -209,8 +209,8 @@ async def test_verify_clean_then_mismatch_then_repair(
     tampered = bob.replica("Photos") / "2024" / "beach.jpg"
     tampered.write_bytes(b"evil")
     (result,) = (await _call(hass, "verify", folder="Photos"))["results"]
-    assert (result["status"], result["mismatched"], result["clean"]) == ("mismatch", 1, False)
-    assert result["examples"] == ["mismatched: 2024/beach.jpg"]
+    assert (result["status"], result["host_damaged"], result["clean"]) == ("mismatch", 1, False)
+    assert result["examples"] == ["host damage: 2024/beach.jpg (not what was sent)"]
     (result,) = (await _call(hass, "verify", repair=True))["results"]
     assert (result["status"], result["repaired"]) == ("success", 1)
     assert tampered.read_bytes() == FILES["2024/beach.jpg"]
@@ -252,6 +252,8 @@ async def test_restore_into_an_empty_folder(
         "dirs": result["dirs"],
         "bytes": size,
         "size": texts.size(size),
+        "failed": 0,
+        "failures": [],
     }
     assert result["size"] == "6.0 kB"
     for rel, data in FILES.items():

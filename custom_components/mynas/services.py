@@ -244,6 +244,9 @@ async def _restore(call: ServiceCall) -> ServiceResponse:
         "dirs": result.dirs,
         "bytes": result.bytes,
         "size": texts.size(result.bytes),
+        # Files of an encrypted copy that failed authentication: never written.
+        "failed": result.failed,
+        "failures": result.failures,
         "seconds": round(result.seconds, 3),
     }
 

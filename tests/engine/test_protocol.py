@@ -249,6 +249,16 @@ async def test_peek_names_the_next_whole_frame_only() -> None:
         await reader.read_frame()
 
 
+def test_heads_round_trip_and_limit() -> None:
+    encoded = protocol.heads(7, b"dir/sub", 66)
+    assert Frame(encoded[4]) is Frame.HEADS
+    assert protocol.parse_heads(encoded[5:]) == (7, 66, b"dir/sub")
+    with pytest.raises(ProtocolError, match="limit"):
+        protocol.heads(1, b"d", protocol.MAX_HEAD + 1)
+    with pytest.raises(ProtocolError, match="limit"):
+        protocol.parse_heads(struct.pack(">IH", 1, protocol.MAX_HEAD + 1) + b"\x00\x01d")
+
+
 def test_announce_and_check_round_trip_without_duplicates() -> None:
     body = protocol.announce(7, ["a.example:8022", "[2001:db8::1]:8022", "a.example:8022"])[5:]
     assert protocol.parse_announce(body) == (7, ["a.example:8022", "[2001:db8::1]:8022"])

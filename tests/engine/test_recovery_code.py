@@ -99,3 +99,15 @@ def test_install_reports_an_unwritable_place(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(KeyFileError, match="cannot create the key file"):
         identity.install(node, blocker / "key")
+
+
+def test_the_public_api_offers_the_code_both_ways(tmp_path: Path) -> None:
+    from custom_components.mynas import engine  # noqa: PLC0415
+
+    node, _ = identity.load_or_create(tmp_path / "key")
+    code = engine.recovery_code_of(node)
+    assert engine.identity_from_recovery_code(code) == node
+    with pytest.raises(engine.RecoveryCodeError):
+        engine.identity_from_recovery_code(code[:-1])
+    engine.install_identity(node, tmp_path / "again")
+    assert identity.load(tmp_path / "again") == node

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import errno
 import os
 from pathlib import Path
@@ -16,6 +16,7 @@ import pytest
 
 from custom_components.mynas.engine import (
     BackupMissing,
+    FolderConfig,
     PeerConfig,
     QuotaExceeded,
     StoredBackup,
@@ -117,6 +118,38 @@ async def test_stop_waits_for_cancelled_work_to_unwind(node: ThreadedNode) -> No
     assert unwound == ["done"]
     with pytest.raises(asyncio.CancelledError):
         await waiting
+
+
+async def test_a_folder_pushed_plain_then_converted_through_the_node(
+    alice_id: Identity, server: NodeServer, tmp_path: Path
+) -> None:
+    """What Home Assistant drives: a plain folder (as set up before), then its conversion."""
+    (tmp_path / "alice-root").mkdir()
+    node = ThreadedNode(alice_id, tmp_path / "alice-root")
+    try:
+        await _convert_through(node, server, tmp_path)
+    finally:
+        await node.stop()
+
+
+async def _convert_through(node: ThreadedNode, server: NodeServer, tmp_path: Path) -> None:
+    source = tmp_path / "Photos"
+    source.mkdir()
+    (source / "beach.jpg").write_bytes(b"JPEG")
+    peer = PeerConfig(
+        "host", "Host", "host", (address(server),), server.identity.public_line, 1 << 20
+    )
+    await node.start("127.0.0.1", 0, [peer])
+    folder = FolderConfig("f1", "Photos", str(source))
+    pushed = await node.push(folder, "host")
+    assert pushed.files_sent == 1
+    converted = await node.convert(replace(folder, encrypted=True), "host")
+    assert (converted.files_sent, converted.replaced_plain) == (1, True)
+    again = await node.push(replace(folder, encrypted=True), "host")
+    assert again.files_sent == 0
+    restored = await node.restore("Photos", "host", str(tmp_path / "back"))
+    assert (restored.files, restored.failed) == (1, 0)
+    assert (tmp_path / "back" / "beach.jpg").read_bytes() == b"JPEG"
 
 
 # --- backups: streams across the thread hop --------------------------------------------

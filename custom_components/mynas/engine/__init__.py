@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         canonical_key,
         copy_key,
         fingerprint,
+        install as install_identity,
         load as load_identity,
         load_or_create as load_or_create_identity,
     )
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from .loop_thread import EngineLoop
     from .node import FolderConfig, Inbound, PeerConfig, ProbeResult, Reachability
     from .owner.backup_area import StoredBackup
+    from .owner.replica import ReplicaKindMismatch
     from .owner.run import (
         Phase,
         Progress,
@@ -64,6 +66,11 @@ if TYPE_CHECKING:
         check_subpath,
     )
     from .owner.sealed import SealedFileError
+    from .recovery_code import (
+        RecoveryCodeError,
+        identity_from as identity_from_recovery_code,
+        of as recovery_code_of,
+    )
     from .storage_root import (
         DiskUsage,
         RootProblem,
@@ -107,6 +114,8 @@ __all__ = [
     "PushResult",
     "QuotaExceeded",
     "Reachability",
+    "RecoveryCodeError",
+    "ReplicaKindMismatch",
     "RestoreConflict",
     "RootProblem",
     "SealedFileError",
@@ -128,6 +137,8 @@ __all__ = [
     "fingerprint",
     "format_address",
     "format_bytes",
+    "identity_from_recovery_code",
+    "install_identity",
     "jails_on_disk",
     "load_identity",
     "load_or_create_identity",
@@ -135,6 +146,7 @@ __all__ = [
     "names_on_disk",
     "open_root",
     "parse_address",
+    "recovery_code_of",
     "validate_peer_name",
 ]
 
@@ -180,6 +192,11 @@ _SOURCES = {
     "fingerprint": "identity",
     "load_identity": "identity:load",
     "load_or_create_identity": "identity:load_or_create",
+    "install_identity": "identity:install",
+    # The recovery code: the node secret for people (as secret as the key; never log it).
+    "recovery_code_of": "recovery_code:of",
+    "identity_from_recovery_code": "recovery_code:identity_from",
+    "RecoveryCodeError": "recovery_code",
     # Invite codes and the addresses in them.
     "Invite": "invite",
     "MAX_ADDRESSES": "invite",
@@ -201,6 +218,7 @@ _SOURCES = {
     "BackupSizeMismatch": "errors",
     "QuotaExceeded": "errors",
     "RestoreConflict": "errors",
+    "ReplicaKindMismatch": "owner.replica",
     "SourceMissing": "errors",
     "format_bytes": "units",
 }

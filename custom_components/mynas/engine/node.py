@@ -43,7 +43,7 @@ from .owner import backup_area, client
 from .owner.backup_area import BytesCallback, OpenStream, StoredBackup
 from .owner.client import PeerLink
 from .owner.index import Index
-from .owner.push import push as push_folder
+from .owner.push import convert as convert_folder, push as push_folder
 from .owner.restore import restore as restore_folder
 from .owner.run import (
     PeerTarget,
@@ -104,6 +104,9 @@ class FolderConfig:
     exclude: tuple[str, ...] = ()
     bwlimit: int | None = None
     retention_days: int | None = None
+    # Encrypted replicas are the engine's default (``push``); a folder set up before they
+    # existed has plain ones, and the Home Assistant layer decides (issue 11, its part).
+    encrypted: bool = False
 
 
 class Inbound(enum.StrEnum):
@@ -693,6 +696,30 @@ class Node:
             exclude=folder.exclude,
             bwlimit=folder.bwlimit,
             node_limit=self.upload,
+            retention_days=folder.retention_days,
+            progress=progress,
+            encrypted=folder.encrypted,
+        )
+
+    async def convert(
+        self,
+        folder: FolderConfig,
+        peer_id: str,
+        progress: ProgressCallback | None = None,
+    ) -> PushResult:
+        """Turn a folder's plain replica on a peer into an encrypted one (``push.convert``).
+
+        The folder must be set up encrypted from now on: later pushes are.
+        """
+        return await self._with_peer(
+            peer_id,
+            None,
+            convert_folder,
+            folder.name,
+            folder.path,
+            self.index,
+            exclude=folder.exclude,
+            bwlimit=folder.bwlimit,
             retention_days=folder.retention_days,
             progress=progress,
         )

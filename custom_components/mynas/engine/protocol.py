@@ -27,8 +27,14 @@ LIST   C→S  id u32, flags u8 (1: with content hashes), path (empty: whole jail
             → ENTRY frames in canonical order, then DONE (or FAIL)
 READ   C→S  id u32, path: a file or a tree → for each file an ENTRY, then its DATA
             frames; directories as ENTRY only; then DONE (or FAIL)
-QUERY  C→S  id u32, JSON: ``{"op": "usage"}`` or ``{"op": "retention", "folder", "days"}``
-            → REPLY
+QUERY  C→S  id u32, JSON: ``{"op": "usage"}``, ``{"op": "retention", "folder", "days"}``
+            or ``{"op": "stat", "path": hex}`` (→ ``{"kind": "f" | "d" | null}``; a host
+            that serves it lists ``"stat"`` in WELCOME's features) → REPLY
+HEADS  C→S  id u32, length u16 (at most MAX_HEAD), path: the directory's tree → for each
+            file an ENTRY (its whole size), then one DATA of its first min(length, size)
+            bytes (none when that is 0); directories as ENTRY only; then DONE (or FAIL).
+            What adopting an encrypted replica reads (each file's sealed meta block); a
+            host that serves it lists ``"heads"`` in WELCOME's features
 ANNOUNCE C→S id u32, JSON ``{"addresses": ["host:port", ...]}``: where the sender can be
             reached now (at most ``MAX_ANNOUNCED``, each at most ``MAX_ADDRESS`` characters,
             the body at most ``MAX_ANNOUNCE_BODY`` bytes) → OK/FAIL. Only addresses: the
@@ -77,12 +83,14 @@ CHUNK = 256 * 1024
 # FrameReader asks the stream for this much at a time: one call serves many small frames.
 READ_SIZE = 256 * 1024
 MAX_PATH = 4096
+MAX_HEAD = 4096  # bytes of each file a HEADS answer may carry
 # ANNOUNCE and CHECK: what one peer may make the host remember, and dial for it.
 MAX_ANNOUNCED = 8
 MAX_ADDRESS = 255
 MAX_ANNOUNCE_BODY = 4096
 MAX_CHECKED = 4
-FEATURES = ("announce", "check")
+# What a host lists in WELCOME's "features": what older hosts do not serve.
+FEATURES = ("announce", "check", "heads", "stat")
 
 
 class Frame(enum.IntEnum):
@@ -101,6 +109,7 @@ class Frame(enum.IntEnum):
     LIST = 11
     READ = 12
     QUERY = 13
+    HEADS = 40
     OK = 20
     FAIL = 21
     OFFSET = 22
@@ -141,6 +150,7 @@ _OPEN = struct.Struct(">IQqH")
 _CLOSE = struct.Struct(">IB")
 _TIME = struct.Struct(">Iq")
 _FLAGS = struct.Struct(">IB")
+_HEADS = struct.Struct(">IH")
 _OFFSET = struct.Struct(">IQ")
 _ENTRY = struct.Struct(">IBQqH")
 _LEN16 = struct.Struct(">H")
@@ -409,6 +419,13 @@ def read(req: int, path: bytes) -> bytes:
     return frame(Frame.READ, _ID.pack(req), _path(path))
 
 
+def heads(req: int, path: bytes, length: int) -> bytes:
+    """Encode HEADS (the first ``length`` bytes of every file below ``path``)."""
+    if not 0 <= length <= MAX_HEAD:
+        raise ProtocolError(f"HEADS of {length} bytes (limit {MAX_HEAD})")
+    return frame(Frame.HEADS, _HEADS.pack(req, length), _path(path))
+
+
 def query(req: int, request: dict[str, Any]) -> bytes:
     """Encode QUERY."""
     return frame(Frame.QUERY, _ID.pack(req), _json(request))
@@ -546,6 +563,15 @@ def parse_list(body: bytes) -> tuple[int, bool, bytes]:
     req, flags = _unpack(_FLAGS, body)
     path, _ = _split_path(body, _FLAGS.size)
     return req, bool(flags & 1), path
+
+
+def parse_heads(body: bytes) -> tuple[int, int, bytes]:
+    """Decode HEADS: (id, length, path)."""
+    req, length = _unpack(_HEADS, body)
+    if length > MAX_HEAD:
+        raise ProtocolError(f"HEADS of {length} bytes (limit {MAX_HEAD})")
+    path, _ = _split_path(body, _HEADS.size)
+    return req, length, path
 
 
 def parse_query(body: bytes) -> tuple[int, dict[str, Any]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 
 from .errors import MyNasError
+from .identity import Identity, from_seed, private_seed
 
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 SEED_SIZE = 32
@@ -74,3 +75,13 @@ def decode(code: str) -> bytes:
             "are swapped (nothing was changed)"
         )
     return seed
+
+
+def of(node: Identity) -> str:
+    """Return the recovery code of a node (keep it outside the house; never log it)."""
+    return encode(private_seed(node))
+
+
+def identity_from(code: str) -> Identity:
+    """Return the node a recovery code stands for (RecoveryCodeError if it is mistyped)."""
+    return from_seed(decode(code))

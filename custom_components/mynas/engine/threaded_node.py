@@ -254,6 +254,7 @@ class ThreadedNode:
             await self.engine.run(_close(source))
 
     push = _awaited(Node.push)
+    convert = _awaited(Node.convert)
     verify = _awaited(Node.verify)
     restore = _awaited(Node.restore)
     probe = _awaited(Node.probe)

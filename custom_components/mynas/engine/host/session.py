@@ -83,6 +83,7 @@ class ReplicationSession:
             Frame.QUERY: self._query,
             Frame.LIST: reads.list,
             Frame.READ: reads.read,
+            Frame.HEADS: reads.heads,
         }
         if reach is not None:
             self._handlers[Frame.ANNOUNCE] = self._announce
@@ -156,7 +157,11 @@ class ReplicationSession:
             "used": usage.used,
             "chunk": protocol.CHUNK,
             "batch_bytes": self._limits.batch_bytes,
-            "features": list(protocol.FEATURES) if self._reach is not None else [],
+            "features": [
+                feature
+                for feature in protocol.FEATURES
+                if self._reach is not None or feature not in ("announce", "check")
+            ],
         }
 
     async def _teardown(self) -> None:
@@ -311,6 +316,19 @@ class ReplicationSession:
                     {"used": usage.used, "quota": usage.quota, "disk_free": disk},
                 )
             )
+        elif op == "stat":
+            try:
+                path = bytes.fromhex(str(request.get("path")))
+            except ValueError:
+                raise ProtocolError("stat needs a path in hex") from None
+            try:
+                found = await self._io.thread(self._jail.stat, path)
+            except FileNotFoundError, NotADirectoryError:
+                self._io.send(protocol.reply(req, {"kind": None}))
+            except (MyNasError, OSError) as err:
+                self._io.fail(req, err)
+            else:
+                self._io.send(protocol.reply(req, {"kind": str(found.kind)}))
         elif op == "retention":
             folder, days = request.get("folder"), request.get("days")
             if not isinstance(folder, str) or not isinstance(days, int):

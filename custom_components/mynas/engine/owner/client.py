@@ -26,11 +26,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import asyncssh
 
 from .. import ciphers, protocol
-from ..errors import AuthRefused, HostKeyMismatch, MyNasError, PeerUnreachable, ProtocolError
+from ..errors import (
+    AuthRefused,
+    HostKeyMismatch,
+    HostRefused,
+    MyNasError,
+    PeerUnreachable,
+    ProtocolError,
+)
 from ..identity import Identity, fingerprint, parse_public_key, public_key_line
 from ..invite import parse_address
 from ..protocol import Close, Frame
-from ..tree import Entry
+from ..tree import Entry, Kind
 from .answers import AckCallback, Answers
 from .outbox import DRAIN_EVERY, Outbox
 
@@ -286,6 +293,28 @@ class PeerLink:
             lambda req: protocol.query(req, {"op": "retention", "folder": folder, "days": days})
         )
 
+    async def exists(self, path: bytes) -> bool:
+        """Return whether the host holds anything (a directory or a file) at ``path``.
+
+        One QUERY where the host serves ``stat``; an older host is asked for a listing,
+        which it walks whole even though only its first entry is read.
+        """
+        if self.serves("stat"):
+            answer = await self._request(
+                lambda req: protocol.query(req, {"op": "stat", "path": path.hex()})
+            )
+            return answer.get("kind") is not None
+        try:
+            async with contextlib.aclosing(self.list(path)) as listing:
+                async for _ in listing:
+                    break
+        except HostRefused as err:
+            if err.code == protocol.FailCode.MISSING:
+                return False
+            if err.code != protocol.FailCode.PATH:  # PATH: a file, not a directory
+                raise
+        return True
+
     def serves(self, feature: str) -> bool:
         """Whether the host listed ``feature`` (``protocol.FEATURES``) in its WELCOME."""
         features = self.welcome.get("features")
@@ -330,6 +359,38 @@ class PeerLink:
         async with contextlib.aclosing(self.read(path)) as frames:
             async for kind, value in frames:
                 yield value[0] if kind is Frame.ENTRY else value
+
+    @property
+    def serves_heads(self) -> bool:
+        """Whether the host answers HEADS (it says so in WELCOME; older hosts do not)."""
+        return self.serves("heads")
+
+    async def heads(self, path: bytes, length: int) -> AsyncGenerator[tuple[Entry, bytes | None]]:
+        """Yield the host's entries below ``path``, each file with its first ``length`` bytes.
+
+        Only for a host that ``serves_heads``. Close the generator (``contextlib.aclosing``)
+        when leaving it early.
+        """
+        pending: Entry | None = None
+        async with contextlib.aclosing(
+            self._stream(lambda req: protocol.heads(req, path, length))
+        ) as frames:
+            async for kind, value in frames:
+                if kind is Frame.DATA:
+                    if pending is None:
+                        raise ProtocolError("DATA for no file in a HEADS answer")
+                    yield pending, bytes(value)
+                    pending = None
+                    continue
+                if pending is not None:
+                    raise ProtocolError("a HEADS answer left out a file's first bytes")
+                item = value[0]
+                if item.kind is Kind.FILE and min(length, item.size):
+                    pending = item  # its first bytes follow
+                else:
+                    yield item, None
+        if pending is not None:
+            raise ProtocolError("a HEADS answer ended before a file's first bytes")
 
     def read(self, path: bytes) -> AsyncGenerator[tuple[Frame, Any]]:
         """Yield READ's answer frame by frame: (ENTRY, (Entry, None)) and (DATA, bytes).

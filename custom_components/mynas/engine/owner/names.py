@@ -142,6 +142,28 @@ class StoredTree:
         # (stored path, plain folder-relative path, sealed token so far: continuations)
         self._stack: list[tuple[bytes, bytes, bytes]] = []
 
+    def _jail(self, rel: bytes) -> bytes:
+        return self.folder + b"/" + rel if rel else self.folder
+
+    def start_at(self, rel: bytes) -> bytes:
+        """Read a listing of sub-path ``rel``; return its stored path.
+
+        The listing does not hold ``rel``'s parents: they are put on the stack here.
+        """
+        self._stack.clear()
+        parent, _, name = rel.rpartition(b"/")
+        plain = b""
+        for part in parent.split(b"/") if parent else []:
+            plain = plain + b"/" + part if plain else part
+            self._stack.append((self._cipher.path(self._jail(plain)), plain, b""))
+        stored_parent = self._stack[-1][0] if self._stack else self.root
+        segments = self._cipher.seal(self._jail(parent), name).split(b"/")
+        if len(segments) > 1:  # the entry's own continuations
+            prefix = stored_parent + b"/" + b"/".join(segments[:-1])
+            pending = b"".join(segment[len(CONTINUATION) :] for segment in segments[:-1])
+            self._stack.append((prefix, parent, pending))
+        return stored_parent + b"/" + b"/".join(segments)
+
     def plain(self, stored: bytes, is_dir: bool) -> bytes | None:
         """Return the folder-relative plain path of a listed jail path.
 

@@ -120,9 +120,12 @@ def _nonce(counter: int, flag: int) -> bytes:
     return counter.to_bytes(8) + flag.to_bytes(4)
 
 
+_SHA256 = hashes.SHA256()
+
+
 def file_key(contents_key: bytes, salt: bytes, path: bytes) -> bytes:
     """Return the key of the stored file at plain jail path ``path`` with ``salt``."""
-    return HKDF(hashes.SHA256(), 32, salt=salt, info=_FILE_INFO + path).derive(contents_key)
+    return HKDF(_SHA256, 32, salt=salt, info=_FILE_INFO + path).derive(contents_key)
 
 
 def resume_salt(salts_key: bytes, path: bytes, info: os.stat_result) -> bytes:
@@ -186,9 +189,23 @@ class Sealer:
 
 
 def seal(contents_key: bytes, path: bytes, meta: Meta, data: bytes) -> bytes:
-    """Return the whole stored file of a small plain file (random salt)."""
-    sealer = Sealer(contents_key, path, meta)
-    return sealer.head + sealer.update(data)
+    """Return the whole stored file of a small plain file (random salt).
+
+    ``Sealer``'s work in one go, without its buffering: the path of many small files.
+    """
+    if len(data) != meta.size:
+        raise ValueError("the data is not the size the file is sealed with")
+    aead_id = default_aead()
+    salt = os.urandom(SALT_SIZE)
+    header = _HEADER.pack(MAGIC, VERSION, aead_id, salt)
+    aead = _CIPHERS[aead_id](file_key(contents_key, salt, path))
+    meta_plain = _META.pack(meta.mtime_ns, meta.mode, meta.size)
+    parts = [header, aead.encrypt(_nonce(0, _META_FLAG), meta_plain, header)]
+    last = chunks(meta.size) - 1
+    for counter in range(last + 1):
+        piece = data[counter * CHUNK : (counter + 1) * CHUNK] if last else data
+        parts.append(aead.encrypt(_nonce(counter, _LAST if counter == last else 0), piece, None))
+    return b"".join(parts)
 
 
 class Opener:
@@ -262,6 +279,15 @@ class Opener:
         if self.meta is None or self._counter < self._chunks:
             raise self._fail("truncated")
         return self.meta
+
+
+def read_meta(contents_key: bytes, path: bytes, head: bytes) -> Meta:
+    """Return the meta of a stored file from its first ``OVERHEAD`` bytes (SealedFileError)."""
+    opener = Opener(contents_key, path)
+    opener.update(head[:OVERHEAD])
+    if opener.meta is None:
+        raise SealedFileError(path, "truncated")
+    return opener.meta
 
 
 def open_sealed(contents_key: bytes, path: bytes, data: bytes) -> tuple[Meta, bytes]:
