@@ -24,6 +24,9 @@ Then, by mode:
 - ``--headless-check``: checks that each node's files are byte-identical in the other's
   replica, that both "last backup" sensors are set, that each node sees its peer connected,
   that every entity the dashboard names exists and that Home Assistant loads the blueprints;
+  that Alice backs Home Assistant itself up to Bob through HA's backup API (the backup is
+  listed on Alice, its archive is on Bob's disk in Alice's space, sealed: opened with
+  Alice's key it equals her own copy, and downloading it through HA gives those bytes too);
   then stops Bob and checks that Alice's next sync fails and raises the "unreachable" repair
   issue; prints a summary, stops, and exits 0 (all good) or 1 (CI runs it);
 - ``--exec CMD ...``: runs CMD with the demo's URLs and login in its environment
@@ -58,6 +61,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tarfile
 import time
 from typing import Any
 
@@ -68,7 +72,13 @@ import yaml
 REPO_ROOT = hb.REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT))
 
-from custom_components.mynas.engine import invite as invite_codec  # noqa: E402
+from custom_components.mynas.engine import (  # noqa: E402
+    identity as identity_codec,
+    invite as invite_codec,
+)
+from custom_components.mynas.engine.owner import sealed  # noqa: E402
+from custom_components.mynas.engine.owner.backup_area import SealedArea  # noqa: E402
+from custom_components.mynas.engine.owner.keys import DataKeys  # noqa: E402
 
 DEFAULT_DIR = REPO_ROOT / "demo"
 DEMO_USER = "demo"
@@ -773,6 +783,8 @@ async def ensure_node(state: NodeState) -> None:
                     "storage_root": str(node.disk),
                     "port": node.ssh_port,
                     "allow_same_disk": True,
+                    # The demo's nodes talk to each other only: no router is asked for a port.
+                    "upnp": False,
                 }
             },
         )
@@ -799,7 +811,8 @@ async def alert_at_once(state: NodeState) -> None:
     menu = await api.post(base, {"handler": state.entry_id})
     form = await api.post(f"{base}/{menu['flow_id']}", {"next_step_id": "settings"})
     done = await api.post(
-        f"{base}/{form['flow_id']}", {"overdue_hours": 36, "unreachable_hours": 0}
+        f"{base}/{form['flow_id']}",
+        {"overdue_hours": 36, "unreachable_hours": 0, "upnp": False, "inbound": "auto"},
     )
     if done["type"] != "create_entry":
         raise DemoError(f"{state.node.name}: setting the alerts failed: {done}")
@@ -966,6 +979,17 @@ async def refresh_figures(state: NodeState) -> None:
     """
     await state.api.post(f"/api/config/config_entries/entry/{state.entry_id}/reload")
     await wait_loaded(state.api, state.entry_id)
+    # The peer test runs in the background once the entry is loaded: wait for its outcome
+    # before the other node reloads, or the test may meet a peer that is restarting.
+    await wait_for(
+        f"{state.node.name}'s peer test",
+        lambda: _connected_on(state),
+        limit=60,
+    )
+
+
+async def _connected_on(state: NodeState) -> str | None:
+    return "on" if await peer_connected(state) == "on" else None
 
     async def tested() -> bool | None:
         return True if await peer_connected(state) == "on" else None
@@ -1071,6 +1095,109 @@ async def headless_check(states: tuple[NodeState, NodeState]) -> Checks:
             else [],
         )
     return checks
+
+
+HA_BACKUP_NAME = "MyNAS demo backup"
+
+
+async def check_ha_backup(states: tuple[NodeState, NodeState], checks: Checks) -> None:
+    """Alice backs Home Assistant up to Bob through HA's backup API, and gets it back.
+
+    ``backup/generate`` with the MyNAS location for Bob (and Alice's local one, to compare
+    with); the backup is listed on Alice, its archive is on Bob's disk inside Alice's space
+    there, and a download through HA's own view from the MyNAS location equals both.
+    """
+    state, other = states
+    api = state.api
+    agents = (await api.ws("backup/agents/info"))["agents"]
+    ours = [a["agent_id"] for a in agents if a["agent_id"].startswith("mynas.")]
+    named = [a["agent_id"] for a in agents if a["agent_id"] in ours and a["name"] == "Bob"]
+    checks.record(
+        f"{state.node.name}: {other.node.name} is a backup location in Home Assistant",
+        [] if named else [f"backup agents: {agents}"],
+    )
+    if not named:
+        return
+    agent_id = named[0]
+    for old in (await api.ws("backup/info"))["backups"]:  # an earlier run's
+        if old["name"] == HA_BACKUP_NAME:
+            await api.ws("backup/delete", backup_id=old["backup_id"])
+    await api.ws(
+        "backup/generate",
+        agent_ids=["backup.local", agent_id],
+        include_homeassistant=True,
+        include_database=True,
+        name=HA_BACKUP_NAME,
+    )
+
+    async def made() -> dict[str, Any] | None:
+        info = await api.ws("backup/info")
+        event = info.get("last_action_event") or {}
+        if event.get("manager_state") == "create_backup" and event.get("state") == "failed":
+            raise DemoError(f"{state.node.name}: the backup failed: {event}")
+        if info["state"] != "idle":
+            return None
+        found = [b for b in info["backups"] if b["name"] == HA_BACKUP_NAME]
+        return found[0] if found else None
+
+    backup = await wait_for(f"{state.node.name}'s Home Assistant backup", made, SYNC_TIMEOUT)
+    backup_id = backup["backup_id"]
+    checks.record(
+        f"{state.node.name}: backup {backup_id} is listed at {other.node.name}",
+        []
+        if agent_id in backup["agents"] and not backup.get("failed_agent_ids")
+        else [f"listed as {backup}"],
+    )
+    jail = read_jail(other.node.config, other.entry_id, state.node.name) or state.node.name
+    local = [p for p in (state.node.config / "backups").glob("*.tar") if _tar_slug(p) == backup_id]
+    uploaded = local[0].read_bytes() if local else b""
+    # Sealed on Bob's disk: found and opened with Alice's own key, as only she can.
+    [key_file] = (state.node.config / "mynas").glob("*.key")
+    keys = DataKeys.of(identity_codec.load(key_file))
+    area = SealedArea(keys)
+    name = f"{backup_id}.tar".encode()
+    on_bob = other.node.disk / jail / os.fsdecode(area.stored(name))
+    stored = on_bob.read_bytes() if on_bob.is_file() else b""
+    try:
+        opened = sealed.open_sealed(keys.contents, area.jail_path(name), stored)[1]
+    except sealed.SealedFileError as err:
+        opened = b""
+        say(f"{other.node.name}'s copy does not open: {err}")
+    plain_names = [p for p in (other.node.disk / jail).rglob("*") if backup_id in p.name]
+    checks.record(
+        f"{state.node.name}: its {len(uploaded) / 1e6:.1f} MB are on {other.node.name}'s disk"
+        f" in {state.node.name}'s space, sealed ({on_bob.relative_to(other.node.disk)})",
+        []
+        if uploaded and opened == uploaded and stored != uploaded and not plain_names
+        else [
+            f"{on_bob}: {len(stored)} bytes ({len(opened)} once opened), Alice's own copy"
+            f" {len(uploaded)} bytes; its id in names there: {plain_names}"
+        ],
+    )
+    url = f"{state.node.url}/api/backup/download/{backup_id}?agent_id={agent_id}"
+    async with api.session.get(url, headers=api.headers) as response:
+        downloaded = await response.read() if response.status == 200 else b""
+        status = response.status
+    checks.record(
+        f"{state.node.name}: downloading it from {other.node.name} through HA gives it back",
+        []
+        if downloaded and downloaded == uploaded
+        else [f"HTTP {status}, {len(downloaded)} bytes, {len(uploaded)} uploaded"],
+    )
+    say(
+        f"{state.node.name}: Home Assistant backup {backup_id} kept at {other.node.name}"
+        f" ({len(uploaded) / 1e6:.1f} MB, sealed there)"
+    )
+
+
+def _tar_slug(path: Path) -> str | None:
+    """The backup id (``slug``) a Home Assistant backup archive names in its backup.json."""
+    try:
+        with tarfile.open(path) as archive:
+            member = archive.extractfile("./backup.json")
+            return None if member is None else str(json.loads(member.read())["slug"])
+    except OSError, tarfile.TarError, KeyError, ValueError:
+        return None
 
 
 async def check_peer_stopped(
@@ -1197,6 +1324,7 @@ async def run(
         say(f"both nodes are up, paired and synced ({time.monotonic() - _T0:.0f} s)")
         if args.headless_check:
             checks = await headless_check(states)
+            await check_ha_backup(states, checks)
             bob = next(inst for inst in instances if inst.node is states[1].node)
             await check_peer_stopped(states, bob, checks)
             CLOSING.append(checks.line)
@@ -1207,7 +1335,8 @@ async def run(
             print(
                 f"HEADLESS CHECK PASSED in {time.monotonic() - _T0:.0f} s: both replicas are"
                 " byte-identical, both last-backup sensors are set, the peers are connected,"
-                " the dashboard's entities exist, the blueprints load, a stopped peer raises"
+                " the dashboard's entities exist, the blueprints load, Home Assistant's own"
+                " backup is kept at Bob and comes back byte-identical, a stopped peer raises"
                 " its repair issue"
             )
             return 0

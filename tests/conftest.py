@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 import os
 from pathlib import Path
+import re
 import shutil
 import tempfile
 import threading
@@ -50,11 +51,13 @@ from custom_components.mynas.const import (
     CONF_SCHEDULE,
     CONF_STORAGE_ROOT,
     CONF_TIME,
+    CONF_WATCH,
+    CONF_WATCH_MINUTES,
     DOMAIN,
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
-from custom_components.mynas.engine import identity, invite, storage_root
+from custom_components.mynas.engine import identity, invite, storage_root, upnp
 from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
 from custom_components.mynas.engine.host.space import HostedSpace
 from custom_components.mynas.engine.loop_thread import EngineLoop
@@ -76,6 +79,15 @@ def auto_enable_custom_integrations(request: pytest.FixtureRequest) -> None:
     """
     if "hass" in request.fixturenames:
         request.getfixturevalue("enable_custom_integrations")
+
+
+@pytest.fixture(autouse=True)
+def upnp_search_stays_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No router in these tests: UPnP is off unless a test turns it on (UPnP has tests of
+    its own against a real IGD), and a node that has it on searches 127.0.0.1, never the LAN.
+    """
+    monkeypatch.setattr(hass_entry, "DEFAULT_UPNP", False)
+    monkeypatch.setattr(upnp, "DEFAULT_SEARCH_TARGET", ("127.0.0.1", 9))
 
 
 @pytest.fixture(autouse=True)
@@ -286,11 +298,14 @@ def add_folder(
     hours: int = 6,
     bwlimit: float = 0,
     exclude: tuple[str, ...] = (),
+    watch_minutes: int | None = None,
 ) -> ConfigSubentry:
-    """Protect ``path`` on ``peers`` without the flow."""
+    """Protect ``path`` on ``peers`` without the flow (watched if ``watch_minutes``)."""
+    watch = {CONF_WATCH: True, CONF_WATCH_MINUTES: watch_minutes} if watch_minutes else {}
     subentry = ConfigSubentry(
         data=MappingProxyType(
             {
+                **watch,
                 CONF_NAME: name,
                 CONF_PATH: str(path),
                 CONF_PEERS: list(peers),
@@ -401,6 +416,13 @@ async def synced_node(
         await hass.config_entries.async_unload(node_entry.entry_id)
 
 
+def _any_port(data: Any, path: Any) -> Any:
+    """A loopback address's port (Bob listens where the system says) as <port>."""
+    if type(data) is not str:  # not a StrEnum key: those keep their own form
+        return data
+    return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:<port>", data)
+
+
 def snapshot_entities(
     hass: HomeAssistant, snapshot: SnapshotAssertion, entry: MockConfigEntry
 ) -> None:
@@ -415,7 +437,7 @@ def snapshot_entities(
         assert entity.disabled_by is None, "enable every entity to snapshot its state"
         state = hass.states.get(entity.entity_id)
         assert state, f"no state for {entity.entity_id}"
-        assert state == snapshot(name=f"{entity.entity_id}-state")
+        assert state == snapshot(name=f"{entity.entity_id}-state", matcher=_any_port)
 
 
 class Gate:

@@ -57,8 +57,13 @@ def assert_translated(result: Mapping[str, Any], *path: str) -> None:
             _placeholders_given(section["error"][error], placeholders, f"error {error}")
         schema = result["data_schema"]
         labels = step.get("data", {})
+        # The quality scale's config-flow rule: every field says what it is for.
+        descriptions = step.get("data_description", {})
         for marker in schema.schema if schema is not None else ():
             assert str(marker) in labels, f"field {marker} of {result['step_id']} has no label"
+            assert str(marker) in descriptions, (
+                f"field {marker} of {result['step_id']} has no data_description"
+            )
     elif kind is FlowResultType.MENU:
         for option in result["menu_options"]:
             assert option in step["menu_options"], f"menu option {option} not translated"

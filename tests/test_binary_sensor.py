@@ -4,21 +4,24 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from unittest.mock import patch
 
 from freezegun.api import FrozenDateTimeFactory
 from homeassistant.const import Platform
-from homeassistant.core import HomeAssistant
+from homeassistant.core import Event, EventStateChangedData, HomeAssistant, callback
 from homeassistant.helpers import entity_registry as er
+from homeassistant.helpers.event import async_track_state_change_event
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
 from syrupy.assertion import SnapshotAssertion
 
 from custom_components.mynas.const import CONF_OVERDUE_HOURS
 
-from .conftest import Bob, add_folder, add_peer, make_tree, setup_entry, snapshot_entities
+from .conftest import BOB_ID, Bob, add_folder, add_peer, make_tree, setup_entry, snapshot_entities
 
 CONNECTED = "binary_sensor.bob_connected"
 OVERDUE = "binary_sensor.photos_backup_to_bob_overdue"
+PROBE_ALL = "custom_components.mynas.sync_manager.PeerProber.probe_all"
 
 
 @pytest.fixture
@@ -126,3 +129,37 @@ async def test_a_pair_that_never_succeeded_becomes_overdue(
     for _ in range(7):
         await _advance(hass, freezer, timedelta(hours=5, minutes=59))
     assert _state(hass, OVERDUE) == "on"
+
+
+async def test_a_reload_never_shows_connected_as_unknown(
+    hass: HomeAssistant, synced_node: MockConfigEntry
+) -> None:
+    """A reload (every change of a peer or folder) goes unavailable → the last known state.
+
+    The last test's outcome is stored: the entity comes back with it at once rather than
+    "unknown" until the next test, which the activity log would show.
+    """
+    seen: list[str] = []
+
+    @callback
+    def record(event: Event[EventStateChangedData]) -> None:
+        if event.data["new_state"] is not None:
+            seen.append(event.data["new_state"].state)
+
+    async_track_state_change_event(hass, [CONNECTED], record)
+    with patch(PROBE_ALL, lambda self, now=None: None):  # no new test: the stored outcome
+        assert await hass.config_entries.async_reload(synced_node.entry_id)
+        await hass.async_block_till_done(wait_background_tasks=True)
+    assert seen == ["unavailable", "on"]
+
+
+async def test_connected_is_unavailable_until_the_first_test(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+) -> None:
+    add_peer(hass, node_entry, bob)
+    with patch(PROBE_ALL, lambda self, now=None: None):
+        await setup_entry(hass, node_entry)
+        assert _state(hass, CONNECTED) == "unavailable"  # nothing to say yet, not "unknown"
+    await node_entry.runtime_data.manager.probe(BOB_ID)
+    await hass.async_block_till_done()
+    assert _state(hass, CONNECTED) == "on"

@@ -127,16 +127,28 @@ async def test_user_name_required(hass: HomeAssistant, usb_disk: Path) -> None:
     assert result["type"] is FlowResultType.CREATE_ENTRY
 
 
-async def test_user_duplicate_storage_root_aborts(hass: HomeAssistant, usb_disk: Path) -> None:
+async def test_a_second_set_up_in_progress_ends_with_the_first(
+    hass: HomeAssistant, usb_disk: Path
+) -> None:
+    """Two set-ups opened side by side: once one makes the node, the other is gone."""
     flow_id = await _start(hass)
+    second_flow = await _start(hass)
     first = await hass.config_entries.flow.async_configure(flow_id, _form("Alice", usb_disk))
     assert first["type"] is FlowResultType.CREATE_ENTRY
-    # The same folder, spelled differently, is still the same storage root.
-    flow_id = await _start(hass)
-    result = await hass.config_entries.flow.async_configure(flow_id, _form("Bob", f"{usb_disk}/./"))
-    assert result["type"] is FlowResultType.ABORT
-    assert result["reason"] == "already_configured"
+    assert second_flow not in {
+        flow["flow_id"] for flow in hass.config_entries.flow.async_progress()
+    }
     assert storage_root.read_marker(usb_disk).node_name == "Alice"
+
+
+async def test_one_node_per_home_assistant(
+    hass: HomeAssistant, node_entry: MockConfigEntry
+) -> None:
+    """A node is one Home Assistant: a second set-up is refused before it asks anything."""
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": "user"})
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "single_instance_allowed"
+    assert result["translation_domain"] == "homeassistant"  # Home Assistant's own text
 
 
 async def test_user_reinstall_keeps_node_id(hass: HomeAssistant, usb_disk: Path) -> None:
@@ -187,9 +199,7 @@ async def test_user_bad_name_recovers(hass: HomeAssistant, usb_disk: Path, name:
     assert result["type"] is FlowResultType.CREATE_ENTRY
 
 
-async def test_forms_are_translated(
-    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path
-) -> None:
+async def test_forms_are_translated(hass: HomeAssistant, tmp_path: Path) -> None:
     result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
     assert_translated(result, "config")
     result = await hass.config_entries.flow.async_configure(
@@ -197,6 +207,11 @@ async def test_forms_are_translated(
     )
     assert result["errors"] == {CONF_NODE_NAME: "name_required"}
     assert_translated(result, "config")
+
+
+async def test_reconfigure_form_is_translated(
+    hass: HomeAssistant, node_entry: MockConfigEntry
+) -> None:
     result = await node_entry.start_reconfigure_flow(hass)
     assert_translated(result, "config")
 

@@ -22,6 +22,8 @@ from custom_components.mynas.const import (
     CONF_RETENTION_DAYS,
     CONF_SCHEDULE,
     CONF_TIME,
+    CONF_WATCH,
+    CONF_WATCH_MINUTES,
     SUBENTRY_FOLDER,
 )
 from custom_components.mynas.engine import identity
@@ -96,6 +98,7 @@ async def test_protect_a_folder(
     # The default daily time is during the night, spread between nodes.
     assert "02:00:00" <= defaults[CONF_TIME] <= "04:59:00"
     assert defaults[CONF_PEERS] == []
+    assert (defaults[CONF_WATCH], defaults[CONF_WATCH_MINUTES]) == (True, 15)
     # Both peers are offered.
     selector = next(v for k, v in result["data_schema"].schema.items() if k == CONF_PEERS)
     assert [option["label"] for option in selector.config["options"]] == ["Bob", "Carol"]
@@ -129,6 +132,9 @@ async def test_protect_a_folder(
         CONF_RETENTION_DAYS: 90,
         CONF_BWLIMIT: 2.5,
         CONF_EXCLUDE: ["*.tmp", ".DS_Store", "cache/"],
+        # Watched for changes unless asked otherwise, synced at most every 15 minutes.
+        CONF_WATCH: True,
+        CONF_WATCH_MINUTES: 15,
     }
     assert [sub.title for sub in _folders(node_entry)] == ["Photos"]
 
@@ -356,6 +362,7 @@ async def test_reconfigure_all_but_the_name(
     assert shown[CONF_PATH] == str(photos)
     assert shown[CONF_PEERS] == [peers["Bob"]]
     assert shown[CONF_TIME] == "03:15:00"
+    assert (shown[CONF_WATCH], shown[CONF_WATCH_MINUTES]) == (True, 15)
     exclude = next(k for k in result["data_schema"].schema if k == CONF_EXCLUDE)
     assert exclude.description["suggested_value"] == "*.tmp\ncache/"
 
@@ -369,6 +376,8 @@ async def test_reconfigure_all_but_the_name(
         CONF_RETENTION_DAYS: 7,
         CONF_BWLIMIT: 1.5,
         CONF_EXCLUDE: "*.bak",
+        CONF_WATCH: False,
+        CONF_WATCH_MINUTES: 5,
     }
     result = await hass.config_entries.subentries.async_configure(result["flow_id"], answers)
     assert result["errors"] == {CONF_PATH: "not_found"}
@@ -395,4 +404,6 @@ async def test_reconfigure_all_but_the_name(
         CONF_RETENTION_DAYS: 7,
         CONF_BWLIMIT: 1.5,
         CONF_EXCLUDE: ["*.bak"],
+        CONF_WATCH: False,
+        CONF_WATCH_MINUTES: 5,
     }

@@ -9,10 +9,9 @@ from __future__ import annotations
 import ast
 import json
 from pathlib import Path
-import re
 import struct
-from typing import Any
 
+import homeassistant
 import pytest
 import yaml
 
@@ -105,13 +104,27 @@ def test_manifest_order_and_keys() -> None:
     assert manifest["config_flow"] is True
     # Same pins as the core integrations that use these libraries, and as requirements.txt.
     pins = set((ROOT / "requirements.txt").read_text().split())
-    assert set(manifest["requirements"]) == {"asyncssh==2.24.0", "psutil==7.2.2"} <= pins
-
-
-def test_hacs_json_keys() -> None:
-    hacs = json.loads((ROOT / "hacs.json").read_text())
-    assert set(hacs) == {"name", "homeassistant", "hacs"}
-    assert re.fullmatch(r"20\d\d\.\d+\.\d+", hacs["homeassistant"])
+    assert (
+        set(manifest["requirements"])
+        == {
+            "async-upnp-client==0.48.2",
+            "asyncssh==2.24.0",
+            "psutil==7.2.2",
+            "watchdog==6.0.0",
+        }
+        <= pins
+    )
+    # Exactly what Home Assistant's own integrations pin (so installing MyNAS never fights).
+    core = Path(homeassistant.__file__).parent / "components"
+    for library, integration in (
+        ("asyncssh", "sftp_storage"),
+        ("psutil", "systemmonitor"),
+        ("watchdog", "folder_watcher"),
+        ("async-upnp-client", "upnp"),
+    ):
+        theirs = json.loads((core / integration / "manifest.json").read_text())["requirements"]
+        ours = [pin for pin in manifest["requirements"] if pin.startswith(f"{library}==")]
+        assert ours == [pin for pin in theirs if pin.startswith(f"{library}==")], library
 
 
 def test_brand_icon_is_a_256_png() -> None:
@@ -216,23 +229,6 @@ def test_engine_runs_without_home_assistant() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}::"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def test_translation_references_resolve() -> None:
-    flat = _flatten(EN)
-    for key, text in flat.items():
-        for reference in re.findall(r"\[%key:component::mynas::([^%]+)%\]", text):
-            assert reference in flat, f"{key} refers to missing {reference}"
-
-
 def test_entity_translation_keys_and_icons() -> None:
     for platform in PLATFORMS:
         used = _keyword_literals(_tree(f"{platform}.py"), "translation_key")
@@ -288,9 +284,10 @@ def test_subentry_flow_strings(module: str, subentry: str) -> None:
 
 def test_exception_strings() -> None:
     used: set[str] = set()
-    for name in ("hass_entry.py", "coordinator.py", "services.py"):
+    for name in ("hass_entry.py", "coordinator.py", "services.py", "backup.py"):
         used |= _keyword_literals(_tree(name), "translation_key")
     used |= _call_literals(_tree("services.py"), "_invalid", 0)
+    used |= _call_literals(_tree("backup.py"), "_fail", 0)
     used |= {problem.value for problem in RootProblem}
     used.discard("")
     assert used <= set(EN["exceptions"]), used - set(EN["exceptions"])

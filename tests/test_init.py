@@ -14,11 +14,12 @@ from homeassistant.config_entries import ConfigEntryState
 from homeassistant.const import EVENT_HOMEASSISTANT_STOP
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
-from homeassistant.helpers import issue_registry as ir
+from homeassistant.helpers import device_registry as dr, entity_registry as er, issue_registry as ir
 from homeassistant.util import dt as dt_util
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
 
+from custom_components.mynas import async_remove_config_entry_device
 from custom_components.mynas.const import (
     CONF_KEY_FILE,
     CONF_OVERDUE_HOURS,
@@ -337,3 +338,46 @@ async def test_removing_the_node_drops_its_state_but_keeps_its_key(
     await hass.async_block_till_done()
     assert key not in hass_storage
     assert Path(node_entry.data[CONF_KEY_FILE]).exists()
+
+
+async def test_removing_a_peer_leaves_no_entity_of_it_behind(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+) -> None:
+    """Its device and its pairs' entities (on the folder's device) go; the folder stays."""
+    add_peer(hass, node_entry, bob)
+    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    registry = er.async_get(hass)
+
+    def bobs() -> list[str]:
+        return [
+            entity.entity_id
+            for entity in er.async_entries_for_config_entry(registry, node_entry.entry_id)
+            if "bob" in entity.entity_id
+        ]
+
+    assert "button.photos_back_up_to_bob_now" in bobs()
+    hass.config_entries.async_remove_subentry(node_entry, BOB_ID)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert node_entry.state is ConfigEntryState.LOADED
+    assert bobs() == []
+    assert all(state.state != "unavailable" for state in hass.states.async_all())
+    devices = dr.async_entries_for_config_entry(dr.async_get(hass), node_entry.entry_id)
+    assert sorted(device.name for device in devices) == ["Alice", "Photos"]
+
+
+async def test_only_a_leftover_device_may_be_deleted(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+) -> None:
+    add_peer(hass, node_entry, bob)
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    devices = dr.async_get(hass)
+    for device in dr.async_entries_for_config_entry(devices, node_entry.entry_id):
+        # The node's and Bob's devices stand for something: removing them is refused.
+        assert not await async_remove_config_entry_device(hass, node_entry, device)
+    leftover = devices.async_get_or_create(
+        config_entry_id=node_entry.entry_id, identifiers={(DOMAIN, "gone")}, name="Gone"
+    )
+    assert await async_remove_config_entry_device(hass, node_entry, leftover)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+import contextlib
 from datetime import timedelta
+import os
 from pathlib import Path
+import re
 import shutil
+import subprocess
 
 from freezegun.api import FrozenDateTimeFactory
 from homeassistant.core import HomeAssistant
@@ -17,11 +22,12 @@ from custom_components.mynas.const import (
     DISK_SCAN_INTERVAL,
     DOMAIN,
     PEER_PROBE_INTERVAL,
+    SCHEDULER_TICK,
 )
 from custom_components.mynas.engine import identity, storage_root
 from custom_components.mynas.engine.node import Reachability
 
-from .conftest import BOB_ID, PHOTOS_ID, Bob
+from .conftest import BOB_ID, PHOTOS_ID, Bob, make_tree
 
 PAIR = (PHOTOS_ID, BOB_ID)
 
@@ -260,3 +266,118 @@ async def test_folder_overdue(
     await bob.start()
     assert (await _sync(hass))["status"] == "success"
     assert _issue(hass, issue_id) is None
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str) -> Iterator[None]:
+    """A real, small disk of its own at ``path`` (a tmpfs; the tests run as root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield
+    finally:
+        # Lazy: a server may still hold a directory open there until its own teardown.
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+async def test_friend_disk_full(
+    hass: HomeAssistant,
+    synced_node: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    """Bob's disk itself fills up (his quota for us has room): an issue at once, then gone."""
+    issue_id = f"peer_disk_full_{BOB_ID}"
+    (tmp_path / "photos" / "film.mkv").write_bytes(os.urandom(3_000_000))
+    await bob.stop()
+    with _tmpfs(bob.storage, "2m"):
+        await bob.start()  # his storage now on a 2 MB disk; 1 GB granted to us
+        result = await _sync(hass)
+        assert result["status"] == "failed"
+        assert "disk is full" in str(result["error"])
+        issue = _issue(hass, issue_id)
+        assert issue is not None
+        assert issue.translation_key == "peer_disk_full"
+        assert issue.severity is ir.IssueSeverity.ERROR
+        placeholders = _placeholders(hass, issue_id)
+        assert placeholders["peer"] == "Bob"
+        # What the host said (or, once the connection test this set off is back, below).
+        assert placeholders["detail"].startswith(("No space left on device while", "it has"))
+        assert synced_node.runtime_data.manager.data.pairs[PAIR].quota_refused is False
+        assert _issue(hass, f"quota_{PHOTOS_ID}_{BOB_ID}") is None
+        # The connection test it set off found how little room is left: the issue says so.
+        await hass.async_block_till_done(wait_background_tasks=True)
+        detail = _placeholders(hass, issue_id)["detail"]
+        assert re.fullmatch(r"it has [0-9.]+ (MiB|KiB|B) free", detail), detail
+        # Bob frees space (a bigger disk): the next sync goes through, the issue goes.
+        subprocess.run(["mount", "-o", "remount,size=64m", str(bob.storage)], check=True)
+        assert (await _sync(hass))["status"] == "success"
+        assert _issue(hass, issue_id) is None
+        assert (bob.replica("Photos") / "film.mkv").stat().st_size == 3_000_000
+        await hass.async_block_till_done(wait_background_tasks=True)  # its connection test
+        await bob.stop()
+
+
+async def test_friend_disk_nearly_full_is_found_by_the_connection_test(
+    hass: HomeAssistant,
+    synced_node: MockConfigEntry,
+    bob: Bob,
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    """No sync needed: a test of the connection that finds next to no room raises it."""
+    issue_id = f"peer_disk_full_{BOB_ID}"
+    await bob.stop()
+    with _tmpfs(bob.storage, "4m"):
+        await bob.start()
+        assert _issue(hass, issue_id) is None
+        await _advance(hass, freezer, PEER_PROBE_INTERVAL + timedelta(seconds=1))
+        placeholders = _placeholders(hass, issue_id)
+        assert placeholders["peer"] == "Bob"
+        assert re.fullmatch(r"it has [0-9.]+ MiB free", placeholders["detail"]), placeholders
+        await bob.stop()
+
+
+@pytest.mark.parametrize("how", ["unmounted", "removed"])
+async def test_protected_folder_vanishes(
+    hass: HomeAssistant,
+    synced_node: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+    freezer: FrozenDateTimeFactory,
+    how: str,
+) -> None:
+    """The folder's disk is unplugged (or the folder deleted): an issue within a minute."""
+    issue_id = f"folder_missing_{PHOTOS_ID}"
+    photos = tmp_path / "photos"
+    files = {path.relative_to(photos): path.read_bytes() for path in photos.rglob("*.jpg")}
+    shutil.rmtree(photos)
+    with _tmpfs(photos, "4m"):  # the folder lives on a USB disk of its own
+        make_tree(photos, {str(rel): data for rel, data in files.items()})
+        assert (await _sync(hass))["status"] == "success"
+        await _advance(hass, freezer, SCHEDULER_TICK)
+        assert _issue(hass, issue_id) is None
+    # Unplugged: the mount point stays, empty. Deleted: not even that.
+    if how == "removed":
+        photos.rmdir()
+    await _advance(hass, freezer, SCHEDULER_TICK)
+    issue = _issue(hass, issue_id)
+    assert issue is not None
+    assert issue.translation_key == "folder_missing"
+    placeholders = _placeholders(hass, issue_id)
+    assert (placeholders["folder"], placeholders["path"]) == ("Photos", str(photos))
+    reason = placeholders["reason"]
+    if how == "unmounted":
+        assert "is empty while the peer holds 2 file(s)" in reason
+    else:
+        assert "missing or unreadable" in reason
+    # A sync now fails and deletes nothing on Bob.
+    result = await _sync(hass)
+    assert result["status"] == "failed"
+    assert (bob.replica("Photos") / "a.jpg").read_bytes() == files[Path("a.jpg")]
+    assert _issue(hass, issue_id) is not None
+    # Plugged in again: gone at the next check.
+    with _tmpfs(photos, "4m"):
+        make_tree(photos, {str(rel): data for rel, data in files.items()})
+        await _advance(hass, freezer, SCHEDULER_TICK)
+        assert _issue(hass, issue_id) is None

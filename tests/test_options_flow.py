@@ -1,4 +1,4 @@
-"""The node's options: our invite code, the addresses it carries, the alert thresholds."""
+"""The node's options: our invite code, the addresses it carries, alerts, bandwidth limits."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.mynas.config_flow import CONF_INVITE_CODE
 from custom_components.mynas.const import (
     CONF_ADDRESSES,
+    CONF_DOWNLOAD_LIMIT,
+    CONF_INBOUND,
     CONF_NODE_PUBLIC_KEY,
     CONF_OVERDUE_HOURS,
     CONF_PORT,
     CONF_UNREACHABLE_HOURS,
+    CONF_UPLOAD_LIMIT,
+    CONF_UPNP,
     DEFAULT_OVERDUE_HOURS,
     DEFAULT_UNREACHABLE_HOURS,
 )
@@ -31,7 +35,7 @@ from .flow_support import assert_translated
 async def _open(hass: HomeAssistant, entry: MockConfigEntry, step: str) -> dict:
     result = await hass.config_entries.options.async_init(entry.entry_id)
     assert result["type"] is FlowResultType.MENU
-    assert result["menu_options"] == ["invite", "settings"]
+    assert result["menu_options"] == ["invite", "settings", "bandwidth"]
     assert_translated(result, "options")
     result = await hass.config_entries.options.async_configure(
         result["flow_id"], {"next_step_id": step}
@@ -115,14 +119,21 @@ async def test_settings_saves_addresses_and_hours(
     assert result["description_placeholders"] == {"default": f"127.0.0.1:{port}"}
     assert result["data_schema"]({})[CONF_OVERDUE_HOURS] == DEFAULT_OVERDUE_HOURS
     assert result["data_schema"]({})[CONF_UNREACHABLE_HOURS] == DEFAULT_UNREACHABLE_HOURS
+    assert result["data_schema"]({})[CONF_UPNP] is True  # on by default
+    assert result["data_schema"]({})[CONF_INBOUND] == "auto"
     result = await _submit(
         hass,
         result["flow_id"],
-        _settings(
-            " Alice.DuckDNS.org\n203.0.113.7:9000, [2001:db8::1]\n\n2001:db8::2 alice.duckdns.org",
-            48,
-            0,
-        ),
+        {
+            **_settings(
+                " Alice.DuckDNS.org\n203.0.113.7:9000, [2001:db8::1]\n\n"
+                "2001:db8::2 alice.duckdns.org",
+                48,
+                0,
+            ),
+            CONF_UPNP: False,
+            CONF_INBOUND: "no",
+        },
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert dict(node_entry.options) == {
@@ -134,6 +145,8 @@ async def test_settings_saves_addresses_and_hours(
         ],
         CONF_OVERDUE_HOURS: 48,
         CONF_UNREACHABLE_HOURS: 0,
+        CONF_UPNP: False,
+        CONF_INBOUND: "no",
         CONF_KEPT_DATA: ["old-peer"],  # other options are kept
     }
     # The invite code now carries them.
@@ -144,6 +157,8 @@ async def test_settings_saves_addresses_and_hours(
     result = await _open(hass, node_entry, "settings")
     assert result["data_schema"]({})[CONF_OVERDUE_HOURS] == 48
     assert result["data_schema"]({})[CONF_UNREACHABLE_HOURS] == 0
+    assert result["data_schema"]({})[CONF_UPNP] is False
+    assert result["data_schema"]({})[CONF_INBOUND] == "no"
     suggested = next(
         marker.description["suggested_value"]
         for marker in result["data_schema"].schema
@@ -223,3 +238,31 @@ async def test_changed_options_reload_the_node(
         timedelta(hours=6),
         timedelta(hours=1),
     )
+
+
+async def test_bandwidth_limits_reach_the_node(
+    hass: HomeAssistant, node_entry: MockConfigEntry
+) -> None:
+    """Saved in MB/s, applied node-wide in bytes/s after the reload; 0 means none."""
+    await setup_entry(hass, node_entry)
+    node = node_entry.runtime_data.node._node
+    assert (node.upload.rate, node.download.rate) == (0, 0)
+    result = await _open(hass, node_entry, "bandwidth")
+    schema = result["data_schema"]({})
+    assert (schema[CONF_UPLOAD_LIMIT], schema[CONF_DOWNLOAD_LIMIT]) == (0, 0)
+    result = await _submit(
+        hass, result["flow_id"], {CONF_UPLOAD_LIMIT: 2.5, CONF_DOWNLOAD_LIMIT: 0}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    await hass.async_block_till_done()
+    assert node_entry.options[CONF_UPLOAD_LIMIT] == 2.5
+    assert node_entry.options[CONF_DOWNLOAD_LIMIT] == 0
+    node = node_entry.runtime_data.node._node
+    assert (node.upload.rate, node.download.rate) == (2_500_000, 0)
+    # The form shows what is saved; the other settings are kept.
+    result = await _open(hass, node_entry, "bandwidth")
+    assert result["data_schema"]({})[CONF_UPLOAD_LIMIT] == 2.5
+    result = await _open(hass, node_entry, "settings")
+    result = await _submit(hass, result["flow_id"], _settings("alice.duckdns.org"))
+    assert node_entry.options[CONF_UPLOAD_LIMIT] == 2.5
+    assert node_entry.runtime_data.node._node.upload.rate == 2_500_000

@@ -30,7 +30,7 @@ from custom_components.mynas.engine.storage_root import INTERNAL_DIR
 from custom_components.mynas.orphans import CONF_KEPT_DATA, jails_on_disk
 
 from .conftest import pin_peer, setup_entry
-from .flow_support import assert_translated, node_server
+from .flow_support import EN, assert_translated, node_server
 
 KEY_FIX = ("issues", "key_changed", "fix_flow")
 ORPHAN_FIX = ("issues", "orphaned_data", "fix_flow")
@@ -230,6 +230,9 @@ async def test_unfixable_key_change_has_no_flow(
     issue = _issue(hass, f"key_changed_{peer.subentry_id}")
     assert issue is not None
     assert not issue.is_fixable
+    # Its own text (an unfixable issue needs a description, a fixable one has a fix flow).
+    assert issue.translation_key == "key_changed_unknown"
+    assert "description" in EN["issues"]["key_changed_unknown"]
     assert issue.translation_placeholders["new"] == "unknown"
 
 

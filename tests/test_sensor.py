@@ -14,6 +14,7 @@ from homeassistant.const import STATE_UNAVAILABLE, Platform
 from homeassistant.core import Event, EventStateChangedData, HomeAssistant, callback
 from homeassistant.helpers import device_registry as dr, entity_registry as er
 from homeassistant.helpers.event import async_track_state_change_event
+from homeassistant.util import dt as dt_util
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
 from syrupy.assertion import SnapshotAssertion
@@ -89,7 +90,16 @@ async def test_sensors_belong_to_node_device(
     assert device.name == "Alice"
     entities = er.async_entries_for_device(er.async_get(hass), device.id)
     assert sorted(e.translation_key for e in entities) == sorted(
-        ["disk_total", "disk_used", "disk_free", "disk_used_percent", "hosted_total"]
+        [
+            "check_reachability",
+            "disk_total",
+            "disk_used",
+            "disk_free",
+            "disk_used_percent",
+            "hosted_total",
+            "reachability",
+            "upnp",
+        ]
     )
     assert all(
         e.has_entity_name
@@ -146,7 +156,8 @@ async def test_entities_are_named_translated_and_have_icons(
     hass: HomeAssistant, synced_node: MockConfigEntry
 ) -> None:
     entities = er.async_entries_for_config_entry(er.async_get(hass), synced_node.entry_id)
-    assert len(entities) == 5 + 6 + 10  # node, peer (hosted + contact), folder × peer
+    # node (disk, reachability, UPnP), peer (hosted, contact, address), folder × peer
+    assert len(entities) == 7 + 7 + 10
     for entity in entities:
         assert entity.has_entity_name, entity.entity_id
         assert entity.translation_key in EN["entity"]["sensor"], entity.entity_id
@@ -216,6 +227,48 @@ async def test_peer_figures(hass: HomeAssistant, synced_node: MockConfigEntry) -
     assert float(_sensor(hass, "alice_space_hosted_for_peers")) < 0.001
 
 
+async def test_last_seen_moves_by_the_minute(
+    hass: HomeAssistant, synced_node: MockConfigEntry, freezer: FrozenDateTimeFactory
+) -> None:
+    """A peer that syncs connects many times a second: one state change a minute at most."""
+    manager = synced_node.runtime_data.manager
+    changes: list[str] = []
+
+    @callback
+    def record(event: Event[EventStateChangedData]) -> None:
+        if event.data["new_state"] is not None:
+            changes.append(event.data["new_state"].state)
+
+    async_track_state_change_event(hass, ["sensor.bob_last_seen"], record)
+    for _ in range(30):  # ten seconds of connections, three a second
+        freezer.tick(timedelta(seconds=1 / 3))
+        manager.contact(BOB_ID, dt_util.utcnow())
+        await hass.async_block_till_done()
+    assert changes == []
+    freezer.tick(timedelta(seconds=51))  # a minute after the last value
+    now = dt_util.utcnow()
+    manager.contact(BOB_ID, now)
+    await hass.async_block_till_done()
+    assert changes == [now.isoformat(timespec="seconds")]
+
+
+async def test_space_there_is_unavailable_while_the_peer_does_not_answer(
+    hass: HomeAssistant, synced_node: MockConfigEntry, bob: Bob
+) -> None:
+    """What Bob told us of his disk no longer holds once he does not answer."""
+    manager = synced_node.runtime_data.manager
+    assert _sensor(hass, "bob_quota_granted_to_us") == "1.0"
+    await bob.stop()
+    await manager.probe(BOB_ID)
+    await hass.async_block_till_done()
+    assert _sensor(hass, "bob_space_we_use_there") == STATE_UNAVAILABLE
+    assert _sensor(hass, "bob_quota_granted_to_us") == STATE_UNAVAILABLE
+    await bob.start()
+    await manager.probe(BOB_ID)
+    await hass.async_block_till_done()
+    assert _sensor(hass, "bob_quota_granted_to_us") == "1.0"
+
+
 @pytest.mark.usefixtures("enable_all_entities")
 async def test_progress_while_transferring(
     hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
@@ -251,11 +304,11 @@ async def test_progress_while_transferring(
         if files_left != "unknown":
             assert files_left in ("0", "1")
     # Done: the last run's figures.
-    assert seen[-1] == ("idle", "unknown", "0.0", "0")
+    assert seen[-1] == ("idle", "100.0", "0.0", "0")
     assert _sensor(hass, "video_files_sent_to_bob_last_time") == "1"
     assert float(_sensor(hass, "video_data_sent_to_bob_last_time")) == pytest.approx(0.006)
     assert float(_sensor(hass, "video_last_backup_duration_on_bob")) >= 1
-    assert _sensor(hass, "video_last_error_with_bob") == "unknown"
+    assert _sensor(hass, "video_last_error_with_bob") == STATE_UNAVAILABLE  # no error to tell
 
 
 async def test_last_error_and_error_state(
@@ -387,8 +440,8 @@ async def test_state_progress_and_left_follow_the_engine(
         assert (await run)["status"] == "success"
     await hass.async_block_till_done()
     assert _sensor(hass, "photos_backup_state_on_bob") == "idle"
-    # A report that comes after the end changes nothing.
-    assert await report(sync, known) == ("idle", "unknown", "0", "0.0")
+    # Complete: everything is there. A report that comes after the end changes nothing.
+    assert await report(sync, known) == ("idle", "100.0", "0", "0.0")
 
 
 async def test_progress_pending_when_the_node_stops(

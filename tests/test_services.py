@@ -10,10 +10,10 @@ from typing import Any
 from unittest.mock import patch
 
 from homeassistant.config_entries import ConfigEntryState
-from homeassistant.core import HomeAssistant
-from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.exceptions import HomeAssistantError, ServiceValidationError, Unauthorized
 import pytest
-from pytest_homeassistant_custom_component.common import MockConfigEntry
+from pytest_homeassistant_custom_component.common import MockConfigEntry, MockUser
 
 from custom_components.mynas.const import (
     CONF_KEY_FILE,
@@ -62,10 +62,13 @@ async def _call(hass: HomeAssistant, service: str, **data: Any) -> Any:
     )
 
 
-async def _invalid(hass: HomeAssistant, service: str, **data: Any) -> ServiceValidationError:
+async def _invalid(
+    hass: HomeAssistant, service: str, *, domain: str = DOMAIN, **data: Any
+) -> ServiceValidationError:
+    """The error a call raises; ``domain``: whose translations say it (ours, or HA's own)."""
     with pytest.raises(ServiceValidationError) as err:
         await _call(hass, service, **data)
-    assert err.value.translation_domain == DOMAIN
+    assert err.value.translation_domain == domain
     return err.value
 
 
@@ -140,13 +143,20 @@ async def test_sync_result_when_the_node_stops_meanwhile(
 async def test_no_node_running(hass: HomeAssistant, node_entry: MockConfigEntry) -> None:
     await setup_entry(hass, node_entry)
     assert await hass.config_entries.async_unload(node_entry.entry_id)
-    err = await _invalid(hass, "sync")
-    assert err.translation_key == "no_node"
-    err = await _invalid(hass, "verify", config_entry_id=node_entry.entry_id)
-    assert err.translation_key == "node_not_loaded"
-    assert "The MyNAS node Alice is not running" in str(err)
-    err = await _invalid(hass, "sync", config_entry_id="nope")
-    assert err.translation_key == "unknown_node"
+    # Home Assistant's own helper picks the node, and says why it cannot, in its words.
+    err = await _invalid(hass, "sync", domain="homeassistant")
+    assert err.translation_key == "service_config_entry_not_loaded"
+    assert err.translation_placeholders["entry_title"] == "Alice"
+    err = await _invalid(
+        hass, "verify", domain="homeassistant", config_entry_id=node_entry.entry_id
+    )
+    assert err.translation_key == "service_config_entry_not_loaded"
+    err = await _invalid(hass, "sync", domain="homeassistant", config_entry_id="nope")
+    assert err.translation_key == "service_config_entry_not_found"
+    other = MockConfigEntry(domain="sun", title="Sun")
+    other.add_to_hass(hass)
+    err = await _invalid(hass, "sync", domain="homeassistant", config_entry_id=other.entry_id)
+    assert err.translation_key == "service_config_entry_wrong_domain"
 
 
 async def test_several_nodes_need_the_entry_id(
@@ -176,8 +186,8 @@ async def test_several_nodes_need_the_entry_id(
     await setup_entry(hass, node_entry)  # sets up every node entry
     assert node_entry.state is ConfigEntryState.LOADED
     assert second.state is ConfigEntryState.LOADED
-    err = await _invalid(hass, "sync")
-    assert err.translation_key == "several_nodes"
+    err = await _invalid(hass, "sync", domain="homeassistant")
+    assert err.translation_key == "service_found_multiple_config_entry_for_domain"
     # Named, the node answers (it has nothing to sync).
     err = await _invalid(hass, "sync", config_entry_id=second.entry_id)
     assert err.translation_key == "nothing_to_sync"
@@ -196,8 +206,8 @@ async def test_verify_clean_then_mismatch_then_repair(
     tampered = bob.replica("Photos") / "2024" / "beach.jpg"
     tampered.write_bytes(b"evil")
     (result,) = (await _call(hass, "verify", folder="Photos"))["results"]
-    assert (result["status"], result["mismatched"], result["clean"]) == ("mismatch", 1, False)
-    assert result["examples"] == ["mismatched: 2024/beach.jpg"]
+    assert (result["status"], result["host_damaged"], result["clean"]) == ("mismatch", 1, False)
+    assert result["examples"] == ["host damage: 2024/beach.jpg (not what was sent)"]
     (result,) = (await _call(hass, "verify", repair=True))["results"]
     assert (result["status"], result["repaired"]) == ("success", 1)
     assert tampered.read_bytes() == FILES["2024/beach.jpg"]
@@ -230,6 +240,27 @@ async def test_restore_into_an_empty_folder(
     assert result["bytes"] == sum(len(data) for data in FILES.values())
     for rel, data in FILES.items():
         assert (target / rel).read_bytes() == data
+
+
+async def test_restore_is_for_administrators(
+    hass: HomeAssistant, node: MockConfigEntry, tmp_path: Path, hass_read_only_user: MockUser
+) -> None:
+    """Restore writes files: a user who is not an administrator may not call it."""
+    target = tmp_path / "restored"
+    with pytest.raises(Unauthorized):
+        await hass.services.async_call(
+            DOMAIN,
+            "restore",
+            {"folder": "Photos", "peer": "Bob", "target": str(target)},
+            blocking=True,
+            return_response=True,
+            context=Context(user_id=hass_read_only_user.id),
+        )
+    assert not target.exists()
+    # Sync and verify only send and compare: anyone may.
+    await hass.services.async_call(
+        DOMAIN, "sync", {}, blocking=True, context=Context(user_id=hass_read_only_user.id)
+    )
 
 
 async def test_restore_a_sub_path(

@@ -10,10 +10,9 @@ from homeassistant.components.binary_sensor.const import BinarySensorDeviceClass
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
-from .const import SUBENTRY_FOLDER, SUBENTRY_PEER
 from .coordinator import MyNasConfigEntry
 from .engine import Reachability
-from .entity import PairEntity, PeerStatusEntity
+from .entity import PairEntity, PeerStatusEntity, add_per_pair, add_per_peer
 
 PARALLEL_UPDATES = 0
 
@@ -35,27 +34,15 @@ async def async_setup_entry(
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
     """Add a connectivity sensor per peer and an overdue sensor per pair."""
-    runtime = entry.runtime_data
-    peers = {
-        sub.subentry_id: sub
-        for sub in entry.subentries.values()
-        if sub.subentry_type == SUBENTRY_PEER
-    }
-    for peer in peers.values():
-        async_add_entities(
-            [PeerConnected(runtime.syncs, peer, CONNECTED.key)],
-            config_subentry_id=peer.subentry_id,
-        )
-    for folder in entry.subentries.values():
-        if folder.subentry_type == SUBENTRY_FOLDER:
-            async_add_entities(
-                [
-                    BackupOverdue(runtime.syncs, folder, peers[peer_id], OVERDUE.key)
-                    for (folder_id, peer_id) in runtime.manager.pairs
-                    if folder_id == folder.subentry_id
-                ],
-                config_subentry_id=folder.subentry_id,
-            )
+    syncs = entry.runtime_data.syncs
+    add_per_peer(
+        entry, async_add_entities, lambda peer: [PeerConnected(syncs, peer, CONNECTED.key)]
+    )
+    add_per_pair(
+        entry,
+        async_add_entities,
+        lambda folder, peer: [BackupOverdue(syncs, folder, peer, OVERDUE.key)],
+    )
 
 
 class PeerConnected(PeerStatusEntity, BinarySensorEntity):
@@ -64,10 +51,14 @@ class PeerConnected(PeerStatusEntity, BinarySensorEntity):
     entity_description = CONNECTED
 
     @property
-    def is_on(self) -> bool | None:
-        """Whether the last test reached the peer (None before the first test)."""
-        reachability = self.status.reachability
-        return None if reachability is None else reachability is Reachability.ONLINE
+    def available(self) -> bool:
+        """Unavailable only until the peer was first tested: there is nothing to say yet."""
+        return super().available and self.status.reachability is not None
+
+    @property
+    def is_on(self) -> bool:
+        """Whether the last test reached the peer."""
+        return self.status.reachability is Reachability.ONLINE
 
     @property
     def extra_state_attributes(self) -> dict[str, str | None]:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from homeassistant.config_entries import (
-    ConfigEntry,
     ConfigFlow,
     ConfigFlowResult,
     ConfigSubentryFlow,
@@ -18,6 +17,9 @@ from homeassistant.helpers.selector import (
     NumberSelector,
     NumberSelectorConfig,
     NumberSelectorMode,
+    SelectSelector,
+    SelectSelectorConfig,
+    SelectSelectorMode,
     TextSelector,
     TextSelectorConfig,
 )
@@ -27,6 +29,8 @@ from . import our_invite
 from .const import (
     CONF_ADDRESSES,
     CONF_ALLOW_SAME_DISK,
+    CONF_DOWNLOAD_LIMIT,
+    CONF_INBOUND,
     CONF_KEY_FILE,
     CONF_NODE_ID,
     CONF_NODE_NAME,
@@ -36,13 +40,18 @@ from .const import (
     CONF_RESTORE_KEY,
     CONF_STORAGE_ROOT,
     CONF_UNREACHABLE_HOURS,
+    CONF_UPLOAD_LIMIT,
+    CONF_UPNP,
     DEFAULT_OVERDUE_HOURS,
     DEFAULT_PORT,
     DEFAULT_UNREACHABLE_HOURS,
+    DEFAULT_UPNP,
     DOMAIN,
+    INBOUND_CHOICES,
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
+from .coordinator import MyNasConfigEntry
 from .engine import (
     MAX_ADDRESSES,
     MAX_NODE_NAME_LENGTH,
@@ -76,6 +85,9 @@ def _user_schema(defaults: dict[str, Any]) -> vol.Schema:
             vol.Required(CONF_PORT, default=defaults.get(CONF_PORT, DEFAULT_PORT)): PORT_SELECTOR,
             vol.Required(
                 CONF_ALLOW_SAME_DISK, default=defaults.get(CONF_ALLOW_SAME_DISK, False)
+            ): BooleanSelector(),
+            vol.Required(
+                CONF_UPNP, default=defaults.get(CONF_UPNP, DEFAULT_UPNP)
             ): BooleanSelector(),
             vol.Optional(
                 CONF_RESTORE_KEY,
@@ -130,14 +142,14 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
 
     @staticmethod
     @callback
-    def async_get_options_flow(config_entry: ConfigEntry) -> MyNasOptionsFlow:
+    def async_get_options_flow(config_entry: MyNasConfigEntry) -> MyNasOptionsFlow:
         """Options: the invite code, the addresses in it, the overdue threshold."""
         return MyNasOptionsFlow()
 
     @classmethod
     @callback
     def async_get_supported_subentry_types(
-        cls, config_entry: ConfigEntry
+        cls, config_entry: MyNasConfigEntry
     ) -> dict[str, type[ConfigSubentryFlow]]:
         """Peers (paired by invite code) and folders (protected on those peers)."""
         return {SUBENTRY_PEER: PeerSubentryFlow, SUBENTRY_FOLDER: FolderSubentryFlow}
@@ -166,8 +178,8 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
                 except StorageRootError as err:
                     errors[CONF_STORAGE_ROOT] = err.problem.value
                 else:
+                    # One node per Home Assistant (single_config_entry); its id is its disk's.
                     await self.async_set_unique_id(unique_id)
-                    self._abort_if_unique_id_configured()
                     marker = await self.hass.async_add_executor_job(claim_root, path, name)
                     key_file = Path(self.hass.config.path(DOMAIN, f"{marker.node_id}.key"))
                     try:
@@ -190,6 +202,7 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
                                 CONF_KEY_FILE: str(key_file),
                                 CONF_NODE_PUBLIC_KEY: public_key,
                             },
+                            options={CONF_UPNP: user_input[CONF_UPNP]},
                         )
         return self.async_show_form(
             step_id="user",
@@ -220,11 +233,13 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
 
 
 class MyNasOptionsFlow(OptionsFlowWithReload):
-    """Show our invite code; set the addresses it carries and when a backup is overdue."""
+    """Show our invite code; set the addresses it carries, the alerts, the bandwidth limits."""
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """Offer the two things there are to do."""
-        return self.async_show_menu(step_id="init", menu_options=["invite", "settings"])
+        """Offer the three things there are to do."""
+        return self.async_show_menu(
+            step_id="init", menu_options=["invite", "settings", "bandwidth"]
+        )
 
     async def async_step_invite(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Show the code to send to a friend (nothing to change here)."""
@@ -267,16 +282,21 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                             CONF_ADDRESSES: addresses,
                             CONF_OVERDUE_HOURS: user_input[CONF_OVERDUE_HOURS],
                             CONF_UNREACHABLE_HOURS: user_input[CONF_UNREACHABLE_HOURS],
+                            CONF_UPNP: user_input[CONF_UPNP],
+                            CONF_INBOUND: user_input[CONF_INBOUND],
                         }
                     )
         if user_input is None:
             typed = "\n".join(entry.options.get(CONF_ADDRESSES, []))
             hours = entry.options.get(CONF_OVERDUE_HOURS, DEFAULT_OVERDUE_HOURS)
             silent = entry.options.get(CONF_UNREACHABLE_HOURS, DEFAULT_UNREACHABLE_HOURS)
+            upnp = entry.options.get(CONF_UPNP, DEFAULT_UPNP)
+            inbound = entry.options.get(CONF_INBOUND, INBOUND_CHOICES[0])
         else:  # show the answers again with the error: nothing typed is lost
             typed = user_input.get(CONF_ADDRESSES) or ""
             hours = user_input[CONF_OVERDUE_HOURS]
             silent = user_input[CONF_UNREACHABLE_HOURS]
+            upnp, inbound = user_input[CONF_UPNP], user_input[CONF_INBOUND]
         return self.async_show_form(
             step_id="settings",
             data_schema=vol.Schema(
@@ -287,6 +307,14 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                     vol.Required(CONF_OVERDUE_HOURS, default=hours): _hours(minimum=1),
                     # 0: at the first contact that fails (for those who want to know at once).
                     vol.Required(CONF_UNREACHABLE_HOURS, default=silent): _hours(minimum=0),
+                    vol.Required(CONF_UPNP, default=upnp): BooleanSelector(),
+                    vol.Required(CONF_INBOUND, default=inbound): SelectSelector(
+                        SelectSelectorConfig(
+                            options=list(INBOUND_CHOICES),
+                            translation_key=CONF_INBOUND,
+                            mode=SelectSelectorMode.DROPDOWN,
+                        )
+                    ),
                 }
             ),
             errors=errors,
@@ -294,6 +322,43 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                 "default": our_invite.default_address(self.hass, int(entry.data[CONF_PORT]))
             },
         )
+
+    async def async_step_bandwidth(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Limit what all syncs together send and all restores together receive."""
+        entry = self.config_entry
+        if user_input is not None:
+            return self.async_create_entry(
+                data={
+                    **entry.options,
+                    CONF_UPLOAD_LIMIT: float(user_input[CONF_UPLOAD_LIMIT]),
+                    CONF_DOWNLOAD_LIMIT: float(user_input[CONF_DOWNLOAD_LIMIT]),
+                }
+            )
+        upload = entry.options.get(CONF_UPLOAD_LIMIT, 0)
+        download = entry.options.get(CONF_DOWNLOAD_LIMIT, 0)
+        return self.async_show_form(
+            step_id="bandwidth",
+            data_schema=vol.Schema(
+                {
+                    vol.Required(CONF_UPLOAD_LIMIT, default=upload): _rate(),
+                    vol.Required(CONF_DOWNLOAD_LIMIT, default=download): _rate(),
+                }
+            ),
+        )
+
+
+def _rate() -> vol.All[float]:
+    """MB/s, 0 for no limit (as a folder's own limit)."""
+    return vol.All(
+        NumberSelector(
+            NumberSelectorConfig(
+                min=0, max=10_000, step=0.1, mode=NumberSelectorMode.BOX, unit_of_measurement="MB/s"
+            )
+        ),
+        vol.Coerce(float),
+    )
 
 
 def _hours(*, minimum: int) -> vol.All[int]:

@@ -7,6 +7,7 @@ from typing import Final
 DOMAIN: Final = "mynas"
 LOGGER = logging.getLogger(__package__)
 
+
 # The node (config entry data).
 CONF_NODE_ID: Final = "node_id"
 CONF_NODE_NAME: Final = "node_name"
@@ -21,6 +22,13 @@ CONF_RESTORE_KEY: Final = "restore_key"
 CONF_ADDRESSES: Final = "addresses"
 CONF_OVERDUE_HOURS: Final = "overdue_hours"
 CONF_UNREACHABLE_HOURS: Final = "unreachable_hours"
+# Node-wide bandwidth limits in MB/s (0: none), shared by every sync and restore.
+CONF_UPLOAD_LIMIT: Final = "upload_limit_mbps"
+CONF_DOWNLOAD_LIMIT: Final = "download_limit_mbps"
+CONF_UPNP: Final = "upnp"
+CONF_INBOUND: Final = "inbound"
+DEFAULT_UPNP: Final = True
+INBOUND_CHOICES: Final = ("auto", "yes", "no")
 
 # Subentry types.
 SUBENTRY_PEER: Final = "peer"
@@ -43,6 +51,10 @@ CONF_HOURS: Final = "hours"
 CONF_RETENTION_DAYS: Final = "retention_days"
 CONF_BWLIMIT: Final = "bwlimit_mbps"
 CONF_EXCLUDE: Final = "exclude"
+# Back up after changes (the folder watched), at most once per this many minutes.
+CONF_WATCH: Final = "watch"
+CONF_WATCH_MINUTES: Final = "watch_minutes"
+DEFAULT_WATCH_MINUTES: Final = 15
 
 SCHEDULE_DAILY: Final = "daily"
 SCHEDULE_INTERVAL: Final = "interval"
@@ -61,6 +73,10 @@ DISK_SCAN_INTERVAL: Final = timedelta(minutes=1)
 SCHEDULER_TICK: Final = timedelta(minutes=1)
 # How often each peer is asked whether it is there (and how much of its space we use).
 PEER_PROBE_INTERVAL: Final = timedelta(minutes=10)
+# A peer whose disk has less free space than this (whatever its quota says) is "full".
+PEER_DISK_FULL_BELOW: Final = 100_000_000
+# "Last seen" moves on by a minute at least (a peer that syncs connects many times a second).
+LAST_SEEN_RESOLUTION: Final = timedelta(minutes=1)
 # Retries after a failed sync: 5 min, 10, 20... at most 6 h apart.
 RETRY_FIRST: Final = timedelta(minutes=5)
 RETRY_MAX: Final = timedelta(hours=6)
@@ -71,3 +87,4 @@ EVENT_UNKNOWN_KEY: Final = "mynas_unknown_key"
 SERVICE_SYNC: Final = "sync"
 SERVICE_VERIFY: Final = "verify"
 SERVICE_RESTORE: Final = "restore"
+SERVICE_CHECK_REACHABILITY: Final = "check_reachability"

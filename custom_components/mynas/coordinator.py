@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from homeassistant.config_entries import ConfigEntry
-from homeassistant.core import HomeAssistant
+from homeassistant.core import CALLBACK_TYPE, HomeAssistant
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, UpdateFailed
 
 from . import issues
@@ -22,6 +22,7 @@ from .engine import (
     DiskUsage,
     EngineLoop,
     JailUsage,
+    MyNasError,
     StorageRootError,
     ThreadedNode,
     measure_root,
@@ -29,6 +30,7 @@ from .engine import (
 from .models import SyncData
 
 if TYPE_CHECKING:
+    from .reach import ReachCoordinator
     from .sync_manager import SyncManager
 
 
@@ -40,6 +42,7 @@ class MyNasRuntimeData:
     node_data: NodeCoordinator
     syncs: SyncCoordinator
     manager: SyncManager
+    reach: ReachCoordinator
 
     @property
     def engine(self) -> EngineLoop:
@@ -108,7 +111,15 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
             self.hass, entry.entry_id, entry.data[CONF_NODE_NAME], None, self.root
         )
         self._manager.set_storage_ok(True)
-        return NodeData(disk=disk, hosted=await self._node.hosted())
+        try:
+            hosted = await self._node.hosted()
+        except (MyNasError, OSError, RuntimeError) as err:  # RuntimeError: the engine stopped
+            raise UpdateFailed(
+                translation_domain=DOMAIN,
+                translation_key="hosted_unreadable",
+                translation_placeholders={"error": str(err) or type(err).__name__},
+            ) from err
+        return NodeData(disk=disk, hosted=hosted)
 
 
 class SyncCoordinator(DataUpdateCoordinator[SyncData]):
@@ -120,7 +131,16 @@ class SyncCoordinator(DataUpdateCoordinator[SyncData]):
         """Follow ``manager``; no polling (the manager ticks every minute)."""
         super().__init__(hass, LOGGER, config_entry=entry, name=f"{DOMAIN} syncs")
         self.manager = manager
-        manager.async_add_listener(lambda: self.async_set_updated_data(manager.data))
+        self._unsub_manager: CALLBACK_TYPE | None = manager.async_add_listener(
+            lambda: self.async_set_updated_data(manager.data)
+        )
+
+    async def async_shutdown(self) -> None:
+        """Stop following the manager, then shut down as any coordinator (idempotent)."""
+        if self._unsub_manager is not None:
+            self._unsub_manager()
+            self._unsub_manager = None
+        await super().async_shutdown()
 
     async def _async_update_data(self) -> SyncData:
         return self.manager.data

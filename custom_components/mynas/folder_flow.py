@@ -9,6 +9,7 @@ from typing import Any
 from homeassistant.config_entries import ConfigSubentryFlow, SubentryFlowResult
 from homeassistant.helpers import config_validation as cv
 from homeassistant.helpers.selector import (
+    BooleanSelector,
     NumberSelector,
     NumberSelectorConfig,
     NumberSelectorMode,
@@ -33,8 +34,11 @@ from .const import (
     CONF_SCHEDULE,
     CONF_STORAGE_ROOT,
     CONF_TIME,
+    CONF_WATCH,
+    CONF_WATCH_MINUTES,
     DEFAULT_INTERVAL_HOURS,
     DEFAULT_RETENTION_DAYS,
+    DEFAULT_WATCH_MINUTES,
     SCHEDULE_DAILY,
     SCHEDULE_INTERVAL,
     SUBENTRY_FOLDER,
@@ -128,6 +132,15 @@ class FolderSubentryFlow(ConfigSubentryFlow):
                 vol.Required(
                     CONF_HOURS, default=defaults.get(CONF_HOURS, DEFAULT_INTERVAL_HOURS)
                 ): _number(1, 24 * 7, "h"),
+                # New folders are watched; one set up before the option existed is not
+                # until its owner says so here.
+                vol.Required(CONF_WATCH, default=defaults.get(CONF_WATCH, with_name)): (
+                    BooleanSelector()
+                ),
+                vol.Required(
+                    CONF_WATCH_MINUTES,
+                    default=defaults.get(CONF_WATCH_MINUTES, DEFAULT_WATCH_MINUTES),
+                ): _number(1, 24 * 60, "min"),
                 vol.Required(
                     CONF_RETENTION_DAYS,
                     default=defaults.get(CONF_RETENTION_DAYS, DEFAULT_RETENTION_DAYS),
@@ -160,6 +173,8 @@ class FolderSubentryFlow(ConfigSubentryFlow):
             # The time selector accepted it already; store it in one spelling (03:15:00).
             CONF_TIME: cv.time(user_input[CONF_TIME]).strftime("%H:%M:%S"),
             CONF_HOURS: int(user_input[CONF_HOURS]),
+            CONF_WATCH: bool(user_input[CONF_WATCH]),
+            CONF_WATCH_MINUTES: int(user_input[CONF_WATCH_MINUTES]),
             CONF_RETENTION_DAYS: int(user_input[CONF_RETENTION_DAYS]),
             CONF_BWLIMIT: float(user_input[CONF_BWLIMIT]),
             CONF_EXCLUDE: [line for line in exclude if line],

@@ -1,4 +1,4 @@
-"""Home Assistant entry points of MyNAS: start and stop a node."""
+"""Starting and stopping a node: the work behind the entry points in ``__init__``."""
 
 from __future__ import annotations
 
@@ -16,43 +16,38 @@ from homeassistant.config_entries import (
 from homeassistant.const import EVENT_HOMEASSISTANT_STOP, Platform
 from homeassistant.core import CALLBACK_TYPE, Event, HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryNotReady
-from homeassistant.helpers import config_validation as cv, device_registry as dr
+from homeassistant.helpers import device_registry as dr, entity_registry as er
 from homeassistant.helpers.dispatcher import async_dispatcher_connect
-from homeassistant.helpers.typing import ConfigType
 from homeassistant.util import dt as dt_util
 
 from . import issues
 from .const import (
+    CONF_ADDRESSES,
+    CONF_INBOUND,
     CONF_KEY_FILE,
     CONF_NODE_ID,
     CONF_NODE_NAME,
     CONF_PORT,
     CONF_STORAGE_ROOT,
+    CONF_UPNP,
+    DEFAULT_UPNP,
     DOMAIN,
     EVENT_UNKNOWN_KEY,
     LOGGER,
+    SUBENTRY_FOLDER,
 )
 from .coordinator import MyNasConfigEntry, MyNasRuntimeData, NodeCoordinator, SyncCoordinator
-from .engine import StorageRootError, ThreadedNode, load_or_create_identity, open_root
-from .entity import node_device
-from .models import folders_of, peers_of
+from .engine import Inbound, StorageRootError, ThreadedNode, load_or_create_identity, open_root
+from .entity import node_device, pair_unique_id_prefix, subentries
+from .models import DATA_BACKUP_AGENT_LISTENERS, Pair, folders_of, node_limits, peers_of
 from .orphans import async_check_orphans
-from .persistence import async_remove
-from .services import async_setup_services
+from .reach import ReachCoordinator
 from .sync_manager import SyncManager
-
-CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 
 PLATFORMS: list[Platform] = [Platform.BINARY_SENSOR, Platform.BUTTON, Platform.SENSOR]
 
 # Friends reach the node from the Internet through the router: listen on every interface.
 LISTEN_HOST = ""
-
-
-async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
-    """Register the services (they check at call time which nodes are loaded)."""
-    async_setup_services(hass)
-    return True
 
 
 def key_path(hass: HomeAssistant, entry: MyNasConfigEntry) -> Path:
@@ -65,8 +60,12 @@ def key_path(hass: HomeAssistant, entry: MyNasConfigEntry) -> Path:
     )
 
 
-async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> bool:
-    """Start the node: check its disk, load its key, start its server and scheduler."""
+async def async_start_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> MyNasRuntimeData:
+    """Check the node's disk, load its key, start its server; read its state once.
+
+    Raises ConfigEntryNotReady while the disk is away or the port taken; stops what it
+    started when it fails.
+    """
     data = entry.data
     root = data[CONF_STORAGE_ROOT]
     try:
@@ -81,7 +80,16 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
     issues.storage_problem(hass, entry.entry_id, data[CONF_NODE_NAME], None, root)
     node_key, _ = await hass.async_add_executor_job(load_or_create_identity, key_path(hass, entry))
 
-    node = ThreadedNode(node_key, root)
+    upload_limit, download_limit = node_limits(entry.options)
+    options = entry.options
+    node = ThreadedNode(
+        node_key,
+        root,
+        upload_limit=upload_limit,
+        download_limit=download_limit,
+        upnp=bool(options.get(CONF_UPNP, DEFAULT_UPNP)),
+        inbound=Inbound(options.get(CONF_INBOUND, Inbound.AUTO)),
+    )
     peers = peers_of(entry)
     folders = folders_of(entry)
     manager = SyncManager(
@@ -96,12 +104,14 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
     )
     # Before the server listens: a peer that connects at once finds its state loaded.
     await manager.async_load()
+    reach = ReachCoordinator(hass, entry, node)
     try:
         await node.start(
             LISTEN_HOST,
             data[CONF_PORT],
             peers.values(),
-            on_event=partial(_on_server_event, hass, entry, manager),
+            on_event=partial(_on_server_event, hass, entry, manager, reach),
+            addresses=options.get(CONF_ADDRESSES, []),
         )
     except OSError as err:
         if err.errno in (errno.EADDRINUSE, errno.EACCES):
@@ -132,13 +142,26 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
         node_data=NodeCoordinator(hass, entry, node, manager),
         syncs=SyncCoordinator(hass, entry, manager),
         manager=manager,
+        reach=reach,
     )
     try:
         await runtime.node_data.async_config_entry_first_refresh()
+        await runtime.reach.async_config_entry_first_refresh()
         await runtime.syncs.async_config_entry_first_refresh()
-        entry.runtime_data = runtime
+    except BaseException:
+        await _stop(runtime)
+        raise
+    return runtime
+
+
+async def async_run_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> None:
+    """With ``entry.runtime_data`` set: add the devices and entities, then start the schedule."""
+    runtime = entry.runtime_data
+    manager = runtime.manager
+    try:
         # Peers' and folders' devices hang off the node's: it must exist before their entities.
         dr.async_get(hass).async_get_or_create(config_entry_id=entry.entry_id, **node_device(entry))
+        _remove_stale_pair_entities(hass, entry, manager.pairs)
         await async_check_orphans(hass, entry)
         await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     except BaseException:
@@ -152,7 +175,32 @@ async def async_setup_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> boo
 
     entry.async_on_unload(hass.bus.async_listen_once(EVENT_HOMEASSISTANT_STOP, _on_hass_stop))
     entry.async_on_unload(_reload_on_subentry_change(hass, entry))
-    return True
+    # Each peer is a backup location (backup.py): loading or unloading changes the agents.
+    entry.async_on_unload(entry.async_on_state_change(partial(_notify_backup_listeners, hass)))
+
+
+def _remove_stale_pair_entities(
+    hass: HomeAssistant, entry: MyNasConfigEntry, pairs: list[Pair]
+) -> None:
+    """Forget the entities of folder × peer pairs that are gone.
+
+    Removing a peer removes its device and its own entities, but a pair's entities live on
+    the folder's device: without this they would stay registered, unavailable, for good.
+    The same holds for a peer taken off a folder.
+    """
+    registry = er.async_get(hass)
+    folders = subentries(entry, SUBENTRY_FOLDER)
+    keep = tuple(pair_unique_id_prefix(entry.entry_id, *pair) for pair in pairs)
+    for entity in er.async_entries_for_config_entry(registry, entry.entry_id):
+        if entity.config_subentry_id in folders and not entity.unique_id.startswith(keep):
+            registry.async_remove(entity.entity_id)
+
+
+@callback
+def _notify_backup_listeners(hass: HomeAssistant) -> None:
+    """Tell Home Assistant's backup manager that the agents changed."""
+    for listener in hass.data.get(DATA_BACKUP_AGENT_LISTENERS, []):
+        listener()
 
 
 def _subentries(entry: MyNasConfigEntry) -> dict[str, tuple[str, str, dict[str, Any]]]:
@@ -189,10 +237,14 @@ def _on_server_event(
     hass: HomeAssistant,
     entry: MyNasConfigEntry,
     manager: SyncManager,
+    reach: ReachCoordinator,
     kind: str,
     details: dict[str, Any],
 ) -> None:
-    """Turn one of the server's events into state or an HA event."""
+    """Turn one of the engine's events into state or an HA event."""
+    if kind in ("reachability", "upnp", "peer_addresses"):
+        reach.on_event(kind, details)
+        return
     if kind == "unknown_key":
         LOGGER.warning(
             "A node with unknown key %s tried to connect from %s: if it is a friend, "
@@ -222,20 +274,13 @@ async def _stop(runtime: MyNasRuntimeData) -> None:
     """Stop the coordinators, the scheduler, then the node and its thread (idempotent)."""
     await runtime.node_data.async_shutdown()
     await runtime.syncs.async_shutdown()
+    await runtime.reach.async_shutdown()
     await runtime.manager.async_stop()
     await runtime.node.stop()
 
 
-async def async_remove_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> None:
-    """The node is deleted: drop what Home Assistant kept of its pairs and peers.
-
-    The key stays in the config dir: with it, a rebuilt node gets its backups back.
-    """
-    await async_remove(hass, entry.entry_id)
-
-
-async def async_unload_entry(hass: HomeAssistant, entry: MyNasConfigEntry) -> bool:
-    """Stop the node."""
+async def async_stop_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> bool:
+    """Remove the node's entities, then stop it."""
     unloaded = await hass.config_entries.async_unload_platforms(entry, PLATFORMS)
     if unloaded:
         await _stop(entry.runtime_data)

@@ -63,11 +63,15 @@ def key_changed(
     new_fingerprint: str | None,
     new_key: str | None,
 ) -> None:
-    """A peer answers with another key: nothing is sent until the user decides."""
+    """A peer answers with another key: nothing is sent until the user decides.
+
+    With the presented key in hand the issue is fixable (its fix flow accepts the key once
+    confirmed); without it there is nothing to accept, and the text says what to do instead.
+    """
     _create(
         hass,
         f"key_changed_{peer_id}",
-        "key_changed",
+        "key_changed" if new_key is not None else "key_changed_unknown",
         {"peer": peer, "old": old_fingerprint, "new": new_fingerprint or "unknown"},
         severity=ir.IssueSeverity.CRITICAL,
         fixable=new_key is not None,
@@ -120,6 +124,33 @@ def quota_refused(
         _delete(hass, issue_id)
     else:
         _create(hass, issue_id, "quota_exceeded", placeholders)
+
+
+def peer_disk_full(hass: HomeAssistant, peer_id: str, placeholders: dict[str, str] | None) -> None:
+    """Raise (or, with ``placeholders`` None, clear) "the friend's disk itself is full".
+
+    Not the quota: the host's disk has no room left (it answered "no space left on
+    device", or reports next to no free space). Only the friend can free space there.
+    """
+    issue_id = f"peer_disk_full_{peer_id}"
+    if placeholders is None:
+        _delete(hass, issue_id)
+    else:
+        _create(hass, issue_id, "peer_disk_full", placeholders)
+
+
+def folder_missing(
+    hass: HomeAssistant, folder_id: str, placeholders: dict[str, str] | None
+) -> None:
+    """Raise (or, with ``placeholders`` None, clear) "the protected folder is not there".
+
+    Missing, unreadable, or empty while friends hold its files: its disk is not mounted.
+    """
+    issue_id = f"folder_missing_{folder_id}"
+    if placeholders is None:
+        _delete(hass, issue_id)
+    else:
+        _create(hass, issue_id, "folder_missing", placeholders)
 
 
 def overdue(hass: HomeAssistant, folder_id: str, placeholders: dict[str, str] | None) -> None:

@@ -6,16 +6,19 @@ protects where, that state, and where its changes go.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 import enum
 from typing import TYPE_CHECKING, Any
 
 from homeassistant.config_entries import ConfigEntry, ConfigSubentry
+from homeassistant.util.hass_dict import HassKey
 
 from .const import (
     CONF_ADDRESSES,
     CONF_BWLIMIT,
+    CONF_DOWNLOAD_LIMIT,
     CONF_EXCLUDE,
     CONF_HOURS,
     CONF_JAIL,
@@ -27,7 +30,12 @@ from .const import (
     CONF_RETENTION_DAYS,
     CONF_SCHEDULE,
     CONF_TIME,
+    CONF_UPLOAD_LIMIT,
+    CONF_WATCH,
+    CONF_WATCH_MINUTES,
     DEFAULT_INTERVAL_HOURS,
+    DEFAULT_WATCH_MINUTES,
+    DOMAIN,
     SCHEDULE_DAILY,
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
@@ -66,18 +74,32 @@ class FolderSetup:
     config: FolderConfig
     peers: tuple[str, ...]
     schedule: Schedule
+    # Back up after changes, at most once per this interval (None: on the schedule only).
+    watch_interval: timedelta | None = None
+
+
+def _bytes_per_second(mbps: Any) -> int | None:
+    """MB/s as typed in a form (0 or nothing: no limit) as the engine's bytes/s."""
+    return int(float(mbps or 0) * 1_000_000) or None
+
+
+def node_limits(options: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """The node-wide (upload, download) limits in bytes/s from the node's options."""
+    return (
+        _bytes_per_second(options.get(CONF_UPLOAD_LIMIT)),
+        _bytes_per_second(options.get(CONF_DOWNLOAD_LIMIT)),
+    )
 
 
 def folder_setup(subentry: ConfigSubentry) -> FolderSetup:
     """Return a folder subentry as the engine's FolderConfig plus its peers and schedule."""
     data = subentry.data
-    bwlimit = float(data.get(CONF_BWLIMIT) or 0)
     config = FolderConfig(
         id=subentry.subentry_id,
         name=data[CONF_NAME],
         path=data[CONF_PATH],
         exclude=tuple(data.get(CONF_EXCLUDE) or ()),
-        bwlimit=int(bwlimit * 1_000_000) or None,
+        bwlimit=_bytes_per_second(data.get(CONF_BWLIMIT)),
         retention_days=data.get(CONF_RETENTION_DAYS),
     )
     if data.get(CONF_SCHEDULE) == SCHEDULE_DAILY:
@@ -85,7 +107,12 @@ def folder_setup(subentry: ConfigSubentry) -> FolderSetup:
     else:
         hours = int(data.get(CONF_HOURS) or DEFAULT_INTERVAL_HOURS)
         schedule = Schedule("interval", every=timedelta(hours=hours))
-    return FolderSetup(config, tuple(data.get(CONF_PEERS) or ()), schedule)
+    watch = (
+        timedelta(minutes=int(data.get(CONF_WATCH_MINUTES) or DEFAULT_WATCH_MINUTES))
+        if data.get(CONF_WATCH)
+        else None
+    )
+    return FolderSetup(config, tuple(data.get(CONF_PEERS) or ()), schedule, watch)
 
 
 def peers_of(entry: ConfigEntry[Any]) -> dict[str, PeerConfig]:
@@ -114,6 +141,13 @@ def pairs_of(folders: dict[str, FolderSetup], peers: dict[str, PeerConfig]) -> l
         for peer_id in setup.peers
         if peer_id in peers
     ]
+
+
+# Who to tell when backup agents (one per peer of a loaded node) come or go (backup.py).
+# Here, not in const: const is imported by the engine's command line, free of Home Assistant.
+DATA_BACKUP_AGENT_LISTENERS: HassKey[list[Callable[[], None]]] = HassKey(
+    f"{DOMAIN}.backup_agent_listeners"
+)
 
 
 class SyncKind(enum.StrEnum):
@@ -198,6 +232,8 @@ class PeerStatus:
     def as_stored(self) -> dict[str, Any]:
         """What survives a restart."""
         return {
+            "reachability": self.reachability.value if self.reachability else None,
+            "error": self.error,
             "last_seen": _iso(self.last_seen),
             "down_since": _iso(self.down_since),
             "used_there": self.used_there,
@@ -206,8 +242,19 @@ class PeerStatus:
 
     @classmethod
     def from_stored(cls, data: dict[str, Any]) -> PeerStatus:
-        """Rebuild from what ``as_stored`` returned."""
+        """Rebuild from what ``as_stored`` returned.
+
+        The last test's outcome comes back too: after a restart (or a reload, at every
+        change of a peer or folder) the peer's entities show what was last known until the
+        next test, instead of going through "unknown".
+        """
+        try:
+            reachability: Reachability | None = Reachability(str(data.get("reachability")))
+        except ValueError:  # not stored (an older version) or not known here
+            reachability = None
         return cls(
+            reachability=reachability,
+            error=data.get("error"),
             last_seen=_parse(data.get("last_seen")),
             down_since=_parse(data.get("down_since")),
             used_there=data.get("used_there"),

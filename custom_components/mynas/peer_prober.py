@@ -3,7 +3,9 @@
 Each peer is tested every ``PEER_PROBE_INTERVAL`` (a connection, one question, hang up),
 runs report what they learnt of it, and a peer connecting to us counts as seen. The
 repair issues a user can act on follow: "unreachable" once it has been silent for the
-configured time, "key changed" at once (nothing is sent to a key we did not pin).
+configured time, "key changed" at once (nothing is sent to a key we did not pin), "its disk
+is full" at once (a run told "no space left on device", or a test found next to no free
+space there), cleared by the next sync that goes through.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from homeassistant.helpers.event import async_track_time_interval
 from homeassistant.util import dt as dt_util
 
 from . import issues
-from .const import PEER_PROBE_INTERVAL
+from .const import LAST_SEEN_RESOLUTION, PEER_DISK_FULL_BELOW, PEER_PROBE_INTERVAL
 from .engine import (
     AuthRefused,
     HostKeyMismatch,
@@ -25,10 +27,20 @@ from .engine import (
     ProbeResult,
     Reachability,
     fingerprint,
+    format_bytes,
 )
 from .models import PeerStatus, SyncContext
 
 _LOGGER = logging.getLogger(__name__)
+
+
+def _newer(last_seen: datetime | None, when: datetime) -> bool:
+    """Whether ``when`` says more than ``last_seen``: by a minute at least.
+
+    A peer that syncs connects many times a second; "last seen" is read in minutes, and
+    each new value is a state change (and a line in the activity log).
+    """
+    return last_seen is None or when - last_seen >= LAST_SEEN_RESOLUTION
 
 
 class PeerProber:
@@ -90,7 +102,7 @@ class PeerProber:
         if self._stopped:
             return
         status = self._statuses.setdefault(peer_id, PeerStatus())
-        if status.last_seen is None or when > status.last_seen:
+        if _newer(status.last_seen, when):
             status.last_seen = when
             self._context.store.save()
             self._context.updates.changed()
@@ -98,7 +110,7 @@ class PeerProber:
     def seen(self, peer_id: str, when: datetime) -> None:
         """The peer answered (a run or a test went through): it is online."""
         status = self._statuses.setdefault(peer_id, PeerStatus())
-        if status.last_seen is None or when > status.last_seen:
+        if _newer(status.last_seen, when):
             status.last_seen = when
         status.reachability = Reachability.ONLINE
         status.down_since = None
@@ -115,6 +127,18 @@ class PeerProber:
             self._problem(peer_id, Reachability.WAITING, str(err))
         elif isinstance(err, PeerUnreachable):
             self._problem(peer_id, Reachability.UNREACHABLE, str(err))
+
+    def disk_full(self, peer_id: str, detail: str, *, test: bool = True) -> None:
+        """The peer's disk itself has no room (not our quota there): tell the user at once.
+
+        ``test``: also test the connection now, which learns how much room is left there
+        (and says so in the issue when next to none is).
+        """
+        issues.peer_disk_full(
+            self._hass, peer_id, {"peer": self._peers[peer_id].name, "detail": detail}
+        )
+        if test:
+            self.probe(peer_id)
 
     def _problem(
         self,
@@ -174,6 +198,9 @@ class PeerProber:
             self.seen(peer_id, now)
             status.used_there = result.used_there
             status.quota_there = result.quota_there
+            free = result.disk_free_there
+            if free is not None and free < PEER_DISK_FULL_BELOW:
+                self.disk_full(peer_id, f"it has {format_bytes(free)} free", test=False)
         else:
             self._problem(peer_id, result.status, result.error, result.presented_key)
         self._context.store.save()

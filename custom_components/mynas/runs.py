@@ -9,7 +9,7 @@ user can act on. Never two runs of one pair at once: a verify waits for a runnin
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 import logging
 from typing import Any
@@ -23,10 +23,12 @@ from .const import DOMAIN, EVENT_SYNC_FINISHED
 from .engine import (
     MyNasError,
     PeerConfig,
+    PeerDiskFull,
     Phase,
     Progress,
     PushResult,
     QuotaExceeded,
+    SourceMissing,
     StorageRootError,
     VerifyResult,
     check_root,
@@ -71,6 +73,8 @@ class Runs:
         # after the run's end, and must not bring a finished run back to life.
         self._active: set[Pair] = set()
         self._stopping = False
+        # Told each folder check's outcome (folder id, whether it is there): the watcher.
+        self.on_folder_checked: Callable[[str, bool], Awaitable[None]] | None = None
 
     @callback
     def stop(self) -> list[asyncio.Task[dict[str, Any]]]:
@@ -289,6 +293,9 @@ class Runs:
         )
         status.quota_refused = False
         issues.quota_refused(self._hass, pair[0], pair[1], None)
+        # Everything planned went in: the friend's disk had room, the folder was there.
+        issues.peer_disk_full(self._hass, pair[1], None)
+        issues.folder_missing(self._hass, pair[0], None)
         self._prober.seen(pair[1], now)
 
     def _failed(self, pair: Pair, err: Exception, *, count: bool = True) -> None:
@@ -312,5 +319,35 @@ class Runs:
                     "available": format_bytes(err.available),
                 },
             )
+        elif isinstance(err, PeerDiskFull):
+            self._prober.disk_full(pair[1], str(err).removeprefix("the peer's disk is full: "))
+        elif isinstance(err, SourceMissing):
+            self.folder_missing(pair[0], str(err))
         else:
             self._prober.run_failed(pair[1], err)
+
+    @callback
+    def folder_missing(self, folder_id: str, reason: str | None) -> None:
+        """Raise (or, with ``reason`` None, clear) the folder's "not there" issue."""
+        setup = self._context.folders[folder_id]
+        issues.folder_missing(
+            self._hass,
+            folder_id,
+            None
+            if reason is None
+            else {"folder": setup.config.name, "path": setup.config.path, "reason": reason},
+        )
+
+    async def check_folders(self) -> None:
+        """Check that every protected folder is there (each tick): its issue at once.
+
+        Not while the storage disk is away (the index is on it; that has its own issue).
+        """
+        if not self.storage_ok:
+            return
+        for folder_id, setup in list(self._context.folders.items()):
+            reason = await self._node.check_folder(setup.config)
+            if folder_id in self._context.folders:
+                self.folder_missing(folder_id, reason)
+                if self.on_folder_checked is not None:
+                    await self.on_folder_checked(folder_id, reason is None)

@@ -1,12 +1,14 @@
 """When each pair syncs: due syncs started every minute, overdue backups raised as issues.
 
 The rules of "when" are pure functions in ``schedule``; this keeps the clock. Every
-``SCHEDULER_TICK`` it starts the syncs that are due (none while the storage disk is away)
-and raises or clears each folder's "backup overdue" repair issue.
+``SCHEDULER_TICK`` it starts the syncs that are due (none while the storage disk is away),
+raises or clears each folder's "backup overdue" repair issue, and has every folder checked
+for being there (its "folder missing" issue).
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -71,6 +73,9 @@ class Runner(Protocol):
     def start(self, pair: Pair, kind: SyncKind) -> object:
         """Start a run of the pair."""
 
+    async def check_folders(self) -> None:
+        """Check that every protected folder is there (raise or clear its issue)."""
+
 
 class Scheduler:
     """Starts each pair's sync when it is due."""
@@ -81,6 +86,7 @@ class Scheduler:
         self._overdue = overdue
         self._runner = runner
         self._unsub: CALLBACK_TYPE | None = None
+        self._checking: asyncio.Task[None] | None = None
 
     @callback
     def async_start(self) -> None:
@@ -88,11 +94,16 @@ class Scheduler:
         self._unsub = async_track_time_interval(self._context.hass, self.tick, SCHEDULER_TICK)
 
     @callback
-    def stop(self) -> None:
-        """Stop ticking."""
+    def stop(self) -> list[asyncio.Task[None]]:
+        """Stop ticking; cancel a folder check under way and return it (to wait for)."""
         if self._unsub is not None:
             self._unsub()
             self._unsub = None
+        checking, self._checking = self._checking, None
+        if checking is None or checking.done():
+            return []
+        checking.cancel()
+        return [checking]
 
     @callback
     def tick(self, now: datetime) -> None:
@@ -106,6 +117,11 @@ class Scheduler:
                     self._runner.start(pair, SyncKind.SYNC)
         self._overdue.check(now)
         self._context.updates.changed()
+        if self._checking is None or self._checking.done():
+            # A vanished folder (its disk unplugged) gets its issue within a tick.
+            self._checking = self._context.hass.async_create_background_task(
+                self._runner.check_folders(), name="mynas folder check"
+            )
 
     def next_run(self, pair: Pair) -> datetime | None:
         """When the pair runs next (None: as soon as possible)."""

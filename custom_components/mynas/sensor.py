@@ -1,4 +1,4 @@
-"""Sensors: the node's disk and hosted space, each peer's space and contact, each pair's sync."""
+"""Sensors: the node's disk, space and reach; each peer's space, contact, address; pairs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Callable
 import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from homeassistant.components.sensor import (
     SensorDeviceClass,
@@ -20,11 +21,20 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from homeassistant.helpers.typing import StateType
 from homeassistant.util import dt as dt_util
 
-from .const import SUBENTRY_FOLDER, SUBENTRY_PEER
 from .coordinator import MyNasConfigEntry, NodeCoordinator, NodeData, SyncCoordinator
-from .engine import JailUsage
-from .entity import NodeEntity, PairEntity, PeerHostedEntity, PeerStatusEntity
+from .engine import JailUsage, Reachability
+from .entity import (
+    NodeEntity,
+    PairEntity,
+    PeerHostedEntity,
+    PeerStatusEntity,
+    ReachNodeEntity,
+    ReachPeerEntity,
+    add_per_pair,
+    add_per_peer,
+)
 from .models import PairStatus, PeerStatus, SyncState
+from .reach import CAUSES, UPNP_STATES, ReachCoordinator, ReachData
 
 # Coordinator-driven: no per-entity polling to throttle.
 PARALLEL_UPDATES = 0
@@ -132,6 +142,12 @@ class PeerSensorDescription(SensorEntityDescription):
     """A figure about a peer's contact with us."""
 
     value_fn: Callable[[PeerStatus], StateType | datetime]
+    # Whether the figure holds now: what the peer told us stops holding once it does not answer.
+    available_fn: Callable[[PeerStatus], bool] = lambda status: True
+
+
+def _answers(status: PeerStatus) -> bool:
+    return status.reachability is Reachability.ONLINE
 
 
 PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
@@ -147,6 +163,7 @@ PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
             translation_key="used_there",
             state_class=SensorStateClass.MEASUREMENT,
             value_fn=lambda status: status.used_there,
+            available_fn=_answers,
         )
     ),
     _data_size(
@@ -155,15 +172,45 @@ PEER_SENSORS: tuple[PeerSensorDescription, ...] = (
             translation_key="quota_there",
             entity_category=EntityCategory.DIAGNOSTIC,
             value_fn=lambda status: status.quota_there,
+            available_fn=_answers,
         )
     ),
 )
 
 
+def _complete(status: PairStatus) -> bool:
+    """At rest after a sync that sent everything: the copy there is the folder as it was."""
+    return (
+        status.progress is None
+        and status.state is SyncState.IDLE
+        and status.last_success is not None
+        and not status.last_error
+    )
+
+
+RUNNING = (SyncState.SCANNING, SyncState.TRANSFERRING, SyncState.VERIFYING)
+
+
+def _running_or_complete(status: PairStatus) -> bool:
+    """What a run's figures can speak of: a run under way, or a complete copy.
+
+    After a failure, or before the first sync, there is no run and no complete copy: the
+    figures have nothing to say and the entities are unavailable (the state and the last
+    error say what is wrong), rather than "unknown".
+    """
+    return status.state in RUNNING or _complete(status)
+
+
+def _progress(status: PairStatus) -> float | None:
+    if status.progress is not None:
+        return status.progress.percent  # None while the scan counts what there is
+    return None if status.state in RUNNING else 100.0  # a run starting, or a complete copy
+
+
 def _left(status: PairStatus, files: bool) -> int | None:
     progress = status.progress
     if progress is None:
-        return 0 if status.state is SyncState.IDLE else None
+        return None if status.state in RUNNING else 0  # a run starting, or a complete copy
     if files:
         return max(0, progress.files_total - progress.files_done)
     return max(0, progress.bytes_total - progress.bytes_done)
@@ -180,6 +227,7 @@ class PairSensorDescription(SensorEntityDescription):
     """A figure about one folder × peer pair."""
 
     value_fn: Callable[[PairStatus], StateType | datetime]
+    available_fn: Callable[[PairStatus], bool] = lambda status: True
 
 
 PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
@@ -210,13 +258,17 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
         translation_key="progress",
         native_unit_of_measurement=PERCENTAGE,
         suggested_display_precision=0,
-        value_fn=lambda status: status.progress.percent if status.progress is not None else None,
+        value_fn=_progress,
+        available_fn=_running_or_complete,
     ),
     PairSensorDescription(
         key="files_left",
         translation_key="files_left",
+        # A measurement: it changes every second of a run, the logbook leaves it out.
+        state_class=SensorStateClass.MEASUREMENT,
         entity_registry_enabled_default=False,
         value_fn=lambda status: _left(status, files=True),
+        available_fn=_running_or_complete,
     ),
     _data_size(
         PairSensorDescription(
@@ -224,6 +276,7 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
             translation_key="bytes_left",
             entity_registry_enabled_default=False,
             value_fn=lambda status: _left(status, files=False),
+            available_fn=_running_or_complete,
         )
     ),
     PairSensorDescription(
@@ -256,7 +309,9 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
         key="last_error",
         translation_key="last_error",
         entity_category=EntityCategory.DIAGNOSTIC,
-        value_fn=lambda status: (status.last_error or "")[:255] or None,
+        value_fn=lambda status: (status.last_error or "")[:255],
+        # No error to tell: nothing to say (rather than "unknown").
+        available_fn=lambda status: bool(status.last_error),
     ),
 )
 
@@ -269,31 +324,21 @@ async def async_setup_entry(
     """Add the node's, every peer's and every pair's sensors."""
     runtime = entry.runtime_data
     async_add_entities(NodeSensor(runtime.node_data, desc) for desc in NODE_SENSORS)
-    peers = {
-        sub.subentry_id: sub
-        for sub in entry.subentries.values()
-        if sub.subentry_type == SUBENTRY_PEER
-    }
-    for peer in peers.values():
-        async_add_entities(
-            [
-                *(HostedSensor(runtime.node_data, peer, desc) for desc in HOSTED_SENSORS),
-                *(PeerSensor(runtime.syncs, peer, desc) for desc in PEER_SENSORS),
-            ],
-            config_subentry_id=peer.subentry_id,
-        )
-    for folder in entry.subentries.values():
-        if folder.subentry_type != SUBENTRY_FOLDER:
-            continue
-        async_add_entities(
-            [
-                PairSensor(runtime.syncs, folder, peers[peer_id], desc)
-                for (folder_id, peer_id) in runtime.manager.pairs
-                if folder_id == folder.subentry_id
-                for desc in PAIR_SENSORS
-            ],
-            config_subentry_id=folder.subentry_id,
-        )
+    async_add_entities(ReachSensor(runtime.reach, desc) for desc in REACH_SENSORS)
+    add_per_peer(
+        entry,
+        async_add_entities,
+        lambda peer: [
+            *(HostedSensor(runtime.node_data, peer, desc) for desc in HOSTED_SENSORS),
+            *(PeerSensor(runtime.syncs, peer, desc) for desc in PEER_SENSORS),
+            PeerAddressSensor(runtime.reach, peer),
+        ],
+    )
+    add_per_pair(
+        entry,
+        async_add_entities,
+        lambda folder, peer: [PairSensor(runtime.syncs, folder, peer, d) for d in PAIR_SENSORS],
+    )
 
 
 class NodeSensor(NodeEntity, SensorEntity):
@@ -354,6 +399,11 @@ class PeerSensor(PeerStatusEntity, SensorEntity):
         self.entity_description = description
 
     @property
+    def available(self) -> bool:
+        """Available while the figure holds (space figures: while the peer answers)."""
+        return super().available and self.entity_description.available_fn(self.status)
+
+    @property
     def native_value(self) -> StateType | datetime:
         """The figure from the peer's status."""
         return self.entity_description.value_fn(self.status)
@@ -376,6 +426,134 @@ class PairSensor(PairEntity, SensorEntity):
         self.entity_description = description
 
     @property
+    def available(self) -> bool:
+        """Available while the figure has something to say."""
+        return super().available and self.entity_description.available_fn(self.status)
+
+    @property
     def native_value(self) -> StateType | datetime:
         """The figure from the pair's status."""
         return self.entity_description.value_fn(self.status)
+
+
+# --- reachability ------------------------------------------------------------------------------
+
+
+def _when(seconds: object) -> str | None:
+    """An engine time (seconds since the epoch) as ISO 8601, for an attribute."""
+    if not isinstance(seconds, int | float):
+        return None
+    return dt_util.utc_from_timestamp(seconds).isoformat()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReachSensorDescription(SensorEntityDescription):
+    """A figure about whether friends can reach us, and its details."""
+
+    value_fn: Callable[[ReachData], StateType]
+    attributes_fn: Callable[[ReachData], dict[str, Any]]
+
+
+def _report_attributes(data: ReachData) -> dict[str, Any]:
+    report = data.report
+    if report is None:
+        return {}
+    return {
+        "checked_at": _when(report.get("at")),
+        "addresses": report.get("addresses", []),
+        "lan_address": report.get("lan_address"),
+        "seen_from": report.get("seen_from", []),
+        "answered_by": report.get("answered_by", []),
+        "port": report.get("port"),
+        "not_checked_by": sorted(report.get("errors", {})),
+    }
+
+
+def _upnp_attributes(data: ReachData) -> dict[str, Any]:
+    upnp = data.upnp
+    if upnp is None:
+        return {}
+    return {
+        "external_address": upnp.get("external_address"),
+        "lan_address": upnp.get("lan_address"),
+        "error": upnp.get("error"),
+        "renewed_at": _when(upnp.get("renewed_at")),
+    }
+
+
+REACH_SENSORS: tuple[ReachSensorDescription, ...] = (
+    ReachSensorDescription(
+        key="reachability",
+        translation_key="reachability",
+        device_class=SensorDeviceClass.ENUM,
+        options=list(CAUSES),
+        value_fn=lambda data: str(data.report["cause"]) if data.report else None,
+        attributes_fn=_report_attributes,
+    ),
+    ReachSensorDescription(
+        key="upnp",
+        translation_key="upnp",
+        device_class=SensorDeviceClass.ENUM,
+        options=list(UPNP_STATES),
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=lambda data: str(data.upnp["status"]) if data.upnp else "off",
+        attributes_fn=_upnp_attributes,
+    ),
+)
+
+
+class ReachSensor(ReachNodeEntity, SensorEntity):
+    """Whether friends can reach this node (the last check), or how UPnP fared."""
+
+    entity_description: ReachSensorDescription
+
+    def __init__(self, coordinator: ReachCoordinator, description: ReachSensorDescription) -> None:
+        """Create the sensor for ``description``."""
+        super().__init__(coordinator, description.key)
+        self.entity_description = description
+
+    @property
+    def native_value(self) -> StateType:
+        """The verdict."""
+        return self.entity_description.value_fn(self.coordinator.data)
+
+    @property
+    def extra_state_attributes(self) -> dict[str, Any]:
+        """What the verdict rests on."""
+        return self.entity_description.attributes_fn(self.coordinator.data)
+
+
+class PeerAddressSensor(ReachPeerEntity, SensorEntity):
+    """Where we last reached a peer, since when, and every address we know for it."""
+
+    _attr_translation_key = "peer_address"
+
+    def __init__(self, coordinator: ReachCoordinator, peer: ConfigSubentry) -> None:
+        """Create the peer's address sensor."""
+        super().__init__(coordinator, peer, "peer_address")
+
+    @property
+    def _view(self) -> dict[str, Any]:
+        return self.coordinator.data.peers.get(self.peer_id) or {}
+
+    @property
+    def native_value(self) -> StateType:
+        """The address in use (the last one that answered)."""
+        in_use = self._view.get("in_use")
+        return str(in_use["address"])[:255] if in_use else None
+
+    @property
+    def extra_state_attributes(self) -> dict[str, Any]:
+        """Since when, and the typed, learned (with since when) and hinted addresses."""
+        view = self._view
+        in_use = view.get("in_use")
+        hint = view.get("hint")
+        return {
+            "since": _when(in_use["since"]) if in_use else None,
+            "typed": view.get("typed", []),
+            "learned": [
+                {"address": seen["address"], "since": _when(seen["since"])}
+                for seen in view.get("learned", [])
+            ],
+            "connected_from": hint["address"] if hint else None,
+        }

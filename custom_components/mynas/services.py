@@ -1,4 +1,4 @@
-"""Services: sync (all, a folder, or a folder × peer), verify, restore — with response data."""
+"""Services: sync, verify, restore, check reachability — each with response data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import (
     HomeAssistant,
     ServiceCall,
@@ -15,10 +14,16 @@ from homeassistant.core import (
     callback,
 )
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
-from homeassistant.helpers import config_validation as cv
+from homeassistant.helpers import config_validation as cv, service
 import probatio as vol
 
-from .const import DOMAIN, SERVICE_RESTORE, SERVICE_SYNC, SERVICE_VERIFY
+from .const import (
+    DOMAIN,
+    SERVICE_CHECK_REACHABILITY,
+    SERVICE_RESTORE,
+    SERVICE_SYNC,
+    SERVICE_VERIFY,
+)
 from .coordinator import MyNasConfigEntry
 from .engine import HostRefused, MyNasError, RestoreConflict, check_folder_name, check_subpath
 from .models import SyncKind
@@ -52,6 +57,9 @@ RESTORE_SCHEMA = vol.Schema(
 )
 
 
+CHECK_SCHEMA = vol.Schema({vol.Optional(ATTR_ENTRY): cv.string})
+
+
 def _invalid(key: str, **placeholders: str) -> ServiceValidationError:
     return ServiceValidationError(
         translation_domain=DOMAIN, translation_key=key, translation_placeholders=placeholders
@@ -60,20 +68,10 @@ def _invalid(key: str, **placeholders: str) -> ServiceValidationError:
 
 def _entry(hass: HomeAssistant, call: ServiceCall) -> MyNasConfigEntry:
     """The node a call is for: the one named, or the only loaded one."""
-    entry_id = call.data.get(ATTR_ENTRY)
-    if entry_id:
-        entry = hass.config_entries.async_get_entry(entry_id)
-        if entry is None or entry.domain != DOMAIN:
-            raise _invalid("unknown_node", node=entry_id)
-        if entry.state is not ConfigEntryState.LOADED:
-            raise _invalid("node_not_loaded", node=entry.title)
-        return entry
-    loaded = hass.config_entries.async_loaded_entries(DOMAIN)
-    if not loaded:
-        raise _invalid("no_node")
-    if len(loaded) > 1:
-        raise _invalid("several_nodes")
-    return loaded[0]
+    entry: MyNasConfigEntry = service.async_get_config_entry(
+        hass, DOMAIN, call.data.get(ATTR_ENTRY)
+    )
+    return entry
 
 
 def _match(name: str | None, candidates: dict[str, str], key: str) -> list[str]:
@@ -210,6 +208,19 @@ async def _restore(call: ServiceCall) -> ServiceResponse:
     return {"peer": peer_name, **result.as_dict()}
 
 
+async def _check_reachability(call: ServiceCall) -> ServiceResponse:
+    """Ask every friend to dial our addresses back; answer with what each found."""
+    entry = _entry(call.hass, call)
+    try:
+        return await entry.runtime_data.reach.async_check()
+    except MyNasError as err:
+        raise HomeAssistantError(
+            translation_domain=DOMAIN,
+            translation_key="check_failed",
+            translation_placeholders={"error": str(err)},
+        ) from err
+
+
 def _known(manager: SyncManager) -> str:
     return ", ".join(sorted(setup.config.name for setup in manager.folders.values())) or "-"
 
@@ -236,6 +247,15 @@ def async_setup_services(hass: HomeAssistant) -> None:
         supports_response=SupportsResponse.OPTIONAL,
     )
     hass.services.async_register(
+        DOMAIN,
+        SERVICE_CHECK_REACHABILITY,
+        _check_reachability,
+        schema=CHECK_SCHEMA,
+        supports_response=SupportsResponse.OPTIONAL,
+    )
+    # Restore writes files wherever Home Assistant may: for administrators only.
+    service.async_register_admin_service(
+        hass,
         DOMAIN,
         SERVICE_RESTORE,
         _restore,

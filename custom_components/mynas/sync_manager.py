@@ -2,9 +2,10 @@
 
 Each part is a module of its own: ``runs`` (a sync or verify of a folder × peer pair),
 ``scheduler`` (when a pair is due, when it is overdue), ``persistence`` (what survives a
-restart), ``updates`` (how the entities hear of changes) and ``peer_prober`` (what we know
-of each peer). ``SyncManager`` builds them for one node and is what the rest of the
-integration talks to: entities, services, diagnostics and the coordinators.
+restart), ``updates`` (how the entities hear of changes), ``peer_prober`` (what we know
+of each peer) and ``folder_watch`` (syncs after changes). ``SyncManager`` builds them for
+one node and is what the rest of the integration talks to: entities, services, diagnostics
+and the coordinators.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .const import (
     DEFAULT_UNREACHABLE_HOURS,
 )
 from .engine import PeerConfig, Progress, ThreadedNode
+from .folder_watch import FolderWatcher, Watched
 from .models import FolderSetup, Pair, SyncContext, SyncData, SyncKind
 from .peer_prober import PeerProber
 from .persistence import SyncStore
@@ -80,6 +82,17 @@ class SyncManager:
             prober=self.prober,
         )
         self.scheduler = Scheduler(self.context, self.overdue, self.runs)
+        self.watcher = FolderWatcher(
+            hass,
+            {
+                folder_id: Watched(setup.config.path, setup.watch_interval)
+                for folder_id, setup in folders.items()
+                if setup.watch_interval is not None
+            },
+            self._sync_changed,
+        )
+        self.runs.on_folder_checked = self._folder_checked
+        self._watch_start: asyncio.Task[None] | None = None
 
     @property
     def folders(self) -> dict[str, FolderSetup]:
@@ -126,6 +139,9 @@ class SyncManager:
     def async_start(self) -> None:
         """Start ticking: peer tests now and every few minutes, due syncs now and every minute."""
         self.scheduler.async_start()
+        self._watch_start = self.context.hass.async_create_background_task(
+            self.watcher.async_start(), name="mynas folder watch"
+        )
         self.prober.async_start()
         self.prober.probe_all()
         self.scheduler.tick(dt_util.utcnow())
@@ -136,10 +152,13 @@ class SyncManager:
         The engine's side of a cancelled run unwinds on its own; the node's ``stop`` waits
         for it before it closes the index under it.
         """
-        self.scheduler.stop()
+        if self._watch_start is not None:
+            await asyncio.gather(self._watch_start, return_exceptions=True)
+        await self.watcher.async_stop()
+        checking = self.scheduler.stop()
         self.context.updates.stop()
         self.context.store.stop()
-        running: list[asyncio.Task[Any]] = [*self.runs.stop(), *self.prober.stop()]
+        running: list[asyncio.Task[Any]] = [*self.runs.stop(), *self.prober.stop(), *checking]
         await asyncio.gather(*running, return_exceptions=True)
         await self.context.store.async_save()
 
@@ -179,6 +198,30 @@ class SyncManager:
     def contact(self, peer_id: str, when: datetime) -> None:
         """The peer connected to us: it exists and has our key (it is not a reachability test)."""
         self.prober.contact(peer_id, when)
+
+    @callback
+    def _sync_changed(self, folder_id: str) -> None:
+        """The folder changed (and settled): sync it to each of its peers now."""
+        setup = self.folders.get(folder_id)
+        if setup is None or not self.runs.storage_ok:
+            return
+        busy = False
+        for peer_id in setup.peers:
+            if peer_id not in self.peers:
+                continue
+            if self.runs.running((folder_id, peer_id)):
+                busy = True  # its scan may have passed the change already
+            else:
+                self.runs.start((folder_id, peer_id), SyncKind.SYNC)
+        if busy:
+            self.watcher.again(folder_id)
+
+    async def _folder_checked(self, folder_id: str, present: bool) -> None:
+        """Watch a folder while it is there; stop while it is not (its disk unplugged)."""
+        if present:
+            await self.watcher.async_resume(folder_id)
+        else:
+            await self.watcher.async_suspend(folder_id)
 
     def _progress_sink(self, pair: Pair, verifying: bool) -> Callable[[Progress], None]:
         """What the engine reports a run's progress to (a test feeds it reports directly)."""

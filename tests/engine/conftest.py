@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from typing import Any, Protocol, TypedDict, Unpack
 
+import asyncssh
 import pytest
 
 from custom_components.mynas.engine import identity
@@ -23,6 +24,8 @@ from custom_components.mynas.engine.host.space import HostedSpace
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner.run import PeerTarget
 
+from .netns_support import Namespaces, namespaces
+
 MIB = 1 << 20
 DEFAULT_QUOTA = 16 * MIB
 
@@ -30,6 +33,12 @@ DEFAULT_QUOTA = 16 * MIB
 @pytest.fixture(autouse=True)
 def _engine_sockets(socket_enabled: None) -> None:
     """Allow loopback sockets in every engine test."""
+
+
+@pytest.fixture
+def netns(monkeypatch: pytest.MonkeyPatch) -> Iterator[Namespaces]:
+    """Network namespaces for this test (root), removed at its end (``netns_support``)."""
+    yield from namespaces(monkeypatch)
 
 
 def _key_path(tmp_path: Path, name: str) -> Path:
@@ -61,6 +70,20 @@ host_id = _identity_fixture("host", "The identity of the node under test (the ho
 alice_id = _identity_fixture("alice", "A peer's identity (a friend's node): \"alice\".")
 bob_id = _identity_fixture("bob", 'Another peer\'s identity: "bob".')
 mallory_id = _identity_fixture("mallory", "A key that no node has added.")
+
+
+@pytest.fixture
+def chosen_kex(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The key exchange each side of each connection in the test chose, in order."""
+    chosen: list[bytes] = []
+    real_get_kex = asyncssh.connection.get_kex
+
+    def spy(conn: Any, alg: bytes) -> Any:
+        chosen.append(alg)
+        return real_get_kex(conn, alg)
+
+    monkeypatch.setattr(asyncssh.connection, "get_kex", spy)
+    return chosen
 
 
 @pytest.fixture

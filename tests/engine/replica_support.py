@@ -43,6 +43,12 @@ MTIME = 1_600_000_000_123_456_789
 type Snapshot = dict[bytes, tuple[Any, ...]]
 
 
+async def plain_push(*args: Any, **kwargs: Any) -> PushResult:
+    """``push`` to a plain mirror (what the tests that read the host's files use)."""
+    kwargs.setdefault("encrypted", False)
+    return await replicator.push(*args, **kwargs)
+
+
 def digest(data: bytes) -> bytes:
     """The content hash MyNAS uses (SHA-256, as ``sha256sum`` computes it)."""
     return hashlib.sha256(data).digest()
@@ -181,7 +187,12 @@ class Env:
         return self.storage / "alice"
 
     async def push(self, **kwargs: Any) -> PushResult:
-        """Push the source folder to the host."""
+        """Push the source folder to the host (a plain mirror unless ``encrypted=True``).
+
+        The tests that look at the host's files directly want to read them: the suite that
+        attacks encrypted replicas is ``test_encrypted_replica.py``.
+        """
+        kwargs.setdefault("encrypted", False)
         return await replicator.push(
             self.alice, self.target, FOLDER, self.src, self.index, **kwargs
         )
@@ -193,7 +204,8 @@ class Env:
         )
 
     async def restore(self, dest: Path, **kwargs: Any) -> RestoreResult:
-        """Restore FOLDER (or a path in it) into ``dest``."""
+        """Restore FOLDER (or a path in it) into ``dest`` (from a plain mirror unless told)."""
+        kwargs.setdefault("encrypted", False)
         return await restorer.restore(self.alice, self.target, FOLDER, dest, **kwargs)
 
     async def set_quota(self, quota: int) -> None:

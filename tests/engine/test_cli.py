@@ -398,6 +398,26 @@ async def test_serve_runs_until_a_signal(
     assert not any("Traceback" in line for line in serving.log)
 
 
+async def test_serve_logs_where_peers_say_they_are(
+    serve: Callable[..., Awaitable[Serving]], tmp_path: Path, alice_id: Identity
+) -> None:
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    keys = tmp_path / "pubkeys"
+    keys.mkdir()
+    serving = await serve(
+        f"alice={public_key_file(keys, 'alice', alice_id.public_line)}:1G", storage=storage
+    )
+    async with await client.connect(alice_id, serving.address, serving.host_key) as link:
+        await link.announce(["alice.example:8022", "[2001:db8::a]:8022"])
+    assert await serving.stop() == 0
+    assert any(
+        "alice can be reached at alice.example:8022, [2001:db8::a]:8022 (learned" in line
+        for line in serving.log
+    )
+    assert any("alice connected from 127.0.0.1" in line for line in serving.log)
+
+
 # --- the "done when": a hostile friend with OpenSSH against serve -------------------
 
 

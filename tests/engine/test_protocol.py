@@ -247,3 +247,43 @@ async def test_peek_names_the_next_whole_frame_only() -> None:
     assert reader.peek() is None  # an unknown type: read_frame will say so
     with pytest.raises(ProtocolError, match="unknown frame type"):
         await reader.read_frame()
+
+
+def test_heads_round_trip_and_limit() -> None:
+    encoded = protocol.heads(7, b"dir/sub", 66)
+    assert Frame(encoded[4]) is Frame.HEADS
+    assert protocol.parse_heads(encoded[5:]) == (7, 66, b"dir/sub")
+    with pytest.raises(ProtocolError, match="limit"):
+        protocol.heads(1, b"d", protocol.MAX_HEAD + 1)
+    with pytest.raises(ProtocolError, match="limit"):
+        protocol.parse_heads(struct.pack(">IH", 1, protocol.MAX_HEAD + 1) + b"\x00\x01d")
+
+
+def test_announce_and_check_round_trip_without_duplicates() -> None:
+    body = protocol.announce(7, ["a.example:8022", "[2001:db8::1]:8022", "a.example:8022"])[5:]
+    assert protocol.parse_announce(body) == (7, ["a.example:8022", "[2001:db8::1]:8022"])
+    assert protocol.parse_check(protocol.check(8)[5:]) == (8, [])
+    assert protocol.parse_check(protocol.check(9, ["h:1"])[5:]) == (9, ["h:1"])
+    # A body that carries more than addresses: the rest is not read (never a key change).
+    extra = struct.pack(">I", 3) + b'{"addresses":["h:1"],"public_key":"ssh-ed25519 AAAA"}'
+    assert protocol.parse_announce(extra) == (3, ["h:1"])
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b'{"addresses":["h:1"', "bad JSON"),
+        (b'{"addresses":"h:1"}', "a list"),
+        (b'{"addresses":[1]}', "a string"),
+        (b'{"addresses":[""]}', "a string"),
+        (b'{"addresses":["' + b"h" * 256 + b'"]}', "a string"),
+        (
+            b'{"addresses":[' + b",".join(b'"h%d:1"' % n for n in range(9)) + b"]}",
+            "at most 8",
+        ),
+        (b'{"addresses":[], "pad":"' + b" " * 4096 + b'"}', "limit 4096"),
+    ],
+)
+def test_announce_refuses_what_breaks_its_limits(body: bytes, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        protocol.parse_announce(struct.pack(">I", 1) + body)

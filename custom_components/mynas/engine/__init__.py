@@ -20,14 +20,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .errors import (
         AuthRefused,
+        BackupMissing,
+        BackupSizeMismatch,
         HostKeyMismatch,
         HostRefused,
         InvalidInvite,
         KeyFileError,
         MyNasError,
+        PeerDiskFull,
         PeerUnreachable,
         QuotaExceeded,
         RestoreConflict,
+        SourceMissing,
     )
     from .host.paths import validate_peer_name
     from .host.quota import JailUsage
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
         canonical_key,
         copy_key,
         fingerprint,
+        install as install_identity,
         load as load_identity,
         load_or_create as load_or_create_identity,
     )
@@ -49,7 +54,9 @@ if TYPE_CHECKING:
         parse_address,
     )
     from .loop_thread import EngineLoop
-    from .node import FolderConfig, PeerConfig, ProbeResult, Reachability
+    from .node import FolderConfig, Inbound, PeerConfig, ProbeResult, Reachability
+    from .owner.backup_area import StoredBackup
+    from .owner.replica import ReplicaKindMismatch
     from .owner.run import (
         Phase,
         Progress,
@@ -57,6 +64,12 @@ if TYPE_CHECKING:
         VerifyResult,
         check_folder_name,
         check_subpath,
+    )
+    from .owner.sealed import SealedFileError
+    from .recovery_code import (
+        RecoveryCodeError,
+        identity_from as identity_from_recovery_code,
+        of as recovery_code_of,
     )
     from .storage_root import (
         DiskUsage,
@@ -78,18 +91,22 @@ __all__ = [
     "MAX_ADDRESSES",
     "MAX_NODE_NAME_LENGTH",
     "AuthRefused",
+    "BackupMissing",
+    "BackupSizeMismatch",
     "DiskUsage",
     "EngineLoop",
     "FolderConfig",
     "HostKeyMismatch",
     "HostRefused",
     "Identity",
+    "Inbound",
     "InvalidInvite",
     "Invite",
     "JailUsage",
     "KeyFileError",
     "MyNasError",
     "PeerConfig",
+    "PeerDiskFull",
     "PeerUnreachable",
     "Phase",
     "ProbeResult",
@@ -97,9 +114,14 @@ __all__ = [
     "PushResult",
     "QuotaExceeded",
     "Reachability",
+    "RecoveryCodeError",
+    "ReplicaKindMismatch",
     "RestoreConflict",
     "RootProblem",
+    "SealedFileError",
+    "SourceMissing",
     "StorageRootError",
+    "StoredBackup",
     "ThreadedNode",
     "VerifyResult",
     "canonical_key",
@@ -115,6 +137,8 @@ __all__ = [
     "fingerprint",
     "format_address",
     "format_bytes",
+    "identity_from_recovery_code",
+    "install_identity",
     "jails_on_disk",
     "load_identity",
     "load_or_create_identity",
@@ -122,6 +146,7 @@ __all__ = [
     "names_on_disk",
     "open_root",
     "parse_address",
+    "recovery_code_of",
     "validate_peer_name",
 ]
 
@@ -133,6 +158,7 @@ _SOURCES = {
     "PeerConfig": "node",
     "FolderConfig": "node",
     "ProbeResult": "node",
+    "Inbound": "node",
     "Reachability": "node",
     # What runs report.
     "Phase": "owner.run",
@@ -140,6 +166,9 @@ _SOURCES = {
     "PushResult": "owner.run",
     "VerifyResult": "owner.run",
     "JailUsage": "host.quota",
+    # Home Assistant's own backups kept at a peer (its backup area).
+    "StoredBackup": "owner.backup_area",
+    "SealedFileError": "owner.sealed",
     # Names a form or a service call must check.
     "check_folder_name": "owner.run",
     "check_subpath": "owner.run",
@@ -163,6 +192,11 @@ _SOURCES = {
     "fingerprint": "identity",
     "load_identity": "identity:load",
     "load_or_create_identity": "identity:load_or_create",
+    "install_identity": "identity:install",
+    # The recovery code: the node secret for people (as secret as the key; never log it).
+    "recovery_code_of": "recovery_code:of",
+    "identity_from_recovery_code": "recovery_code:identity_from",
+    "RecoveryCodeError": "recovery_code",
     # Invite codes and the addresses in them.
     "Invite": "invite",
     "MAX_ADDRESSES": "invite",
@@ -179,8 +213,13 @@ _SOURCES = {
     "InvalidInvite": "errors",
     "KeyFileError": "errors",
     "PeerUnreachable": "errors",
+    "PeerDiskFull": "errors",
+    "BackupMissing": "errors",
+    "BackupSizeMismatch": "errors",
     "QuotaExceeded": "errors",
     "RestoreConflict": "errors",
+    "ReplicaKindMismatch": "owner.replica",
+    "SourceMissing": "errors",
     "format_bytes": "units",
 }
 

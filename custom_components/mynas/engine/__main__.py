@@ -1,8 +1,9 @@
 """The engine's command line: ``python -m custom_components.mynas.engine COMMAND ...``.
 
-Runs the same code as Home Assistant does, without it: make a key, print an invite code,
-serve friends' replicas, push a folder, restore it, verify it. Failures print one line on
-stderr and exit non-zero; push, restore and verify end stdout with a JSON summary.
+Runs the same code as Home Assistant does, without it: make a key, print an invite code
+or the recovery code, serve friends' replicas, push a folder (encrypted unless ``--plain``),
+restore it (with the key, or with the recovery code alone), verify it. Failures print one
+line on stderr and exit non-zero; push, restore and verify end stdout with a JSON summary.
 """
 
 from __future__ import annotations
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("--key", required=True, help="private key file (created with mode 0600)")
 
+    code = commands.add_parser(
+        "recovery-code",
+        help="print the node secret as a recovery code (keep it outside the house)",
+    )
+    code.add_argument("--key", required=True)
+
     invite = commands.add_parser("invite", help="print this node's invite code")
     invite.add_argument("--key", required=True)
     invite.add_argument("--name", required=True, help="this node's name, as friends will see it")
@@ -126,8 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
         ("verify", "compare a peer's copy with the folder, without downloading"),
     ):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("--key", required=True)
-        sub.add_argument("--peer", required=True, type=_address, metavar="HOST:PORT")
+        if name == "restore":
+            secret = sub.add_mutually_exclusive_group(required=True)
+            secret.add_argument("--key")
+            secret.add_argument(
+                "--recovery-code",
+                metavar="CODE",
+                help="the node's recovery code instead of its key file ('-': read it from stdin)",
+            )
+        else:
+            sub.add_argument("--key", required=True)
+        sub.add_argument(
+            "--peer",
+            required=True,
+            action="append",
+            type=_address,
+            metavar="HOST:PORT",
+            help="the peer's address; several are tried in the order given",
+        )
         sub.add_argument("--peer-key", required=True, metavar="PUBKEY_FILE")
         sub.add_argument("--folder", required=True, help="the folder's name on the peer")
         if name == "restore":
@@ -149,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="push an empty folder even if the peer holds files of it (deletes them)",
             )
+            sub.add_argument(
+                "--plain",
+                action="store_true",
+                help="keep a readable mirror on the peer instead of an encrypted copy",
+            )
         if name == "verify":
             sub.add_argument("--repair", action="store_true", help="send what is missing or wrong")
     return parser
@@ -161,7 +189,8 @@ def _load_identity(path: str) -> identity_mod.Identity:
 def _target(args: argparse.Namespace) -> PeerTarget:
     key = identity_mod.load_public_key_file(args.peer_key)
     line = identity_mod.public_key_line(key)
-    return PeerTarget(id=identity_mod.fingerprint(key), addresses=(args.peer,), public_key=line)
+    addresses = tuple(dict.fromkeys(args.peer))
+    return PeerTarget(id=identity_mod.fingerprint(key), addresses=addresses, public_key=line)
 
 
 def _index_path(args: argparse.Namespace) -> Path:
@@ -189,6 +218,24 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     node, _ = identity_mod.load_or_create(args.key)
     print(node.public_line)
     return 0
+
+
+def cmd_recovery_code(args: argparse.Namespace) -> int:
+    """Print the node secret as a recovery code: one line."""
+    from . import recovery_code  # noqa: PLC0415 - this command only
+
+    print(recovery_code.encode(identity_mod.private_seed(_load_identity(args.key))))
+    return 0
+
+
+def _restore_identity(args: argparse.Namespace) -> identity_mod.Identity:
+    """The node to restore as: its key file, or the node rebuilt from its recovery code."""
+    if args.key is not None:
+        return _load_identity(args.key)
+    from . import recovery_code  # noqa: PLC0415 - restore from a code only
+
+    code = sys.stdin.readline() if args.recovery_code == "-" else args.recovery_code
+    return identity_mod.from_seed(recovery_code.decode(code))
 
 
 def cmd_invite(args: argparse.Namespace) -> int:
@@ -231,7 +278,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         space = HostedSpace(storage, trash_days=args.trash_days)
     except (OSError, ValueError) as err:
         raise CommandError(f"storage dir {storage} is unusable: {err}") from None
-    server = NodeServer(node, space, grants)
+    server = NodeServer(node, space, grants, on_event=_log_event)
     host, port = invite_mod.parse_address(args.listen)
     try:
         await server.start(host, port)
@@ -249,6 +296,18 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         _LOGGER.info("Stopping")
         await server.close()
     return 0
+
+
+def _log_event(kind: str, data: dict[str, Any]) -> None:
+    """What ``serve`` tells about its peers: where they say they are, where they come from."""
+    if kind == "addresses_announced":
+        _LOGGER.info(
+            "%s can be reached at %s (learned: it announced them)",
+            data["peer"],
+            ", ".join(data["addresses"]) or "(nowhere)",
+        )
+    elif kind == "peer_connected":
+        _LOGGER.info("%s connected from %s", data["peer"], data["address"])
 
 
 def _summary(result: dict[str, Any]) -> None:
@@ -274,6 +333,7 @@ async def cmd_push(args: argparse.Namespace) -> int:
             allow_empty=args.allow_empty,
             # A run with nothing to send leaves the peer alone ("peer_contacted": false).
             connect_if_unchanged=False,
+            encrypted=not args.plain,
         )
     for message in result.errors:
         print(f"warning: {message}", file=sys.stderr)
@@ -282,8 +342,8 @@ async def cmd_push(args: argparse.Namespace) -> int:
 
 
 async def cmd_restore(args: argparse.Namespace) -> int:
-    """Restore a folder or a path in it; print the JSON summary."""
-    node = _load_identity(args.key)
+    """Restore a folder or a path in it; print the JSON summary (status 1 if files failed)."""
+    node = _restore_identity(args)
     result = await restore(
         node,
         _target(args),
@@ -293,8 +353,10 @@ async def cmd_restore(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=_progress_printer(),
     )
+    for failure in result.failures:
+        print(f"not restored: {failure}", file=sys.stderr)
     _summary(result.as_dict())
-    return 0
+    return 1 if result.failed else 0
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
@@ -320,6 +382,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "keygen": cmd_keygen,
     "invite": cmd_invite,
+    "recovery-code": cmd_recovery_code,
     "serve": cmd_serve,
     "push": cmd_push,
     "restore": cmd_restore,

@@ -141,3 +141,28 @@ class InvalidInvite(MyNasError):
 
 class KeyFileError(MyNasError):
     """A key file is missing, unreadable, or not an Ed25519 key."""
+
+
+# --- archives in the backup area (owner/backup_area.py) ----------------------------------
+
+
+class BackupMissing(MyNasError):
+    """The peer holds no (complete) backup of that id in our backup area."""
+
+    def __init__(self, backup_id: str) -> None:
+        self.backup_id = backup_id
+        super().__init__(f"the peer holds no backup {backup_id}")
+
+
+class BackupSizeMismatch(MyNasError):
+    """A backup's stream brought another number of bytes than announced; nothing was kept."""
+
+    def __init__(self, backup_id: str, announced: int, received: int) -> None:
+        self.backup_id = backup_id
+        self.announced = announced
+        self.received = received
+        brought = f"at least {received}" if received > announced else str(received)
+        super().__init__(
+            f"backup {backup_id} was announced as {announced} bytes but its stream brought "
+            f"{brought}: nothing was kept at the peer"
+        )

@@ -116,6 +116,64 @@ def copy_key(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> Id
     return key
 
 
+def private_seed(node: Identity) -> bytes:
+    """Return the 32-byte Ed25519 seed of a node's key: the node secret (never log it).
+
+    Every data key of an encrypted replica derives from it (``owner/keys.py``), and the
+    recovery code (``recovery_code.py``) is this seed written for people.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+        Ed25519PrivateKey,
+    )
+
+    key = node.private_key.pyca_key
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError("a node's key must be an Ed25519 private key")
+    return key.private_bytes_raw()
+
+
+def from_seed(seed: bytes) -> Identity:
+    """Return the identity whose Ed25519 private key has ``seed`` (a recovery code's content).
+
+    The same seed gives the same key pair, so friends' pinned keys still hold.
+    """
+    # Imported here: only a rebuilt node needs it.
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+        Ed25519PrivateKey,
+    )
+
+    if len(seed) != _RAW_SIZE:
+        raise KeyFileError(f"an Ed25519 seed has {_RAW_SIZE} bytes, not {len(seed)}")
+    data = Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    return Identity.from_private_key(asyncssh.import_private_key(data))
+
+
+def install(node: Identity, path: str | os.PathLike[str]) -> Identity:
+    """Write ``node``'s private key to a new key file at ``path`` (0600; blocking).
+
+    How a node rebuilt from its recovery code gets its key file back. A ``path`` that
+    already holds that same key is kept; one holding another key raises ``KeyFileError``.
+    """
+    target = Path(path)
+    if target.exists():
+        if load(target).public_line != node.public_line:
+            raise KeyFileError(f"{target} already holds another key; not replacing it")
+        return node
+    try:
+        target.parent.mkdir(mode=KEY_DIR_MODE, parents=True, exist_ok=True)
+        created = _publish(target, node.private_key.export_private_key("openssh"))
+    except OSError as err:
+        raise KeyFileError(f"cannot create the key file {target}: {_reason(err)}") from err
+    if not created:
+        return install(node, target)  # written meanwhile: the same key, or refused
+    return node
+
+
 def canonical_key(text: str) -> str:
     """Return the one spelling of an Ed25519 public key line (no comment), or raise KeyFileError."""
     return public_key_line(parse_public_key(text))

@@ -27,8 +27,22 @@ LIST   C→S  id u32, flags u8 (1: with content hashes), path (empty: whole jail
             → ENTRY frames in canonical order, then DONE (or FAIL)
 READ   C→S  id u32, path: a file or a tree → for each file an ENTRY, then its DATA
             frames; directories as ENTRY only; then DONE (or FAIL)
-QUERY  C→S  id u32, JSON: ``{"op": "usage"}`` or ``{"op": "retention", "folder", "days"}``
-            → REPLY
+QUERY  C→S  id u32, JSON: ``{"op": "usage"}``, ``{"op": "retention", "folder", "days"}``
+            or ``{"op": "stat", "path": hex}`` (→ ``{"kind": "f" | "d" | null}``; a host
+            that serves it lists ``"stat"`` in WELCOME's features) → REPLY
+HEADS  C→S  id u32, length u16 (at most MAX_HEAD), path: the directory's tree → for each
+            file an ENTRY (its whole size), then one DATA of its first min(length, size)
+            bytes (none when that is 0); directories as ENTRY only; then DONE (or FAIL).
+            What adopting an encrypted replica reads (each file's sealed meta block); a
+            host that serves it lists ``"heads"`` in WELCOME's features
+ANNOUNCE C→S id u32, JSON ``{"addresses": ["host:port", ...]}``: where the sender can be
+            reached now (at most ``MAX_ANNOUNCED``, each at most ``MAX_ADDRESS`` characters,
+            the body at most ``MAX_ANNOUNCE_BODY`` bytes) → OK/FAIL. Only addresses: the
+            sender is the connection's authenticated peer, nothing here changes its key
+CHECK  C→S  id u32, JSON ``{"addresses": [...]}`` (empty: all announced): "connect back to
+            these addresses of mine" → REPLY ``{"results": [{"address", "outcome",
+            "detail"}], "seen_from"}``; only addresses the peer announced, at most
+            ``MAX_CHECKED``, rate-limited (FAIL ``busy`` with ``retry_after`` seconds)
 OK     S→C  id u32 ...: the requests named are done (and durable)
 FAIL   S→C  id u32, JSON ``{"code", "message", ...}``; codes in ``FailCode``
 OFFSET S→C  id u32, offset u64
@@ -36,6 +50,15 @@ ENTRY  S→C  id u32, kind u8, size u64, mtime_ns i64, mode u16, hash (u8 len + 
 DONE   S→C  id u32
 REPLY  S→C  id u32, JSON
 ====== ==== ================================================================================
+
+WELCOME names the optional requests a host serves in ``features`` (``"announce"``,
+``"check"``): an older host breaks off the session on a frame it does not know, so a
+client sends those only when they are listed.
+
+The reverse subsystem (``REVERSE_SUBSYSTEM``) carries the same frames with the roles of the
+SSH connection turned round: a node that cannot accept connections opens the channel (as the
+SSH client) and then *serves* the protocol on it, to the peer that accepted the connection.
+The peer speaks first (HELLO) when it wants the channel; until then it stays idle.
 """
 
 from __future__ import annotations
@@ -52,6 +75,7 @@ from .errors import ProtocolError
 from .tree import Entry, Kind
 
 SUBSYSTEM = "mynas@1"
+REVERSE_SUBSYSTEM = "mynas-reverse@1"
 VERSION = 1
 MAX_FRAME = 4 * 1024 * 1024 + 4096
 # Large files travel as DATA frames of this size; small ones whole, in one PUT each.
@@ -59,6 +83,14 @@ CHUNK = 256 * 1024
 # FrameReader asks the stream for this much at a time: one call serves many small frames.
 READ_SIZE = 256 * 1024
 MAX_PATH = 4096
+MAX_HEAD = 4096  # bytes of each file a HEADS answer may carry
+# ANNOUNCE and CHECK: what one peer may make the host remember, and dial for it.
+MAX_ANNOUNCED = 8
+MAX_ADDRESS = 255
+MAX_ANNOUNCE_BODY = 4096
+MAX_CHECKED = 4
+# What a host lists in WELCOME's "features": what older hosts do not serve.
+FEATURES = ("announce", "check", "heads", "stat")
 
 
 class Frame(enum.IntEnum):
@@ -77,12 +109,15 @@ class Frame(enum.IntEnum):
     LIST = 11
     READ = 12
     QUERY = 13
+    HEADS = 40
     OK = 20
     FAIL = 21
     OFFSET = 22
     ENTRY = 23
     DONE = 24
     REPLY = 25
+    ANNOUNCE = 30
+    CHECK = 31
 
 
 class Close(enum.IntEnum):
@@ -103,6 +138,8 @@ class FailCode(enum.StrEnum):
     CHANGED = "changed"
     IO = "io"
     PROTOCOL = "protocol"
+    INVALID = "invalid"
+    BUSY = "busy"
 
 
 _HEAD = struct.Struct(">IB")
@@ -113,6 +150,7 @@ _OPEN = struct.Struct(">IQqH")
 _CLOSE = struct.Struct(">IB")
 _TIME = struct.Struct(">Iq")
 _FLAGS = struct.Struct(">IB")
+_HEADS = struct.Struct(">IH")
 _OFFSET = struct.Struct(">IQ")
 _ENTRY = struct.Struct(">IBQqH")
 _LEN16 = struct.Struct(">H")
@@ -381,9 +419,26 @@ def read(req: int, path: bytes) -> bytes:
     return frame(Frame.READ, _ID.pack(req), _path(path))
 
 
+def heads(req: int, path: bytes, length: int) -> bytes:
+    """Encode HEADS (the first ``length`` bytes of every file below ``path``)."""
+    if not 0 <= length <= MAX_HEAD:
+        raise ProtocolError(f"HEADS of {length} bytes (limit {MAX_HEAD})")
+    return frame(Frame.HEADS, _HEADS.pack(req, length), _path(path))
+
+
 def query(req: int, request: dict[str, Any]) -> bytes:
     """Encode QUERY."""
     return frame(Frame.QUERY, _ID.pack(req), _json(request))
+
+
+def announce(req: int, addresses: list[str] | tuple[str, ...]) -> bytes:
+    """Encode ANNOUNCE (where we can be reached)."""
+    return frame(Frame.ANNOUNCE, _ID.pack(req), _json({"addresses": list(addresses)}))
+
+
+def check(req: int, addresses: list[str] | tuple[str, ...] = ()) -> bytes:
+    """Encode CHECK (connect back to these announced addresses of ours)."""
+    return frame(Frame.CHECK, _ID.pack(req), _json({"addresses": list(addresses)}))
 
 
 def ok(*reqs: int) -> bytes:
@@ -510,6 +565,15 @@ def parse_list(body: bytes) -> tuple[int, bool, bytes]:
     return req, bool(flags & 1), path
 
 
+def parse_heads(body: bytes) -> tuple[int, int, bytes]:
+    """Decode HEADS: (id, length, path)."""
+    req, length = _unpack(_HEADS, body)
+    if length > MAX_HEAD:
+        raise ProtocolError(f"HEADS of {length} bytes (limit {MAX_HEAD})")
+    path, _ = _split_path(body, _HEADS.size)
+    return req, length, path
+
+
 def parse_query(body: bytes) -> tuple[int, dict[str, Any]]:
     """Decode QUERY."""
     return request_id(body), parse_json(body, _ID.size)
@@ -551,3 +615,29 @@ def parse_entry(body: bytes) -> tuple[int, Entry, bytes | None]:
 def parse_reply(body: bytes) -> tuple[int, dict[str, Any]]:
     """Decode REPLY."""
     return request_id(body), parse_json(body, _ID.size)
+
+
+def _addresses(body: bytes, limit: int) -> tuple[int, list[str]]:
+    req = request_id(body)
+    if len(body) - _ID.size > MAX_ANNOUNCE_BODY:
+        raise ProtocolError(f"address list of {len(body)} bytes (limit {MAX_ANNOUNCE_BODY})")
+    value = parse_json(body, _ID.size).get("addresses", [])
+    if not isinstance(value, list) or len(value) > limit:
+        raise ProtocolError(f"addresses must be a list of at most {limit}")
+    found: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not 0 < len(item) <= MAX_ADDRESS:
+            raise ProtocolError(f"an address is a string of at most {MAX_ADDRESS} characters")
+        if item not in found:
+            found.append(item)
+    return req, found
+
+
+def parse_announce(body: bytes) -> tuple[int, list[str]]:
+    """Decode ANNOUNCE: (id, addresses, duplicates dropped). Anything else in it is ignored."""
+    return _addresses(body, MAX_ANNOUNCED)
+
+
+def parse_check(body: bytes) -> tuple[int, list[str]]:
+    """Decode CHECK: (id, the announced addresses to dial; empty for all of them)."""
+    return _addresses(body, MAX_ANNOUNCED)

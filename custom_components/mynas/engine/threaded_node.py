@@ -5,32 +5,41 @@ the host application's loop must never do that work: Home Assistant's loop lag s
 few milliseconds only if SSH and encryption run elsewhere. ``ThreadedNode`` owns both the
 node and that loop's thread. It starts and stops them together; each of its coroutines,
 awaited from the host's loop, runs the node's method of the same name on the engine loop;
-``relay`` carries callbacks the other way, back onto the host's loop. Stopping cancels what
-still runs on the engine loop and waits for it to unwind before the node closes (a
-cancelled push still writes the files already acknowledged to the index).
+``relay`` carries callbacks the other way, back onto the host's loop. Streams cross too: a
+backup's bytes go up from an iterator on the host's loop (``upload_backup``, a bounded
+queue between the two loops) and come down as an iterator there (``download_backup``, one
+hop per chunk), never a whole archive in memory. Stopping cancels what still runs on the
+engine loop, closes the downloads still open, and waits for it to unwind before the node
+closes (a cancelled push still writes the files already acknowledged to the index).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable, Sequence
+import contextlib
 import copy
+from dataclasses import dataclass
 import functools
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate
+from typing import TYPE_CHECKING, Any, Concatenate, Unpack
+import weakref
 
 from . import node as node_module
 from .loop_thread import EngineLoop
-from .node import Node, PeerConfig, ProbeResult
+from .node import Node, NodeOptions, PeerConfig, ProbeResult
 from .owner.run import PeerTarget
 
 if TYPE_CHECKING:
     from .identity import Identity
+    from .owner.backup_area import OpenStream, StoredBackup
     from .owner.index import Index
 
 # Stopping waits this long (seconds) for each step: what still runs to unwind, the node to close.
 STOP_TIMEOUT = 30.0
+# Chunks of an upload's stream read ahead on the host's loop, waiting for the engine's.
+INBOUND_CHUNKS = 8
 
 type EventHandler = Callable[[str, dict[str, Any]], None]
 
@@ -85,15 +94,16 @@ class ThreadedNode:
         self,
         identity: Identity,
         storage_root: str | os.PathLike[str],
-        *,
-        trash_days: int = 30,
+        **options: Unpack[NodeOptions],
     ) -> None:
         """Prepare the node on ``storage_root`` and its thread (nothing runs until ``start``)."""
         self.engine = EngineLoop()
-        self._node = Node(identity, storage_root, trash_days=trash_days, on_event=self._on_event)
+        self._node = Node(identity, storage_root, on_event=self._on_event, **options)
         self._events: EventHandler | None = None
         # What runs on the engine loop on our behalf (touched on that loop only).
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Downloads handed out and not finished (touched on the host's loop only).
+        self._sources: weakref.WeakSet[AsyncGenerator[bytes]] = weakref.WeakSet()
 
     @property
     def storage_root(self) -> Path:
@@ -104,6 +114,11 @@ class ThreadedNode:
     def peers(self) -> dict[str, PeerConfig]:
         """The node's peers, by id (replaced as a whole by the engine, safe to read here)."""
         return self._node.peers
+
+    @property
+    def own_addresses(self) -> tuple[str, ...]:
+        """Our addresses as announced (replaced as a whole by the engine, safe to read here)."""
+        return self._node.own_addresses
 
     @property
     def index(self) -> Index:
@@ -117,6 +132,7 @@ class ThreadedNode:
         peers: Iterable[PeerConfig],
         *,
         on_event: EventHandler | None = None,
+        addresses: Sequence[str] = (),
     ) -> None:
         """Start the engine's thread and, on it, the node (index, hosted space, server).
 
@@ -127,7 +143,7 @@ class ThreadedNode:
         self._events = self.relay(on_event) if on_event is not None else None
         await loop.run_in_executor(None, self.engine.start)
         try:
-            await self.run(self._node.start(host, port, peers))
+            await self.run(self._node.start(host, port, peers, addresses=addresses))
         except BaseException:
             await loop.run_in_executor(None, self.engine.stop)
             raise
@@ -139,8 +155,10 @@ class ThreadedNode:
         """
         if not self.engine.running:
             return
+        sources = list(self._sources)
+        self._sources.clear()
         try:
-            await asyncio.wait_for(self.engine.run(self._drain()), STOP_TIMEOUT)
+            await asyncio.wait_for(self.engine.run(self._drain(sources)), STOP_TIMEOUT)
             await asyncio.wait_for(self.engine.run(self._node.stop()), STOP_TIMEOUT)
         finally:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
@@ -170,15 +188,95 @@ class ThreadedNode:
         target = PeerTarget("test", tuple(addresses), public_key)
         return await self.run(node_module.probe(self._node.identity, target))
 
+    async def upload_backup(
+        self,
+        peer_id: str,
+        backup_id: str,
+        metadata: dict[str, Any],
+        size: int,
+        open_stream: OpenStream,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> StoredBackup:
+        """``Node.upload_backup`` with ``open_stream`` and ``progress`` on the calling loop.
+
+        The stream is opened once the peer has accepted the archive (its quota reserved),
+        and read ahead by at most ``INBOUND_CHUNKS`` chunks; an error it raises is raised
+        here as it is. ``progress(bytes sent)`` runs on the calling loop.
+        """
+        inbound = _Inbound(self.engine.loop, open_stream)
+        feeder = asyncio.create_task(inbound.feed())
+        try:
+            return await self.run(
+                self._node.upload_backup(
+                    peer_id,
+                    backup_id,
+                    metadata,
+                    size,
+                    inbound.open,
+                    progress=None if progress is None else self.relay(progress),
+                )
+            )
+        finally:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+
+    async def download_backup(self, peer_id: str, backup_id: str) -> AsyncGenerator[bytes]:
+        """Connect and start ``Node.download_backup``; return its bytes as an iterator here.
+
+        Errors before the first byte (the peer down, no such backup) are raised here; later
+        ones by the iterator. Iterate it to the end or close it (``aclose``): that ends the
+        connection (``stop`` closes what is still open).
+        """
+        source = await self.run(_started(self._node, peer_id, backup_id))
+        try:
+            first = await self.run(_step(source))
+        except BaseException:
+            await self._close_source(source)
+            raise
+        self._sources.add(source)
+        return self._relay_stream(source, first)
+
+    async def _relay_stream(
+        self, source: AsyncGenerator[bytes], first: bytes | None
+    ) -> AsyncGenerator[bytes]:
+        try:
+            item = first
+            while item is not None:
+                yield item
+                item = await self.run(_step(source))
+        finally:
+            await self._close_source(source)
+
+    async def _close_source(self, source: AsyncGenerator[bytes]) -> None:
+        self._sources.discard(source)
+        if self.engine.running:
+            await self.engine.run(_close(source))
+
     push = _awaited(Node.push)
+    convert = _awaited(Node.convert)
     verify = _awaited(Node.verify)
     restore = _awaited(Node.restore)
     probe = _awaited(Node.probe)
+    check_folder = _awaited(Node.check_folder)
     remove_peer_data = _awaited(Node.remove_peer_data)
     known_pairs = _awaited(Node.known_pairs)
     forget_pairs = _awaited(Node.forget_pairs)
+    list_backups = _awaited(Node.list_backups)
+    get_backup = _awaited(Node.get_backup)
+    delete_backup = _awaited(Node.delete_backup)
+    set_peers = _awaited(Node.set_peers)
+    set_addresses = _awaited(Node.set_addresses)
+    set_found_addresses = _awaited(Node.set_found_addresses)
+    refresh_addresses = _awaited(Node.refresh_addresses)
+    announce = _awaited(Node.announce)
+    check_reachability = _awaited(Node.check_reachability)
+    set_inbound = _awaited(Node.set_inbound)
+    kept_connections = _called(Node.kept_connections)
+    upnp_state = _called(Node.upnp_state)
     hosted = _called(Node.hosted)
     snapshot = _called(Node.snapshot)
+    peer_addresses = _called(Node.peer_addresses)
 
     def _on_event(self, kind: str, details: dict[str, Any]) -> None:  # on the engine's thread
         if self._events is not None:
@@ -193,9 +291,86 @@ class ThreadedNode:
         finally:
             self._tasks.discard(task)
 
-    async def _drain(self) -> None:
+    async def _drain(self, sources: list[AsyncGenerator[bytes]]) -> None:
         tasks = [task for task in self._tasks if not task.done()]
         for task in tasks:
             if not task.cancelling():  # a cancelled run unwinds: don't cut its cleanup short
                 task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for source in sources:  # downloads left open: their connections end here
+            await _close(source)
+
+
+async def _started(node: Node, peer_id: str, backup_id: str) -> AsyncGenerator[bytes]:
+    """``node.download_backup`` made on the engine loop (where the peer's addresses live)."""
+    return node.download_backup(peer_id, backup_id)
+
+
+async def _step(source: AsyncGenerator[bytes]) -> bytes | None:
+    """The next chunk of ``source``, or None at its end (on the engine loop)."""
+    try:
+        return await anext(source)
+    except StopAsyncIteration:
+        return None
+
+
+async def _close(source: AsyncGenerator[bytes]) -> None:
+    """Close ``source`` on the engine loop (its connection with it); errors are its own."""
+    with contextlib.suppress(Exception):
+        await source.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """The stream on the host's loop raised ``error``."""
+
+    error: BaseException
+
+
+class _End:
+    """The stream on the host's loop ended."""
+
+
+class _Inbound:
+    """An upload's stream, read on the host's loop and handed to the engine's (bounded).
+
+    ``feed`` runs on the host's loop and waits until the engine calls ``open``; the queue
+    between them is used on the engine loop only (every put hops there).
+    """
+
+    def __init__(self, engine: asyncio.AbstractEventLoop, open_stream: OpenStream) -> None:
+        self._engine = engine
+        self._open_stream = open_stream
+        self._host = asyncio.get_running_loop()
+        self._go = asyncio.Event()
+        self._queue: asyncio.Queue[bytes | _Failed | _End] = asyncio.Queue(INBOUND_CHUNKS)
+
+    async def feed(self) -> None:
+        """Open the stream once asked, and pass its chunks on (on the host's loop)."""
+        await self._go.wait()
+        try:
+            stream = await self._open_stream()
+            async for chunk in stream:
+                await self._put(chunk)
+        except Exception as err:  # raised on the engine's side, as it is
+            await self._put(_Failed(err))
+            return
+        await self._put(_End())
+
+    async def _put(self, item: bytes | _Failed | _End) -> None:
+        put = asyncio.run_coroutine_threadsafe(self._queue.put(item), self._engine)
+        await asyncio.wrap_future(put)
+
+    async def open(self) -> AsyncIterator[bytes]:
+        """Start the feed; return the stream's chunks as they come (on the engine loop)."""
+        self._host.call_soon_threadsafe(self._go.set)
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncGenerator[bytes]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _End):
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item

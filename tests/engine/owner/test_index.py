@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+import contextlib
 import os
 from pathlib import Path
 import sqlite3
@@ -302,3 +303,44 @@ def test_streaming_does_not_load_all_rows(index: Index) -> None:
         tracemalloc.stop()
     assert streamed == count
     assert peak < 2_000_000  # all rows at once would take about 15 MB
+
+
+_FORMAT_1 = (
+    "CREATE TABLE meta( name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE replicas("
+    " id INTEGER PRIMARY KEY, folder TEXT NOT NULL, peer TEXT NOT NULL, UNIQUE(folder, peer))",
+    "CREATE TABLE files("
+    " replica INTEGER NOT NULL, key BLOB NOT NULL, size INTEGER NOT NULL,"
+    " mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL, hash BLOB,"
+    " PRIMARY KEY(replica, key)) WITHOUT ROWID",
+    "CREATE TABLE roots( replica INTEGER PRIMARY KEY, mtime_ns INTEGER NOT NULL)",
+    "INSERT INTO meta VALUES ('schema', 1)",
+    "INSERT INTO replicas VALUES (1, 'Docs', 'bob')",
+    "INSERT INTO files VALUES (1, x'61', 3, 7, 420, x'abcd')",
+    "INSERT INTO files VALUES (1, x'642f', 0, 8, 493, NULL)",
+)
+
+
+def test_a_format_1_index_is_migrated_and_its_replicas_stay_plain(tmp_path: Path) -> None:
+    """An index written before encryption opens as it was: every replica plain."""
+    path = tmp_path / "index.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for statement in _FORMAT_1:
+            conn.execute(statement)
+        conn.commit()
+    with Index(path) as index:
+        assert index.folders() == [("Docs", "bob")]
+        assert index.sealed("Docs", "bob") is False
+        assert index.sealed("Docs", "carol") is None
+        assert list(index.entries("Docs", "bob")) == [
+            IndexEntry(b"a", tree.Kind.FILE, 3, 7, 420, b"\xab\xcd"),
+            IndexEntry(b"d", tree.Kind.DIR, 0, 8, 493, None),
+        ]
+        assert next(iter(index.stored_rows("Docs", "bob"))) == (b"a", 3, 7, 420, b"\xab\xcd", None)
+        index.record("Docs", "bob", [IndexEntry(b"b", tree.Kind.FILE, 1, 1, 420, b"h", b"s")])
+        index.register("Sealed", "bob", sealed=True)
+        assert index.sealed("Sealed", "bob") is True
+    with Index(path) as index:  # format 2 now: opened as it is
+        assert [row[5] for row in index.stored_rows("Docs", "bob")] == [None, b"s", None]
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("SELECT value FROM meta").fetchone() == (2,)

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 OWNER = Path(__file__).parents[3] / "custom_components" / "mynas" / "engine" / "owner"
-RUNS = ["push", "sender", "feed", "restore", "verify", "run", "handoff", "index_writer"]
+RUNS = [
+    *("push", "sender", "feed", "restore", "verify", "run", "handoff", "index_writer"),
+    "backup_area",
+]
 
 
 def _imports(module: str) -> set[tuple[str, str]]:

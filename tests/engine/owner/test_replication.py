@@ -68,6 +68,7 @@ from ..replica_support import (
     close_env,
     digest,
     make_env,
+    plain_push,
     snapshot,
     trash_files,
     wait_until,
@@ -230,7 +231,7 @@ async def _round_trips(data: st.DataObject, alice: Identity, host: Identity, bas
                     model.change()
                 model.settle_dirs()
             expected = snapshot(src, portable=True)
-            result = await replicator.push(alice, target, FOLDER, src, index, allow_empty=True)
+            result = await plain_push(alice, target, FOLDER, src, index, allow_empty=True)
             assert result.errors == []
             assert result.files_changed_during_read == 0
             files = [v for v in expected.values() if v[0] == "f"]
@@ -289,7 +290,7 @@ async def test_empty_index_adopts_an_identical_replica(env: Env) -> None:
     await env.push()
 
     with Index(env.work / "fresh.sqlite") as fresh:
-        result = await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+        result = await plain_push(env.alice, env.target, FOLDER, env.src, fresh)
         assert (result.files_sent, result.files_deleted, result.bytes_sent) == (0, 0, 0)
         assert trash_files(env.storage) == set()
         check_index_matches_host(fresh, env.replica)
@@ -297,7 +298,7 @@ async def test_empty_index_adopts_an_identical_replica(env: Env) -> None:
     # Adopted with one file changed since: only that one goes, its old version to trash.
     write(env.src / "a.txt", b"two", mtime_ns=MTIME + 1)
     with Index(env.work / "fresh2.sqlite") as fresh:
-        result = await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+        result = await plain_push(env.alice, env.target, FOLDER, env.src, fresh)
         assert (result.files_sent, result.files_deleted) == (1, 0)
         assert trash_files(env.storage) == {(b"Docs/a.txt", digest(b"one"))}
         check_index_matches_host(fresh, env.replica)
@@ -351,11 +352,11 @@ async def test_adopt_cut_short_is_not_half_remembered(
     monkeypatch.setattr(client.PeerLink, "list", broken)
     with Index(env.work / "fresh.sqlite") as fresh:
         with pytest.raises((HostRefused, PeerUnreachable)):
-            await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+            await plain_push(env.alice, env.target, FOLDER, env.src, fresh)
         assert fresh.folders() == []
         assert list(fresh.entries(FOLDER, "host")) == []
         monkeypatch.setattr(client.PeerLink, "list", real)
-        result = await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+        result = await plain_push(env.alice, env.target, FOLDER, env.src, fresh)
         assert result.files_sent == 0
         check_index_matches_host(fresh, env.replica)
     assert trash_files(env.storage) == set()
@@ -375,14 +376,14 @@ async def test_nothing_changed_connects_only_if_asked(
     assert first.peer_contacted  # a new pair and new files: it had to connect
 
     connects = 0
-    real = replicator.connect_any
+    real = replicator.open_link
 
     async def counting(*args: Any) -> client.PeerLink:
         nonlocal connects
         connects += 1
         return await real(*args)
 
-    monkeypatch.setattr(replicator, "connect_any", counting)
+    monkeypatch.setattr(replicator, "open_link", counting)
     quiet = await env.push(connect_if_unchanged=False)
     assert (quiet.files_sent, quiet.files_total, quiet.peer_contacted) == (0, 2, False)
     assert connects == 0
@@ -546,7 +547,7 @@ async def test_an_empty_source_never_empties_the_replica(env: Env) -> None:
 
     # Same with a lost index: the host's files are adopted first, then the guard holds.
     with Index(env.work / "fresh.sqlite") as fresh, pytest.raises(SourceMissing, match="empty"):
-        await replicator.push(env.alice, env.target, FOLDER, env.src, fresh)
+        await plain_push(env.alice, env.target, FOLDER, env.src, fresh)
 
     result = await env.push(allow_empty=True)
     assert result.files_deleted == 2
@@ -566,7 +567,7 @@ async def test_an_empty_folder_can_be_pushed_the_first_time(env: Env) -> None:
 async def test_a_missing_source_is_a_clear_error(env: Env) -> None:
     """A folder that is not there raises SourceMissing before connecting."""
     with pytest.raises(SourceMissing, match="missing or unreadable"):
-        await replicator.push(env.alice, env.target, FOLDER, env.work / "nope", env.index)
+        await plain_push(env.alice, env.target, FOLDER, env.work / "nope", env.index)
     with pytest.raises(SourceMissing):
         await verifier.verify(env.alice, env.target, FOLDER, env.work / "nope", env.index)
 
@@ -575,7 +576,7 @@ async def test_a_missing_source_is_a_clear_error(env: Env) -> None:
 
 
 async def test_verify_reports_and_repairs_every_kind_of_difference(env: Env) -> None:
-    """Missing, extra and mismatched files (tampered on the host) are found and fixed."""
+    """Host damage of every kind (lost, altered, planted) is found and re-sent or trashed."""
     write(env.src / "keep", b"keep")
     write(env.src / "gone", b"gone")
     write(env.src / "tampered", b"original")
@@ -591,10 +592,10 @@ async def test_verify_reports_and_repairs_every_kind_of_difference(env: Env) -> 
 
     found = await env.verify()
     assert not found.clean
-    assert (found.checked, found.missing, found.mismatched, found.extra) == (3, 1, 2, 3)
-    assert "missing: gone" in found.examples
-    assert "mismatched: tampered" in found.examples
-    assert "extra: xdir" in found.examples
+    assert (found.checked, found.host_damaged, found.unsent, found.local_rot) == (3, 6, 0, 0)
+    assert "host damage: gone (missing on the host)" in found.examples
+    assert "host damage: tampered (not what was sent)" in found.examples
+    assert "host damage: xdir (never sent from here)" in found.examples
     assert found.as_dict()["clean"] is False
 
     fixed = await env.verify(repair=True)
@@ -612,16 +613,65 @@ async def test_verify_reports_and_repairs_every_kind_of_difference(env: Env) -> 
     assert (result.files_sent, result.files_deleted) == (0, 0)
 
 
+async def test_verify_tells_host_damage_unsent_changes_and_local_rot_apart(env: Env) -> None:
+    """Issue 15: the host's hash is compared with what was sent, not with the file now."""
+    for name in ("rot-here", "rot-there", "changed", "deleted", "fine"):
+        write(env.src / name, name.encode() * 10)
+    await env.push()
+    # Local rot: the content changes, size and mtime stay (a failing disk here).
+    write(env.src / "rot-here", b"R" * len(b"rot-here" * 10))
+    # Host damage: the same on the friend's disk.
+    write(env.replica / "rot-there", b"X" * len(b"rot-there" * 10))
+    # Local changes not sent yet.
+    write(env.src / "changed", b"new content", mtime_ns=MTIME + 5)
+    write(env.src / "new", b"new file")
+    os.unlink(env.src / "deleted")
+
+    found = await env.verify()
+    assert (found.host_damaged, found.unsent, found.local_rot) == (1, 3, 1)
+    assert "host damage: rot-there (not what was sent)" in found.examples
+    assert "local rot: rot-here (content changed, size and mtime did not)" in found.examples
+    assert "not sent yet: changed (changed here)" in found.examples
+    assert "not sent yet: deleted (deleted here)" in found.examples
+    assert "not sent yet: new (changed here)" in found.examples
+    assert not found.clean
+
+    fixed = await env.verify(repair=True)
+    assert (fixed.repaired, fixed.repair_complete) == (1, True)  # rot-there only
+    assert (env.replica / "rot-there").read_bytes() == b"rot-there" * 10
+    # The rotted file was not sent over the friend's good copy; unsent changes wait.
+    assert (env.replica / "rot-here").read_bytes() == b"rot-here" * 10
+    assert (env.replica / "changed").read_bytes() == b"changed" * 10
+    assert (env.replica / "deleted").exists()
+    assert not (env.replica / "new").exists()
+    after = await env.verify()
+    assert (after.host_damaged, after.unsent, after.local_rot) == (0, 3, 1)
+
+
+async def test_a_file_damaged_on_both_sides_is_not_repaired(env: Env) -> None:
+    write(env.src / "f", b"original")
+    await env.push()
+    write(env.src / "f", b"rotted!!")
+    write(env.replica / "f", b"damaged!")
+    found = await env.verify(repair=True)
+    assert (found.host_damaged, found.local_rot, found.repaired) == (1, 1, 0)
+    assert "host damage: f (not what was sent; no good copy here either (local rot))" in (
+        found.examples
+    )
+    assert (env.replica / "f").read_bytes() == b"damaged!"
+
+
 async def test_verify_of_a_folder_never_pushed(env: Env) -> None:
-    """Everything is missing; nothing is extra."""
+    """Everything is not sent yet; the host holds nothing to damage."""
     write(env.src / "a", b"a")
     write(env.src / "b", b"b")
     found = await env.verify()
-    assert (found.checked, found.missing, found.mismatched, found.extra) == (0, 2, 0, 0)
+    assert (found.checked, found.host_damaged, found.unsent, found.local_rot) == (0, 0, 2, 0)
+    assert found.clean
 
 
 async def test_verify_repair_needs_the_index(env: Env) -> None:
-    """Repair without an index is a usage error."""
+    """Verify compares with the index: without one it is a usage error."""
     with pytest.raises(ValueError, match="index"):
         await verifier.verify(env.alice, env.target, FOLDER, env.src, None, repair=True)
 
@@ -633,7 +683,7 @@ async def test_verify_repairs_a_file_that_became_a_directory_on_the_host(env: En
     os.unlink(env.replica / "x")
     write(env.replica / "x" / "y", b"y")
     found = await env.verify(repair=True)
-    assert (found.missing, found.extra) == (1, 2)
+    assert found.host_damaged == 3  # x missing, x/ and x/y never sent
     assert (await env.verify()).clean
     env.check_replica()
 
@@ -726,14 +776,16 @@ async def test_restore_of_something_the_host_does_not_hold(env: Env) -> None:
         await restorer.restore(env.alice, env.target, "a/b", env.work / "x")
 
 
-async def test_restore_progress_ends_with_done(env: Env) -> None:
-    """Restore reports progress with totals and ends with DONE."""
+@pytest.mark.parametrize("encrypted", [False, True])
+async def test_restore_progress_ends_with_done(env: Env, encrypted: bool) -> None:
+    """Restore reports progress with totals (plain bytes) and ends with DONE."""
     write(env.src / "big", os.urandom(3 * MIB))
     write(env.src / "small", b"s")
-    await env.push()
+    await env.push(encrypted=encrypted)
     seen: list[Progress] = []
     await env.restore(
         env.work / "r",
+        encrypted=encrypted,
         progress=lambda p: seen.append(
             Progress(
                 **{
@@ -799,6 +851,22 @@ def test_results_are_plain_data() -> None:
     assert data["error_count"] == MAX_REPORTED + 5
     verified = VerifyResult("F")
     for i in range(MAX_REPORTED + 5):
-        verified.note("extra", b"x%d" % i)
+        verified.note("host damage", b"x%d" % i, "never sent from here")
     assert len(verified.examples) == MAX_REPORTED
     assert RestoreResult("F", seconds=0.5).as_dict()["seconds"] == 0.5
+
+
+async def test_verify_of_adopted_entries_compares_with_the_local_file(env: Env) -> None:
+    """Rows adopted from a listing have no recorded hash: the local file stands in."""
+    write(env.src / "a", b"same")
+    write(env.src / "b", b"good")
+    await env.push()
+    with Index(env.work / "fresh.sqlite") as fresh:
+        await plain_push(env.alice, env.target, FOLDER, env.src, fresh)  # adopts, sends nothing
+        assert {e.hash for e in fresh.entries(FOLDER, "host")} == {None}
+        found = await verifier.verify(env.alice, env.target, FOLDER, env.src, fresh)
+        assert (found.checked, found.host_damaged) == (2, 0)
+        write(env.replica / "b", b"evil")
+        found = await verifier.verify(env.alice, env.target, FOLDER, env.src, fresh)
+        assert (found.host_damaged, found.local_rot) == (1, 0)
+        assert "host damage: b (not what was sent)" in found.examples

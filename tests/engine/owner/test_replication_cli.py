@@ -24,7 +24,7 @@ from custom_components.mynas.engine.owner.run import SMALL_FILE
 
 from ..cli_support import ROOT, mynas, public_key_file
 from ..conftest import ServerFactory
-from ..replica_support import MTIME, Env, close_env, make_env, snapshot, write
+from ..replica_support import MTIME, Env, close_env, make_env, snapshot, without_root, write
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ async def test_push_verify_restore(env: Env, alice_key: Path) -> None:
     common = _common(env, alice_key, host_key)
     index = ["--index", env.work / "cli-index.sqlite"]
 
-    run = await mynas("push", *common, "--source", env.src, *index)
+    run = await mynas("push", *common, "--source", env.src, *index, "--plain")
     assert run.code == 0, run.err
     pushed = run.summary
     assert {"files_sent", "bytes_sent", "files_deleted", "files_total", "seconds"} <= set(pushed)
@@ -73,25 +73,25 @@ async def test_push_verify_restore(env: Env, alice_key: Path) -> None:
 
     assert pushed["peer_contacted"]
 
-    run = await mynas("push", *common, "--source", env.src, *index, "--bwlimit", "50M")
+    run = await mynas("push", *common, "--source", env.src, *index, "--bwlimit", "50M", "--plain")
     assert run.code == 0, run.err
     assert (run.summary["files_sent"], run.summary["files_deleted"]) == (0, 0)
     assert not run.summary["peer_contacted"]  # nothing to do: the peer is left alone
 
     run = await mynas("verify", *common, "--source", env.src, *index)
     assert run.code == 0, run.err
-    assert {k: run.summary[k] for k in ("checked", "missing", "mismatched", "extra")} == {
+    assert {k: run.summary[k] for k in ("checked", "host_damaged", "unsent", "local_rot")} == {
         "checked": 2,
-        "missing": 0,
-        "mismatched": 0,
-        "extra": 0,
+        "host_damaged": 0,
+        "unsent": 0,
+        "local_rot": 0,
     }
 
     write(env.replica / "a.txt", b"HELLO")  # same size and mtime: only the hash tells
     run = await mynas("verify", *common, "--source", env.src, *index)
     assert run.code == 1
-    assert run.summary["mismatched"] == 1
-    assert "mismatched: a.txt" in run.err
+    assert run.summary["host_damaged"] == 1
+    assert "host damage: a.txt (not what was sent)" in run.err
     run = await mynas("verify", *common, "--source", env.src, *index, "--repair")
     assert run.code == 0, run.err
     assert run.summary["repaired"] == 1
@@ -139,14 +139,14 @@ async def test_failures_exit_non_zero_with_one_line(
     assert run.code == 1
     assert "missing or unreadable" in run.reason
 
-    run = await mynas("push", *common, "--source", env.src, *index)
+    run = await mynas("push", *common, "--source", env.src, *index, "--plain")
     assert run.code == 0, run.err
     os.unlink(env.src / "a")
-    run = await mynas("push", *common, "--source", env.src, *index)
+    run = await mynas("push", *common, "--source", env.src, *index, "--plain")
     assert run.code == 1
     assert "is empty while the peer holds 1 file(s)" in run.reason
     assert (env.replica / "a").exists()
-    run = await mynas("push", *common, "--source", env.src, *index, "--allow-empty")
+    run = await mynas("push", *common, "--source", env.src, *index, "--allow-empty", "--plain")
     assert run.code == 0, run.err
     assert run.summary["files_deleted"] == 1
 
@@ -198,7 +198,9 @@ async def test_serve_as_a_process(fast_dir: Path, alice_key: Path, alice_id: Ide
         write(source / "photo.jpg", os.urandom(5000))
         common = ["--key", alice_key, "--peer", f"127.0.0.1:{port}", "--peer-key", host_pub]
         common += ["--folder", "Photos"]
-        run = await mynas("push", *common, "--source", source, "--index", fast_dir / "i.sqlite")
+        run = await mynas(
+            "push", *common, "--source", source, "--index", fast_dir / "i.sqlite", "--plain"
+        )
         assert run.code == 0, run.err
         assert run.summary["files_sent"] == 1
         assert (storage / "alice" / "Photos" / "photo.jpg").read_bytes() == (
@@ -211,3 +213,91 @@ async def test_serve_as_a_process(fast_dir: Path, alice_key: Path, alice_id: Ide
         serve.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(serve.communicate(), 30)
     assert serve.returncode == 0, err.decode()
+
+
+async def test_encrypted_by_default_and_restored_from_the_recovery_code(
+    env: Env, alice_key: Path
+) -> None:
+    """push encrypts; recovery-code prints one line; restore needs that line alone."""
+    host_key = public_key_file(env.work, "host", env.server.identity.public_line)
+    common = _common(env, alice_key, host_key)
+    index = ["--index", env.work / "index.sqlite"]
+    write(env.src / "secret.txt", b"the secret")
+    write(env.src / "sub" / "big", os.urandom(SMALL_FILE + 5))
+    run = await mynas("push", *common, "--source", env.src, *index)
+    assert run.code == 0, run.err
+    assert run.summary["files_sent"] == 2
+    assert not (env.jail / "Docs").exists()  # no plain name on the host
+    run = await mynas("push", *common, "--source", env.src, *index, "--plain")
+    assert run.code == 1
+    assert "encrypted copy of 'Docs'" in run.reason
+
+    run = await mynas("recovery-code", "--key", alice_key)
+    assert run.code == 0, run.err
+    (code,) = run.out.split()
+    assert len(code) == 56 + 13
+    without_key = [arg if arg != alice_key else "unused" for arg in common]
+    without_key[0:2] = ["--recovery-code", code.lower()]
+    dest = env.work / "restored"
+    run = await mynas("restore", *without_key, "--to", dest)
+    assert run.code == 0, run.err
+    assert run.summary["files"] == 2
+    assert without_root(snapshot(dest / "sub")) == without_root(snapshot(env.src / "sub"))
+    assert (dest / "secret.txt").read_bytes() == b"the secret"
+
+    # A damaged file: the others are restored, it is named, and the status says so.
+    for path in env.jail.rglob("*"):
+        if path.is_file() and path.stat().st_size < 1000:
+            path.write_bytes(path.read_bytes()[:-1] + b"!")
+    again = env.work / "again"
+    run = await mynas("restore", *without_key, "--to", again)
+    assert run.code == 1
+    assert "not restored: secret.txt: " in run.err
+    assert run.summary["failed"] == 1
+    assert (again / "sub" / "big").exists()
+    assert not (again / "secret.txt").exists()
+
+    # verify finds it without downloading, and --repair sends it again.
+    run = await mynas("verify", *common, "--source", env.src, *index)
+    assert run.code == 1
+    assert run.summary["host_damaged"] == 1
+    assert "host damage: secret.txt (not what was sent)" in run.err
+    run = await mynas("verify", *common, "--source", env.src, *index, "--repair")
+    assert run.code == 0, run.err
+    assert run.summary["repaired"] == 1
+    fixed = env.work / "fixed"
+    run = await mynas("restore", *without_key, "--to", fixed, "--path", "secret.txt")
+    assert run.code == 0, run.err
+    assert (fixed / "secret.txt").read_bytes() == b"the secret"
+
+    typo = code[:5] + ("0" if code[5] != "0" else "1") + code[6:]
+    without_key[1] = typo
+    run = await mynas("restore", *without_key, "--to", env.work / "typo")
+    assert run.code == 1
+    assert "checksum does not match" in run.reason
+
+
+def _closed_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def test_push_tries_each_peer_address_in_order(env: Env, alice_key: Path) -> None:
+    """A friend who moved: the old address first, then the new one; the push goes through."""
+    write(env.src / "a.txt", b"hello")
+    host_key = public_key_file(env.work, "host", env.server.identity.public_line)
+    old, new = _closed_address(), env.target.addresses[0]
+    index = ["--index", env.work / "cli-index.sqlite"]
+    common = ["--key", alice_key, "--peer-key", host_key, "--folder", "Docs", "--plain"]
+    run = await mynas("push", *common, "--peer", old, "--peer", new, "--source", env.src, *index)
+    assert run.code == 0, run.err
+    assert run.summary["files_sent"] == 1
+    env.check_replica()
+    # Nowhere at all: one line that names every address tried.
+    other = _closed_address()
+    write(env.src / "b.txt", b"more")
+    run = await mynas("push", *common, "--peer", old, "--peer", other, "--source", env.src, *index)
+    assert run.code == 1
+    assert old in run.reason
+    assert other in run.reason

@@ -32,7 +32,6 @@ from custom_components.mynas.engine.host.jail import Jail
 from custom_components.mynas.engine.host.upload import Upload
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner import (
-    push as replicator,
     restore as restorer,
     scanner,
     sender,
@@ -58,6 +57,7 @@ from ..replica_support import (
     index_view,
     make_env,
     partials,
+    plain_push,
     snapshot,
     wait_until,
     write,
@@ -246,12 +246,14 @@ async def test_resume_of_a_file_that_shrank_since_the_scan(
     assert index_view(env.index) == {}
 
 
+@pytest.mark.parametrize("encrypted", [False, True])
 async def test_a_file_that_vanishes_or_cannot_be_read(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, monkeypatch: pytest.MonkeyPatch, encrypted: bool
 ) -> None:
     """Gone since the scan: skipped quietly; unreadable: reported, the run goes on."""
     write(env.src / "big-gone", b"g" * (SMALL_FILE + 1))
     write(env.src / "big-locked", b"l" * (SMALL_FILE + 1))
+    write(env.src / "big-touched", b"t" * (SMALL_FILE + 1))
     write(env.src / "fine", b"fine")
     real_open = sender._open_local
 
@@ -260,39 +262,47 @@ async def test_a_file_that_vanishes_or_cannot_be_read(
             os.unlink(path)
         if path.endswith(b"big-locked"):
             raise PermissionError(13, "Permission denied")
+        if path.endswith(b"big-touched"):  # changed between the scan and the read
+            os.utime(path, ns=(MTIME + 3, MTIME + 3))
         return real_open(path)
 
     monkeypatch.setattr(sender, "_open_local", failing_open)
-    result = await env.push()
+    result = await env.push(encrypted=encrypted)
     assert result.files_sent == 1
-    assert result.files_changed_during_read == 1
+    assert result.files_changed_during_read == 2
     assert result.errors == ["big-locked: Permission denied"]
     assert _files(index_view(env.index)) == {b"fine"}
 
 
+@pytest.mark.parametrize("encrypted", [False, True])
 async def test_a_read_error_mid_stream_keeps_the_partial(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, monkeypatch: pytest.MonkeyPatch, encrypted: bool
 ) -> None:
     """A local disk error mid-file: reported, the host keeps the partial for a resume."""
     write(env.src / "big", os.urandom(6 * MIB))
-    real = sender._read_block
+    real = os.pread
     calls = {"n": 0}
 
-    def failing(fd: int, position: int, count: int, digest: Any) -> bytes:
+    def failing(fd: int, count: int, position: int) -> bytes:
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:  # after the first block: 1 MiB plain, 4 MiB sealed
             raise OSError(5, "Input/output error")
-        return real(fd, position, count, digest)
+        return real(fd, count, position)
 
-    monkeypatch.setattr(sender, "_read_block", failing)
-    result = await env.push()
+    monkeypatch.setattr(sender.os, "pread", failing)
+    result = await env.push(encrypted=encrypted)
+    monkeypatch.setattr(sender.os, "pread", real)
     assert result.errors == ["big: Input/output error"]
     await wait_until(env.upload_idle)
     assert len(partials(env.storage)) == 1
-    monkeypatch.setattr(sender, "_read_block", real)
-    result = await env.push()
+    result = await env.push(encrypted=encrypted)
     assert 0 < result.bytes_sent < 6 * MIB
-    env.check_replica()
+    assert partials(env.storage) == []
+    dest = env.work / "restored"
+    await env.restore(dest, encrypted=encrypted)
+    assert (dest / "big").read_bytes() == (env.src / "big").read_bytes()
+    if not encrypted:
+        env.check_replica()
 
 
 # --- quota -----------------------------------------------------------------------------------
@@ -332,15 +342,16 @@ async def test_quota_exceeded_mid_run_then_raised(
         close_env(env)
 
 
+@pytest.mark.parametrize("encrypted", [False, True])
 async def test_one_large_file_over_quota(
-    fast_dir: Path, make_server: ServerFactory, alice_id: Identity
+    fast_dir: Path, make_server: ServerFactory, alice_id: Identity, encrypted: bool
 ) -> None:
     """A large file the quota cannot take is refused before any byte of it is sent."""
     env = await make_env(make_server, fast_dir, alice_id, quota=MIB)
     try:
         write(env.src / "big", os.urandom(2 * MIB))
         with pytest.raises(QuotaExceeded) as caught:
-            await env.push()
+            await env.push(encrypted=encrypted)
         assert caught.value.needed >= 2 * MIB
         assert caught.value.available <= MIB
         assert partials(env.storage) == []
@@ -364,7 +375,7 @@ async def test_host_key_mismatch_sends_nothing(
         write(env.src / "secret", b"do not send")
         wrong = PeerTarget("host", env.target.addresses, bob_id.public_line)
         for call in (
-            replicator.push(env.alice, wrong, FOLDER, env.src, env.index),
+            plain_push(env.alice, wrong, FOLDER, env.src, env.index),
             verifier.verify(env.alice, wrong, FOLDER, env.src, env.index),
             restorer.restore(env.alice, wrong, FOLDER, env.work / "r"),
         ):
@@ -389,7 +400,7 @@ async def test_a_host_that_has_not_added_us(env: Env, mallory_id: Identity) -> N
     """AuthRefused says the other side has not added this node."""
     write(env.src / "a", b"a")
     with pytest.raises(AuthRefused, match="has not added this node"):
-        await replicator.push(mallory_id, env.target, FOLDER, env.src, env.index)
+        await plain_push(mallory_id, env.target, FOLDER, env.src, env.index)
     assert mallory_id.fingerprint in env.server.unknown_keys
 
 
@@ -400,18 +411,16 @@ async def test_unreachable_addresses(env: Env) -> None:
         dead = f"127.0.0.1:{probe.getsockname()[1]}"
     key = env.server.identity.public_line
     with pytest.raises(PeerUnreachable, match="connection refused"):
-        await replicator.push(env.alice, PeerTarget("x", (dead,), key), FOLDER, env.src, env.index)
+        await plain_push(env.alice, PeerTarget("x", (dead,), key), FOLDER, env.src, env.index)
     with pytest.raises(PeerUnreachable) as caught:
-        await replicator.push(
-            env.alice, PeerTarget("x", (dead, dead), key), FOLDER, env.src, env.index
-        )
+        await plain_push(env.alice, PeerTarget("x", (dead, dead), key), FOLDER, env.src, env.index)
     assert str(caught.value).count("connection refused") == 2
     with pytest.raises(PeerUnreachable, match="no address"):
-        await replicator.push(env.alice, PeerTarget("x", (), key), FOLDER, env.src, env.index)
+        await plain_push(env.alice, PeerTarget("x", (), key), FOLDER, env.src, env.index)
     # The second address answers: the first one's failure does not matter.
     write(env.src / "a", b"a")
     good = PeerTarget("host", (dead, *env.target.addresses), key)
-    assert (await replicator.push(env.alice, good, FOLDER, env.src, env.index)).files_sent == 1
+    assert (await plain_push(env.alice, good, FOLDER, env.src, env.index)).files_sent == 1
 
 
 # --- bandwidth, progress, cancellation -------------------------------------------------------
@@ -630,7 +639,7 @@ async def test_restore_refuses_a_lying_host(
     async def fake_connect(*_args: Any) -> _LyingLink:
         return link
 
-    monkeypatch.setattr(restorer, "connect_any", fake_connect)
+    monkeypatch.setattr(restorer, "open_link", fake_connect)
     outside = env.work / "outside"
     outside.mkdir()
     dest = env.work / "dest"
@@ -773,7 +782,7 @@ async def test_retention_is_asked_of_the_host(env: Env) -> None:
 
 
 async def test_verify_problems(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A local file that cannot be hashed is mismatched; a broken replica is an error."""
+    """A local file that cannot be read is reported (never sent); a broken replica errs."""
     write(env.src / "a", b"a")
     write(env.src / "b", b"b")
     await env.push()
@@ -786,19 +795,20 @@ async def test_verify_problems(env: Env, monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(tree, "hash_file", failing)
     found = await env.verify()
-    assert (found.checked, found.mismatched) == (2, 1)
+    assert (found.checked, found.local_rot, found.host_damaged) == (2, 1, 0)
+    assert "local rot: a (cannot be read)" in found.examples
     repaired = await env.verify(repair=True)
-    assert (repaired.repaired, repaired.repair_complete) == (1, True)  # sent again
+    assert (repaired.repaired, repaired.repair_complete) == (0, True)  # nothing to re-send
     monkeypatch.setattr(tree, "hash_file", real)
 
-    real_walk = tree.walk
+    real_walk = tree.walk_rows
 
     def broken_walk(root: Any, **kwargs: Any) -> Any:
         if os.fsencode(root) == os.fsencode(env.src):  # the host's walks go on
             raise RuntimeError("walk failed")
         return real_walk(root, **kwargs)
 
-    monkeypatch.setattr(tree, "walk", broken_walk)
+    monkeypatch.setattr(tree, "walk_rows", broken_walk)
     with pytest.raises(RuntimeError, match="walk failed"):
         await env.verify()
     monkeypatch.undo()
@@ -832,10 +842,10 @@ async def test_restore_problems(env: Env, monkeypatch: pytest.MonkeyPatch) -> No
     async def fake_connect(*_args: Any) -> _LyingLink:
         return link
 
-    monkeypatch.setattr(restorer, "connect_any", fake_connect)
+    monkeypatch.setattr(restorer, "open_link", fake_connect)
     twice = env.work / "twice"
     with pytest.raises(RestoreConflict):
-        await restorer.restore(env.alice, env.target, FOLDER, twice)
+        await restorer.restore(env.alice, env.target, FOLDER, twice, encrypted=False)
     assert [p.name for p in twice.rglob(".mynas-restore-*")] == []
 
 

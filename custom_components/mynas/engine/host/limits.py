@@ -36,6 +36,12 @@ class Limits:
     max_delay: float = 30.0
     # Unknown keys one connection may offer before it is cut off (sshd's MaxAuthTries).
     auth_attempts: int = 6
+    # Reachability checks (CHECK): one per peer this often (seconds), each address dialed
+    # with this timeout.
+    check_every: float = 60.0
+    check_timeout: float = 5.0
+    # Idle reverse channels (``protocol.REVERSE_SUBSYSTEM``) a peer may hold open here.
+    reverse_slots_per_peer: int = 4
     # Usage is written to disk this often (seconds), and expired trash purged this often.
     persist_every: float = 60.0
     purge_every: float = 3600.0

@@ -1,7 +1,9 @@
 """The node's SSH server: peers known by their pinned keys, each confined to its own jail.
 
-One listening port serves two subsystems to an authenticated peer and nothing else: the
-replication protocol (``protocol.SUBSYSTEM``) and read-only SFTP on its own jail. Shell, exec,
+One listening port serves three subsystems to an authenticated peer and nothing else: the
+replication protocol (``protocol.SUBSYSTEM``), read-only SFTP on its own jail, and reverse
+channels (``protocol.REVERSE_SUBSYSTEM``): a peer that cannot accept connections keeps a few
+idle ones open here, and this node's pushes to it run over them (``take_reverse``). Shell, exec,
 pty, X11, agent and every kind of forwarding are refused. A key that is not a configured
 peer's is refused and its fingerprint remembered, so the UI can say "someone with key X tried
 to connect"; repeated failures from one address are slowed down.
@@ -45,6 +47,7 @@ from ..identity import Identity
 from .budget import ByteBudget
 from .jail import Jail
 from .limits import Limits
+from .reach import PeerReach, SessionReach
 from .session import ReplicationSession
 from .sftp import ReadOnlySFTPServer
 from .space import HostedSpace
@@ -86,6 +89,17 @@ class PeerState:
 type EventCallback = Callable[[str, dict[str, Any]], None]
 
 
+@dataclass(slots=True)
+class ReverseChannel:
+    """An idle channel a peer opened to us to be served over (see ``take_reverse``)."""
+
+    peer: str
+    address: str
+    reader: SSHReader[bytes]
+    writer: SSHWriter[bytes]
+    taken: asyncio.Future[None]
+
+
 class NodeServer:
     """The SSH server of one node."""
 
@@ -119,6 +133,11 @@ class NodeServer:
         self._maintenance: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Future[Any]] = set()
         self._peers_to_apply = list(peers)
+        # Where each peer says it can be reached (ANNOUNCE), and the checks dialed for it.
+        self.reach = PeerReach(identity, self.limits, self._emit)
+        # Idle reverse channels, by peer, oldest first; ``_reverse_ready`` wakes waiters.
+        self._reverse: dict[str, deque[ReverseChannel]] = {}
+        self._reverse_ready = asyncio.Event()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -126,6 +145,12 @@ class NodeServer:
         """Prepare the jails and listen; raises OSError if the port is taken."""
         await self._in_thread(self.space.clean_tmp)
         await self.set_peers(self._peers_to_apply)
+        if not ciphers.has_post_quantum():
+            _LOGGER.warning(
+                "This installation cannot do post-quantum key exchange (mlkem768x25519-sha256 "
+                "needs a cryptography package built with OpenSSL 3.5 or later): connections "
+                "use curve25519-sha256 only"
+            )
         self._listener = await asyncssh.create_server(
             lambda: _Connection(self),
             host,
@@ -139,7 +164,12 @@ class NodeServer:
             x11_forwarding=False,
             agent_forwarding=False,
             allow_scp=False,
+            # Modern algorithms only (ciphers.py): hybrid post-quantum key exchange first,
+            # Ed25519 host keys, AEAD ciphers.
+            kex_algs=ciphers.key_exchange(),
             encryption_algs=ciphers.preferred(),
+            mac_algs=ciphers.MAC_ALGS,
+            signature_algs=ciphers.HOST_KEY_ALGS,
             login_timeout=self.limits.login_timeout,
             keepalive_interval=60,
             keepalive_count_max=3,
@@ -189,6 +219,7 @@ class NodeServer:
             # Sessions still running keep their reference until they end (they are cut).
             del self._budgets[name]
             self._ready.pop(name, None)
+            self.reach.forget(name)
         self._grants = grants
         # Tokens, not names, go into the key options: names may hold any character. A token
         # stands for one name *and* one key, and is never given to another peer: a login that
@@ -219,6 +250,80 @@ class NodeServer:
         """Return a peer's jail once its usage has been recounted from disk."""
         await self._ready[name].wait()
         return self._jails[name]
+
+    def session_reach(self, name: str, address: str) -> SessionReach:
+        """ANNOUNCE and CHECK for a session of peer ``name`` that came from ``address``."""
+        return SessionReach(self.reach, name, self._grants[name].public_key, address)
+
+    async def serve(
+        self, name: str, address: str, reader: protocol.BufferedReader, writer: SSHWriter[bytes]
+    ) -> None:
+        """Serve the replication protocol to peer ``name`` on a channel we opened to it.
+
+        That is a reverse channel seen from the other end: we could not accept the peer's
+        connection, so we connected to it (its key pinned) and serve it there, in its jail,
+        with the same budgets, limits and ANNOUNCE/CHECK as any session.
+        """
+        task = asyncio.current_task()
+        if task is not None:
+            self._track(task)  # close() waits for the session to end its writes
+        if name not in self._grants:
+            return
+        jail = await self.jail_ready(name)
+        budget = ByteBudget(self.limits.session_bytes, self.peer_budget(name))
+        reach = self.session_reach(name, address)
+        await ReplicationSession(self.limits, jail, reader, writer, budget, reach).run()
+
+    def has_reverse(self, name: str) -> bool:
+        """Whether peer ``name`` keeps a connection here that offers reverse channels."""
+        return any(conn.peer == name and conn.reverse for conn in self._connections)
+
+    def reverse_waiting(self, name: str) -> int:
+        """How many idle reverse channels peer ``name`` holds open here."""
+        return len(self._reverse.get(name, ()))
+
+    async def take_reverse(self, name: str, wait: float = 0.0) -> ReverseChannel | None:
+        """Take one of peer ``name``'s idle reverse channels (waiting up to ``wait`` s)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            slots = self._reverse.get(name)
+            while slots:
+                slot = slots.popleft()
+                if not slot.taken.done() and not slot.writer.channel.is_closing():
+                    slot.taken.set_result(None)
+                    return slot
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            self._reverse_ready.clear()
+            try:
+                async with asyncio.timeout(left):
+                    await self._reverse_ready.wait()
+            except TimeoutError:
+                return None
+
+    async def _park(
+        self, name: str, address: str, reader: SSHReader[bytes], writer: SSHWriter[bytes]
+    ) -> None:
+        """Hold a peer's reverse channel until we take it, or it closes."""
+        slots = self._reverse.setdefault(name, deque())
+        if len(slots) >= self.limits.reverse_slots_per_peer:
+            return  # the channel closes: enough of them wait already
+        slot = ReverseChannel(
+            name, address, reader, writer, asyncio.get_running_loop().create_future()
+        )
+        slots.append(slot)
+        self._reverse_ready.set()
+        closed = asyncio.ensure_future(writer.channel.wait_closed())
+        try:
+            await asyncio.wait([slot.taken, closed], return_when=asyncio.FIRST_COMPLETED)
+            if slot.taken.done():
+                await closed  # the link that took it ends by closing it
+        finally:
+            closed.cancel()
+            if slot in slots:
+                slots.remove(slot)
 
     def peer_budget(self, name: str) -> ByteBudget:
         """Return the budget that all replication sessions of a configured peer share."""
@@ -323,6 +428,7 @@ class _Connection(asyncssh.SSHServer):
         self.peer: str | None = None
         self.token: str | None = None
         self._sessions = 0
+        self.reverse = False  # it offered reverse channels
         self._auth_attempts = 0
         self._counted_unauthenticated = False
 
@@ -428,16 +534,21 @@ class _Connection(asyncssh.SSHServer):
         if self.peer is None or self._sessions >= server.limits.sessions_per_connection:
             return False
         self._sessions += 1
-        peer = self.peer
+        peer, address = self.peer, self.address
 
         async def replicate(stdin: SSHReader[bytes], stdout: SSHWriter[bytes], _: Any) -> None:
             task = asyncio.current_task()
             if task is not None:
                 server._track(task)  # close() waits for the session to end its writes
             try:
+                if stdout.channel.get_subsystem() == protocol.REVERSE_SUBSYSTEM:
+                    self.reverse = True
+                    await server._park(peer, address, stdin, stdout)
+                    return
                 jail = await server.jail_ready(peer)
                 budget = ByteBudget(server.limits.session_bytes, server.peer_budget(peer))
-                await ReplicationSession(server.limits, jail, stdin, stdout, budget).run()
+                reach = server.session_reach(peer, address)
+                await ReplicationSession(server.limits, jail, stdin, stdout, budget, reach).run()
             finally:
                 cast(asyncssh.SSHServerChannel[bytes], stdout.channel).exit(0)
 
@@ -475,7 +586,7 @@ def _token(name: str, public_key: str) -> str:
 
 
 class _Session(SSHServerStreamSession[bytes]):
-    """A session that offers exactly two subsystems and nothing else.
+    """A session that offers exactly our three subsystems and nothing else.
 
     asyncssh's public choices do not fit: with a ``process_factory`` or ``session_factory``
     on ``create_server``, ``session_requested`` is never called (no per-connection limit),
@@ -535,7 +646,7 @@ class _Session(SSHServerStreamSession[bytes]):
         # channel, and each SFTP handler has its own handle limit (descriptor exhaustion).
         if self._subsystem is not None:
             return False
-        if subsystem not in ("sftp", protocol.SUBSYSTEM):
+        if subsystem not in ("sftp", protocol.SUBSYSTEM, protocol.REVERSE_SUBSYSTEM):
             return False
         self._subsystem = subsystem
         self._sftp = subsystem == "sftp"

@@ -4,7 +4,8 @@
 peer's jail: PUTs of small files gathered into batches that one worker thread writes (one
 ``syncfs`` each), uploads of large files streamed in groups of chunks (``session_upload``),
 DELETE/MKDIR/UTIME carried out together, LIST/READ streamed back (``session_reads``),
-USAGE and retention answered here. Every byte of the peer's data held in memory is taken
+USAGE and retention answered here, ANNOUNCE and CHECK handed to the server's record of
+where its peers are (``reach``). Every byte of the peer's data held in memory is taken
 from the session's and the peer's byte budgets before it is read (see ``server``), and
 every disk operation runs in a worker thread (``session_io``).
 """
@@ -20,7 +21,7 @@ import os
 from typing import Any
 
 import asyncssh
-from asyncssh import SSHReader, SSHWriter
+from asyncssh import SSHWriter
 
 from .. import protocol
 from ..errors import MyNasError, ProtocolError, QuotaExceeded
@@ -29,6 +30,7 @@ from .budget import FRAME_COST, ByteBudget, frame_cost
 from .jail import Jail
 from .limits import Limits
 from .quota import charge
+from .reach import CheckRefused, SessionReach
 from .session_io import SessionIO
 from .session_reads import ReadStreams
 from .session_upload import UploadReceiver
@@ -58,11 +60,13 @@ class ReplicationSession:
         self,
         limits: Limits,
         jail: Jail,
-        reader: SSHReader[bytes],
+        reader: protocol.BufferedReader,
         writer: SSHWriter[bytes],
         budget: ByteBudget,
+        reach: SessionReach | None = None,
     ) -> None:
         self._limits = limits
+        self._reach = reach
         self._jail = jail
         self._frames = protocol.FrameReader(reader, charge=self._charge)
         self._io = io = SessionIO(writer)
@@ -79,7 +83,11 @@ class ReplicationSession:
             Frame.QUERY: self._query,
             Frame.LIST: reads.list,
             Frame.READ: reads.read,
+            Frame.HEADS: reads.heads,
         }
+        if reach is not None:
+            self._handlers[Frame.ANNOUNCE] = self._announce
+            self._handlers[Frame.CHECK] = self._check
 
     async def run(self) -> None:
         """Serve frames until the peer closes the channel (or breaks the protocol)."""
@@ -149,6 +157,11 @@ class ReplicationSession:
             "used": usage.used,
             "chunk": protocol.CHUNK,
             "batch_bytes": self._limits.batch_bytes,
+            "features": [
+                feature
+                for feature in protocol.FEATURES
+                if self._reach is not None or feature not in ("announce", "check")
+            ],
         }
 
     async def _teardown(self) -> None:
@@ -303,6 +316,19 @@ class ReplicationSession:
                     {"used": usage.used, "quota": usage.quota, "disk_free": disk},
                 )
             )
+        elif op == "stat":
+            try:
+                path = bytes.fromhex(str(request.get("path")))
+            except ValueError:
+                raise ProtocolError("stat needs a path in hex") from None
+            try:
+                found = await self._io.thread(self._jail.stat, path)
+            except FileNotFoundError, NotADirectoryError:
+                self._io.send(protocol.reply(req, {"kind": None}))
+            except (MyNasError, OSError) as err:
+                self._io.fail(req, err)
+            else:
+                self._io.send(protocol.reply(req, {"kind": str(found.kind)}))
         elif op == "retention":
             folder, days = request.get("folder"), request.get("days")
             if not isinstance(folder, str) or not isinstance(days, int):
@@ -310,6 +336,32 @@ class ReplicationSession:
             await self._simple(req, self._jail.set_retention, folder, days)
         else:
             raise ProtocolError(f"unknown query {op!r}")
+
+    async def _announce(self, body: bytes) -> None:
+        req, addresses = protocol.parse_announce(body)
+        assert self._reach is not None
+        try:
+            self._reach.announce(addresses)
+        except ValueError as err:
+            self._io.send(protocol.fail(req, protocol.FailCode.INVALID, str(err)))
+        else:
+            self._io.send(protocol.ok(req))
+
+    async def _check(self, body: bytes) -> None:
+        req, addresses = protocol.parse_check(body)
+        assert self._reach is not None
+        try:
+            answer = await self._reach.check(addresses)
+        except CheckRefused as err:
+            self._io.send(
+                protocol.fail(
+                    req, protocol.FailCode.BUSY, str(err), retry_after=round(err.retry_after)
+                )
+            )
+        except ValueError as err:
+            self._io.send(protocol.fail(req, protocol.FailCode.INVALID, str(err)))
+        else:
+            self._io.send(protocol.reply(req, answer))
 
 
 def _run_ops(jail: Jail, ops: list[_Op]) -> list[BaseException | None]:

@@ -1,4 +1,4 @@
-"""LIST and READ: the host streams a listing or a tree back to its peer.
+"""LIST, READ and HEADS: the host streams a listing or a tree back to its peer.
 
 The disk is read in worker threads a chunk at a time (a few hundred entries, small files
 whole, a large file in ``protocol.CHUNK`` pieces), and the channel is drained after each
@@ -61,6 +61,22 @@ class ReadStreams:
             return
         self._io.send(protocol.done(req))
 
+    async def heads(self, body: bytes) -> None:
+        """HEADS: the entries below a directory, each file followed by its first bytes."""
+        req, length, path = protocol.parse_heads(body)
+        source = _Heads(self._jail.list(path) if path else self._jail.list(), length, self._jail)
+        try:
+            while chunk := await self._io.thread(source.next_chunk):
+                for item, head in chunk:
+                    self._io.send(protocol.entry(req, item))
+                    if head:
+                        self._io.send(protocol.data(req, head))
+                await self._io.drain()
+        except (MyNasError, OSError) as err:
+            self._io.fail(req, err)
+            return
+        self._io.send(protocol.done(req))
+
     async def _stream_large(self, req: int, item: Entry) -> None:
         fd = await self._io.thread(self._jail.open_read, item.path)
         try:
@@ -97,6 +113,33 @@ class _Chunks:
                 hashed += item.size
             chunk.append((item, digest))
             if len(chunk) >= 512 or hashed >= 32 * 1024 * 1024:
+                break
+        return chunk
+
+
+class _Heads:
+    """Pulls a listing with each file's first bytes from a worker thread, in chunks."""
+
+    def __init__(self, entries: Iterator[Entry], length: int, jail: Jail) -> None:
+        self._entries = entries
+        self._length = length
+        self._jail = jail
+
+    def next_chunk(self) -> list[tuple[Entry, bytes | None]]:
+        chunk: list[tuple[Entry, bytes | None]] = []
+        for listed in self._entries:
+            item, head = listed, None
+            if item.kind is Kind.FILE and self._length and item.size:
+                fd = self._jail.open_read(item.path)
+                try:
+                    head = os.pread(fd, min(self._length, item.size), 0)
+                finally:
+                    os.close(fd)
+                # The entry announces the whole size; exactly ``head`` follows it.
+                if len(head) < min(self._length, item.size):
+                    item = dataclasses.replace(item, size=len(head))
+            chunk.append((item, head))
+            if len(chunk) >= 256:
                 break
         return chunk
 

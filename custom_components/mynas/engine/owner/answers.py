@@ -33,7 +33,8 @@ def error_from_fail(info: dict[str, Any]) -> MyNasError:
     if code == FailCode.QUOTA:
         return QuotaExceeded(int(info.get("needed", 0)), int(info.get("available", 0)))
     if code == FailCode.DISK_FULL:
-        return PeerDiskFull(message)
+        # Hosts send the whole sentence ("the peer's disk is full: ..."): keep its detail.
+        return PeerDiskFull(message.removeprefix(PeerDiskFull().args[0] + ": "))
     return HostRefused(code, message)
 
 

@@ -5,8 +5,9 @@ alone and nothing of ``~/.ssh`` or an agent is consulted. A host presenting anot
 refused during the key exchange, before our key or a byte of data is sent, and the key it
 presented is kept for the repair flow that asks the user whether to trust it.
 
-The ciphers offered come from ``ciphers.preferred()``: AES-GCM first where the CPU has AES
-instructions, ChaCha20 first elsewhere, or ``MYNAS_CIPHERS`` when set.
+The algorithms offered come from ``ciphers``: hybrid post-quantum key exchange first, an
+Ed25519 host key, AEAD ciphers only (AES-GCM first where the CPU has AES instructions,
+ChaCha20 first elsewhere, or ``MYNAS_CIPHERS`` when set).
 
 A ``PeerLink`` has one method per request of the protocol. Its frames reach the channel
 through an ``Outbox`` (coalesced into whole SSH packets); a dispatcher task reads the
@@ -20,18 +21,28 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 import contextlib
 import logging
 import socket
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import asyncssh
 
 from .. import ciphers, protocol
-from ..errors import AuthRefused, HostKeyMismatch, MyNasError, PeerUnreachable, ProtocolError
+from ..errors import (
+    AuthRefused,
+    HostKeyMismatch,
+    HostRefused,
+    MyNasError,
+    PeerUnreachable,
+    ProtocolError,
+)
 from ..identity import Identity, fingerprint, parse_public_key, public_key_line
 from ..invite import parse_address
 from ..protocol import Close, Frame
-from ..tree import Entry
+from ..tree import Entry, Kind
 from .answers import AckCallback, Answers
 from .outbox import DRAIN_EVERY, Outbox
+
+if TYPE_CHECKING:
+    from .run import PeerTarget
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -100,12 +111,16 @@ class PeerLink:
 
     def __init__(
         self,
-        conn: asyncssh.SSHClientConnection,
+        conn: asyncssh.SSHClientConnection | None,
         writer: asyncssh.SSHWriter[bytes],
         reader: asyncssh.SSHReader[bytes],
         address: str,
     ) -> None:
-        """Wrap an authenticated connection and its protocol channel (use ``connect``)."""
+        """Wrap an authenticated connection and its protocol channel (use ``connect``).
+
+        ``conn`` None: the channel is a reverse one (``over_channel``), inside a connection
+        the peer opened to us; closing the link closes that channel only.
+        """
         self.address = address
         self.welcome: dict[str, Any] = {}
         self._conn = conn
@@ -136,6 +151,9 @@ class PeerLink:
             self._dispatcher = None
         self._fail_everything(ConnectionAbortedError("connection closed"))
         self._writer.close()
+        if self._conn is None:
+            await self._writer.channel.wait_closed()
+            return
         self._conn.close()
         await self._conn.wait_closed()
 
@@ -146,6 +164,13 @@ class PeerLink:
     async def __aexit__(self, *_exc: object) -> None:
         """Close on leaving the block."""
         await self.close()
+
+    @property
+    def local_address(self) -> str | None:
+        """Our end of the connection (on a home LAN: this machine's LAN address)."""
+        extra = self._conn if self._conn is not None else self._writer.channel
+        sockname = extra.get_extra_info("sockname")
+        return str(sockname[0]) if sockname else None
 
     @property
     def pending(self) -> int:
@@ -268,6 +293,44 @@ class PeerLink:
             lambda req: protocol.query(req, {"op": "retention", "folder": folder, "days": days})
         )
 
+    async def exists(self, path: bytes) -> bool:
+        """Return whether the host holds anything (a directory or a file) at ``path``.
+
+        One QUERY where the host serves ``stat``; an older host is asked for a listing,
+        which it walks whole even though only its first entry is read.
+        """
+        if self.serves("stat"):
+            answer = await self._request(
+                lambda req: protocol.query(req, {"op": "stat", "path": path.hex()})
+            )
+            return answer.get("kind") is not None
+        try:
+            async with contextlib.aclosing(self.list(path)) as listing:
+                async for _ in listing:
+                    break
+        except HostRefused as err:
+            if err.code == protocol.FailCode.MISSING:
+                return False
+            if err.code != protocol.FailCode.PATH:  # PATH: a file, not a directory
+                raise
+        return True
+
+    def serves(self, feature: str) -> bool:
+        """Whether the host listed ``feature`` (``protocol.FEATURES``) in its WELCOME."""
+        features = self.welcome.get("features")
+        return isinstance(features, list) and feature in features
+
+    async def announce(self, addresses: Sequence[str]) -> None:
+        """Tell the host where we can be reached now (only if it ``serves("announce")``)."""
+        await self._request(lambda req: protocol.announce(req, tuple(addresses)))
+
+    async def check(self, addresses: Sequence[str] = ()) -> dict[str, Any]:
+        """Ask the host to dial back our announced addresses; its REPLY (``results``...)."""
+        result: dict[str, Any] = await self._request(
+            lambda req: protocol.check(req, tuple(addresses))
+        )
+        return result
+
     async def list(
         self, path: bytes = b"", *, with_hash: bool = False
     ) -> AsyncGenerator[tuple[Entry, bytes | None]]:
@@ -296,6 +359,38 @@ class PeerLink:
         async with contextlib.aclosing(self.read(path)) as frames:
             async for kind, value in frames:
                 yield value[0] if kind is Frame.ENTRY else value
+
+    @property
+    def serves_heads(self) -> bool:
+        """Whether the host answers HEADS (it says so in WELCOME; older hosts do not)."""
+        return self.serves("heads")
+
+    async def heads(self, path: bytes, length: int) -> AsyncGenerator[tuple[Entry, bytes | None]]:
+        """Yield the host's entries below ``path``, each file with its first ``length`` bytes.
+
+        Only for a host that ``serves_heads``. Close the generator (``contextlib.aclosing``)
+        when leaving it early.
+        """
+        pending: Entry | None = None
+        async with contextlib.aclosing(
+            self._stream(lambda req: protocol.heads(req, path, length))
+        ) as frames:
+            async for kind, value in frames:
+                if kind is Frame.DATA:
+                    if pending is None:
+                        raise ProtocolError("DATA for no file in a HEADS answer")
+                    yield pending, bytes(value)
+                    pending = None
+                    continue
+                if pending is not None:
+                    raise ProtocolError("a HEADS answer left out a file's first bytes")
+                item = value[0]
+                if item.kind is Kind.FILE and min(length, item.size):
+                    pending = item  # its first bytes follow
+                else:
+                    yield item, None
+        if pending is not None:
+            raise ProtocolError("a HEADS answer ended before a file's first bytes")
 
     def read(self, path: bytes) -> AsyncGenerator[tuple[Frame, Any]]:
         """Yield READ's answer frame by frame: (ENTRY, (Entry, None)) and (DATA, bytes).
@@ -341,10 +436,16 @@ class PeerLink:
         except ProtocolError as err:
             _LOGGER.warning("%s broke the protocol: %s", self.address, err)
             self._fail_everything(err)
-            self._conn.close()
+            self._hang_up()
         except Exception as err:  # never leave requests waiting on a dead dispatcher
             _LOGGER.exception("Reading from %s failed", self.address)
             self._fail_everything(err)
+            self._hang_up()
+
+    def _hang_up(self) -> None:
+        if self._conn is None:
+            self._writer.close()
+        else:
             self._conn.close()
 
     def _fail_everything(self, cause: BaseException) -> None:
@@ -360,15 +461,17 @@ def _lost(address: str, cause: BaseException) -> MyNasError:
     return PeerUnreachable(address, f"connection lost ({cause or type(cause).__name__})")
 
 
-async def connect(
+async def open_connection(
     identity: Identity,
     address: str,
     peer_key: str | asyncssh.SSHKey,
-) -> PeerLink:
-    """Open a replication channel to the peer at ``address`` whose key must be ``peer_key``.
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> asyncssh.SSHClientConnection:
+    """Open an SSH connection to the peer at ``address`` whose key must be ``peer_key``.
 
-    Raises HostKeyMismatch (nothing sent), AuthRefused (the peer hasn't added us),
-    PeerUnreachable, or ProtocolError.
+    Raises HostKeyMismatch (nothing sent), AuthRefused (the peer hasn't added us), or
+    PeerUnreachable (also when no connection is up within ``connect_timeout`` seconds).
     """
     pinned = parse_public_key(peer_key) if isinstance(peer_key, str) else peer_key
     host, port = parse_address(address)
@@ -392,9 +495,13 @@ async def connect(
                 encoding=None,
                 keepalive_interval=30,
                 keepalive_count_max=4,
+                kex_algs=ciphers.key_exchange(),
                 encryption_algs=ciphers.preferred(),
+                mac_algs=ciphers.MAC_ALGS,
+                server_host_key_algs=ciphers.HOST_KEY_ALGS,
+                signature_algs=ciphers.HOST_KEY_ALGS,
             ),
-            CONNECT_TIMEOUT,
+            connect_timeout,
         )
     except asyncssh.HostKeyNotVerifiable:
         shown = client.presented
@@ -416,6 +523,23 @@ async def connect(
         raise PeerUnreachable(address, err.strerror or str(err)) from None
     except asyncssh.Error as err:
         raise PeerUnreachable(address, err.reason or str(err)) from None
+    return conn
+
+
+async def connect(
+    identity: Identity,
+    address: str,
+    peer_key: str | asyncssh.SSHKey,
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> PeerLink:
+    """Open a replication channel to the peer at ``address`` whose key must be ``peer_key``.
+
+    Raises HostKeyMismatch (nothing sent), AuthRefused (the peer hasn't added us),
+    PeerUnreachable (also when no connection is up within ``connect_timeout`` seconds),
+    or ProtocolError.
+    """
+    conn = await open_connection(identity, address, peer_key, connect_timeout=connect_timeout)
     try:
         writer, reader, _ = await conn.open_session(subsystem=protocol.SUBSYSTEM, encoding=None)
         link = PeerLink(conn, writer, reader, address)
@@ -429,6 +553,27 @@ async def connect(
     return link
 
 
+async def over_channel(
+    writer: asyncssh.SSHWriter[bytes], reader: asyncssh.SSHReader[bytes], address: str
+) -> PeerLink:
+    """Start a link on a reverse channel, one the peer opened inside its own connection.
+
+    That channel (``protocol.REVERSE_SUBSYSTEM``) belongs to a connection the peer opened to
+    us: its key was checked when it logged in, ours when it connected. Raises
+    PeerUnreachable if the peer does not answer on it (the channel is then closed).
+    """
+    link = PeerLink(None, writer, reader, address)
+    try:
+        await link._start()
+    except (asyncssh.Error, OSError, asyncio.IncompleteReadError, TimeoutError) as err:
+        writer.close()
+        raise PeerUnreachable(address, f"the reverse channel did not answer: {err!r}") from None
+    except BaseException:
+        writer.close()
+        raise
+    return link
+
+
 async def _abort(conn: asyncssh.SSHClientConnection) -> None:
     """Close a connection that never became a link, and wait until it is gone."""
     conn.close()
@@ -436,22 +581,49 @@ async def _abort(conn: asyncssh.SSHClientConnection) -> None:
         await conn.wait_closed()
 
 
-async def connect_any(identity: Identity, addresses: Sequence[str], peer_key: str) -> PeerLink:
+async def connect_any(
+    identity: Identity,
+    addresses: Sequence[str],
+    peer_key: str,
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    mismatch_ends: int | None = None,
+) -> PeerLink:
     """Connect to the first of a peer's addresses that answers.
 
     A wrong host key or a refused login ends the attempt at once: another address of the
     same peer would not change the verdict, and a mismatch must never be shrugged off.
+    Except past the first ``mismatch_ends`` addresses (the typed ones, when the rest were
+    learned): there another key means the peer is no longer at that address, nothing more
+    (nothing was sent), and the next address is tried.
     """
     if not addresses:
         raise PeerUnreachable("(no address)", "the peer has no address")
     failures: list[PeerUnreachable] = []
-    for address in addresses:
+    for position, address in enumerate(addresses):
         try:
-            return await connect(identity, address, peer_key)
+            return await connect(identity, address, peer_key, connect_timeout=connect_timeout)
         except PeerUnreachable as err:
             failures.append(err)
+        except HostKeyMismatch as err:
+            if mismatch_ends is None or position < mismatch_ends:
+                raise
+            failures.append(
+                PeerUnreachable(address, f"another host answers there ({err.presented})")
+            )
     if len(failures) == 1:
         raise failures[0]
     raise PeerUnreachable(
         ", ".join(addresses), "; ".join(f"{err.address}: {err.reason}" for err in failures)
     )
+
+
+async def open_link(identity: Identity, target: PeerTarget) -> PeerLink:
+    """Open a link to ``target``, through its own ``dial`` when it has one.
+
+    A node's ``dial`` knows learned addresses and reverse channels; without one, the
+    target's addresses are tried in order.
+    """
+    if target.dial is not None:
+        return await target.dial()
+    return await connect_any(identity, target.addresses, target.public_key)

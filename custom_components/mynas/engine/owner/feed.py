@@ -3,12 +3,14 @@
 The scan (``scanner.scan_rows``) and the reads of files up to ``SMALL_FILE`` block, so they
 run in a worker thread that hands ``Work`` to the event loop in batches (``Handoff``); the
 loop (``push``) only sends. Large files are left to the loop's reader, which streams them.
+For a sealed replica this thread also seals the small files and the names (``replica``):
+the loop gets the bytes and the host path to send as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 import os
 import threading
@@ -17,6 +19,7 @@ from .. import tree
 from . import scanner
 from .handoff import Handoff
 from .index import Index
+from .replica import PlainLayout
 from .run import BATCH_BYTES, BATCH_FILES, SMALL_FILE
 from .scanner import Action, Change
 
@@ -26,8 +29,10 @@ class Work:
     """One change, with what the scan thread already read for it."""
 
     change: Change
-    data: bytes | None = None
-    digest: bytes | None = None
+    data: bytes | None = None  # what the host stores (sealed, for a sealed replica)
+    digest: bytes | None = None  # the file's content hash
+    stored: bytes | None = None  # the hash of ``data`` when it is not the file's own bytes
+    remote: bytes = b""  # the jail path to send to (for a deletion: what to delete)
     error: str | None = None
     changed: bool = False
 
@@ -47,8 +52,13 @@ class Feeder:
         folder: str,
         peer: str,
         exclude: Sequence[str],
+        layout: PlainLayout | None = None,
+        select: Callable[[bytes], bool] | None = None,
     ) -> None:
-        """Scan ``source`` against the index of (``folder``, ``peer``); call ``run`` in a thread."""
+        """Scan ``source`` against the index of (``folder``, ``peer``); call ``run`` in a thread.
+
+        ``select``, when given, keeps only the changes of the paths it accepts (a repair).
+        """
         self.handoff: Handoff[Batch] = Handoff(loop)
         self.report = scanner.ScanReport()
         self._source = source
@@ -56,6 +66,8 @@ class Feeder:
         self._folder = folder
         self._peer = peer
         self._exclude = exclude
+        self._layout = PlainLayout(folder) if layout is None else layout
+        self._select = select
         # Once the run cannot store anything more, sizes are all that matter: stop reading.
         self.count_only = threading.Event()
 
@@ -68,13 +80,15 @@ class Feeder:
         self.handoff.feed(self._scan)
 
     def _scan(self) -> bool:
-        batch = self._root_change()
+        batch = self._root_change() if self._select is None else []
         size = 0
         entries = self._index.rows(self._folder, self._peer)
         try:
             for change in scanner.scan_rows(
                 self._source, entries, exclude=self._exclude, report=self.report
             ):
+                if self._select is not None and not self._select(change.entry.path):
+                    continue
                 work = self._prepare(change)
                 batch.append(work)
                 size += len(work.data) if work.data else 0
@@ -107,9 +121,12 @@ class Feeder:
 
     def _prepare(self, change: Change) -> Work:
         entry = change.entry
-        work = Work(change)
-        if change.action is Action.DELETED or entry.kind is not tree.Kind.FILE:
-            return work
+        layout = self._layout
+        if change.action is Action.DELETED:
+            return Work(change, remote=layout.top(entry.path))
+        if entry.kind is not tree.Kind.FILE:
+            return Work(change)  # directories are made at the end, by the loop
+        work = Work(change, remote=layout.stored(entry.path))
         if entry.size > SMALL_FILE or self.count_only.is_set():
             return work
         assert isinstance(entry, tree.Entry)
@@ -123,6 +140,11 @@ class Feeder:
             return work
         digest = tree.new_hash()
         digest.update(data)
-        work.data = data
         work.digest = digest.digest()
+        if layout.sealed:
+            data = layout.seal(entry.path, entry.mtime_ns, entry.mode, data)
+            stored = tree.new_hash()
+            stored.update(data)
+            work.stored = stored.digest()
+        work.data = data
         return work

@@ -1,10 +1,10 @@
 """Batches from a worker thread to the event loop: bounded, in order, and stoppable.
 
-A push scans (and reads small files) in a worker thread while the loop sends; a verify
-walks and hashes the source in one while the loop compares. Each thread hands its work over
-through a ``Handoff``: a full queue holds the thread back (memory stays bounded), the end or
-the exception that ended the thread reaches the loop in order after the last batch, and
-``stop`` releases a thread that waits on a loop which no longer reads.
+A push scans (and reads and seals small files) in a worker thread while the loop sends; the
+thread hands its work over through a ``Handoff``: a full queue holds the thread back (memory
+stays bounded), the end or the exception that ended the thread reaches the loop in order
+after the last batch, and ``stop`` releases a thread that waits on a loop which no longer
+reads.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ A row is keyed by ``(replica, key)`` where ``key`` is the entry's ``tree.sort_ke
 not stored: a directory's key is its path plus ``b"/"`` and no file name can end with
 ``b"/"``, so the key alone gives both back (rows stay small at 100,000+ files).
 
+Format 2 added what verify compares with (issue 15) and encrypted replicas: per file the
+SHA-256 of the bytes the host stores (``stored``; NULL for a plain replica, whose stored
+bytes are the file's own: ``hash`` then says it), and per replica whether it is sealed.
+A format 1 file is migrated in place when opened: its replicas are plain, as they were.
+
 Threads: each thread gets its own connection, and each ``entries()`` stream its own, so a
 scan can stream a consistent snapshot (WAL mode: readers never wait for the writer) while
 another thread commits acknowledged files. Everything here blocks: call it from worker
@@ -29,7 +34,7 @@ from typing import Self
 from .. import tree
 from ..errors import MyNasError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _FETCH_ROWS = 1024  # rows per fetchmany: bounded memory, few round trips into C
 _BUSY_TIMEOUT = 30.0  # seconds a writer waits for another writer's transaction
 
@@ -37,15 +42,21 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta( name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
     # One row per (folder, peer): a small integer id instead of two strings in every file row.
     "CREATE TABLE IF NOT EXISTS replicas("
-    " id INTEGER PRIMARY KEY, folder TEXT NOT NULL, peer TEXT NOT NULL, UNIQUE(folder, peer))",
+    " id INTEGER PRIMARY KEY, folder TEXT NOT NULL, peer TEXT NOT NULL,"
+    " sealed INTEGER NOT NULL DEFAULT 0, UNIQUE(folder, peer))",
     "CREATE TABLE IF NOT EXISTS files("
     " replica INTEGER NOT NULL, key BLOB NOT NULL, size INTEGER NOT NULL,"
-    " mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL, hash BLOB,"
+    " mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL, hash BLOB, stored BLOB,"
     " PRIMARY KEY(replica, key)) WITHOUT ROWID",
     # The mtime the peer's copy of the folder itself got (the root is no entry of its own).
     # Added after format 1 was out: older versions ignore it, and a missing row only costs
     # a connection to set that mtime again.
     "CREATE TABLE IF NOT EXISTS roots( replica INTEGER PRIMARY KEY, mtime_ns INTEGER NOT NULL)",
+)
+# From format 1: the same tables, two columns more (existing replicas are plain).
+_MIGRATE_1 = (
+    "ALTER TABLE replicas ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE files ADD COLUMN stored BLOB",
 )
 
 
@@ -63,7 +74,11 @@ class IndexVersionError(MyNasError):
 
 @dataclass(frozen=True, slots=True)
 class IndexEntry:
-    """One file or directory as the peer holds it, with its content hash if known."""
+    """One file or directory as the peer holds it, with its content hash if known.
+
+    ``stored`` is the hash of the bytes the host stores when they are not the file's own
+    (a sealed replica); None for a plain replica, or when unknown (adopted from a listing).
+    """
 
     path: bytes
     kind: tree.Kind
@@ -71,6 +86,7 @@ class IndexEntry:
     mtime_ns: int
     mode: int
     hash: bytes | None
+    stored: bytes | None = None
 
     @property
     def key(self) -> bytes:
@@ -78,9 +94,11 @@ class IndexEntry:
         return tree.sort_key(self.path, self.kind)
 
     @classmethod
-    def from_entry(cls, entry: tree.Entry, hash: bytes | None = None) -> Self:
+    def from_entry(
+        cls, entry: tree.Entry, hash: bytes | None = None, stored: bytes | None = None
+    ) -> Self:
         """Return the index entry of a walked entry, as sent with content ``hash``."""
-        return cls(entry.path, entry.kind, entry.size, entry.mtime_ns, entry.mode, hash)
+        return cls(entry.path, entry.kind, entry.size, entry.mtime_ns, entry.mode, hash, stored)
 
     @classmethod
     def from_row(
@@ -97,6 +115,9 @@ type IndexRow = tuple[bytes, int, int, int, bytes | None]
 
 Its first four items line up with a ``tree.Row`` of the same entry.
 """
+
+type StoredRow = tuple[bytes, int, int, int, bytes | None, bytes | None]
+"""An ``IndexRow`` with the stored bytes' hash last (``Index.stored_rows``, for verify)."""
 
 
 class Index:
@@ -158,14 +179,44 @@ class Index:
         finally:
             self._release(conn)
 
+    def stored_rows(self, folder: str, peer: str) -> Generator[StoredRow]:
+        """``rows`` with the hash of the stored bytes last (what verify compares with)."""
+        conn = self._connect()
+        try:
+            cursor = conn.execute(
+                "SELECT key, size, mtime_ns, mode, hash, stored FROM files"
+                " WHERE replica = (SELECT id FROM replicas WHERE folder = ? AND peer = ?)"
+                " ORDER BY key",
+                (folder, peer),
+            )
+            while rows := cursor.fetchmany(_FETCH_ROWS):
+                yield from rows
+        finally:
+            self._release(conn)
+
     def record(self, folder: str, peer: str, entries: Iterable[IndexEntry]) -> None:
         """Insert or replace ``entries`` for (folder, peer), in one transaction."""
         with self._transaction() as conn:
             replica = self._replica(conn, folder, peer)
             conn.executemany(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
-                ((replica, e.key, e.size, e.mtime_ns, e.mode, e.hash) for e in entries),
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((replica, e.key, e.size, e.mtime_ns, e.mode, e.hash, e.stored) for e in entries),
             )
+
+    def sealed(self, folder: str, peer: str) -> bool | None:
+        """Return whether the replica of (folder, peer) is sealed; None for an unknown pair."""
+        row = (
+            self._conn()
+            .execute("SELECT sealed FROM replicas WHERE folder = ? AND peer = ?", (folder, peer))
+            .fetchone()
+        )
+        return None if row is None else bool(row[0])
+
+    def register(self, folder: str, peer: str, *, sealed: bool) -> None:
+        """Make (folder, peer) known, its replica plain or ``sealed``, even while empty."""
+        with self._transaction() as conn:
+            replica = self._replica(conn, folder, peer)
+            conn.execute("UPDATE replicas SET sealed = ? WHERE id = ?", (int(sealed), replica))
 
     def forget(self, folder: str, peer: str, paths: Iterable[tuple[bytes, tree.Kind]]) -> None:
         """Delete the rows of ``paths`` (path, kind) for (folder, peer), in one transaction."""
@@ -270,6 +321,10 @@ class Index:
             row = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif row[0] == 1:
+                for statement in _MIGRATE_1:
+                    conn.execute(statement)
+                conn.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise IndexVersionError(self._path, row[0])
 

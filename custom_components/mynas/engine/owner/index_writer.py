@@ -86,9 +86,9 @@ class IndexWriter:
         """Run ``func`` on the writer's thread, after what is already queued there."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
-    def register_pair(self) -> None:
+    def register_pair(self, sealed: bool = False) -> None:
         """Make (folder, peer) known to the index, even while the peer holds nothing."""
-        self._index.record(self._folder, self._peer, [])
+        self._index.register(self._folder, self._peer, sealed=sealed)
 
     async def discard_pair(self) -> None:
         """Forget everything about (folder, peer), pending changes included."""

@@ -9,14 +9,18 @@ names and sub-paths live here too, since every run and the HA layer's input chec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import builtins
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 import enum
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceMissing
+
+if TYPE_CHECKING:
+    from .client import PeerLink
 
 # --- tuning: every run's numbers, in one place -------------------------------------------
 
@@ -47,11 +51,16 @@ class Phase(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class PeerTarget:
-    """A peer to replicate to: its stable id (the index key), addresses and pinned key."""
+    """A peer to replicate to: its stable id (the index key), addresses and pinned key.
+
+    ``dial``, when set, opens the link instead (``client.open_link``): a node's own way to
+    the peer, learned addresses and reverse channels included.
+    """
 
     id: str
     addresses: tuple[str, ...]
     public_key: str
+    dial: Callable[[], Awaitable[PeerLink]] | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -144,6 +153,8 @@ class PushResult(RunResult):
     error_count: int = 0
     # False when nothing had changed and the run did not connect (``connect_if_unchanged``).
     peer_contacted: bool = False
+    # A conversion (``push.convert``) moved the plain copy to the host's trash.
+    replaced_plain: bool = False
 
     def add_error(self, message: str) -> None:
         """Keep the first errors word for word, count them all."""
@@ -153,34 +164,50 @@ class PushResult(RunResult):
 
 @dataclass(slots=True)
 class RestoreResult(RunResult):
-    """What a restore wrote."""
+    """What a restore wrote, and the files it refused (they failed authentication)."""
 
     files: int = 0
     bytes: int = 0
     dirs: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def fail(self, path: builtins.bytes, why: str) -> None:
+        """Count a file left out, keeping the first ones by name."""
+        self.failed += 1
+        self._keep(self.failures, f"{os.fsdecode(path)}: {why}")
 
 
 @dataclass(slots=True)
 class VerifyResult(RunResult):
-    """What verify found (and repaired)."""
+    """What verify found (and repaired): three findings, told apart (see ``verify``).
+
+    ``host_damaged``: the host's copy is not what was sent (or holds what never was);
+    ``unsent``: local changes the next push sends; ``local_rot``: local files whose content
+    changed while their size and mtime did not. ``checked`` counts the files whose host copy
+    was compared with the index.
+    """
 
     checked: int = 0
-    missing: int = 0
-    mismatched: int = 0
-    extra: int = 0
+    host_damaged: int = 0
+    unsent: int = 0
+    local_rot: int = 0
     repaired: int = 0
-    # True once a repair push went through without errors: the replica matches now.
+    # True once a repair push went through without errors: the host holds what was sent.
     repair_complete: bool = False
     examples: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        """True when the replica matches the source exactly."""
-        return not (self.missing or self.mismatched or self.extra)
+        """True when the host holds what was sent and no local file rotted.
 
-    def note(self, kind: str, path: bytes) -> None:
-        """Remember an example of a difference."""
-        self._keep(self.examples, f"{kind}: {os.fsdecode(path)}")
+        Changes not sent yet do not count: they are the next push's ordinary work.
+        """
+        return not (self.host_damaged or self.local_rot)
+
+    def note(self, kind: str, path: builtins.bytes, why: str) -> None:
+        """Remember an example of a finding."""
+        self._keep(self.examples, f"{kind}: {os.fsdecode(path)} ({why})")
 
     def as_dict(self) -> dict[str, Any]:
         """Return the result as plain data, ``clean`` included."""
@@ -188,6 +215,11 @@ class VerifyResult(RunResult):
 
 
 # --- names and paths -------------------------------------------------------------------------
+
+
+# Beside the replicas, our space at a peer holds the backup area (``backup_area.AREA``):
+# no folder may take its name (in any case: a friend's disk may ignore case).
+RESERVED_FOLDER = ".ha-backups"
 
 
 def check_folder_name(folder: str) -> bytes:
@@ -202,6 +234,8 @@ def check_folder_name(folder: str) -> bytes:
         or len(raw) > 255
     ):
         raise ValueError(f"{folder!r} cannot name a folder: use a plain name without '/'")
+    if folder.casefold() == RESERVED_FOLDER:
+        raise ValueError(f"{folder!r} is reserved for Home Assistant's own backups")
     return raw
 
 

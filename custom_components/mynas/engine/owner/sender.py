@@ -6,6 +6,10 @@ are requests of their own. A small file waits for nothing but the channel's flow
 the host's acknowledgements arrive as callbacks that update the result and queue index
 records (``IndexWriter``). A quota or disk-full refusal, or a lost connection, stops the sending
 (``stop_error``) while the scan goes on counting what the run still needed.
+
+Where each entry goes and how its bytes look on the host is the ``Layout``'s business
+(``replica``): a sealed replica's large files are sealed here, in the reader thread, block
+by block as they are read (``_SealedReader``).
 """
 
 from __future__ import annotations
@@ -24,20 +28,15 @@ from .client import PeerLink, Upload
 from .feed import Work
 from .index import IndexEntry
 from .index_writer import IndexWriter
-from .run import (
-    Phase,
-    Progress,
-    ProgressCallback,
-    PushResult,
-    Reporter,
-    check_folder_name,
-    remote_path,
-)
+from .replica import PlainLayout, SealedLayout
+from .run import Phase, Progress, ProgressCallback, PushResult, Reporter
 from .scanner import Action
 from .throttle import Throttle
 
 # Read large files this much per worker-thread hop (sent as several pieces).
 _READ_BLOCK = 4 * Upload.piece_size
+# A sealed file's blocks (a whole number of sealed chunks).
+_SEALED_BLOCK = 64 * 64 * 1024
 # The longest the push handles files without letting the event loop run other tasks.
 _TURN = 0.002
 
@@ -65,9 +64,10 @@ class Sender:
         source: bytes,
         throttle: Throttle,
         progress: ProgressCallback | None,
+        layout: PlainLayout | None = None,
     ) -> None:
         self.index = index
-        self.folder = check_folder_name(folder)
+        self.layout = PlainLayout(folder) if layout is None else layout
         self.source = source
         self.throttle = throttle
         self.result = PushResult(folder)
@@ -144,14 +144,14 @@ class Sender:
         entry = change.entry
         if self.stop_error is not None:
             if change.action is not Action.DELETED and entry.kind is tree.Kind.FILE:
-                self.still_needed += entry.size
+                self.still_needed += self.layout.stored_size(entry.size)
             return
         if change.action is not Action.DELETED and entry.kind is tree.Kind.DIR:
             self._dirs[entry.path] = entry.mtime_ns
             return
         self.state.phase = Phase.TRANSFERRING
         if change.action is Action.DELETED:
-            await self._delete(entry)
+            await self._delete(entry, work.remote)
         elif work.error is not None:
             self.result.add_error(work.error)
         elif work.changed:
@@ -160,11 +160,11 @@ class Sender:
             await self._put(work)
         else:
             assert isinstance(entry, tree.Entry)
-            await self._upload(entry)
+            await self._upload(entry, work.remote)
         await self.index.maybe_flush()
         self.report()
 
-    async def _delete(self, entry: tree.Entry | IndexEntry) -> None:
+    async def _delete(self, entry: tree.Entry | IndexEntry, remote: bytes) -> None:
         gone = self._deleted_dir
         if gone is not None and entry.path.startswith(gone.prefix):
             # It goes to the host's trash with its directory.
@@ -194,14 +194,20 @@ class Sender:
 
         self._touch(path)
         self._dirs.pop(path, None)
-        await self.link.delete(remote_path(self.folder, path), done)
+        await self.link.delete(remote, done)
 
     async def _put(self, work: Work) -> None:
         entry = work.change.entry
         assert work.data is not None
         size = len(work.data)
         record = IndexEntry(
-            entry.path, tree.Kind.FILE, entry.size, entry.mtime_ns, entry.mode, work.digest
+            entry.path,
+            tree.Kind.FILE,
+            entry.size,
+            entry.mtime_ns,
+            entry.mode,
+            work.digest,
+            work.stored,
         )
 
         def done(err: MyNasError | None) -> None:
@@ -212,12 +218,17 @@ class Sender:
             self.result.files_sent += 1
             self.result.bytes_sent += size
             self.state.files_done += 1
-            self.state.bytes_done += size
+            self.state.bytes_done += entry.size
 
         self._touch(entry.path)
         await self.throttle.consume(size)
+        layout = self.layout
         await self.link.put(
-            remote_path(self.folder, entry.path), entry.mtime_ns, entry.mode, work.data, done
+            work.remote,
+            layout.host_mtime(entry.mtime_ns),
+            layout.host_mode(entry.mode),
+            work.data,
+            done,
         )
 
     def _in_reader[T](self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -235,9 +246,11 @@ class Sender:
         if self._reader is not None:
             self._reader.shutdown(wait=True)
 
-    async def _upload(self, entry: tree.Entry) -> None:
+    async def _upload(self, entry: tree.Entry, remote: bytes) -> None:
+        if isinstance(self.layout, SealedLayout):
+            await self._upload_sealed(entry, remote, self.layout)
+            return
         local = self.source + b"/" + entry.path
-        remote = remote_path(self.folder, entry.path)
         self._touch(entry.path)
         try:
             fd = await self._in_reader(_open_local, local)
@@ -325,6 +338,88 @@ class Sender:
             and after.st_mtime_ns == entry.mtime_ns
         )
 
+    async def _upload_sealed(self, entry: tree.Entry, remote: bytes, layout: SealedLayout) -> None:
+        """Send a large file of a sealed replica, sealed block by block as it is read."""
+        self._touch(entry.path)
+        try:
+            reader = await self._in_reader(
+                _SealedReader, self.source + b"/" + entry.path, entry, layout
+            )
+        except FileNotFoundError:
+            self.result.files_changed_during_read += 1  # gone since the scan
+            return
+        except OSError as err:
+            self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
+            return
+        try:
+            if reader.changed:
+                self.result.files_changed_during_read += 1
+                return
+            size = layout.stored_size(entry.size)
+            try:
+                upload = await self.link.upload(
+                    remote, size, layout.host_mtime(entry.mtime_ns), layout.host_mode(entry.mode)
+                )
+            except MyNasError as err:
+                self._failed(err, entry.path, size)
+                return
+            try:
+                sent = await self._stream_sealed(reader, upload)
+            except OSError as err:
+                await upload.abandon()
+                self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
+                return
+            if not sent:
+                await upload.discard()
+                self.result.files_changed_during_read += 1
+                return
+            try:
+                await upload.finish()
+            except MyNasError as err:
+                self._failed(err, entry.path, size)
+                return
+            self.index.record(
+                IndexEntry.from_entry(entry, reader.digest.digest(), reader.stored.digest())
+            )
+            self.result.files_sent += 1
+            self.result.bytes_sent += size - upload.offset
+            self.state.files_done += 1
+        finally:
+            self._in_reader(reader.close)
+
+    async def _stream_sealed(self, reader: _SealedReader, upload: Upload) -> bool:
+        """Send the sealed file from where the host's copy ends; False if it changed.
+
+        The part the host already holds is sealed again (the same salt gives the same
+        bytes) for the hashes, and not sent.
+        """
+        offset = upload.offset
+        position = 0  # in the stored file
+        step = upload.piece_size
+        ahead: asyncio.Future[bytes | None] | None = self._in_reader(reader.next_block)
+        try:
+            while ahead is not None:
+                block = await ahead
+                ahead = None
+                if block is None:
+                    return False
+                plain = reader.last_plain
+                ahead = None if reader.done else self._in_reader(reader.next_block)
+                start = max(0, offset - position)
+                position += len(block)
+                view = memoryview(block)
+                for begin in range(start, len(block), step):
+                    piece = view[begin : begin + step]
+                    await self.throttle.consume(len(piece))
+                    await upload.send(piece)
+                    await self.take_turns()
+                self.state.bytes_done += plain
+                self.report()
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+        return await self._in_reader(reader.unchanged)
+
     async def finish_dirs(self) -> None:
         """Create every new directory (empty ones too) and give each its local mtime."""
         self._dirs.setdefault(b"", None)
@@ -349,8 +444,76 @@ class Sender:
                 else:
                     self.index.record_root(mtime)
 
-            await self.link.mkdir(remote_path(self.folder, path), mtime, done)
+            layout = self.layout
+            await self.link.mkdir(layout.stored(path), layout.dir_mtime(mtime), done)
         await self.link.sync()
+
+
+class _SealedReader:
+    """Reads and seals one large file in the reader thread, checking it does not change.
+
+    Its salt follows the file's identity on disk (``sealed.resume_salt``), so a resumed
+    upload seals the same bytes; every block read is checked against that identity first,
+    so changed data is never sealed with the old salt.
+    """
+
+    def __init__(self, path: bytes, entry: tree.Entry, layout: SealedLayout) -> None:
+        from . import sealed  # noqa: PLC0415 - with the layout, already loaded
+
+        self._fd = _open_local(path)
+        try:
+            info = os.fstat(self._fd)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._entry = entry
+        self._identity = (info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        self.changed = (
+            not stat.S_ISREG(info.st_mode)
+            or info.st_size != entry.size
+            or info.st_mtime_ns != entry.mtime_ns
+        )
+        jail_path = layout.jail_path(entry.path)
+        salt = sealed.resume_salt(layout.keys.salts, jail_path, info)
+        meta = sealed.Meta(entry.mtime_ns, entry.mode, entry.size)
+        self._sealer = sealed.Sealer(layout.keys.contents, jail_path, meta, salt=salt)
+        self._position = 0
+        self._head: bytes | None = self._sealer.head
+        self.digest = tree.new_hash()
+        self.stored = tree.new_hash()
+        self.last_plain = 0  # plain bytes in the last block returned
+
+    @property
+    def done(self) -> bool:
+        """Whether the whole file was sealed."""
+        return self._sealer.done
+
+    def _same(self) -> bool:
+        info = os.fstat(self._fd)
+        return (info.st_size, info.st_mtime_ns, info.st_ctime_ns) == self._identity
+
+    def next_block(self) -> bytes | None:
+        """Return the next sealed bytes; None if the file changed (nothing sealed then)."""
+        size = min(_SEALED_BLOCK, self._entry.size - self._position)
+        block = os.pread(self._fd, size, self._position)
+        if len(block) != size or not self._same():
+            return None
+        self._position += size
+        self.digest.update(block)
+        out = self._sealer.update(block)
+        if self._head is not None:
+            out, self._head = self._head + out, None
+        self.stored.update(out)
+        self.last_plain = size
+        return out
+
+    def unchanged(self) -> bool:
+        """Whether the file was sealed whole and is still what the scan saw."""
+        return self.done and self._same()
+
+    def close(self) -> None:
+        """Close the file."""
+        os.close(self._fd)
 
 
 def _open_local(path: bytes) -> int:
