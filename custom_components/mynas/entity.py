@@ -103,18 +103,16 @@ class _OnNodeDevice[C: NodeCoordinator | ReachCoordinator](CoordinatorEntity[C])
         self._attr_device_info = node_device(entry)
 
 
-class _OnPeerDevice[C: NodeCoordinator | ReachCoordinator](CoordinatorEntity[C]):
+class _OnPeerDevice[C: NodeCoordinator | ReachCoordinator](_OnNodeDevice[C]):
     """An entity of a peer's device, unique per entry, peer and key."""
-
-    _attr_has_entity_name = True
 
     def __init__(self, coordinator: C, peer: ConfigSubentry, key: str) -> None:
         """Attach to ``peer``'s device."""
-        super().__init__(coordinator)
-        entry = coordinator.config_entry
+        super().__init__(coordinator, f"{peer.subentry_id}_{key}")
         self.peer_id = peer.subentry_id
-        self._attr_unique_id = f"{entry.entry_id}_{peer.subentry_id}_{key}"
-        self._attr_device_info = subentry_device(coordinator.hass, entry, peer, "Peer")
+        self._attr_device_info = subentry_device(
+            coordinator.hass, coordinator.config_entry, peer, "Peer"
+        )
 
 
 class NodeEntity(_OnNodeDevice[NodeCoordinator]):
