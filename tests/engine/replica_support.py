@@ -7,14 +7,12 @@ that grants alice a jail. A replica of FOLDER is ``<storage>/alice/FOLDER/`` on 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 import contextlib
 from dataclasses import dataclass
 import hashlib
 import os
 from pathlib import Path
 import stat
-import time
 from typing import Any
 
 from custom_components.mynas.engine import tree
@@ -146,14 +144,6 @@ def write(path: Path | bytes, data: bytes, *, mtime_ns: int = MTIME, mode: int =
 def partials(storage: Path, peer: str = "alice") -> list[str]:
     """The names of a peer's resumable partial uploads on the host."""
     return sorted(os.listdir(storage / ".mynas" / "partial" / peer))
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``condition`` until it holds (fail after ``timeout`` seconds)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.01)
 
 
 def drop_connections(server: NodeServer) -> int:

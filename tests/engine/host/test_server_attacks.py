@@ -48,7 +48,7 @@ from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner import client
 from custom_components.mynas.engine.protocol import MAX_FRAME, Close, Frame
 
-from ..conftest import DEFAULT_QUOTA, ServerFactory, address
+from ..conftest import DEFAULT_QUOTA, ServerFactory, address, wait_until
 from ..openssh_support import OpenSSH
 from .ssh_support import connected, ssh_connect
 
@@ -132,15 +132,6 @@ def trash_contents(storage: Path, peer: str) -> list[bytes]:
     for dirpath, _, filenames in os.walk(storage / ".mynas" / "trash" / peer):
         found.extend(Path(dirpath, name).read_bytes() for name in filenames)
     return sorted(found)
-
-
-async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll a condition that no event announces (the disk, a counter in another task)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Events:

@@ -26,8 +26,8 @@ from custom_components.mynas.engine.host.upload import Upload
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.protocol import Close, Frame
 
-from ..conftest import ServerFactory
-from .test_server_attacks import MTIME, Raw, disk_charge, temps, wait_until
+from ..conftest import ServerFactory, wait_until
+from .test_server_attacks import MTIME, Raw, disk_charge, temps
 
 KIB = 1 << 10
 

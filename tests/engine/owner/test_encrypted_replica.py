@@ -28,7 +28,7 @@ from custom_components.mynas.engine.owner.names import NameCipher, StoredTree
 from custom_components.mynas.engine.owner.replica import ReplicaKindMismatch
 from custom_components.mynas.engine.owner.run import SMALL_FILE
 
-from ..conftest import ServerFactory
+from ..conftest import ServerFactory, wait_until
 from ..replica_support import (
     FOLDER,
     MIB,
@@ -40,7 +40,6 @@ from ..replica_support import (
     partials,
     snapshot,
     trash_files,
-    wait_until,
     write,
 )
 

@@ -45,7 +45,7 @@ from custom_components.mynas.engine.owner.run import (
     Progress,
 )
 
-from ..conftest import ServerFactory
+from ..conftest import ServerFactory, wait_until
 from ..replica_support import (
     FOLDER,
     MIB,
@@ -59,7 +59,6 @@ from ..replica_support import (
     partials,
     plain_push,
     snapshot,
-    wait_until,
     write,
 )
 
