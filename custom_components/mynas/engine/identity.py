@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 import secrets
 import stat
+from typing import Any
 
 import asyncssh
 
@@ -240,6 +241,27 @@ def fingerprint(key: asyncssh.SSHKey | str) -> str:
     if isinstance(key, str):
         key = parse_public_key(key)
     return key.get_fingerprint("sha256")
+
+
+def pinned_login(pinned: asyncssh.SSHKey, node: Identity | None) -> dict[str, Any]:
+    """Return the ``asyncssh.create_connection`` options that dial a peer by its pinned key.
+
+    Only ``pinned`` is accepted as the host's key, and only ``node``'s key (none: no key)
+    is offered: no SSH config, agent, password, keyboard-interactive, GSS or host-based login.
+    """
+    return {
+        "username": "mynas",
+        "client_keys": [node.private_key] if node is not None else None,
+        "known_hosts": ([pinned], [], []),
+        "config": None,
+        "agent_path": None,
+        "agent_forwarding": False,
+        "password": None,
+        "kbdint_auth": False,
+        "gss_auth": False,
+        "host_based_auth": False,
+        "encoding": None,
+    }
 
 
 def raw_public_key(key: asyncssh.SSHKey) -> bytes:

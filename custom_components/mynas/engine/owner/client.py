@@ -34,7 +34,7 @@ from ..errors import (
     PeerUnreachable,
     ProtocolError,
 )
-from ..identity import Identity, fingerprint, parse_public_key, public_key_line
+from ..identity import Identity, fingerprint, parse_public_key, pinned_login, public_key_line
 from ..invite import parse_address
 from ..protocol import Close, Frame
 from ..tree import Entry, Kind
@@ -482,17 +482,7 @@ async def open_connection(
                 lambda: client,
                 host,
                 port,
-                username="mynas",
-                client_keys=[identity.private_key],
-                known_hosts=([pinned], [], []),
-                config=None,
-                agent_path=None,
-                agent_forwarding=False,
-                password=None,
-                kbdint_auth=False,
-                gss_auth=False,
-                host_based_auth=False,
-                encoding=None,
+                **pinned_login(pinned, identity),
                 keepalive_interval=30,
                 keepalive_count_max=4,
                 kex_algs=ciphers.key_exchange(),
