@@ -141,6 +141,27 @@ def write(path: Path | bytes, data: bytes, *, mtime_ns: int = MTIME, mode: int =
     os.utime(raw, ns=(mtime_ns, mtime_ns))
 
 
+def change_under_reader(path: Path, how: str, size: int) -> None:
+    """Change the file of ``size`` bytes at ``path`` as a user might while a push reads it.
+
+    ``how``: it "grows", "shrinks", is "touched" (a new mtime) or is "rewritten" in place
+    (same size, same mtime: only the ctime tells).
+    """
+    if how == "grows":
+        with open(path, "ab") as handle:
+            handle.write(b"more")
+    elif how == "shrinks":
+        os.truncate(path, size // 2)
+    elif how == "touched":
+        os.utime(path, ns=(MTIME + 7, MTIME + 7))
+    else:
+        assert how == "rewritten"
+        with open(path, "r+b") as handle:
+            handle.seek(size - 10)
+            handle.write(b"0123456789")
+        os.utime(path, ns=(MTIME, MTIME))
+
+
 def partials(storage: Path, peer: str = "alice") -> list[str]:
     """The names of a peer's resumable partial uploads on the host."""
     return sorted(os.listdir(storage / ".mynas" / "partial" / peer))

@@ -34,6 +34,7 @@ from ..replica_support import (
     MIB,
     MTIME,
     Env,
+    change_under_reader,
     close_env,
     drop_connections,
     make_env,
@@ -318,19 +319,7 @@ async def test_a_large_file_changing_under_the_reader_is_never_sealed_as_it(
     def meddle(fd: int, count: int, position: int) -> bytes:
         calls["n"] += 1
         if calls["n"] == 2:
-            path = env.src / "big"
-            if how == "grows":
-                with open(path, "ab") as handle:
-                    handle.write(b"more")
-            elif how == "shrinks":
-                os.truncate(path, size // 2)
-            elif how == "touched":
-                os.utime(path, ns=(MTIME + 7, MTIME + 7))
-            else:  # same size, same mtime: only the ctime tells
-                with open(path, "r+b") as handle:
-                    handle.seek(size - 10)
-                    handle.write(b"0123456789")
-                os.utime(path, ns=(MTIME, MTIME))
+            change_under_reader(env.src / "big", how, size)
         return real(fd, count, position)
 
     monkeypatch.setattr(sender.os, "pread", meddle)

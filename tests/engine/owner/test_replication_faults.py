@@ -51,6 +51,7 @@ from ..replica_support import (
     MIB,
     MTIME,
     Env,
+    change_under_reader,
     check_index_matches_host,
     close_env,
     drop_connections,
@@ -197,14 +198,7 @@ async def test_large_file_modified_during_the_push(
     def meddle(fd: int, position: int, count: int, digest: Any) -> bytes:
         calls["n"] += 1
         if calls["n"] == 1:
-            path = env.src / "big"
-            if how == "grows":
-                with open(path, "ab") as handle:
-                    handle.write(b"more")
-            elif how == "shrinks":
-                os.truncate(path, size // 2)
-            else:
-                os.utime(path, ns=(MTIME + 7, MTIME + 7))
+            change_under_reader(env.src / "big", how, size)
         return real(fd, position, count, digest)
 
     monkeypatch.setattr(sender, "_read_block", meddle)
