@@ -52,3 +52,19 @@ async def connected(
     """``ssh_connect``, closed and waited for on the way out (the server sees it gone)."""
     async with await ssh_connect(server, who, username=username, **options) as conn:
         yield conn
+
+
+@contextlib.asynccontextmanager
+async def sftp_session(
+    server: NodeServer,
+    who: Identity | None,
+    *,
+    username: str = "mynas",
+    **options: Any,
+) -> AsyncIterator[asyncssh.SFTPClient]:
+    """An SFTP client on a ``connected`` connection, exited and waited for on success."""
+    async with connected(server, who, username=username, **options) as conn:
+        sftp = await conn.start_sftp_client()
+        yield sftp
+        sftp.exit()
+        await sftp.wait_closed()
