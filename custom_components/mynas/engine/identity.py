@@ -260,7 +260,6 @@ def pinned_login(pinned: asyncssh.SSHKey, node: Identity | None) -> dict[str, An
         "kbdint_auth": False,
         "gss_auth": False,
         "host_based_auth": False,
-        "encoding": None,
     }
 
 

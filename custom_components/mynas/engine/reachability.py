@@ -182,6 +182,7 @@ async def _key_exchange(
                 lambda: seen,
                 sock=sock,
                 **pinned_login(pinned, identity),
+                encoding=None,
             )
     except asyncssh.HostKeyNotVerifiable:
         shown = fingerprint(seen.presented) if seen.presented is not None else "unknown"

@@ -13,7 +13,7 @@ from typing import Any
 import asyncssh
 
 from custom_components.mynas.engine.host.server import NodeServer
-from custom_components.mynas.engine.identity import Identity
+from custom_components.mynas.engine.identity import Identity, pinned_login
 
 from ..openssh_support import HOST
 
@@ -26,18 +26,8 @@ async def ssh_connect(
     **options: Any,
 ) -> asyncssh.SSHClientConnection:
     """An asyncssh connection with ``who``'s key, the host key pinned, nothing else offered."""
-    settings: dict[str, Any] = {
-        "username": username,
-        "client_keys": [who.private_key] if who is not None else None,
-        "known_hosts": ([asyncssh.import_public_key(server.identity.public_line)], [], []),
-        "config": None,
-        "agent_path": None,
-        "password": None,
-        "kbdint_auth": False,
-        "gss_auth": False,
-        "host_based_auth": False,
-    }
-    settings.update(options)
+    pinned = asyncssh.import_public_key(server.identity.public_line)
+    settings = {**pinned_login(pinned, who), "username": username, **options}
     return await asyncssh.connect(HOST, server.port, **settings)
 
 

@@ -483,6 +483,7 @@ async def open_connection(
                 host,
                 port,
                 **pinned_login(pinned, identity),
+                encoding=None,
                 keepalive_interval=30,
                 keepalive_count_max=4,
                 kex_algs=ciphers.key_exchange(),
