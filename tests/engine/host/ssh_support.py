@@ -46,14 +46,10 @@ async def connected(
 
 @contextlib.asynccontextmanager
 async def sftp_session(
-    server: NodeServer,
-    who: Identity | None,
-    *,
-    username: str = "mynas",
-    **options: Any,
+    server: NodeServer, who: Identity | None, **options: Any
 ) -> AsyncIterator[asyncssh.SFTPClient]:
     """An SFTP client on a ``connected`` connection, exited and waited for on success."""
-    async with connected(server, who, username=username, **options) as conn:
+    async with connected(server, who, **options) as conn:
         sftp = await conn.start_sftp_client()
         yield sftp
         sftp.exit()
