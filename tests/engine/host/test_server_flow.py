@@ -85,6 +85,23 @@ class Sampler:
         return last
 
 
+def alice_held(server: NodeServer) -> Sampler:
+    """Samples what alice's sessions hold of her byte budget."""
+    return Sampler(lambda: server.peer_budget("alice").used)
+
+
+async def stalled_within(server: NodeServer, budget: int) -> Sampler:
+    """Wait until alice's sessions stall with ``budget`` spent, and never more; the sampler."""
+    held = alice_held(server)
+    assert await held.settle() > budget // 2
+    assert held.high <= budget
+    return held
+
+
+async def budget_given_back(server: NodeServer) -> None:
+    await wait_until(lambda: server.peer_budget("alice").used == 0, "the budget given back")
+
+
 # --- batch flushes ----------------------------------------------------------------------------
 
 
@@ -167,9 +184,7 @@ async def test_a_session_holds_no_more_than_its_budget_while_the_disk_is_slow(
     with slow_disk(monkeypatch, Jail, "write_batch") as gate:
         raw = await Raw.open(server, alice_id)
         raw.send(*frames)
-        held = Sampler(lambda: server.peer_budget("alice").used)
-        assert await held.settle() > budget // 2  # stalled with its budget spent...
-        assert held.high <= budget
+        held = await stalled_within(server, budget)  # stalled with its budget spent...
         waiting = raw.writer.channel.get_write_buffer_size()
         assert waiting > 1024 * KIB  # ...and the peer's data waits on the peer's side
         gate.set()
@@ -177,7 +192,7 @@ async def test_a_session_holds_no_more_than_its_budget_while_the_disk_is_slow(
     assert held.high <= budget
     assert (storage_dir / "alice" / "f0499").read_bytes() == bytes([499 % 256]) * 16 * KIB
     await raw.close()
-    await wait_until(lambda: server.peer_budget("alice").used == 0, "the budget given back")
+    await budget_given_back(server)
 
 
 async def test_sessions_of_one_peer_share_its_budget(
@@ -191,9 +206,7 @@ async def test_sessions_of_one_peer_share_its_budget(
         second = await Raw.open(server, alice_id, conn=first.conn)
         first.send(*puts(60, 16 * KIB, prefix=b"a"))
         second.send(*puts(60, 16 * KIB, prefix=b"b"))
-        held = Sampler(lambda: server.peer_budget("alice").used)
-        assert await held.settle() > peer // 2
-        assert held.high <= peer
+        await stalled_within(server, peer)
         gate.set()
         assert len(await acked(first, 60)) == len(await acked(second, 60)) == 60
     await first.close()
@@ -216,9 +229,7 @@ async def test_an_upload_holds_no_more_than_its_budget(
         for start in range(0, len(content), 64 * KIB):
             raw.send(protocol.data(1, content[start : start + 64 * KIB]))
         raw.send(protocol.close(1, Close.FINISH))
-        held = Sampler(lambda: server.peer_budget("alice").used)
-        assert await held.settle() > budget // 2
-        assert held.high <= budget
+        await stalled_within(server, budget)
         gate.set()
         assert await acked(raw, 1) == {1}
     assert (storage_dir / "alice" / "big.bin").read_bytes() == content
@@ -236,10 +247,10 @@ async def test_a_cut_while_the_budget_is_spent_leaves_nothing_held(
     with slow_disk(monkeypatch, Jail, "write_batch") as gate:
         raw = await Raw.open(server, alice_id)
         raw.send(*puts(100, 16 * KIB))
-        await Sampler(lambda: server.peer_budget("alice").used).settle()
+        await alice_held(server).settle()
         raw.conn.abort()
         gate.set()
-    await wait_until(lambda: server.peer_budget("alice").used == 0, "the budget given back")
+    await budget_given_back(server)
     jail = server.jail("alice")
     await wait_until(lambda: jail.quota.reserved == 0, "the reservations given back")
     assert temps(storage_dir, "alice") == []
@@ -264,12 +275,12 @@ async def test_a_cut_while_an_upload_is_being_written_waits_for_the_write(
         raw.send(
             *(protocol.data(1, content[n : n + 64 * KIB]) for n in range(0, 512 * KIB, 64 * KIB))
         )
-        await Sampler(lambda: server.peer_budget("alice").used).settle()
+        await alice_held(server).settle()
         raw.conn.abort()
         await asyncio.sleep(0.1)
         gate.set()
     jail = server.jail("alice")
-    await wait_until(lambda: server.peer_budget("alice").used == 0, "the budget given back")
+    await budget_given_back(server)
     await wait_until(lambda: jail.quota.reserved == 0, "the upload abandoned")
     (name,) = os.listdir(storage_dir / ".mynas" / "partial" / "alice")
     kept = (storage_dir / ".mynas" / "partial" / "alice" / name).read_bytes()
