@@ -309,14 +309,22 @@ async def test_unload_waits_for_the_engine_to_unwind(
     assert manager.data.peers[BOB_ID].last_seen is None
 
 
-async def test_removing_a_folder_forgets_its_index(
+@pytest.fixture
+async def protecting(
     hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
 ) -> None:
-    """Re-added later, the folder adopts what Bob really holds instead of a stale index."""
+    """The node set up with Bob as its peer and a one-file folder, Photos, sent to him."""
     add_peer(hass, node_entry, bob)
     add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
     await setup_entry(hass, node_entry)
     await hass.async_block_till_done(wait_background_tasks=True)
+
+
+@pytest.mark.usefixtures("protecting")
+async def test_removing_a_folder_forgets_its_index(
+    hass: HomeAssistant, node_entry: MockConfigEntry
+) -> None:
+    """Re-added later, the folder adopts what Bob really holds instead of a stale index."""
     index = node_entry.runtime_data.node.index
     assert await hass.async_add_executor_job(index.folders) == [("Photos", BOB_ID)]
     hass.config_entries.async_remove_subentry(node_entry, PHOTOS_ID)
@@ -325,17 +333,10 @@ async def test_removing_a_folder_forgets_its_index(
     assert await hass.async_add_executor_job(index.folders) == []
 
 
+@pytest.mark.usefixtures("protecting")
 async def test_removing_the_node_drops_its_state_but_keeps_its_key(
-    hass: HomeAssistant,
-    hass_storage: dict[str, object],
-    node_entry: MockConfigEntry,
-    bob: Bob,
-    tmp_path: Path,
+    hass: HomeAssistant, hass_storage: dict[str, object], node_entry: MockConfigEntry
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
     assert await hass.config_entries.async_unload(node_entry.entry_id)
     key = f"{DOMAIN}.{node_entry.entry_id}"
     assert key in hass_storage
@@ -345,14 +346,11 @@ async def test_removing_the_node_drops_its_state_but_keeps_its_key(
     assert Path(node_entry.data[CONF_KEY_FILE]).exists()
 
 
+@pytest.mark.usefixtures("protecting")
 async def test_removing_a_peer_leaves_no_entity_of_it_behind(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry
 ) -> None:
     """Its device and its pairs' entities (on the folder's device) go; the folder stays."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
     registry = er.async_get(hass)
 
     def bobs() -> list[str]:
