@@ -252,13 +252,22 @@ async def test_options_flow_restarts_with_the_new_threshold(
     assert node_entry.runtime_data.manager.overdue_after.total_seconds() == 48 * 3600
 
 
+async def _set_up(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, folder: Path | None = None
+) -> None:
+    """Set the node up with Bob as its peer (and ``folder`` to protect), its first sync done."""
+    add_peer(hass, node_entry, bob)
+    if folder is not None:
+        add_folder(hass, node_entry, folder)
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+
+
 async def test_server_events_reach_home_assistant(
     hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
 ) -> None:
     """A stranger's key fires an event; a peer connecting to us counts as seen."""
-    add_peer(hass, node_entry, bob)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await _set_up(hass, node_entry, bob)
     events: list[dict[str, str]] = []
     hass.bus.async_listen(EVENT_UNKNOWN_KEY, lambda event: events.append(event.data))
     manager = node_entry.runtime_data.manager
@@ -314,10 +323,7 @@ async def protecting(
     hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
 ) -> None:
     """The node set up with Bob as its peer and a one-file folder, Photos, sent to him."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await _set_up(hass, node_entry, bob, make_tree(tmp_path / "p", {"a": b"a"}))
 
 
 @pytest.mark.usefixtures("protecting")
@@ -371,11 +377,9 @@ async def test_removing_a_peer_leaves_no_entity_of_it_behind(
 
 
 async def test_only_a_leftover_device_may_be_deleted(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await _set_up(hass, node_entry, bob)
     devices = dr.async_get(hass)
     for device in dr.async_entries_for_config_entry(devices, node_entry.entry_id):
         # The node's and Bob's devices stand for something: removing them is refused.
