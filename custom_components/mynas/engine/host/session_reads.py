@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 import dataclasses
 import itertools
+import math
 import os
 
 from .. import protocol
@@ -125,35 +126,26 @@ type _Carried = tuple[Entry, bytes | None, int]
 """An entry, what its frames carry (a hash, a head; None: nothing) and the bytes read for it."""
 
 
+@dataclasses.dataclass(slots=True)
 class _Chunks:
     """Pulls a listing from a worker thread in chunks, each entry with what it carries.
 
     A chunk ends at ``most`` entries, or once ``most_read`` bytes were read to carry them.
     """
 
-    def __init__(
-        self,
-        entries: Iterator[Entry],
-        carry: Callable[[Entry], _Carried],
-        *,
-        most: int,
-        most_read: int | None = None,
-    ) -> None:
-        self._entries = entries
-        self._carry = carry
-        self._most = most
-        self._most_read = most_read
+    entries: Iterator[Entry]
+    carry: Callable[[Entry], _Carried]
+    most: int
+    most_read: float = math.inf
 
     def next_chunk(self) -> list[tuple[Entry, bytes | None]]:
         chunk: list[tuple[Entry, bytes | None]] = []
         read = 0
-        for listed in self._entries:
-            item, carried, cost = self._carry(listed)
+        for listed in self.entries:
+            item, carried, cost = self.carry(listed)
             chunk.append((item, carried))
             read += cost
-            if len(chunk) >= self._most or (
-                self._most_read is not None and read >= self._most_read
-            ):
+            if len(chunk) >= self.most or read >= self.most_read:
                 break
         return chunk
 
