@@ -25,6 +25,7 @@ from typing import Any
 import asyncssh
 
 from .errors import KeyFileError
+from .tree import fsync_dir
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -363,16 +364,8 @@ def _publish(path: Path, data: bytes) -> bool:
             return False
     finally:
         temp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
+    fsync_dir(path.parent)
     return True
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _reason(err: OSError) -> str:

@@ -174,6 +174,15 @@ def _listing(
     return rows
 
 
+def fsync_dir(path: bytes | str | os.PathLike[str]) -> None:
+    """Make the entries of directory ``path`` durable (blocking)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def new_hash() -> HASH:
     """Return the content hash MyNAS uses everywhere: SHA-256.
 
