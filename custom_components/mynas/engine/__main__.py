@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 import contextlib
 import json
 import logging
@@ -316,25 +316,36 @@ def _summary(result: dict[str, Any]) -> None:
     print(json.dumps(result, sort_keys=True))
 
 
-async def cmd_push(args: argparse.Namespace) -> int:
-    """Push a folder; print the JSON summary."""
+async def _folder_run[T](
+    args: argparse.Namespace, run: Callable[..., Awaitable[T]], **options: Any
+) -> T:
+    """Run ``run`` (push or verify) on the folder, source and index the arguments name."""
     node = _load_identity(args.key)
     target = _target(args)
     with Index(_index_path(args)) as index:
-        result = await push(
+        return await run(
             node,
             target,
             args.folder,
             args.source,
             index,
             exclude=args.exclude,
-            bwlimit=args.bwlimit,
             progress=_progress_printer(),
-            allow_empty=args.allow_empty,
-            # A run with nothing to send leaves the peer alone ("peer_contacted": false).
-            connect_if_unchanged=False,
-            encrypted=not args.plain,
+            **options,
         )
+
+
+async def cmd_push(args: argparse.Namespace) -> int:
+    """Push a folder; print the JSON summary."""
+    result = await _folder_run(
+        args,
+        push,
+        bwlimit=args.bwlimit,
+        allow_empty=args.allow_empty,
+        # A run with nothing to send leaves the peer alone ("peer_contacted": false).
+        connect_if_unchanged=False,
+        encrypted=not args.plain,
+    )
     for message in result.errors:
         print(f"warning: {message}", file=sys.stderr)
     _summary(result.as_dict())
@@ -361,18 +372,7 @@ async def cmd_restore(args: argparse.Namespace) -> int:
 
 async def cmd_verify(args: argparse.Namespace) -> int:
     """Verify (and optionally repair) a replica; print the JSON summary."""
-    node = _load_identity(args.key)
-    with Index(_index_path(args)) as index:
-        result = await verify(
-            node,
-            _target(args),
-            args.folder,
-            args.source,
-            index,
-            exclude=args.exclude,
-            repair=args.repair,
-            progress=_progress_printer(),
-        )
+    result = await _folder_run(args, verify, repair=args.repair)
     for example in result.examples:
         print(example, file=sys.stderr)
     _summary(result.as_dict())
