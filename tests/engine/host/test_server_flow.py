@@ -162,10 +162,13 @@ async def test_frames_in_tiny_pieces_are_read_whole(
 # --- byte budgets and back-pressure -------------------------------------------------------------
 
 
-async def budgeted(make_server: ServerFactory, budget: int, **limits: int) -> NodeServer:
-    """A server whose sessions and peers may each hold ``budget`` bytes, failures tolerated."""
+BUDGET = 256 * KIB
+
+
+async def budgeted(make_server: ServerFactory, **limits: int) -> NodeServer:
+    """A server whose sessions and peers may each hold ``BUDGET`` bytes, failures tolerated."""
     return await make_server(
-        limits=Limits(free_failures=1000, session_bytes=budget, peer_bytes=budget, **limits)
+        limits=Limits(free_failures=1000, session_bytes=BUDGET, peer_bytes=BUDGET, **limits)
     )
 
 
@@ -176,20 +179,19 @@ async def test_a_session_holds_no_more_than_its_budget_while_the_disk_is_slow(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The session stops reading (the peer is held back by SSH flow control), nothing fails."""
-    budget = 256 * KIB
     # Batches of 1 MiB: without the budget the session would hold three of them.
-    server = await budgeted(make_server, budget, batch_files=64)
+    server = await budgeted(make_server, batch_files=64)
     # 8 MiB: more than the budget plus what asyncssh takes in (about two 2 MiB windows).
     frames = puts(500, 16 * KIB)
     with slow_disk(monkeypatch, Jail, "write_batch") as gate:
         raw = await Raw.open(server, alice_id)
         raw.send(*frames)
-        held = await stalled_within(server, budget)  # stalled with its budget spent...
+        held = await stalled_within(server, BUDGET)  # stalled with its budget spent...
         waiting = raw.writer.channel.get_write_buffer_size()
         assert waiting > 1024 * KIB  # ...and the peer's data waits on the peer's side
         gate.set()
         assert await acked(raw, len(frames)) == set(range(1, len(frames) + 1))
-    assert held.high <= budget
+    assert held.high <= BUDGET
     assert (storage_dir / "alice" / "f0499").read_bytes() == bytes([499 % 256]) * 16 * KIB
     await raw.close()
     await budget_given_back(server)
@@ -218,8 +220,7 @@ async def test_an_upload_holds_no_more_than_its_budget(
     storage_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    budget = 256 * KIB
-    server = await budgeted(make_server, budget, upload_group=128 * KIB)
+    server = await budgeted(make_server, upload_group=128 * KIB)
     content = os.urandom(4 << 20)
     with slow_disk(monkeypatch, Upload, "write_many") as gate:
         raw = await Raw.open(server, alice_id)
@@ -229,7 +230,7 @@ async def test_an_upload_holds_no_more_than_its_budget(
         for start in range(0, len(content), 64 * KIB):
             raw.send(protocol.data(1, content[start : start + 64 * KIB]))
         raw.send(protocol.close(1, Close.FINISH))
-        await stalled_within(server, budget)
+        await stalled_within(server, BUDGET)
         gate.set()
         assert await acked(raw, 1) == {1}
     assert (storage_dir / "alice" / "big.bin").read_bytes() == content
@@ -242,8 +243,7 @@ async def test_a_cut_while_the_budget_is_spent_leaves_nothing_held(
     storage_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    budget = 256 * KIB
-    server = await budgeted(make_server, budget, batch_files=4)
+    server = await budgeted(make_server, batch_files=4)
     with slow_disk(monkeypatch, Jail, "write_batch") as gate:
         raw = await Raw.open(server, alice_id)
         raw.send(*puts(100, 16 * KIB))
