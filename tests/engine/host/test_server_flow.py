@@ -105,15 +105,23 @@ async def budget_given_back(server: NodeServer) -> None:
 # --- batch flushes ----------------------------------------------------------------------------
 
 
+async def three_small_puts(
+    make_server: ServerFactory, alice_id: Identity, *, age: float, idle: float
+) -> tuple[Raw, float]:
+    """Three small PUTs to a server whose batches wait ``age``/``idle`` s; when they were sent."""
+    server = await make_server(limits=Limits(free_failures=1000, batch_age=age, batch_idle=idle))
+    raw = await Raw.open(server, alice_id)
+    sent = time.monotonic()
+    raw.send(*puts(3, 100))
+    return raw, sent
+
+
 @pytest.mark.parametrize("age", [0.3, 0.0])
 async def test_a_batch_is_acknowledged_once_it_is_old(
     make_server: ServerFactory, alice_id: Identity, age: float
 ) -> None:
     """A peer that pauses after a few files hears about them after batch_age, not never."""
-    server = await make_server(limits=Limits(free_failures=1000, batch_age=age, batch_idle=60))
-    raw = await Raw.open(server, alice_id)
-    started = time.monotonic()
-    raw.send(*puts(3, 100))
+    raw, started = await three_small_puts(make_server, alice_id, age=age, idle=60)
     assert await acked(raw, 3) == {1, 2, 3}
     assert time.monotonic() - started >= age * 0.8
     await raw.close()
@@ -122,10 +130,7 @@ async def test_a_batch_is_acknowledged_once_it_is_old(
 async def test_a_batch_is_acknowledged_when_the_channel_goes_quiet(
     make_server: ServerFactory, alice_id: Identity
 ) -> None:
-    server = await make_server(limits=Limits(free_failures=1000, batch_age=60, batch_idle=0.05))
-    raw = await Raw.open(server, alice_id)
-    started = time.monotonic()
-    raw.send(*puts(3, 100))
+    raw, started = await three_small_puts(make_server, alice_id, age=60, idle=0.05)
     assert await acked(raw, 3) == {1, 2, 3}
     assert time.monotonic() - started < 10
     await raw.close()
@@ -135,9 +140,7 @@ async def test_a_batch_that_is_young_and_fed_waits_to_grow(
     make_server: ServerFactory, alice_id: Identity
 ) -> None:
     """Without the timers, a batch is written when full or asked (SYNC): none too early."""
-    server = await make_server(limits=Limits(free_failures=1000, batch_age=60, batch_idle=60))
-    raw = await Raw.open(server, alice_id)
-    raw.send(*puts(3, 100))
+    raw, _ = await three_small_puts(make_server, alice_id, age=60, idle=60)
     with pytest.raises(TimeoutError):
         await raw.recv(timeout=0.5)
     answers = await raw.sync(99)
