@@ -27,6 +27,9 @@ CONF_UPLOAD_LIMIT: Final = "upload_limit_mbps"
 CONF_DOWNLOAD_LIMIT: Final = "download_limit_mbps"
 CONF_UPNP: Final = "upnp"
 CONF_INBOUND: Final = "inbound"
+# Every folder × peer pair is verified (and repaired) once per this many days; 0: never.
+CONF_VERIFY_DAYS: Final = "verify_days"
+DEFAULT_VERIFY_DAYS: Final = 30
 DEFAULT_UPNP: Final = True
 INBOUND_CHOICES: Final = ("auto", "yes", "no")
 
@@ -55,6 +58,9 @@ CONF_EXCLUDE: Final = "exclude"
 CONF_WATCH: Final = "watch"
 CONF_WATCH_MINUTES: Final = "watch_minutes"
 DEFAULT_WATCH_MINUTES: Final = 15
+# Friends' copies are encrypted (names and contents); a folder set up before this existed
+# has no such key and is plain until converted (its repair issue).
+CONF_ENCRYPTED: Final = "encrypted"
 
 SCHEDULE_DAILY: Final = "daily"
 SCHEDULE_INTERVAL: Final = "interval"
@@ -80,6 +86,10 @@ LAST_SEEN_RESOLUTION: Final = timedelta(minutes=1)
 # Retries after a failed sync: 5 min, 10, 20... at most 6 h apart.
 RETRY_FIRST: Final = timedelta(minutes=5)
 RETRY_MAX: Final = timedelta(hours=6)
+# No scheduled verify in the first minutes after the node starts (its syncs go first).
+VERIFY_STARTUP_DELAY: Final = timedelta(minutes=10)
+# A pair's first verify falls at a time of day of its own within this window (spread).
+VERIFY_SPREAD: Final = timedelta(hours=24)
 
 EVENT_SYNC_FINISHED: Final = "mynas_sync_finished"
 EVENT_UNKNOWN_KEY: Final = "mynas_unknown_key"

@@ -19,6 +19,7 @@ from .const import (
     CONF_ADDRESSES,
     CONF_BWLIMIT,
     CONF_DOWNLOAD_LIMIT,
+    CONF_ENCRYPTED,
     CONF_EXCLUDE,
     CONF_HOURS,
     CONF_JAIL,
@@ -101,6 +102,8 @@ def folder_setup(subentry: ConfigSubentry) -> FolderSetup:
         exclude=tuple(data.get(CONF_EXCLUDE) or ()),
         bwlimit=_bytes_per_second(data.get(CONF_BWLIMIT)),
         retention_days=data.get(CONF_RETENTION_DAYS),
+        # Set up before encryption existed: plain (until converted).
+        encrypted=bool(data.get(CONF_ENCRYPTED, False)),
     )
     if data.get(CONF_SCHEDULE) == SCHEDULE_DAILY:
         schedule = Schedule(SCHEDULE_DAILY, at=parse_time(data[CONF_TIME]))
