@@ -335,6 +335,21 @@ def make_tree(root: Path, files: dict[str, bytes]) -> Path:
     return root
 
 
+def plain_leaks(disk: Path, names: list[str], contents: list[bytes]) -> list[str]:
+    """What of ``names`` (in any path) and ``contents`` (in any file) ``disk`` shows in clear.
+
+    Bob's whole disk: an encrypted replica must show none of them.
+    """
+    leaks: list[str] = []
+    for path in sorted(disk.rglob("*")):
+        rel = str(path.relative_to(disk))
+        leaks += [f"name {name!r} in {rel}" for name in names if name in rel]
+        if path.is_file():
+            data = path.read_bytes()
+            leaks += [f"content of {rel}" for content in contents if content in data]
+    return leaks
+
+
 # The moment the "synced node" fixtures freeze: a Monday at noon (UTC); the last sync ran
 # at 10:00 UTC, 03:00 in Home Assistant's test time zone (US/Pacific), as scheduled.
 NOW = "2026-05-04 12:00:00+00:00"

@@ -42,10 +42,12 @@ from .const import (
     CONF_UNREACHABLE_HOURS,
     CONF_UPLOAD_LIMIT,
     CONF_UPNP,
+    CONF_VERIFY_DAYS,
     DEFAULT_OVERDUE_HOURS,
     DEFAULT_PORT,
     DEFAULT_UNREACHABLE_HOURS,
     DEFAULT_UPNP,
+    DEFAULT_VERIFY_DAYS,
     DOMAIN,
     INBOUND_CHOICES,
     SUBENTRY_FOLDER,
@@ -238,7 +240,7 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Offer the three things there are to do."""
         return self.async_show_menu(
-            step_id="init", menu_options=["invite", "settings", "bandwidth"]
+            step_id="init", menu_options=["invite", "settings", "bandwidth", "verify"]
         )
 
     async def async_step_invite(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
@@ -344,6 +346,34 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                 {
                     vol.Required(CONF_UPLOAD_LIMIT, default=upload): _rate(),
                     vol.Required(CONF_DOWNLOAD_LIMIT, default=download): _rate(),
+                }
+            ),
+        )
+
+    async def async_step_verify(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """How often every copy is verified at the friend's, and repaired (0: never)."""
+        entry = self.config_entry
+        if user_input is not None:
+            return self.async_create_entry(
+                data={**entry.options, CONF_VERIFY_DAYS: int(user_input[CONF_VERIFY_DAYS])}
+            )
+        days = entry.options.get(CONF_VERIFY_DAYS, DEFAULT_VERIFY_DAYS)
+        return self.async_show_form(
+            step_id="verify",
+            data_schema=vol.Schema(
+                {
+                    vol.Required(CONF_VERIFY_DAYS, default=days): vol.All(
+                        NumberSelector(
+                            NumberSelectorConfig(
+                                min=0,
+                                max=365,
+                                step=1,
+                                mode=NumberSelectorMode.BOX,
+                                unit_of_measurement="d",
+                            )
+                        ),
+                        vol.Coerce(int),
+                    )
                 }
             ),
         )

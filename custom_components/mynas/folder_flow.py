@@ -190,6 +190,11 @@ class FolderSubentryFlow(ConfigSubentryFlow):
         fields: dict[Any, Any] = {}
         if with_name:
             fields[vol.Required(CONF_NAME, default=defaults.get(CONF_NAME, ""))] = TextSelector()
+        encryption: dict[Any, Any] = {}
+        if with_name:  # chosen once: a new folder's copies are encrypted unless asked otherwise
+            encryption[vol.Required(CONF_ENCRYPTED, default=defaults.get(CONF_ENCRYPTED, True))] = (
+                BooleanSelector()
+            )
         fields.update(
             {
                 # The folders found on the disk, or any path typed in.
@@ -205,16 +210,7 @@ class FolderSubentryFlow(ConfigSubentryFlow):
                         mode=SelectSelectorMode.LIST,
                     )
                 ),
-                # Chosen once: a new folder's copies are encrypted unless asked otherwise.
-                **(
-                    {
-                        vol.Required(
-                            CONF_ENCRYPTED, default=defaults.get(CONF_ENCRYPTED, True)
-                        ): BooleanSelector()
-                    }
-                    if with_name
-                    else {}
-                ),
+                **encryption,
                 vol.Required(
                     # New folders are watched; one set up before the option existed is not
                     # until its owner says so here.

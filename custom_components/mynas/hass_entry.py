@@ -140,6 +140,7 @@ async def async_start_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> MyNa
         await _forget_stale_pairs(
             node, {(f.config.name, peer) for f in folders.values() for peer in f.peers}
         )
+        await manager.async_load_kinds()
     except BaseException:
         await node.stop()
         raise

@@ -232,6 +232,73 @@ def overdue(
         )
 
 
+def plain_copies(
+    hass: HomeAssistant, entry_id: str, folder_id: str, placeholders: dict[str, str] | None
+) -> None:
+    """Raise (or, with ``placeholders`` None, clear) "friends can read this folder's copies".
+
+    A folder set up plain (before encryption existed, or unticked). Fixable: the fix flow
+    sends every copy again encrypted; the plain one then goes to the friend's trash.
+    """
+    issue_id = f"convert_plain_{folder_id}"
+    if placeholders is None:
+        _delete(hass, issue_id)
+    else:
+        _create(
+            hass,
+            issue_id,
+            "plain_copies",
+            placeholders,
+            severity=ir.IssueSeverity.WARNING,
+            fixable=True,
+            data={"entry_id": entry_id, "folder_id": folder_id},
+        )
+
+
+def verify_damage(
+    hass: HomeAssistant,
+    entry_id: str,
+    folder_id: str,
+    peer_id: str,
+    placeholders: dict[str, str],
+) -> None:
+    """A verify found the friend's copy damaged (what, and how much the repair re-sent).
+
+    Fixable: the fix flow only acknowledges it (the repair already ran; a disk that keeps
+    damaging what it stores is the friend's to replace).
+    """
+    _create(
+        hass,
+        f"verify_damage_{folder_id}_{peer_id}",
+        "verify_damage",
+        placeholders,
+        severity=ir.IssueSeverity.WARNING,
+        fixable=True,
+        data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
+    )
+
+
+def clear_verify_damage(hass: HomeAssistant, folder_id: str, peer_id: str) -> None:
+    """The user took note of the damage a verify found."""
+    _delete(hass, f"verify_damage_{folder_id}_{peer_id}")
+
+
+def clear_stale_folder_issues(hass: HomeAssistant, entry_id: str, keep: set[str]) -> None:
+    """Forget the plain-copy and verify issues of folders (or pairs) that are gone.
+
+    ``keep`` holds the issue ids that still stand for something configured.
+    """
+    registry = ir.async_get(hass)
+    for (domain, issue_id), issue in list(registry.issues.items()):
+        if (
+            domain == DOMAIN
+            and issue_id.startswith(("convert_plain_", "verify_damage_"))
+            and (issue.data or {}).get("entry_id") == entry_id
+            and issue_id not in keep
+        ):
+            _delete(hass, issue_id)
+
+
 def orphaned_data(hass: HomeAssistant, entry_id: str, jail: str, size: str) -> None:
     """Ask whether to keep or delete the data a removed peer left on the disk."""
     _create(

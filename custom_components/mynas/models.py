@@ -158,6 +158,17 @@ class SyncKind(enum.StrEnum):
 
     SYNC = "sync"
     VERIFY = "verify"
+    # Send a plain replica again encrypted, then the plain copy goes to the host's trash.
+    CONVERT = "convert"
+
+
+class Encryption(enum.StrEnum):
+    """What a friend's copy of a folder is (or will be, before the first sync)."""
+
+    ENCRYPTED = "encrypted"
+    PLAIN = "plain"
+    # Being sent again encrypted: until that copy is whole, the plain one stays.
+    CONVERTING = "converting"
 
 
 class ErrorKind(enum.StrEnum):
@@ -200,10 +211,34 @@ class PairStatus:
     last_error: str | None = None
     last_error_kind: ErrorKind | None = None
     quota_refused: bool = False
+    # Whether the friend's copy is sealed: as the index knows it, else as the folder is set
+    # up (what the first sync makes). Read from the index at start and after every run.
+    sealed: bool = False
+    # A conversion was started and its plain copy is not gone yet: the next sync goes on.
+    converting: bool = False
+    # The last verify that ran to its end, and what it found and repaired.
+    last_verify: datetime | None = None
+    last_verify_checked: int | None = None
+    last_verify_damaged: int | None = None
+    last_verify_repaired: int | None = None
+    # When the scheduled verify comes next (None: never, or not before a first sync).
+    next_verify: datetime | None = None
+
+    @property
+    def encryption(self) -> Encryption:
+        """What the friend's copy is."""
+        if self.converting:
+            return Encryption.CONVERTING
+        return Encryption.ENCRYPTED if self.sealed else Encryption.PLAIN
 
     def as_stored(self) -> dict[str, Any]:
         """What survives a restart."""
         return {
+            "converting": self.converting,
+            "last_verify": _iso(self.last_verify),
+            "last_verify_checked": self.last_verify_checked,
+            "last_verify_damaged": self.last_verify_damaged,
+            "last_verify_repaired": self.last_verify_repaired,
             "last_success": _iso(self.last_success),
             "last_attempt": _iso(self.last_attempt),
             "first_attempt": _iso(self.first_attempt),
@@ -233,6 +268,11 @@ class PairStatus:
             last_duration=data.get("last_duration"),
             last_error=last_error,
             last_error_kind=kind,
+            converting=bool(data.get("converting")),
+            last_verify=_parse(data.get("last_verify")),
+            last_verify_checked=data.get("last_verify_checked"),
+            last_verify_damaged=data.get("last_verify_damaged"),
+            last_verify_repaired=data.get("last_verify_repaired"),
         )
         if status.failures:
             status.state = SyncState.ERROR
