@@ -34,6 +34,7 @@ from custom_components.mynas import hass_entry
 from custom_components.mynas.const import (
     CONF_ADDRESSES,
     CONF_BWLIMIT,
+    CONF_ENCRYPTED,
     CONF_EXCLUDE,
     CONF_HOURS,
     CONF_JAIL,
@@ -299,13 +300,19 @@ def add_folder(
     bwlimit: float = 0,
     exclude: tuple[str, ...] = (),
     watch_minutes: int | None = None,
+    encrypted: bool | None = None,
 ) -> ConfigSubentry:
-    """Protect ``path`` on ``peers`` without the flow (watched if ``watch_minutes``)."""
+    """Protect ``path`` on ``peers`` without the flow (watched if ``watch_minutes``).
+
+    ``encrypted`` None: a folder set up before encryption existed (no such key: plain).
+    """
     watch = {CONF_WATCH: True, CONF_WATCH_MINUTES: watch_minutes} if watch_minutes else {}
+    kind = {} if encrypted is None else {CONF_ENCRYPTED: encrypted}
     subentry = ConfigSubentry(
         data=MappingProxyType(
             {
                 **watch,
+                **kind,
                 CONF_NAME: name,
                 CONF_PATH: str(path),
                 CONF_PEERS: list(peers),

@@ -104,6 +104,8 @@ class Runs:
         self.on_folder_checked: Callable[[str, bool], Awaitable[None]] | None = None
         # Told when a pair's conversion finished (the folder id): the folder may be done.
         self.on_converted: Callable[[str], None] | None = None
+        # Called at the end of every run, before the entities hear of it (the scheduler).
+        self.on_finished: Callable[[], None] | None = None
 
     @callback
     def stop(self) -> list[asyncio.Task[dict[str, Any]]]:
@@ -299,9 +301,9 @@ class Runs:
             self._prober.probe(peer_id)
         finished = self._finished(setup.config.name, peer, kind, summary)
         if converting and not status.converting and self.on_converted is not None:
-            # Last, with nothing awaited after it: the folder may now be stored encrypted,
-            # which reloads the node.
-            self.on_converted(folder_id)
+            # Once this run is over: the folder may now be stored encrypted, which reloads
+            # the node (and would cancel a run still under way).
+            self._hass.loop.call_soon(self.on_converted, folder_id)
         return finished
 
     def _finished(
@@ -309,6 +311,8 @@ class Runs:
     ) -> dict[str, Any]:
         """Publish the end of a run: state saved, entities updated, the event fired."""
         self._overdue.check(dt_util.utcnow())
+        if self.on_finished is not None:
+            self.on_finished()
         self._context.store.save()
         self._updates.changed()
         self._hass.bus.async_fire(

@@ -163,8 +163,7 @@ class Scheduler:
                 if due is None or due <= now:
                     self._runner.start(pair, SyncKind.SYNC)
             self._start_verify(now)
-        for pair in self._context.pairs:
-            self._context.data.pairs[pair].next_verify = self.next_verify(pair)
+        self.refresh_next_verify()
         self._overdue.check(now)
         self._context.updates.changed()
         if self._checking is None or self._checking.done():
@@ -181,6 +180,14 @@ class Scheduler:
             last_attempt=dt_util.as_local(status.last_attempt) if status.last_attempt else None,
             failures=status.failures,
         )
+
+    @callback
+    def refresh_next_verify(self) -> None:
+        """Tell each pair when its verify comes next (after every tick and every run)."""
+        for pair in self._context.pairs:
+            status = self._context.data.pairs.get(pair)
+            if status is not None:
+                status.next_verify = self.next_verify(pair)
 
     def next_verify(self, pair: Pair) -> datetime | None:
         """When the pair's scheduled verify is due (None: never, or nothing to verify yet)."""

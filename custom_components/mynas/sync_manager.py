@@ -105,6 +105,7 @@ class SyncManager:
         )
         self.runs.on_folder_checked = self._folder_checked
         self.runs.on_converted = self._converted
+        self.runs.on_finished = self.scheduler.refresh_next_verify
         self._watch_start: asyncio.Task[None] | None = None
 
     @property
