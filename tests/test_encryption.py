@@ -19,6 +19,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.mynas import issues
 from custom_components.mynas.const import CONF_ENCRYPTED, DOMAIN
+from custom_components.mynas.engine import identity
 from custom_components.mynas.models import Encryption
 
 from .conftest import (
@@ -28,6 +29,7 @@ from .conftest import (
     add_folder,
     add_peer,
     make_tree,
+    pin_peer,
     plain_leaks,
     setup_entry,
 )
@@ -69,14 +71,14 @@ async def _plain_leaks(hass: HomeAssistant, bob: Bob, photos: Path) -> list[str]
     return await hass.async_add_executor_job(plain_leaks, bob.storage / "alice", NAMES, contents)
 
 
-async def _convert(hass: HomeAssistant) -> dict[str, Any]:
+async def _convert(hass: HomeAssistant, peers: str = "Bob") -> dict[str, Any]:
     """Run the issue's fix flow to its end: its text, submit, progress, the outcome."""
     manager = repairs_flow_manager(hass)
     result: dict[str, Any] = await manager.async_init(DOMAIN, context={"issue_id": ISSUE})
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "confirm"
     assert_translated(result, *CONVERT_FIX)
-    assert result["description_placeholders"] == {"folder": "Photos", "peers": "Bob"}
+    assert result["description_placeholders"] == {"folder": "Photos", "peers": peers}
     result = await manager.async_configure(result["flow_id"], {})
     assert result["type"] is FlowResultType.SHOW_PROGRESS
     assert result["progress_action"] == "converting"
@@ -238,3 +240,48 @@ async def test_removing_the_folder_clears_its_issues(
     await hass.async_block_till_done(wait_background_tasks=True)
     assert _issue(hass) is None
     assert _issue(hass, f"verify_damage_{PHOTOS_ID}_{BOB_ID}") is None
+
+
+async def test_a_copy_converted_syncs_encrypted_while_another_is_not_yet(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    photos: Path,
+    tmp_path: Path,
+) -> None:
+    """Bob's copy converted, Carol's not (no room): the folder stays plain; Bob's syncs go on
+    encrypted (a plain push onto his sealed copy would be refused), Carol's plain."""
+    size = sum(path.stat().st_size for path in photos.rglob("*") if path.is_file())
+    carol_key, _ = await hass.async_add_executor_job(
+        identity.load_or_create, tmp_path / "carol.key"
+    )
+    (tmp_path / "carol-disk").mkdir()
+    carol = Bob(bob.engine, tmp_path / "carol-disk", carol_key, bob.alice_key, quota=size * 3 // 2)
+    await carol.start()
+    try:
+        add_peer(hass, node_entry, bob)
+        carol_id = pin_peer(
+            hass, node_entry, carol_key, carol.address, name="Carol", subentry_id="01PEERCAROL"
+        ).subentry_id
+        add_folder(hass, node_entry, photos, peers=(BOB_ID, carol_id))
+        await setup_entry(hass, node_entry)
+        await hass.async_block_till_done(wait_background_tasks=True)
+        result = await _convert(hass, peers="Bob, Carol")
+        assert result["reason"] == "convert_failed"
+        manager = node_entry.runtime_data.manager
+        bob_pair = manager.data.pairs[(PHOTOS_ID, BOB_ID)]
+        assert (bob_pair.sealed, bob_pair.converting) == (True, False)
+        assert manager.data.pairs[(PHOTOS_ID, carol_id)].encryption is Encryption.CONVERTING
+        assert not bob.replica("Photos").exists()
+        assert (carol.replica("Photos") / "notes.txt").is_file()
+        assert _issue(hass) is not None
+        # A change: Bob's copy gets it sealed; Carol's conversion is still short of room.
+        (photos / "notes.txt").write_bytes(b"dear diary, once more")
+        response = await hass.services.async_call(
+            DOMAIN, "sync", {"peer": "Bob", "wait": True}, blocking=True, return_response=True
+        )
+        assert response["results"][0]["status"] == "success", response
+        assert await _plain_leaks(hass, bob, photos) == []
+        assert node_entry.subentries[PHOTOS_ID].data.get(CONF_ENCRYPTED) is None
+    finally:
+        await carol.stop()
