@@ -240,19 +240,15 @@ def plain_copies(
     A folder set up plain (before encryption existed, or unticked). Fixable: the fix flow
     sends every copy again encrypted; the plain one then goes to the friend's trash.
     """
-    issue_id = f"convert_plain_{folder_id}"
-    if placeholders is None:
-        _delete(hass, issue_id)
-    else:
-        _create(
-            hass,
-            issue_id,
-            "plain_copies",
-            placeholders,
-            severity=ir.IssueSeverity.WARNING,
-            fixable=True,
-            data={"entry_id": entry_id, "folder_id": folder_id},
-        )
+    _raise_or_clear(
+        hass,
+        f"convert_plain_{folder_id}",
+        "plain_copies",
+        placeholders,
+        severity=ir.IssueSeverity.WARNING,
+        fixable=True,
+        data={"entry_id": entry_id, "folder_id": folder_id},
+    )
 
 
 def verify_damage(

@@ -328,10 +328,6 @@ class ConvertFlow(_IssueFlow):
         self._converting: asyncio.Task[list[Any]] | None = None
         self._shown: dict[str, str] = {}
 
-    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
-        """Start with the text (Home Assistant hands ``init`` the issue id as input)."""
-        return await self.async_step_confirm()
-
     async def async_step_confirm(
         self, user_input: dict[str, Any] | None = None
     ) -> RepairsFlowResult:
@@ -408,10 +404,6 @@ class VerifyDamageFlow(_IssueFlow):
         super().__init__(entry_id)
         self._folder_id = folder_id
         self._peer_id = peer_id
-
-    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
-        """Start with the text (Home Assistant hands ``init`` the issue id as input)."""
-        return await self.async_step_confirm()
 
     async def async_step_confirm(
         self, user_input: dict[str, Any] | None = None
