@@ -1640,7 +1640,7 @@ def banner(states: tuple[NodeState, NodeState], login: hb.Login, base: Path) -> 
         lines += [
             f"  {node.name}:  {node.url}/   (dashboard: {node.url}/{DASHBOARD_URL}/backups)",
             f"    protects  {node.folder}",
-            f"    replica   {other.node.disk / jail / FOLDER}   (on {other.node.name}'s disk)",
+            f"    replica   {other.node.disk / jail}   (on {other.node.name}'s disk, encrypted)",
             f"    disk      {node.disk}   (MyNAS listens on port {node.ssh_port})",
             f"    log       {node.log}",
             "",
