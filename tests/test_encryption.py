@@ -285,3 +285,25 @@ async def test_a_copy_converted_syncs_encrypted_while_another_is_not_yet(
         assert node_entry.subentries[PHOTOS_ID].data.get(CONF_ENCRYPTED) is None
     finally:
         await carol.stop()
+
+
+async def test_converted_everywhere_but_not_stored_so_is_stored_at_start(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+) -> None:
+    """Home Assistant stopped between the last copy's conversion and storing the folder."""
+    add_peer(hass, node_entry, bob)
+    add_folder(hass, node_entry, photos, encrypted=True)
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    await hass.config_entries.async_unload(node_entry.entry_id)
+    # The copy at Bob's is sealed (the index says so); the folder reads plain.
+    subentry = node_entry.subentries[PHOTOS_ID]
+    hass.config_entries.async_update_subentry(
+        node_entry, subentry, data={**subentry.data, CONF_ENCRYPTED: False}
+    )
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert node_entry.subentries[PHOTOS_ID].data[CONF_ENCRYPTED] is True
+    await hass.async_block_till_done(wait_background_tasks=True)
+    assert _issue(hass) is None
+    assert _encryption(hass) == Encryption.ENCRYPTED

@@ -176,6 +176,9 @@ class SyncManager:
             if setup.config.encrypted or not peers:
                 continue
             keep.add(f"convert_plain_{folder_id}")
+            # Converted everywhere, but stopped before it was stored so: store it now (soon,
+            # once the node listens for the change that reloads it).
+            self.context.hass.loop.call_soon(self._converted, folder_id)
             issues.plain_copies(
                 self.context.hass,
                 self.context.entry_id,
@@ -194,7 +197,7 @@ class SyncManager:
         if setup is None or setup.config.encrypted:
             return
         pairs = [pair for pair in self.pairs if pair[0] == folder_id]
-        if not all(
+        if not pairs or not all(
             self.data.pairs[pair].sealed and not self.data.pairs[pair].converting for pair in pairs
         ):
             return
