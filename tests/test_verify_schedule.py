@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 from freezegun.api import FrozenDateTimeFactory
 from homeassistant.components.repairs import repairs_flow_manager
@@ -30,6 +31,8 @@ from custom_components.mynas.const import (
     EVENT_SYNC_FINISHED,
     VERIFY_STARTUP_DELAY,
 )
+from custom_components.mynas.engine.owner import verify as verify_module
+from custom_components.mynas.models import SyncKind
 from custom_components.mynas.scheduler import VERIFY_RETRY, verify_offset
 
 from .conftest import (
@@ -37,6 +40,7 @@ from .conftest import (
     NOW,
     PHOTOS_ID,
     Bob,
+    Gate,
     add_folder,
     add_peer,
     make_tree,
@@ -278,3 +282,45 @@ async def test_every_week(
     offset = verify_offset(PAIR, timedelta(days=7))
     assert timedelta(0) <= offset < timedelta(days=1)
     assert due - dt_util.utcnow().replace(microsecond=0) <= timedelta(days=7) + offset
+
+
+async def test_a_verify_waits_while_another_runs(
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    photos: Path,
+    tmp_path: Path,
+    freezer: FrozenDateTimeFactory,
+) -> None:
+    """Two pairs due: while the first verify runs (held inside the engine), none other starts."""
+    await _started(hass, node_entry, bob, photos, freezer)
+    docs = make_tree(tmp_path / "docs", {"a.txt": b"a"})
+    add_folder(hass, node_entry, docs, name="Docs", subentry_id="01FOLDERDOCS", encrypted=True)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    manager = node_entry.runtime_data.manager
+    pairs = [(PHOTOS_ID, BOB_ID), ("01FOLDERDOCS", BOB_ID)]
+    later = dt_util.utcnow() + timedelta(days=32)
+    real = verify_module.verify
+    release = Gate()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        await release.wait()
+        return await real(*args, **kwargs)
+
+    with patch("custom_components.mynas.engine.node.verify_folder", held):
+        await _at(hass, freezer, later)  # the daily syncs, due too, go first
+        later += timedelta(minutes=1)
+        freezer.move_to(later)
+        async_fire_time_changed(hass, later)
+        await hass.async_block_till_done()
+        started = [pair for pair in pairs if manager.running(pair, SyncKind.VERIFY)]
+        assert len(started) == 1
+        for minutes in (1, 2):
+            freezer.move_to(later + timedelta(minutes=minutes))
+            async_fire_time_changed(hass, later + timedelta(minutes=minutes))
+            await hass.async_block_till_done()
+            assert [p for p in pairs if manager.running(p, SyncKind.VERIFY)] == started
+        release.set()
+        await hass.async_block_till_done(wait_background_tasks=True)
+        await _at(hass, freezer, later + timedelta(minutes=3))
+    assert all(manager.data.pairs[pair].last_verify is not None for pair in pairs)
