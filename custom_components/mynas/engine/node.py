@@ -70,6 +70,8 @@ REFRESH_EVERY = 600.0
 _ALL_ADDRESSES = ("", "::")
 # A peer that keeps a connection to us: how long a push waits for one of its idle channels.
 REVERSE_WAIT = 10.0
+# A push that would replace or delete more than this share (%) of a replica's files waits.
+MASS_CHANGE_PERCENT = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +189,9 @@ class NodeOptions(TypedDict, total=False):
     # ``upnp_options``: a router's description URL, a lease...).
     upnp: bool
     upnp_options: dict[str, Any] | None
+    # Hold a push that would replace or delete more than this share (%) of the files a
+    # peer holds of a folder, until asked to send it (0: never hold). Default 30.
+    mass_change_percent: int
 
 
 @dataclass(slots=True)
@@ -255,6 +260,7 @@ class Node:
         self.storage_root = Path(storage_root)
         self.peers: dict[str, PeerConfig] = {}
         self._trash_days = options.get("trash_days", 30)
+        self.mass_change_percent = options.get("mass_change_percent", MASS_CHANGE_PERCENT)
         self._on_event = on_event
         self._limits = options.get("limits")
         self._dial_timeout = options.get("dial_timeout", client.CONNECT_TIMEOUT)
@@ -684,8 +690,14 @@ class Node:
         progress: ProgressCallback | None = None,
         *,
         on_start: Callable[[], None] | None = None,
+        guard: bool = True,
     ) -> PushResult:
-        """Push ``folder`` to a peer, after any other transfer to that peer finished."""
+        """Push ``folder`` to a peer, after any other transfer to that peer finished.
+
+        A run that would replace or delete more than ``mass_change_percent`` % of the
+        peer's files of the folder raises MassChangeHeld before sending anything, unless
+        ``guard`` is False (the user said to send it).
+        """
         return await self._with_peer(
             peer_id,
             on_start,
@@ -699,6 +711,7 @@ class Node:
             retention_days=folder.retention_days,
             progress=progress,
             encrypted=folder.encrypted,
+            hold_over=self.mass_change_percent if guard else None,
         )
 
     async def convert(
