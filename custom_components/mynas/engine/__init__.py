@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from .loop_thread import EngineLoop
     from .node import FolderConfig, Inbound, PeerConfig, ProbeResult, Reachability
     from .owner.backup_area import StoredBackup
+    from .owner.holdings import HeldFolder, Holdings
     from .owner.replica import ReplicaKindMismatch
     from .owner.run import (
         Phase,
@@ -97,6 +98,8 @@ __all__ = [
     "DiskUsage",
     "EngineLoop",
     "FolderConfig",
+    "HeldFolder",
+    "Holdings",
     "HostKeyMismatch",
     "HostRefused",
     "Identity",
@@ -171,6 +174,9 @@ _SOURCES = {
     # Home Assistant's own backups kept at a peer (its backup area).
     "StoredBackup": "owner.backup_area",
     "SealedFileError": "owner.sealed",
+    # What our space at a peer holds (a node rebuilt from its key lists it too).
+    "Holdings": "owner.holdings",
+    "HeldFolder": "owner.holdings",
     # Names a form or a service call must check.
     "check_folder_name": "owner.run",
     "check_subpath": "owner.run",

@@ -42,6 +42,7 @@ from .identity import Identity
 from .owner import backup_area, client
 from .owner.backup_area import BytesCallback, OpenStream, StoredBackup
 from .owner.client import PeerLink
+from .owner.holdings import Holdings, holdings
 from .owner.index import Index
 from .owner.push import convert as convert_folder, push as push_folder
 from .owner.restore import restore as restore_folder
@@ -824,6 +825,13 @@ class Node:
         Close the generator (``contextlib.aclosing``) when leaving it early.
         """
         return backup_area.download(self.identity, self._target(self.peers[peer_id]), backup_id)
+
+    async def list_folders(self, peer_id: str) -> Holdings:
+        """The folders our space at a peer holds (``owner.holdings``): not queued either.
+
+        Needs only our key: a node rebuilt after a fire, with no index, lists them too.
+        """
+        return await holdings(self.identity, self._target(self.peers[peer_id]))
 
     async def check_folder(self, folder: FolderConfig) -> str | None:
         """Say why ``folder`` cannot be backed up now, or None when it can.

@@ -16,7 +16,7 @@ from memory; a run with more changes scans again to send them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 import os
 import threading
@@ -120,7 +120,7 @@ class Feeder:
         """Scan, read, and hand over batches; always ends with the end or an exception."""
         self.handoff.feed(self._scan)
 
-    def _changes(self) -> Iterator[Change]:
+    def _changes(self) -> Generator[Change]:
         """The scan's changes, once (if guarded) the plan stays under the threshold."""
         if self._guard is None:
             yield from self._scanned()
