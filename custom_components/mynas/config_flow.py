@@ -32,6 +32,7 @@ from .const import (
     CONF_DOWNLOAD_LIMIT,
     CONF_INBOUND,
     CONF_KEY_FILE,
+    CONF_MASS_CHANGE,
     CONF_NODE_ID,
     CONF_NODE_NAME,
     CONF_NODE_PUBLIC_KEY,
@@ -42,6 +43,7 @@ from .const import (
     CONF_UNREACHABLE_HOURS,
     CONF_UPLOAD_LIMIT,
     CONF_UPNP,
+    DEFAULT_MASS_CHANGE,
     DEFAULT_OVERDUE_HOURS,
     DEFAULT_PORT,
     DEFAULT_UNREACHABLE_HOURS,
@@ -284,6 +286,7 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                             CONF_UNREACHABLE_HOURS: user_input[CONF_UNREACHABLE_HOURS],
                             CONF_UPNP: user_input[CONF_UPNP],
                             CONF_INBOUND: user_input[CONF_INBOUND],
+                            CONF_MASS_CHANGE: user_input[CONF_MASS_CHANGE],
                         }
                     )
         if user_input is None:
@@ -292,11 +295,13 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
             silent = entry.options.get(CONF_UNREACHABLE_HOURS, DEFAULT_UNREACHABLE_HOURS)
             upnp = entry.options.get(CONF_UPNP, DEFAULT_UPNP)
             inbound = entry.options.get(CONF_INBOUND, INBOUND_CHOICES[0])
+            held = entry.options.get(CONF_MASS_CHANGE, DEFAULT_MASS_CHANGE)
         else:  # show the answers again with the error: nothing typed is lost
             typed = user_input.get(CONF_ADDRESSES) or ""
             hours = user_input[CONF_OVERDUE_HOURS]
             silent = user_input[CONF_UNREACHABLE_HOURS]
             upnp, inbound = user_input[CONF_UPNP], user_input[CONF_INBOUND]
+            held = user_input[CONF_MASS_CHANGE]
         return self.async_show_form(
             step_id="settings",
             data_schema=vol.Schema(
@@ -314,6 +319,19 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                             translation_key=CONF_INBOUND,
                             mode=SelectSelectorMode.DROPDOWN,
                         )
+                    ),
+                    # 0: never hold (every change goes through unasked).
+                    vol.Required(CONF_MASS_CHANGE, default=held): vol.All(
+                        NumberSelector(
+                            NumberSelectorConfig(
+                                min=0,
+                                max=100,
+                                step=1,
+                                mode=NumberSelectorMode.BOX,
+                                unit_of_measurement="%",
+                            )
+                        ),
+                        vol.Coerce(int),
                     ),
                 }
             ),

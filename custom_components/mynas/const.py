@@ -28,6 +28,10 @@ CONF_DOWNLOAD_LIMIT: Final = "download_limit_mbps"
 CONF_UPNP: Final = "upnp"
 CONF_INBOUND: Final = "inbound"
 DEFAULT_UPNP: Final = True
+# Hold a sync that would replace or delete more than this share (%) of a folder's files
+# at a friend, until the user says to send it (0: never hold).
+CONF_MASS_CHANGE: Final = "mass_change_percent"
+DEFAULT_MASS_CHANGE: Final = 30
 INBOUND_CHOICES: Final = ("auto", "yes", "no")
 
 # Subentry types.

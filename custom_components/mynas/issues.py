@@ -182,6 +182,31 @@ def quota_refused(
         )
 
 
+def mass_change(
+    hass: HomeAssistant,
+    entry_id: str,
+    folder_id: str,
+    peer_id: str,
+    placeholders: dict[str, str] | None,
+) -> None:
+    """Raise (or, with ``placeholders`` None, clear) "this sync would change most files".
+
+    Fixable: the fix flow sends it (once, the guard lifted) or leaves it held.
+    """
+    issue_id = f"mass_change_{folder_id}_{peer_id}"
+    if placeholders is None:
+        _delete(hass, issue_id)
+    else:
+        _create(
+            hass,
+            issue_id,
+            "mass_change",
+            {**placeholders, "since": _since_before(hass, issue_id, "mass_change")},
+            fixable=True,
+            data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
+        )
+
+
 def peer_disk_full(hass: HomeAssistant, peer_id: str, placeholders: dict[str, str] | None) -> None:
     """Raise (or, with ``placeholders`` None, clear) "the friend's disk itself is full".
 

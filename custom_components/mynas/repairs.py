@@ -198,6 +198,43 @@ class BackUpAgainFlow(_IssueFlow):
         )
 
 
+class MassChangeFlow(_IssueFlow):
+    """A sync held as too large: send it now (the guard lifted once), or keep holding it."""
+
+    def __init__(self, entry_id: str, folder_id: str, peer_id: str) -> None:
+        """Decide about the held sync of ``folder_id`` to ``peer_id``."""
+        super().__init__(entry_id)
+        self._pair = (folder_id, peer_id)
+
+    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
+        """Say what the sync would do; offer to send it or not."""
+        return self.async_show_menu(
+            step_id="init",
+            menu_options=["send", "not_now"],
+            description_placeholders=self._placeholders(),
+        )
+
+    async def async_step_send(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
+        """Start the sync now, once, without the guard (the issue comes back if it fails)."""
+        entry = _loaded(_entry(self.hass, self._entry_id))
+        if entry is None:
+            return self.async_abort(reason="node_not_loaded")
+        manager = entry.runtime_data.manager
+        if self._pair not in manager.pairs:
+            return self.async_abort(reason="pair_gone")
+        try:
+            manager.start(self._pair, SyncKind.SYNC, guard=False)
+        except HomeAssistantError:  # the disk went away meanwhile: its issue says
+            return self.async_abort(reason="node_not_loaded")
+        return self.async_create_entry(data={})
+
+    async def async_step_not_now(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Keep holding: nothing is sent, and the issue stays."""
+        return self.async_abort(reason="still_held", description_placeholders=self._placeholders())
+
+
 class KeyChangedFlow(RepairsFlow):
     """Shows the pinned and the presented fingerprint; pins the new key only if confirmed."""
 
@@ -323,6 +360,8 @@ async def async_create_fix_flow(
         return StorageFlow(entry_id)
     if issue_id.startswith("unreachable_"):
         return UnreachableFlow(entry_id, str(data["peer_id"]))
+    if issue_id.startswith("mass_change_"):
+        return MassChangeFlow(entry_id, str(data["folder_id"]), str(data["peer_id"]))
     if issue_id.startswith("quota_"):
         return BackUpAgainFlow(entry_id, str(data["folder_id"]), str(data["peer_id"]))
     if issue_id.startswith("overdue_"):

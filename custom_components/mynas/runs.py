@@ -23,6 +23,7 @@ from .const import DOMAIN, EVENT_SYNC_FINISHED
 from .engine import (
     AuthRefused,
     HostKeyMismatch,
+    MassChangeHeld,
     MyNasError,
     PeerConfig,
     PeerDiskFull,
@@ -57,6 +58,8 @@ def error_kind(err: BaseException) -> ErrorKind:
         return ErrorKind.DISK_MISSING
     if isinstance(err, SourceMissing):
         return ErrorKind.FOLDER_MISSING
+    if isinstance(err, MassChangeHeld):
+        return ErrorKind.HELD
     return ErrorKind.FAILED
 
 
@@ -206,8 +209,13 @@ class Runs:
                 else:
                     # Once the peer is free (the engine's one transfer per peer at a time).
                     on_start = self._node.relay(partial(self._on_started, pair, verifying))
+                    # ``guard`` False: the user said to send a change held as too large.
                     synced: PushResult = await self._node.push(
-                        setup.config, peer_id, sink, on_start=on_start
+                        setup.config,
+                        peer_id,
+                        sink,
+                        on_start=on_start,
+                        guard=bool(options.get("guard", True)),
                     )
                     summary.update(synced.as_dict())
                     summary["status"] = "partial" if synced.error_count else "success"
@@ -317,6 +325,7 @@ class Runs:
         # Everything planned went in: the friend's disk had room, the folder was there.
         issues.peer_disk_full(self._hass, pair[1], None)
         issues.folder_missing(self._hass, pair[0], None)
+        issues.mass_change(self._hass, self._context.entry_id, pair[0], pair[1], None)
         self._prober.seen(pair[1], now)
 
     def _failed(self, pair: Pair, err: Exception, *, count: bool = True) -> None:
@@ -346,6 +355,23 @@ class Runs:
             self._prober.disk_full(pair[1], str(err).removeprefix("the peer's disk is full: "))
         elif isinstance(err, SourceMissing):
             self.folder_missing(pair[0], str(err))
+        elif isinstance(err, MassChangeHeld):
+            issues.mass_change(
+                self._hass,
+                self._context.entry_id,
+                pair[0],
+                pair[1],
+                {
+                    "folder": folder,
+                    "peer": peer.name,
+                    "replaced": str(err.replaced),
+                    "deleted": str(err.deleted),
+                    "total": str(err.total),
+                    "share": str(round(100 * (err.replaced + err.deleted) / err.total)),
+                    "percent": str(err.percent),
+                    "examples": texts.NONE if not err.examples else ", ".join(err.examples),
+                },
+            )
         else:
             self._prober.run_failed(pair[1], err)
 
