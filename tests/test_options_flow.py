@@ -37,7 +37,7 @@ from .flow_support import assert_translated
 async def _open(hass: HomeAssistant, entry: MockConfigEntry, step: str) -> dict:
     result = await hass.config_entries.options.async_init(entry.entry_id)
     assert result["type"] is FlowResultType.MENU
-    assert result["menu_options"] == ["invite", "settings", "bandwidth"]
+    assert result["menu_options"] == ["invite", "settings", "bandwidth", "restore"]
     assert_translated(result, "options")
     result = await hass.config_entries.options.async_configure(
         result["flow_id"], {"next_step_id": step}

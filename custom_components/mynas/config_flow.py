@@ -68,6 +68,7 @@ from .engine import (
 )
 from .folder_flow import FolderSubentryFlow
 from .peer_flow import PeerSubentryFlow
+from .restore_flow import RestoreSteps
 
 CONF_INVITE_CODE = "invite_code"
 
@@ -234,13 +235,16 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
         )
 
 
-class MyNasOptionsFlow(OptionsFlowWithReload):
-    """Show our invite code; set the addresses it carries, the alerts, the bandwidth limits."""
+class MyNasOptionsFlow(RestoreSteps, OptionsFlowWithReload):
+    """Show our invite code; set the addresses it carries, the alerts, the bandwidth limits.
+
+    And restore what a friend keeps for us (``restore_flow``): it changes no option.
+    """
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """Offer the three things there are to do."""
+        """Offer the four things there are to do."""
         return self.async_show_menu(
-            step_id="init", menu_options=["invite", "settings", "bandwidth"]
+            step_id="init", menu_options=["invite", "settings", "bandwidth", "restore"]
         )
 
     async def async_step_invite(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
