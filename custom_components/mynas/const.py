@@ -79,6 +79,13 @@ SCHEDULER_TICK: Final = timedelta(minutes=1)
 PEER_PROBE_INTERVAL: Final = timedelta(minutes=10)
 # A peer whose disk has less free space than this (whatever its quota says) is "full".
 PEER_DISK_FULL_BELOW: Final = 100_000_000
+# A full quota whose trash is at least this share of what is used: a repair issue says so
+# (on both sides), since only more space for a while helps before the trash empties.
+TRASH_LARGE_SHARE: Final = 0.3
+# A hosted peer counts as at its quota from this share of it used.
+QUOTA_FULL_FROM: Final = 0.99
+# How often a full jail's trash is walked again for that issue.
+TRASH_CHECK_INTERVAL: Final = timedelta(minutes=10)
 # "Last seen" moves on by a minute at least (a peer that syncs connects many times a second).
 LAST_SEEN_RESOLUTION: Final = timedelta(minutes=1)
 # Retries after a failed sync: 5 min, 10, 20... at most 6 h apart.

@@ -207,6 +207,48 @@ def mass_change(
         )
 
 
+def trash_fills_quota(
+    hass: HomeAssistant, peer_id: str, placeholders: dict[str, str] | None
+) -> None:
+    """Raise (or clear) "our space at a friend is full, and much of it is trash".
+
+    The owner's side: the host refused for quota while old versions (a mass change sent
+    anyway, a big reorganisation) fill what it grants us, until its retention expires.
+    Only the friend can help sooner (more space for a while): the text says so.
+    """
+    issue_id = f"trash_fills_quota_{peer_id}"
+    if placeholders is None:
+        _delete(hass, issue_id)
+    else:
+        _create(
+            hass,
+            issue_id,
+            "trash_fills_quota",
+            {**placeholders, "since": _since_before(hass, issue_id, "trash_fills_quota")},
+        )
+
+
+def hosted_trash_full(
+    hass: HomeAssistant, peer_id: str, placeholders: dict[str, str] | None
+) -> None:
+    """Raise (or clear) "a friend's space here is full, and much of it is trash".
+
+    The host's side: the friend's backups to us wait until the trash empties, unless we
+    grant them more space for a while.
+    """
+    issue_id = f"hosted_trash_full_{peer_id}"
+    if placeholders is None:
+        _delete(hass, issue_id)
+    else:
+        _create(
+            hass,
+            issue_id,
+            "hosted_trash_full",
+            {**placeholders, "since": _since_before(hass, issue_id, "hosted_trash_full")},
+            severity=ir.IssueSeverity.WARNING,
+        )
+
+
 def peer_disk_full(hass: HomeAssistant, peer_id: str, placeholders: dict[str, str] | None) -> None:
     """Raise (or, with ``placeholders`` None, clear) "the friend's disk itself is full".
 

@@ -322,6 +322,10 @@ class Runs:
         status.last_error_kind = ErrorKind.FILES_SKIPPED if status.last_error else None
         status.quota_refused = False
         issues.quota_refused(self._hass, self._context.entry_id, pair[0], pair[1], None)
+        if not any(
+            other.quota_refused for (_, peer_id), other in self._pairs.items() if peer_id == pair[1]
+        ):
+            issues.trash_fills_quota(self._hass, pair[1], None)
         # Everything planned went in: the friend's disk had room, the folder was there.
         issues.peer_disk_full(self._hass, pair[1], None)
         issues.folder_missing(self._hass, pair[0], None)
@@ -339,6 +343,8 @@ class Runs:
         peer = self._context.peers[pair[1]]
         if isinstance(err, QuotaExceeded):
             status.quota_refused = True
+            # Learn how much of the space there is trash (its own issue, if most is).
+            self._prober.probe(pair[1])
             issues.quota_refused(
                 self._hass,
                 self._context.entry_id,

@@ -140,6 +140,14 @@ class ProbeResult:
     disk_free_there: int | None = None
     error: str | None = None
     presented_key: str | None = None
+    # What the host says of our trash there once our quota is nearly used (else None):
+    # its size, when its oldest part leaves it, when all of it will have.
+    trash_there: int | None = None
+    trash_frees_at: float | None = None
+    trash_kept_until: float | None = None
+
+
+_DAY = 86400.0
 
 
 async def probe(identity: Identity, peer: PeerTarget) -> ProbeResult:
@@ -161,11 +169,24 @@ async def probe(identity: Identity, peer: PeerTarget) -> ProbeResult:
     finally:
         await link.close()
     free = usage.get("disk_free")
+    trash, oldest, newest = (usage.get(key) for key in ("trash", "trash_oldest", "trash_newest"))
+    days, longest = usage.get("trash_days"), usage.get("trash_days_longest")
     return ProbeResult(
         Reachability.ONLINE,
         used_there=int(usage["used"]),
         quota_there=int(usage["quota"]),
         disk_free_there=int(free) if isinstance(free, int) else None,
+        trash_there=int(trash) if isinstance(trash, int) else None,
+        trash_frees_at=(
+            oldest + days * _DAY
+            if isinstance(oldest, (int, float)) and isinstance(days, int)
+            else None
+        ),
+        trash_kept_until=(
+            newest + longest * _DAY
+            if isinstance(newest, (int, float)) and isinstance(longest, int)
+            else None
+        ),
     )
 
 
@@ -880,6 +901,11 @@ class Node:
             for peer in self.peers.values()
             if peer.jail in server.jail_names
         }
+
+    async def hosted_trash(self, peer_id: str) -> dict[str, Any]:
+        """What a peer's trash here holds (``Jail.trash_report``; walked in a worker thread)."""
+        jail = self.server.jail(self.peers[peer_id].jail)
+        return await asyncio.get_running_loop().run_in_executor(None, jail.trash_report)
 
     def last_contact(self) -> dict[str, float]:
         """When each peer was last connected to us, by peer id."""

@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 import stat
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import tree
 from ..storage_root import write_file_atomic
@@ -259,6 +259,21 @@ class Jail:
             if totals is not None:
                 found.append(FolderTotals(name, *totals))
         return found, more
+
+    def trash_report(self) -> dict[str, Any]:
+        """What the trash holds, as the usage answer and the host application say it.
+
+        ``trash`` bytes; ``trash_oldest``/``trash_newest`` its parts' stamps (seconds);
+        ``trash_days`` the host's retention, ``trash_days_longest`` the longest a peer asked.
+        """
+        trash = self.trash_usage()
+        return {
+            "trash": trash.bytes,
+            "trash_oldest": trash.oldest,
+            "trash_newest": trash.newest,
+            "trash_days": self.retention_days(b""),
+            "trash_days_longest": self.longest_retention(),
+        }
 
     def trash_usage(self) -> TrashUsage:
         """Return what the trash holds (walked: call it when it matters, not at every probe)."""

@@ -315,7 +315,7 @@ class ReplicationSession:
             disk = await self._io.thread(_disk_free, self._jail.root)
             answer: dict[str, Any] = {"used": usage.used, "quota": usage.quota, "disk_free": disk}
             if usage.used + usage.reserved >= usage.quota * TRASH_REPORTED_FROM:
-                answer.update(await self._io.thread(_trash_figures, self._jail))
+                answer.update(await self._io.thread(self._jail.trash_report))
             self._io.send(protocol.reply(req, answer))
         elif op == "folders":
             # Answered from this session's jail only: no field of the request names a place.
@@ -410,18 +410,6 @@ def _release(jail: Jail, batch: _Batch) -> None:
     """
     for _, item in batch.items:
         jail.quota.release(charge(len(item.data)))
-
-
-def _trash_figures(jail: Jail) -> dict[str, Any]:
-    """The usage answer's trash figures: its charge, its oldest and newest part, retentions."""
-    trash = jail.trash_usage()
-    return {
-        "trash": trash.bytes,
-        "trash_oldest": trash.oldest,
-        "trash_newest": trash.newest,
-        "trash_days": jail.retention_days(b""),
-        "trash_days_longest": jail.longest_retention(),
-    }
 
 
 def _disk_free(path: str | os.PathLike[str]) -> int:
