@@ -953,6 +953,27 @@ async def sync_now(state: NodeState) -> None:
     raise DemoError(f"{node.name}: the first sync kept failing; see {node.log}")
 
 
+async def list_folders(state: NodeState, peer_name: str) -> list[dict[str, Any]]:
+    """The folders ``peer_name`` keeps for this node: ``mynas.list_folders`` over the websocket.
+
+    Each as the service says it (``name``, ``encrypted``, ``files``, ``stored_bytes``,
+    ``stored_size``, ``last_update``, ``home_assistant_backups``); DemoError if the friend
+    could not answer. What the headless check asks of a node rebuilt from its key.
+    """
+    result = await state.api.ws(
+        "call_service",
+        domain="mynas",
+        service="list_folders",
+        service_data={"peer": peer_name},
+        return_response=True,
+    )
+    (peer,) = result["response"]["peers"]
+    if peer.get("error"):
+        raise DemoError(f"{state.node.name}: {peer_name} could not list: {peer['error']}")
+    folders: list[dict[str, Any]] = peer["folders"]
+    return folders
+
+
 async def wait_last_backup(state: NodeState) -> str:
     """Wait until the folder's "last backup" sensor has a time; return its entity id."""
     api = state.api
@@ -1111,6 +1132,14 @@ async def headless_check(states: tuple[NodeState, NodeState]) -> Checks:
         checks.record(
             f"{node.name}: {other.node.name} is connected",
             [] if connected == "on" else [f"its Connection sensor is {connected}"],
+        )
+        try:
+            kept = {item["name"] for item in await list_folders(state, other.node.name)}
+            problems = [] if FOLDER in kept else [f"it lists {sorted(kept)}"]
+        except DemoError as err:
+            problems = [str(err)]
+        checks.record(
+            f"{node.name}: mynas.list_folders names {FOLDER} kept at {other.node.name}", problems
         )
         named = dashboard_entities((node.config / DASHBOARD_FILE).read_text(encoding="utf-8"))
         missing = sorted(named - states_now.keys())
