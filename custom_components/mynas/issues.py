@@ -9,6 +9,7 @@ key, keep or delete data) and its fix flow's first step carries the text.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
@@ -43,6 +44,20 @@ def _create(
 
 def _delete(hass: HomeAssistant, issue_id: str) -> None:
     ir.async_delete_issue(hass, DOMAIN, issue_id)
+
+
+def _raise_or_clear(
+    hass: HomeAssistant,
+    issue_id: str,
+    key: str,
+    placeholders: dict[str, str] | None,
+    **options: Any,
+) -> None:
+    """Raise ``issue_id`` (of ``key``, with ``_create``'s options); None clears it."""
+    if placeholders is None:
+        _delete(hass, issue_id)
+    else:
+        _create(hass, issue_id, key, placeholders, **options)
 
 
 def _since_before(hass: HomeAssistant, issue_id: str, key: str) -> str:
@@ -142,19 +157,17 @@ def unreachable(
 
     Fixable: the fix flow tries again now, or changes the peer's address.
     """
-    issue_id = f"unreachable_{peer_id}"
-    if down_since is None:
-        _delete(hass, issue_id)
-    else:
-        _create(
-            hass,
-            issue_id,
-            "peer_unreachable",
-            {"peer": peer, "since": since(down_since), "folders": names(folders or [])},
-            severity=ir.IssueSeverity.WARNING,
-            fixable=True,
-            data={"entry_id": entry_id, "peer_id": peer_id},
-        )
+    _raise_or_clear(
+        hass,
+        f"unreachable_{peer_id}",
+        "peer_unreachable",
+        None
+        if down_since is None
+        else {"peer": peer, "since": since(down_since), "folders": names(folders or [])},
+        severity=ir.IssueSeverity.WARNING,
+        fixable=True,
+        data={"entry_id": entry_id, "peer_id": peer_id},
+    )
 
 
 def quota_refused(
@@ -169,17 +182,16 @@ def quota_refused(
     Fixable: once the friend grants more space, the fix flow backs the folder up again.
     """
     issue_id = f"quota_{folder_id}_{peer_id}"
-    if placeholders is None:
-        _delete(hass, issue_id)
-    else:
-        _create(
-            hass,
-            issue_id,
-            "quota_exceeded",
-            {**placeholders, "since": _since_before(hass, issue_id, "quota_exceeded")},
-            fixable=True,
-            data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
-        )
+    _raise_or_clear(
+        hass,
+        issue_id,
+        "quota_exceeded",
+        None
+        if placeholders is None
+        else {**placeholders, "since": _since_before(hass, issue_id, "quota_exceeded")},
+        fixable=True,
+        data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
+    )
 
 
 def mass_change(
@@ -194,17 +206,16 @@ def mass_change(
     Fixable: the fix flow sends it (once, the guard lifted) or leaves it held.
     """
     issue_id = f"mass_change_{folder_id}_{peer_id}"
-    if placeholders is None:
-        _delete(hass, issue_id)
-    else:
-        _create(
-            hass,
-            issue_id,
-            "mass_change",
-            {**placeholders, "since": _since_before(hass, issue_id, "mass_change")},
-            fixable=True,
-            data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
-        )
+    _raise_or_clear(
+        hass,
+        issue_id,
+        "mass_change",
+        None
+        if placeholders is None
+        else {**placeholders, "since": _since_before(hass, issue_id, "mass_change")},
+        fixable=True,
+        data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
+    )
 
 
 def trash_fills_quota(
@@ -217,15 +228,14 @@ def trash_fills_quota(
     Only the friend can help sooner (more space for a while): the text says so.
     """
     issue_id = f"trash_fills_quota_{peer_id}"
-    if placeholders is None:
-        _delete(hass, issue_id)
-    else:
-        _create(
-            hass,
-            issue_id,
-            "trash_fills_quota",
-            {**placeholders, "since": _since_before(hass, issue_id, "trash_fills_quota")},
-        )
+    _raise_or_clear(
+        hass,
+        issue_id,
+        "trash_fills_quota",
+        None
+        if placeholders is None
+        else {**placeholders, "since": _since_before(hass, issue_id, "trash_fills_quota")},
+    )
 
 
 def hosted_trash_full(
@@ -237,16 +247,15 @@ def hosted_trash_full(
     grant them more space for a while.
     """
     issue_id = f"hosted_trash_full_{peer_id}"
-    if placeholders is None:
-        _delete(hass, issue_id)
-    else:
-        _create(
-            hass,
-            issue_id,
-            "hosted_trash_full",
-            {**placeholders, "since": _since_before(hass, issue_id, "hosted_trash_full")},
-            severity=ir.IssueSeverity.WARNING,
-        )
+    _raise_or_clear(
+        hass,
+        issue_id,
+        "hosted_trash_full",
+        None
+        if placeholders is None
+        else {**placeholders, "since": _since_before(hass, issue_id, "hosted_trash_full")},
+        severity=ir.IssueSeverity.WARNING,
+    )
 
 
 def peer_disk_full(hass: HomeAssistant, peer_id: str, placeholders: dict[str, str] | None) -> None:
@@ -255,11 +264,7 @@ def peer_disk_full(hass: HomeAssistant, peer_id: str, placeholders: dict[str, st
     Not the quota: the host's disk has no room left (it answered "no space left on
     device", or reports next to no free space). Only the friend can free space there.
     """
-    issue_id = f"peer_disk_full_{peer_id}"
-    if placeholders is None:
-        _delete(hass, issue_id)
-    else:
-        _create(hass, issue_id, "peer_disk_full", placeholders)
+    _raise_or_clear(hass, f"peer_disk_full_{peer_id}", "peer_disk_full", placeholders)
 
 
 def folder_missing(
@@ -269,11 +274,7 @@ def folder_missing(
 
     Missing, unreadable, or empty while friends hold its files: its disk is not mounted.
     """
-    issue_id = f"folder_missing_{folder_id}"
-    if placeholders is None:
-        _delete(hass, issue_id)
-    else:
-        _create(hass, issue_id, "folder_missing", placeholders)
+    _raise_or_clear(hass, f"folder_missing_{folder_id}", "folder_missing", placeholders)
 
 
 def overdue(
@@ -284,19 +285,15 @@ def overdue(
     Fixable: the fix flow backs the folder up now (once the cause, which the text names,
     is dealt with).
     """
-    issue_id = f"overdue_{folder_id}"
-    if placeholders is None:
-        _delete(hass, issue_id)
-    else:
-        _create(
-            hass,
-            issue_id,
-            "folder_overdue",
-            placeholders,
-            severity=ir.IssueSeverity.WARNING,
-            fixable=True,
-            data={"entry_id": entry_id, "folder_id": folder_id},
-        )
+    _raise_or_clear(
+        hass,
+        f"overdue_{folder_id}",
+        "folder_overdue",
+        placeholders,
+        severity=ir.IssueSeverity.WARNING,
+        fixable=True,
+        data={"entry_id": entry_id, "folder_id": folder_id},
+    )
 
 
 def orphaned_data(hass: HomeAssistant, entry_id: str, jail: str, size: str) -> None:

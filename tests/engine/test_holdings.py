@@ -18,6 +18,7 @@ import pytest
 from custom_components.mynas.engine import (
     FolderConfig,
     HeldFolder,
+    NewBackup,
     PeerConfig,
     ThreadedNode,
     load_identity,
@@ -77,7 +78,7 @@ async def _burnt_house(
     async def open_stream() -> AsyncIterator[bytes]:
         return archive()
 
-    await node.upload_backup("host", "b1", {"name": "b1"}, 300, open_stream)
+    await node.upload_backup("host", NewBackup("b1", {"name": "b1"}, 300, open_stream))
     await node.stop()
     return before
 

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     )
     from .loop_thread import EngineLoop
     from .node import FolderConfig, Inbound, PeerConfig, ProbeResult, Reachability
-    from .owner.backup_area import StoredBackup
+    from .owner.backup_area import NewBackup, StoredBackup
     from .owner.holdings import HeldFolder, Holdings
     from .owner.replica import ReplicaKindMismatch
     from .owner.run import (
@@ -110,6 +110,7 @@ __all__ = [
     "KeyFileError",
     "MassChangeHeld",
     "MyNasError",
+    "NewBackup",
     "PeerConfig",
     "PeerDiskFull",
     "PeerUnreachable",
@@ -172,6 +173,7 @@ _SOURCES = {
     "VerifyResult": "owner.run",
     "JailUsage": "host.quota",
     # Home Assistant's own backups kept at a peer (its backup area).
+    "NewBackup": "owner.backup_area",
     "StoredBackup": "owner.backup_area",
     "SealedFileError": "owner.sealed",
     # What our space at a peer holds (a node rebuilt from its key lists it too).
