@@ -203,3 +203,18 @@ def test_a_listing_names_home_assistant_s_backups_apart() -> None:
     assert answer["folders"][1]["home_assistant_backups"] is True
     assert answer["folders"][1]["last_update"] == "2023-11-14T22:13:20+00:00"
     assert restore_flow._backups(Holdings([])) == "-"
+
+
+async def test_the_dialog_needs_the_node_running_to_restore(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+) -> None:
+    await _backed_up(hass, node_entry, bob, tmp_path)
+    result = await _open(hass, node_entry)
+    result = await hass.config_entries.options.async_configure(result["flow_id"], {"peer": BOB_ID})
+    assert result["step_id"] == "restore_folders"
+    assert await hass.config_entries.async_unload(node_entry.entry_id)
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], {"folders": ["Photos"]}
+    )
+    assert result["reason"] == "node_not_loaded"
+    assert_translated(result, "options")

@@ -7,14 +7,18 @@ Alice's own disk at its quota, mostly trash.
 
 from __future__ import annotations
 
+from datetime import timedelta
 import os
 from pathlib import Path
+import shutil
 from typing import Any
 
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
+import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
+from custom_components.mynas import coordinator
 from custom_components.mynas.const import CONF_MASS_CHANGE, CONF_QUOTA, DOMAIN
 
 from .conftest import BOB_ID, Bob, add_folder, add_peer, make_tree, setup_entry
@@ -70,7 +74,11 @@ async def test_the_owner_hears_that_trash_fills_its_space_there(
 
 
 async def test_the_host_hears_that_a_friend_s_space_here_is_mostly_trash(
-    hass: HomeAssistant, node_entry: MockConfigEntry, node_root: Path, bob: Bob
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    node_root: Path,
+    bob: Bob,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     add_peer(hass, node_entry, bob, quota=200 * KB)
     await setup_entry(hass, node_entry)
@@ -102,6 +110,23 @@ async def test_the_host_hears_that_a_friend_s_space_here_is_mostly_trash(
     # Measured again only every few minutes; the issue stays meanwhile.
     await runtime.node_data.async_refresh()
     assert _issue(hass, issue_id) is not None
+
+    # Measured again once the interval passed: trash purged, the jail itself full.
+    monkeypatch.setattr(coordinator, "TRASH_CHECK_INTERVAL", timedelta(0))
+    shutil.rmtree(old.parent)
+    (node_root / "bob" / "F" / "more").write_bytes(b"m" * 140 * KB)
+    await runtime.node.run(rescan())
+    await runtime.node_data.async_refresh()
+    assert _issue(hass, issue_id) is None  # full, but not of trash: the quota issue's job
+
+    # A jail that cannot be measured: nothing said, nothing broken.
+    async def fails(_peer_id: str) -> dict[str, Any]:
+        raise OSError("I/O error")
+
+    monkeypatch.setattr(runtime.node, "hosted_trash", fails)
+    await runtime.node_data.async_refresh()
+    assert runtime.node_data.last_update_success
+    assert _issue(hass, issue_id) is None
 
     # More space granted: not full any more, the issue goes.
     subentry = node_entry.subentries[BOB_ID]

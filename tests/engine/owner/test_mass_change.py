@@ -6,8 +6,11 @@ and after a held run, then after the run the user allowed.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+import os
 from pathlib import Path
+import sqlite3
 
 import pytest
 
@@ -17,6 +20,7 @@ from custom_components.mynas.engine.owner import feed
 
 from ..conftest import ServerFactory
 from ..replica_support import (
+    FOLDER,
     MTIME,
     Env,
     close_env,
@@ -127,3 +131,28 @@ async def test_an_encrypted_replica_is_guarded_too(env: Env) -> None:
     assert held.value.replaced == 30
     assert snapshot(env.jail) == before
     assert (await env.push(encrypted=True)).files_sent == 30
+
+
+async def test_files_adopted_without_their_mtime_are_no_mass_change(env: Env) -> None:
+    """An index rebuilt from an older host knows no mtimes: resending those is no sign."""
+    _fill(env, 30)
+    await env.push(hold_over=30)
+    with sqlite3.connect(env.work.parent / "index.sqlite") as conn:
+        conn.execute("UPDATE files SET mtime_ns = -1 WHERE substr(key, -1) <> x'2f'")
+    result = await env.push(hold_over=30)
+    assert result.files_sent == 30
+    env.check_replica()
+
+
+async def test_a_plan_stops_when_the_run_does(env: Env) -> None:
+    _fill(env, 30)
+    await env.push(hold_over=30)
+    _rewrite(env, range(30))
+    feeder = feed.Feeder(
+        asyncio.get_running_loop(), os.fsencode(env.src), env.index, FOLDER, "host", ()
+    )
+    feeder.stop()
+    planned = await asyncio.get_running_loop().run_in_executor(
+        None, feeder._plan, feed.MassChangeGuard(30)
+    )
+    assert planned == []  # not held (nothing will be sent), and not scanned to the end

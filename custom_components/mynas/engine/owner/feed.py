@@ -79,6 +79,14 @@ class MassChangeGuard:
             )
 
 
+def _adopted_blind(change: Change) -> bool:
+    """A change only because the index adopted the file without its mtime (an old host).
+
+    Its copy is sent again, but it replaces nothing the user changed: not a mass change.
+    """
+    return change.old is not None and change.old.mtime_ns < 0
+
+
 class Feeder:
     """Runs the scan (and reads small files) in a worker thread, handing work to the loop."""
 
@@ -160,7 +168,7 @@ class Feeder:
             if change.entry.kind is tree.Kind.FILE:
                 if change.action is Action.DELETED:
                     deleted += 1
-                elif change.action is Action.CHANGED:
+                elif change.action is Action.CHANGED and not _adopted_blind(change):
                     replaced += 1
                 if change.action is not Action.NEW and len(examples) < HELD_EXAMPLES:
                     examples.append(change.entry.path)
@@ -168,6 +176,8 @@ class Feeder:
                 kept.append(change)
                 if len(kept) > PLAN_KEPT:
                     kept = None
+            if self.handoff.stopped:
+                return []  # the run is over: nothing will be sent anyway
         guard.check(self._folder, replaced, deleted, total, examples)
         return kept
 
