@@ -91,6 +91,23 @@ def storage_problem(
     )
 
 
+def recovery_kit(hass: HomeAssistant, entry_id: str, node: str) -> None:
+    """Ask the user to keep the node's recovery kit outside the house, until they confirm.
+
+    Fixable: the fix flow shows the code and its QR code (never the issue: the registry is
+    stored) and records the confirmation in the entry (``CONF_KIT_SAVED``).
+    """
+    _create(
+        hass,
+        f"recovery_kit_{entry_id}",
+        "recovery_kit",
+        {"node": node},
+        severity=ir.IssueSeverity.WARNING,
+        fixable=True,
+        data={"entry_id": entry_id},
+    )
+
+
 def key_changed(
     hass: HomeAssistant,
     entry_id: str,
