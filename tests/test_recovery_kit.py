@@ -64,9 +64,11 @@ def _raster(svg: ET.Element, scale: int = 8) -> Image.Image:
     assert svg.tag == f"{_SVG}svg"
     _, _, width, height = (int(v) for v in svg.attrib["viewBox"].split())
     rect, path = list(svg)
-    assert rect.tag == f"{_SVG}rect" and rect.attrib["fill"] == "#fff"
+    assert rect.tag == f"{_SVG}rect"
+    assert rect.attrib["fill"] == "#fff"
     assert (int(rect.attrib["width"]), int(rect.attrib["height"])) == (width, height)
-    assert path.tag == f"{_SVG}path" and path.attrib["fill"] == "#000"
+    assert path.tag == f"{_SVG}path"
+    assert path.attrib["fill"] == "#000"
     runs = _RUN.findall(path.attrib["d"])
     assert "".join(f"M{x} {y}h{n}v1h-{m}z" for x, y, n, m in runs) == path.attrib["d"]
     image = Image.new("L", (width * scale, height * scale), 255)
@@ -110,7 +112,8 @@ def test_the_qr_svg_has_a_quiet_zone_and_nothing_else() -> None:
         if min(x, y) < margin or max(x, y) >= size - margin
     )
     text = ET.tostring(svg, encoding="unicode")
-    assert "script" not in text and "href" not in text
+    assert "script" not in text
+    assert "href" not in text
 
 
 async def test_kit_issue_after_setup_gone_only_once_confirmed(
@@ -144,7 +147,8 @@ async def test_kit_issue_after_setup_gone_only_once_confirmed(
     assert len(code.split("-")) == 14
     assert _svg_of(placeholders["qr"]) is not None
     text = EN["issues"]["recovery_kit"]["fix_flow"]["step"]["confirm"]["description"]
-    assert "`{code}`" in text and "]({qr})" in text  # monospace, and the QR as an image
+    assert "`{code}`" in text
+    assert "]({qr})" in text
     flow_url = f"/api/repairs/issues/fix/{result['flow_id']}"
 
     # Unticked: refused, the issue stays, the code is shown again.
@@ -190,9 +194,7 @@ async def test_kit_flow_texts_and_aborts(hass: HomeAssistant, node_entry: MockCo
     assert await setup_entry(hass, node_entry)
     manager = repairs_flow_manager(hass)
     assert manager is not None
-    result: dict[str, Any] = await manager.async_init(
-        DOMAIN, context={"issue_id": _issue_id(node_entry)}
-    )
+    result: Any = await manager.async_init(DOMAIN, context={"issue_id": _issue_id(node_entry)})
     assert_translated(result, *KIT_FIX)
     result = await manager.async_configure(result["flow_id"], {"stored": False})
     assert_translated(result, *KIT_FIX)
