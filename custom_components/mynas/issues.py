@@ -3,7 +3,9 @@
 Every issue says since when (an absolute local time: a duration would be stale as soon as
 it is shown), which folders are not copied meanwhile, and the one thing to do; where the
 user can act from the dialog, the issue is fixable (retry now, change an address, accept a
-key, keep or delete data) and its fix flow's first step carries the text.
+key, keep or delete data, confirm the recovery kit is kept) and its fix flow's first step
+carries the text. The recovery kit's issue is the one that is not about a fault: it asks
+once per node, until confirmed, for the one secret that survives the house.
 """
 
 from __future__ import annotations
