@@ -258,3 +258,34 @@ async def test_the_code_is_never_logged_stored_or_in_diagnostics(
         assert spelling not in diagnostics
         assert spelling not in stored
     assert "DEBUG" in caplog.text  # the capture did see the flow's debug records
+
+
+async def test_a_node_set_up_from_its_code_asks_for_the_same_kit_again(
+    hass: HomeAssistant, usb_disk: Path, tmp_path: Path, unused_tcp_port: int
+) -> None:
+    """After a house fire: the node set up from the code shows that same code in its kit."""
+    lost, _ = identity.load_or_create(tmp_path / "lost.key")
+    code = recovery_code.of(lost)
+    result: Any = await hass.config_entries.flow.async_init(DOMAIN, context={"source": "user"})
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"],
+        {
+            "node_name": "Alice",
+            "storage_root": str(usb_disk),
+            "port": unused_tcp_port,
+            "allow_same_disk": False,
+            "upnp": False,
+            "recovery_code": code,
+        },
+    )
+    assert result["type"] == "create_entry"
+    await hass.async_block_till_done()
+    entry = result["result"]
+    assert entry.data["public_key"] == lost.public_line
+    issue = ir.async_get(hass).async_get_issue(DOMAIN, f"recovery_kit_{entry.entry_id}")
+    assert issue is not None
+    manager = repairs_flow_manager(hass)
+    assert manager is not None
+    shown: Any = await manager.async_init(DOMAIN, context={"issue_id": issue.issue_id})
+    assert shown["description_placeholders"]["code"] == code
+    await hass.config_entries.async_unload(entry.entry_id)
