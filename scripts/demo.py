@@ -850,6 +850,22 @@ async def alert_at_once(state: NodeState) -> None:
     say(f"{state.node.name}: alerts when the other node is unreachable at once (options flow)")
 
 
+async def change_settings(state: NodeState, **changes: Any) -> None:
+    """Submit the node's "Addresses and alerts" with ``changes``, the rest as shown."""
+    api = state.api
+    base = "/api/config/config_entries/options/flow"
+    menu = await api.post(base, {"handler": state.entry_id})
+    form = await api.post(f"{base}/{menu['flow_id']}", {"next_step_id": "settings"})
+    shown = {
+        field["name"]: field["default"]
+        for field in form.get("data_schema", [])
+        if "default" in field
+    }
+    done = await api.post(f"{base}/{form['flow_id']}", {**shown, **changes})
+    if done["type"] != "create_entry":
+        raise DemoError(f"{state.node.name}: changing its settings failed: {done}")
+
+
 async def read_invite_code(state: NodeState) -> None:
     """Read the node's invite code from the options flow's "Show our invite code" step."""
     api = state.api
@@ -1304,6 +1320,69 @@ def _tar_slug(path: Path) -> str | None:
         return None
 
 
+async def check_address_change(states: tuple[NodeState, NodeState], checks: Checks) -> None:
+    """Bob's node moves to another port; Alice's next sync finds it, nothing edited on her side.
+
+    Bob changes his own node (its port and the address he gives friends, as after a move);
+    his next sync to Alice tells her node where he is now, over the connection her node
+    trusts by his key.
+    Then Bob moves back, the same way, so that a demo directory stays usable.
+    """
+    alice, bob = states
+    moves = range(bob.node.ssh_port + 100, bob.node.ssh_port + 200)
+    new_port = next(port for port in moves if ssh_port_free(port))
+    found: list[str] = []
+    for port in (new_port, bob.node.ssh_port):
+        flow = await bob.api.post(
+            "/api/config/config_entries/flow", {"handler": "mynas", "entry_id": bob.entry_id}
+        )
+        done = await bob.api.post(
+            f"/api/config/config_entries/flow/{flow['flow_id']}",
+            {"node_name": bob.node.name, "port": port},
+        )
+        if done.get("reason") != "reconfigure_successful":
+            raise DemoError(f"{bob.node.name}: moving to port {port} failed: {done}")
+        await wait_loaded(bob.api, bob.entry_id)
+        # The address he gives friends: typed at the new place (back home: none, as before).
+        await change_settings(bob, addresses="127.0.0.1" if port == new_port else "")
+        await wait_loaded(bob.api, bob.entry_id)
+        await sync_now(bob)  # Bob → Alice: announces where he is now
+        reply = await alice.api.post(
+            "/api/services/mynas/sync?return_response", {"folder": FOLDER, "wait": True}
+        )
+        results = reply["service_response"]["results"]
+        in_use = await peer_address(alice)
+        outcome = ", ".join(str(r.get("status")) for r in results) or "nothing ran"
+        say(
+            f"{bob.node.name} moved to port {port}; {alice.node.name}'s next sync: {outcome},"
+            f" reaching him at {in_use}"
+        )
+        if not results or any(r.get("status") != "success" for r in results):
+            found.append(f"with Bob on port {port} her sync gave {results}")
+        elif in_use != f"127.0.0.1:{port}":
+            found.append(f"with Bob on port {port} her node says it reached him at {in_use}")
+    checks.record(
+        f"{alice.node.name}: Bob's node moved (port {bob.node.ssh_port} → {new_port} and"
+        " back) and her next sync found it, nothing edited on her side",
+        found,
+    )
+
+
+async def peer_address(state: NodeState) -> str | None:
+    """The state of the node's "Address in use" sensor for its peer."""
+    entity = next(
+        (
+            e["entity_id"]
+            for e in await state.api.mynas_entities()
+            if e.get("translation_key") == "peer_address"
+            and e["config_subentry_id"] == state.peer_id
+        ),
+        None,
+    )
+    current = (await state.api.states()).get(entity or "")
+    return None if current is None else str(current["state"])
+
+
 async def check_peer_stopped(
     states: tuple[NodeState, NodeState], other: Instance, checks: Checks
 ) -> None:
@@ -1632,6 +1711,7 @@ async def run(
             starting = asyncio.create_task(start_rebuilt(rebuilt, login, session, instances))
             checks = await headless_check(states)
             await check_ha_backup(states, checks)
+            await check_address_change(states, checks)
             bob = next(inst for inst in instances if inst.node is states[1].node)
             await check_peer_stopped(states, bob, checks)
             await check_house_fire(states, starting, instances, login, checks)
@@ -1645,9 +1725,10 @@ async def run(
                 " byte-identical, both last-backup sensors are set, the peers are connected,"
                 " no entity reads unknown at rest, every text is written out (en, fr),"
                 " the dashboard's entities exist, the blueprints load, Home Assistant's own"
-                " backup is kept at Bob and comes back byte-identical, a stopped peer raises"
-                " its repair issue, and after a house fire a new node set up from Alice's"
-                " recovery code gets her folder back from Bob, byte-identical"
+                " backup is kept at Bob and comes back byte-identical, Bob's node moved and"
+                " Alice found it, a stopped peer raises its repair issue, and after a house"
+                " fire a new node set up from Alice's recovery code gets her folder back from"
+                " Bob, byte-identical"
             )
             return 0
         if args.exec:

@@ -360,15 +360,26 @@ async function dashboardFrench(browser, url) {
   // The French dashboard (dashboards/mynas.fr.yaml), with Home Assistant itself in French.
   const { context, page } = await openHass(browser, url, 'fr');
   await goto(page, url);
-  await callWS(page, { type: 'config/core/update', language: 'fr' });
+  // Entity names are translated when the entry loads: reload it in each language.
+  const entry = await mynasEntry(page);
+  const reload = (language) =>
+    page.evaluate(
+      async ({ id, lang }) => {
+        const hass = document.querySelector('home-assistant').hass;
+        await hass.callWS({ type: 'config/core/update', language: lang });
+        await hass.callApi('POST', `config/config_entries/entry/${id}/reload`);
+      },
+      { id: entry, lang: language },
+    );
+  await reload('fr');
   try {
     await goto(page, `${url}/${env('MYNAS_DEMO_DASHBOARD_FR')}/sauvegardes`);
     await page.locator('hui-gauge-card').first().waitFor();
-    await page.getByText('Dernière sauvegarde vers Bob').first().waitFor();
+    await page.getByText('Copie chez Bob').first().waitFor();
     await settle(page, 2500);
     await shot(page, 'dashboard-fr.png', true);
   } finally {
-    await callWS(page, { type: 'config/core/update', language: 'en' });
+    await reload('en');
     await context.close();
   }
 }

@@ -47,7 +47,21 @@ def _loaded(entry: MyNasConfigEntry | None) -> MyNasConfigEntry | None:
     return entry if entry is not None and entry.state is ConfigEntryState.LOADED else None
 
 
-class _IssueFlow(RepairsFlow):
+class _StartsAtConfirm(RepairsFlow):
+    """A fix flow whose first step is ``confirm`` (Home Assistant hands ``init`` the issue id)."""
+
+    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
+        """Start with the text: ``confirm``."""
+        return await self.async_step_confirm()
+
+    async def async_step_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Say what to do; on submit, do it (each flow its own)."""
+        raise NotImplementedError
+
+
+class _IssueFlow(_StartsAtConfirm):
     """A fix flow of node ``entry_id``'s issue: its texts take the issue's placeholders."""
 
     def __init__(self, entry_id: str) -> None:
@@ -63,10 +77,6 @@ class _IssueFlow(RepairsFlow):
 
 class StorageFlow(_IssueFlow):
     """The backup disk is missing or another one is mounted: check it again now."""
-
-    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
-        """Start with the text (Home Assistant hands ``init`` the issue id as input)."""
-        return await self.async_step_confirm()
 
     async def async_step_confirm(
         self, user_input: dict[str, Any] | None = None
@@ -175,10 +185,6 @@ class BackUpAgainFlow(_IssueFlow):
         self._folder_id = folder_id
         self._peer_id = peer_id
 
-    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
-        """Start with the text (Home Assistant hands ``init`` the issue id as input)."""
-        return await self.async_step_confirm()
-
     async def async_step_confirm(
         self, user_input: dict[str, Any] | None = None
     ) -> RepairsFlowResult:
@@ -202,7 +208,7 @@ class BackUpAgainFlow(_IssueFlow):
         )
 
 
-class KeyChangedFlow(RepairsFlow):
+class KeyChangedFlow(_StartsAtConfirm):
     """Shows the pinned and the presented fingerprint; pins the new key only if confirmed."""
 
     def __init__(self, entry_id: str, peer_id: str, new_key: str) -> None:
@@ -210,10 +216,6 @@ class KeyChangedFlow(RepairsFlow):
         self._entry_id = entry_id
         self._peer_id = peer_id
         self._new_key = new_key
-
-    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
-        """Start with the question (Home Assistant hands ``init`` the issue id as input)."""
-        return await self.async_step_confirm()
 
     async def async_step_confirm(
         self, user_input: dict[str, Any] | None = None
@@ -261,10 +263,6 @@ class KeyChangedFlow(RepairsFlow):
 
 class RecoveryKitFlow(_IssueFlow):
     """Show the recovery code and its QR code; done once the user says it is kept away."""
-
-    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
-        """Start with the kit (Home Assistant hands ``init`` the issue id as input)."""
-        return await self.async_step_confirm()
 
     async def async_step_confirm(
         self, user_input: dict[str, Any] | None = None
