@@ -3,7 +3,9 @@
 Every issue says since when (an absolute local time: a duration would be stale as soon as
 it is shown), which folders are not copied meanwhile, and the one thing to do; where the
 user can act from the dialog, the issue is fixable (retry now, change an address, accept a
-key, keep or delete data) and its fix flow's first step carries the text.
+key, keep or delete data, confirm the recovery kit is kept) and its fix flow's first step
+carries the text. The recovery kit's issue is the one that is not about a fault: it asks
+once per node, until confirmed, for the one secret that survives the house.
 """
 
 from __future__ import annotations
@@ -101,6 +103,23 @@ def storage_problem(
             "since": _since_before(hass, issue_id, key),
             "folders": names(folders or []),
         },
+        fixable=True,
+        data={"entry_id": entry_id},
+    )
+
+
+def recovery_kit(hass: HomeAssistant, entry_id: str, node: str) -> None:
+    """Ask the user to keep the node's recovery kit outside the house, until they confirm.
+
+    Fixable: the fix flow shows the code and its QR code (never the issue: the registry is
+    stored) and records the confirmation in the entry (``CONF_KIT_SAVED``).
+    """
+    _create(
+        hass,
+        f"recovery_kit_{entry_id}",
+        "recovery_kit",
+        {"node": node},
+        severity=ir.IssueSeverity.WARNING,
         fixable=True,
         data={"entry_id": entry_id},
     )
