@@ -1622,6 +1622,15 @@ async def check_house_fire(
         [] if await kit_issue(rebuilt) is not None else ["no recovery kit issue"],
     )
     await ensure_peer(rebuilt, bob)
+    # Nothing to remember after a fire: the rebuilt node reads what Bob keeps for it.
+    held = await list_folders(rebuilt, bob.node.name)
+    names = sorted(str(item["name"]) for item in held)
+    say(f"{REBUILT}: {bob.node.name} keeps for it: {', '.join(names) or 'nothing'}")
+    checks.record(
+        f"{REBUILT}: mynas.list_folders names {FOLDER} kept at {bob.node.name}, read back"
+        " with the rebuilt key",
+        [] if FOLDER in names else [f"{bob.node.name} lists {held}"],
+    )
     target = node.home / "restored" / FOLDER
     reply = await rebuilt.api.post(
         "/api/services/mynas/restore?return_response",
