@@ -32,7 +32,12 @@ Then, by mode:
   listed on Alice, its archive is on Bob's disk in Alice's space, sealed: opened with
   Alice's key it equals her own copy, and downloading it through HA gives those bytes too);
   then stops Bob and checks that Alice's next sync fails and raises the "unreachable" repair
-  issue; prints a summary, stops, and exits 0 (all good) or 1 (CI runs it);
+  issue; then the house fire: Alice saves her recovery kit (its repair issue's fix flow
+  shows the code and a QR code, and goes only once the box is ticked), her node is stopped
+  (it burnt), Bob starts again, and a third, fresh Home Assistant ("Rebuilt", on free ports)
+  is set up from Alice's recovery code with an empty disk, pastes Bob's invite code and
+  restores Family from Bob with ``mynas.restore``: byte-identical with Alice's folder;
+  prints a summary, stops, and exits 0 (all good) or 1 (CI runs it);
 - ``--exec CMD ...``: runs CMD with the demo's URLs and login in its environment
   (MYNAS_DEMO_*), then stops and exits with CMD's status (``scripts/screenshots`` uses it).
 
@@ -80,6 +85,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from custom_components.mynas.engine import (  # noqa: E402
     identity as identity_codec,
     invite as invite_codec,
+    recovery_code as recovery_codec,
 )
 from custom_components.mynas.engine.owner import sealed  # noqa: E402
 from custom_components.mynas.engine.owner.backup_area import SealedArea  # noqa: E402
@@ -1058,6 +1064,27 @@ async def sync_now(state: NodeState) -> None:
     raise DemoError(f"{node.name}: the first sync kept failing; see {node.log}")
 
 
+async def list_folders(state: NodeState, peer_name: str) -> list[dict[str, Any]]:
+    """The folders ``peer_name`` keeps for this node: ``mynas.list_folders`` over the websocket.
+
+    Each as the service says it (``name``, ``encrypted``, ``files``, ``stored_bytes``,
+    ``stored_size``, ``last_update``, ``home_assistant_backups``); DemoError if the friend
+    could not answer. What the headless check asks of a node rebuilt from its key.
+    """
+    result = await state.api.ws(
+        "call_service",
+        domain="mynas",
+        service="list_folders",
+        service_data={"peer": peer_name},
+        return_response=True,
+    )
+    (peer,) = result["response"]["peers"]
+    if peer.get("error"):
+        raise DemoError(f"{state.node.name}: {peer_name} could not list: {peer['error']}")
+    folders: list[dict[str, Any]] = peer["folders"]
+    return folders
+
+
 async def wait_last_backup(state: NodeState) -> str:
     """Wait until the folder's "last backup" sensor has a time; return its entity id."""
     api = state.api
@@ -1247,6 +1274,14 @@ async def headless_check(states: tuple[NodeState, NodeState]) -> Checks:
         checks.record(
             f"{node.name}: {other.node.name} is connected",
             [] if connected == "on" else [f"its Connection sensor is {connected}"],
+        )
+        try:
+            kept = {item["name"] for item in await list_folders(state, other.node.name)}
+            problems = [] if FOLDER in kept else [f"it lists {sorted(kept)}"]
+        except DemoError as err:
+            problems = [str(err)]
+        checks.record(
+            f"{node.name}: mynas.list_folders names {FOLDER} kept at {other.node.name}", problems
         )
         named = dashboard_entities((node.config / DASHBOARD_FILE).read_text(encoding="utf-8"))
         missing = sorted(named - states_now.keys())
@@ -1632,6 +1667,214 @@ async def check_peer_stopped(
     )
 
 
+# --- after a house fire: a new node from the recovery kit ------------------------------------
+
+# The third node: a fresh Home Assistant that the household sets up after losing Alice's.
+REBUILT = "Rebuilt"
+QR_URI = "data:image/svg+xml;base64,"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for the rebuilt node, made afresh at each check)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def kit_issue(state: NodeState) -> dict[str, Any] | None:
+    """The node's "Save your recovery kit" repair issue, if it is raised."""
+    listed = await state.api.ws("repairs/list_issues")
+    wanted = f"recovery_kit_{state.entry_id}"
+    return next(
+        (i for i in listed["issues"] if i["domain"] == "mynas" and i["issue_id"] == wanted),
+        None,
+    )
+
+
+def code_from_key(config: Path) -> str:
+    """The recovery code as the engine's command line prints it from the node's key file."""
+    [key_file] = (config / "mynas").glob("*.key")
+    command = [sys.executable, "-m", "custom_components.mynas.engine", "recovery-code"]
+    done = subprocess.run(
+        [*command, "--key", str(key_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+    )
+    return done.stdout.strip()
+
+
+async def save_recovery_kit(state: NodeState, checks: Checks) -> str:
+    """Alice opens "Save your recovery kit", keeps the code it shows, and confirms it.
+
+    Returns the code. A demo directory whose kit was confirmed in an earlier run has no
+    issue left: the code is then read from the key file with the engine's command line.
+    """
+    api, name = state.api, state.node.name
+    issue = await kit_issue(state)
+    if issue is None:
+        code = await asyncio.to_thread(code_from_key, state.node.config)
+        say(f"{name}: the recovery kit was saved in an earlier run; code read from the key file")
+        return code
+    fix = "/api/repairs/issues/fix"
+    form = await api.post(fix, {"handler": "mynas", "issue_id": issue["issue_id"]})
+    shown = form.get("description_placeholders") or {}
+    code, qr = shown.get("code", ""), shown.get("qr", "")
+    try:
+        recovery_codec.decode(code)
+        problems = [] if qr.startswith(QR_URI) else [f"no QR image: {qr[:60]!r}"]
+    except recovery_codec.RecoveryCodeError as err:
+        problems = [f"the code shown does not read back: {err}"]
+    checks.record(
+        f"{name}: the recovery kit issue shows the recovery code and its QR code", problems
+    )
+    refused = await api.post(f"{fix}/{form['flow_id']}", {"stored": False})
+    kept = await kit_issue(state)
+    done = await api.post(f"{fix}/{form['flow_id']}", {"stored": True})
+    gone = await kit_issue(state)
+    checks.record(
+        f"{name}: the kit issue stays until the box is ticked, then goes",
+        []
+        if refused.get("errors") == {"stored": "kit_not_stored"}
+        and kept is not None
+        and done["type"] == "create_entry"
+        and gone is None
+        else [f"unticked: {refused}, then {done}; issue left: {gone}"],
+    )
+    say(f"{name}: recovery kit saved (the code is kept outside the house)")
+    return code
+
+
+async def start_rebuilt(
+    node: Node, login: hb.Login, session: aiohttp.ClientSession, instances: list[Instance]
+) -> NodeState:
+    """A fresh Home Assistant for the rebuilt node (an earlier run's is removed first)."""
+    shutil.rmtree(node.home, ignore_errors=True)
+    await asyncio.to_thread(
+        hb.prepare_config_dir, node.config, node.ha_port, login.username, login.password, node.name
+    )
+    # The restore goes to a folder of this machine: Home Assistant must be allowed to write it.
+    (node.home / "restored").mkdir(parents=True)
+    yaml_path = node.config / "configuration.yaml"
+    allowed = json.dumps(str(node.home / "restored"))
+    text = yaml_path.read_text(encoding="utf-8")
+    text = text.replace(
+        "homeassistant:\n", f"homeassistant:\n  allowlist_external_dirs:\n    - {allowed}\n", 1
+    )
+    yaml_path.write_text(text, encoding="utf-8")
+    inst = Instance(node)
+    instances.append(inst)
+    say(f"starting {node.name}'s Home Assistant on {node.url} (a fresh one; log: {node.log})")
+    inst.start()
+    api = await wait_running(inst, session, login)
+    say(f"{node.name} is running")
+    return NodeState(node, api)
+
+
+async def set_up_from_code(state: NodeState, code: str) -> None:
+    """The setup flow, with the recovery code typed in as a person copies it off paper."""
+    api, node = state.api, state.node
+    node.disk.mkdir(parents=True, exist_ok=True)
+    result = await run_flow(
+        api,
+        "/api/config/config_entries/flow",
+        "mynas",
+        {
+            "user": {
+                "node_name": "Alice",
+                "storage_root": str(node.disk),
+                "port": node.ssh_port,
+                "allow_same_disk": True,
+                "upnp": False,
+                "recovery_code": code.lower().replace("-", " "),
+            }
+        },
+    )
+    if result["type"] != "create_entry":
+        raise DemoError(f"{node.name}: setting MyNAS up from the recovery code failed: {result}")
+    state.entry_id = result["result"]["entry_id"]
+    say(f"{node.name}: MyNAS set up from Alice's recovery code, a fresh disk {node.disk}")
+    await wait_loaded(api, state.entry_id)
+
+
+async def check_house_fire(
+    states: tuple[NodeState, NodeState],
+    starting: Awaitable[NodeState],
+    instances: list[Instance],
+    login: hb.Login,
+    checks: Checks,
+) -> None:
+    """Alice's house burns: a new node, her recovery code and Bob's invite code get it all back.
+
+    Alice's node is stopped first: it burnt. (Were it still running, Bob would know two nodes
+    by one pinned key, and might dial the old one's address for her.) Bob, stopped by the
+    previous check, is started again. The new node's Home Assistant (``starting``: started
+    while the other checks ran, MyNAS not set up) is set up from the code with a fresh
+    storage root, pastes Bob's invite code (Bob still trusts her key: the same identity, so
+    Bob does nothing), and restores Family from Bob into an empty folder with mynas.restore.
+    """
+    alice, bob = states
+    code = await save_recovery_kit(alice, checks)
+    by_node = {inst.node.name: inst for inst in instances}
+    bob_inst = by_node[bob.node.name]
+
+    async def alice_burns() -> None:
+        await asyncio.to_thread(stop_all, [by_node[alice.node.name]])
+        say(f"{alice.node.name}'s house burns down: her node is gone, her recovery code is not")
+
+    async def bob_again() -> None:
+        if bob_inst.exit_code is not None:
+            say(f"starting {bob.node.name}'s Home Assistant again")
+            bob_inst.start()
+            bob.api = await wait_running(bob_inst, bob.api.session, login)
+            await wait_loaded(bob.api, bob.entry_id)
+
+    _, _, rebuilt = await asyncio.gather(alice_burns(), bob_again(), starting)
+    node = rebuilt.node
+    await set_up_from_code(rebuilt, code)
+    await read_invite_code(rebuilt)
+    theirs = invite_codec.decode(alice.code).fingerprint
+    ours = invite_codec.decode(rebuilt.code).fingerprint
+    checks.record(
+        f"{REBUILT}: set up from Alice's recovery code, it has Alice's identity ({ours})",
+        [] if ours == theirs else [f"its key is {ours}, Alice's was {theirs}"],
+    )
+    checks.record(
+        f"{REBUILT}: a new node asks for its recovery kit too",
+        [] if await kit_issue(rebuilt) is not None else ["no recovery kit issue"],
+    )
+    await ensure_peer(rebuilt, bob)
+    # Nothing to remember after a fire: the rebuilt node reads what Bob keeps for it.
+    held = await list_folders(rebuilt, bob.node.name)
+    names = sorted(str(item["name"]) for item in held)
+    say(f"{REBUILT}: {bob.node.name} keeps for it: {', '.join(names) or 'nothing'}")
+    checks.record(
+        f"{REBUILT}: mynas.list_folders names {FOLDER} kept at {bob.node.name}, read back"
+        " with the rebuilt key",
+        [] if FOLDER in names else [f"{bob.node.name} lists {held}"],
+    )
+    target = node.home / "restored" / FOLDER
+    reply = await rebuilt.api.post(
+        "/api/services/mynas/restore?return_response",
+        {"folder": FOLDER, "peer": bob.node.name, "target": str(target)},
+    )
+    restored = reply["service_response"]
+    say(
+        f"{REBUILT}: restored {restored['folder']} from {restored['peer']}: {restored['files']}"
+        f" files, {restored['size']} in {restored['seconds']} s into {target}"
+    )
+    problems = await asyncio.to_thread(compare_trees, alice.node.folder, target)
+    if restored.get("failed"):
+        problems.append(f"failed authentication: {restored.get('failures')}")
+    count = sum(1 for rel in tree(alice.node.folder) if not excluded(rel))
+    checks.record(
+        f"{REBUILT}: Alice's {FOLDER} ({count} entries), restored from {bob.node.name} with"
+        " mynas.restore, is byte-identical",
+        problems,
+    )
+
+
 def banner(states: tuple[NodeState, NodeState], login: hb.Login, base: Path) -> str:
     lines = ["", "  MyNAS demo: two paired nodes", ""]
     for state, other in (states, states[::-1]):
@@ -1724,12 +1967,16 @@ async def run(
         states = await bring_up(nodes, instances, login, session)
         say(f"both nodes are up, paired and synced ({time.monotonic() - _T0:.0f} s)")
         if args.headless_check:
+            # The house fire's new Home Assistant starts meanwhile (MyNAS not set up yet).
+            rebuilt = Node(REBUILT, free_port(), free_port(), base)
+            starting = asyncio.create_task(start_rebuilt(rebuilt, login, session, instances))
             checks = await headless_check(states)
             await check_conversion(states, checks)
             await check_ha_backup(states, checks)
             await check_address_change(states, checks)
             bob = next(inst for inst in instances if inst.node is states[1].node)
             await check_peer_stopped(states, bob, checks)
+            await check_house_fire(states, starting, instances, login, checks)
             CLOSING.append(checks.line)
             print()
             if checks.failed:
@@ -1743,8 +1990,9 @@ async def run(
                 " no entity reads unknown at rest, every text is written out (en, fr),"
                 " the dashboard's entities exist, the blueprints load, Home Assistant's own"
                 " backup is kept at Bob and comes back byte-identical, Bob's node moved and"
-                " Alice found it, a stopped peer raises"
-                " its repair issue"
+                " Alice found it, a stopped peer raises its repair issue, and after a house"
+                " fire a new node set up from Alice's recovery code gets her folder back from"
+                " Bob, byte-identical"
             )
             return 0
         if args.exec:

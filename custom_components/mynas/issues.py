@@ -3,7 +3,9 @@
 Every issue says since when (an absolute local time: a duration would be stale as soon as
 it is shown), which folders are not copied meanwhile, and the one thing to do; where the
 user can act from the dialog, the issue is fixable (retry now, change an address, accept a
-key, keep or delete data) and its fix flow's first step carries the text.
+key, keep or delete data, confirm the recovery kit is kept) and its fix flow's first step
+carries the text. The recovery kit's issue is the one that is not about a fault: it asks
+once per node, until confirmed, for the one secret that survives the house.
 """
 
 from __future__ import annotations
@@ -106,6 +108,23 @@ def storage_problem(
     )
 
 
+def recovery_kit(hass: HomeAssistant, entry_id: str, node: str) -> None:
+    """Ask the user to keep the node's recovery kit outside the house, until they confirm.
+
+    Fixable: the fix flow shows the code and its QR code (never the issue: the registry is
+    stored) and records the confirmation in the entry (``CONF_KIT_SAVED``).
+    """
+    _create(
+        hass,
+        f"recovery_kit_{entry_id}",
+        "recovery_kit",
+        {"node": node},
+        severity=ir.IssueSeverity.WARNING,
+        fixable=True,
+        data={"entry_id": entry_id},
+    )
+
+
 def key_changed(
     hass: HomeAssistant,
     entry_id: str,
@@ -191,6 +210,70 @@ def quota_refused(
         else {**placeholders, "since": _since_before(hass, issue_id, "quota_exceeded")},
         fixable=True,
         data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
+    )
+
+
+def mass_change(
+    hass: HomeAssistant,
+    entry_id: str,
+    folder_id: str,
+    peer_id: str,
+    placeholders: dict[str, str] | None,
+) -> None:
+    """Raise (or, with ``placeholders`` None, clear) "this sync would change most files".
+
+    Fixable: the fix flow sends it (once, the guard lifted) or leaves it held.
+    """
+    issue_id = f"mass_change_{folder_id}_{peer_id}"
+    _raise_or_clear(
+        hass,
+        issue_id,
+        "mass_change",
+        None
+        if placeholders is None
+        else {**placeholders, "since": _since_before(hass, issue_id, "mass_change")},
+        fixable=True,
+        data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
+    )
+
+
+def trash_fills_quota(
+    hass: HomeAssistant, peer_id: str, placeholders: dict[str, str] | None
+) -> None:
+    """Raise (or clear) "our space at a friend is full, and much of it is trash".
+
+    The owner's side: the host refused for quota while old versions (a mass change sent
+    anyway, a big reorganisation) fill what it grants us, until its retention expires.
+    Only the friend can help sooner (more space for a while): the text says so.
+    """
+    issue_id = f"trash_fills_quota_{peer_id}"
+    _raise_or_clear(
+        hass,
+        issue_id,
+        "trash_fills_quota",
+        None
+        if placeholders is None
+        else {**placeholders, "since": _since_before(hass, issue_id, "trash_fills_quota")},
+    )
+
+
+def hosted_trash_full(
+    hass: HomeAssistant, peer_id: str, placeholders: dict[str, str] | None
+) -> None:
+    """Raise (or clear) "a friend's space here is full, and much of it is trash".
+
+    The host's side: the friend's backups to us wait until the trash empties, unless we
+    grant them more space for a while.
+    """
+    issue_id = f"hosted_trash_full_{peer_id}"
+    _raise_or_clear(
+        hass,
+        issue_id,
+        "hosted_trash_full",
+        None
+        if placeholders is None
+        else {**placeholders, "since": _since_before(hass, issue_id, "hosted_trash_full")},
+        severity=ir.IssueSeverity.WARNING,
     )
 
 

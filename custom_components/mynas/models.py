@@ -181,6 +181,7 @@ class ErrorKind(enum.StrEnum):
     DISK_MISSING = "disk_missing"  # this node's backup disk is away
     FOLDER_MISSING = "folder_missing"  # the folder to back up is missing or empty
     FILES_SKIPPED = "files_skipped"  # the sync went through, some files could not be sent
+    HELD = "held"  # it would replace or delete most files there: waiting for the user
     FAILED = "failed"  # anything else: the details say what
 
 

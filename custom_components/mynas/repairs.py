@@ -4,7 +4,8 @@ Check the backup disk again; try a silent peer again or change its address; back
 up again (once a friend granted more space, or the cause of an overdue backup is dealt
 with); trust a peer's new key (only once confirmed); settle a removed peer's data; encrypt
 a plain folder's copies (a conversion on each of its peers, shown as progress); take note
-of the damage a verify found and repaired.
+of the damage a verify found and repaired; keep the recovery kit outside the house (only
+once confirmed).
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ from homeassistant.helpers.selector import BooleanSelector, TextSelector, TextSe
 import probatio as vol
 
 from . import issues, texts
-from .const import CONF_ADDRESSES, CONF_PUBLIC_KEY, DOMAIN
+from .const import CONF_ADDRESSES, CONF_KIT_SAVED, CONF_NODE_NAME, CONF_PUBLIC_KEY, DOMAIN
 from .coordinator import MyNasConfigEntry
-from .engine import canonical_key, fingerprint
+from .engine import KeyFileError, canonical_key, fingerprint
+from .hass_entry import key_path
 from .models import SyncKind
 from .orphans import CONF_KEPT_DATA
 from .peer_flow import check_addresses, peer_port
+from .recovery_kit import kit_of
 
 CONF_CONFIRM = "confirm"
+CONF_STORED = "stored"
 
 
 def _entry(hass: HomeAssistant, entry_id: str) -> MyNasConfigEntry | None:
@@ -207,6 +211,43 @@ class BackUpAgainFlow(_IssueFlow):
         )
 
 
+class MassChangeFlow(_IssueFlow):
+    """A sync held as too large: send it now (the guard lifted once), or keep holding it."""
+
+    def __init__(self, entry_id: str, folder_id: str, peer_id: str) -> None:
+        """Decide about the held sync of ``folder_id`` to ``peer_id``."""
+        super().__init__(entry_id)
+        self._pair = (folder_id, peer_id)
+
+    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
+        """Say what the sync would do; offer to send it or not."""
+        return self.async_show_menu(
+            step_id="init",
+            menu_options=["send", "not_now"],
+            description_placeholders=self._placeholders(),
+        )
+
+    async def async_step_send(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
+        """Start the sync now, once, without the guard (the issue comes back if it fails)."""
+        entry = _loaded(_entry(self.hass, self._entry_id))
+        if entry is None:
+            return self.async_abort(reason="node_not_loaded")
+        manager = entry.runtime_data.manager
+        if self._pair not in manager.pairs:
+            return self.async_abort(reason="pair_gone")
+        try:
+            manager.start(self._pair, SyncKind.SYNC, guard=False)
+        except HomeAssistantError:  # the disk went away meanwhile: its issue says
+            return self.async_abort(reason="node_not_loaded")
+        return self.async_create_entry(data={})
+
+    async def async_step_not_now(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Keep holding: nothing is sent, and the issue stays."""
+        return self.async_abort(reason="still_held", description_placeholders=self._placeholders())
+
+
 class KeyChangedFlow(_StartsAtConfirm):
     """Shows the pinned and the presented fingerprint; pins the new key only if confirmed."""
 
@@ -257,6 +298,38 @@ class KeyChangedFlow(_StartsAtConfirm):
                 "old": fingerprint(subentry.data[CONF_PUBLIC_KEY]),
                 "new": fingerprint(self._new_key),
             },
+        )
+
+
+class RecoveryKitFlow(_IssueFlow):
+    """Show the recovery code and its QR code; done once the user says it is kept away."""
+
+    async def async_step_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Show the code; on submit, the box must be ticked (the issue stays otherwise)."""
+        entry = _entry(self.hass, self._entry_id)
+        if entry is None:
+            return self.async_abort(reason="node_gone")
+        errors: dict[str, str] = {}
+        if user_input is not None:
+            if user_input.get(CONF_STORED):
+                # In the entry: the issue is not raised again, after a restart or a reload.
+                self.hass.config_entries.async_update_entry(
+                    entry, data={**entry.data, CONF_KIT_SAVED: True}
+                )
+                return self.async_create_entry(data={})
+            errors[CONF_STORED] = "kit_not_stored"
+        try:
+            # Read from the key each time: the code is never stored anywhere else.
+            code, qr = await self.hass.async_add_executor_job(kit_of, key_path(self.hass, entry))
+        except KeyFileError:
+            return self.async_abort(reason="key_unreadable")
+        return self.async_show_form(
+            step_id="confirm",
+            data_schema=vol.Schema({vol.Required(CONF_STORED, default=False): BooleanSelector()}),
+            errors=errors,
+            description_placeholders={"node": entry.data[CONF_NODE_NAME], "code": code, "qr": qr},
         )
 
 
@@ -429,6 +502,8 @@ async def async_create_fix_flow(
         return StorageFlow(entry_id)
     if issue_id.startswith("unreachable_"):
         return UnreachableFlow(entry_id, str(data["peer_id"]))
+    if issue_id.startswith("mass_change_"):
+        return MassChangeFlow(entry_id, str(data["folder_id"]), str(data["peer_id"]))
     if issue_id.startswith("quota_"):
         return BackUpAgainFlow(entry_id, str(data["folder_id"]), str(data["peer_id"]))
     if issue_id.startswith("overdue_"):
@@ -437,6 +512,8 @@ async def async_create_fix_flow(
         return ConvertFlow(entry_id, str(data["folder_id"]))
     if issue_id.startswith("verify_damage_"):
         return VerifyDamageFlow(entry_id, str(data["folder_id"]), str(data["peer_id"]))
+    if issue_id.startswith("recovery_kit_"):
+        return RecoveryKitFlow(entry_id)
     if issue_id.startswith("key_changed_"):
         return KeyChangedFlow(entry_id, str(data["peer_id"]), str(data["new_key"]))
     return OrphanedDataFlow(entry_id, str(data["jail"]))

@@ -31,6 +31,7 @@ from .const import DOMAIN, EVENT_SYNC_FINISHED
 from .engine import (
     AuthRefused,
     HostKeyMismatch,
+    MassChangeHeld,
     MyNasError,
     PeerConfig,
     PeerDiskFull,
@@ -65,6 +66,8 @@ def error_kind(err: BaseException) -> ErrorKind:
         return ErrorKind.DISK_MISSING
     if isinstance(err, SourceMissing):
         return ErrorKind.FOLDER_MISSING
+    if isinstance(err, MassChangeHeld):
+        return ErrorKind.HELD
     return ErrorKind.FAILED
 
 
@@ -261,8 +264,13 @@ class Runs:
                     if status.sealed and not config.encrypted:
                         # Converted already, its folder's other copies not yet.
                         config = dataclasses.replace(config, encrypted=True)
+                    # ``guard`` False: the user said to send a change held as too large.
                     synced: PushResult = await self._node.push(
-                        config, peer_id, sink, on_start=on_start
+                        config,
+                        peer_id,
+                        sink,
+                        on_start=on_start,
+                        guard=bool(options.get("guard", True)),
                     )
                     summary.update(synced.as_dict())
                     summary["status"] = "partial" if synced.error_count else "success"
@@ -385,9 +393,14 @@ class Runs:
         status.last_error_kind = ErrorKind.FILES_SKIPPED if status.last_error else None
         status.quota_refused = False
         issues.quota_refused(self._hass, self._context.entry_id, pair[0], pair[1], None)
+        if not any(
+            other.quota_refused for (_, peer_id), other in self._pairs.items() if peer_id == pair[1]
+        ):
+            issues.trash_fills_quota(self._hass, pair[1], None)
         # Everything planned went in: the friend's disk had room, the folder was there.
         issues.peer_disk_full(self._hass, pair[1], None)
         issues.folder_missing(self._hass, pair[0], None)
+        issues.mass_change(self._hass, self._context.entry_id, pair[0], pair[1], None)
         self._prober.seen(pair[1], now)
 
     def _verified(self, pair: Pair, result: VerifyResult) -> None:
@@ -432,6 +445,8 @@ class Runs:
         peer = self._context.peers[pair[1]]
         if isinstance(err, QuotaExceeded):
             status.quota_refused = True
+            # Learn how much of the space there is trash (its own issue, if most is).
+            self._prober.probe(pair[1])
             issues.quota_refused(
                 self._hass,
                 self._context.entry_id,
@@ -448,6 +463,23 @@ class Runs:
             self._prober.disk_full(pair[1], str(err).removeprefix("the peer's disk is full: "))
         elif isinstance(err, SourceMissing):
             self.folder_missing(pair[0], str(err))
+        elif isinstance(err, MassChangeHeld):
+            issues.mass_change(
+                self._hass,
+                self._context.entry_id,
+                pair[0],
+                pair[1],
+                {
+                    "folder": folder,
+                    "peer": peer.name,
+                    "replaced": str(err.replaced),
+                    "deleted": str(err.deleted),
+                    "total": str(err.total),
+                    "share": str(round(100 * (err.replaced + err.deleted) / err.total)),
+                    "percent": str(err.percent),
+                    "examples": texts.NONE if not err.examples else ", ".join(err.examples),
+                },
+            )
         else:
             self._prober.run_failed(pair[1], err)
 
