@@ -53,13 +53,21 @@ def _raise_or_clear(
     issue_id: str,
     key: str,
     placeholders: dict[str, str] | None,
+    *,
+    since_first: bool = False,
     **options: Any,
 ) -> None:
-    """Raise ``issue_id`` (of ``key``, with ``_create``'s options); None clears it."""
+    """Raise ``issue_id`` (of ``key``, with ``_create``'s options); None clears it.
+
+    ``since_first``: the text's ``since`` is when the issue was first raised (kept while it
+    stays), not now.
+    """
     if placeholders is None:
         _delete(hass, issue_id)
-    else:
-        _create(hass, issue_id, key, placeholders, **options)
+        return
+    if since_first:
+        placeholders = {**placeholders, "since": _since_before(hass, issue_id, key)}
+    _create(hass, issue_id, key, placeholders, **options)
 
 
 def _since_before(hass: HomeAssistant, issue_id: str, key: str) -> str:
@@ -200,14 +208,12 @@ def quota_refused(
 
     Fixable: once the friend grants more space, the fix flow backs the folder up again.
     """
-    issue_id = f"quota_{folder_id}_{peer_id}"
     _raise_or_clear(
         hass,
-        issue_id,
+        f"quota_{folder_id}_{peer_id}",
         "quota_exceeded",
-        None
-        if placeholders is None
-        else {**placeholders, "since": _since_before(hass, issue_id, "quota_exceeded")},
+        placeholders,
+        since_first=True,
         fixable=True,
         data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
     )
@@ -224,14 +230,12 @@ def mass_change(
 
     Fixable: the fix flow sends it (once, the guard lifted) or leaves it held.
     """
-    issue_id = f"mass_change_{folder_id}_{peer_id}"
     _raise_or_clear(
         hass,
-        issue_id,
+        f"mass_change_{folder_id}_{peer_id}",
         "mass_change",
-        None
-        if placeholders is None
-        else {**placeholders, "since": _since_before(hass, issue_id, "mass_change")},
+        placeholders,
+        since_first=True,
         fixable=True,
         data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
     )
@@ -246,14 +250,12 @@ def trash_fills_quota(
     anyway, a big reorganisation) fill what it grants us, until its retention expires.
     Only the friend can help sooner (more space for a while): the text says so.
     """
-    issue_id = f"trash_fills_quota_{peer_id}"
     _raise_or_clear(
         hass,
-        issue_id,
+        f"trash_fills_quota_{peer_id}",
         "trash_fills_quota",
-        None
-        if placeholders is None
-        else {**placeholders, "since": _since_before(hass, issue_id, "trash_fills_quota")},
+        placeholders,
+        since_first=True,
     )
 
 
@@ -265,14 +267,12 @@ def hosted_trash_full(
     The host's side: the friend's backups to us wait until the trash empties, unless we
     grant them more space for a while.
     """
-    issue_id = f"hosted_trash_full_{peer_id}"
     _raise_or_clear(
         hass,
-        issue_id,
+        f"hosted_trash_full_{peer_id}",
         "hosted_trash_full",
-        None
-        if placeholders is None
-        else {**placeholders, "since": _since_before(hass, issue_id, "hosted_trash_full")},
+        placeholders,
+        since_first=True,
         severity=ir.IssueSeverity.WARNING,
     )
 

@@ -30,6 +30,7 @@ from .models import SyncKind
 from .orphans import CONF_KEPT_DATA
 from .peer_flow import check_addresses, peer_port
 from .recovery_kit import kit_of
+from .sync_manager import SyncManager
 
 CONF_CONFIRM = "confirm"
 CONF_STORED = "stored"
@@ -77,6 +78,19 @@ class _IssueFlow(_StartsAtConfirm):
     def _placeholders(self) -> dict[str, str]:
         return _issue_placeholders(self.hass, self.issue_id)
 
+    def _manager(self) -> SyncManager | None:
+        """The node's sync manager, if the node is loaded (a fix needs it running)."""
+        entry = _loaded(_entry(self.hass, self._entry_id))
+        return None if entry is None else entry.runtime_data.manager
+
+    def _offer(self, *options: str) -> RepairsFlowResult:
+        """The first step as a menu of ``options``, with the issue's texts."""
+        return self.async_show_menu(
+            step_id="init",
+            menu_options=list(options),
+            description_placeholders=self._placeholders(),
+        )
+
 
 class StorageFlow(_IssueFlow):
     """The backup disk is missing or another one is mounted: check it again now."""
@@ -116,18 +130,13 @@ class UnreachableFlow(_IssueFlow):
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
         """Offer the two things there are to do."""
-        return self.async_show_menu(
-            step_id="init",
-            menu_options=["retry", "address"],
-            description_placeholders=self._placeholders(),
-        )
+        return self._offer("retry", "address")
 
     async def async_step_retry(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
         """Test the connection now: done once the peer answers."""
-        entry = _loaded(_entry(self.hass, self._entry_id))
-        if entry is None:
+        manager = self._manager()
+        if manager is None:
             return self.async_abort(reason="node_not_loaded")
-        manager = entry.runtime_data.manager
         if self._peer_id not in manager.peers:
             return self.async_abort(reason="peer_gone")
         placeholders = self._placeholders()
@@ -192,11 +201,10 @@ class BackUpAgainFlow(_IssueFlow):
         self, user_input: dict[str, Any] | None = None
     ) -> RepairsFlowResult:
         """Say what to do; on submit, start the sync (the issue comes back if it fails)."""
-        entry = _loaded(_entry(self.hass, self._entry_id))
-        if entry is None:
+        manager = self._manager()
+        if manager is None:
             return self.async_abort(reason="node_not_loaded")
         if user_input is not None:
-            manager = entry.runtime_data.manager
             for pair in manager.pairs:
                 if pair[0] == self._folder_id and self._peer_id in (None, pair[1]):
                     try:
@@ -221,18 +229,13 @@ class MassChangeFlow(_IssueFlow):
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
         """Say what the sync would do; offer to send it or not."""
-        return self.async_show_menu(
-            step_id="init",
-            menu_options=["send", "not_now"],
-            description_placeholders=self._placeholders(),
-        )
+        return self._offer("send", "not_now")
 
     async def async_step_send(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
         """Start the sync now, once, without the guard (the issue comes back if it fails)."""
-        entry = _loaded(_entry(self.hass, self._entry_id))
-        if entry is None:
+        manager = self._manager()
+        if manager is None:
             return self.async_abort(reason="node_not_loaded")
-        manager = entry.runtime_data.manager
         if self._pair not in manager.pairs:
             return self.async_abort(reason="pair_gone")
         try:
@@ -405,10 +408,9 @@ class ConvertFlow(_IssueFlow):
         self, user_input: dict[str, Any] | None = None
     ) -> RepairsFlowResult:
         """Say what a conversion does; on submit, start it on every peer of the folder."""
-        entry = _loaded(_entry(self.hass, self._entry_id))
-        if entry is None:
+        manager = self._manager()
+        if manager is None:
             return self.async_abort(reason="node_not_loaded")
-        manager = entry.runtime_data.manager
         if self._folder_id not in manager.folders:
             return self.async_abort(reason="folder_gone")
         self._shown = self._placeholders()
