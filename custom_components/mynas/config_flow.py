@@ -356,18 +356,7 @@ class MyNasOptionsFlow(RestoreSteps, OptionsFlowWithReload):
                         )
                     ),
                     # 0: never hold (every change goes through unasked).
-                    vol.Required(CONF_MASS_CHANGE, default=held): vol.All(
-                        NumberSelector(
-                            NumberSelectorConfig(
-                                min=0,
-                                max=100,
-                                step=1,
-                                mode=NumberSelectorMode.BOX,
-                                unit_of_measurement="%",
-                            )
-                        ),
-                        vol.Coerce(int),
-                    ),
+                    vol.Required(CONF_MASS_CHANGE, default=held): _whole(0, 100, "%"),
                 }
             ),
             errors=errors,
@@ -412,20 +401,7 @@ class MyNasOptionsFlow(RestoreSteps, OptionsFlowWithReload):
         return self.async_show_form(
             step_id="verify",
             data_schema=vol.Schema(
-                {
-                    vol.Required(CONF_VERIFY_DAYS, default=days): vol.All(
-                        NumberSelector(
-                            NumberSelectorConfig(
-                                min=0,
-                                max=365,
-                                step=1,
-                                mode=NumberSelectorMode.BOX,
-                                unit_of_measurement="d",
-                            )
-                        ),
-                        vol.Coerce(int),
-                    )
-                }
+                {vol.Required(CONF_VERIFY_DAYS, default=days): _whole(0, 365, "d")}
             ),
         )
 
@@ -444,14 +420,19 @@ def _rate() -> vol.All[float]:
 
 def _hours(*, minimum: int) -> vol.All[int]:
     """A whole number of hours, up to 30 days."""
+    return _whole(minimum, 24 * 30, "h")
+
+
+def _whole(minimum: int, maximum: int, unit: str) -> vol.All[int]:
+    """A whole number typed in a box, from ``minimum`` to ``maximum``, in ``unit``."""
     return vol.All(
         NumberSelector(
             NumberSelectorConfig(
                 min=minimum,
-                max=24 * 30,
+                max=maximum,
                 step=1,
                 mode=NumberSelectorMode.BOX,
-                unit_of_measurement="h",
+                unit_of_measurement=unit,
             )
         ),
         vol.Coerce(int),
