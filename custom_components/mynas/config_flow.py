@@ -32,20 +32,25 @@ from .const import (
     CONF_DOWNLOAD_LIMIT,
     CONF_INBOUND,
     CONF_KEY_FILE,
+    CONF_MASS_CHANGE,
     CONF_NODE_ID,
     CONF_NODE_NAME,
     CONF_NODE_PUBLIC_KEY,
     CONF_OVERDUE_HOURS,
     CONF_PORT,
+    CONF_RECOVERY_CODE,
     CONF_RESTORE_KEY,
     CONF_STORAGE_ROOT,
     CONF_UNREACHABLE_HOURS,
     CONF_UPLOAD_LIMIT,
     CONF_UPNP,
+    CONF_VERIFY_DAYS,
+    DEFAULT_MASS_CHANGE,
     DEFAULT_OVERDUE_HOURS,
     DEFAULT_PORT,
     DEFAULT_UNREACHABLE_HOURS,
     DEFAULT_UPNP,
+    DEFAULT_VERIFY_DAYS,
     DOMAIN,
     INBOUND_CHOICES,
     SUBENTRY_FOLDER,
@@ -55,17 +60,22 @@ from .coordinator import MyNasConfigEntry
 from .engine import (
     MAX_ADDRESSES,
     MAX_NODE_NAME_LENGTH,
+    Identity,
     KeyFileError,
+    RecoveryCodeError,
     StorageRootError,
     check_new_root,
     claim_root,
     copy_key,
     filesystem_identity,
+    identity_from_recovery_code,
+    install_identity,
     load_identity,
     load_or_create_identity,
 )
 from .folder_flow import FolderSubentryFlow
 from .peer_flow import PeerSubentryFlow
+from .restore_flow import RestoreSteps
 
 CONF_INVITE_CODE = "invite_code"
 
@@ -92,6 +102,11 @@ def _user_schema(defaults: dict[str, Any]) -> vol.Schema:
             vol.Optional(
                 CONF_RESTORE_KEY,
                 description={"suggested_value": defaults.get(CONF_RESTORE_KEY)},
+            ): TextSelector(),
+            # Shown again with an error, so that a typo can be corrected; never stored.
+            vol.Optional(
+                CONF_RECOVERY_CODE,
+                description={"suggested_value": defaults.get(CONF_RECOVERY_CODE)},
             ): TextSelector(),
         }
     )
@@ -122,14 +137,18 @@ def _check_name(name: str) -> dict[str, str]:
     return errors
 
 
-def _install_key(key_file: Path, restore_from: str | None) -> str:
-    """Create the node's key, or copy a previous node's key into place (blocking).
+def _install_key(key_file: Path, restore_from: str | None, recovered: Identity | None) -> str:
+    """Create the node's key, or put a previous node's key into place (blocking).
 
-    Returns the public key line. Reusing a previous node's key is how a household gets its
-    replicas back after losing a node: friends still trust that key.
+    The previous key comes from its saved file (``restore_from``) or from its recovery code
+    (``recovered``). Returns the public key line. Reusing a previous node's key is how a
+    household gets its replicas back after losing a node: friends still trust that key, and
+    the data keys of encrypted replicas derive from it.
     """
     if restore_from:
         copy_key(restore_from, key_file)
+    elif recovered is not None:
+        install_identity(recovered, key_file)
     node, _ = load_or_create_identity(key_file)
     return node.public_line
 
@@ -160,13 +179,24 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
         if user_input is not None:
             name = user_input[CONF_NODE_NAME].strip()
             restore_key = (user_input.get(CONF_RESTORE_KEY) or "").strip() or None
+            code = (user_input.get(CONF_RECOVERY_CODE) or "").strip()
+            recovered: Identity | None = None
             errors.update(_check_name(name))
-            if restore_key:
+            if restore_key and code:
+                errors["base"] = "key_and_code"
+            elif restore_key:
                 try:
                     # Read the old key before anything is written to the disk.
                     await self.hass.async_add_executor_job(load_identity, restore_key)
                 except KeyFileError:
                     errors[CONF_RESTORE_KEY] = "bad_key"
+            elif code:
+                try:
+                    recovered = await self.hass.async_add_executor_job(
+                        identity_from_recovery_code, code
+                    )
+                except RecoveryCodeError:  # its message names a character of the code: not logged
+                    errors[CONF_RECOVERY_CODE] = "bad_recovery_code"
             if not errors:
                 try:
                     path, unique_id = await self.hass.async_add_executor_job(
@@ -184,11 +214,14 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
                     key_file = Path(self.hass.config.path(DOMAIN, f"{marker.node_id}.key"))
                     try:
                         public_key = await self.hass.async_add_executor_job(
-                            _install_key, key_file, restore_key
+                            _install_key, key_file, restore_key, recovered
                         )
                     except KeyFileError:
-                        if restore_key:  # differs from the key this node already has
+                        # Differs from the key this node already has: never written over.
+                        if restore_key:
                             errors[CONF_RESTORE_KEY] = "bad_key"
+                        elif recovered is not None:
+                            errors[CONF_RECOVERY_CODE] = "other_key_here"
                         else:
                             errors["base"] = "node_key_unreadable"
                     else:
@@ -232,13 +265,17 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
         )
 
 
-class MyNasOptionsFlow(OptionsFlowWithReload):
-    """Show our invite code; set the addresses it carries, the alerts, the bandwidth limits."""
+class MyNasOptionsFlow(RestoreSteps, OptionsFlowWithReload):
+    """Show our invite code; set the addresses it carries, the alerts, the bandwidth limits.
+
+    And restore what a friend keeps for us (``restore_flow``): it changes no option.
+    """
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """Offer the three things there are to do."""
+        """Offer the five things there are to do."""
         return self.async_show_menu(
-            step_id="init", menu_options=["invite", "settings", "bandwidth"]
+            step_id="init",
+            menu_options=["invite", "settings", "bandwidth", "verify", "restore"],
         )
 
     async def async_step_invite(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
@@ -284,6 +321,7 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                             CONF_UNREACHABLE_HOURS: user_input[CONF_UNREACHABLE_HOURS],
                             CONF_UPNP: user_input[CONF_UPNP],
                             CONF_INBOUND: user_input[CONF_INBOUND],
+                            CONF_MASS_CHANGE: user_input[CONF_MASS_CHANGE],
                         }
                     )
         if user_input is None:
@@ -292,11 +330,13 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
             silent = entry.options.get(CONF_UNREACHABLE_HOURS, DEFAULT_UNREACHABLE_HOURS)
             upnp = entry.options.get(CONF_UPNP, DEFAULT_UPNP)
             inbound = entry.options.get(CONF_INBOUND, INBOUND_CHOICES[0])
+            held = entry.options.get(CONF_MASS_CHANGE, DEFAULT_MASS_CHANGE)
         else:  # show the answers again with the error: nothing typed is lost
             typed = user_input.get(CONF_ADDRESSES) or ""
             hours = user_input[CONF_OVERDUE_HOURS]
             silent = user_input[CONF_UNREACHABLE_HOURS]
             upnp, inbound = user_input[CONF_UPNP], user_input[CONF_INBOUND]
+            held = user_input[CONF_MASS_CHANGE]
         return self.async_show_form(
             step_id="settings",
             data_schema=vol.Schema(
@@ -315,6 +355,8 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                             mode=SelectSelectorMode.DROPDOWN,
                         )
                     ),
+                    # 0: never hold (every change goes through unasked).
+                    vol.Required(CONF_MASS_CHANGE, default=held): _whole(0, 100, "%"),
                 }
             ),
             errors=errors,
@@ -348,6 +390,21 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
             ),
         )
 
+    async def async_step_verify(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """How often every copy is verified at the friend's, and repaired (0: never)."""
+        entry = self.config_entry
+        if user_input is not None:
+            return self.async_create_entry(
+                data={**entry.options, CONF_VERIFY_DAYS: int(user_input[CONF_VERIFY_DAYS])}
+            )
+        days = entry.options.get(CONF_VERIFY_DAYS, DEFAULT_VERIFY_DAYS)
+        return self.async_show_form(
+            step_id="verify",
+            data_schema=vol.Schema(
+                {vol.Required(CONF_VERIFY_DAYS, default=days): _whole(0, 365, "d")}
+            ),
+        )
+
 
 def _rate() -> vol.All[float]:
     """MB/s, 0 for no limit (as a folder's own limit)."""
@@ -363,14 +420,19 @@ def _rate() -> vol.All[float]:
 
 def _hours(*, minimum: int) -> vol.All[int]:
     """A whole number of hours, up to 30 days."""
+    return _whole(minimum, 24 * 30, "h")
+
+
+def _whole(minimum: int, maximum: int, unit: str) -> vol.All[int]:
+    """A whole number typed in a box, from ``minimum`` to ``maximum``, in ``unit``."""
     return vol.All(
         NumberSelector(
             NumberSelectorConfig(
                 min=minimum,
-                max=24 * 30,
+                max=maximum,
                 step=1,
                 mode=NumberSelectorMode.BOX,
-                unit_of_measurement="h",
+                unit_of_measurement=unit,
             )
         ),
         vol.Coerce(int),

@@ -131,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("push", "send a folder's changes to a peer (nothing changed: no connection)"),
         ("restore", "copy a folder (or a path in it) back from a peer"),
         ("verify", "compare a peer's copy with the folder, without downloading"),
+        ("folders", "list the folders a peer keeps for this node (after a fire, too)"),
     ):
         sub = commands.add_parser(name, help=text)
-        if name == "restore":
+        if name in ("restore", "folders"):
             secret = sub.add_mutually_exclusive_group(required=True)
             secret.add_argument("--key")
             secret.add_argument(
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="the peer's address; several are tried in the order given",
         )
         sub.add_argument("--peer-key", required=True, metavar="PUBKEY_FILE")
+        if name == "folders":
+            continue
         sub.add_argument("--folder", required=True, help="the folder's name on the peer")
         if name == "restore":
             sub.add_argument("--to", required=True, metavar="DIR")
@@ -379,6 +382,14 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.clean or result.repair_complete else 1
 
 
+async def cmd_folders(args: argparse.Namespace) -> int:
+    """Print, as JSON, the folders the peer keeps for us (names read back with our key)."""
+    from .owner.holdings import holdings  # noqa: PLC0415 - this command only
+
+    _summary((await holdings(_restore_identity(args), _target(args))).as_dict())
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "keygen": cmd_keygen,
     "invite": cmd_invite,
@@ -387,6 +398,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "push": cmd_push,
     "restore": cmd_restore,
     "verify": cmd_verify,
+    "folders": cmd_folders,
 }
 
 

@@ -249,6 +249,12 @@ async def test_encrypted_by_default_and_restored_from_the_recovery_code(
     assert run.summary["files"] == 2
     assert without_root(snapshot(dest / "sub")) == without_root(snapshot(env.src / "sub"))
     assert (dest / "secret.txt").read_bytes() == b"the secret"
+    # What the peer keeps, listed by name with nothing but the code.
+    run = await mynas("folders", *without_key[:-2])
+    assert run.code == 0, run.err
+    assert [
+        (item["name"], item["encrypted"], item["files"]) for item in run.summary["folders"]
+    ] == [("Docs", True, 2)]
 
     # A damaged file: the others are restored, it is named, and the status says so.
     for path in env.jail.rglob("*"):
