@@ -887,25 +887,7 @@ async def ensure_node(state: NodeState) -> None:
     api, node = state.api, state.node
     entry = await api.mynas_entry()
     if entry is None:
-        node.disk.mkdir(parents=True, exist_ok=True)
-        result = await run_flow(
-            api,
-            "/api/config/config_entries/flow",
-            "mynas",
-            {
-                "user": {
-                    "node_name": node.name,
-                    "storage_root": str(node.disk),
-                    "port": node.ssh_port,
-                    "allow_same_disk": True,
-                    # The demo's nodes talk to each other only: no router is asked for a port.
-                    "upnp": False,
-                }
-            },
-        )
-        if result["type"] != "create_entry":
-            raise DemoError(f"{node.name}: setting MyNAS up failed: {result}")
-        state.entry_id = result["result"]["entry_id"]
+        await set_up(state, node.name)
         say(f"{node.name}: MyNAS set up (config flow), disk {node.disk}, port {node.ssh_port}")
         await wait_loaded(api, state.entry_id)
         await alert_at_once(state)
@@ -1772,30 +1754,31 @@ async def start_rebuilt(
     return NodeState(node, api)
 
 
-async def set_up_from_code(state: NodeState, code: str) -> None:
-    """The setup flow, with the recovery code typed in as a person copies it off paper."""
+async def set_up(state: NodeState, name: str, **more: Any) -> None:
+    """The node's setup flow on its disk and port, as the user step asks (``more`` added)."""
     api, node = state.api, state.node
     node.disk.mkdir(parents=True, exist_ok=True)
-    result = await run_flow(
-        api,
-        "/api/config/config_entries/flow",
-        "mynas",
-        {
-            "user": {
-                "node_name": "Alice",
-                "storage_root": str(node.disk),
-                "port": node.ssh_port,
-                "allow_same_disk": True,
-                "upnp": False,
-                "recovery_code": code.lower().replace("-", " "),
-            }
-        },
-    )
+    answers = {
+        "node_name": name,
+        "storage_root": str(node.disk),
+        "port": node.ssh_port,
+        "allow_same_disk": True,
+        # The demo's nodes talk to each other only: no router is asked for a port.
+        "upnp": False,
+        **more,
+    }
+    result = await run_flow(api, "/api/config/config_entries/flow", "mynas", {"user": answers})
     if result["type"] != "create_entry":
-        raise DemoError(f"{node.name}: setting MyNAS up from the recovery code failed: {result}")
+        raise DemoError(f"{node.name}: setting MyNAS up failed: {result}")
     state.entry_id = result["result"]["entry_id"]
+
+
+async def set_up_from_code(state: NodeState, code: str) -> None:
+    """The setup flow, with the recovery code typed in as a person copies it off paper."""
+    await set_up(state, "Alice", recovery_code=code.lower().replace("-", " "))
+    node = state.node
     say(f"{node.name}: MyNAS set up from Alice's recovery code, a fresh disk {node.disk}")
-    await wait_loaded(api, state.entry_id)
+    await wait_loaded(state.api, state.entry_id)
 
 
 async def check_house_fire(
