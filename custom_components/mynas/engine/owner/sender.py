@@ -18,13 +18,13 @@ import asyncio
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+import functools
 import os
 import stat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import tree
 from ..errors import HostRefused, MyNasError, PeerDiskFull, PeerUnreachable, QuotaExceeded
-from .client import PeerLink, Upload
 from .feed import Work
 from .index import IndexEntry
 from .index_writer import IndexWriter
@@ -33,8 +33,22 @@ from .run import Phase, Progress, ProgressCallback, PushResult, Reporter
 from .scanner import Action
 from .throttle import Throttle
 
-# Read large files this much per worker-thread hop (sent as several pieces).
-_READ_BLOCK = 4 * Upload.piece_size
+if TYPE_CHECKING:  # the client (and asyncssh) is loaded by the connection, when one is made
+    from .client import PeerLink, Upload
+
+
+@functools.cache
+def _block_size() -> int:
+    """Read large files this much per worker-thread hop (sent as several pieces).
+
+    Asked of the client when first needed: it is loaded with the connection, and a run with
+    nothing to send has none.
+    """
+    from .client import Upload  # noqa: PLC0415
+
+    return 4 * Upload.piece_size
+
+
 # A sealed file's blocks (a whole number of sealed chunks).
 _SEALED_BLOCK = 64 * 64 * 1024
 # The longest the push handles files without letting the event loop run other tasks.
@@ -308,7 +322,7 @@ class Sender:
         def read_ahead() -> asyncio.Future[bytes] | None:
             if position >= entry.size:
                 return None
-            size = min(_READ_BLOCK, entry.size - position)
+            size = min(_block_size(), entry.size - position)
             return self._in_reader(_read_block, fd, position, size, digest)
 
         ahead = read_ahead()
@@ -524,7 +538,7 @@ def _hash_prefix(fd: int, length: int, digest: Any) -> bool:
     """Hash the first ``length`` bytes; False if the file is shorter now."""
     position = 0
     while position < length:
-        block = os.pread(fd, min(_READ_BLOCK, length - position), position)
+        block = os.pread(fd, min(_block_size(), length - position), position)
         if not block:
             return False
         digest.update(block)
