@@ -166,3 +166,28 @@ def test_other_targets_met_missed_and_failed() -> None:
     [(_, value, ok)] = bench.other_targets(_entry(2.0, 5.0, rclone="bad"), "x")
     assert ok
     assert value == "2.00x (rclone crypt 5.00x, its check failed)"
+
+
+def test_import_times_of_a_real_push_import() -> None:
+    code = f"import {bench.ENGINE}.__main__, {bench.ENGINE}.owner.push"
+    err = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stderr
+    found = bench.import_times(err)
+    assert found["asyncssh"] is False  # a push loads it only to connect
+    names = [name for name, _ in found["top"]]
+    assert len(names) == 5
+    assert all(not name.startswith(" ") for name in names)
+    assert found["total_ms"] >= max(ms for _, ms in found["top"]) > 0
+    with_ssh = bench.import_times(err + "import time:       5 |      7000 | asyncssh\n")
+    assert with_ssh["asyncssh"] is True
+    assert with_ssh["total_ms"] == pytest.approx(found["total_ms"] + 7.0)
+    assert bench.import_times("import time: self [us] | cumulative | imported package\n") == {
+        "total_ms": 0,
+        "top": [],
+        "asyncssh": False,
+    }
