@@ -28,7 +28,12 @@ Then, by mode:
   listed on Alice, its archive is on Bob's disk in Alice's space, sealed: opened with
   Alice's key it equals her own copy, and downloading it through HA gives those bytes too);
   then stops Bob and checks that Alice's next sync fails and raises the "unreachable" repair
-  issue; prints a summary, stops, and exits 0 (all good) or 1 (CI runs it);
+  issue; then the house fire: Alice saves her recovery kit (its repair issue's fix flow
+  shows the code and a QR code, and goes only once the box is ticked), her node is stopped
+  (it burnt), Bob starts again, and a third, fresh Home Assistant ("Rebuilt", on free ports)
+  is set up from Alice's recovery code with an empty disk, pastes Bob's invite code and
+  restores Family from Bob with ``mynas.restore``: byte-identical with Alice's folder;
+  prints a summary, stops, and exits 0 (all good) or 1 (CI runs it);
 - ``--exec CMD ...``: runs CMD with the demo's URLs and login in its environment
   (MYNAS_DEMO_*), then stops and exits with CMD's status (``scripts/screenshots`` uses it).
 
@@ -76,6 +81,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from custom_components.mynas.engine import (  # noqa: E402
     identity as identity_codec,
     invite as invite_codec,
+    recovery_code as recovery_codec,
 )
 from custom_components.mynas.engine.owner import sealed  # noqa: E402
 from custom_components.mynas.engine.owner.backup_area import SealedArea  # noqa: E402
@@ -844,6 +850,22 @@ async def alert_at_once(state: NodeState) -> None:
     say(f"{state.node.name}: alerts when the other node is unreachable at once (options flow)")
 
 
+async def change_settings(state: NodeState, **changes: Any) -> None:
+    """Submit the node's "Addresses and alerts" with ``changes``, the rest as shown."""
+    api = state.api
+    base = "/api/config/config_entries/options/flow"
+    menu = await api.post(base, {"handler": state.entry_id})
+    form = await api.post(f"{base}/{menu['flow_id']}", {"next_step_id": "settings"})
+    shown = {
+        field["name"]: field["default"]
+        for field in form.get("data_schema", [])
+        if "default" in field
+    }
+    done = await api.post(f"{base}/{form['flow_id']}", {**shown, **changes})
+    if done["type"] != "create_entry":
+        raise DemoError(f"{state.node.name}: changing its settings failed: {done}")
+
+
 async def read_invite_code(state: NodeState) -> None:
     """Read the node's invite code from the options flow's "Show our invite code" step."""
     api = state.api
@@ -1298,6 +1320,69 @@ def _tar_slug(path: Path) -> str | None:
         return None
 
 
+async def check_address_change(states: tuple[NodeState, NodeState], checks: Checks) -> None:
+    """Bob's node moves to another port; Alice's next sync finds it, nothing edited on her side.
+
+    Bob changes his own node (its port and the address he gives friends, as after a move);
+    his next sync to Alice tells her node where he is now, over the connection her node
+    trusts by his key.
+    Then Bob moves back, the same way, so that a demo directory stays usable.
+    """
+    alice, bob = states
+    moves = range(bob.node.ssh_port + 100, bob.node.ssh_port + 200)
+    new_port = next(port for port in moves if ssh_port_free(port))
+    found: list[str] = []
+    for port in (new_port, bob.node.ssh_port):
+        flow = await bob.api.post(
+            "/api/config/config_entries/flow", {"handler": "mynas", "entry_id": bob.entry_id}
+        )
+        done = await bob.api.post(
+            f"/api/config/config_entries/flow/{flow['flow_id']}",
+            {"node_name": bob.node.name, "port": port},
+        )
+        if done.get("reason") != "reconfigure_successful":
+            raise DemoError(f"{bob.node.name}: moving to port {port} failed: {done}")
+        await wait_loaded(bob.api, bob.entry_id)
+        # The address he gives friends: typed at the new place (back home: none, as before).
+        await change_settings(bob, addresses="127.0.0.1" if port == new_port else "")
+        await wait_loaded(bob.api, bob.entry_id)
+        await sync_now(bob)  # Bob → Alice: announces where he is now
+        reply = await alice.api.post(
+            "/api/services/mynas/sync?return_response", {"folder": FOLDER, "wait": True}
+        )
+        results = reply["service_response"]["results"]
+        in_use = await peer_address(alice)
+        outcome = ", ".join(str(r.get("status")) for r in results) or "nothing ran"
+        say(
+            f"{bob.node.name} moved to port {port}; {alice.node.name}'s next sync: {outcome},"
+            f" reaching him at {in_use}"
+        )
+        if not results or any(r.get("status") != "success" for r in results):
+            found.append(f"with Bob on port {port} her sync gave {results}")
+        elif in_use != f"127.0.0.1:{port}":
+            found.append(f"with Bob on port {port} her node says it reached him at {in_use}")
+    checks.record(
+        f"{alice.node.name}: Bob's node moved (port {bob.node.ssh_port} → {new_port} and"
+        " back) and her next sync found it, nothing edited on her side",
+        found,
+    )
+
+
+async def peer_address(state: NodeState) -> str | None:
+    """The state of the node's "Address in use" sensor for its peer."""
+    entity = next(
+        (
+            e["entity_id"]
+            for e in await state.api.mynas_entities()
+            if e.get("translation_key") == "peer_address"
+            and e["config_subentry_id"] == state.peer_id
+        ),
+        None,
+    )
+    current = (await state.api.states()).get(entity or "")
+    return None if current is None else str(current["state"])
+
+
 async def check_peer_stopped(
     states: tuple[NodeState, NodeState], other: Instance, checks: Checks
 ) -> None:
@@ -1327,6 +1412,205 @@ async def check_peer_stopped(
         []
         if issues and issues[0]["translation_placeholders"]["peer"] == other.node.name
         else [f"mynas issues: {[i for i in listed['issues'] if i['domain'] == 'mynas']}"],
+    )
+
+
+# --- after a house fire: a new node from the recovery kit ------------------------------------
+
+# The third node: a fresh Home Assistant that the household sets up after losing Alice's.
+REBUILT = "Rebuilt"
+QR_URI = "data:image/svg+xml;base64,"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for the rebuilt node, made afresh at each check)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def kit_issue(state: NodeState) -> dict[str, Any] | None:
+    """The node's "Save your recovery kit" repair issue, if it is raised."""
+    listed = await state.api.ws("repairs/list_issues")
+    wanted = f"recovery_kit_{state.entry_id}"
+    return next(
+        (i for i in listed["issues"] if i["domain"] == "mynas" and i["issue_id"] == wanted),
+        None,
+    )
+
+
+def code_from_key(config: Path) -> str:
+    """The recovery code as the engine's command line prints it from the node's key file."""
+    [key_file] = (config / "mynas").glob("*.key")
+    command = [sys.executable, "-m", "custom_components.mynas.engine", "recovery-code"]
+    done = subprocess.run(
+        [*command, "--key", str(key_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+    )
+    return done.stdout.strip()
+
+
+async def save_recovery_kit(state: NodeState, checks: Checks) -> str:
+    """Alice opens "Save your recovery kit", keeps the code it shows, and confirms it.
+
+    Returns the code. A demo directory whose kit was confirmed in an earlier run has no
+    issue left: the code is then read from the key file with the engine's command line.
+    """
+    api, name = state.api, state.node.name
+    issue = await kit_issue(state)
+    if issue is None:
+        code = await asyncio.to_thread(code_from_key, state.node.config)
+        say(f"{name}: the recovery kit was saved in an earlier run; code read from the key file")
+        return code
+    fix = "/api/repairs/issues/fix"
+    form = await api.post(fix, {"handler": "mynas", "issue_id": issue["issue_id"]})
+    shown = form.get("description_placeholders") or {}
+    code, qr = shown.get("code", ""), shown.get("qr", "")
+    try:
+        recovery_codec.decode(code)
+        problems = [] if qr.startswith(QR_URI) else [f"no QR image: {qr[:60]!r}"]
+    except recovery_codec.RecoveryCodeError as err:
+        problems = [f"the code shown does not read back: {err}"]
+    checks.record(
+        f"{name}: the recovery kit issue shows the recovery code and its QR code", problems
+    )
+    refused = await api.post(f"{fix}/{form['flow_id']}", {"stored": False})
+    kept = await kit_issue(state)
+    done = await api.post(f"{fix}/{form['flow_id']}", {"stored": True})
+    gone = await kit_issue(state)
+    checks.record(
+        f"{name}: the kit issue stays until the box is ticked, then goes",
+        []
+        if refused.get("errors") == {"stored": "kit_not_stored"}
+        and kept is not None
+        and done["type"] == "create_entry"
+        and gone is None
+        else [f"unticked: {refused}, then {done}; issue left: {gone}"],
+    )
+    say(f"{name}: recovery kit saved (the code is kept outside the house)")
+    return code
+
+
+async def start_rebuilt(
+    node: Node, login: hb.Login, session: aiohttp.ClientSession, instances: list[Instance]
+) -> NodeState:
+    """A fresh Home Assistant for the rebuilt node (an earlier run's is removed first)."""
+    shutil.rmtree(node.home, ignore_errors=True)
+    await asyncio.to_thread(
+        hb.prepare_config_dir, node.config, node.ha_port, login.username, login.password, node.name
+    )
+    # The restore goes to a folder of this machine: Home Assistant must be allowed to write it.
+    (node.home / "restored").mkdir(parents=True)
+    yaml_path = node.config / "configuration.yaml"
+    allowed = json.dumps(str(node.home / "restored"))
+    text = yaml_path.read_text(encoding="utf-8")
+    text = text.replace(
+        "homeassistant:\n", f"homeassistant:\n  allowlist_external_dirs:\n    - {allowed}\n", 1
+    )
+    yaml_path.write_text(text, encoding="utf-8")
+    inst = Instance(node)
+    instances.append(inst)
+    say(f"starting {node.name}'s Home Assistant on {node.url} (a fresh one; log: {node.log})")
+    inst.start()
+    api = await wait_running(inst, session, login)
+    say(f"{node.name} is running")
+    return NodeState(node, api)
+
+
+async def set_up_from_code(state: NodeState, code: str) -> None:
+    """The setup flow, with the recovery code typed in as a person copies it off paper."""
+    api, node = state.api, state.node
+    node.disk.mkdir(parents=True, exist_ok=True)
+    result = await run_flow(
+        api,
+        "/api/config/config_entries/flow",
+        "mynas",
+        {
+            "user": {
+                "node_name": "Alice",
+                "storage_root": str(node.disk),
+                "port": node.ssh_port,
+                "allow_same_disk": True,
+                "upnp": False,
+                "recovery_code": code.lower().replace("-", " "),
+            }
+        },
+    )
+    if result["type"] != "create_entry":
+        raise DemoError(f"{node.name}: setting MyNAS up from the recovery code failed: {result}")
+    state.entry_id = result["result"]["entry_id"]
+    say(f"{node.name}: MyNAS set up from Alice's recovery code, a fresh disk {node.disk}")
+    await wait_loaded(api, state.entry_id)
+
+
+async def check_house_fire(
+    states: tuple[NodeState, NodeState],
+    starting: Awaitable[NodeState],
+    instances: list[Instance],
+    login: hb.Login,
+    checks: Checks,
+) -> None:
+    """Alice's house burns: a new node, her recovery code and Bob's invite code get it all back.
+
+    Alice's node is stopped first: it burnt. (Were it still running, Bob would know two nodes
+    by one pinned key, and might dial the old one's address for her.) Bob, stopped by the
+    previous check, is started again. The new node's Home Assistant (``starting``: started
+    while the other checks ran, MyNAS not set up) is set up from the code with a fresh
+    storage root, pastes Bob's invite code (Bob still trusts her key: the same identity, so
+    Bob does nothing), and restores Family from Bob into an empty folder with mynas.restore.
+    """
+    alice, bob = states
+    code = await save_recovery_kit(alice, checks)
+    by_node = {inst.node.name: inst for inst in instances}
+    bob_inst = by_node[bob.node.name]
+
+    async def alice_burns() -> None:
+        await asyncio.to_thread(stop_all, [by_node[alice.node.name]])
+        say(f"{alice.node.name}'s house burns down: her node is gone, her recovery code is not")
+
+    async def bob_again() -> None:
+        if bob_inst.exit_code is not None:
+            say(f"starting {bob.node.name}'s Home Assistant again")
+            bob_inst.start()
+            bob.api = await wait_running(bob_inst, bob.api.session, login)
+            await wait_loaded(bob.api, bob.entry_id)
+
+    _, _, rebuilt = await asyncio.gather(alice_burns(), bob_again(), starting)
+    node = rebuilt.node
+    await set_up_from_code(rebuilt, code)
+    await read_invite_code(rebuilt)
+    theirs = invite_codec.decode(alice.code).fingerprint
+    ours = invite_codec.decode(rebuilt.code).fingerprint
+    checks.record(
+        f"{REBUILT}: set up from Alice's recovery code, it has Alice's identity ({ours})",
+        [] if ours == theirs else [f"its key is {ours}, Alice's was {theirs}"],
+    )
+    checks.record(
+        f"{REBUILT}: a new node asks for its recovery kit too",
+        [] if await kit_issue(rebuilt) is not None else ["no recovery kit issue"],
+    )
+    await ensure_peer(rebuilt, bob)
+    target = node.home / "restored" / FOLDER
+    reply = await rebuilt.api.post(
+        "/api/services/mynas/restore?return_response",
+        {"folder": FOLDER, "peer": bob.node.name, "target": str(target)},
+    )
+    restored = reply["service_response"]
+    say(
+        f"{REBUILT}: restored {restored['folder']} from {restored['peer']}: {restored['files']}"
+        f" files, {restored['size']} in {restored['seconds']} s into {target}"
+    )
+    problems = await asyncio.to_thread(compare_trees, alice.node.folder, target)
+    if restored.get("failed"):
+        problems.append(f"failed authentication: {restored.get('failures')}")
+    count = sum(1 for rel in tree(alice.node.folder) if not excluded(rel))
+    checks.record(
+        f"{REBUILT}: Alice's {FOLDER} ({count} entries), restored from {bob.node.name} with"
+        " mynas.restore, is byte-identical",
+        problems,
     )
 
 
@@ -1422,10 +1706,15 @@ async def run(
         states = await bring_up(nodes, instances, login, session)
         say(f"both nodes are up, paired and synced ({time.monotonic() - _T0:.0f} s)")
         if args.headless_check:
+            # The house fire's new Home Assistant starts meanwhile (MyNAS not set up yet).
+            rebuilt = Node(REBUILT, free_port(), free_port(), base)
+            starting = asyncio.create_task(start_rebuilt(rebuilt, login, session, instances))
             checks = await headless_check(states)
             await check_ha_backup(states, checks)
+            await check_address_change(states, checks)
             bob = next(inst for inst in instances if inst.node is states[1].node)
             await check_peer_stopped(states, bob, checks)
+            await check_house_fire(states, starting, instances, login, checks)
             CLOSING.append(checks.line)
             print()
             if checks.failed:
@@ -1436,8 +1725,10 @@ async def run(
                 " byte-identical, both last-backup sensors are set, the peers are connected,"
                 " no entity reads unknown at rest, every text is written out (en, fr),"
                 " the dashboard's entities exist, the blueprints load, Home Assistant's own"
-                " backup is kept at Bob and comes back byte-identical, a stopped peer raises"
-                " its repair issue"
+                " backup is kept at Bob and comes back byte-identical, Bob's node moved and"
+                " Alice found it, a stopped peer raises its repair issue, and after a house"
+                " fire a new node set up from Alice's recovery code gets her folder back from"
+                " Bob, byte-identical"
             )
             return 0
         if args.exec:

@@ -15,6 +15,8 @@
 //   docs/folder-daily.png    daily: a time without seconds
 //   docs/repair-issue.png    a repair issue (Bob's node stopped): since when, what is not
 //                            copied, try again now or change the address
+//   docs/recovery-kit.png    the "Save your recovery kit" repair issue's dialog: the recovery
+//                            code, its QR code, when it is needed (the kit is not confirmed)
 //   docs/restore-form.png    Developer tools -> Actions -> mynas.restore, with its selectors
 //   docs/dashboard.png       the MyNAS dashboard (dashboards/mynas.yaml)
 //   docs/dashboard-fr.png    the same in French (dashboards/mynas.fr.yaml), Home Assistant
@@ -304,6 +306,33 @@ async function repairIssue(browser, page, url) {
   }
 }
 
+async function recoveryKit(page, url) {
+  // Settings -> Repairs -> "Save the recovery kit of Alice": the code, its QR code, the box.
+  await goto(page, `${url}/config/repairs`);
+  await page.getByText('Save the recovery kit of Alice').first().waitFor();
+  await settle(page, 800);
+  await page.getByText('Save the recovery kit of Alice').first().click();
+  const dialog = page.locator('dialog-data-entry-flow').first();
+  await dialog.getByText('I stored the recovery code outside the house').first().waitFor();
+  // The QR code is an image in the description's markdown: wait until it is drawn.
+  await page.waitForFunction(() => {
+    const find = (root) => {
+      for (const el of root.querySelectorAll('*')) {
+        if (el.tagName === 'IMG' && el.src.startsWith('data:image/svg+xml')) return el;
+        const inner = el.shadowRoot && find(el.shadowRoot);
+        if (inner) return inner;
+      }
+      return null;
+    };
+    const img = find(document);
+    return img && img.complete && img.naturalWidth > 0;
+  });
+  await settle(page, 800);
+  await shot(page, 'recovery-kit.png', true);
+  await page.keyboard.press('Escape');
+  await page.setViewportSize(VIEWPORT);
+}
+
 async function restoreForm(page, url) {
   // Developer tools -> Actions -> mynas.restore: folder and peer picked as devices.
   await goto(page, url);
@@ -331,15 +360,26 @@ async function dashboardFrench(browser, url) {
   // The French dashboard (dashboards/mynas.fr.yaml), with Home Assistant itself in French.
   const { context, page } = await openHass(browser, url, 'fr');
   await goto(page, url);
-  await callWS(page, { type: 'config/core/update', language: 'fr' });
+  // Entity names are translated when the entry loads: reload it in each language.
+  const entry = await mynasEntry(page);
+  const reload = (language) =>
+    page.evaluate(
+      async ({ id, lang }) => {
+        const hass = document.querySelector('home-assistant').hass;
+        await hass.callWS({ type: 'config/core/update', language: lang });
+        await hass.callApi('POST', `config/config_entries/entry/${id}/reload`);
+      },
+      { id: entry, lang: language },
+    );
+  await reload('fr');
   try {
     await goto(page, `${url}/${env('MYNAS_DEMO_DASHBOARD_FR')}/sauvegardes`);
     await page.locator('hui-gauge-card').first().waitFor();
-    await page.getByText('Dernière sauvegarde vers Bob').first().waitFor();
+    await page.getByText('Copie chez Bob').first().waitFor();
     await settle(page, 2500);
     await shot(page, 'dashboard-fr.png', true);
   } finally {
-    await callWS(page, { type: 'config/core/update', language: 'en' });
+    await reload('en');
     await context.close();
   }
 }
@@ -367,6 +407,7 @@ async function main() {
     if (wanted('pairing')) await pairing(page, url);
     if (wanted('folder')) await folderDialog(page, url);
     if (wanted('repair')) await repairIssue(browser, page, url);
+    if (wanted('kit')) await recoveryKit(page, url);
     if (wanted('restore')) await restoreForm(page, url);
     if (wanted('dashboard')) await dashboard(page, url);
     if (wanted('french')) await dashboardFrench(browser, url);

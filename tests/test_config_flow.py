@@ -20,11 +20,12 @@ from custom_components.mynas.const import (
     CONF_NODE_NAME,
     CONF_NODE_PUBLIC_KEY,
     CONF_PORT,
+    CONF_RECOVERY_CODE,
     CONF_RESTORE_KEY,
     CONF_STORAGE_ROOT,
     DOMAIN,
 )
-from custom_components.mynas.engine import identity, storage_root
+from custom_components.mynas.engine import identity, recovery_code, storage_root
 
 from .flow_support import assert_translated
 
@@ -338,3 +339,104 @@ async def test_reconfigure_bad_name(hass: HomeAssistant, node_entry: MockConfigE
     # The form shows what was typed.
     assert result["data_schema"]({})[CONF_PORT] == 9000
     assert node_entry.data[CONF_NODE_NAME] == "Alice"
+
+
+def _with_code(form: dict, code: str) -> dict:
+    return {**form, CONF_RECOVERY_CODE: code}
+
+
+async def test_recovery_code_brings_back_the_same_identity(
+    hass: HomeAssistant, usb_disk: Path, old_key: identity.Identity
+) -> None:
+    """After a house fire: the code alone gives the new node the old key (friends' pins hold)."""
+    code = recovery_code.of(old_key)
+    typed = f"  {code.lower().replace('-', ' ')} "  # as a person may type it from paper
+    flow_id = await _start(hass)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, _with_code(_form("Alice", usb_disk), typed)
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    data = result["data"]
+    assert data[CONF_NODE_PUBLIC_KEY] == old_key.public_line
+    key_file = Path(data[CONF_KEY_FILE])
+    assert key_file == Path(hass.config.path(DOMAIN, f"{data[CONF_NODE_ID]}.key"))
+    restored = identity.load(key_file)
+    assert restored.fingerprint == old_key.fingerprint
+    assert identity.private_seed(restored) == identity.private_seed(old_key)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    # The code itself is kept nowhere in the entry.
+    stored = repr((result["data"], result["options"], result["title"]))
+    assert code not in stored
+    assert code.replace("-", "") not in stored
+    assert CONF_RECOVERY_CODE not in data
+
+
+async def test_recovery_code_typo_is_refused_and_kept_to_correct(
+    hass: HomeAssistant, usb_disk: Path, old_key: identity.Identity
+) -> None:
+    code = recovery_code.of(old_key)
+    # One character changed: the checksum catches it.
+    wrong = code[:-1] + ("0" if code[-1] != "0" else "1")
+    flow_id = await _start(hass)
+    for typo in (wrong, code[:-5], code.replace(code[0], "U", 1)):
+        result = await hass.config_entries.flow.async_configure(
+            flow_id, _with_code(_form("Alice", usb_disk), typo)
+        )
+        assert result["type"] is FlowResultType.FORM
+        assert result["errors"] == {CONF_RECOVERY_CODE: "bad_recovery_code"}
+        assert_translated(result, "config")
+        # Nothing was written to the disk, and the code is shown again to be corrected.
+        assert storage_root.read_marker(usb_disk) is None
+        assert result["data_schema"]({})[CONF_STORAGE_ROOT] == str(usb_disk)
+        suggested = {
+            str(key): key.description.get("suggested_value")
+            for key in result["data_schema"].schema
+            if key.description
+        }
+        assert suggested[CONF_RECOVERY_CODE] == typo
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, _with_code(_form("Alice", usb_disk), code)
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_NODE_PUBLIC_KEY] == old_key.public_line
+
+
+async def test_key_file_and_recovery_code_together_are_refused(
+    hass: HomeAssistant, usb_disk: Path, tmp_path: Path, old_key: identity.Identity
+) -> None:
+    flow_id = await _start(hass)
+    form = _with_code(
+        _with_key(_form("Alice", usb_disk), tmp_path / "saved" / "saved.key"),
+        recovery_code.of(old_key),
+    )
+    result = await hass.config_entries.flow.async_configure(flow_id, form)
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "key_and_code"}
+    assert_translated(result, "config")
+    assert storage_root.read_marker(usb_disk) is None
+    # Either one alone is accepted.
+    result = await hass.config_entries.flow.async_configure(flow_id, {**form, CONF_RESTORE_KEY: ""})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_NODE_PUBLIC_KEY] == old_key.public_line
+
+
+async def test_recovery_code_of_another_key_than_the_one_in_place(
+    hass: HomeAssistant, usb_disk: Path, old_key: identity.Identity
+) -> None:
+    """The node's key is still in place: the code's key is not written over it."""
+    marker = storage_root.claim_root(usb_disk, "Alice")
+    key_file = Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+    current, _ = identity.load_or_create(key_file)
+    flow_id = await _start(hass)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, _with_code(_form("Alice", usb_disk), recovery_code.of(old_key))
+    )
+    assert result["errors"] == {CONF_RECOVERY_CODE: "other_key_here"}
+    assert_translated(result, "config")
+    assert identity.load(key_file) == current
+    # The code of the key in place is accepted (a reinstall that kept its key).
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, _with_code(_form("Alice", usb_disk), recovery_code.of(current))
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_NODE_PUBLIC_KEY] == current.public_line

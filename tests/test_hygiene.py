@@ -110,6 +110,7 @@ def test_manifest_order_and_keys() -> None:
             "async-upnp-client==0.48.2",
             "asyncssh==2.24.0",
             "psutil==7.2.2",
+            "PyQRCode==1.2.1",
             "watchdog==6.0.0",
         }
         <= pins
@@ -121,6 +122,7 @@ def test_manifest_order_and_keys() -> None:
         ("psutil", "systemmonitor"),
         ("watchdog", "folder_watcher"),
         ("async-upnp-client", "upnp"),
+        ("PyQRCode", "homekit"),
     ):
         theirs = json.loads((core / integration / "manifest.json").read_text())["requirements"]
         ours = [pin for pin in manifest["requirements"] if pin.startswith(f"{library}==")]

@@ -17,7 +17,7 @@ from homeassistant.helpers import entity_registry as er, issue_registry as ir
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from custom_components.mynas import reach
+from custom_components.mynas import reach, sensor as sensor_platform
 from custom_components.mynas.const import CONF_ADDRESSES, CONF_PORT, CONF_UPNP, DOMAIN
 from custom_components.mynas.engine import upnp
 
@@ -60,7 +60,7 @@ async def test_the_button_checks_and_the_sensors_say_reachable(
     ours = f"127.0.0.1:{node_entry.data[CONF_PORT]}"
     await _start(hass, node_entry, bob, [ours])
     sensor = _entity(hass, "sensor", "reachability")
-    assert hass.states.get(sensor).state == "unknown"  # not checked yet
+    assert hass.states.get(sensor).state == "not_checked"  # not checked yet
     await hass.services.async_call(
         "button",
         "press",
@@ -150,3 +150,10 @@ async def test_upnp_maps_the_port_on_the_router(
         await hass.config_entries.async_unload(node_entry.entry_id)
         await hass.async_block_till_done()
         assert WanIpConnection.mappings == {}  # removed when the entry unloads
+
+
+def test_a_check_nobody_answered_reads_not_checked() -> None:
+    """The engine's "unknown" would show as Home Assistant's own "Unknown": not checked."""
+    assert sensor_platform._cause(None) == "not_checked"
+    assert sensor_platform._cause({"cause": "unknown"}) == "not_checked"
+    assert sensor_platform._cause({"cause": "port_closed"}) == "port_closed"

@@ -36,6 +36,7 @@ from .engine import (
     BackupMissing,
     HostKeyMismatch,
     MyNasError,
+    NewBackup,
     PeerConfig,
     PeerDiskFull,
     PeerUnreachable,
@@ -108,10 +109,7 @@ class MyNasBackupAgent(BackupAgent):
         with self._translated(backup.backup_id, writing=True):
             await node.upload_backup(
                 self._peer_id,
-                backup.backup_id,
-                backup.as_dict(),
-                backup.size,
-                open_stream,
+                NewBackup(backup.backup_id, backup.as_dict(), backup.size, open_stream),
                 progress=progress,
             )
 

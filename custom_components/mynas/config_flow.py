@@ -37,6 +37,7 @@ from .const import (
     CONF_NODE_PUBLIC_KEY,
     CONF_OVERDUE_HOURS,
     CONF_PORT,
+    CONF_RECOVERY_CODE,
     CONF_RESTORE_KEY,
     CONF_STORAGE_ROOT,
     CONF_UNREACHABLE_HOURS,
@@ -55,12 +56,16 @@ from .coordinator import MyNasConfigEntry
 from .engine import (
     MAX_ADDRESSES,
     MAX_NODE_NAME_LENGTH,
+    Identity,
     KeyFileError,
+    RecoveryCodeError,
     StorageRootError,
     check_new_root,
     claim_root,
     copy_key,
     filesystem_identity,
+    identity_from_recovery_code,
+    install_identity,
     load_identity,
     load_or_create_identity,
 )
@@ -93,6 +98,11 @@ def _user_schema(defaults: dict[str, Any]) -> vol.Schema:
                 CONF_RESTORE_KEY,
                 description={"suggested_value": defaults.get(CONF_RESTORE_KEY)},
             ): TextSelector(),
+            # Shown again with an error, so that a typo can be corrected; never stored.
+            vol.Optional(
+                CONF_RECOVERY_CODE,
+                description={"suggested_value": defaults.get(CONF_RECOVERY_CODE)},
+            ): TextSelector(),
         }
     )
 
@@ -122,14 +132,18 @@ def _check_name(name: str) -> dict[str, str]:
     return errors
 
 
-def _install_key(key_file: Path, restore_from: str | None) -> str:
-    """Create the node's key, or copy a previous node's key into place (blocking).
+def _install_key(key_file: Path, restore_from: str | None, recovered: Identity | None) -> str:
+    """Create the node's key, or put a previous node's key into place (blocking).
 
-    Returns the public key line. Reusing a previous node's key is how a household gets its
-    replicas back after losing a node: friends still trust that key.
+    The previous key comes from its saved file (``restore_from``) or from its recovery code
+    (``recovered``). Returns the public key line. Reusing a previous node's key is how a
+    household gets its replicas back after losing a node: friends still trust that key, and
+    the data keys of encrypted replicas derive from it.
     """
     if restore_from:
         copy_key(restore_from, key_file)
+    elif recovered is not None:
+        install_identity(recovered, key_file)
     node, _ = load_or_create_identity(key_file)
     return node.public_line
 
@@ -160,13 +174,24 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
         if user_input is not None:
             name = user_input[CONF_NODE_NAME].strip()
             restore_key = (user_input.get(CONF_RESTORE_KEY) or "").strip() or None
+            code = (user_input.get(CONF_RECOVERY_CODE) or "").strip()
+            recovered: Identity | None = None
             errors.update(_check_name(name))
-            if restore_key:
+            if restore_key and code:
+                errors["base"] = "key_and_code"
+            elif restore_key:
                 try:
                     # Read the old key before anything is written to the disk.
                     await self.hass.async_add_executor_job(load_identity, restore_key)
                 except KeyFileError:
                     errors[CONF_RESTORE_KEY] = "bad_key"
+            elif code:
+                try:
+                    recovered = await self.hass.async_add_executor_job(
+                        identity_from_recovery_code, code
+                    )
+                except RecoveryCodeError:  # its message names a character of the code: not logged
+                    errors[CONF_RECOVERY_CODE] = "bad_recovery_code"
             if not errors:
                 try:
                     path, unique_id = await self.hass.async_add_executor_job(
@@ -184,11 +209,14 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
                     key_file = Path(self.hass.config.path(DOMAIN, f"{marker.node_id}.key"))
                     try:
                         public_key = await self.hass.async_add_executor_job(
-                            _install_key, key_file, restore_key
+                            _install_key, key_file, restore_key, recovered
                         )
                     except KeyFileError:
-                        if restore_key:  # differs from the key this node already has
+                        # Differs from the key this node already has: never written over.
+                        if restore_key:
                             errors[CONF_RESTORE_KEY] = "bad_key"
+                        elif recovered is not None:
+                            errors[CONF_RECOVERY_CODE] = "other_key_here"
                         else:
                             errors["base"] = "node_key_unreadable"
                     else:

@@ -17,6 +17,10 @@ CONF_ALLOW_SAME_DISK: Final = "allow_same_disk"
 CONF_KEY_FILE: Final = "key_file"
 CONF_NODE_PUBLIC_KEY: Final = "public_key"
 CONF_RESTORE_KEY: Final = "restore_key"
+# Set up from a previous node's recovery code (never stored: the key file is written).
+CONF_RECOVERY_CODE: Final = "recovery_code"
+# The user confirmed the recovery kit is kept outside the house (its issue is gone).
+CONF_KIT_SAVED: Final = "recovery_kit_saved"
 
 # Node options.
 CONF_ADDRESSES: Final = "addresses"

@@ -18,6 +18,7 @@ TO_REDACT = {
     const.CONF_NODE_PUBLIC_KEY,
     const.CONF_PATH,
     const.CONF_PUBLIC_KEY,
+    const.CONF_RECOVERY_CODE,
     const.CONF_STORAGE_ROOT,
     "presented_key",
     "error",

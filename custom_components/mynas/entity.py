@@ -90,12 +90,12 @@ def pair_unique_id_prefix(entry_id: str, folder_id: str, peer_id: str) -> str:
     return f"{entry_id}_{folder_id}_{peer_id}_"
 
 
-class NodeEntity(CoordinatorEntity[NodeCoordinator]):
-    """An entity of the node's device."""
+class _OnNodeDevice[C: NodeCoordinator | ReachCoordinator](CoordinatorEntity[C]):
+    """An entity of the node's device, unique per entry and key."""
 
     _attr_has_entity_name = True
 
-    def __init__(self, coordinator: NodeCoordinator, key: str) -> None:
+    def __init__(self, coordinator: C, key: str) -> None:
         """Attach to the node's device, unique per entry and ``key``."""
         super().__init__(coordinator)
         entry = coordinator.config_entry
@@ -103,18 +103,24 @@ class NodeEntity(CoordinatorEntity[NodeCoordinator]):
         self._attr_device_info = node_device(entry)
 
 
-class PeerHostedEntity(CoordinatorEntity[NodeCoordinator]):
-    """A figure about the space a peer uses on our disk, on the peer's device."""
+class _OnPeerDevice[C: NodeCoordinator | ReachCoordinator](_OnNodeDevice[C]):
+    """An entity of a peer's device, unique per entry, peer and key."""
 
-    _attr_has_entity_name = True
-
-    def __init__(self, coordinator: NodeCoordinator, peer: ConfigSubentry, key: str) -> None:
+    def __init__(self, coordinator: C, peer: ConfigSubentry, key: str) -> None:
         """Attach to ``peer``'s device."""
-        super().__init__(coordinator)
-        entry = coordinator.config_entry
+        super().__init__(coordinator, f"{peer.subentry_id}_{key}")
         self.peer_id = peer.subentry_id
-        self._attr_unique_id = f"{entry.entry_id}_{peer.subentry_id}_{key}"
-        self._attr_device_info = subentry_device(coordinator.hass, entry, peer, "Peer")
+        self._attr_device_info = subentry_device(
+            coordinator.hass, coordinator.config_entry, peer, "Peer"
+        )
+
+
+class NodeEntity(_OnNodeDevice[NodeCoordinator]):
+    """An entity of the node's device."""
+
+
+class PeerHostedEntity(_OnPeerDevice[NodeCoordinator]):
+    """A figure about the space a peer uses on our disk, on the peer's device."""
 
 
 class PeerStatusEntity(CoordinatorEntity[SyncCoordinator]):
@@ -162,28 +168,9 @@ class PairEntity(CoordinatorEntity[SyncCoordinator]):
         return self.coordinator.data.pairs.get(self.pair) or PairStatus()
 
 
-class ReachNodeEntity(CoordinatorEntity[ReachCoordinator]):
+class ReachNodeEntity(_OnNodeDevice[ReachCoordinator]):
     """An entity about whether friends can reach this node, on the node's device."""
 
-    _attr_has_entity_name = True
 
-    def __init__(self, coordinator: ReachCoordinator, key: str) -> None:
-        """Attach to the node's device, unique per entry and ``key``."""
-        super().__init__(coordinator)
-        entry = coordinator.config_entry
-        self._attr_unique_id = f"{entry.entry_id}_{key}"
-        self._attr_device_info = node_device(entry)
-
-
-class ReachPeerEntity(CoordinatorEntity[ReachCoordinator]):
+class ReachPeerEntity(_OnPeerDevice[ReachCoordinator]):
     """An entity about where a peer is reached, on the peer's device."""
-
-    _attr_has_entity_name = True
-
-    def __init__(self, coordinator: ReachCoordinator, peer: ConfigSubentry, key: str) -> None:
-        """Attach to ``peer``'s device."""
-        super().__init__(coordinator)
-        entry = coordinator.config_entry
-        self.peer_id = peer.subentry_id
-        self._attr_unique_id = f"{entry.entry_id}_{peer.subentry_id}_{key}"
-        self._attr_device_info = subentry_device(coordinator.hass, entry, peer, "Peer")

@@ -25,6 +25,7 @@ from .const import (
     CONF_ADDRESSES,
     CONF_INBOUND,
     CONF_KEY_FILE,
+    CONF_KIT_SAVED,
     CONF_NODE_ID,
     CONF_NODE_NAME,
     CONF_PORT,
@@ -67,6 +68,9 @@ async def async_start_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> MyNa
     started when it fails.
     """
     data = entry.data
+    if not data.get(CONF_KIT_SAVED):
+        # Whatever else happens: the kit matters most when the disk is gone.
+        issues.recovery_kit(hass, entry.entry_id, data[CONF_NODE_NAME])
     root = data[CONF_STORAGE_ROOT]
     try:
         await hass.async_add_executor_job(open_root, root, data[CONF_NODE_ID], data[CONF_NODE_NAME])

@@ -3,12 +3,15 @@
 Every issue says since when (an absolute local time: a duration would be stale as soon as
 it is shown), which folders are not copied meanwhile, and the one thing to do; where the
 user can act from the dialog, the issue is fixable (retry now, change an address, accept a
-key, keep or delete data) and its fix flow's first step carries the text.
+key, keep or delete data, confirm the recovery kit is kept) and its fix flow's first step
+carries the text. The recovery kit's issue is the one that is not about a fault: it asks
+once per node, until confirmed, for the one secret that survives the house.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
@@ -43,6 +46,20 @@ def _create(
 
 def _delete(hass: HomeAssistant, issue_id: str) -> None:
     ir.async_delete_issue(hass, DOMAIN, issue_id)
+
+
+def _raise_or_clear(
+    hass: HomeAssistant,
+    issue_id: str,
+    key: str,
+    placeholders: dict[str, str] | None,
+    **options: Any,
+) -> None:
+    """Raise ``issue_id`` (of ``key``, with ``_create``'s options); None clears it."""
+    if placeholders is None:
+        _delete(hass, issue_id)
+    else:
+        _create(hass, issue_id, key, placeholders, **options)
 
 
 def _since_before(hass: HomeAssistant, issue_id: str, key: str) -> str:
@@ -86,6 +103,23 @@ def storage_problem(
             "since": _since_before(hass, issue_id, key),
             "folders": names(folders or []),
         },
+        fixable=True,
+        data={"entry_id": entry_id},
+    )
+
+
+def recovery_kit(hass: HomeAssistant, entry_id: str, node: str) -> None:
+    """Ask the user to keep the node's recovery kit outside the house, until they confirm.
+
+    Fixable: the fix flow shows the code and its QR code (never the issue: the registry is
+    stored) and records the confirmation in the entry (``CONF_KIT_SAVED``).
+    """
+    _create(
+        hass,
+        f"recovery_kit_{entry_id}",
+        "recovery_kit",
+        {"node": node},
+        severity=ir.IssueSeverity.WARNING,
         fixable=True,
         data={"entry_id": entry_id},
     )
@@ -142,19 +176,17 @@ def unreachable(
 
     Fixable: the fix flow tries again now, or changes the peer's address.
     """
-    issue_id = f"unreachable_{peer_id}"
-    if down_since is None:
-        _delete(hass, issue_id)
-    else:
-        _create(
-            hass,
-            issue_id,
-            "peer_unreachable",
-            {"peer": peer, "since": since(down_since), "folders": names(folders or [])},
-            severity=ir.IssueSeverity.WARNING,
-            fixable=True,
-            data={"entry_id": entry_id, "peer_id": peer_id},
-        )
+    _raise_or_clear(
+        hass,
+        f"unreachable_{peer_id}",
+        "peer_unreachable",
+        None
+        if down_since is None
+        else {"peer": peer, "since": since(down_since), "folders": names(folders or [])},
+        severity=ir.IssueSeverity.WARNING,
+        fixable=True,
+        data={"entry_id": entry_id, "peer_id": peer_id},
+    )
 
 
 def quota_refused(
@@ -169,17 +201,16 @@ def quota_refused(
     Fixable: once the friend grants more space, the fix flow backs the folder up again.
     """
     issue_id = f"quota_{folder_id}_{peer_id}"
-    if placeholders is None:
-        _delete(hass, issue_id)
-    else:
-        _create(
-            hass,
-            issue_id,
-            "quota_exceeded",
-            {**placeholders, "since": _since_before(hass, issue_id, "quota_exceeded")},
-            fixable=True,
-            data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
-        )
+    _raise_or_clear(
+        hass,
+        issue_id,
+        "quota_exceeded",
+        None
+        if placeholders is None
+        else {**placeholders, "since": _since_before(hass, issue_id, "quota_exceeded")},
+        fixable=True,
+        data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
+    )
 
 
 def peer_disk_full(hass: HomeAssistant, peer_id: str, placeholders: dict[str, str] | None) -> None:
@@ -188,11 +219,7 @@ def peer_disk_full(hass: HomeAssistant, peer_id: str, placeholders: dict[str, st
     Not the quota: the host's disk has no room left (it answered "no space left on
     device", or reports next to no free space). Only the friend can free space there.
     """
-    issue_id = f"peer_disk_full_{peer_id}"
-    if placeholders is None:
-        _delete(hass, issue_id)
-    else:
-        _create(hass, issue_id, "peer_disk_full", placeholders)
+    _raise_or_clear(hass, f"peer_disk_full_{peer_id}", "peer_disk_full", placeholders)
 
 
 def folder_missing(
@@ -202,11 +229,7 @@ def folder_missing(
 
     Missing, unreadable, or empty while friends hold its files: its disk is not mounted.
     """
-    issue_id = f"folder_missing_{folder_id}"
-    if placeholders is None:
-        _delete(hass, issue_id)
-    else:
-        _create(hass, issue_id, "folder_missing", placeholders)
+    _raise_or_clear(hass, f"folder_missing_{folder_id}", "folder_missing", placeholders)
 
 
 def overdue(
@@ -217,19 +240,15 @@ def overdue(
     Fixable: the fix flow backs the folder up now (once the cause, which the text names,
     is dealt with).
     """
-    issue_id = f"overdue_{folder_id}"
-    if placeholders is None:
-        _delete(hass, issue_id)
-    else:
-        _create(
-            hass,
-            issue_id,
-            "folder_overdue",
-            placeholders,
-            severity=ir.IssueSeverity.WARNING,
-            fixable=True,
-            data={"entry_id": entry_id, "folder_id": folder_id},
-        )
+    _raise_or_clear(
+        hass,
+        f"overdue_{folder_id}",
+        "folder_overdue",
+        placeholders,
+        severity=ir.IssueSeverity.WARNING,
+        fixable=True,
+        data={"entry_id": entry_id, "folder_id": folder_id},
+    )
 
 
 def orphaned_data(hass: HomeAssistant, entry_id: str, jail: str, size: str) -> None:

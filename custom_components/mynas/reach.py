@@ -21,7 +21,9 @@ from .engine import ThreadedNode
 
 # Causes (the engine's ``reachability.Cause``) that get a repair issue, each its own text.
 ISSUE_CAUSES = ("port_closed", "other_host", "no_inbound", "no_address")
-CAUSES = ("reachable", *ISSUE_CAUSES, "unknown")
+# "not_checked": no check yet, or no friend could be asked (the engine's "unknown", which
+# Home Assistant would show as its own "Unknown").
+CAUSES = ("reachable", *ISSUE_CAUSES, "not_checked")
 UPNP_STATES = ("off", "pending", "mapped", "refused", "no_router")
 
 

@@ -2,7 +2,8 @@
 
 Check the backup disk again; try a silent peer again or change its address; back a folder
 up again (once a friend granted more space, or the cause of an overdue backup is dealt
-with); trust a peer's new key (only once confirmed); settle a removed peer's data.
+with); trust a peer's new key (only once confirmed); settle a removed peer's data; keep
+the recovery kit outside the house (only once confirmed).
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from homeassistant.helpers.selector import BooleanSelector, TextSelector, TextSe
 import probatio as vol
 
 from . import issues, texts
-from .const import CONF_ADDRESSES, CONF_PUBLIC_KEY, DOMAIN
+from .const import CONF_ADDRESSES, CONF_KIT_SAVED, CONF_NODE_NAME, CONF_PUBLIC_KEY, DOMAIN
 from .coordinator import MyNasConfigEntry
-from .engine import canonical_key, fingerprint
+from .engine import KeyFileError, canonical_key, fingerprint
+from .hass_entry import key_path
 from .models import SyncKind
 from .orphans import CONF_KEPT_DATA
 from .peer_flow import check_addresses, peer_port
+from .recovery_kit import kit_of
 
 CONF_CONFIRM = "confirm"
+CONF_STORED = "stored"
 
 
 def _entry(hass: HomeAssistant, entry_id: str) -> MyNasConfigEntry | None:
@@ -43,7 +47,21 @@ def _loaded(entry: MyNasConfigEntry | None) -> MyNasConfigEntry | None:
     return entry if entry is not None and entry.state is ConfigEntryState.LOADED else None
 
 
-class _IssueFlow(RepairsFlow):
+class _StartsAtConfirm(RepairsFlow):
+    """A fix flow whose first step is ``confirm`` (Home Assistant hands ``init`` the issue id)."""
+
+    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
+        """Start with the text: ``confirm``."""
+        return await self.async_step_confirm()
+
+    async def async_step_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Say what to do; on submit, do it (each flow its own)."""
+        raise NotImplementedError
+
+
+class _IssueFlow(_StartsAtConfirm):
     """A fix flow of node ``entry_id``'s issue: its texts take the issue's placeholders."""
 
     def __init__(self, entry_id: str) -> None:
@@ -59,10 +77,6 @@ class _IssueFlow(RepairsFlow):
 
 class StorageFlow(_IssueFlow):
     """The backup disk is missing or another one is mounted: check it again now."""
-
-    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
-        """Start with the text (Home Assistant hands ``init`` the issue id as input)."""
-        return await self.async_step_confirm()
 
     async def async_step_confirm(
         self, user_input: dict[str, Any] | None = None
@@ -171,10 +185,6 @@ class BackUpAgainFlow(_IssueFlow):
         self._folder_id = folder_id
         self._peer_id = peer_id
 
-    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
-        """Start with the text (Home Assistant hands ``init`` the issue id as input)."""
-        return await self.async_step_confirm()
-
     async def async_step_confirm(
         self, user_input: dict[str, Any] | None = None
     ) -> RepairsFlowResult:
@@ -198,7 +208,7 @@ class BackUpAgainFlow(_IssueFlow):
         )
 
 
-class KeyChangedFlow(RepairsFlow):
+class KeyChangedFlow(_StartsAtConfirm):
     """Shows the pinned and the presented fingerprint; pins the new key only if confirmed."""
 
     def __init__(self, entry_id: str, peer_id: str, new_key: str) -> None:
@@ -206,10 +216,6 @@ class KeyChangedFlow(RepairsFlow):
         self._entry_id = entry_id
         self._peer_id = peer_id
         self._new_key = new_key
-
-    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
-        """Start with the question (Home Assistant hands ``init`` the issue id as input)."""
-        return await self.async_step_confirm()
 
     async def async_step_confirm(
         self, user_input: dict[str, Any] | None = None
@@ -252,6 +258,38 @@ class KeyChangedFlow(RepairsFlow):
                 "old": fingerprint(subentry.data[CONF_PUBLIC_KEY]),
                 "new": fingerprint(self._new_key),
             },
+        )
+
+
+class RecoveryKitFlow(_IssueFlow):
+    """Show the recovery code and its QR code; done once the user says it is kept away."""
+
+    async def async_step_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Show the code; on submit, the box must be ticked (the issue stays otherwise)."""
+        entry = _entry(self.hass, self._entry_id)
+        if entry is None:
+            return self.async_abort(reason="node_gone")
+        errors: dict[str, str] = {}
+        if user_input is not None:
+            if user_input.get(CONF_STORED):
+                # In the entry: the issue is not raised again, after a restart or a reload.
+                self.hass.config_entries.async_update_entry(
+                    entry, data={**entry.data, CONF_KIT_SAVED: True}
+                )
+                return self.async_create_entry(data={})
+            errors[CONF_STORED] = "kit_not_stored"
+        try:
+            # Read from the key each time: the code is never stored anywhere else.
+            code, qr = await self.hass.async_add_executor_job(kit_of, key_path(self.hass, entry))
+        except KeyFileError:
+            return self.async_abort(reason="key_unreadable")
+        return self.async_show_form(
+            step_id="confirm",
+            data_schema=vol.Schema({vol.Required(CONF_STORED, default=False): BooleanSelector()}),
+            errors=errors,
+            description_placeholders={"node": entry.data[CONF_NODE_NAME], "code": code, "qr": qr},
         )
 
 
@@ -327,6 +365,8 @@ async def async_create_fix_flow(
         return BackUpAgainFlow(entry_id, str(data["folder_id"]), str(data["peer_id"]))
     if issue_id.startswith("overdue_"):
         return BackUpAgainFlow(entry_id, str(data["folder_id"]), None)
+    if issue_id.startswith("recovery_kit_"):
+        return RecoveryKitFlow(entry_id)
     if issue_id.startswith("key_changed_"):
         return KeyChangedFlow(entry_id, str(data["peer_id"]), str(data["new_key"]))
     return OrphanedDataFlow(entry_id, str(data["jail"]))

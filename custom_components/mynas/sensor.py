@@ -543,13 +543,18 @@ def _upnp_attributes(data: ReachData) -> dict[str, Any]:
     }
 
 
+def _cause(report: dict[str, Any] | None) -> str:
+    cause = str(report["cause"]) if report else "not_checked"
+    return cause if cause in CAUSES else "not_checked"
+
+
 REACH_SENSORS: tuple[ReachSensorDescription, ...] = (
     ReachSensorDescription(
         key="reachability",
         translation_key="reachability",
         device_class=SensorDeviceClass.ENUM,
         options=list(CAUSES),
-        value_fn=lambda data: str(data.report["cause"]) if data.report else None,
+        value_fn=lambda data: _cause(data.report),
         attributes_fn=_report_attributes,
     ),
     ReachSensorDescription(

@@ -17,6 +17,7 @@ import pytest
 from custom_components.mynas.engine import (
     BackupMissing,
     FolderConfig,
+    NewBackup,
     PeerConfig,
     QuotaExceeded,
     StoredBackup,
@@ -204,10 +205,7 @@ async def test_a_backup_goes_up_and_comes_down_across_the_hop(
     reports: list[tuple[str, int]] = []
     stored = await paired.upload_backup(
         "host",
-        "b1",
-        {"name": "one"},
-        len(data),
-        _chunks_on(read_on, data),
+        NewBackup("b1", {"name": "one"}, len(data), _chunks_on(read_on, data)),
         progress=lambda sent: reports.append((threading.current_thread().name, sent)),
     )
     here = threading.current_thread().name
@@ -245,7 +243,7 @@ async def test_the_stream_s_own_error_comes_back_as_it_is(paired: ThreadedNode) 
         return chunks()
 
     with pytest.raises(Broken):
-        await paired.upload_backup("host", "b2", {}, 5000, open_stream)
+        await paired.upload_backup("host", NewBackup("b2", {}, 5000, open_stream))
     assert await paired.list_backups("host") == []
 
 
@@ -262,13 +260,13 @@ async def test_an_upload_refused_never_opens_the_stream(
         raise AssertionError("never opened")
 
     with pytest.raises(QuotaExceeded):
-        await node.upload_backup("host", "b3", {}, 5 << 20, open_stream)
+        await node.upload_backup("host", NewBackup("b3", {}, 5 << 20, open_stream))
     assert opened == []
 
 
 async def test_stop_closes_a_download_left_open(paired: ThreadedNode, server: NodeServer) -> None:
     data = b"y" * (3 << 20)
-    await paired.upload_backup("host", "b4", {}, len(data), _chunks_on([], data))
+    await paired.upload_backup("host", NewBackup("b4", {}, len(data), _chunks_on([], data)))
     chunks = await paired.download_backup("host", "b4")
     assert await anext(chunks)
     assert server.peer_state["alice"].connections == 1

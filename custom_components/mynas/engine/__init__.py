@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     )
     from .loop_thread import EngineLoop
     from .node import FolderConfig, Inbound, PeerConfig, ProbeResult, Reachability
-    from .owner.backup_area import StoredBackup
+    from .owner.backup_area import NewBackup, StoredBackup
     from .owner.replica import ReplicaKindMismatch
     from .owner.run import (
         Phase,
@@ -105,6 +105,7 @@ __all__ = [
     "JailUsage",
     "KeyFileError",
     "MyNasError",
+    "NewBackup",
     "PeerConfig",
     "PeerDiskFull",
     "PeerUnreachable",
@@ -167,6 +168,7 @@ _SOURCES = {
     "VerifyResult": "owner.run",
     "JailUsage": "host.quota",
     # Home Assistant's own backups kept at a peer (its backup area).
+    "NewBackup": "owner.backup_area",
     "StoredBackup": "owner.backup_area",
     "SealedFileError": "owner.sealed",
     # Names a form or a service call must check.

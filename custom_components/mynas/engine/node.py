@@ -40,7 +40,7 @@ from .host.server import EventCallback, NodeServer, PeerGrant
 from .host.space import HostedSpace
 from .identity import Identity
 from .owner import backup_area, client
-from .owner.backup_area import BytesCallback, OpenStream, StoredBackup
+from .owner.backup_area import BytesCallback, NewBackup, StoredBackup
 from .owner.client import PeerLink
 from .owner.index import Index
 from .owner.push import convert as convert_folder, push as push_folder
@@ -772,26 +772,10 @@ class Node:
     # --- the host application's own backups, in the backup area at a peer ------------------
 
     async def upload_backup(
-        self,
-        peer_id: str,
-        backup_id: str,
-        metadata: dict[str, Any],
-        size: int,
-        open_stream: OpenStream,
-        *,
-        progress: BytesCallback | None = None,
+        self, peer_id: str, backup: NewBackup, *, progress: BytesCallback | None = None
     ) -> StoredBackup:
         """Store an archive at a peer (``backup_area``), after any other transfer to it."""
-        return await self._with_peer(
-            peer_id,
-            None,
-            backup_area.upload,
-            backup_id,
-            metadata,
-            size,
-            open_stream,
-            progress=progress,
-        )
+        return await self._with_peer(peer_id, None, backup_area.upload, backup, progress=progress)
 
     async def list_backups(self, peer_id: str) -> list[StoredBackup]:
         """The archives kept at a peer (not queued behind a transfer: it reads a listing)."""

@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable, Sequence
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import functools
 import os
 from pathlib import Path
@@ -33,7 +33,7 @@ from .owner.run import PeerTarget
 
 if TYPE_CHECKING:
     from .identity import Identity
-    from .owner.backup_area import OpenStream, StoredBackup
+    from .owner.backup_area import NewBackup, OpenStream, StoredBackup
     from .owner.index import Index
 
 # Stopping waits this long (seconds) for each step: what still runs to unwind, the node to close.
@@ -189,14 +189,7 @@ class ThreadedNode:
         return await self.run(node_module.probe(self._node.identity, target))
 
     async def upload_backup(
-        self,
-        peer_id: str,
-        backup_id: str,
-        metadata: dict[str, Any],
-        size: int,
-        open_stream: OpenStream,
-        *,
-        progress: Callable[[int], None] | None = None,
+        self, peer_id: str, backup: NewBackup, *, progress: Callable[[int], None] | None = None
     ) -> StoredBackup:
         """``Node.upload_backup`` with ``open_stream`` and ``progress`` on the calling loop.
 
@@ -204,16 +197,13 @@ class ThreadedNode:
         and read ahead by at most ``INBOUND_CHUNKS`` chunks; an error it raises is raised
         here as it is. ``progress(bytes sent)`` runs on the calling loop.
         """
-        inbound = _Inbound(self.engine.loop, open_stream)
+        inbound = _Inbound(self.engine.loop, backup.open_stream)
         feeder = asyncio.create_task(inbound.feed())
         try:
             return await self.run(
                 self._node.upload_backup(
                     peer_id,
-                    backup_id,
-                    metadata,
-                    size,
-                    inbound.open,
+                    replace(backup, open_stream=inbound.open),
                     progress=None if progress is None else self.relay(progress),
                 )
             )

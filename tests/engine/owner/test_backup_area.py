@@ -36,6 +36,7 @@ from custom_components.mynas.engine.owner import backup_area, sealed
 from custom_components.mynas.engine.owner.backup_area import (
     AREA,
     BackupArea,
+    NewBackup,
     SealedArea,
     StoredBackup,
     check_backup_id,
@@ -195,7 +196,9 @@ async def test_module_functions_connect_per_operation(
 ) -> None:
     target = peer_target(server)
     data = b"x" * 1000
-    stored = await backup_area.upload(alice_id, target, "b1", META, len(data), _stream(data))
+    stored = await backup_area.upload(
+        alice_id, target, NewBackup("b1", META, len(data), _stream(data))
+    )
     assert await backup_area.listing(alice_id, target) == [stored]
     assert await backup_area.get(alice_id, target, "b1") == stored
     got = b"".join([chunk async for chunk in backup_area.download(alice_id, target, "b1")])
@@ -449,7 +452,7 @@ async def test_an_unreachable_peer(alice_id: Identity, host_id: Identity) -> Non
     with pytest.raises(PeerUnreachable):
         await backup_area.listing(alice_id, target)
     with pytest.raises(PeerUnreachable):
-        await backup_area.upload(alice_id, target, "x", {}, 1, _stream(b"x"))
+        await backup_area.upload(alice_id, target, NewBackup("x", {}, 1, _stream(b"x")))
 
 
 async def test_leaving_a_download_early_ends_its_connection(
@@ -457,7 +460,7 @@ async def test_leaving_a_download_early_ends_its_connection(
 ) -> None:
     target = peer_target(server)
     data = b"d" * (2 * MIB)
-    await backup_area.upload(alice_id, target, "long", META, len(data), _stream(data))
+    await backup_area.upload(alice_id, target, NewBackup("long", META, len(data), _stream(data)))
     async with contextlib.aclosing(backup_area.download(alice_id, target, "long")) as chunks:
         first = await anext(chunks)
         assert first == data[: len(first)]

@@ -86,6 +86,16 @@ class StoredBackup:
     metadata: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class NewBackup:
+    """An archive to store: its id, the metadata kept with it, its exact size, its stream."""
+
+    backup_id: str
+    metadata: dict[str, Any]
+    size: int
+    open_stream: OpenStream
+
+
 def check_backup_id(backup_id: str) -> str:
     """Return ``backup_id`` if it can name an archive's files; raise ValueError otherwise."""
     if not _BACKUP_ID.fullmatch(backup_id):
@@ -437,18 +447,17 @@ async def _acknowledged(
 async def upload(
     identity: Identity,
     target: PeerTarget,
-    backup_id: str,
-    metadata: dict[str, Any],
-    size: int,
-    open_stream: OpenStream,
+    backup: NewBackup,
     *,
     progress: BytesCallback | None = None,
 ) -> StoredBackup:
     """Connect to the peer and store an archive in its backup area (``BackupArea.upload``)."""
-    check_backup_id(backup_id)
+    check_backup_id(backup.backup_id)
     async with await open_link(identity, target) as link:
         area = BackupArea(link, DataKeys.of(identity))
-        return await area.upload(backup_id, metadata, size, open_stream, progress)
+        return await area.upload(
+            backup.backup_id, backup.metadata, backup.size, backup.open_stream, progress
+        )
 
 
 async def listing(identity: Identity, target: PeerTarget) -> list[StoredBackup]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import os
 import sqlite3
 import threading
-from typing import Self
+from typing import Any, Self
 
 from .. import tree
 from ..errors import MyNasError
@@ -166,25 +166,18 @@ class Index:
 
     def rows(self, folder: str, peer: str) -> Generator[IndexRow]:
         """``entries`` as raw ``IndexRow`` tuples: no object per entry (for scans)."""
-        conn = self._connect()
-        try:
-            cursor = conn.execute(
-                "SELECT key, size, mtime_ns, mode, hash FROM files"
-                " WHERE replica = (SELECT id FROM replicas WHERE folder = ? AND peer = ?)"
-                " ORDER BY key",
-                (folder, peer),
-            )
-            while rows := cursor.fetchmany(_FETCH_ROWS):
-                yield from rows
-        finally:
-            self._release(conn)
+        return self._rows("key, size, mtime_ns, mode, hash", folder, peer)
 
     def stored_rows(self, folder: str, peer: str) -> Generator[StoredRow]:
         """``rows`` with the hash of the stored bytes last (what verify compares with)."""
+        return self._rows("key, size, mtime_ns, mode, hash, stored", folder, peer)
+
+    def _rows(self, columns: str, folder: str, peer: str) -> Generator[Any]:
         conn = self._connect()
         try:
+            # ``columns`` is one of this class's constants, never data.
             cursor = conn.execute(
-                "SELECT key, size, mtime_ns, mode, hash, stored FROM files"
+                f"SELECT {columns} FROM files"  # noqa: S608
                 " WHERE replica = (SELECT id FROM replicas WHERE folder = ? AND peer = ?)"
                 " ORDER BY key",
                 (folder, peer),
