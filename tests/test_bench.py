@@ -159,6 +159,11 @@ def test_other_targets_met_missed_and_failed() -> None:
         True,
     )
     assert bench.other_targets(_entry(1.4, 1.2), "small")[0][2] is False
+    no_restic = _entry(0.0, 3.0)
+    del no_restic["restic"]
+    assert bench.other_targets(no_restic, "small") == [
+        ("small >= 1.5 x restic", "not measured (rclone crypt 3.00x)", False)
+    ]
     # A fast run that failed its check is no fast run.
     [(_, value, ok)] = bench.other_targets(_entry(9.0, 1.0, restic="restic check failed"), "x")
     assert not ok
