@@ -21,9 +21,13 @@ What a run does, all under one demo directory (default ``demo/`` at the reposito
 Then, by mode:
 
 - default: prints the URLs, the login and where the files are, and runs until Ctrl-C;
-- ``--headless-check``: checks that each node's files are byte-identical in the other's
-  replica, that both "last backup" sensors are set, that each node sees its peer connected,
-  that every entity the dashboard names exists and that Home Assistant loads the blueprints;
+- ``--headless-check``: checks that each node's folder is encrypted on the other's disk (no
+  name or content in clear; opened with the owner's key, byte-identical), that it reads
+  encrypted and its monthly verify is planned, that a second folder of Alice's set up plain
+  is converted through its repair issue's dialog (then nothing of it is in clear on Bob's
+  disk outside his trash), that both "last backup" sensors are set, that each node sees its
+  peer connected, that every entity the dashboard names exists and that Home Assistant
+  loads the blueprints;
   that Alice backs Home Assistant itself up to Bob through HA's backup API (the backup is
   listed on Alice, its archive is on Bob's disk in Alice's space, sealed: opened with
   Alice's key it equals her own copy, and downloading it through HA gives those bytes too);
@@ -86,10 +90,19 @@ from custom_components.mynas.engine import (  # noqa: E402
 from custom_components.mynas.engine.owner import sealed  # noqa: E402
 from custom_components.mynas.engine.owner.backup_area import SealedArea  # noqa: E402
 from custom_components.mynas.engine.owner.keys import DataKeys  # noqa: E402
+from custom_components.mynas.engine.owner.replica import SealedLayout  # noqa: E402
 
 DEFAULT_DIR = REPO_ROOT / "demo"
 DEMO_USER = "demo"
 FOLDER = "Family"
+# A second folder of Alice's, set up plain (as before encryption existed), then converted
+# through its repair issue (the headless check).
+PLAIN_FOLDER = "Archive"
+PLAIN_FILES = {
+    "Old letters/letter-1987.txt": b"Dear Alice, the archive of 1987.\n" * 40,
+    "Old letters/letter-1991.txt": b"Dear Alice, the archive of 1991.\n" * 40,
+    "Receipts 2019.csv": b"date,amount\n2019-01-02,12.50\n" * 30,
+}
 QUOTA_GB = 10
 EXCLUDE = ("*.tmp", ".DS_Store")
 DASHBOARD_SOURCE = REPO_ROOT / "dashboards" / "mynas.yaml"
@@ -369,6 +382,81 @@ def tree(root: Path) -> dict[bytes, tuple[str, bytes | None, bool]]:
             else:
                 found[rel] = ("other", None, False)
     return found
+
+
+def compare_sealed(source: Path, jail: Path, key_file: Path, folder: str) -> list[str]:
+    """The differences between a folder and its encrypted replica in ``jail`` (opened with
+    the owner's key), and anything of it the host can read in clear.
+
+    Every entry of the folder (excluded files left out) must be where its sealed name says,
+    its sealed content must open to the folder's bytes and executable bit, nothing else may
+    be stored there, and no name (of five characters or more) and no content of the folder
+    may appear on the host's disk.
+    """
+    layout = SealedLayout(folder, DataKeys.of(identity_codec.load(key_file)))
+    root = jail / os.fsdecode(layout.root)
+    if not root.is_dir():
+        return [f"no encrypted replica at {root}"]
+    want = {rel: entry for rel, entry in tree(source).items() if not excluded(rel)}
+    expected = {layout.root}
+    problems = []
+    for rel, (kind, content, executable) in sorted(want.items()):
+        stored = layout.stored(rel)
+        # Every directory on the way (a long name's continuations included) is expected.
+        parts = stored.split(b"/")
+        expected.update(b"/".join(parts[:n]) for n in range(1, len(parts) + 1))
+        path = jail / os.fsdecode(stored)
+        shown = os.fsdecode(rel)
+        if kind == "dir":
+            if not path.is_dir():
+                problems.append(f"missing in replica: {shown!r}")
+            continue
+        if not path.is_file():
+            problems.append(f"missing in replica: {shown!r}")
+            continue
+        try:
+            meta, plain = sealed.open_sealed(
+                layout.keys.contents, layout.jail_path(rel), path.read_bytes()
+            )
+        except sealed.SealedFileError as err:
+            problems.append(f"does not open: {shown!r}: {err}")
+            continue
+        if plain != content:
+            problems.append(f"differs: {shown!r}")
+        elif bool(meta.mode & 0o100) != executable:
+            problems.append(f"executable bit differs: {shown!r}")
+    base = os.fsencode(jail)
+    on_host = {
+        os.path.relpath(os.path.join(dirpath, name), base)
+        for dirpath, dirnames, filenames in os.walk(os.fsencode(root))
+        for name in (*dirnames, *filenames)
+    }
+    problems += [f"extra in replica: {os.fsdecode(rel)!r}" for rel in sorted(on_host - expected)]
+    return problems + plain_leaks(source, jail, [folder])
+
+
+def plain_leaks(source: Path, jail: Path, names: list[str]) -> list[str]:
+    """What of ``source`` (its names, its files' contents) and of ``names`` ``jail`` shows.
+
+    Names of five characters or more; a 32-byte sample of every file of 64 bytes or more.
+    """
+    wanted = {rel: entry for rel, entry in tree(source).items() if not excluded(rel)}
+    words = {os.fsencode(name) for name in names}
+    words |= {part for rel in wanted for part in rel.split(b"/") if len(part) >= 5}
+    samples = [c[16:48] for kind, c, _ in wanted.values() if kind == "file" and c and len(c) >= 64]
+    leaks = []
+    base = os.fsencode(jail)
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.fsdecode(os.path.relpath(path, base))
+            leaks += [f"name {os.fsdecode(w)!r} in {rel}" for w in words if w in name]
+            if name in filenames:
+                with open(path, "rb") as file:
+                    data = file.read()
+                if any(sample in data for sample in samples):
+                    leaks.append(f"content of the folder in {rel}")
+    return leaks
 
 
 def compare_trees(source: Path, replica: Path) -> list[str]:
@@ -929,6 +1017,7 @@ async def ensure_folder(state: NodeState) -> None:
                 "name": FOLDER,
                 "path": str(node.folder),
                 "peers": [state.peer_id],
+                "encrypted": True,  # the default, said out loud
                 "retention_days": 30,
                 "bwlimit_mbps": 0,
                 "exclude": "\n".join(EXCLUDE),
@@ -975,6 +1064,27 @@ async def sync_now(state: NodeState) -> None:
     raise DemoError(f"{node.name}: the first sync kept failing; see {node.log}")
 
 
+async def list_folders(state: NodeState, peer_name: str) -> list[dict[str, Any]]:
+    """The folders ``peer_name`` keeps for this node: ``mynas.list_folders`` over the websocket.
+
+    Each as the service says it (``name``, ``encrypted``, ``files``, ``stored_bytes``,
+    ``stored_size``, ``last_update``, ``home_assistant_backups``); DemoError if the friend
+    could not answer. What the headless check asks of a node rebuilt from its key.
+    """
+    result = await state.api.ws(
+        "call_service",
+        domain="mynas",
+        service="list_folders",
+        service_data={"peer": peer_name},
+        return_response=True,
+    )
+    (peer,) = result["response"]["peers"]
+    if peer.get("error"):
+        raise DemoError(f"{state.node.name}: {peer_name} could not list: {peer['error']}")
+    folders: list[dict[str, Any]] = peer["folders"]
+    return folders
+
+
 async def wait_last_backup(state: NodeState) -> str:
     """Wait until the folder's "last backup" sensor has a time; return its entity id."""
     api = state.api
@@ -998,6 +1108,22 @@ async def wait_last_backup(state: NodeState) -> str:
 
     state.last_backup_entity = await wait_for(f"{state.node.name}'s last-backup sensor", ready, 120)
     return state.last_backup_entity
+
+
+async def pair_state(state: NodeState, folder_id: str, key: str) -> str | None:
+    """The state of the folder's ``key`` sensor for the node's peer (None: no such sensor)."""
+    entity = next(
+        (
+            e["entity_id"]
+            for e in await state.api.mynas_entities()
+            if e.get("translation_key") == key and e["config_subentry_id"] == folder_id
+        ),
+        None,
+    )
+    if entity is None:
+        return None
+    current = (await state.api.states()).get(entity)
+    return None if current is None else str(current["state"])
 
 
 async def connection_entity(state: NodeState) -> str | None:
@@ -1115,13 +1241,16 @@ async def headless_check(states: tuple[NodeState, NodeState]) -> Checks:
                 20,
             )
         jail = read_jail(other.node.config, other.entry_id, node.name)
-        replica = other.node.disk / (jail or node.name) / FOLDER
+        space = other.node.disk / (jail or node.name)
         count = sum(1 for rel in tree(node.folder) if not excluded(rel))
+        [key_file] = (node.config / "mynas").glob("*.key")
         checks.record(
-            f"{node.name}'s {FOLDER} ({count} entries) is byte-identical in {replica}",
+            f"{node.name}'s {FOLDER} ({count} entries) is on {other.node.name}'s disk"
+            f" encrypted (no name, no content in clear), and opens byte-identical with"
+            f" {node.name}'s key",
             [f"{other.node.name} has no peer called {node.name}"]
             if jail is None
-            else await asyncio.to_thread(compare_trees, node.folder, replica),
+            else await asyncio.to_thread(compare_sealed, node.folder, space, key_file, FOLDER),
         )
         states_now = await state.api.states()
         last = states_now.get(state.last_backup_entity, {}).get("state")
@@ -1129,10 +1258,30 @@ async def headless_check(states: tuple[NodeState, NodeState]) -> Checks:
             f"{node.name}: {state.last_backup_entity} is set ({last})",
             [f"it is {last}"] if last in (None, "unknown", "unavailable") else [],
         )
+        shown = {
+            key: await pair_state(state, state.folder_id, key)
+            for key in ("encryption", "next_verify")
+        }
+        checks.record(
+            f"{node.name}: its {FOLDER} copy on {other.node.name} reads encrypted, and its"
+            f" monthly verify is planned ({shown['next_verify']})",
+            []
+            if shown["encryption"] == "encrypted"
+            and shown["next_verify"] not in (None, "unknown", "unavailable")
+            else [f"Encryption {shown['encryption']}, Next verify {shown['next_verify']}"],
+        )
         connected = await peer_connected(state)
         checks.record(
             f"{node.name}: {other.node.name} is connected",
             [] if connected == "on" else [f"its Connection sensor is {connected}"],
+        )
+        try:
+            kept = {item["name"] for item in await list_folders(state, other.node.name)}
+            problems = [] if FOLDER in kept else [f"it lists {sorted(kept)}"]
+        except DemoError as err:
+            problems = [str(err)]
+        checks.record(
+            f"{node.name}: mynas.list_folders names {FOLDER} kept at {other.node.name}", problems
         )
         named = dashboard_entities((node.config / DASHBOARD_FILE).read_text(encoding="utf-8"))
         missing = sorted(named - states_now.keys())
@@ -1307,6 +1456,109 @@ async def check_ha_backup(states: tuple[NodeState, NodeState], checks: Checks) -
     say(
         f"{state.node.name}: Home Assistant backup {backup_id} kept at {other.node.name}"
         f" ({len(uploaded) / 1e6:.1f} MB, sealed there)"
+    )
+
+
+async def check_conversion(states: tuple[NodeState, NodeState], checks: Checks) -> None:
+    """A plain folder of Alice's, converted through its repair issue as a user would.
+
+    Alice protects a second folder with "Encrypt the copy" unticked (as folders set up
+    before encryption existed are): it lands plain on Bob's disk and raises the repair
+    issue; its fix flow, driven over Home Assistant's REST API, sends it again encrypted;
+    then Bob's disk holds no plain name or content of it outside his trash.
+    """
+    state, other = states
+    api, node = state.api, state.node
+    source = node.home / PLAIN_FOLDER
+    jail = read_jail(other.node.config, other.entry_id, node.name) or node.name
+    space = other.node.disk / jail
+    folder_id = next(
+        (
+            sub["subentry_id"]
+            for sub in await api.subentries(state.entry_id)
+            if sub["subentry_type"] == "folder" and sub["unique_id"] == PLAIN_FOLDER
+        ),
+        None,
+    )
+    if folder_id is None:  # a first run: set it up plain
+        for rel, content in PLAIN_FILES.items():
+            (source / rel).parent.mkdir(parents=True, exist_ok=True)
+            (source / rel).write_bytes(content)
+        result = await run_flow(
+            api,
+            "/api/config/config_entries/subentries/flow",
+            [state.entry_id, "folder"],
+            {
+                "user": {
+                    "name": PLAIN_FOLDER,
+                    "path": str(source),
+                    "peers": [state.peer_id],
+                    "encrypted": False,
+                    "retention_days": 30,
+                    "bwlimit_mbps": 0,
+                    "exclude": "",
+                },
+                "schedule": {"next_step_id": "daily"},
+                "daily": {"time": "04:00:00"},
+            },
+        )
+        if result["type"] != "create_entry":
+            raise DemoError(f"{node.name}: protecting {PLAIN_FOLDER} failed: {result}")
+        folder_id = next(
+            sub["subentry_id"]
+            for sub in await api.subentries(state.entry_id)
+            if sub["subentry_type"] == "folder" and sub["unique_id"] == PLAIN_FOLDER
+        )
+        await wait_subentry_entities(api, state.entry_id, folder_id)
+
+        async def plain_there() -> bool | None:
+            return True if (space / PLAIN_FOLDER / "Receipts 2019.csv").is_file() else None
+
+        await wait_for(f"{PLAIN_FOLDER} on {other.node.name}'s disk", plain_there, SYNC_TIMEOUT)
+        say(f"{node.name}: protects {source} as {PLAIN_FOLDER!r}, plain (encryption unticked)")
+    issue_id = f"convert_plain_{folder_id}"
+    listed = await api.ws("repairs/list_issues")
+    raised = [i for i in listed["issues"] if i["domain"] == "mynas" and i["issue_id"] == issue_id]
+    if raised:  # a first run (or one cut short): readable at Bob's, and the issue says so
+        checks.record(
+            f"{node.name}: {PLAIN_FOLDER} is plain on {other.node.name}'s disk, and a repair"
+            " issue says the friend can read it",
+            []
+            if await pair_state(state, folder_id, "encryption") == "plain"
+            and (space / PLAIN_FOLDER).is_dir()
+            else [f"Encryption {await pair_state(state, folder_id, 'encryption')}"],
+        )
+        base = "/api/repairs/issues/fix"
+        result = await api.post(base, {"handler": "mynas", "issue_id": issue_id})
+        if result.get("step_id") == "confirm":
+            result = await api.post(f"{base}/{result['flow_id']}", {})
+        deadline = time.monotonic() + SYNC_TIMEOUT
+        while result.get("type") == "progress" and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            result = await api.get(f"{base}/{result['flow_id']}")
+        checks.record(
+            f"{node.name}: the repair issue's dialog encrypts {PLAIN_FOLDER}'s copy",
+            [] if result.get("type") == "create_entry" else [f"the flow ended with {result}"],
+        )
+        await wait_loaded(api, state.entry_id)
+
+    async def encrypted() -> str | None:
+        shown = await pair_state(state, folder_id, "encryption")
+        return shown if shown == "encrypted" else None
+
+    with contextlib.suppress(DemoError):
+        await wait_for(f"{PLAIN_FOLDER} to read encrypted", encrypted, 60)
+    listed = await api.ws("repairs/list_issues")
+    left = [i for i in listed["issues"] if i["domain"] == "mynas" and i["issue_id"] == issue_id]
+    [key_file] = (node.config / "mynas").glob("*.key")
+    problems = await asyncio.to_thread(compare_sealed, source, space, key_file, PLAIN_FOLDER)
+    shown = await pair_state(state, folder_id, "encryption")
+    checks.record(
+        f"{node.name}: {PLAIN_FOLDER} is now encrypted on {other.node.name}'s disk (no name,"
+        " no content in clear; the plain copy went to the trash), the issue is gone",
+        problems
+        + ([f"Encryption reads {shown}"] if shown != "encrypted" else [])
+        + ([f"the issue is still there: {left}"] if left else []),
     )
 
 
@@ -1593,6 +1845,15 @@ async def check_house_fire(
         [] if await kit_issue(rebuilt) is not None else ["no recovery kit issue"],
     )
     await ensure_peer(rebuilt, bob)
+    # Nothing to remember after a fire: the rebuilt node reads what Bob keeps for it.
+    held = await list_folders(rebuilt, bob.node.name)
+    names = sorted(str(item["name"]) for item in held)
+    say(f"{REBUILT}: {bob.node.name} keeps for it: {', '.join(names) or 'nothing'}")
+    checks.record(
+        f"{REBUILT}: mynas.list_folders names {FOLDER} kept at {bob.node.name}, read back"
+        " with the rebuilt key",
+        [] if FOLDER in names else [f"{bob.node.name} lists {held}"],
+    )
     target = node.home / "restored" / FOLDER
     reply = await rebuilt.api.post(
         "/api/services/mynas/restore?return_response",
@@ -1622,7 +1883,7 @@ def banner(states: tuple[NodeState, NodeState], login: hb.Login, base: Path) -> 
         lines += [
             f"  {node.name}:  {node.url}/   (dashboard: {node.url}/{DASHBOARD_URL}/backups)",
             f"    protects  {node.folder}",
-            f"    replica   {other.node.disk / jail / FOLDER}   (on {other.node.name}'s disk)",
+            f"    replica   {other.node.disk / jail}   (on {other.node.name}'s disk, encrypted)",
             f"    disk      {node.disk}   (MyNAS listens on port {node.ssh_port})",
             f"    log       {node.log}",
             "",
@@ -1710,6 +1971,7 @@ async def run(
             rebuilt = Node(REBUILT, free_port(), free_port(), base)
             starting = asyncio.create_task(start_rebuilt(rebuilt, login, session, instances))
             checks = await headless_check(states)
+            await check_conversion(states, checks)
             await check_ha_backup(states, checks)
             await check_address_change(states, checks)
             bob = next(inst for inst in instances if inst.node is states[1].node)
@@ -1722,7 +1984,9 @@ async def run(
                 return 1
             print(
                 f"HEADLESS CHECK PASSED in {time.monotonic() - _T0:.0f} s: both replicas are"
-                " byte-identical, both last-backup sensors are set, the peers are connected,"
+                " encrypted on the other's disk and open byte-identical, a plain folder is"
+                " converted from its repair issue, the verify is planned, both last-backup"
+                " sensors are set, the peers are connected,"
                 " no entity reads unknown at rest, every text is written out (en, fr),"
                 " the dashboard's entities exist, the blueprints load, Home Assistant's own"
                 " backup is kept at Bob and comes back byte-identical, Bob's node moved and"

@@ -34,6 +34,7 @@ from custom_components.mynas import hass_entry
 from custom_components.mynas.const import (
     CONF_ADDRESSES,
     CONF_BWLIMIT,
+    CONF_ENCRYPTED,
     CONF_EXCLUDE,
     CONF_HOURS,
     CONF_JAIL,
@@ -299,13 +300,19 @@ def add_folder(
     bwlimit: float = 0,
     exclude: tuple[str, ...] = (),
     watch_minutes: int | None = None,
+    encrypted: bool | None = None,
 ) -> ConfigSubentry:
-    """Protect ``path`` on ``peers`` without the flow (watched if ``watch_minutes``)."""
+    """Protect ``path`` on ``peers`` without the flow (watched if ``watch_minutes``).
+
+    ``encrypted`` None: a folder set up before encryption existed (no such key: plain).
+    """
     watch = {CONF_WATCH: True, CONF_WATCH_MINUTES: watch_minutes} if watch_minutes else {}
+    kind = {} if encrypted is None else {CONF_ENCRYPTED: encrypted}
     subentry = ConfigSubentry(
         data=MappingProxyType(
             {
                 **watch,
+                **kind,
                 CONF_NAME: name,
                 CONF_PATH: str(path),
                 CONF_PEERS: list(peers),
@@ -333,6 +340,21 @@ def make_tree(root: Path, files: dict[str, bytes]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
     return root
+
+
+def plain_leaks(disk: Path, names: list[str], contents: list[bytes]) -> list[str]:
+    """What of ``names`` (in any path) and ``contents`` (in any file) ``disk`` shows in clear.
+
+    Bob's whole disk: an encrypted replica must show none of them.
+    """
+    leaks: list[str] = []
+    for path in sorted(disk.rglob("*")):
+        rel = str(path.relative_to(disk))
+        leaks += [f"name {name!r} in {rel}" for name in names if name in rel]
+        if path.is_file():
+            data = path.read_bytes()
+            leaks += [f"content of {rel}" for content in contents if content in data]
+    return leaks
 
 
 # The moment the "synced node" fixtures freeze: a Monday at noon (UTC); the last sync ran

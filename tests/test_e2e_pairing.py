@@ -31,7 +31,16 @@ from custom_components.mynas.const import (
     SUBENTRY_PEER,
 )
 
-from .conftest import BOB_ID, PHOTOS_ID, Bob, add_folder, add_peer, make_tree, setup_entry
+from .conftest import (
+    BOB_ID,
+    PHOTOS_ID,
+    Bob,
+    add_folder,
+    add_peer,
+    make_tree,
+    plain_leaks,
+    setup_entry,
+)
 
 
 def _state(hass: HomeAssistant, entity_id: str) -> str:
@@ -103,11 +112,23 @@ async def test_pair_sync_and_see_it(
     result = response["results"][0]
     assert result["status"] == "success", response
     assert (result["folder"], result["peer"], result["files_sent"]) == ("Photos", "Bob", 1)
-    replica = bob.replica("Photos")
-    assert (replica / "notes.txt").read_text() == "hello again"
-    assert (replica / "2024" / "beach.jpg").read_bytes() == (
-        source / "2024" / "beach.jpg"
-    ).read_bytes()
+    # Set up in the flow, the folder's copy is encrypted: Bob's disk shows no name and no
+    # content of it, and it comes back whole with our key.
+    assert not bob.replica("Photos").exists()
+    beach = (source / "2024" / "beach.jpg").read_bytes()
+    leaks = await hass.async_add_executor_job(
+        plain_leaks,
+        bob.storage,
+        ["Photos", "notes", "beach", "2024"],
+        [b"hello again", beach[1000:1100]],
+    )
+    assert leaks == []
+    back = tmp_path / "back"
+    restored = await node_entry.runtime_data.node.restore("Photos", peer_id, str(back))
+    assert restored.failed == 0
+    assert (back / "notes.txt").read_text() == "hello again"
+    assert (back / "2024" / "beach.jpg").read_bytes() == beach
+    assert _state(hass, "sensor.photos_encryption_on_bob") == "encrypted"
     await hass.async_block_till_done(wait_background_tasks=True)
     event = events[-1].data
     assert event["folder"] == "Photos"
@@ -115,12 +136,9 @@ async def test_pair_sync_and_see_it(
     assert event["kind"] == "sync"
     assert event["entry_id"] == node_entry.entry_id
     assert 0 <= event["duration"] < 60
-    assert (event["status"], event["files"], event["bytes"], event["error"]) == (
-        "success",
-        1,
-        len("hello again"),
-        None,
-    )
+    assert (event["status"], event["files"], event["error"]) == ("success", 1, None)
+    # What went on the wire: the sealed file (a header, its meta block, one tag per chunk).
+    assert len("hello again") < event["bytes"] < len("hello again") + 200
     # What the dashboard shows.
     last = dt_util.parse_datetime(_state(hass, "sensor.photos_last_backup_to_bob"))
     assert last is not None

@@ -14,6 +14,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.mynas import folder_flow
 from custom_components.mynas.const import (
     CONF_BWLIMIT,
+    CONF_ENCRYPTED,
     CONF_EXCLUDE,
     CONF_HOURS,
     CONF_NAME,
@@ -28,6 +29,7 @@ from custom_components.mynas.const import (
     SUBENTRY_FOLDER,
 )
 from custom_components.mynas.engine import identity
+from custom_components.mynas.models import folder_setup
 
 from .conftest import pin_peer
 from .flow_support import assert_translated
@@ -133,6 +135,7 @@ async def test_protect_a_folder(
     defaults = result["data_schema"]({CONF_NAME: "x", CONF_PATH: "/x"})
     assert defaults[CONF_PEERS] == []  # two friends: the user picks
     assert (defaults[CONF_WATCH], defaults[CONF_WATCH_MINUTES]) == (True, 15)
+    assert defaults[CONF_ENCRYPTED] is True  # a new folder's copies are encrypted
     # Both peers are offered.
     selector = next(v for k, v in result["data_schema"].schema.items() if k == CONF_PEERS)
     assert [option["label"] for option in selector.config["options"]] == ["Bob", "Carol"]
@@ -171,8 +174,11 @@ async def test_protect_a_folder(
         # Watched for changes unless asked otherwise, synced at most every 15 minutes.
         CONF_WATCH: True,
         CONF_WATCH_MINUTES: 15,
+        # Not asked otherwise: friends' copies are encrypted.
+        CONF_ENCRYPTED: True,
     }
     assert [sub.title for sub in _folders(node_entry)] == ["Photos"]
+    assert folder_setup(_folders(node_entry)[0]).config.encrypted is True
 
 
 async def test_daily_at_a_time_without_seconds(
@@ -461,6 +467,8 @@ async def test_reconfigure_all_but_the_name(
     assert result["description_placeholders"] == {"name": "Photos"}
     assert_translated(result, *FOLDER)
     assert CONF_NAME not in result["data_schema"].schema
+    # Encryption is not offered: an encrypted folder's copies never become readable again.
+    assert CONF_ENCRYPTED not in result["data_schema"].schema
     shown = result["data_schema"]({})
     assert shown[CONF_PATH] == str(photos)
     assert shown[CONF_PEERS] == [peers["Bob"]]
@@ -509,7 +517,34 @@ async def test_reconfigure_all_but_the_name(
         CONF_EXCLUDE: ["*.bak"],
         CONF_WATCH: False,
         CONF_WATCH_MINUTES: 5,
+        CONF_ENCRYPTED: True,  # kept as set up
     }
     # The path it protects is offered first, even when not found on the disk.
     result = await node_entry.start_subentry_reconfigure_flow(hass, folder.subentry_id)
     assert result["data_schema"].schema[CONF_PATH].config["options"][0] == str(moved)
+
+
+async def test_a_plain_copy_when_asked_and_a_folder_from_before_is_plain(
+    hass: HomeAssistant, node_entry: MockConfigEntry, peers: dict[str, str], photos: Path
+) -> None:
+    """Unticked, the copies are a plain mirror; a folder set up before encryption is plain."""
+    result = await _start(hass, node_entry)
+    result = await _protect(
+        hass, result["flow_id"], _form(photos, [peers["Bob"]], **{CONF_ENCRYPTED: False})
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_ENCRYPTED] is False
+    (folder,) = _folders(node_entry)
+    assert folder_setup(folder).config.encrypted is False
+    # Reconfigured, it stays plain (encrypting goes through its repair issue).
+    result = await node_entry.start_subentry_reconfigure_flow(hass, folder.subentry_id)
+    assert CONF_ENCRYPTED not in result["data_schema"].schema
+    answers = dict(result["data_schema"]({}))
+    result = await _when(hass, await _answer(hass, result["flow_id"], answers), "interval", 4)
+    assert result["reason"] == "reconfigure_successful"
+    assert node_entry.subentries[folder.subentry_id].data[CONF_ENCRYPTED] is False
+    # A subentry written before the option existed has no such key: plain.
+    old = dict(folder.data)
+    del old[CONF_ENCRYPTED]
+    hass.config_entries.async_update_subentry(node_entry, folder, data=old)
+    assert folder_setup(node_entry.subentries[folder.subentry_id]).config.encrypted is False

@@ -252,13 +252,22 @@ async def test_options_flow_restarts_with_the_new_threshold(
     assert node_entry.runtime_data.manager.overdue_after.total_seconds() == 48 * 3600
 
 
+async def _set_up(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, folder: Path | None = None
+) -> None:
+    """Set the node up with Bob as its peer (and ``folder`` to protect), its first sync done."""
+    add_peer(hass, node_entry, bob)
+    if folder is not None:
+        add_folder(hass, node_entry, folder)
+    await setup_entry(hass, node_entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+
+
 async def test_server_events_reach_home_assistant(
     hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
 ) -> None:
     """A stranger's key fires an event; a peer connecting to us counts as seen."""
-    add_peer(hass, node_entry, bob)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await _set_up(hass, node_entry, bob)
     events: list[dict[str, str]] = []
     hass.bus.async_listen(EVENT_UNKNOWN_KEY, lambda event: events.append(event.data))
     manager = node_entry.runtime_data.manager
@@ -309,14 +318,19 @@ async def test_unload_waits_for_the_engine_to_unwind(
     assert manager.data.peers[BOB_ID].last_seen is None
 
 
-async def test_removing_a_folder_forgets_its_index(
+@pytest.fixture
+async def protecting(
     hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
 ) -> None:
+    """The node set up with Bob as its peer and a one-file folder, Photos, sent to him."""
+    await _set_up(hass, node_entry, bob, make_tree(tmp_path / "p", {"a": b"a"}))
+
+
+@pytest.mark.usefixtures("protecting")
+async def test_removing_a_folder_forgets_its_index(
+    hass: HomeAssistant, node_entry: MockConfigEntry
+) -> None:
     """Re-added later, the folder adopts what Bob really holds instead of a stale index."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
     index = node_entry.runtime_data.node.index
     assert await hass.async_add_executor_job(index.folders) == [("Photos", BOB_ID)]
     hass.config_entries.async_remove_subentry(node_entry, PHOTOS_ID)
@@ -325,17 +339,10 @@ async def test_removing_a_folder_forgets_its_index(
     assert await hass.async_add_executor_job(index.folders) == []
 
 
+@pytest.mark.usefixtures("protecting")
 async def test_removing_the_node_drops_its_state_but_keeps_its_key(
-    hass: HomeAssistant,
-    hass_storage: dict[str, object],
-    node_entry: MockConfigEntry,
-    bob: Bob,
-    tmp_path: Path,
+    hass: HomeAssistant, hass_storage: dict[str, object], node_entry: MockConfigEntry
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
     assert await hass.config_entries.async_unload(node_entry.entry_id)
     key = f"{DOMAIN}.{node_entry.entry_id}"
     assert key in hass_storage
@@ -345,14 +352,11 @@ async def test_removing_the_node_drops_its_state_but_keeps_its_key(
     assert Path(node_entry.data[CONF_KEY_FILE]).exists()
 
 
+@pytest.mark.usefixtures("protecting")
 async def test_removing_a_peer_leaves_no_entity_of_it_behind(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry
 ) -> None:
     """Its device and its pairs' entities (on the folder's device) go; the folder stays."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
     registry = er.async_get(hass)
 
     def bobs() -> list[str]:
@@ -373,11 +377,9 @@ async def test_removing_a_peer_leaves_no_entity_of_it_behind(
 
 
 async def test_only_a_leftover_device_may_be_deleted(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await _set_up(hass, node_entry, bob)
     devices = dr.async_get(hass)
     for device in dr.async_entries_for_config_entry(devices, node_entry.entry_id):
         # The node's and Bob's devices stand for something: removing them is refused.

@@ -38,10 +38,20 @@ def _issue(hass: HomeAssistant, issue_id: str) -> ir.IssueEntry | None:
     return ir.async_get(hass).async_get_issue(DOMAIN, issue_id)
 
 
-def _placeholders(hass: HomeAssistant, issue_id: str) -> dict[str, str]:
+def _raised(hass: HomeAssistant, issue_id: str) -> ir.IssueEntry:
     issue = _issue(hass, issue_id)
-    assert issue is not None
+    assert issue is not None, issue_id
+    return issue
+
+
+def _placeholders(hass: HomeAssistant, issue_id: str) -> dict[str, str]:
+    issue = _raised(hass, issue_id)
     return dict(issue.translation_placeholders or {})
+
+
+def _contents(root: Path, pattern: str) -> dict[str, bytes]:
+    """The files under ``root`` matching ``pattern``, as ``make_tree`` writes them back."""
+    return {str(path.relative_to(root)): path.read_bytes() for path in root.rglob(pattern)}
 
 
 async def _advance(hass: HomeAssistant, freezer: FrozenDateTimeFactory, delta: timedelta) -> None:
@@ -81,13 +91,12 @@ async def test_storage_disk_gone_at_run_time(
 ) -> None:
     issue_id = f"storage_{synced_node.entry_id}"
     internal = node_root / ".mynas"
-    saved = {path.relative_to(internal): path.read_bytes() for path in internal.rglob("node.json")}
+    saved = _contents(internal, "node.json")
     assert _issue(hass, issue_id) is None
     swap_disk(node_root)  # type: ignore[operator]
     await _advance(hass, freezer, DISK_SCAN_INTERVAL + timedelta(seconds=1))
     found = texts.since(dt_util.utcnow())
-    issue = _issue(hass, issue_id)
-    assert issue is not None
+    issue = _raised(hass, issue_id)
     assert issue.translation_key == key
     # Since when, and what is not backed up meanwhile.
     assert issue.translation_placeholders == {
@@ -102,9 +111,7 @@ async def test_storage_disk_gone_at_run_time(
         await _advance(hass, freezer, DISK_SCAN_INTERVAL + timedelta(seconds=1))
     assert _placeholders(hass, issue_id)["since"] == found
     # The disk is back.
-    for rel, data in saved.items():
-        (internal / rel).parent.mkdir(parents=True, exist_ok=True)
-        (internal / rel).write_bytes(data)
+    make_tree(internal, saved)
     await _advance(hass, freezer, DISK_SCAN_INTERVAL + timedelta(seconds=1))
     assert _issue(hass, issue_id) is None
     assert synced_node.runtime_data.manager.storage_ok
@@ -126,8 +133,7 @@ async def test_peer_key_changed(
     await bob.restart(key=impostor)
     # The next connection test finds out.
     await _advance(hass, freezer, PEER_PROBE_INTERVAL + timedelta(seconds=1))
-    issue = _issue(hass, issue_id)
-    assert issue is not None
+    issue = _raised(hass, issue_id)
     assert issue.severity is ir.IssueSeverity.CRITICAL
     assert issue.is_fixable
     assert issue.translation_key == "key_changed"
@@ -174,8 +180,7 @@ async def test_peer_unreachable_for_days(
     assert _issue(hass, issue_id) is None
     for _ in range(25):
         await _advance(hass, freezer, timedelta(hours=1))
-    issue = _issue(hass, issue_id)
-    assert issue is not None
+    issue = _raised(hass, issue_id)
     assert issue.severity is ir.IssueSeverity.WARNING
     assert issue.translation_key == "peer_unreachable"
     assert issue.is_fixable  # try again now, or change the address
@@ -207,8 +212,7 @@ async def test_unreachable_counts_across_a_restart(
     await hass.async_block_till_done(wait_background_tasks=True)
     assert synced_node.runtime_data.manager.data.peers[BOB_ID].down_since == down_since
     await _advance(hass, freezer, timedelta(days=1, hours=1))
-    issue = _issue(hass, f"unreachable_{BOB_ID}")
-    assert issue is not None
+    issue = _raised(hass, f"unreachable_{BOB_ID}")
     assert (issue.translation_placeholders or {})["since"] == texts.since(down_since)
 
 
@@ -245,8 +249,7 @@ async def test_quota_refused(
     result = await _sync(hass)
     assert result["status"] == "failed"
     assert "quota exceeded" in str(result["error"])
-    issue = _issue(hass, issue_id)
-    assert issue is not None
+    issue = _raised(hass, issue_id)
     assert issue.translation_key == "quota_exceeded"
     placeholders = issue.translation_placeholders or {}
     assert (placeholders["folder"], placeholders["peer"]) == ("Photos", "Bob")
@@ -274,8 +277,7 @@ async def test_folder_overdue(
     await _advance(hass, freezer, timedelta(hours=30))
     assert _issue(hass, issue_id) is None
     await _advance(hass, freezer, timedelta(hours=4, minutes=1))
-    issue = _issue(hass, issue_id)
-    assert issue is not None
+    issue = _raised(hass, issue_id)
     assert issue.severity is ir.IssueSeverity.WARNING
     assert issue.translation_key == "folder_overdue"
     placeholders = dict(issue.translation_placeholders or {})
@@ -321,8 +323,7 @@ async def test_friend_disk_full(
         result = await _sync(hass)
         assert result["status"] == "failed"
         assert "disk is full" in str(result["error"])
-        issue = _issue(hass, issue_id)
-        assert issue is not None
+        issue = _raised(hass, issue_id)
         assert issue.translation_key == "peer_disk_full"
         assert issue.severity is ir.IssueSeverity.ERROR
         placeholders = _placeholders(hass, issue_id)
@@ -375,10 +376,10 @@ async def test_protected_folder_vanishes(
     """The folder's disk is unplugged (or the folder deleted): an issue within a minute."""
     issue_id = f"folder_missing_{PHOTOS_ID}"
     photos = tmp_path / "photos"
-    files = {path.relative_to(photos): path.read_bytes() for path in photos.rglob("*.jpg")}
+    files = _contents(photos, "*.jpg")
     shutil.rmtree(photos)
     with _tmpfs(photos, "4m"):  # the folder lives on a USB disk of its own
-        make_tree(photos, {str(rel): data for rel, data in files.items()})
+        make_tree(photos, files)
         assert (await _sync(hass))["status"] == "success"
         await _advance(hass, freezer, SCHEDULER_TICK)
         assert _issue(hass, issue_id) is None
@@ -386,8 +387,7 @@ async def test_protected_folder_vanishes(
     if how == "removed":
         photos.rmdir()
     await _advance(hass, freezer, SCHEDULER_TICK)
-    issue = _issue(hass, issue_id)
-    assert issue is not None
+    issue = _raised(hass, issue_id)
     assert issue.translation_key == "folder_missing"
     placeholders = _placeholders(hass, issue_id)
     assert (placeholders["folder"], placeholders["path"]) == ("Photos", str(photos))
@@ -399,10 +399,10 @@ async def test_protected_folder_vanishes(
     # A sync now fails and deletes nothing on Bob.
     result = await _sync(hass)
     assert result["status"] == "failed"
-    assert (bob.replica("Photos") / "a.jpg").read_bytes() == files[Path("a.jpg")]
+    assert (bob.replica("Photos") / "a.jpg").read_bytes() == files["a.jpg"]
     assert _issue(hass, issue_id) is not None
     # Plugged in again: gone at the next check.
     with _tmpfs(photos, "4m"):
-        make_tree(photos, {str(rel): data for rel, data in files.items()})
+        make_tree(photos, files)
         await _advance(hass, freezer, SCHEDULER_TICK)
         assert _issue(hass, issue_id) is None

@@ -16,12 +16,14 @@ from custom_components.mynas.const import (
     CONF_ADDRESSES,
     CONF_DOWNLOAD_LIMIT,
     CONF_INBOUND,
+    CONF_MASS_CHANGE,
     CONF_NODE_PUBLIC_KEY,
     CONF_OVERDUE_HOURS,
     CONF_PORT,
     CONF_UNREACHABLE_HOURS,
     CONF_UPLOAD_LIMIT,
     CONF_UPNP,
+    DEFAULT_MASS_CHANGE,
     DEFAULT_OVERDUE_HOURS,
     DEFAULT_UNREACHABLE_HOURS,
 )
@@ -35,7 +37,7 @@ from .flow_support import assert_translated
 async def _open(hass: HomeAssistant, entry: MockConfigEntry, step: str) -> dict:
     result = await hass.config_entries.options.async_init(entry.entry_id)
     assert result["type"] is FlowResultType.MENU
-    assert result["menu_options"] == ["invite", "settings", "bandwidth"]
+    assert result["menu_options"] == ["invite", "settings", "bandwidth", "verify", "restore"]
     assert_translated(result, "options")
     result = await hass.config_entries.options.async_configure(
         result["flow_id"], {"next_step_id": step}
@@ -121,6 +123,7 @@ async def test_settings_saves_addresses_and_hours(
     assert result["data_schema"]({})[CONF_UNREACHABLE_HOURS] == DEFAULT_UNREACHABLE_HOURS
     assert result["data_schema"]({})[CONF_UPNP] is True  # on by default
     assert result["data_schema"]({})[CONF_INBOUND] == "auto"
+    assert result["data_schema"]({})[CONF_MASS_CHANGE] == DEFAULT_MASS_CHANGE == 30
     result = await _submit(
         hass,
         result["flow_id"],
@@ -133,6 +136,7 @@ async def test_settings_saves_addresses_and_hours(
             ),
             CONF_UPNP: False,
             CONF_INBOUND: "no",
+            CONF_MASS_CHANGE: 50,
         },
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
@@ -147,6 +151,7 @@ async def test_settings_saves_addresses_and_hours(
         CONF_UNREACHABLE_HOURS: 0,
         CONF_UPNP: False,
         CONF_INBOUND: "no",
+        CONF_MASS_CHANGE: 50,
         CONF_KEPT_DATA: ["old-peer"],  # other options are kept
     }
     # The invite code now carries them.
@@ -159,6 +164,7 @@ async def test_settings_saves_addresses_and_hours(
     assert result["data_schema"]({})[CONF_UNREACHABLE_HOURS] == 0
     assert result["data_schema"]({})[CONF_UPNP] is False
     assert result["data_schema"]({})[CONF_INBOUND] == "no"
+    assert result["data_schema"]({})[CONF_MASS_CHANGE] == 50
     suggested = next(
         marker.description["suggested_value"]
         for marker in result["data_schema"].schema

@@ -159,7 +159,7 @@ async def test_entities_are_named_translated_and_have_icons(
 ) -> None:
     entities = er.async_entries_for_config_entry(er.async_get(hass), synced_node.entry_id)
     # node (disk, reachability, UPnP), peer (hosted, contact, address), folder × peer
-    assert len(entities) == 7 + 7 + 10
+    assert len(entities) == 7 + 7 + 13
     for entity in entities:
         assert entity.has_entity_name, entity.entity_id
         assert entity.translation_key in EN["entity"]["sensor"], entity.entity_id

@@ -32,6 +32,7 @@ from .const import (
     CONF_DOWNLOAD_LIMIT,
     CONF_INBOUND,
     CONF_KEY_FILE,
+    CONF_MASS_CHANGE,
     CONF_NODE_ID,
     CONF_NODE_NAME,
     CONF_NODE_PUBLIC_KEY,
@@ -43,10 +44,13 @@ from .const import (
     CONF_UNREACHABLE_HOURS,
     CONF_UPLOAD_LIMIT,
     CONF_UPNP,
+    CONF_VERIFY_DAYS,
+    DEFAULT_MASS_CHANGE,
     DEFAULT_OVERDUE_HOURS,
     DEFAULT_PORT,
     DEFAULT_UNREACHABLE_HOURS,
     DEFAULT_UPNP,
+    DEFAULT_VERIFY_DAYS,
     DOMAIN,
     INBOUND_CHOICES,
     SUBENTRY_FOLDER,
@@ -71,6 +75,7 @@ from .engine import (
 )
 from .folder_flow import FolderSubentryFlow
 from .peer_flow import PeerSubentryFlow
+from .restore_flow import RestoreSteps
 
 CONF_INVITE_CODE = "invite_code"
 
@@ -260,13 +265,17 @@ class MyNasConfigFlow(ConfigFlow, domain=DOMAIN):
         )
 
 
-class MyNasOptionsFlow(OptionsFlowWithReload):
-    """Show our invite code; set the addresses it carries, the alerts, the bandwidth limits."""
+class MyNasOptionsFlow(RestoreSteps, OptionsFlowWithReload):
+    """Show our invite code; set the addresses it carries, the alerts, the bandwidth limits.
+
+    And restore what a friend keeps for us (``restore_flow``): it changes no option.
+    """
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """Offer the three things there are to do."""
+        """Offer the five things there are to do."""
         return self.async_show_menu(
-            step_id="init", menu_options=["invite", "settings", "bandwidth"]
+            step_id="init",
+            menu_options=["invite", "settings", "bandwidth", "verify", "restore"],
         )
 
     async def async_step_invite(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
@@ -312,6 +321,7 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                             CONF_UNREACHABLE_HOURS: user_input[CONF_UNREACHABLE_HOURS],
                             CONF_UPNP: user_input[CONF_UPNP],
                             CONF_INBOUND: user_input[CONF_INBOUND],
+                            CONF_MASS_CHANGE: user_input[CONF_MASS_CHANGE],
                         }
                     )
         if user_input is None:
@@ -320,11 +330,13 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
             silent = entry.options.get(CONF_UNREACHABLE_HOURS, DEFAULT_UNREACHABLE_HOURS)
             upnp = entry.options.get(CONF_UPNP, DEFAULT_UPNP)
             inbound = entry.options.get(CONF_INBOUND, INBOUND_CHOICES[0])
+            held = entry.options.get(CONF_MASS_CHANGE, DEFAULT_MASS_CHANGE)
         else:  # show the answers again with the error: nothing typed is lost
             typed = user_input.get(CONF_ADDRESSES) or ""
             hours = user_input[CONF_OVERDUE_HOURS]
             silent = user_input[CONF_UNREACHABLE_HOURS]
             upnp, inbound = user_input[CONF_UPNP], user_input[CONF_INBOUND]
+            held = user_input[CONF_MASS_CHANGE]
         return self.async_show_form(
             step_id="settings",
             data_schema=vol.Schema(
@@ -343,6 +355,8 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
                             mode=SelectSelectorMode.DROPDOWN,
                         )
                     ),
+                    # 0: never hold (every change goes through unasked).
+                    vol.Required(CONF_MASS_CHANGE, default=held): _whole(0, 100, "%"),
                 }
             ),
             errors=errors,
@@ -376,6 +390,21 @@ class MyNasOptionsFlow(OptionsFlowWithReload):
             ),
         )
 
+    async def async_step_verify(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """How often every copy is verified at the friend's, and repaired (0: never)."""
+        entry = self.config_entry
+        if user_input is not None:
+            return self.async_create_entry(
+                data={**entry.options, CONF_VERIFY_DAYS: int(user_input[CONF_VERIFY_DAYS])}
+            )
+        days = entry.options.get(CONF_VERIFY_DAYS, DEFAULT_VERIFY_DAYS)
+        return self.async_show_form(
+            step_id="verify",
+            data_schema=vol.Schema(
+                {vol.Required(CONF_VERIFY_DAYS, default=days): _whole(0, 365, "d")}
+            ),
+        )
+
 
 def _rate() -> vol.All[float]:
     """MB/s, 0 for no limit (as a folder's own limit)."""
@@ -391,14 +420,19 @@ def _rate() -> vol.All[float]:
 
 def _hours(*, minimum: int) -> vol.All[int]:
     """A whole number of hours, up to 30 days."""
+    return _whole(minimum, 24 * 30, "h")
+
+
+def _whole(minimum: int, maximum: int, unit: str) -> vol.All[int]:
+    """A whole number typed in a box, from ``minimum`` to ``maximum``, in ``unit``."""
     return vol.All(
         NumberSelector(
             NumberSelectorConfig(
                 min=minimum,
-                max=24 * 30,
+                max=maximum,
                 step=1,
                 mode=NumberSelectorMode.BOX,
-                unit_of_measurement="h",
+                unit_of_measurement=unit,
             )
         ),
         vol.Coerce(int),

@@ -31,7 +31,14 @@ CONF_UPLOAD_LIMIT: Final = "upload_limit_mbps"
 CONF_DOWNLOAD_LIMIT: Final = "download_limit_mbps"
 CONF_UPNP: Final = "upnp"
 CONF_INBOUND: Final = "inbound"
+# Every folder × peer pair is verified (and repaired) once per this many days; 0: never.
+CONF_VERIFY_DAYS: Final = "verify_days"
+DEFAULT_VERIFY_DAYS: Final = 30
 DEFAULT_UPNP: Final = True
+# Hold a sync that would replace or delete more than this share (%) of a folder's files
+# at a friend, until the user says to send it (0: never hold).
+CONF_MASS_CHANGE: Final = "mass_change_percent"
+DEFAULT_MASS_CHANGE: Final = 30
 INBOUND_CHOICES: Final = ("auto", "yes", "no")
 
 # Subentry types.
@@ -59,6 +66,9 @@ CONF_EXCLUDE: Final = "exclude"
 CONF_WATCH: Final = "watch"
 CONF_WATCH_MINUTES: Final = "watch_minutes"
 DEFAULT_WATCH_MINUTES: Final = 15
+# Friends' copies are encrypted (names and contents); a folder set up before this existed
+# has no such key and is plain until converted (its repair issue).
+CONF_ENCRYPTED: Final = "encrypted"
 
 SCHEDULE_DAILY: Final = "daily"
 SCHEDULE_INTERVAL: Final = "interval"
@@ -79,11 +89,22 @@ SCHEDULER_TICK: Final = timedelta(minutes=1)
 PEER_PROBE_INTERVAL: Final = timedelta(minutes=10)
 # A peer whose disk has less free space than this (whatever its quota says) is "full".
 PEER_DISK_FULL_BELOW: Final = 100_000_000
+# A full quota whose trash is at least this share of what is used: a repair issue says so
+# (on both sides), since only more space for a while helps before the trash empties.
+TRASH_LARGE_SHARE: Final = 0.3
+# A hosted peer counts as at its quota from this share of it used.
+QUOTA_FULL_FROM: Final = 0.99
+# How often a full jail's trash is walked again for that issue.
+TRASH_CHECK_INTERVAL: Final = timedelta(minutes=10)
 # "Last seen" moves on by a minute at least (a peer that syncs connects many times a second).
 LAST_SEEN_RESOLUTION: Final = timedelta(minutes=1)
 # Retries after a failed sync: 5 min, 10, 20... at most 6 h apart.
 RETRY_FIRST: Final = timedelta(minutes=5)
 RETRY_MAX: Final = timedelta(hours=6)
+# No scheduled verify in the first minutes after the node starts (its syncs go first).
+VERIFY_STARTUP_DELAY: Final = timedelta(minutes=10)
+# A pair's first verify falls at a time of day of its own within this window (spread).
+VERIFY_SPREAD: Final = timedelta(hours=24)
 
 EVENT_SYNC_FINISHED: Final = "mynas_sync_finished"
 EVENT_UNKNOWN_KEY: Final = "mynas_unknown_key"
@@ -92,3 +113,4 @@ SERVICE_SYNC: Final = "sync"
 SERVICE_VERIFY: Final = "verify"
 SERVICE_RESTORE: Final = "restore"
 SERVICE_CHECK_REACHABILITY: Final = "check_reachability"
+SERVICE_LIST_FOLDERS: Final = "list_folders"

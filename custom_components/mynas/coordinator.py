@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from homeassistant.config_entries import ConfigEntry
 from homeassistant.core import CALLBACK_TYPE, HomeAssistant
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, UpdateFailed
+from homeassistant.util import dt as dt_util
 
-from . import issues
+from . import issues, texts
 from .const import (
     CONF_NODE_ID,
     CONF_NODE_NAME,
@@ -17,6 +19,9 @@ from .const import (
     DISK_SCAN_INTERVAL,
     DOMAIN,
     LOGGER,
+    QUOTA_FULL_FROM,
+    TRASH_CHECK_INTERVAL,
+    TRASH_LARGE_SHARE,
 )
 from .engine import (
     DiskUsage,
@@ -90,6 +95,8 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
         self._manager = manager
         self.root: str = entry.data[CONF_STORAGE_ROOT]
         self.node_id: str = entry.data[CONF_NODE_ID]
+        # A full jail's trash figures, and when they were taken (walking it takes a while).
+        self._trash: dict[str, tuple[datetime, dict[str, Any]]] = {}
 
     async def _async_update_data(self) -> NodeData:
         entry = self.config_entry
@@ -124,7 +131,53 @@ class NodeCoordinator(DataUpdateCoordinator[NodeData]):
                 translation_key="hosted_unreadable",
                 translation_placeholders={"error": str(err) or type(err).__name__},
             ) from err
+        await self._check_trash(hosted)
         return NodeData(disk=disk, hosted=hosted)
+
+    async def _check_trash(self, hosted: dict[str, JailUsage]) -> None:
+        """A friend's space here full, much of it trash: say so (their backups wait)."""
+        now = dt_util.utcnow()
+        peers = self._manager.peers
+        for peer_id in set(self._trash) - set(hosted):
+            del self._trash[peer_id]
+        for peer_id, usage in hosted.items():
+            full = usage.quota > 0 and usage.used + usage.reserved >= usage.quota * QUOTA_FULL_FROM
+            if not full or peer_id not in peers:
+                self._trash.pop(peer_id, None)
+                issues.hosted_trash_full(self.hass, peer_id, None)
+                continue
+            known = self._trash.get(peer_id)
+            if known is None or now - known[0] >= TRASH_CHECK_INTERVAL:
+                try:
+                    known = (now, await self._node.hosted_trash(peer_id))
+                except (MyNasError, OSError, KeyError) as err:
+                    LOGGER.debug("Could not measure the trash of %s: %s", peer_id, err)
+                    continue
+                self._trash[peer_id] = known
+            report = known[1]
+            trash = int(report["trash"])
+            if trash < usage.used * TRASH_LARGE_SHARE:
+                issues.hosted_trash_full(self.hass, peer_id, None)
+                continue
+            issues.hosted_trash_full(
+                self.hass,
+                peer_id,
+                {
+                    "peer": peers[peer_id].name,
+                    "trash": texts.size(trash),
+                    "quota": texts.size(usage.quota),
+                    "days": str(report["trash_days"]),
+                    "frees_at": _day(report["trash_oldest"], report["trash_days"]),
+                    "until": _day(report["trash_newest"], report["trash_days_longest"]),
+                },
+            )
+
+
+def _day(stamp: float | None, days: int) -> str:
+    """When a trash part stamped ``stamp`` leaves, kept ``days`` days (``-``: no trash)."""
+    if stamp is None:
+        return texts.NONE
+    return texts.since(dt_util.utc_from_timestamp(stamp + days * 86400))
 
 
 class SyncCoordinator(DataUpdateCoordinator[SyncData]):

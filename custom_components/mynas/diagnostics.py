@@ -54,6 +54,10 @@ async def async_get_config_entry_diagnostics(
             "last_duration": status.last_duration,
             "last_error": status.last_error,
             "overdue": manager.is_overdue((f, p)),
+            "encryption": status.encryption.value,
+            "last_verify": status.last_verify.isoformat() if status.last_verify else None,
+            "last_verify_damaged": status.last_verify_damaged,
+            "next_verify": status.next_verify.isoformat() if status.next_verify else None,
         }
         for (f, p), status in manager.data.pairs.items()
         if f in manager.folders and p in manager.peers

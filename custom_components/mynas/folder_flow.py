@@ -1,8 +1,13 @@
 """Protecting a folder: which local directory, on which peers, when, and how.
 
 Two steps, as Home Assistant's own flows ask them: what and where (the folder, picked from
-those found on the backup disk or typed, the peers, the retention and limits), then when
-(a menu: daily at a time, or every few hours, and only the field that kind needs).
+those found on the backup disk or typed, the peers, encryption, the retention and limits),
+then when (a menu: daily at a time, or every few hours, and only the field that kind needs).
+
+Encryption is chosen once, when the folder is set up (on by default). Changing the folder
+does not offer it: an encrypted folder's copies never become readable again, and a plain
+one (set up before encryption existed, or by choice) is converted through its repair issue
+(``repairs.ConvertFlow``), which re-sends every copy encrypted before the plain one goes.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import probatio as vol
 
 from .const import (
     CONF_BWLIMIT,
+    CONF_ENCRYPTED,
     CONF_EXCLUDE,
     CONF_HOURS,
     CONF_NAME,
@@ -184,6 +190,11 @@ class FolderSubentryFlow(ConfigSubentryFlow):
         fields: dict[Any, Any] = {}
         if with_name:
             fields[vol.Required(CONF_NAME, default=defaults.get(CONF_NAME, ""))] = TextSelector()
+        encryption: dict[Any, Any] = {}
+        if with_name:  # chosen once: a new folder's copies are encrypted unless asked otherwise
+            encryption[vol.Required(CONF_ENCRYPTED, default=defaults.get(CONF_ENCRYPTED, True))] = (
+                BooleanSelector()
+            )
         fields.update(
             {
                 # The folders found on the disk, or any path typed in.
@@ -199,6 +210,7 @@ class FolderSubentryFlow(ConfigSubentryFlow):
                         mode=SelectSelectorMode.LIST,
                     )
                 ),
+                **encryption,
                 vol.Required(
                     # New folders are watched; one set up before the option existed is not
                     # until its owner says so here.
@@ -270,7 +282,8 @@ class FolderSubentryFlow(ConfigSubentryFlow):
             if problem := self._name_error(name):
                 errors[CONF_NAME] = problem
             if not errors:
-                self._data = {CONF_NAME: name, **data}
+                encrypted = bool(user_input.get(CONF_ENCRYPTED, True))
+                self._data = {CONF_NAME: name, **data, CONF_ENCRYPTED: encrypted}
                 return await self.async_step_schedule()
         return self.async_show_form(
             step_id="user",
@@ -282,7 +295,11 @@ class FolderSubentryFlow(ConfigSubentryFlow):
     async def async_step_reconfigure(
         self, user_input: dict[str, Any] | None = None
     ) -> SubentryFlowResult:
-        """Change everything but the name (the name is where the replica lives on hosts)."""
+        """Change everything but the name (the name is where the replica lives on hosts).
+
+        Nor encryption: an encrypted folder stays so, a plain one is converted from its
+        repair issue (the text says so).
+        """
         subentry = self._get_reconfigure_subentry()
         errors: dict[str, str] = {}
         if user_input is not None:

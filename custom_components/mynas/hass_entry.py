@@ -26,11 +26,13 @@ from .const import (
     CONF_INBOUND,
     CONF_KEY_FILE,
     CONF_KIT_SAVED,
+    CONF_MASS_CHANGE,
     CONF_NODE_ID,
     CONF_NODE_NAME,
     CONF_PORT,
     CONF_STORAGE_ROOT,
     CONF_UPNP,
+    DEFAULT_MASS_CHANGE,
     DEFAULT_UPNP,
     DOMAIN,
     EVENT_UNKNOWN_KEY,
@@ -100,6 +102,7 @@ async def async_start_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> MyNa
         download_limit=download_limit,
         upnp=bool(options.get(CONF_UPNP, DEFAULT_UPNP)),
         inbound=Inbound(options.get(CONF_INBOUND, Inbound.AUTO)),
+        mass_change_percent=int(options.get(CONF_MASS_CHANGE, DEFAULT_MASS_CHANGE)),
     )
     peers = peers_of(entry)
     folders = folders_of(entry)
@@ -144,6 +147,7 @@ async def async_start_node(hass: HomeAssistant, entry: MyNasConfigEntry) -> MyNa
         await _forget_stale_pairs(
             node, {(f.config.name, peer) for f in folders.values() for peer in f.peers}
         )
+        await manager.async_load_kinds()
     except BaseException:
         await node.stop()
         raise

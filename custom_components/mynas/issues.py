@@ -53,13 +53,21 @@ def _raise_or_clear(
     issue_id: str,
     key: str,
     placeholders: dict[str, str] | None,
+    *,
+    since_first: bool = False,
     **options: Any,
 ) -> None:
-    """Raise ``issue_id`` (of ``key``, with ``_create``'s options); None clears it."""
+    """Raise ``issue_id`` (of ``key``, with ``_create``'s options); None clears it.
+
+    ``since_first``: the text's ``since`` is when the issue was first raised (kept while it
+    stays), not now.
+    """
     if placeholders is None:
         _delete(hass, issue_id)
-    else:
-        _create(hass, issue_id, key, placeholders, **options)
+        return
+    if since_first:
+        placeholders = {**placeholders, "since": _since_before(hass, issue_id, key)}
+    _create(hass, issue_id, key, placeholders, **options)
 
 
 def _since_before(hass: HomeAssistant, issue_id: str, key: str) -> str:
@@ -200,16 +208,72 @@ def quota_refused(
 
     Fixable: once the friend grants more space, the fix flow backs the folder up again.
     """
-    issue_id = f"quota_{folder_id}_{peer_id}"
     _raise_or_clear(
         hass,
-        issue_id,
+        f"quota_{folder_id}_{peer_id}",
         "quota_exceeded",
-        None
-        if placeholders is None
-        else {**placeholders, "since": _since_before(hass, issue_id, "quota_exceeded")},
+        placeholders,
+        since_first=True,
         fixable=True,
         data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
+    )
+
+
+def mass_change(
+    hass: HomeAssistant,
+    entry_id: str,
+    folder_id: str,
+    peer_id: str,
+    placeholders: dict[str, str] | None,
+) -> None:
+    """Raise (or, with ``placeholders`` None, clear) "this sync would change most files".
+
+    Fixable: the fix flow sends it (once, the guard lifted) or leaves it held.
+    """
+    _raise_or_clear(
+        hass,
+        f"mass_change_{folder_id}_{peer_id}",
+        "mass_change",
+        placeholders,
+        since_first=True,
+        fixable=True,
+        data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
+    )
+
+
+def trash_fills_quota(
+    hass: HomeAssistant, peer_id: str, placeholders: dict[str, str] | None
+) -> None:
+    """Raise (or clear) "our space at a friend is full, and much of it is trash".
+
+    The owner's side: the host refused for quota while old versions (a mass change sent
+    anyway, a big reorganisation) fill what it grants us, until its retention expires.
+    Only the friend can help sooner (more space for a while): the text says so.
+    """
+    _raise_or_clear(
+        hass,
+        f"trash_fills_quota_{peer_id}",
+        "trash_fills_quota",
+        placeholders,
+        since_first=True,
+    )
+
+
+def hosted_trash_full(
+    hass: HomeAssistant, peer_id: str, placeholders: dict[str, str] | None
+) -> None:
+    """Raise (or clear) "a friend's space here is full, and much of it is trash".
+
+    The host's side: the friend's backups to us wait until the trash empties, unless we
+    grant them more space for a while.
+    """
+    _raise_or_clear(
+        hass,
+        f"hosted_trash_full_{peer_id}",
+        "hosted_trash_full",
+        placeholders,
+        since_first=True,
+        severity=ir.IssueSeverity.WARNING,
     )
 
 
@@ -249,6 +313,69 @@ def overdue(
         fixable=True,
         data={"entry_id": entry_id, "folder_id": folder_id},
     )
+
+
+def plain_copies(
+    hass: HomeAssistant, entry_id: str, folder_id: str, placeholders: dict[str, str] | None
+) -> None:
+    """Raise (or, with ``placeholders`` None, clear) "friends can read this folder's copies".
+
+    A folder set up plain (before encryption existed, or unticked). Fixable: the fix flow
+    sends every copy again encrypted; the plain one then goes to the friend's trash.
+    """
+    _raise_or_clear(
+        hass,
+        f"convert_plain_{folder_id}",
+        "plain_copies",
+        placeholders,
+        severity=ir.IssueSeverity.WARNING,
+        fixable=True,
+        data={"entry_id": entry_id, "folder_id": folder_id},
+    )
+
+
+def verify_damage(
+    hass: HomeAssistant,
+    entry_id: str,
+    folder_id: str,
+    peer_id: str,
+    placeholders: dict[str, str],
+) -> None:
+    """A verify found the friend's copy damaged (what, and how much the repair re-sent).
+
+    Fixable: the fix flow only acknowledges it (the repair already ran; a disk that keeps
+    damaging what it stores is the friend's to replace).
+    """
+    _create(
+        hass,
+        f"verify_damage_{folder_id}_{peer_id}",
+        "verify_damage",
+        placeholders,
+        severity=ir.IssueSeverity.WARNING,
+        fixable=True,
+        data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
+    )
+
+
+def clear_verify_damage(hass: HomeAssistant, folder_id: str, peer_id: str) -> None:
+    """The user took note of the damage a verify found."""
+    _delete(hass, f"verify_damage_{folder_id}_{peer_id}")
+
+
+def clear_stale_folder_issues(hass: HomeAssistant, entry_id: str, keep: set[str]) -> None:
+    """Forget the plain-copy and verify issues of folders (or pairs) that are gone.
+
+    ``keep`` holds the issue ids that still stand for something configured.
+    """
+    registry = ir.async_get(hass)
+    for (domain, issue_id), issue in list(registry.issues.items()):
+        if (
+            domain == DOMAIN
+            and issue_id.startswith(("convert_plain_", "verify_damage_"))
+            and (issue.data or {}).get("entry_id") == entry_id
+            and issue_id not in keep
+        ):
+            _delete(hass, issue_id)
 
 
 def orphaned_data(hass: HomeAssistant, entry_id: str, jail: str, size: str) -> None:

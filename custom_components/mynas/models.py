@@ -19,6 +19,7 @@ from .const import (
     CONF_ADDRESSES,
     CONF_BWLIMIT,
     CONF_DOWNLOAD_LIMIT,
+    CONF_ENCRYPTED,
     CONF_EXCLUDE,
     CONF_HOURS,
     CONF_JAIL,
@@ -101,6 +102,8 @@ def folder_setup(subentry: ConfigSubentry) -> FolderSetup:
         exclude=tuple(data.get(CONF_EXCLUDE) or ()),
         bwlimit=_bytes_per_second(data.get(CONF_BWLIMIT)),
         retention_days=data.get(CONF_RETENTION_DAYS),
+        # Set up before encryption existed: plain (until converted).
+        encrypted=bool(data.get(CONF_ENCRYPTED, False)),
     )
     if data.get(CONF_SCHEDULE) == SCHEDULE_DAILY:
         schedule = Schedule(SCHEDULE_DAILY, at=parse_time(data[CONF_TIME]))
@@ -155,6 +158,17 @@ class SyncKind(enum.StrEnum):
 
     SYNC = "sync"
     VERIFY = "verify"
+    # Send a plain replica again encrypted, then the plain copy goes to the host's trash.
+    CONVERT = "convert"
+
+
+class Encryption(enum.StrEnum):
+    """What a friend's copy of a folder is (or will be, before the first sync)."""
+
+    ENCRYPTED = "encrypted"
+    PLAIN = "plain"
+    # Being sent again encrypted: until that copy is whole, the plain one stays.
+    CONVERTING = "converting"
 
 
 class ErrorKind(enum.StrEnum):
@@ -167,6 +181,7 @@ class ErrorKind(enum.StrEnum):
     DISK_MISSING = "disk_missing"  # this node's backup disk is away
     FOLDER_MISSING = "folder_missing"  # the folder to back up is missing or empty
     FILES_SKIPPED = "files_skipped"  # the sync went through, some files could not be sent
+    HELD = "held"  # it would replace or delete most files there: waiting for the user
     FAILED = "failed"  # anything else: the details say what
 
 
@@ -197,10 +212,34 @@ class PairStatus:
     last_error: str | None = None
     last_error_kind: ErrorKind | None = None
     quota_refused: bool = False
+    # Whether the friend's copy is sealed: as the index knows it, else as the folder is set
+    # up (what the first sync makes). Read from the index at start and after every run.
+    sealed: bool = False
+    # A conversion was started and its plain copy is not gone yet: the next sync goes on.
+    converting: bool = False
+    # The last verify that ran to its end, and what it found and repaired.
+    last_verify: datetime | None = None
+    last_verify_checked: int | None = None
+    last_verify_damaged: int | None = None
+    last_verify_repaired: int | None = None
+    # When the scheduled verify comes next (None: never, or not before a first sync).
+    next_verify: datetime | None = None
+
+    @property
+    def encryption(self) -> Encryption:
+        """What the friend's copy is."""
+        if self.converting:
+            return Encryption.CONVERTING
+        return Encryption.ENCRYPTED if self.sealed else Encryption.PLAIN
 
     def as_stored(self) -> dict[str, Any]:
         """What survives a restart."""
         return {
+            "converting": self.converting,
+            "last_verify": _iso(self.last_verify),
+            "last_verify_checked": self.last_verify_checked,
+            "last_verify_damaged": self.last_verify_damaged,
+            "last_verify_repaired": self.last_verify_repaired,
             "last_success": _iso(self.last_success),
             "last_attempt": _iso(self.last_attempt),
             "first_attempt": _iso(self.first_attempt),
@@ -230,6 +269,11 @@ class PairStatus:
             last_duration=data.get("last_duration"),
             last_error=last_error,
             last_error_kind=kind,
+            converting=bool(data.get("converting")),
+            last_verify=_parse(data.get("last_verify")),
+            last_verify_checked=data.get("last_verify_checked"),
+            last_verify_damaged=data.get("last_verify_damaged"),
+            last_verify_repaired=data.get("last_verify_repaired"),
         )
         if status.failures:
             status.state = SyncState.ERROR

@@ -18,8 +18,13 @@ from homeassistant.core import CALLBACK_TYPE, callback
 from homeassistant.helpers.event import async_track_time_interval
 from homeassistant.util import dt as dt_util
 
-from . import issues
-from .const import LAST_SEEN_RESOLUTION, PEER_DISK_FULL_BELOW, PEER_PROBE_INTERVAL
+from . import issues, texts
+from .const import (
+    LAST_SEEN_RESOLUTION,
+    PEER_DISK_FULL_BELOW,
+    PEER_PROBE_INTERVAL,
+    TRASH_LARGE_SHARE,
+)
 from .engine import (
     AuthRefused,
     HostKeyMismatch,
@@ -41,6 +46,11 @@ def _newer(last_seen: datetime | None, when: datetime) -> bool:
     each new value is a state change (and a line in the activity log).
     """
     return last_seen is None or when - last_seen >= LAST_SEEN_RESOLUTION
+
+
+def _date(timestamp: float | None) -> str:
+    """A trash stamp's day as people read it (``-`` when unknown)."""
+    return texts.NONE if timestamp is None else texts.since(dt_util.utc_from_timestamp(timestamp))
 
 
 class PeerProber:
@@ -142,6 +152,31 @@ class PeerProber:
         if test:
             self.probe(peer_id)
 
+    def _check_trash(self, peer_id: str, result: ProbeResult) -> None:
+        """Say so when the friend refused us for quota and trash fills much of our space."""
+        refused = [
+            self._context.folders[folder_id].config.name
+            for (folder_id, pid), status in self._context.data.pairs.items()
+            if pid == peer_id and status.quota_refused and folder_id in self._context.folders
+        ]
+        trash, used = result.trash_there, result.used_there
+        if not refused or trash is None or not used or trash < used * TRASH_LARGE_SHARE:
+            issues.trash_fills_quota(self._hass, peer_id, None)
+            return
+        issues.trash_fills_quota(
+            self._hass,
+            peer_id,
+            {
+                "peer": self._peers[peer_id].name,
+                "folders": texts.names(refused),
+                "trash": texts.size(trash),
+                "used": texts.size(used),
+                "quota": texts.size(result.quota_there or 0),
+                "frees_at": _date(result.trash_frees_at),
+                "until": _date(result.trash_kept_until),
+            },
+        )
+
     def _problem(
         self,
         peer_id: str,
@@ -210,6 +245,7 @@ class PeerProber:
             free = result.disk_free_there
             if free is not None and free < PEER_DISK_FULL_BELOW:
                 self.disk_full(peer_id, f"it has {format_bytes(free)} free", test=False)
+            self._check_trash(peer_id, result)
         else:
             self._problem(peer_id, result.status, result.error, result.presented_key)
         self._context.store.save()

@@ -2,12 +2,15 @@
 
 Check the backup disk again; try a silent peer again or change its address; back a folder
 up again (once a friend granted more space, or the cause of an overdue backup is dealt
-with); trust a peer's new key (only once confirmed); settle a removed peer's data; keep
-the recovery kit outside the house (only once confirmed).
+with); trust a peer's new key (only once confirmed); settle a removed peer's data; encrypt
+a plain folder's copies (a conversion on each of its peers, shown as progress); take note
+of the damage a verify found and repaired; keep the recovery kit outside the house (only
+once confirmed).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from homeassistant.components.repairs import RepairsFlow, RepairsFlowResult
@@ -27,6 +30,7 @@ from .models import SyncKind
 from .orphans import CONF_KEPT_DATA
 from .peer_flow import check_addresses, peer_port
 from .recovery_kit import kit_of
+from .sync_manager import SyncManager
 
 CONF_CONFIRM = "confirm"
 CONF_STORED = "stored"
@@ -74,6 +78,19 @@ class _IssueFlow(_StartsAtConfirm):
     def _placeholders(self) -> dict[str, str]:
         return _issue_placeholders(self.hass, self.issue_id)
 
+    def _manager(self) -> SyncManager | None:
+        """The node's sync manager, if the node is loaded (a fix needs it running)."""
+        entry = _loaded(_entry(self.hass, self._entry_id))
+        return None if entry is None else entry.runtime_data.manager
+
+    def _offer(self, *options: str) -> RepairsFlowResult:
+        """The first step as a menu of ``options``, with the issue's texts."""
+        return self.async_show_menu(
+            step_id="init",
+            menu_options=list(options),
+            description_placeholders=self._placeholders(),
+        )
+
 
 class StorageFlow(_IssueFlow):
     """The backup disk is missing or another one is mounted: check it again now."""
@@ -113,18 +130,13 @@ class UnreachableFlow(_IssueFlow):
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
         """Offer the two things there are to do."""
-        return self.async_show_menu(
-            step_id="init",
-            menu_options=["retry", "address"],
-            description_placeholders=self._placeholders(),
-        )
+        return self._offer("retry", "address")
 
     async def async_step_retry(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
         """Test the connection now: done once the peer answers."""
-        entry = _loaded(_entry(self.hass, self._entry_id))
-        if entry is None:
+        manager = self._manager()
+        if manager is None:
             return self.async_abort(reason="node_not_loaded")
-        manager = entry.runtime_data.manager
         if self._peer_id not in manager.peers:
             return self.async_abort(reason="peer_gone")
         placeholders = self._placeholders()
@@ -189,11 +201,10 @@ class BackUpAgainFlow(_IssueFlow):
         self, user_input: dict[str, Any] | None = None
     ) -> RepairsFlowResult:
         """Say what to do; on submit, start the sync (the issue comes back if it fails)."""
-        entry = _loaded(_entry(self.hass, self._entry_id))
-        if entry is None:
+        manager = self._manager()
+        if manager is None:
             return self.async_abort(reason="node_not_loaded")
         if user_input is not None:
-            manager = entry.runtime_data.manager
             for pair in manager.pairs:
                 if pair[0] == self._folder_id and self._peer_id in (None, pair[1]):
                     try:
@@ -206,6 +217,38 @@ class BackUpAgainFlow(_IssueFlow):
             data_schema=vol.Schema({}),
             description_placeholders=self._placeholders(),
         )
+
+
+class MassChangeFlow(_IssueFlow):
+    """A sync held as too large: send it now (the guard lifted once), or keep holding it."""
+
+    def __init__(self, entry_id: str, folder_id: str, peer_id: str) -> None:
+        """Decide about the held sync of ``folder_id`` to ``peer_id``."""
+        super().__init__(entry_id)
+        self._pair = (folder_id, peer_id)
+
+    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
+        """Say what the sync would do; offer to send it or not."""
+        return self._offer("send", "not_now")
+
+    async def async_step_send(self, user_input: dict[str, Any] | None = None) -> RepairsFlowResult:
+        """Start the sync now, once, without the guard (the issue comes back if it fails)."""
+        manager = self._manager()
+        if manager is None:
+            return self.async_abort(reason="node_not_loaded")
+        if self._pair not in manager.pairs:
+            return self.async_abort(reason="pair_gone")
+        try:
+            manager.start(self._pair, SyncKind.SYNC, guard=False)
+        except HomeAssistantError:  # the disk went away meanwhile: its issue says
+            return self.async_abort(reason="node_not_loaded")
+        return self.async_create_entry(data={})
+
+    async def async_step_not_now(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Keep holding: nothing is sent, and the issue stays."""
+        return self.async_abort(reason="still_held", description_placeholders=self._placeholders())
 
 
 class KeyChangedFlow(_StartsAtConfirm):
@@ -351,6 +394,106 @@ class OrphanedDataFlow(RepairsFlow):
         return self.async_create_entry(data={})
 
 
+class ConvertFlow(_IssueFlow):
+    """A plain folder's copies: send each again encrypted, then the plain ones go to trash."""
+
+    def __init__(self, entry_id: str, folder_id: str) -> None:
+        """Encrypt the copies of ``folder_id`` in node ``entry_id``."""
+        super().__init__(entry_id)
+        self._folder_id = folder_id
+        self._converting: asyncio.Task[list[Any]] | None = None
+        self._shown: dict[str, str] = {}
+
+    async def async_step_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Say what a conversion does; on submit, start it on every peer of the folder."""
+        manager = self._manager()
+        if manager is None:
+            return self.async_abort(reason="node_not_loaded")
+        if self._folder_id not in manager.folders:
+            return self.async_abort(reason="folder_gone")
+        self._shown = self._placeholders()
+        if user_input is None:
+            return self.async_show_form(
+                step_id="confirm",
+                data_schema=vol.Schema({}),
+                description_placeholders=self._shown,
+            )
+        pairs = [pair for pair in manager.pairs if pair[0] == self._folder_id]
+        try:
+            tasks = [manager.start(pair, SyncKind.CONVERT) for pair in pairs]
+        except HomeAssistantError:  # the disk went away meanwhile: its issue says
+            return self.async_abort(reason="node_not_loaded")
+        self._converting = self.hass.async_create_task(
+            _gather(tasks), name=f"mynas convert {self._folder_id}"
+        )
+        return await self.async_step_converting()
+
+    async def async_step_converting(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Show progress while every copy is sent again encrypted."""
+        assert self._converting is not None
+        if not self._converting.done():
+            return self.async_show_progress(
+                step_id="converting",
+                progress_action="converting",
+                progress_task=self._converting,
+                description_placeholders=self._shown,
+            )
+        return self.async_show_progress_done(next_step_id="finish")
+
+    async def async_step_finish(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Done once every copy is encrypted and whole; else say what stopped it."""
+        assert self._converting is not None
+        results = self._converting.result()
+        problems = [
+            "cancelled"
+            if isinstance(result, BaseException)
+            else str(result.get("error") or "; ".join(result.get("errors") or []) or "-")
+            for result in results
+            if isinstance(result, BaseException) or result.get("status") != "success"
+        ]
+        if problems:
+            # The folder stays plain and the issue stays: the next sync goes on with it.
+            return self.async_abort(
+                reason="convert_failed",
+                description_placeholders={**self._shown, "error": problems[0]},
+            )
+        return self.async_create_entry(data={})
+
+
+async def _gather(tasks: list[asyncio.Task[dict[str, Any]]]) -> list[Any]:
+    """Every run's summary, or what it raised (a run cut short by a stop)."""
+    return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+
+class VerifyDamageFlow(_IssueFlow):
+    """A verify found damage at a friend's and repaired it: taken note of, the issue goes."""
+
+    def __init__(self, entry_id: str, folder_id: str, peer_id: str) -> None:
+        """The damage found on ``peer_id``'s copy of ``folder_id``."""
+        super().__init__(entry_id)
+        self._folder_id = folder_id
+        self._peer_id = peer_id
+
+    async def async_step_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> RepairsFlowResult:
+        """Say what was found and repaired; on submit, the issue goes."""
+        if user_input is not None:
+            issues.clear_verify_damage(self.hass, self._folder_id, self._peer_id)
+            return self.async_create_entry(data={})
+        return self.async_show_form(
+            step_id="confirm",
+            data_schema=vol.Schema({}),
+            description_placeholders=self._placeholders(),
+        )
+
+
 async def async_create_fix_flow(
     hass: HomeAssistant, issue_id: str, data: dict[str, str | int | float | None] | None
 ) -> RepairsFlow:
@@ -361,10 +504,16 @@ async def async_create_fix_flow(
         return StorageFlow(entry_id)
     if issue_id.startswith("unreachable_"):
         return UnreachableFlow(entry_id, str(data["peer_id"]))
+    if issue_id.startswith("mass_change_"):
+        return MassChangeFlow(entry_id, str(data["folder_id"]), str(data["peer_id"]))
     if issue_id.startswith("quota_"):
         return BackUpAgainFlow(entry_id, str(data["folder_id"]), str(data["peer_id"]))
     if issue_id.startswith("overdue_"):
         return BackUpAgainFlow(entry_id, str(data["folder_id"]), None)
+    if issue_id.startswith("convert_plain_"):
+        return ConvertFlow(entry_id, str(data["folder_id"]))
+    if issue_id.startswith("verify_damage_"):
+        return VerifyDamageFlow(entry_id, str(data["folder_id"]), str(data["peer_id"]))
     if issue_id.startswith("recovery_kit_"):
         return RecoveryKitFlow(entry_id)
     if issue_id.startswith("key_changed_"):

@@ -1,4 +1,11 @@
-"""Runs of a folder × peer pair: a sync (send what changed) or a verify, one at a time.
+"""Runs of a folder × peer pair: a sync, a verify or a conversion, one at a time.
+
+A conversion sends a plain replica again encrypted (``ThreadedNode.convert``); once that
+copy is whole the plain one goes to the friend's trash. A sync of a pair whose conversion
+was cut short takes it up again, and a pair already converted syncs encrypted even while
+its folder is still plain (its other peers not converted yet): pushing plain onto it would
+be refused (``ReplicaKindMismatch``). A verify records when it ran and what it found; host
+damage raises a repair issue saying how much was repaired.
 
 A run first checks that the storage root is still this node's disk, then awaits the
 engine (its ``ThreadedNode``, which adds "one transfer per peer at a time") and turns what
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+import dataclasses
 from functools import partial
 import logging
 from typing import Any
@@ -23,6 +31,7 @@ from .const import DOMAIN, EVENT_SYNC_FINISHED
 from .engine import (
     AuthRefused,
     HostKeyMismatch,
+    MassChangeHeld,
     MyNasError,
     PeerConfig,
     PeerDiskFull,
@@ -57,6 +66,8 @@ def error_kind(err: BaseException) -> ErrorKind:
         return ErrorKind.DISK_MISSING
     if isinstance(err, SourceMissing):
         return ErrorKind.FOLDER_MISSING
+    if isinstance(err, MassChangeHeld):
+        return ErrorKind.HELD
     return ErrorKind.FAILED
 
 
@@ -94,6 +105,10 @@ class Runs:
         self._stopping = False
         # Told each folder check's outcome (folder id, whether it is there): the watcher.
         self.on_folder_checked: Callable[[str, bool], Awaitable[None]] | None = None
+        # Told when a pair's conversion finished (the folder id): the folder may be done.
+        self.on_converted: Callable[[str], None] | None = None
+        # Called at the end of every run, before the entities hear of it (the scheduler).
+        self.on_finished: Callable[[], None] | None = None
 
     @callback
     def stop(self) -> list[asyncio.Task[dict[str, Any]]]:
@@ -138,9 +153,32 @@ class Runs:
         task.add_done_callback(forget)
         return task
 
-    def running(self, pair: Pair) -> bool:
-        """True while a run of the pair is queued or running."""
-        return any(p == pair and not task.done() for (p, _), task in self._tasks.items())
+    def running(self, pair: Pair, kind: SyncKind | None = None) -> bool:
+        """True while a run of the pair (of ``kind``, if given) is queued or running."""
+        return any(
+            p == pair and kind in (None, k) and not task.done()
+            for (p, k), task in self._tasks.items()
+        )
+
+    async def load_kinds(self) -> None:
+        """Read from the index whether each pair's copy is sealed (after the node started)."""
+        for pair in self._context.pairs:
+            await self._read_kind(pair)
+
+    async def _read_kind(self, pair: Pair) -> None:
+        """Whether the pair's copy is sealed: as the index says, else as its folder is set up."""
+        status = self._pairs.get(pair)
+        setup = self._context.folders.get(pair[0])
+        if status is None or setup is None:
+            return
+        try:
+            sealed = await self._hass.async_add_executor_job(
+                self._node.index.sealed, setup.config.name, pair[1]
+            )
+        except Exception:  # the index is on the disk, which may be away
+            _LOGGER.debug("Could not read the kind of %s's copy", setup.config.name)
+            return
+        status.sealed = setup.config.encrypted if sealed is None else sealed
 
     def progress_sink(self, pair: Pair, verifying: bool) -> Callable[[Progress], None]:
         """What the engine reports a run's progress to (on its thread): relayed to here."""
@@ -192,8 +230,23 @@ class Runs:
                 status.first_attempt = status.first_attempt or started
             sink = self.progress_sink(pair, verifying)
             self._active.add(pair)
+            converting = kind is SyncKind.CONVERT or (not verifying and status.converting)
+            if kind is SyncKind.CONVERT and not status.converting:
+                # Saved before the engine starts: the index calls the pair sealed from its
+                # first step on, and a restart must go on with the conversion, not push plain.
+                status.converting = True
+                await self._context.store.async_save()
             try:
-                if verifying:
+                if converting:
+                    self._on_started(pair, verifying)
+                    converted: PushResult = await self._node.convert(setup.config, peer_id, sink)
+                    summary.update(converted.as_dict())
+                    complete = converted.replaced_plain
+                    summary["status"] = "success" if complete else "partial"
+                    if complete:
+                        status.converting = False
+                    self._succeeded(pair, converted)
+                elif verifying:
                     self._on_started(pair, verifying)
                     verified: VerifyResult = await self._node.verify(
                         setup.config, peer_id, repair=bool(options.get("repair")), progress=sink
@@ -202,12 +255,22 @@ class Runs:
                     summary["status"] = (
                         "success" if verified.clean or verified.repair_complete else "mismatch"
                     )
+                    self._verified(pair, verified)
                     self._prober.seen(peer_id, dt_util.utcnow())
                 else:
                     # Once the peer is free (the engine's one transfer per peer at a time).
                     on_start = self._node.relay(partial(self._on_started, pair, verifying))
+                    config = setup.config
+                    if status.sealed and not config.encrypted:
+                        # Converted already, its folder's other copies not yet.
+                        config = dataclasses.replace(config, encrypted=True)
+                    # ``guard`` False: the user said to send a change held as too large.
                     synced: PushResult = await self._node.push(
-                        setup.config, peer_id, sink, on_start=on_start
+                        config,
+                        peer_id,
+                        sink,
+                        on_start=on_start,
+                        guard=bool(options.get("guard", True)),
                     )
                     summary.update(synced.as_dict())
                     summary["status"] = "partial" if synced.error_count else "success"
@@ -237,19 +300,27 @@ class Runs:
                 summary["error"] = str(err) or type(err).__name__
                 self._failed(pair, err, count=not verifying)
             self._active.discard(pair)
+            await self._read_kind(pair)
             status.progress = None
             status.state = self._resting(status)
             summary["duration"] = round((dt_util.utcnow() - started).total_seconds(), 3)
         if summary["status"] in ("success", "partial") and not verifying:
             # Refresh "space we use there" now rather than at the next probe.
             self._prober.probe(peer_id)
-        return self._finished(setup.config.name, peer, kind, summary)
+        finished = self._finished(setup.config.name, peer, kind, summary)
+        if converting and not status.converting and self.on_converted is not None:
+            # Once this run is over: the folder may now be stored encrypted, which reloads
+            # the node (and would cancel a run still under way).
+            self._hass.loop.call_soon(self.on_converted, folder_id)
+        return finished
 
     def _finished(
         self, folder: str, peer: PeerConfig, kind: SyncKind, summary: dict[str, Any]
     ) -> dict[str, Any]:
         """Publish the end of a run: state saved, entities updated, the event fired."""
         self._overdue.check(dt_util.utcnow())
+        if self.on_finished is not None:
+            self.on_finished()
         self._context.store.save()
         self._updates.changed()
         self._hass.bus.async_fire(
@@ -264,6 +335,14 @@ class Runs:
                 "bytes": summary.get("bytes_sent", 0),
                 "duration": summary["duration"],
                 "error": summary.get("error"),
+                **(
+                    {
+                        key: summary.get(key, 0)
+                        for key in ("checked", "host_damaged", "unsent", "local_rot", "repaired")
+                    }
+                    if kind is SyncKind.VERIFY
+                    else {}
+                ),
             },
         )
         return summary
@@ -314,10 +393,46 @@ class Runs:
         status.last_error_kind = ErrorKind.FILES_SKIPPED if status.last_error else None
         status.quota_refused = False
         issues.quota_refused(self._hass, self._context.entry_id, pair[0], pair[1], None)
+        if not any(
+            other.quota_refused for (_, peer_id), other in self._pairs.items() if peer_id == pair[1]
+        ):
+            issues.trash_fills_quota(self._hass, pair[1], None)
         # Everything planned went in: the friend's disk had room, the folder was there.
         issues.peer_disk_full(self._hass, pair[1], None)
         issues.folder_missing(self._hass, pair[0], None)
+        issues.mass_change(self._hass, self._context.entry_id, pair[0], pair[1], None)
         self._prober.seen(pair[1], now)
+
+    def _verified(self, pair: Pair, result: VerifyResult) -> None:
+        """Remember the verify; raise an issue when the friend's copy was found damaged."""
+        status = self._pairs[pair]
+        now = dt_util.utcnow()
+        status.last_verify = now
+        status.last_verify_checked = result.checked
+        status.last_verify_damaged = result.host_damaged
+        status.last_verify_repaired = result.repaired
+        if not result.host_damaged:
+            return
+        examples = [
+            text.removeprefix("host damage: ")
+            for text in result.examples
+            if text.startswith("host damage: ")
+        ]
+        issues.verify_damage(
+            self._hass,
+            self._context.entry_id,
+            pair[0],
+            pair[1],
+            {
+                "folder": self._context.folders[pair[0]].config.name,
+                "peer": self._context.peers[pair[1]].name,
+                "when": texts.since(now),
+                "checked": str(result.checked),
+                "damaged": str(result.host_damaged),
+                "repaired": str(result.repaired),
+                "examples": texts.names(examples[:3]) if examples else texts.NONE,
+            },
+        )
 
     def _failed(self, pair: Pair, err: Exception, *, count: bool = True) -> None:
         """Record a failed run; ``count`` it against the schedule (syncs, not verifies)."""
@@ -330,6 +445,8 @@ class Runs:
         peer = self._context.peers[pair[1]]
         if isinstance(err, QuotaExceeded):
             status.quota_refused = True
+            # Learn how much of the space there is trash (its own issue, if most is).
+            self._prober.probe(pair[1])
             issues.quota_refused(
                 self._hass,
                 self._context.entry_id,
@@ -346,6 +463,23 @@ class Runs:
             self._prober.disk_full(pair[1], str(err).removeprefix("the peer's disk is full: "))
         elif isinstance(err, SourceMissing):
             self.folder_missing(pair[0], str(err))
+        elif isinstance(err, MassChangeHeld):
+            issues.mass_change(
+                self._hass,
+                self._context.entry_id,
+                pair[0],
+                pair[1],
+                {
+                    "folder": folder,
+                    "peer": peer.name,
+                    "replaced": str(err.replaced),
+                    "deleted": str(err.deleted),
+                    "total": str(err.total),
+                    "share": str(round(100 * (err.replaced + err.deleted) / err.total)),
+                    "percent": str(err.percent),
+                    "examples": texts.NONE if not err.examples else ", ".join(err.examples),
+                },
+            )
         else:
             self._prober.run_failed(pair[1], err)
 

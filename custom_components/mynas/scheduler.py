@@ -1,24 +1,31 @@
-"""When each pair syncs: due syncs started every minute, overdue backups raised as issues.
+"""When each pair syncs and is verified; overdue backups raised as issues.
 
 The rules of "when" are pure functions in ``schedule``; this keeps the clock. Every
 ``SCHEDULER_TICK`` it starts the syncs that are due (none while the storage disk is away),
 raises or clears each folder's "backup overdue" repair issue, and has every folder checked
 for being there (its "folder missing" issue).
+
+The scrub: every pair is verified with repair once per ``verify_every`` (a node option),
+counted from its last verify, or from its first sync plus a time of day of its own
+(``verify_offset``: pairs set up together are not verified together). One verify at a time
+per node, never while the pair syncs, none in the first minutes after a start, and one
+that failed (the friend away) is tried again an hour later, not every minute.
 """
 
 from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
-from typing import Protocol
+import hashlib
+from typing import Any, Protocol
 
 from homeassistant.core import CALLBACK_TYPE, callback
 from homeassistant.helpers.event import async_track_time_interval
 from homeassistant.util import dt as dt_util
 
 from . import issues, texts
-from .const import SCHEDULER_TICK
-from .models import Pair, SyncContext, SyncKind
+from .const import SCHEDULER_TICK, VERIFY_SPREAD, VERIFY_STARTUP_DELAY
+from .models import Pair, SyncContext, SyncKind, pair_key
 from .schedule import next_run
 
 
@@ -82,30 +89,55 @@ class Runner(Protocol):
 
     storage_ok: bool
 
-    def running(self, pair: Pair) -> bool:
-        """True while a run of the pair is queued or running."""
+    def running(self, pair: Pair, kind: SyncKind | None = None) -> bool:
+        """True while a run of the pair (of ``kind``, if given) is queued or running."""
 
-    def start(self, pair: Pair, kind: SyncKind) -> object:
+    def start(self, pair: Pair, kind: SyncKind, **options: Any) -> object:
         """Start a run of the pair."""
 
     async def check_folders(self) -> None:
         """Check that every protected folder is there (raise or clear its issue)."""
 
 
-class Scheduler:
-    """Starts each pair's sync when it is due."""
+# A scheduled verify that failed is tried again this much later.
+VERIFY_RETRY = timedelta(hours=1)
 
-    def __init__(self, context: SyncContext, overdue: Overdue, runner: Runner) -> None:
-        """Schedule the context's pairs; start their runs through ``runner``."""
+
+def verify_offset(pair: Pair, every: timedelta) -> timedelta:
+    """A pair's own delay before its first verify: the same at every start, spread over a day."""
+    window = int(min(VERIFY_SPREAD, every).total_seconds())
+    digest = hashlib.sha256(pair_key(*pair).encode()).digest()
+    return timedelta(seconds=int.from_bytes(digest[:8]) % max(window, 1))
+
+
+class Scheduler:
+    """Starts each pair's sync when it is due, and its verify once per period."""
+
+    def __init__(
+        self,
+        context: SyncContext,
+        overdue: Overdue,
+        runner: Runner,
+        verify_every: timedelta | None = None,
+    ) -> None:
+        """Schedule the context's pairs; start their runs through ``runner``.
+
+        ``verify_every`` None: no scheduled verify.
+        """
         self._context = context
         self._overdue = overdue
         self._runner = runner
+        self.verify_every = verify_every
         self._unsub: CALLBACK_TYPE | None = None
         self._checking: asyncio.Task[None] | None = None
+        self._started: datetime | None = None
+        # When each pair's scheduled verify was last started (live only).
+        self._verify_started: dict[Pair, datetime] = {}
 
     @callback
     def async_start(self) -> None:
         """Tick every minute from now on (``tick`` once to begin at once)."""
+        self._started = dt_util.utcnow()
         self._unsub = async_track_time_interval(self._context.hass, self.tick, SCHEDULER_TICK)
 
     @callback
@@ -130,6 +162,8 @@ class Scheduler:
                 due = self.next_run(pair)
                 if due is None or due <= now:
                     self._runner.start(pair, SyncKind.SYNC)
+            self._start_verify(now)
+        self.refresh_next_verify()
         self._overdue.check(now)
         self._context.updates.changed()
         if self._checking is None or self._checking.done():
@@ -146,3 +180,48 @@ class Scheduler:
             last_attempt=dt_util.as_local(status.last_attempt) if status.last_attempt else None,
             failures=status.failures,
         )
+
+    @callback
+    def refresh_next_verify(self) -> None:
+        """Tell each pair when its verify comes next (after every tick and every run)."""
+        for pair in self._context.pairs:
+            status = self._context.data.pairs.get(pair)
+            if status is not None:
+                status.next_verify = self.next_verify(pair)
+
+    def next_verify(self, pair: Pair) -> datetime | None:
+        """When the pair's scheduled verify is due (None: never, or nothing to verify yet)."""
+        every = self.verify_every
+        status = self._context.data.pairs[pair]
+        if every is None or status.last_success is None or status.converting:
+            return None
+        if status.last_verify is not None:
+            due = status.last_verify + every
+        else:
+            reference = status.first_attempt or status.last_success
+            due = reference + every + verify_offset(pair, every)
+        tried = self._verify_started.get(pair)
+        if tried is not None and tried + VERIFY_RETRY > due:
+            due = tried + VERIFY_RETRY  # it failed: again in an hour
+        return due
+
+    def _start_verify(self, now: datetime) -> None:
+        """Start the one verify that is due most (if none runs and the start is past)."""
+        if self.verify_every is None or self._started is None:
+            return
+        if now < self._started + VERIFY_STARTUP_DELAY:
+            return
+        pairs = self._context.pairs
+        if any(self._runner.running(pair, SyncKind.VERIFY) for pair in pairs):
+            return
+        due = [
+            (when, pair)
+            for pair in pairs
+            if not self._runner.running(pair)
+            and (when := self.next_verify(pair)) is not None
+            and when <= now
+        ]
+        if due:
+            _, pair = min(due)
+            self._verify_started[pair] = now
+            self._runner.start(pair, SyncKind.VERIFY, repair=True)

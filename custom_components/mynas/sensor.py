@@ -34,7 +34,7 @@ from .entity import (
     add_per_pair,
     add_per_peer,
 )
-from .models import ErrorKind, PairStatus, PeerStatus, SyncState
+from .models import Encryption, ErrorKind, PairStatus, PeerStatus, SyncState
 from .reach import CAUSES, UPNP_STATES, ReachCoordinator, ReachData
 
 # Coordinator-driven: no per-entity polling to throttle.
@@ -350,6 +350,38 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
         entity_category=EntityCategory.DIAGNOSTIC,
         entity_registry_enabled_default=False,
         value_fn=lambda status: status.last_duration,
+    ),
+    PairSensorDescription(
+        key="encryption",
+        translation_key="encryption",
+        # What a friend with access to that disk can read: nothing (encrypted), or all.
+        device_class=SensorDeviceClass.ENUM,
+        options=[kind.value for kind in Encryption],
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=lambda status: status.encryption.value,
+    ),
+    PairSensorDescription(
+        key="last_verify",
+        translation_key="last_verify",
+        device_class=SensorDeviceClass.TIMESTAMP,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=lambda status: status.last_verify,
+        # Never verified yet: nothing to say (the next verify's sensor says when).
+        available_fn=lambda status: status.last_verify is not None,
+        attrs_fn=lambda status, folder, peer: {
+            "checked": status.last_verify_checked,
+            "host_damaged": status.last_verify_damaged,
+            "repaired": status.last_verify_repaired,
+        },
+    ),
+    PairSensorDescription(
+        key="next_verify",
+        translation_key="next_verify",
+        device_class=SensorDeviceClass.TIMESTAMP,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=lambda status: status.next_verify,
+        # Verifying turned off, or nothing copied yet to verify.
+        available_fn=lambda status: status.next_verify is not None,
     ),
     PairSensorDescription(
         key="last_error",

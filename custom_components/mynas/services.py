@@ -1,4 +1,4 @@
-"""Services: sync, verify, restore, check reachability — each with response data."""
+"""Services: sync, verify, restore, list folders, check reachability — with response data."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from . import texts
 from .const import (
     DOMAIN,
     SERVICE_CHECK_REACHABILITY,
+    SERVICE_LIST_FOLDERS,
     SERVICE_RESTORE,
     SERVICE_SYNC,
     SERVICE_VERIFY,
@@ -29,6 +30,7 @@ from .coordinator import MyNasConfigEntry
 from .engine import HostRefused, MyNasError, RestoreConflict, check_folder_name, check_subpath
 from .entity import device_identifier
 from .models import SyncKind
+from .restore_flow import held_folders
 from .sync_manager import SyncManager
 
 ATTR_ENTRY = "config_entry_id"
@@ -60,6 +62,9 @@ RESTORE_SCHEMA = vol.Schema(
 
 
 CHECK_SCHEMA = vol.Schema({vol.Optional(ATTR_ENTRY): cv.string})
+LIST_FOLDERS_SCHEMA = vol.Schema(
+    {vol.Optional(ATTR_ENTRY): cv.string, vol.Optional(ATTR_PEER): cv.string}
+)
 
 
 def _invalid(key: str, **placeholders: str) -> ServiceValidationError:
@@ -251,6 +256,40 @@ async def _restore(call: ServiceCall) -> ServiceResponse:
     }
 
 
+async def _list_folders(call: ServiceCall) -> ServiceResponse:
+    """The folders each friend (or the one named) keeps for us: name, size, files, date.
+
+    Sizes are as stored there. One friend named: its failure is this call's error; for
+    all friends, one that cannot answer says why in its own entry.
+    """
+    hass = call.hass
+    entry = _entry(hass, call)
+    runtime = entry.runtime_data
+    manager = runtime.manager
+    named = call.data.get(ATTR_PEER)
+    peer_ids = _match(
+        _named(hass, entry, named),
+        {pid: peer.name for pid, peer in manager.peers.items()},
+        "unknown_peer",
+    )
+
+    async def one(peer_id: str) -> dict[str, Any]:
+        peer = manager.peers[peer_id].name
+        try:
+            holdings = await runtime.node.list_folders(peer_id)
+        except (MyNasError, OSError) as err:
+            if named is not None:
+                raise HomeAssistantError(
+                    translation_domain=DOMAIN,
+                    translation_key="list_failed",
+                    translation_placeholders={"peer": peer, "error": str(err)},
+                ) from err
+            return {"peer": peer, "error": str(err), "folders": [], "more": False}
+        return {"peer": peer, **held_folders(holdings)}
+
+    return {"peers": list(await asyncio.gather(*(one(peer_id) for peer_id in peer_ids)))}
+
+
 async def _check_reachability(call: ServiceCall) -> ServiceResponse:
     """Ask every friend to dial our addresses back; answer with what each found."""
     entry = _entry(call.hass, call)
@@ -295,6 +334,13 @@ def async_setup_services(hass: HomeAssistant) -> None:
         _check_reachability,
         schema=CHECK_SCHEMA,
         supports_response=SupportsResponse.OPTIONAL,
+    )
+    hass.services.async_register(
+        DOMAIN,
+        SERVICE_LIST_FOLDERS,
+        _list_folders,
+        schema=LIST_FOLDERS_SCHEMA,
+        supports_response=SupportsResponse.ONLY,
     )
     # Restore writes files wherever Home Assistant may: for administrators only.
     service.async_register_admin_service(

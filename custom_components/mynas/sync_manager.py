@@ -18,11 +18,15 @@ from typing import Any
 from homeassistant.core import CALLBACK_TYPE, HomeAssistant, callback
 from homeassistant.util import dt as dt_util
 
+from . import issues, texts
 from .const import (
+    CONF_ENCRYPTED,
     CONF_OVERDUE_HOURS,
     CONF_UNREACHABLE_HOURS,
+    CONF_VERIFY_DAYS,
     DEFAULT_OVERDUE_HOURS,
     DEFAULT_UNREACHABLE_HOURS,
+    DEFAULT_VERIFY_DAYS,
 )
 from .engine import PeerConfig, Progress, ThreadedNode
 from .folder_watch import FolderWatcher, Watched
@@ -36,6 +40,12 @@ from .updates import EntityUpdates
 
 def _hours(options: dict[str, Any], key: str, default: float) -> timedelta:
     return timedelta(hours=float(options.get(key, default)))
+
+
+def verify_every(options: dict[str, Any]) -> timedelta | None:
+    """How often each pair is verified, from the node's options (None: never)."""
+    days = float(options.get(CONF_VERIFY_DAYS, DEFAULT_VERIFY_DAYS) or 0)
+    return timedelta(days=days) if days > 0 else None
 
 
 class SyncManager:
@@ -81,7 +91,9 @@ class SyncManager:
             overdue=self.overdue,
             prober=self.prober,
         )
-        self.scheduler = Scheduler(self.context, self.overdue, self.runs)
+        self.scheduler = Scheduler(
+            self.context, self.overdue, self.runs, verify_every=verify_every(options)
+        )
         self.watcher = FolderWatcher(
             hass,
             {
@@ -92,6 +104,8 @@ class SyncManager:
             self._sync_changed,
         )
         self.runs.on_folder_checked = self._folder_checked
+        self.runs.on_converted = self._converted
+        self.runs.on_finished = self.scheduler.refresh_next_verify
         self._watch_start: asyncio.Task[None] | None = None
 
     @property
@@ -134,6 +148,12 @@ class SyncManager:
     async def async_load(self) -> None:
         """Restore what the last run of Home Assistant knew."""
         await self.context.store.async_load(self.pairs, list(self.peers))
+        for pair in self.pairs:  # until the index is read (``async_load_kinds``)
+            self.data.pairs[pair].sealed = self.folders[pair[0]].config.encrypted
+
+    async def async_load_kinds(self) -> None:
+        """Read from the node's index (once it started) whether each copy is sealed."""
+        await self.runs.load_kinds()
 
     @callback
     def async_start(self) -> None:
@@ -144,7 +164,52 @@ class SyncManager:
         )
         self.prober.async_start()
         self.prober.probe_all()
+        self._folder_issues()
         self.scheduler.tick(dt_util.utcnow())
+
+    @callback
+    def _folder_issues(self) -> None:
+        """Raise each plain folder's "readable by your friends" issue; forget stale ones."""
+        keep = {f"verify_damage_{folder_id}_{peer_id}" for folder_id, peer_id in self.pairs}
+        for folder_id, setup in self.folders.items():
+            peers = [self.peers[p].name for p in setup.peers if p in self.peers]
+            if setup.config.encrypted or not peers:
+                continue
+            keep.add(f"convert_plain_{folder_id}")
+            # Converted everywhere, but stopped before it was stored so: store it now (soon,
+            # once the node listens for the change that reloads it).
+            self.context.hass.loop.call_soon(self._converted, folder_id)
+            issues.plain_copies(
+                self.context.hass,
+                self.context.entry_id,
+                folder_id,
+                {"folder": setup.config.name, "peers": texts.names(peers)},
+            )
+        issues.clear_stale_folder_issues(self.context.hass, self.context.entry_id, keep)
+
+    @callback
+    def _converted(self, folder_id: str) -> None:
+        """A pair's conversion is done: once all the folder's are, store it encrypted.
+
+        That changes the folder's subentry, which reloads the node.
+        """
+        setup = self.folders.get(folder_id)
+        if setup is None or setup.config.encrypted:
+            return
+        pairs = [pair for pair in self.pairs if pair[0] == folder_id]
+        if not pairs or not all(
+            self.data.pairs[pair].sealed and not self.data.pairs[pair].converting for pair in pairs
+        ):
+            return
+        hass = self.context.hass
+        entry = hass.config_entries.async_get_entry(self.context.entry_id)
+        subentry = entry.subentries.get(folder_id) if entry is not None else None
+        if entry is None or subentry is None:
+            return
+        issues.plain_copies(hass, self.context.entry_id, folder_id, None)
+        hass.config_entries.async_update_subentry(
+            entry, subentry, data={**subentry.data, CONF_ENCRYPTED: True}
+        )
 
     async def async_stop(self) -> None:
         """Stop ticking, cancel what runs, and save state.
@@ -178,9 +243,9 @@ class SyncManager:
         """Start a run of the pair (or return the same kind of run already under way)."""
         return self.runs.start(pair, kind, **options)
 
-    def running(self, pair: Pair) -> bool:
-        """True while a run of the pair is queued or running."""
-        return self.runs.running(pair)
+    def running(self, pair: Pair, kind: SyncKind | None = None) -> bool:
+        """True while a run of the pair (of ``kind``, if given) is queued or running."""
+        return self.runs.running(pair, kind)
 
     def next_run(self, pair: Pair) -> datetime | None:
         """When the pair runs next (None: as soon as possible)."""

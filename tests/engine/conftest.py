@@ -7,11 +7,13 @@ Every server started here is closed at teardown, and with it every connection it
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 import os
 from pathlib import Path
 import shutil
 import tempfile
+import time
 from typing import Any, Protocol, TypedDict, Unpack
 
 import asyncssh
@@ -28,6 +30,17 @@ from .netns_support import Namespaces, namespaces
 
 MIB = 1 << 20
 DEFAULT_QUOTA = 16 * MIB
+
+
+async def wait_until(
+    condition: Callable[[], bool], what: str = "the condition", timeout: float = 15.0
+) -> None:
+    """Poll a condition that no event announces (the disk, a counter in another task)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(autouse=True)

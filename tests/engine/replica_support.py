@@ -7,14 +7,12 @@ that grants alice a jail. A replica of FOLDER is ``<storage>/alice/FOLDER/`` on 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 import contextlib
 from dataclasses import dataclass
 import hashlib
 import os
 from pathlib import Path
 import stat
-import time
 from typing import Any
 
 from custom_components.mynas.engine import tree
@@ -143,17 +141,30 @@ def write(path: Path | bytes, data: bytes, *, mtime_ns: int = MTIME, mode: int =
     os.utime(raw, ns=(mtime_ns, mtime_ns))
 
 
+def change_under_reader(path: Path, how: str, size: int) -> None:
+    """Change the file of ``size`` bytes at ``path`` as a user might while a push reads it.
+
+    ``how``: it "grows", "shrinks", is "touched" (a new mtime) or is "rewritten" in place
+    (same size, same mtime: only the ctime tells).
+    """
+    if how == "grows":
+        with open(path, "ab") as handle:
+            handle.write(b"more")
+    elif how == "shrinks":
+        os.truncate(path, size // 2)
+    elif how == "touched":
+        os.utime(path, ns=(MTIME + 7, MTIME + 7))
+    else:
+        assert how == "rewritten"
+        with open(path, "r+b") as handle:
+            handle.seek(size - 10)
+            handle.write(b"0123456789")
+        os.utime(path, ns=(MTIME, MTIME))
+
+
 def partials(storage: Path, peer: str = "alice") -> list[str]:
     """The names of a peer's resumable partial uploads on the host."""
     return sorted(os.listdir(storage / ".mynas" / "partial" / peer))
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``condition`` until it holds (fail after ``timeout`` seconds)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.01)
 
 
 def drop_connections(server: NodeServer) -> int:

@@ -27,7 +27,7 @@ from custom_components.mynas.engine.errors import HostKeyMismatch, PeerUnreachab
 from custom_components.mynas.engine.host.server import NodeServer
 from custom_components.mynas.engine.identity import Identity
 
-from .conftest import ServerFactory, address
+from .conftest import ServerFactory, address, wait_until
 from .friends_support import Friend, files, friend
 from .netns_support import Namespaces, in_namespace
 
@@ -144,14 +144,6 @@ def free_address() -> str:
         return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
-async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def test_a_node_learns_what_its_friend_announces_and_keeps_it(
     friends: Callable[..., Friend],
 ) -> None:
@@ -162,7 +154,7 @@ async def test_a_node_learns_what_its_friend_announces_and_keeps_it(
     assert result.files_sent == 1
     # Bob stores what he hears on his own loop: under load, a moment after the push ends.
     stored = ("peer_addresses", {"peer_id": "alice"})
-    await wait_for(lambda: stored in bob.events, "Bob storing Alice's announcement")
+    await wait_until(lambda: stored in bob.events, "Bob storing Alice's announcement")
     view = await bob.node.peer_addresses("alice")
     assert [seen["address"] for seen in view["learned"]] == ["alice.example:8022"]
     assert view["hint"]["address"] == "127.0.0.1"
@@ -170,7 +162,9 @@ async def test_a_node_learns_what_its_friend_announces_and_keeps_it(
     assert await alice.node.announce() == {}
     # A new address: every peer hears it at once.
     await alice.node.set_addresses(["alice.example:8022", "[2001:db8::a]:8022"])
-    await wait_for(lambda: len(bob.events_of("addresses_announced")) == 2, "a second announcement")
+    await wait_until(
+        lambda: len(bob.events_of("addresses_announced")) == 2, "a second announcement"
+    )
     # Bob's node restarts: what it learned is still there.
     await bob.node.stop()
     bob.node = type(bob.node)(bob.identity, bob.storage)
@@ -196,7 +190,7 @@ async def test_learned_addresses_are_tried_after_the_typed_ones(
     # Alice says she is at Mallory's address (an old one, taken by someone else) and at her
     # real one; Bob only typed a port where nothing listens.
     await alice.node.set_addresses([address(mallory), at_alice])
-    await wait_for(lambda: len(bob.events_of("addresses_announced")) == 1, "the announcement")
+    await wait_until(lambda: len(bob.events_of("addresses_announced")) == 1, "the announcement")
     stale = free_address()
     await bob.node.set_peers([alice.peer_config((stale,))])
     # (The hint, 127.0.0.1 with the typed port, is the typed address itself here.)
@@ -261,7 +255,7 @@ async def test_alice_moves_and_bobs_next_sync_still_reaches_her(
         await bob.node.start(
             "", 8022, [alice.peer_config((f"[{ALICE_OLD}]:8022",))], on_event=bob.on_event
         )
-        await wait_for(
+        await wait_until(
             lambda: alice.node.own_addresses == (f"[{ALICE_OLD}]:8022",), "alice's own address"
         )
         assert (await bob.node.push(bob.folder, "alice")).files_sent == 1
@@ -269,7 +263,7 @@ async def test_alice_moves_and_bobs_next_sync_still_reaches_her(
         # Her address changes; nobody edits anything.
         netns.unassign(ns_alice, if_alice, f"{ALICE_OLD}/64")
         netns.assign(ns_alice, if_alice, f"{ALICE_NEW}/64")
-        await wait_for(
+        await wait_until(
             lambda: alice.node.own_addresses == (f"[{ALICE_NEW}]:8022",), "alice's new address"
         )
 

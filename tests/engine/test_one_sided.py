@@ -120,13 +120,20 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[Friend, Friend]]:
     await bob.node.stop()
 
 
-async def test_a_node_told_it_takes_no_connections_keeps_one_open(
-    pair: tuple[Friend, Friend],
-) -> None:
+@pytest.fixture
+async def kept_open(pair: tuple[Friend, Friend]) -> tuple[Friend, Friend]:
+    """Alice, whom Bob cannot dial, told she takes no connections: Bob holds her channels."""
     alice, bob = pair
     await start_pair(alice, bob, closed_address())
     await alice.node.set_inbound(Inbound.NO)
     await wait_for_channels(bob, "alice")
+    return alice, bob
+
+
+async def test_a_node_told_it_takes_no_connections_keeps_one_open(
+    kept_open: tuple[Friend, Friend],
+) -> None:
+    alice, bob = kept_open
     assert (await bob.node.push(bob.folder, "alice")).files_sent == 1
     assert files(alice.replica_of(bob)) == files(bob.source)
     # Told it takes connections after all: it lets go, and Bob finds nothing to dial.
@@ -140,12 +147,9 @@ async def test_a_node_told_it_takes_no_connections_keeps_one_open(
 
 
 async def test_stale_channels_are_passed_over_and_limits_hold(
-    pair: tuple[Friend, Friend],
+    kept_open: tuple[Friend, Friend],
 ) -> None:
-    alice, bob = pair
-    await start_pair(alice, bob, closed_address())
-    await alice.node.set_inbound(Inbound.NO)
-    await wait_for_channels(bob, "alice")
+    _, bob = kept_open
 
     async def close_one_idle_channel() -> None:
         server = bob.node._node.server

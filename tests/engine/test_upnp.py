@@ -6,10 +6,8 @@ maps the port, renews the lease, and removes the mapping when stopped.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 import socket
-import time
 
 import pytest
 
@@ -17,6 +15,7 @@ from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.node import Node
 from custom_components.mynas.engine.upnp import MapState, MapStatus, PortMapper
 
+from .conftest import wait_until
 from .igd_support import EXTERNAL_IP, WanIpConnection, router
 
 
@@ -32,14 +31,6 @@ async def igd() -> AsyncIterator[tuple[int, str]]:
     ssdp, http = free_port(socket.SOCK_DGRAM), free_port()
     async with router(http, ssdp):
         yield ssdp, f"http://127.0.0.1:{http}/device.xml"
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def adds() -> list[dict[str, object]]:
@@ -58,7 +49,7 @@ async def test_the_mapping_is_made_renewed_and_removed(igd: tuple[int, str]) -> 
     )
     mapper.start()
     try:
-        await until(lambda: mapper.state.status is MapStatus.MAPPED, "the mapping")
+        await wait_until(lambda: mapper.state.status is MapStatus.MAPPED, "the mapping")
         assert WanIpConnection.mappings[("TCP", 8022)] == {
             "external_port": 8022,
             "protocol": "TCP",
@@ -74,8 +65,8 @@ async def test_the_mapping_is_made_renewed_and_removed(igd: tuple[int, str]) -> 
         assert state.as_dict()["status"] == "mapped"
         first = state.renewed_at
         # Renewed at half the lease: the router hears AddPortMapping again.
-        await until(lambda: len(adds()) >= 2, "a renewal")
-        await until(lambda: mapper.state.renewed_at != first, "the renewal noted")
+        await wait_until(lambda: len(adds()) >= 2, "a renewal")
+        await wait_until(lambda: mapper.state.renewed_at != first, "the renewal noted")
     finally:
         await mapper.stop()
     assert WanIpConnection.mappings == {}
@@ -136,7 +127,7 @@ async def test_a_node_announces_what_the_router_maps_and_unmaps_on_stop(
     await node.start("127.0.0.1", 0, [], addresses=["alice.example:8022"])
     try:
         port = node.server.port
-        await until(
+        await wait_until(
             lambda: node.own_addresses == ("alice.example:8022", f"[2001:20::7]:{port}"),
             "the mapped address among ours",
         )

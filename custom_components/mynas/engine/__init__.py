@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         HostRefused,
         InvalidInvite,
         KeyFileError,
+        MassChangeHeld,
         MyNasError,
         PeerDiskFull,
         PeerUnreachable,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from .loop_thread import EngineLoop
     from .node import FolderConfig, Inbound, PeerConfig, ProbeResult, Reachability
     from .owner.backup_area import NewBackup, StoredBackup
+    from .owner.holdings import HeldFolder, Holdings
     from .owner.replica import ReplicaKindMismatch
     from .owner.run import (
         Phase,
@@ -96,6 +98,8 @@ __all__ = [
     "DiskUsage",
     "EngineLoop",
     "FolderConfig",
+    "HeldFolder",
+    "Holdings",
     "HostKeyMismatch",
     "HostRefused",
     "Identity",
@@ -104,6 +108,7 @@ __all__ = [
     "Invite",
     "JailUsage",
     "KeyFileError",
+    "MassChangeHeld",
     "MyNasError",
     "NewBackup",
     "PeerConfig",
@@ -171,6 +176,9 @@ _SOURCES = {
     "NewBackup": "owner.backup_area",
     "StoredBackup": "owner.backup_area",
     "SealedFileError": "owner.sealed",
+    # What our space at a peer holds (a node rebuilt from its key lists it too).
+    "Holdings": "owner.holdings",
+    "HeldFolder": "owner.holdings",
     # Names a form or a service call must check.
     "check_folder_name": "owner.run",
     "check_subpath": "owner.run",
@@ -214,6 +222,7 @@ _SOURCES = {
     "HostRefused": "errors",
     "InvalidInvite": "errors",
     "KeyFileError": "errors",
+    "MassChangeHeld": "errors",
     "PeerDiskFull": "errors",
     "PeerUnreachable": "errors",
     "BackupMissing": "errors",

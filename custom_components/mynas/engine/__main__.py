@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 import contextlib
 import json
 import logging
@@ -157,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("push", "send a folder's changes to a peer (nothing changed: no connection)"),
         ("restore", "copy a folder (or a path in it) back from a peer"),
         ("verify", "compare a peer's copy with the folder, without downloading"),
+        ("folders", "list the folders a peer keeps for this node (after a fire, too)"),
     ):
         sub = commands.add_parser(name, help=text)
-        if name == "restore":
+        if name in ("restore", "folders"):
             secret = sub.add_mutually_exclusive_group(required=True)
             secret.add_argument("--key")
             secret.add_argument(
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="the peer's address; several are tried in the order given",
         )
         sub.add_argument("--peer-key", required=True, metavar="PUBKEY_FILE")
+        if name == "folders":
+            continue
         sub.add_argument("--folder", required=True, help="the folder's name on the peer")
         if name == "restore":
             sub.add_argument("--to", required=True, metavar="DIR")
@@ -347,25 +350,36 @@ def _summary(result: dict[str, Any]) -> None:
     print(json.dumps(result, sort_keys=True))
 
 
-async def cmd_push(args: argparse.Namespace) -> int:
-    """Push a folder; print the JSON summary."""
+async def _folder_run[T](
+    args: argparse.Namespace, run: Callable[..., Awaitable[T]], **options: Any
+) -> T:
+    """Run ``run`` (push or verify) on the folder, source and index the arguments name."""
     node = _load_identity(args.key)
     target = _target(args)
     with _index(args) as index:
-        result = await push(
+        return await run(
             node,
             target,
             args.folder,
             args.source,
             index,
             exclude=args.exclude,
-            bwlimit=args.bwlimit,
             progress=_progress_printer(),
-            allow_empty=args.allow_empty,
-            # A run with nothing to send leaves the peer alone ("peer_contacted": false).
-            connect_if_unchanged=False,
-            encrypted=not args.plain,
+            **options,
         )
+
+
+async def cmd_push(args: argparse.Namespace) -> int:
+    """Push a folder; print the JSON summary."""
+    result = await _folder_run(
+        args,
+        push,
+        bwlimit=args.bwlimit,
+        allow_empty=args.allow_empty,
+        # A run with nothing to send leaves the peer alone ("peer_contacted": false).
+        connect_if_unchanged=False,
+        encrypted=not args.plain,
+    )
     for message in result.errors:
         print(f"warning: {message}", file=sys.stderr)
     _summary(result.as_dict())
@@ -392,22 +406,19 @@ async def cmd_restore(args: argparse.Namespace) -> int:
 
 async def cmd_verify(args: argparse.Namespace) -> int:
     """Verify (and optionally repair) a replica; print the JSON summary."""
-    node = _load_identity(args.key)
-    with _index(args) as index:
-        result = await verify(
-            node,
-            _target(args),
-            args.folder,
-            args.source,
-            index,
-            exclude=args.exclude,
-            repair=args.repair,
-            progress=_progress_printer(),
-        )
+    result = await _folder_run(args, verify, repair=args.repair)
     for example in result.examples:
         print(example, file=sys.stderr)
     _summary(result.as_dict())
     return 0 if result.clean or result.repair_complete else 1
+
+
+async def cmd_folders(args: argparse.Namespace) -> int:
+    """Print, as JSON, the folders the peer keeps for us (names read back with our key)."""
+    from .owner.holdings import holdings  # noqa: PLC0415 - this command only
+
+    _summary((await holdings(_restore_identity(args), _target(args))).as_dict())
+    return 0
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
@@ -418,6 +429,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "push": cmd_push,
     "restore": cmd_restore,
     "verify": cmd_verify,
+    "folders": cmd_folders,
 }
 
 

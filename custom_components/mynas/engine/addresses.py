@@ -28,7 +28,7 @@ import logging
 import os
 from pathlib import Path
 import time
-from typing import Any
+from typing import Any, Literal
 
 from .invite import format_address, parse_address
 
@@ -111,19 +111,19 @@ class AddressBook:
             host = str(ipaddress.ip_address(host.split("%", maxsplit=1)[0]))
         except ValueError:
             return False  # "?" or a name: nothing to dial
-        record = self._peers.setdefault(peer_id, PeerAddresses())
-        if record.hint is not None and record.hint.address == host:
-            return False
-        record.hint = Seen(host, time.time())
-        self.dirty = True
-        return True
+        return self._note(peer_id, "hint", host)
 
     def used(self, peer_id: str, address: str) -> bool:
         """Record the address a peer was just reached at; return whether it changed."""
+        return self._note(peer_id, "in_use", address)
+
+    def _note(self, peer_id: str, which: Literal["hint", "in_use"], address: str) -> bool:
+        """Set a peer's ``which`` to ``address``, seen now; return whether it changed."""
         record = self._peers.setdefault(peer_id, PeerAddresses())
-        if record.in_use is not None and record.in_use.address == address:
+        before: Seen | None = getattr(record, which)
+        if before is not None and before.address == address:
             return False
-        record.in_use = Seen(address, time.time())
+        setattr(record, which, Seen(address, time.time()))
         self.dirty = True
         return True
 

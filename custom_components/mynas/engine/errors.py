@@ -166,3 +166,38 @@ class BackupSizeMismatch(MyNasError):
             f"backup {backup_id} was announced as {announced} bytes but its stream brought "
             f"{brought}: nothing was kept at the peer"
         )
+
+
+# --- a push that waits for the user (owner/feed.py) ------------------------------------
+
+
+class MassChangeHeld(MyNasError):
+    """A push would replace or delete too much of what the peer holds: nothing was sent.
+
+    Ransomware, or a whole library moved by mistake, rewrites most files at once; sending
+    that would fill the friend's trash with the old versions. The run waits until the user
+    says to send it (a push with the guard lifted).
+    """
+
+    def __init__(
+        self,
+        folder: str,
+        *,
+        replaced: int,
+        deleted: int,
+        total: int,
+        percent: int,
+        examples: tuple[str, ...] = (),
+    ) -> None:
+        self.folder = folder
+        self.replaced = replaced
+        self.deleted = deleted
+        self.total = total
+        self.percent = percent
+        self.examples = examples
+        share = round(100 * (replaced + deleted) / total) if total else 0
+        super().__init__(
+            f"held: this sync of {folder} would replace {replaced} and delete {deleted} of "
+            f"the {total} file(s) the peer holds ({share} %, more than {percent} %); "
+            "nothing was sent — send it only if this change is wanted"
+        )

@@ -25,9 +25,10 @@ import os
 from pathlib import Path
 import secrets
 import stat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import KeyFileError
+from .tree import fsync_dir
 
 if TYPE_CHECKING:
     import asyncssh
@@ -296,6 +297,26 @@ def fingerprint(key: asyncssh.SSHKey | str) -> str:
     return key.get_fingerprint("sha256")
 
 
+def pinned_login(pinned: asyncssh.SSHKey, node: Identity | None) -> dict[str, Any]:
+    """Return the ``asyncssh.create_connection`` options that dial a peer by its pinned key.
+
+    Only ``pinned`` is accepted as the host's key, and only ``node``'s key (none: no key)
+    is offered: no SSH config, agent, password, keyboard-interactive, GSS or host-based login.
+    """
+    return {
+        "username": "mynas",
+        "client_keys": [node.private_key] if node is not None else None,
+        "known_hosts": ([pinned], [], []),
+        "config": None,
+        "agent_path": None,
+        "agent_forwarding": False,
+        "password": None,
+        "kbdint_auth": False,
+        "gss_auth": False,
+        "host_based_auth": False,
+    }
+
+
 def raw_public_key(key: asyncssh.SSHKey) -> bytes:
     """Return the 32 raw bytes of an Ed25519 key's public half."""
     if not key.public_data.startswith(_BLOB_PREFIX):
@@ -421,16 +442,8 @@ def _publish(path: Path, data: bytes) -> bool:
             return False
     finally:
         temp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
+    fsync_dir(path.parent)
     return True
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _reason(err: OSError) -> str:

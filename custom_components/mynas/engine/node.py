@@ -42,6 +42,7 @@ from .identity import Identity
 from .owner import backup_area, client
 from .owner.backup_area import BytesCallback, NewBackup, StoredBackup
 from .owner.client import PeerLink
+from .owner.holdings import Holdings, holdings
 from .owner.index import Index
 from .owner.push import convert as convert_folder, push as push_folder
 from .owner.restore import restore as restore_folder
@@ -70,6 +71,8 @@ REFRESH_EVERY = 600.0
 _ALL_ADDRESSES = ("", "::")
 # A peer that keeps a connection to us: how long a push waits for one of its idle channels.
 REVERSE_WAIT = 10.0
+# A push that would replace or delete more than this share (%) of a replica's files waits.
+MASS_CHANGE_PERCENT = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,14 @@ class ProbeResult:
     disk_free_there: int | None = None
     error: str | None = None
     presented_key: str | None = None
+    # What the host says of our trash there once our quota is nearly used (else None):
+    # its size, when its oldest part leaves it, when all of it will have.
+    trash_there: int | None = None
+    trash_frees_at: float | None = None
+    trash_kept_until: float | None = None
+
+
+_DAY = 86400.0
 
 
 async def probe(identity: Identity, peer: PeerTarget) -> ProbeResult:
@@ -158,11 +169,24 @@ async def probe(identity: Identity, peer: PeerTarget) -> ProbeResult:
     finally:
         await link.close()
     free = usage.get("disk_free")
+    trash, oldest, newest = (usage.get(key) for key in ("trash", "trash_oldest", "trash_newest"))
+    days, longest = usage.get("trash_days"), usage.get("trash_days_longest")
     return ProbeResult(
         Reachability.ONLINE,
         used_there=int(usage["used"]),
         quota_there=int(usage["quota"]),
         disk_free_there=int(free) if isinstance(free, int) else None,
+        trash_there=int(trash) if isinstance(trash, int) else None,
+        trash_frees_at=(
+            oldest + days * _DAY
+            if isinstance(oldest, (int, float)) and isinstance(days, int)
+            else None
+        ),
+        trash_kept_until=(
+            newest + longest * _DAY
+            if isinstance(newest, (int, float)) and isinstance(longest, int)
+            else None
+        ),
     )
 
 
@@ -187,6 +211,9 @@ class NodeOptions(TypedDict, total=False):
     # ``upnp_options``: a router's description URL, a lease...).
     upnp: bool
     upnp_options: dict[str, Any] | None
+    # Hold a push that would replace or delete more than this share (%) of the files a
+    # peer holds of a folder, until asked to send it (0: never hold). Default 30.
+    mass_change_percent: int
 
 
 @dataclass(slots=True)
@@ -255,6 +282,7 @@ class Node:
         self.storage_root = Path(storage_root)
         self.peers: dict[str, PeerConfig] = {}
         self._trash_days = options.get("trash_days", 30)
+        self.mass_change_percent = options.get("mass_change_percent", MASS_CHANGE_PERCENT)
         self._on_event = on_event
         self._limits = options.get("limits")
         self._dial_timeout = options.get("dial_timeout", client.CONNECT_TIMEOUT)
@@ -684,8 +712,14 @@ class Node:
         progress: ProgressCallback | None = None,
         *,
         on_start: Callable[[], None] | None = None,
+        guard: bool = True,
     ) -> PushResult:
-        """Push ``folder`` to a peer, after any other transfer to that peer finished."""
+        """Push ``folder`` to a peer, after any other transfer to that peer finished.
+
+        A run that would replace or delete more than ``mass_change_percent`` % of the
+        peer's files of the folder raises MassChangeHeld before sending anything, unless
+        ``guard`` is False (the user said to send it).
+        """
         return await self._with_peer(
             peer_id,
             on_start,
@@ -699,6 +733,7 @@ class Node:
             retention_days=folder.retention_days,
             progress=progress,
             encrypted=folder.encrypted,
+            hold_over=self.mass_change_percent if guard else None,
         )
 
     async def convert(
@@ -796,6 +831,13 @@ class Node:
         """
         return backup_area.download(self.identity, self._target(self.peers[peer_id]), backup_id)
 
+    async def list_folders(self, peer_id: str) -> Holdings:
+        """The folders our space at a peer holds (``owner.holdings``): not queued either.
+
+        Needs only our key: a node rebuilt after a fire, with no index, lists them too.
+        """
+        return await holdings(self.identity, self._target(self.peers[peer_id]))
+
     async def check_folder(self, folder: FolderConfig) -> str | None:
         """Say why ``folder`` cannot be backed up now, or None when it can.
 
@@ -843,6 +885,11 @@ class Node:
             for peer in self.peers.values()
             if peer.jail in server.jail_names
         }
+
+    async def hosted_trash(self, peer_id: str) -> dict[str, Any]:
+        """What a peer's trash here holds (``Jail.trash_report``; walked in a worker thread)."""
+        jail = self.server.jail(self.peers[peer_id].jail)
+        return await asyncio.get_running_loop().run_in_executor(None, jail.trash_report)
 
     def last_contact(self) -> dict[str, float]:
         """When each peer was last connected to us, by peer id."""

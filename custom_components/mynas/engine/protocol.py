@@ -27,9 +27,14 @@ LIST   C→S  id u32, flags u8 (1: with content hashes), path (empty: whole jail
             → ENTRY frames in canonical order, then DONE (or FAIL)
 READ   C→S  id u32, path: a file or a tree → for each file an ENTRY, then its DATA
             frames; directories as ENTRY only; then DONE (or FAIL)
-QUERY  C→S  id u32, JSON: ``{"op": "usage"}``, ``{"op": "retention", "folder", "days"}``
-            or ``{"op": "stat", "path": hex}`` (→ ``{"kind": "f" | "d" | null}``; a host
-            that serves it lists ``"stat"`` in WELCOME's features) → REPLY
+QUERY  C→S  id u32, JSON: ``{"op": "usage"}`` (→ ``used``, ``quota``, ``disk_free``; from
+            90 % of the quota used also ``trash`` bytes, ``trash_oldest``/``trash_newest``
+            stamps and ``trash_days``/``trash_days_longest``), ``{"op": "retention",
+            "folder", "days"}``, ``{"op": "stat", "path": hex}`` (→ ``{"kind": "f" | "d" |
+            null}``; a host that serves it lists ``"stat"`` in WELCOME's features) or
+            ``{"op": "folders"}`` (→ ``{"folders": [{"name": hex, "files", "bytes",
+            "changed"}], "more"}``: the top-level folders of the peer's own jail, stored
+            sizes, the latest ctime; listed as ``"folders"`` in the features) → REPLY
 HEADS  C→S  id u32, length u16 (at most MAX_HEAD), path: the directory's tree → for each
             file an ENTRY (its whole size), then one DATA of its first min(length, size)
             bytes (none when that is 0); directories as ENTRY only; then DONE (or FAIL).
@@ -90,7 +95,7 @@ MAX_ADDRESS = 255
 MAX_ANNOUNCE_BODY = 4096
 MAX_CHECKED = 4
 # What a host lists in WELCOME's "features": what older hosts do not serve.
-FEATURES = ("announce", "check", "heads", "stat")
+FEATURES = ("announce", "check", "folders", "heads", "stat")
 
 
 class Frame(enum.IntEnum):

@@ -27,7 +27,7 @@ from typing import Any
 
 import asyncssh
 
-from .identity import Identity, fingerprint, parse_public_key
+from .identity import Identity, fingerprint, parse_public_key, pinned_login
 from .invite import parse_address
 
 # Each address gets this long (seconds) for TCP and the SSH key exchange together.
@@ -181,15 +181,7 @@ async def _key_exchange(
             conn, _ = await asyncssh.create_connection(
                 lambda: seen,
                 sock=sock,
-                username="mynas",
-                client_keys=[identity.private_key] if identity is not None else None,
-                known_hosts=([pinned], [], []),
-                config=None,
-                agent_path=None,
-                password=None,
-                kbdint_auth=False,
-                gss_auth=False,
-                host_based_auth=False,
+                **pinned_login(pinned, identity),
                 encoding=None,
             )
     except asyncssh.HostKeyNotVerifiable:

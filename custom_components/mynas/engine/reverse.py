@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 import contextlib
+from dataclasses import KW_ONLY, dataclass, field
 import logging
 
 import asyncssh
@@ -75,41 +76,29 @@ class Prefixed:
             raise asyncio.IncompleteReadError(data + err.partial, n) from None
 
 
+@dataclass(eq=False)
 class ReverseKeeper:
-    """Keeps our connection to one peer up, with idle reverse channels on it."""
+    """Keeps our connection to one peer up, with idle reverse channels on it.
 
-    def __init__(
-        self,
-        identity: Identity,
-        name: str,
-        addresses: Callable[[], Sequence[str]],
-        public_key: str,
-        serve: Callable[[str], Serve],
-        *,
-        typed: int = 0,
-        connect_timeout: float = client.CONNECT_TIMEOUT,
-        first_delay: float = FIRST_DELAY,
-        max_delay: float = MAX_DELAY,
-    ) -> None:
-        """Keep a connection to the peer ``name`` (its addresses in dial order, its key).
+    The peer ``name``: ``addresses()`` gives its addresses in dial order, the first
+    ``typed`` of them typed by the user, and ``public_key`` is its key. ``serve(address)``
+    returns what serves the protocol on a taken channel of a connection to ``address``.
+    """
 
-        ``serve(address)`` returns what serves the protocol on a taken channel of a
-        connection to ``address``; ``typed`` is how many of the addresses the user typed.
-        """
-        self.name = name
-        self.public_key = public_key
-        self.connected_to: str | None = None
-        self._identity = identity
-        self._addresses = addresses
-        self._public_key = public_key
-        self._serve = serve
-        self._typed = typed
-        self._connect_timeout = connect_timeout
-        self._first_delay = first_delay
-        self._max_delay = max_delay
-        self._task: asyncio.Task[None] | None = None
-        self._sessions: set[asyncio.Task[None]] = set()
-        self.failures = 0
+    identity: Identity
+    name: str
+    addresses: Callable[[], Sequence[str]]
+    public_key: str
+    serve: Callable[[str], Serve]
+    _: KW_ONLY
+    typed: int = 0
+    connect_timeout: float = client.CONNECT_TIMEOUT
+    first_delay: float = FIRST_DELAY
+    max_delay: float = MAX_DELAY
+    connected_to: str | None = field(default=None, init=False)
+    failures: int = field(default=0, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _sessions: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
 
     def start(self) -> None:
         """Begin keeping the connection (a task of its own)."""
@@ -129,7 +118,7 @@ class ReverseKeeper:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        delay = self._first_delay
+        delay = self.first_delay
         while True:
             try:
                 conn = await self._connect()
@@ -138,7 +127,7 @@ class ReverseKeeper:
                 _LOGGER.info("Cannot keep a connection to %s (retry in %.0f s): %s",
                              self.name, delay, err)  # fmt: skip
                 await asyncio.sleep(delay)
-                delay = min(self._max_delay, delay * 2)
+                delay = min(self.max_delay, delay * 2)
                 continue
             held_from = loop.time()
             try:
@@ -151,22 +140,22 @@ class ReverseKeeper:
             # It went away. Soon after it came (a peer that will not hold our channels, a
             # flaky link): wait longer each time; after a good while up: start over.
             if loop.time() - held_from >= STABLE:
-                delay = self._first_delay
+                delay = self.first_delay
             await asyncio.sleep(delay)
-            delay = min(self._max_delay, delay * 2)
+            delay = min(self.max_delay, delay * 2)
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
         failures: list[str] = []
-        for position, address in enumerate(self._addresses()):
+        for position, address in enumerate(self.addresses()):
             try:
                 conn = await client.open_connection(
-                    self._identity,
+                    self.identity,
                     address,
-                    self._public_key,
-                    connect_timeout=self._connect_timeout,
+                    self.public_key,
+                    connect_timeout=self.connect_timeout,
                 )
             except HostKeyMismatch as err:
-                if position < self._typed:
+                if position < self.typed:
                     raise  # at a typed address: a key change the user must look at
                 failures.append(f"{address}: another host answers there")
                 del err
@@ -216,7 +205,7 @@ class ReverseKeeper:
             first = await reader.read(protocol.READ_SIZE)
             idle.release()  # taken (or closed): open another one
             if first:
-                await self._serve(address)(Prefixed(first, reader), writer)
+                await self.serve(address)(Prefixed(first, reader), writer)
         except asyncssh.Error, OSError, ConnectionError:
             pass
         finally:

@@ -253,6 +253,8 @@ class ThreadedNode:
     known_pairs = _awaited(Node.known_pairs)
     forget_pairs = _awaited(Node.forget_pairs)
     list_backups = _awaited(Node.list_backups)
+    list_folders = _awaited(Node.list_folders)
+    hosted_trash = _awaited(Node.hosted_trash)
     get_backup = _awaited(Node.get_backup)
     delete_backup = _awaited(Node.delete_backup)
     set_peers = _awaited(Node.set_peers)

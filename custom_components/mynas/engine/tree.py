@@ -20,7 +20,7 @@ import enum
 import hashlib
 import os
 import stat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 if TYPE_CHECKING:
     from _hashlib import HASH
@@ -79,14 +79,16 @@ type Row = tuple[bytes, int, int, int]
 """One entry as ``(sort_key, size, mtime_ns, mode)``: what ``walk_rows`` yields."""
 
 
-def walk(
-    root: bytes | str,
-    *,
-    start: bytes = b"",
-    on_error: ErrorHandler | None = None,
-    skip: Callable[[bytes, bool], bool] | None = None,
-    on_skip: SkipHandler | None = None,
-) -> Iterator[Entry]:
+class WalkOptions(TypedDict, total=False):
+    """What ``walk`` and ``walk_rows`` take besides the root (each is described at ``walk``)."""
+
+    start: bytes
+    on_error: ErrorHandler | None
+    skip: Callable[[bytes, bool], bool] | None
+    on_skip: SkipHandler | None
+
+
+def walk(root: bytes | str, **options: Unpack[WalkOptions]) -> Iterator[Entry]:
     """Yield the files and directories under ``root/start`` in canonical order (blocking).
 
     The root (or ``start``) itself is not yielded. Symlinks are never followed nor yielded,
@@ -97,9 +99,7 @@ def walk(
     count what is not backed up.
     Memory holds one directory listing per level of depth, never the whole tree.
     """
-    for key, size, mtime_ns, mode in walk_rows(
-        root, start=start, on_error=on_error, skip=skip, on_skip=on_skip
-    ):
+    for key, size, mtime_ns, mode in walk_rows(root, **options):
         if key[-1] == _SLASH:
             yield Entry(key[:-1], Kind.DIR, 0, mtime_ns, mode)
         else:
@@ -172,6 +172,15 @@ def _listing(
         return []
     rows.sort()  # keys differ, so tuples sort by key alone
     return rows
+
+
+def fsync_dir(path: bytes | str | os.PathLike[str]) -> None:
+    """Make the entries of directory ``path`` durable (blocking)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def new_hash() -> HASH:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 import enum
 import ipaddress
 import logging
@@ -104,39 +104,31 @@ class MapState:
         }
 
 
+@dataclass(eq=False)
 class PortMapper:
-    """Keeps our TCP ``port`` forwarded by the router for as long as it runs."""
+    """Keeps our TCP ``port`` forwarded by the router for as long as it runs.
 
-    def __init__(
-        self,
-        port: int,
-        *,
-        external_port: int | None = None,
-        lease: int = LEASE,
-        description: str = "MyNAS",
-        location: str | None = None,
-        search_target: tuple[str, int] | None = None,
-        search_seconds: int = SEARCH_SECONDS,
-        retry_every: float = RETRY_EVERY,
-        on_change: Callable[[MapState], None] | None = None,
-    ) -> None:
-        """Map ``port`` (as ``external_port`` on the router, the same by default).
+    ``port`` is mapped as ``external_port`` on the router (the same when not given).
+    ``location`` skips the search (the router's description URL); ``search_target`` sends
+    the search there instead of the SSDP multicast group (tests).
+    """
 
-        ``location`` skips the search (the router's description URL); ``search_target``
-        sends the search there instead of the SSDP multicast group (tests).
-        """
-        self.port = port
-        self.external_port = external_port or port
-        self.lease = lease
-        self._description = description
-        self._location = location
-        self._search_target = search_target
-        self._search_seconds = search_seconds
-        self._retry_every = retry_every
-        self._on_change = on_change
-        self.state = MapState()
-        self._service: UpnpService | None = None
-        self._task: asyncio.Task[None] | None = None
+    port: int
+    _: KW_ONLY
+    external_port: int = 0
+    lease: int = LEASE
+    description: str = "MyNAS"
+    location: str | None = None
+    search_target: tuple[str, int] | None = None
+    search_seconds: int = SEARCH_SECONDS
+    retry_every: float = RETRY_EVERY
+    on_change: Callable[[MapState], None] | None = None
+    state: MapState = field(default_factory=MapState, init=False)
+    _service: UpnpService | None = field(default=None, init=False, repr=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.external_port = self.external_port or self.port
 
     def start(self) -> None:
         """Begin mapping (and renewing) in a task of its own."""
@@ -170,9 +162,9 @@ class PortMapper:
                 self._set(MapState(MapStatus.REFUSED, error="unexpected error"))
             if self.state.status is MapStatus.MAPPED:
                 # A permanent lease (0) is still renewed now and then: routers forget.
-                await asyncio.sleep(self.state.lease / 2 if self.state.lease else self._retry_every)
+                await asyncio.sleep(self.state.lease / 2 if self.state.lease else self.retry_every)
             else:
-                await asyncio.sleep(self._retry_every)
+                await asyncio.sleep(self.retry_every)
 
     async def map_once(self) -> MapState:
         """Find the router (once) and ask it for the mapping (again: a renewal)."""
@@ -232,13 +224,13 @@ class PortMapper:
             NewInternalPort=self.port,
             NewInternalClient=lan,
             NewEnabled=True,
-            NewPortMappingDescription=self._description,
+            NewPortMappingDescription=self.description,
             NewLeaseDuration=lease,
         )
 
     async def _find(self) -> tuple[UpnpService, str] | None:
         """The router's port-forwarding service and its description URL, or None."""
-        locations = [self._location] if self._location else await self._search()
+        locations = [self.location] if self.location else await self._search()
         factory = UpnpFactory(AiohttpRequester(), non_strict=True)
         for location in locations:
             try:
@@ -278,14 +270,14 @@ class PortMapper:
 
         listener = SsdpSearchListener(
             async_callback=heard,
-            target=self._search_target or DEFAULT_SEARCH_TARGET,
-            timeout=self._search_seconds,
+            target=self.search_target or DEFAULT_SEARCH_TARGET,
+            timeout=self.search_seconds,
             search_target=search_target,
             async_connect_callback=connected,
         )
         await listener.async_start()
         try:
-            await asyncio.sleep(self._search_seconds)
+            await asyncio.sleep(self.search_seconds)
         finally:
             listener.async_stop()
 
@@ -294,8 +286,8 @@ class PortMapper:
         self.state = state
         if changed:
             _LOGGER.info("UPnP port mapping: %s", state.status)
-            if self._on_change is not None:
-                self._on_change(state)
+            if self.on_change is not None:
+                self.on_change(state)
         return state
 
 

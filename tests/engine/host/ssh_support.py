@@ -13,7 +13,7 @@ from typing import Any
 import asyncssh
 
 from custom_components.mynas.engine.host.server import NodeServer
-from custom_components.mynas.engine.identity import Identity
+from custom_components.mynas.engine.identity import Identity, pinned_login
 
 from ..openssh_support import HOST
 
@@ -26,18 +26,8 @@ async def ssh_connect(
     **options: Any,
 ) -> asyncssh.SSHClientConnection:
     """An asyncssh connection with ``who``'s key, the host key pinned, nothing else offered."""
-    settings: dict[str, Any] = {
-        "username": username,
-        "client_keys": [who.private_key] if who is not None else None,
-        "known_hosts": ([asyncssh.import_public_key(server.identity.public_line)], [], []),
-        "config": None,
-        "agent_path": None,
-        "password": None,
-        "kbdint_auth": False,
-        "gss_auth": False,
-        "host_based_auth": False,
-    }
-    settings.update(options)
+    pinned = asyncssh.import_public_key(server.identity.public_line)
+    settings = {**pinned_login(pinned, who), "username": username, **options}
     return await asyncssh.connect(HOST, server.port, **settings)
 
 
@@ -52,3 +42,15 @@ async def connected(
     """``ssh_connect``, closed and waited for on the way out (the server sees it gone)."""
     async with await ssh_connect(server, who, username=username, **options) as conn:
         yield conn
+
+
+@contextlib.asynccontextmanager
+async def sftp_session(
+    server: NodeServer, who: Identity | None, **options: Any
+) -> AsyncIterator[asyncssh.SFTPClient]:
+    """An SFTP client on a ``connected`` connection, exited and waited for on success."""
+    async with connected(server, who, **options) as conn:
+        sftp = await conn.start_sftp_client()
+        yield sftp
+        sftp.exit()
+        await sftp.wait_closed()

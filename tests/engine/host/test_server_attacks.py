@@ -48,9 +48,9 @@ from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner import client
 from custom_components.mynas.engine.protocol import MAX_FRAME, Close, Frame
 
-from ..conftest import DEFAULT_QUOTA, ServerFactory, address
+from ..conftest import DEFAULT_QUOTA, ServerFactory, address, wait_until
 from ..openssh_support import OpenSSH
-from .ssh_support import connected, ssh_connect
+from .ssh_support import connected, sftp_session, ssh_connect
 
 HOST = "127.0.0.1"
 MTIME = 1_700_000_000_123_456_789
@@ -132,15 +132,6 @@ def trash_contents(storage: Path, peer: str) -> list[bytes]:
     for dirpath, _, filenames in os.walk(storage / ".mynas" / "trash" / peer):
         found.extend(Path(dirpath, name).read_bytes() for name in filenames)
     return sorted(found)
-
-
-async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll a condition that no event announces (the disk, a counter in another task)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Events:
@@ -446,8 +437,7 @@ async def test_sftp_traversal_stays_in_the_jail(
     """Every path-taking SFTP request: nothing outside alice's own jail is ever reached."""
     before = world(tmp_path)
     outside = [os.fsencode(furnished / "secret.txt"), os.fsencode(furnished)]
-    async with connected(server, alice_id) as conn:
-        sftp = await conn.start_sftp_client()
+    async with sftp_session(server, alice_id) as sftp:
         own_root = sorted(await sftp.listdir(b"/"))
         assert own_root == sorted([b".", b"..", b"notes.txt", b"photos", b"dir"])
         for path in [*SFTP_HOSTILE, *outside]:
@@ -458,8 +448,6 @@ async def test_sftp_traversal_stays_in_the_jail(
                     continue
                 _assert_inside(name, path, result, own_root)
         await _sftp_readlink_refused(sftp, [b"/notes.txt", b"/escape", b"/filelink"])
-        sftp.exit()
-        await sftp.wait_closed()
     assert world(tmp_path) == before
 
 
@@ -504,8 +492,7 @@ async def test_sftp_refuses_every_link_already_in_the_jail(
 ) -> None:
     """stat/lstat/open/listdir through or onto a link: permission denied, never followed."""
     before = world(tmp_path)
-    async with connected(server, alice_id) as conn:
-        sftp = await conn.start_sftp_client()
+    async with sftp_session(server, alice_id) as sftp:
         for path in LINKS + THROUGH_LINKS:
             for name, call in _sftp_reads(sftp, b"/" + path).items():
                 if name in ("realpath", "statvfs"):
@@ -522,8 +509,6 @@ async def test_sftp_refuses_every_link_already_in_the_jail(
         with pytest.raises(asyncssh.SFTPPermissionDenied):
             await sftp.stat(b"/dir/.mynas-old")
         assert sorted(await sftp.listdir(b"/photos")) == [b".", b"..", b"cat.jpg"]
-        sftp.exit()
-        await sftp.wait_closed()
     assert world(tmp_path) == before
 
 
@@ -535,8 +520,7 @@ async def test_sftp_refuses_links_and_every_write(
 ) -> None:
     """symlink, hard link, rename, remove, rmdir, mkdir, setstat, writes, creates: refused."""
     before = world(tmp_path)
-    async with connected(server, alice_id) as conn:
-        sftp = await conn.start_sftp_client()
+    async with sftp_session(server, alice_id) as sftp:
         attempts: dict[str, Callable[[], Awaitable[Any]]] = {
             "symlink out": lambda: sftp.symlink(str(furnished), "/out"),
             # The two-step escape of a dangling link: a dangling relative link, then its target.
@@ -582,8 +566,6 @@ async def test_sftp_refuses_links_and_every_write(
         # Reading what is there still works: the replica is browsable.
         async with sftp.open("/notes.txt", "rb") as handle:
             assert await handle.read() == ALICE_FILES["notes.txt"]
-        sftp.exit()
-        await sftp.wait_closed()
     assert world(tmp_path) == before
 
 
@@ -664,16 +646,13 @@ async def test_sftp_statvfs_reports_the_quota(
         assert await push_files(link, {b"a.bin": b"a" * 10_000}) == {b"a.bin": None}
     used = server.jail("alice").quota.used
     assert used == disk_charge(storage_dir, "alice") == blocks(10_000)
-    async with connected(server, alice_id) as conn:
-        sftp = await conn.start_sftp_client()
+    async with sftp_session(server, alice_id) as sftp:
         fs = await sftp.statvfs("/")
         assert fs.blocks * fs.frsize == DEFAULT_QUOTA
         assert fs.bavail * fs.frsize == DEFAULT_QUOTA - used
         assert fs.flags & asyncssh.FXE_STATVFS_ST_RDONLY
         async with sftp.open("/a.bin", "rb") as handle:
             assert str(await handle.statvfs()) == str(fs)  # no __eq__
-        sftp.exit()
-        await sftp.wait_closed()
 
 
 async def test_openssh_sftp_browses_own_files_and_is_refused_everything_else(
@@ -839,14 +818,11 @@ async def test_known_key_cannot_name_another_jail(
     assert sorted(os.listdir(storage_dir / "bob")) == ["private.txt"]
     assert (storage_dir / "bob" / "private.txt").read_bytes() == BOB_SECRET
     # The SSH user name is ignored: "bob@host" with alice's key is alice.
-    async with connected(server, alice_id, username="bob") as conn:
-        sftp = await conn.start_sftp_client()
+    async with sftp_session(server, alice_id, username="bob") as sftp:
         assert sorted(await sftp.listdir("/")) == [".", "..", "mine.txt"]
         assert sorted(await sftp.listdir("/..")) == [".", "..", "mine.txt"]
         with pytest.raises(asyncssh.SFTPNoSuchFile):
             await sftp.stat("/bob/private.txt")
-        sftp.exit()
-        await sftp.wait_closed()
     openssh = OpenSSH.for_server(server, key_file("alice"), tmp_path / "openssh")
     code, out, err = await openssh.sftp_batch(["ls -1 /", "ls -1 /.."], user="bob")
     assert code == 0, err
@@ -1264,8 +1240,7 @@ async def test_peer_cannot_reach_its_trash(
     raw.send(protocol.query(req + 2, {"op": "retention", "folder": "f.txt", "days": -5}))
     assert fail_info(await raw.recv())  # refused, and the session goes on
     await raw.close()
-    async with connected(server, alice_id) as conn:
-        sftp = await conn.start_sftp_client()
+    async with sftp_session(server, alice_id) as sftp:
         assert sorted(await sftp.listdir("/")) == [".", "..", "f.txt"]
         for path in ("/.mynas", "/../.mynas/trash/alice", f"/../.mynas/trash/alice/{stamp}"):
             with pytest.raises(asyncssh.SFTPPermissionDenied):
@@ -1274,8 +1249,6 @@ async def test_peer_cannot_reach_its_trash(
                 await sftp.listdir(path)
             with pytest.raises(asyncssh.SFTPError):
                 await sftp.remove(path)
-        sftp.exit()
-        await sftp.wait_closed()
     assert world(tmp_path) == before
     assert trash_contents(storage_dir, "alice") == [b"v1"]
 
@@ -1675,8 +1648,7 @@ async def test_sftp_open_handles_are_bounded(
     for n in range(200):
         (crowd / str(n)).mkdir()
     fds = len(os.listdir("/proc/self/fd"))
-    async with connected(server, alice_id) as conn:
-        sftp = await conn.start_sftp_client()
+    async with sftp_session(server, alice_id) as sftp:
         handler = sftp._handler
 
         async def open_file() -> bytes:
@@ -1704,8 +1676,6 @@ async def test_sftp_open_handles_are_bounded(
             assert await handle.read() == b"f"
         assert sorted(await sftp.listdir("/")) == [".", "..", "crowd", "f.txt"]
         assert len(await sftp.listdir("/crowd")) == 202
-        sftp.exit()
-        await sftp.wait_closed()
 
 
 async def _open_until_refused(opener: Callable[[], Awaitable[bytes]]) -> list[bytes]:
@@ -1733,11 +1703,8 @@ async def test_sftp_lists_big_directories_whole_and_hides_links(
     names = {f"file{n}" for n in range(300)}
     for name in names:
         (many / name).write_bytes(b"")
-    async with connected(server, alice_id) as conn:
-        sftp = await conn.start_sftp_client()
+    async with sftp_session(server, alice_id) as sftp:
         assert set(await sftp.listdir("/many")) == names | {".", ".."}
-        sftp.exit()
-        await sftp.wait_closed()
 
 
 class _StalledLogin(asyncssh.SSHClient):
@@ -1906,15 +1873,12 @@ async def test_asyncssh_sftp_client_downloads_the_replica(
     (storage_dir / "alice" / "docs").mkdir()
     (storage_dir / "alice" / "docs" / "big.bin").write_bytes(big)
     (storage_dir / "alice" / "docs" / "small.txt").write_bytes(b"small")
-    async with connected(server, alice_id) as conn:
-        sftp = await conn.start_sftp_client()
+    async with sftp_session(server, alice_id) as sftp:
         await sftp.get("/docs/big.bin", str(tmp_path / "big.bin"))
         await sftp.get("/docs", str(tmp_path / "restored"), recurse=True)
         async with sftp.open("/docs/small.txt", "rb") as handle:
             await handle.fsync()
             assert (await handle.stat()).size == 5
-        sftp.exit()
-        await sftp.wait_closed()
     assert (tmp_path / "big.bin").read_bytes() == big
     assert (tmp_path / "restored" / "big.bin").read_bytes() == big
     assert (tmp_path / "restored" / "small.txt").read_bytes() == b"small"

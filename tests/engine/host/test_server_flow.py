@@ -26,8 +26,8 @@ from custom_components.mynas.engine.host.upload import Upload
 from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.protocol import Close, Frame
 
-from ..conftest import ServerFactory
-from .test_server_attacks import MTIME, Raw, disk_charge, temps, wait_until
+from ..conftest import ServerFactory, wait_until
+from .test_server_attacks import MTIME, Raw, disk_charge, temps
 
 KIB = 1 << 10
 
@@ -85,7 +85,35 @@ class Sampler:
         return last
 
 
+def alice_held(server: NodeServer) -> Sampler:
+    """Samples what alice's sessions hold of her byte budget."""
+    return Sampler(lambda: server.peer_budget("alice").used)
+
+
+async def stalled_within(server: NodeServer, budget: int) -> Sampler:
+    """Wait until alice's sessions stall with ``budget`` spent, and never more; the sampler."""
+    held = alice_held(server)
+    assert await held.settle() > budget // 2
+    assert held.high <= budget
+    return held
+
+
+async def budget_given_back(server: NodeServer) -> None:
+    await wait_until(lambda: server.peer_budget("alice").used == 0, "the budget given back")
+
+
 # --- batch flushes ----------------------------------------------------------------------------
+
+
+async def three_small_puts(
+    make_server: ServerFactory, alice_id: Identity, *, age: float, idle: float
+) -> tuple[Raw, float]:
+    """Three small PUTs to a server whose batches wait ``age``/``idle`` s; when they were sent."""
+    server = await make_server(limits=Limits(free_failures=1000, batch_age=age, batch_idle=idle))
+    raw = await Raw.open(server, alice_id)
+    sent = time.monotonic()
+    raw.send(*puts(3, 100))
+    return raw, sent
 
 
 @pytest.mark.parametrize("age", [0.3, 0.0])
@@ -93,10 +121,7 @@ async def test_a_batch_is_acknowledged_once_it_is_old(
     make_server: ServerFactory, alice_id: Identity, age: float
 ) -> None:
     """A peer that pauses after a few files hears about them after batch_age, not never."""
-    server = await make_server(limits=Limits(free_failures=1000, batch_age=age, batch_idle=60))
-    raw = await Raw.open(server, alice_id)
-    started = time.monotonic()
-    raw.send(*puts(3, 100))
+    raw, started = await three_small_puts(make_server, alice_id, age=age, idle=60)
     assert await acked(raw, 3) == {1, 2, 3}
     assert time.monotonic() - started >= age * 0.8
     await raw.close()
@@ -105,10 +130,7 @@ async def test_a_batch_is_acknowledged_once_it_is_old(
 async def test_a_batch_is_acknowledged_when_the_channel_goes_quiet(
     make_server: ServerFactory, alice_id: Identity
 ) -> None:
-    server = await make_server(limits=Limits(free_failures=1000, batch_age=60, batch_idle=0.05))
-    raw = await Raw.open(server, alice_id)
-    started = time.monotonic()
-    raw.send(*puts(3, 100))
+    raw, started = await three_small_puts(make_server, alice_id, age=60, idle=0.05)
     assert await acked(raw, 3) == {1, 2, 3}
     assert time.monotonic() - started < 10
     await raw.close()
@@ -118,9 +140,7 @@ async def test_a_batch_that_is_young_and_fed_waits_to_grow(
     make_server: ServerFactory, alice_id: Identity
 ) -> None:
     """Without the timers, a batch is written when full or asked (SYNC): none too early."""
-    server = await make_server(limits=Limits(free_failures=1000, batch_age=60, batch_idle=60))
-    raw = await Raw.open(server, alice_id)
-    raw.send(*puts(3, 100))
+    raw, _ = await three_small_puts(make_server, alice_id, age=60, idle=60)
     with pytest.raises(TimeoutError):
         await raw.recv(timeout=0.5)
     answers = await raw.sync(99)
@@ -145,10 +165,13 @@ async def test_frames_in_tiny_pieces_are_read_whole(
 # --- byte budgets and back-pressure -------------------------------------------------------------
 
 
-async def budgeted(make_server: ServerFactory, budget: int, **limits: int) -> NodeServer:
-    """A server whose sessions and peers may each hold ``budget`` bytes, failures tolerated."""
+BUDGET = 256 * KIB
+
+
+async def budgeted(make_server: ServerFactory, **limits: int) -> NodeServer:
+    """A server whose sessions and peers may each hold ``BUDGET`` bytes, failures tolerated."""
     return await make_server(
-        limits=Limits(free_failures=1000, session_bytes=budget, peer_bytes=budget, **limits)
+        limits=Limits(free_failures=1000, session_bytes=BUDGET, peer_bytes=BUDGET, **limits)
     )
 
 
@@ -159,25 +182,22 @@ async def test_a_session_holds_no_more_than_its_budget_while_the_disk_is_slow(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The session stops reading (the peer is held back by SSH flow control), nothing fails."""
-    budget = 256 * KIB
     # Batches of 1 MiB: without the budget the session would hold three of them.
-    server = await budgeted(make_server, budget, batch_files=64)
+    server = await budgeted(make_server, batch_files=64)
     # 8 MiB: more than the budget plus what asyncssh takes in (about two 2 MiB windows).
     frames = puts(500, 16 * KIB)
     with slow_disk(monkeypatch, Jail, "write_batch") as gate:
         raw = await Raw.open(server, alice_id)
         raw.send(*frames)
-        held = Sampler(lambda: server.peer_budget("alice").used)
-        assert await held.settle() > budget // 2  # stalled with its budget spent...
-        assert held.high <= budget
+        held = await stalled_within(server, BUDGET)  # stalled with its budget spent...
         waiting = raw.writer.channel.get_write_buffer_size()
         assert waiting > 1024 * KIB  # ...and the peer's data waits on the peer's side
         gate.set()
         assert await acked(raw, len(frames)) == set(range(1, len(frames) + 1))
-    assert held.high <= budget
+    assert held.high <= BUDGET
     assert (storage_dir / "alice" / "f0499").read_bytes() == bytes([499 % 256]) * 16 * KIB
     await raw.close()
-    await wait_until(lambda: server.peer_budget("alice").used == 0, "the budget given back")
+    await budget_given_back(server)
 
 
 async def test_sessions_of_one_peer_share_its_budget(
@@ -191,9 +211,7 @@ async def test_sessions_of_one_peer_share_its_budget(
         second = await Raw.open(server, alice_id, conn=first.conn)
         first.send(*puts(60, 16 * KIB, prefix=b"a"))
         second.send(*puts(60, 16 * KIB, prefix=b"b"))
-        held = Sampler(lambda: server.peer_budget("alice").used)
-        assert await held.settle() > peer // 2
-        assert held.high <= peer
+        await stalled_within(server, peer)
         gate.set()
         assert len(await acked(first, 60)) == len(await acked(second, 60)) == 60
     await first.close()
@@ -205,8 +223,7 @@ async def test_an_upload_holds_no_more_than_its_budget(
     storage_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    budget = 256 * KIB
-    server = await budgeted(make_server, budget, upload_group=128 * KIB)
+    server = await budgeted(make_server, upload_group=128 * KIB)
     content = os.urandom(4 << 20)
     with slow_disk(monkeypatch, Upload, "write_many") as gate:
         raw = await Raw.open(server, alice_id)
@@ -216,9 +233,7 @@ async def test_an_upload_holds_no_more_than_its_budget(
         for start in range(0, len(content), 64 * KIB):
             raw.send(protocol.data(1, content[start : start + 64 * KIB]))
         raw.send(protocol.close(1, Close.FINISH))
-        held = Sampler(lambda: server.peer_budget("alice").used)
-        assert await held.settle() > budget // 2
-        assert held.high <= budget
+        await stalled_within(server, BUDGET)
         gate.set()
         assert await acked(raw, 1) == {1}
     assert (storage_dir / "alice" / "big.bin").read_bytes() == content
@@ -231,15 +246,14 @@ async def test_a_cut_while_the_budget_is_spent_leaves_nothing_held(
     storage_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    budget = 256 * KIB
-    server = await budgeted(make_server, budget, batch_files=4)
+    server = await budgeted(make_server, batch_files=4)
     with slow_disk(monkeypatch, Jail, "write_batch") as gate:
         raw = await Raw.open(server, alice_id)
         raw.send(*puts(100, 16 * KIB))
-        await Sampler(lambda: server.peer_budget("alice").used).settle()
+        await alice_held(server).settle()
         raw.conn.abort()
         gate.set()
-    await wait_until(lambda: server.peer_budget("alice").used == 0, "the budget given back")
+    await budget_given_back(server)
     jail = server.jail("alice")
     await wait_until(lambda: jail.quota.reserved == 0, "the reservations given back")
     assert temps(storage_dir, "alice") == []
@@ -264,12 +278,12 @@ async def test_a_cut_while_an_upload_is_being_written_waits_for_the_write(
         raw.send(
             *(protocol.data(1, content[n : n + 64 * KIB]) for n in range(0, 512 * KIB, 64 * KIB))
         )
-        await Sampler(lambda: server.peer_budget("alice").used).settle()
+        await alice_held(server).settle()
         raw.conn.abort()
         await asyncio.sleep(0.1)
         gate.set()
     jail = server.jail("alice")
-    await wait_until(lambda: server.peer_budget("alice").used == 0, "the budget given back")
+    await budget_given_back(server)
     await wait_until(lambda: jail.quota.reserved == 0, "the upload abandoned")
     (name,) = os.listdir(storage_dir / ".mynas" / "partial" / "alice")
     kept = (storage_dir / ".mynas" / "partial" / "alice" / name).read_bytes()

@@ -76,7 +76,7 @@ def test_delete_moves_files_and_trees_to_the_trash(
     ]
     assert sorted(trashed.values()) == [b"1", b"b", b"c"]
     (stamp,) = {name.split("/", 1)[0] for name in trashed}
-    assert trash._stamp_time(stamp.encode()) is not None
+    assert trash.stamp_time(stamp.encode()) is not None
     assert any(d.endswith("tree/empty") for d in snapshot(jail.trash_dir))
     assert_consistent(jail)
 

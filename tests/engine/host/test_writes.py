@@ -124,17 +124,22 @@ def test_directory_in_the_way_fails_that_file(jail: Jail) -> None:
     assert_consistent(jail)
 
 
+def before_syncfs(monkeypatch: pytest.MonkeyPatch, first: Callable[[bytes], None]) -> None:
+    """Run ``first(path)`` before each real ``disk.syncfs(path)`` (it may raise instead)."""
+    real = disk.syncfs
+
+    def watched(path: bytes) -> None:
+        first(path)
+        real(path)
+
+    monkeypatch.setattr(disk, "syncfs", watched)
+
+
 def test_batch_is_made_durable_before_and_after_the_renames(
     jail: Jail, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen = []
-    real = disk.syncfs
-
-    def spy(path: bytes) -> None:
-        seen.append(sorted(os.listdir(jail.root)))
-        real(path)
-
-    monkeypatch.setattr(disk, "syncfs", spy)
+    before_syncfs(monkeypatch, lambda _path: seen.append(sorted(os.listdir(jail.root))))
     push(jail, {b"a": b"1", b"b": b"2"})
     assert seen == [[], ["a", "b"]]  # one syncfs before any final name, one after
 
@@ -157,15 +162,13 @@ def test_failing_second_syncfs_is_not_acknowledged(
     jail: Jail, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real = disk.syncfs
 
     def second_fails(path: bytes) -> None:
         calls.append(path)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path)
 
-    monkeypatch.setattr(disk, "syncfs", second_fails)
+    before_syncfs(monkeypatch, second_fails)
     results = push(jail, {b"a": b"1"})
     assert isinstance(results[0], PeerDiskFull)  # in place, but the caller must not ack
     assert (jail.root / "a").read_bytes() == b"1"

@@ -28,19 +28,19 @@ from custom_components.mynas.engine.owner.names import NameCipher, StoredTree
 from custom_components.mynas.engine.owner.replica import ReplicaKindMismatch
 from custom_components.mynas.engine.owner.run import SMALL_FILE
 
-from ..conftest import ServerFactory
+from ..conftest import ServerFactory, wait_until
 from ..replica_support import (
     FOLDER,
     MIB,
     MTIME,
     Env,
+    change_under_reader,
     close_env,
     drop_connections,
     make_env,
     partials,
     snapshot,
     trash_files,
-    wait_until,
     write,
 )
 
@@ -89,17 +89,22 @@ def open_replica(env: Env) -> dict[bytes, tuple[Any, ...]]:
     return found
 
 
-def source_view(env: Env) -> dict[bytes, tuple[Any, ...]]:
-    """The source in ``open_replica``'s terms."""
+def tree_view(root: Path) -> dict[bytes, tuple[Any, ...]]:
+    """A plain tree (the source, or a restored copy) in ``open_replica``'s terms."""
     found: dict[bytes, tuple[Any, ...]] = {}
-    src = os.fsencode(env.src)
-    for entry in tree.walk(src):
+    base = os.fsencode(root)
+    for entry in tree.walk(base):
         if entry.kind is tree.Kind.DIR:
             found[entry.path] = ("d",)
         else:
-            with open(src + b"/" + entry.path, "rb") as handle:
+            with open(base + b"/" + entry.path, "rb") as handle:
                 found[entry.path] = ("f", handle.read(), entry.mtime_ns, entry.mode)
     return found
+
+
+def source_view(env: Env) -> dict[bytes, tuple[Any, ...]]:
+    """The source in ``open_replica``'s terms."""
+    return tree_view(env.src)
 
 
 def stored_files(env: Env) -> list[Path]:
@@ -314,19 +319,7 @@ async def test_a_large_file_changing_under_the_reader_is_never_sealed_as_it(
     def meddle(fd: int, count: int, position: int) -> bytes:
         calls["n"] += 1
         if calls["n"] == 2:
-            path = env.src / "big"
-            if how == "grows":
-                with open(path, "ab") as handle:
-                    handle.write(b"more")
-            elif how == "shrinks":
-                os.truncate(path, size // 2)
-            elif how == "touched":
-                os.utime(path, ns=(MTIME + 7, MTIME + 7))
-            else:  # same size, same mtime: only the ctime tells
-                with open(path, "r+b") as handle:
-                    handle.seek(size - 10)
-                    handle.write(b"0123456789")
-                os.utime(path, ns=(MTIME, MTIME))
+            change_under_reader(env.src / "big", how, size)
         return real(fd, count, position)
 
     monkeypatch.setattr(sender.os, "pread", meddle)
@@ -350,19 +343,6 @@ def stored_path(env: Env, rel: str | bytes) -> Path:
     return env.jail / os.fsdecode(cipher.path(FOLDER.encode() + b"/" + os.fsencode(rel)))
 
 
-def restored_view(dest: Path) -> dict[bytes, tuple[Any, ...]]:
-    """A restored tree in ``open_replica``'s terms."""
-    found: dict[bytes, tuple[Any, ...]] = {}
-    base = os.fsencode(dest)
-    for entry in tree.walk(base):
-        if entry.kind is tree.Kind.DIR:
-            found[entry.path] = ("d",)
-        else:
-            with open(base + b"/" + entry.path, "rb") as handle:
-                found[entry.path] = ("f", handle.read(), entry.mtime_ns, entry.mode)
-    return found
-
-
 def no_temp_files(dest: Path) -> bool:
     return not list(dest.rglob(".mynas-restore-*"))
 
@@ -374,7 +354,7 @@ async def test_restore_reads_back_everything_mtimes_and_exec_bits_included(env: 
     result = await env.restore(dest, encrypted=None)  # found encrypted by its sealed name
     assert (result.files, result.failed, result.failures) == (6, 0, [])
     assert result.bytes == sum(p.stat().st_size for p in env.src.rglob("*") if p.is_file())
-    assert restored_view(dest) == source_view(env)
+    assert tree_view(dest) == source_view(env)
 
 
 @pytest.mark.parametrize(
@@ -396,7 +376,7 @@ async def test_restore_of_a_sub_path(env: Env, sub: str, expect: set[bytes]) -> 
     dest = env.work / "dest"
     result = await env.restore(dest, path=sub, encrypted=True)
     assert result.failed == 0
-    got = restored_view(dest)
+    got = tree_view(dest)
     assert set(got) == expect
     source = source_view(env)
     assert all(got[path] == source[path] for path in expect if got[path][0] == "f")
@@ -414,7 +394,7 @@ async def test_restore_with_the_recovery_code_alone(env: Env) -> None:
     dest = env.work / "dest"
     result = await restorer.restore(rebuilt, env.target, FOLDER, dest)
     assert result.failed == 0
-    assert restored_view(dest) == source_view(env)
+    assert tree_view(dest) == source_view(env)
 
 
 def _flip(path: Path, position: int) -> None:
@@ -448,7 +428,7 @@ async def test_a_tampering_host_gets_nothing_restored_as_good(env: Env) -> None:
     assert len(moved) == 1  # the moved name does not open where it is
     assert failed - moved == {"Tax return 2025.pdf", "big.bin", "photos/beach.jpg", "one", "two"}
     assert result.failed == 6
-    got = restored_view(dest)
+    got = tree_view(dest)
     for gone in (b"Tax return 2025.pdf", b"big.bin", b"photos/beach.jpg", b"one", b"two"):
         assert gone not in got
     assert not any(path.endswith(b"three") for path in got)

@@ -58,7 +58,7 @@ from custom_components.mynas.engine.owner.run import (
     check_subpath,
 )
 
-from ..conftest import ServerFactory, address
+from ..conftest import ServerFactory, address, wait_until
 from ..replica_support import (
     FOLDER,
     MIB,
@@ -71,7 +71,6 @@ from ..replica_support import (
     plain_push,
     snapshot,
     trash_files,
-    wait_until,
     without_root,
     write,
 )

@@ -54,6 +54,17 @@ def _common(env: Env, key: Path, peer_key: Path, address: str | None = None) -> 
     ]
 
 
+async def _verify_finds_and_repairs(verify: list[Any], damaged: str) -> None:
+    """``verify`` exits 1 naming the one damaged file; with ``--repair`` it sends it again."""
+    run = await mynas(*verify)
+    assert run.code == 1
+    assert run.summary["host_damaged"] == 1
+    assert f"host damage: {damaged} (not what was sent)" in run.err
+    run = await mynas(*verify, "--repair")
+    assert run.code == 0, run.err
+    assert run.summary["repaired"] == 1
+
+
 async def test_push_verify_restore(env: Env, alice_key: Path) -> None:
     """The happy path and its summaries, then verify catching and repairing a tampered file."""
     write(env.src / "a.txt", b"hello")
@@ -88,13 +99,7 @@ async def test_push_verify_restore(env: Env, alice_key: Path) -> None:
     }
 
     write(env.replica / "a.txt", b"HELLO")  # same size and mtime: only the hash tells
-    run = await mynas("verify", *common, "--source", env.src, *index)
-    assert run.code == 1
-    assert run.summary["host_damaged"] == 1
-    assert "host damage: a.txt (not what was sent)" in run.err
-    run = await mynas("verify", *common, "--source", env.src, *index, "--repair")
-    assert run.code == 0, run.err
-    assert run.summary["repaired"] == 1
+    await _verify_finds_and_repairs(["verify", *common, "--source", env.src, *index], "a.txt")
     assert (env.replica / "a.txt").read_bytes() == b"hello"
 
     dest = env.work / "restored"
@@ -244,6 +249,12 @@ async def test_encrypted_by_default_and_restored_from_the_recovery_code(
     assert run.summary["files"] == 2
     assert without_root(snapshot(dest / "sub")) == without_root(snapshot(env.src / "sub"))
     assert (dest / "secret.txt").read_bytes() == b"the secret"
+    # What the peer keeps, listed by name with nothing but the code.
+    run = await mynas("folders", *without_key[:-2])
+    assert run.code == 0, run.err
+    assert [
+        (item["name"], item["encrypted"], item["files"]) for item in run.summary["folders"]
+    ] == [("Docs", True, 2)]
 
     # A damaged file: the others are restored, it is named, and the status says so.
     for path in env.jail.rglob("*"):
@@ -258,13 +269,8 @@ async def test_encrypted_by_default_and_restored_from_the_recovery_code(
     assert not (again / "secret.txt").exists()
 
     # verify finds it without downloading, and --repair sends it again.
-    run = await mynas("verify", *common, "--source", env.src, *index)
-    assert run.code == 1
-    assert run.summary["host_damaged"] == 1
-    assert "host damage: secret.txt (not what was sent)" in run.err
-    run = await mynas("verify", *common, "--source", env.src, *index, "--repair")
-    assert run.code == 0, run.err
-    assert run.summary["repaired"] == 1
+    verify = ["verify", *common, "--source", env.src, *index]
+    await _verify_finds_and_repairs(verify, "secret.txt")
     fixed = env.work / "fixed"
     run = await mynas("restore", *without_key, "--to", fixed, "--path", "secret.txt")
     assert run.code == 0, run.err

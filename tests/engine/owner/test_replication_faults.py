@@ -45,12 +45,13 @@ from custom_components.mynas.engine.owner.run import (
     Progress,
 )
 
-from ..conftest import ServerFactory
+from ..conftest import ServerFactory, wait_until
 from ..replica_support import (
     FOLDER,
     MIB,
     MTIME,
     Env,
+    change_under_reader,
     check_index_matches_host,
     close_env,
     drop_connections,
@@ -59,7 +60,6 @@ from ..replica_support import (
     partials,
     plain_push,
     snapshot,
-    wait_until,
     write,
 )
 
@@ -198,14 +198,7 @@ async def test_large_file_modified_during_the_push(
     def meddle(fd: int, position: int, count: int, digest: Any) -> bytes:
         calls["n"] += 1
         if calls["n"] == 1:
-            path = env.src / "big"
-            if how == "grows":
-                with open(path, "ab") as handle:
-                    handle.write(b"more")
-            elif how == "shrinks":
-                os.truncate(path, size // 2)
-            else:
-                os.utime(path, ns=(MTIME + 7, MTIME + 7))
+            change_under_reader(env.src / "big", how, size)
         return real(fd, position, count, digest)
 
     monkeypatch.setattr(sender, "_read_block", meddle)

@@ -98,12 +98,20 @@ async def chan() -> FakeChannel:
     return FakeChannel()
 
 
+async def _started(
+    chan: FakeChannel, welcome: dict[str, Any] | None = None, address: str = "x:1"
+) -> PeerLink:
+    """A link over ``chan``, started by the host's WELCOME (``welcome``, else empty)."""
+    chan.feed(protocol.welcome(welcome or {}))
+    peer = PeerLink(chan, chan, chan, address)  # type: ignore[arg-type]
+    await peer._start()
+    return peer
+
+
 @pytest.fixture
 async def link(chan: FakeChannel) -> AsyncIterator[PeerLink]:
     """A started link over the scripted channel, closed at the end."""
-    chan.feed(protocol.welcome({"protocol": 1, "peer": "alice"}))
-    peer = PeerLink(chan, chan, chan, "peer:8022")  # type: ignore[arg-type]
-    await peer._start()
+    peer = await _started(chan, {"protocol": 1, "peer": "alice"}, "peer:8022")
     assert peer.welcome["peer"] == "alice"
     yield peer
     await peer.close()
@@ -386,9 +394,7 @@ async def test_a_dead_channel_on_write_is_peer_unreachable(
     assert isinstance(heard[0], PeerUnreachable)
 
     fresh = FakeChannel()
-    fresh.feed(protocol.welcome({}))
-    other = PeerLink(fresh, fresh, fresh, "x:1")  # type: ignore[arg-type]
-    await other._start()
+    other = await _started(fresh)
     fresh.write_error = error
     try:
         # Queued, then written at the end of this pass of the loop: the write fails and
@@ -404,9 +410,7 @@ async def test_a_dead_channel_on_write_is_peer_unreachable(
 
     # A write of COALESCE bytes or more is not deferred: it fails at once.
     third = FakeChannel()
-    third.feed(protocol.welcome({}))
-    last = PeerLink(third, third, third, "x:1")  # type: ignore[arg-type]
-    await last._start()
+    last = await _started(third)
     third.write_error = error
     try:
         with pytest.raises(PeerUnreachable):
@@ -455,9 +459,7 @@ async def test_frames_of_one_loop_pass_go_out_in_one_write(
 
 async def test_queued_frames_are_dropped_when_the_link_closes(chan: FakeChannel) -> None:
     """A request queued as the link closes fails; its frame is never written."""
-    chan.feed(protocol.welcome({}))
-    peer = PeerLink(chan, chan, chan, "x:1")  # type: ignore[arg-type]
-    await peer._start()
+    peer = await _started(chan)
     chan.sent.clear()
     heard: list[MyNasError | None] = []
     await peer.put(b"a", 5, 0o644, b"x", heard.append)

@@ -156,13 +156,7 @@ def remove_quietly(path: bytes) -> int:
 # --- durability -----------------------------------------------------------------------------
 
 
-def fsync_dir(path: bytes) -> None:
-    """Make the entries of directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+fsync_dir = tree.fsync_dir  # the node's key files (``identity``) use it too
 
 
 @functools.cache

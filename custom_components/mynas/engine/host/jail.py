@@ -21,21 +21,23 @@ serialised per jail.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
 import stat
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import tree
 from ..storage_root import write_file_atomic
 from . import disk
 from .jailfs import JailFS
 from .paths import check_mtime, check_path, is_internal, refuse, validate_peer_name
-from .quota import JailUsage, Quota
-from .trash import MAX_RETENTION_DAYS, Trash
+from .quota import DIR_CHARGE, JailUsage, Quota, charge
+from .trash import MAX_RETENTION_DAYS, Trash, stamp_time
 from .upload import Uploads
 from .writes import JailWriter
 
@@ -45,6 +47,31 @@ if TYPE_CHECKING:
 
 _READ_BLOCK = 1 << 20
 _STATE_FORMAT = 1
+# The top-level folders one answer of ``folders`` names at most (the rest: ``more``).
+MAX_FOLDERS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class FolderTotals:
+    """One top-level folder of a jail: what it holds as stored here, and when it changed.
+
+    ``changed`` is the latest ctime in it (seconds): when this host last wrote or moved
+    anything there. A peer cannot set a ctime, and an encrypted replica's mtimes are all 0.
+    """
+
+    name: bytes
+    files: int
+    bytes: int
+    changed: float
+
+
+@dataclass(frozen=True, slots=True)
+class TrashUsage:
+    """What a peer's trash holds (its charge) and the stamps of its oldest and newest part."""
+
+    bytes: int
+    oldest: float | None
+    newest: float | None
 
 
 def _load_state(path: Path) -> tuple[int, dict[str, int]]:
@@ -208,6 +235,70 @@ class Jail:
             os.close(fd)
         return digest.digest()
 
+    def folders(self, limit: int = MAX_FOLDERS) -> tuple[builtins.list[FolderTotals], bool]:
+        """Return the jail's top-level folders with their totals, and whether more exist.
+
+        Only what is inside this jail, never through a link (nor counting one); files at
+        the top level and internal names are left out. Walks everything: a one-off.
+        """
+        fs = self._fs
+        fs.check_root()
+        found: builtins.list[FolderTotals] = []
+        more = False
+        with os.scandir(fs.root_b) as entries:
+            names = sorted(
+                entry.name
+                for entry in entries
+                if entry.is_dir(follow_symlinks=False) and not is_internal(entry.name, True)
+            )
+        for name in names:
+            if len(found) >= limit:
+                more = True
+                break
+            totals = _totals(fs.root_b + b"/" + name)
+            if totals is not None:
+                found.append(FolderTotals(name, *totals))
+        return found, more
+
+    def trash_report(self) -> dict[str, Any]:
+        """What the trash holds, as the usage answer and the host application say it.
+
+        ``trash`` bytes; ``trash_oldest``/``trash_newest`` its parts' stamps (seconds);
+        ``trash_days`` the host's retention, ``trash_days_longest`` the longest a peer asked.
+        """
+        trash = self.trash_usage()
+        return {
+            "trash": trash.bytes,
+            "trash_oldest": trash.oldest,
+            "trash_newest": trash.newest,
+            "trash_days": self.retention_days(b""),
+            "trash_days_longest": self.longest_retention(),
+        }
+
+    def trash_usage(self) -> TrashUsage:
+        """Return what the trash holds (walked: call it when it matters, not at every probe)."""
+        trash_b = self._fs.trash_b
+        total = 0
+        stamps: builtins.list[float] = []
+        try:
+            names = os.listdir(trash_b)
+        except FileNotFoundError:
+            return TrashUsage(0, None, None)
+        for name in names:
+            path = trash_b + b"/" + name
+            when = stamp_time(name)
+            if when is not None:
+                stamps.append(when)
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                total += DIR_CHARGE + disk.tree_charge(path)
+            elif stat.S_ISREG(info.st_mode):
+                total += charge(info.st_size)
+        return TrashUsage(total, min(stamps, default=None), max(stamps, default=None))
+
     # --- retention, usage and state
 
     def set_retention(self, folder: str, days: int) -> None:
@@ -222,6 +313,10 @@ class Jail:
     def retention_days(self, folder: bytes) -> int:
         """Return the effective trash retention of ``folder`` (first path component), in days."""
         return self._trash.retention_days(folder)
+
+    def longest_retention(self) -> int:
+        """Return the longest trash retention of any folder (the host's, or a peer's ask)."""
+        return max([self._trash.retention_days(b""), *self._trash.requested().values()])
 
     def usage(self) -> JailUsage:
         """Return the peer's usage and quota."""
@@ -251,3 +346,31 @@ class Jail:
         freed = self._trash.purge(now) + self._uploads.purge(now)
         self.quota.credit(freed)
         return freed
+
+
+def _totals(top: bytes) -> tuple[int, int, float] | None:
+    """Files, bytes and the latest ctime under directory ``top`` (None: it vanished)."""
+    files = size = 0
+    try:
+        latest = os.lstat(top).st_ctime
+    except FileNotFoundError:
+        return None
+    pending = [top]
+    while pending:
+        path = pending.pop()
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    latest = max(latest, info.st_ctime)
+                    if stat.S_ISDIR(info.st_mode):
+                        pending.append(path + b"/" + entry.name)
+                    elif stat.S_ISREG(info.st_mode):
+                        files += 1
+                        size += info.st_size
+        except FileNotFoundError, NotADirectoryError:
+            continue
+    return files, size, latest

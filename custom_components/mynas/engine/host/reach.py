@@ -132,19 +132,19 @@ class PeerReach:
         }
 
 
+@dataclass(frozen=True, slots=True)
 class SessionReach:
     """ANNOUNCE and CHECK as one session serves them: its peer, its key, where it came from."""
 
-    def __init__(self, reach: PeerReach, peer: str, public_key: str, address: str) -> None:
-        self._reach = reach
-        self._peer = peer
-        self._public_key = public_key
-        self._address = address
+    reach: PeerReach
+    peer: str
+    public_key: str
+    address: str
 
     def announce(self, addresses: list[str]) -> None:
         """Record the peer's addresses (ValueError for a bad one)."""
-        self._reach.announce(self._peer, addresses)
+        self.reach.announce(self.peer, addresses)
 
     async def check(self, addresses: list[str]) -> dict[str, Any]:
         """Dial back the peer's announced addresses (CheckRefused when asked too often)."""
-        return await self._reach.check(self._peer, self._public_key, addresses, self._address)
+        return await self.reach.check(self.peer, self.public_key, addresses, self.address)

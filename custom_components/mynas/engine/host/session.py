@@ -42,6 +42,9 @@ _LOGGER = logging.getLogger(__name__)
 # Requests on paths that are answered in groups (see ReplicationSession._ops).
 _OPS = frozenset({Frame.DELETE, Frame.MKDIR, Frame.UTIME})
 _MAX_OPS = 256
+# The usage answer says what the trash holds once this share of the quota is used (the
+# trash is walked for it: not at every probe of a peer with room to spare).
+TRASH_REPORTED_FROM = 0.9
 type _Op = tuple[int, Callable[..., object], tuple[Any, ...]]
 
 
@@ -310,10 +313,28 @@ class ReplicationSession:
         if op == "usage":
             usage = self._jail.usage()
             disk = await self._io.thread(_disk_free, self._jail.root)
+            answer: dict[str, Any] = {"used": usage.used, "quota": usage.quota, "disk_free": disk}
+            if usage.used + usage.reserved >= usage.quota * TRASH_REPORTED_FROM:
+                answer.update(await self._io.thread(self._jail.trash_report))
+            self._io.send(protocol.reply(req, answer))
+        elif op == "folders":
+            # Answered from this session's jail only: no field of the request names a place.
+            folders, more = await self._io.thread(self._jail.folders)
             self._io.send(
                 protocol.reply(
                     req,
-                    {"used": usage.used, "quota": usage.quota, "disk_free": disk},
+                    {
+                        "folders": [
+                            {
+                                "name": item.name.hex(),
+                                "files": item.files,
+                                "bytes": item.bytes,
+                                "changed": round(item.changed, 3),
+                            }
+                            for item in folders
+                        ],
+                        "more": more,
+                    },
                 )
             )
         elif op == "stat":

@@ -7,9 +7,10 @@ chunk, so a peer that does not read holds the host to one chunk's worth of memor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import dataclasses
 import itertools
+import math
 import os
 
 from .. import protocol
@@ -29,17 +30,17 @@ class ReadStreams:
     async def list(self, body: bytes) -> None:
         """LIST: the entries below a directory (or the whole jail), hashes if asked."""
         req, with_hash, path = protocol.parse_list(body)
-        entries = self._jail.list(path) if path else self._jail.list()
-        source = _Chunks(entries, with_hash, self._jail)
-        try:
-            while chunk := await self._io.thread(source.next_chunk):
-                for item, digest in chunk:
-                    self._io.send(protocol.entry(req, item, digest))
-                await self._io.drain()
-        except (MyNasError, OSError) as err:
-            self._io.fail(req, err)
-            return
-        self._io.send(protocol.done(req))
+        hash_file = self._jail.hash_file
+
+        def hashed(item: Entry) -> _Carried:
+            if with_hash and item.kind is Kind.FILE:
+                return item, hash_file(item.path), item.size
+            return item, None, 0
+
+        source = _Chunks(self._listing(path), hashed, most=512, most_read=32 * 1024 * 1024)
+        await self._send_listing(
+            req, source, lambda item, digest: (protocol.entry(req, item, digest),)
+        )
 
     async def read(self, body: bytes) -> None:
         """READ: a file, or a tree (its directory first), entries each followed by data."""
@@ -64,13 +65,39 @@ class ReadStreams:
     async def heads(self, body: bytes) -> None:
         """HEADS: the entries below a directory, each file followed by its first bytes."""
         req, length, path = protocol.parse_heads(body)
-        source = _Heads(self._jail.list(path) if path else self._jail.list(), length, self._jail)
+        jail = self._jail
+
+        def with_head(item: Entry) -> _Carried:
+            want = min(length, item.size)
+            if item.kind is not Kind.FILE or not want:
+                return item, None, 0
+            head = _read_at(jail, item.path, want)
+            # The entry announces the whole size; exactly ``head`` follows it.
+            if len(head) < want:
+                item = dataclasses.replace(item, size=len(head))
+            return item, head, 0
+
+        def frames(item: Entry, head: bytes | None) -> tuple[bytes, ...]:
+            entry = protocol.entry(req, item)
+            return (entry, protocol.data(req, head)) if head else (entry,)
+
+        await self._send_listing(req, _Chunks(self._listing(path), with_head, most=256), frames)
+
+    def _listing(self, path: bytes) -> Iterator[Entry]:
+        return self._jail.list(path) if path else self._jail.list()
+
+    async def _send_listing(
+        self,
+        req: int,
+        source: _Chunks,
+        frames: Callable[[Entry, bytes | None], tuple[bytes, ...]],
+    ) -> None:
+        """Send each entry of ``source`` as its ``frames``, draining after each chunk; DONE."""
         try:
             while chunk := await self._io.thread(source.next_chunk):
-                for item, head in chunk:
-                    self._io.send(protocol.entry(req, item))
-                    if head:
-                        self._io.send(protocol.data(req, head))
+                for item, carried in chunk:
+                    for frame in frames(item, carried):
+                        self._io.send(frame)
                 await self._io.drain()
         except (MyNasError, OSError) as err:
             self._io.fail(req, err)
@@ -95,51 +122,30 @@ class ReadStreams:
             os.close(fd)
 
 
+type _Carried = tuple[Entry, bytes | None, int]
+"""An entry, what its frames carry (a hash, a head; None: nothing) and the bytes read for it."""
+
+
+@dataclasses.dataclass(slots=True)
 class _Chunks:
-    """Pulls a listing from a worker thread a few hundred entries (and hashes) at a time."""
+    """Pulls a listing from a worker thread in chunks, each entry with what it carries.
 
-    def __init__(self, entries: Iterator[Entry], with_hash: bool, jail: Jail) -> None:
-        self._entries = entries
-        self._with_hash = with_hash
-        self._jail = jail
+    A chunk ends at ``most`` entries, or once ``most_read`` bytes were read to carry them.
+    """
 
-    def next_chunk(self) -> list[tuple[Entry, bytes | None]]:
-        chunk: list[tuple[Entry, bytes | None]] = []
-        hashed = 0
-        for item in self._entries:
-            digest = None
-            if self._with_hash and item.kind is Kind.FILE:
-                digest = self._jail.hash_file(item.path)
-                hashed += item.size
-            chunk.append((item, digest))
-            if len(chunk) >= 512 or hashed >= 32 * 1024 * 1024:
-                break
-        return chunk
-
-
-class _Heads:
-    """Pulls a listing with each file's first bytes from a worker thread, in chunks."""
-
-    def __init__(self, entries: Iterator[Entry], length: int, jail: Jail) -> None:
-        self._entries = entries
-        self._length = length
-        self._jail = jail
+    entries: Iterator[Entry]
+    carry: Callable[[Entry], _Carried]
+    most: int
+    most_read: float = math.inf
 
     def next_chunk(self) -> list[tuple[Entry, bytes | None]]:
         chunk: list[tuple[Entry, bytes | None]] = []
-        for listed in self._entries:
-            item, head = listed, None
-            if item.kind is Kind.FILE and self._length and item.size:
-                fd = self._jail.open_read(item.path)
-                try:
-                    head = os.pread(fd, min(self._length, item.size), 0)
-                finally:
-                    os.close(fd)
-                # The entry announces the whole size; exactly ``head`` follows it.
-                if len(head) < min(self._length, item.size):
-                    item = dataclasses.replace(item, size=len(head))
-            chunk.append((item, head))
-            if len(chunk) >= 256:
+        read = 0
+        for listed in self.entries:
+            item, carried, cost = self.carry(listed)
+            chunk.append((item, carried))
+            read += cost
+            if len(chunk) >= self.most or read >= self.most_read:
                 break
         return chunk
 
@@ -173,8 +179,13 @@ class _TreeReader:
         return chunk
 
     def _read_small(self, item: Entry) -> bytes:
-        fd = self._jail.open_read(item.path)
-        try:
-            return os.read(fd, self.SMALL)
-        finally:
-            os.close(fd)
+        return _read_at(self._jail, item.path, self.SMALL)
+
+
+def _read_at(jail: Jail, path: bytes, size: int) -> bytes:
+    """Read up to ``size`` bytes from the start of a file in the jail."""
+    fd = jail.open_read(path)
+    try:
+        return os.pread(fd, size, 0)
+    finally:
+        os.close(fd)

@@ -32,7 +32,7 @@ _STAMP_RE = re.compile(rb"(\d{8}T\d{6}Z)(?:~\d+)?")
 _MAX_COLLISIONS = 1000  # jailfs keeps room in every path for the "~999" this allows
 
 
-def _stamp_time(name: bytes) -> float | None:
+def stamp_time(name: bytes) -> float | None:
     """Return the UTC time a trash stamp directory's name records, or None if not a stamp."""
     match = _STAMP_RE.fullmatch(name)
     if match is None:
@@ -111,7 +111,7 @@ class Trash:
         except FileNotFoundError:
             return 0
         for name in stamps:
-            when = _stamp_time(name)
+            when = stamp_time(name)
             top = trash_b + b"/" + name
             if when is None or not stat.S_ISDIR(os.lstat(top).st_mode):
                 continue  # not made by us: left alone (and still counted)

@@ -34,7 +34,7 @@ from ..errors import (
     PeerUnreachable,
     ProtocolError,
 )
-from ..identity import Identity, fingerprint, parse_public_key, public_key_line
+from ..identity import Identity, fingerprint, parse_public_key, pinned_login, public_key_line
 from ..invite import parse_address
 from ..protocol import Close, Frame
 from ..tree import Entry, Kind
@@ -315,6 +315,47 @@ class PeerLink:
                 raise
         return True
 
+    async def folders(self) -> tuple[list[dict[str, Any]], bool]:
+        """Return the top-level folders of our space at the host, and whether more exist.
+
+        Each as ``{"name": bytes, "files", "bytes", "changed"}`` (stored sizes; ``changed``
+        None when unknown). One QUERY where the host serves ``folders``; an older host's
+        listing is summed up here (its mtimes, not when it stored things).
+        """
+        if self.serves("folders"):
+            answer = await self._request(lambda req: protocol.query(req, {"op": "folders"}))
+            items = answer.get("folders")
+            if not isinstance(items, list):
+                raise ProtocolError("a folders answer without folders")
+            found = []
+            for item in items:
+                try:
+                    name = bytes.fromhex(item["name"])
+                    files, size = int(item["files"]), int(item["bytes"])
+                    changed = float(item["changed"])
+                except KeyError, TypeError, ValueError:
+                    raise ProtocolError("a folder the host described badly") from None
+                if not name or b"/" in name:
+                    raise ProtocolError("a folder name with a slash in a folders answer")
+                found.append({"name": name, "files": files, "bytes": size, "changed": changed})
+            return found, bool(answer.get("more"))
+        totals: dict[bytes, dict[str, Any]] = {}
+        async with contextlib.aclosing(self.list()) as listing:
+            async for entry, _ in listing:
+                top, slash, _rest = entry.path.partition(b"/")
+                if not slash and entry.kind is not Kind.DIR:
+                    continue  # a file at the top level is no folder
+                held = totals.setdefault(
+                    top, {"name": top, "files": 0, "bytes": 0, "changed": None}
+                )
+                if entry.kind is Kind.FILE:
+                    held["files"] += 1
+                    held["bytes"] += entry.size
+                    when = entry.mtime_ns / 1e9
+                    if when > 0 and (held["changed"] is None or when > held["changed"]):
+                        held["changed"] = when
+        return list(totals.values()), False
+
     def serves(self, feature: str) -> bool:
         """Whether the host listed ``feature`` (``protocol.FEATURES``) in its WELCOME."""
         features = self.welcome.get("features")
@@ -482,16 +523,7 @@ async def open_connection(
                 lambda: client,
                 host,
                 port,
-                username="mynas",
-                client_keys=[identity.private_key],
-                known_hosts=([pinned], [], []),
-                config=None,
-                agent_path=None,
-                agent_forwarding=False,
-                password=None,
-                kbdint_auth=False,
-                gss_auth=False,
-                host_based_auth=False,
+                **pinned_login(pinned, identity),
                 encoding=None,
                 keepalive_interval=30,
                 keepalive_count_max=4,

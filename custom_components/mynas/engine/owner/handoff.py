@@ -30,6 +30,11 @@ class Handoff[T]:
         """Tell the thread to stop: its waiting (or next) ``put`` returns False."""
         self._stop.set()
 
+    @property
+    def stopped(self) -> bool:
+        """Whether the loop told the thread to stop (work that cannot be handed over)."""
+        return self._stop.is_set()
+
     # --- the worker thread's side ---------------------------------------------------------
 
     def feed(self, produce: Callable[[], bool]) -> None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .. import tree
 from ..errors import HostRefused, MyNasError, PeerUnreachable, QuotaExceeded, SourceMissing
 from ..identity import Identity
-from .feed import Feeder
+from .feed import Feeder, MassChangeGuard
 from .index import Index, IndexEntry
 from .index_writer import IndexWriter
 from .replica import (
@@ -196,6 +196,7 @@ async def push(
     connect_if_unchanged: bool = True,
     encrypted: bool = True,
     select: Callable[[bytes], bool] | None = None,
+    hold_over: int | None = None,
 ) -> PushResult:
     """Bring the replica of ``folder`` on ``target`` up to date with ``source``.
 
@@ -209,6 +210,12 @@ async def push(
     connection errors of ``client.connect``, QuotaExceeded (with how much is still needed
     and how much is left) or PeerDiskFull — always after recording in the index everything
     the host acknowledged.
+
+    ``hold_over`` (a percentage; None or 0: never) holds a run that would replace or
+    delete more than that share of the files the peer holds of the folder: it plans the
+    whole run first and raises MassChangeHeld (counts and examples) before sending any of
+    it (``feed.MassChangeGuard``; folders of fewer than ``feed.GUARD_MIN_FILES`` files at
+    the peer are never held, nor a repair's run).
 
     ``bwlimit`` (bytes/s) limits this run; ``node_limit``, a throttle that other runs share,
     limits it together with them.
@@ -258,6 +265,7 @@ async def push(
                 Throttle(bwlimit, node_limit),
                 progress,
                 select,
+                MassChangeGuard(hold_over) if hold_over and select is None else None,
             )
             if connect_if_unchanged and connection.link is None:
                 await connection.open()  # nothing to send, but the peer must still answer
@@ -344,11 +352,12 @@ async def _run_push(
     throttle: Throttle,
     progress: ProgressCallback | None,
     select: Callable[[bytes], bool] | None,
+    guard: MassChangeGuard | None,
 ) -> PushResult:
     loop = asyncio.get_running_loop()
     folder = layout.name
     sender = Sender(writer, folder, source, throttle, progress, layout)
-    feeder = Feeder(loop, source, index, folder, target.id, exclude, layout, select)
+    feeder = Feeder(loop, source, index, folder, target.id, exclude, layout, select, guard)
     sender.on_stop = feeder.count_only.set
     thread = loop.run_in_executor(None, feeder.run)
     try:

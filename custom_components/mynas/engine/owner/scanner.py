@@ -17,6 +17,7 @@ import fnmatch
 import os
 import re
 import stat
+from typing import TypedDict, Unpack
 
 from .. import tree
 from ..errors import SourceMissing
@@ -109,12 +110,17 @@ def _regex(patterns: list[str] | None) -> re.Pattern[bytes] | None:
     return re.compile("|".join(alternatives).encode("latin-1"))
 
 
+class ScanOptions(TypedDict, total=False):
+    """What ``scan`` and ``scan_rows`` take besides the source and the index."""
+
+    exclude: Sequence[str]
+    report: ScanReport | None
+
+
 def scan(
     source: str | bytes | os.PathLike[str] | os.PathLike[bytes],
     index_entries: Iterable[IndexEntry],
-    *,
-    exclude: Sequence[str] = (),
-    report: ScanReport | None = None,
+    **options: Unpack[ScanOptions],
 ) -> Iterator[Change]:
     """Yield the changes that make the peer's copy (``index_entries``) equal ``source``.
 
@@ -128,7 +134,7 @@ def scan(
     error goes to ``report``, which also counts what was walked.
     """
     rows = ((e.key, e.size, e.mtime_ns, e.mode, e.hash) for e in index_entries)
-    return scan_rows(source, rows, exclude=exclude, report=report)
+    return scan_rows(source, rows, **options)
 
 
 def scan_rows(
