@@ -18,16 +18,42 @@ import os
 from pathlib import Path
 import signal
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import identity as identity_mod, invite as invite_mod
 from .errors import MyNasError
-from .owner.index import Index
-from .owner.push import push
-from .owner.restore import restore
 from .owner.run import PeerTarget, Progress
-from .owner.verify import verify
 from .units import format_bytes, parse_size
+
+if TYPE_CHECKING:
+    from .owner.index import Index
+    from .owner.run import PushResult, RestoreResult, VerifyResult
+
+# Each command imports what it runs, when it runs (``push``: the index, the scan and the
+# sealing; the SSH client only once something is to be sent): a push with nothing to send
+# is mostly start-up, and asyncssh alone would double it.
+
+
+async def push(*args: Any, **kwargs: Any) -> PushResult:
+    """``owner.push.push``, imported on first use."""
+    from .owner.push import push as run  # noqa: PLC0415
+
+    return await run(*args, **kwargs)
+
+
+async def restore(*args: Any, **kwargs: Any) -> RestoreResult:
+    """``owner.restore.restore``, imported on first use."""
+    from .owner.restore import restore as run  # noqa: PLC0415
+
+    return await run(*args, **kwargs)
+
+
+async def verify(*args: Any, **kwargs: Any) -> VerifyResult:
+    """``owner.verify.verify``, imported on first use."""
+    from .owner.verify import verify as run  # noqa: PLC0415
+
+    return await run(*args, **kwargs)
+
 
 _LOGGER = logging.getLogger("mynas")
 
@@ -190,10 +216,15 @@ def _load_identity(path: str) -> identity_mod.Identity:
 
 
 def _target(args: argparse.Namespace) -> PeerTarget:
-    key = identity_mod.load_public_key_file(args.peer_key)
-    line = identity_mod.public_key_line(key)
+    line = identity_mod.load_public_line(args.peer_key)
     addresses = tuple(dict.fromkeys(args.peer))
-    return PeerTarget(id=identity_mod.fingerprint(key), addresses=addresses, public_key=line)
+    return PeerTarget(id=identity_mod.fingerprint(line), addresses=addresses, public_key=line)
+
+
+def _index(args: argparse.Namespace) -> Index:
+    from .owner.index import Index  # noqa: PLC0415 - push and verify only
+
+    return Index(_index_path(args))
 
 
 def _index_path(args: argparse.Namespace) -> Path:
@@ -325,7 +356,7 @@ async def _folder_run[T](
     """Run ``run`` (push or verify) on the folder, source and index the arguments name."""
     node = _load_identity(args.key)
     target = _target(args)
-    with Index(_index_path(args)) as index:
+    with _index(args) as index:
         return await run(
             node,
             target,

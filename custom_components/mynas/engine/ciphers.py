@@ -35,8 +35,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 import os
 
-from asyncssh.kex import get_kex_algs
-
 # Best first; what the installed asyncssh lacks is left out (see key_exchange()).
 KEX_ALGS = (
     "mlkem768x25519-sha256",
@@ -61,6 +59,17 @@ AES_FIRST = (
 )
 # Never used (every cipher above is AEAD): see the module's docstring.
 MAC_ALGS = ("hmac-sha2-256-etm@openssh.com",)
+
+
+def get_kex_algs() -> list[bytes]:
+    """Return the key exchanges the installed asyncssh registered.
+
+    asyncssh is imported here, on first use: a push with nothing to send (which seals, and so
+    reads ``HAS_AES``) never loads it.
+    """
+    from asyncssh.kex import get_kex_algs as registered  # noqa: PLC0415
+
+    return list(registered())
 
 
 def key_exchange(available: Iterable[bytes] | None = None) -> tuple[str, ...]:

@@ -8,6 +8,10 @@ as the one-line ``ssh-ed25519 AAAA…`` form (no comment) and shown to people as
 
 Loading and creating keys is blocking file I/O: call it from a worker thread, never from an
 event loop. Nothing here ever logs or reprs private key material.
+
+asyncssh is imported only where an SSH key object is needed (a connection, a server): a
+node's key file and a peer's public key line are read with ``cryptography`` alone, so that a
+``push`` with nothing to send (which connects to no one) does not pay for asyncssh's import.
 """
 
 from __future__ import annotations
@@ -15,17 +19,19 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass, field
+import hashlib
 import logging
 import os
 from pathlib import Path
 import secrets
 import stat
-from typing import Any
-
-import asyncssh
+from typing import TYPE_CHECKING, Any
 
 from .errors import KeyFileError
 from .tree import fsync_dir
+
+if TYPE_CHECKING:
+    import asyncssh
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -48,16 +54,65 @@ class Identity:
     ``repr`` (so an identity can be logged safely).
     """
 
-    private_key: asyncssh.SSHKey = field(repr=False, compare=False)
+    seed: bytes = field(repr=False, compare=False)  # the Ed25519 private key's 32 bytes
     public_line: str
     fingerprint: str
+    # The asyncssh key, made on first use (``private_key``).
+    _ssh: list[asyncssh.SSHKey] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @classmethod
     def from_private_key(cls, key: asyncssh.SSHKey) -> Identity:
         """Return the identity of an Ed25519 private key."""
-        if key.algorithm != ED25519.encode("ascii"):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+            Ed25519PrivateKey,
+        )
+
+        pyca = key.pyca_key
+        if key.algorithm != ED25519.encode("ascii") or not isinstance(pyca, Ed25519PrivateKey):
             raise KeyFileError("a node's key must be an Ed25519 key")
-        return cls(key, public_key_line(key), fingerprint(key))
+        node = _of_seed(pyca.private_bytes_raw())
+        node._ssh.append(key)
+        return node
+
+    @property
+    def private_key(self) -> asyncssh.SSHKey:
+        """The key as asyncssh takes it (imports asyncssh on first use)."""
+        if not self._ssh:
+            import asyncssh  # noqa: PLC0415 - only where a connection is made
+
+            self._ssh.append(asyncssh.import_private_key(_openssh_private(self.seed)))
+        return self._ssh[0]
+
+
+def _of_seed(seed: bytes) -> Identity:
+    """Return the identity of an Ed25519 seed, with ``cryptography`` alone."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+        Ed25519PrivateKey,
+    )
+
+    raw = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
+    line = f"{ED25519} {base64.b64encode(_BLOB_PREFIX + raw).decode('ascii')}"
+    return Identity(seed, line, _line_fingerprint(line))
+
+
+def _openssh_private(seed: bytes) -> bytes:
+    """Return the OpenSSH private key file's bytes of an Ed25519 seed (no passphrase)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+        Ed25519PrivateKey,
+    )
+
+    return Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+
+
+def _line_fingerprint(line: str) -> str:
+    """Return the ``SHA256:…`` fingerprint of a canonical public key line (as ssh-keygen)."""
+    blob = base64.b64decode(line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def load_or_create(path: str | os.PathLike[str]) -> tuple[Identity, bool]:
@@ -72,15 +127,14 @@ def load_or_create(path: str | os.PathLike[str]) -> tuple[Identity, bool]:
         return _load(path), False
     except FileNotFoundError:
         pass
-    key = asyncssh.generate_private_key(ED25519)
+    identity = _of_seed(secrets.token_bytes(_RAW_SIZE))
     try:
         Path(path).parent.mkdir(mode=KEY_DIR_MODE, parents=True, exist_ok=True)
-        created = _publish(Path(path), key.export_private_key("openssh"))
+        created = _publish(Path(path), _openssh_private(identity.seed))
     except OSError as err:
         raise KeyFileError(f"cannot create the key file {path}: {_reason(err)}") from err
     if not created:
         return load(path), False  # another caller created it first: theirs is the key
-    identity = Identity.from_private_key(key)
     _LOGGER.info("Created node key %s (%s)", path, identity.fingerprint)
     return identity, True
 
@@ -124,14 +178,7 @@ def private_seed(node: Identity) -> bytes:
     Every data key of an encrypted replica derives from it (``owner/keys.py``), and the
     recovery code (``recovery_code.py``) is this seed written for people.
     """
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
-        Ed25519PrivateKey,
-    )
-
-    key = node.private_key.pyca_key
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError("a node's key must be an Ed25519 private key")
-    return key.private_bytes_raw()
+    return node.seed
 
 
 def from_seed(seed: bytes) -> Identity:
@@ -139,20 +186,9 @@ def from_seed(seed: bytes) -> Identity:
 
     The same seed gives the same key pair, so friends' pinned keys still hold.
     """
-    # Imported here: only a rebuilt node needs it.
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
-        Ed25519PrivateKey,
-    )
-
     if len(seed) != _RAW_SIZE:
         raise KeyFileError(f"an Ed25519 seed has {_RAW_SIZE} bytes, not {len(seed)}")
-    data = Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    return Identity.from_private_key(asyncssh.import_private_key(data))
+    return _of_seed(bytes(seed))
 
 
 def install(node: Identity, path: str | os.PathLike[str]) -> Identity:
@@ -168,7 +204,7 @@ def install(node: Identity, path: str | os.PathLike[str]) -> Identity:
         return node
     try:
         target.parent.mkdir(mode=KEY_DIR_MODE, parents=True, exist_ok=True)
-        created = _publish(target, node.private_key.export_private_key("openssh"))
+        created = _publish(target, _openssh_private(node.seed))
     except OSError as err:
         raise KeyFileError(f"cannot create the key file {target}: {_reason(err)}") from err
     if not created:
@@ -185,6 +221,16 @@ def parse_public_key(text: str) -> asyncssh.SSHKey:
     """Parse one OpenSSH public key line, ``ssh-ed25519 AAAA… [comment]``.
 
     Only Ed25519 keys are accepted; anything else raises ``KeyFileError``.
+    """
+    import asyncssh  # noqa: PLC0415 - a key object for a connection or a server
+
+    return asyncssh.import_public_key(public_line_of(text))
+
+
+def public_line_of(text: str) -> str:
+    """Return the canonical line (no comment) of one public key line, without asyncssh.
+
+    The checks of ``parse_public_key``: only Ed25519 keys, each in its one spelling.
     """
     line = text.strip()
     if not line:
@@ -210,11 +256,18 @@ def parse_public_key(text: str) -> asyncssh.SSHKey:
         or base64.b64encode(blob).decode("ascii") != parts[1]
     ):
         raise KeyFileError("the public key is damaged or is not an Ed25519 key")
-    return asyncssh.import_public_key(f"{ED25519} {parts[1]}")
+    return f"{ED25519} {parts[1]}"
 
 
 def load_public_key_file(path: str | os.PathLike[str]) -> asyncssh.SSHKey:
     """Load an Ed25519 public key from a one-line file like ``id_ed25519.pub`` (blocking)."""
+    import asyncssh  # noqa: PLC0415 - a key object for a connection or a server
+
+    return asyncssh.import_public_key(load_public_line(path))
+
+
+def load_public_line(path: str | os.PathLike[str]) -> str:
+    """Return the canonical line of the public key file at ``path``, without asyncssh."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as handle:
@@ -224,7 +277,7 @@ def load_public_key_file(path: str | os.PathLike[str]) -> asyncssh.SSHKey:
     if len(data) > _MAX_KEY_FILE:
         raise KeyFileError(f"{path} is too large to be a public key file")
     try:
-        return parse_public_key(data.decode("utf-8"))
+        return public_line_of(data.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise KeyFileError(f"{path} is not a public key file (not text)") from err
     except KeyFileError as err:
@@ -240,7 +293,7 @@ def public_key_line(key: asyncssh.SSHKey) -> str:
 def fingerprint(key: asyncssh.SSHKey | str) -> str:
     """Return the ``SHA256:…`` fingerprint of a key or public key line, as ``ssh-keygen -l``."""
     if isinstance(key, str):
-        key = parse_public_key(key)
+        return _line_fingerprint(public_line_of(key))
     return key.get_fingerprint("sha256")
 
 
@@ -276,6 +329,8 @@ def public_key_from_raw(raw: bytes) -> asyncssh.SSHKey:
     if len(raw) != _RAW_SIZE:
         raise KeyFileError(f"an Ed25519 public key has {_RAW_SIZE} bytes, not {len(raw)}")
     line = f"{ED25519} {base64.b64encode(_BLOB_PREFIX + raw).decode('ascii')}"
+    import asyncssh  # noqa: PLC0415 - a key object for a connection or a server
+
     return asyncssh.import_public_key(line)
 
 
@@ -289,13 +344,34 @@ def _load(path: str) -> Identity:
             data = handle.read(_MAX_KEY_FILE + 1)
             if len(data) > _MAX_KEY_FILE:
                 raise KeyFileError(f"{path} is too large to be a key file")
-            key = _import_private(path, data)
+            node = _read_ed25519(data) or Identity.from_private_key(_import_private(path, data))
             _restrict_mode(path, handle.fileno(), info.st_mode)
     except FileNotFoundError:
         raise
     except OSError as err:
         raise KeyFileError(f"cannot read the key file {path}: {_reason(err)}") from err
-    return Identity.from_private_key(key)
+    return node
+
+
+def _read_ed25519(data: bytes) -> Identity | None:
+    """The identity of an OpenSSH Ed25519 key file without passphrase (``cryptography``).
+
+    None for anything else: asyncssh then reads it, and says what is wrong with it.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+        Ed25519PrivateKey,
+    )
+    from cryptography.hazmat.primitives.serialization import (  # noqa: PLC0415
+        load_ssh_private_key,
+    )
+
+    try:
+        key = load_ssh_private_key(data, password=None)
+    except Exception:  # any failure: asyncssh's parser decides, and says why
+        return None
+    if not isinstance(key, Ed25519PrivateKey):
+        return None
+    return _of_seed(key.private_bytes_raw())
 
 
 def _open_nonblocking(path: str, flags: int) -> int:
@@ -304,6 +380,8 @@ def _open_nonblocking(path: str, flags: int) -> int:
 
 
 def _import_private(path: str, data: bytes) -> asyncssh.SSHKey:
+    import asyncssh  # noqa: PLC0415 - a key that cryptography did not read as ours
+
     try:
         key = asyncssh.import_private_key(data)
     except Exception as err:

@@ -307,3 +307,36 @@ async def test_push_tries_each_peer_address_in_order(env: Env, alice_key: Path) 
     assert run.code == 1
     assert old in run.reason
     assert other in run.reason
+
+
+async def test_a_push_with_nothing_to_send_loads_no_ssh(env: Env, alice_key: Path) -> None:
+    """Start-up is most of a no-change push: it loads neither asyncssh nor the client."""
+    write(env.src / "a.txt", b"hello")
+    write(env.src / "sub" / "b.bin", os.urandom(SMALL_FILE + 10))
+    host_key = public_key_file(env.work, "host", env.server.identity.public_line)
+    args = [*_common(env, alice_key, host_key), "--source", env.src]
+    args += ["--index", env.work / "cli-index.sqlite"]
+    run = await mynas("push", *args)  # encrypted: names and contents sealed
+    assert run.code == 0, run.err
+    assert run.summary["files_sent"] == 2
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-X",
+        "importtime",
+        "-m",
+        "custom_components.mynas.engine",
+        "push",
+        *map(str, args),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert '"files_sent": 0' in out.decode()
+    assert '"peer_contacted": false' in out.decode()
+    loaded = {line.rpartition("|")[2].strip() for line in err.decode().splitlines()}
+    assert "custom_components.mynas.engine.owner.sealed" in loaded  # the run did run
+    assert "asyncssh" not in loaded
+    assert "custom_components.mynas.engine.owner.client" not in loaded

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 from .. import tree
 from ..errors import HostRefused, MyNasError, PeerUnreachable, QuotaExceeded, SourceMissing
 from ..identity import Identity
-from .client import PeerLink, open_link
 from .feed import Feeder, MassChangeGuard
 from .index import Index, IndexEntry
 from .index_writer import IndexWriter
@@ -47,7 +46,19 @@ from .sender import Sender
 from .throttle import Throttle
 
 if TYPE_CHECKING:
+    from .client import PeerLink
     from .names import StoredTree
+
+
+async def open_link(identity: Identity, target: PeerTarget) -> PeerLink:
+    """``client.open_link``: the client (and asyncssh) is loaded on the first connection.
+
+    A command-line push with nothing to send connects to no one, and its start-up is a
+    good part of its time.
+    """
+    from .client import open_link as connect  # noqa: PLC0415
+
+    return await connect(identity, target)
 
 
 class _Connection:

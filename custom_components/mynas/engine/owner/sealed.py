@@ -165,27 +165,43 @@ class Sealer:
 
     def update(self, data: bytes | memoryview) -> bytes:
         """Return the sealed chunks that ``data`` completes (ValueError past the size)."""
+        return bytes(self.update_buffer(data))
+
+    def update_buffer(self, data: bytes | memoryview) -> bytearray:
+        """``update``, into a new buffer of its own (no copy made to return bytes).
+
+        Each chunk is sealed straight into that buffer (``encrypt_into``): a large file's
+        bytes are copied once on their way out, not per chunk and again to join them.
+        """
         if len(data) > self._left:
             raise ValueError("more data than the size the file was sealed with")
         self._left -= len(data)
-        buffer = self._buffer + data if self._buffer else bytes(data)
-        out = []
-        start = 0
-        while len(buffer) - start >= CHUNK and (self._left or len(buffer) - start > CHUNK):
-            out.append(self._seal(buffer[start : start + CHUNK], last=False))
-            start += CHUNK
-        buffer = buffer[start:]
-        if not self._left and not self.done:
-            out.append(self._seal(buffer, last=True))
-            buffer = b""
+        view = memoryview(self._buffer + data if self._buffer else data)
+        # Whole chunks first; the last chunk waits until the size is reached (its flag).
+        full = len(view) // CHUNK
+        if full and not self._left and len(view) == full * CHUNK:
+            full -= 1
+        last = not self._left and not self.done
+        rest = len(view) - full * CHUNK
+        out = bytearray(full * (CHUNK + TAG) + (rest + TAG if last else 0))
+        target = memoryview(out)
+        for i in range(full):
+            self._seal_into(
+                view[i * CHUNK : (i + 1) * CHUNK], target[i * (CHUNK + TAG) :], last=False
+            )
+        if last:
+            self._seal_into(view[full * CHUNK :], target[full * (CHUNK + TAG) :], last=True)
             self.done = True
-        self._buffer = buffer
-        return b"".join(out)
+            self._buffer = b""
+        else:
+            self._buffer = bytes(view[full * CHUNK :])
+        target.release()
+        return out
 
-    def _seal(self, chunk: bytes, *, last: bool) -> bytes:
+    def _seal_into(self, chunk: memoryview, target: memoryview, *, last: bool) -> None:
         nonce = _nonce(self._counter, _LAST if last else 0)
         self._counter += 1
-        return self._aead.encrypt(nonce, chunk, None)
+        self._aead.encrypt_into(nonce, chunk, None, target[: len(chunk) + TAG])
 
 
 def seal(contents_key: bytes, path: bytes, meta: Meta, data: bytes) -> bytes:

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+import functools
 import os
 import stat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import tree
 from ..errors import HostRefused, MyNasError, PeerDiskFull, PeerUnreachable, QuotaExceeded
-from .client import PeerLink, Upload
 from .feed import Work
 from .index import IndexEntry
 from .index_writer import IndexWriter
@@ -33,8 +33,22 @@ from .run import Phase, Progress, ProgressCallback, PushResult, Reporter
 from .scanner import Action
 from .throttle import Throttle
 
-# Read large files this much per worker-thread hop (sent as several pieces).
-_READ_BLOCK = 4 * Upload.piece_size
+if TYPE_CHECKING:  # the client (and asyncssh) is loaded by the connection, when one is made
+    from .client import PeerLink, Upload
+
+
+@functools.cache
+def _block_size() -> int:
+    """Read large files this much per worker-thread hop (sent as several pieces).
+
+    Asked of the client when first needed: it is loaded with the connection, and a run with
+    nothing to send has none.
+    """
+    from .client import Upload  # noqa: PLC0415
+
+    return 4 * Upload.piece_size
+
+
 # A sealed file's blocks (a whole number of sealed chunks).
 _SEALED_BLOCK = 64 * 64 * 1024
 # The longest the push handles files without letting the event loop run other tasks.
@@ -83,6 +97,7 @@ class Sender:
         self._dirs: dict[bytes, int | None] = {}
         self._loop = asyncio.get_running_loop()
         self._reader: ThreadPoolExecutor | None = None  # started by the first large file
+        self._hasher: ThreadPoolExecutor | None = None  # a sealed replica's, likewise
         self._turn_ends = 0.0  # when sending must next let the loop's other tasks run
         self._link: PeerLink | None = None
 
@@ -245,6 +260,8 @@ class Sender:
         """Wait for the reader thread's last jobs (blocking: call it from a worker thread)."""
         if self._reader is not None:
             self._reader.shutdown(wait=True)
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
 
     async def _upload(self, entry: tree.Entry, remote: bytes) -> None:
         if isinstance(self.layout, SealedLayout):
@@ -308,7 +325,7 @@ class Sender:
         def read_ahead() -> asyncio.Future[bytes] | None:
             if position >= entry.size:
                 return None
-            size = min(_READ_BLOCK, entry.size - position)
+            size = min(_block_size(), entry.size - position)
             return self._in_reader(_read_block, fd, position, size, digest)
 
         ahead = read_ahead()
@@ -341,9 +358,11 @@ class Sender:
     async def _upload_sealed(self, entry: tree.Entry, remote: bytes, layout: SealedLayout) -> None:
         """Send a large file of a sealed replica, sealed block by block as it is read."""
         self._touch(entry.path)
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="mynas-hash")
         try:
             reader = await self._in_reader(
-                _SealedReader, self.source + b"/" + entry.path, entry, layout
+                _SealedReader, self.source + b"/" + entry.path, entry, layout, self._hasher
             )
         except FileNotFoundError:
             self.result.files_changed_during_read += 1  # gone since the scan
@@ -396,7 +415,7 @@ class Sender:
         offset = upload.offset
         position = 0  # in the stored file
         step = upload.piece_size
-        ahead: asyncio.Future[bytes | None] | None = self._in_reader(reader.next_block)
+        ahead: asyncio.Future[bytes | bytearray | None] | None = self._in_reader(reader.next_block)
         try:
             while ahead is not None:
                 block = await ahead
@@ -455,9 +474,16 @@ class _SealedReader:
     Its salt follows the file's identity on disk (``sealed.resume_salt``), so a resumed
     upload seals the same bytes; every block read is checked against that identity first,
     so changed data is never sealed with the old salt.
+
+    Both hashes (of the plain block and of its sealed bytes) are updated in ``hasher``, a
+    thread of their own, while this one seals: hashing and AES-GCM both release the GIL, so
+    on two cores the file is hashed and sealed at once. ``unchanged`` (the last step) waits
+    for the hashes.
     """
 
-    def __init__(self, path: bytes, entry: tree.Entry, layout: SealedLayout) -> None:
+    def __init__(
+        self, path: bytes, entry: tree.Entry, layout: SealedLayout, hasher: ThreadPoolExecutor
+    ) -> None:
         from . import sealed  # noqa: PLC0415 - with the layout, already loaded
 
         self._fd = _open_local(path)
@@ -481,6 +507,8 @@ class _SealedReader:
         self._head: bytes | None = self._sealer.head
         self.digest = tree.new_hash()
         self.stored = tree.new_hash()
+        self._hasher = hasher
+        self._hashing: Future[None] | None = None  # the last hash update handed over
         self.last_plain = 0  # plain bytes in the last block returned
 
     @property
@@ -492,23 +520,28 @@ class _SealedReader:
         info = os.fstat(self._fd)
         return (info.st_size, info.st_mtime_ns, info.st_ctime_ns) == self._identity
 
-    def next_block(self) -> bytes | None:
+    def next_block(self) -> bytes | bytearray | None:
         """Return the next sealed bytes; None if the file changed (nothing sealed then)."""
         size = min(_SEALED_BLOCK, self._entry.size - self._position)
         block = os.pread(self._fd, size, self._position)
         if len(block) != size or not self._same():
             return None
         self._position += size
-        self.digest.update(block)
-        out = self._sealer.update(block)
+        if self._hashing is not None:  # at most one block waits for its hashes
+            self._hashing.result()
+        # One hashing thread, so the updates of each hash keep their order.
+        self._hasher.submit(self.digest.update, block)
+        out: bytes | bytearray = self._sealer.update_buffer(block)
         if self._head is not None:
             out, self._head = self._head + out, None
-        self.stored.update(out)
+        self._hashing = self._hasher.submit(self.stored.update, out)
         self.last_plain = size
         return out
 
     def unchanged(self) -> bool:
-        """Whether the file was sealed whole and is still what the scan saw."""
+        """Whether the file was sealed whole and is still what the scan saw (hashes done)."""
+        if self._hashing is not None:
+            self._hashing.result()
         return self.done and self._same()
 
     def close(self) -> None:
@@ -524,7 +557,7 @@ def _hash_prefix(fd: int, length: int, digest: Any) -> bool:
     """Hash the first ``length`` bytes; False if the file is shorter now."""
     position = 0
     while position < length:
-        block = os.pread(fd, min(_READ_BLOCK, length - position), position)
+        block = os.pread(fd, min(_block_size(), length - position), position)
         if not block:
             return False
         digest.update(block)
