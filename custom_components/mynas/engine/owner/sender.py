@@ -15,7 +15,7 @@ by block as they are read (``_SealedReader``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 import functools
@@ -278,36 +278,58 @@ class Sender:
             self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
             return
         try:
-            try:
-                upload = await self.link.upload(remote, entry.size, entry.mtime_ns, entry.mode)
-            except MyNasError as err:
-                self._failed(err, entry.path, entry.size)
-                return
             digest = tree.new_hash()
-            try:
-                sent = await self._stream_file(fd, upload, entry, digest)
-            except OSError as err:
-                # The local disk failed us: keep what the host has for a later resume.
-                await upload.abandon()
-                self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
-                return
-            if not sent:
-                # Changed while we read it: never record it; the next run sends it again.
-                await upload.discard()
-                self.result.files_changed_during_read += 1
-                return
-            try:
-                await upload.finish()
-            except MyNasError as err:
-                self._failed(err, entry.path, entry.size)
-                return
-            self.index.record(IndexEntry.from_entry(entry, digest.digest()))
-            self.result.files_sent += 1
-            self.result.bytes_sent += entry.size - upload.offset
-            self.state.files_done += 1
+            await self._send_large(
+                entry,
+                remote,
+                (entry.size, entry.mtime_ns, entry.mode),
+                lambda upload: self._stream_file(fd, upload, entry, digest),
+                lambda: IndexEntry.from_entry(entry, digest.digest()),
+            )
         finally:
             # Queued behind any read still running: the descriptor outlives its last use.
             self._in_reader(os.close, fd)
+
+    async def _send_large(
+        self,
+        entry: tree.Entry,
+        remote: bytes,
+        stored: tuple[int, int, int],
+        stream: Callable[[Upload], Awaitable[bool]],
+        indexed: Callable[[], IndexEntry],
+    ) -> None:
+        """Upload ``entry`` as ``stored`` (size, mtime, mode on the host) through ``stream``.
+
+        ``stream`` sends from where the host's copy ends and says whether the file stayed
+        as scanned; ``indexed`` is what the index records once the host has it whole.
+        """
+        size = stored[0]
+        try:
+            upload = await self.link.upload(remote, *stored)
+        except MyNasError as err:
+            self._failed(err, entry.path, size)
+            return
+        try:
+            sent = await stream(upload)
+        except OSError as err:
+            # The local disk failed us: keep what the host has for a later resume.
+            await upload.abandon()
+            self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
+            return
+        if not sent:
+            # Changed while we read it: never record it; the next run sends it again.
+            await upload.discard()
+            self.result.files_changed_during_read += 1
+            return
+        try:
+            await upload.finish()
+        except MyNasError as err:
+            self._failed(err, entry.path, size)
+            return
+        self.index.record(indexed())
+        self.result.files_sent += 1
+        self.result.bytes_sent += size - upload.offset
+        self.state.files_done += 1
 
     async def _stream_file(self, fd: int, upload: Upload, entry: tree.Entry, digest: Any) -> bool:
         """Send ``entry`` from where the host's copy ends; False if it changed under the reader.
@@ -374,35 +396,19 @@ class Sender:
             if reader.changed:
                 self.result.files_changed_during_read += 1
                 return
-            size = layout.stored_size(entry.size)
-            try:
-                upload = await self.link.upload(
-                    remote, size, layout.host_mtime(entry.mtime_ns), layout.host_mode(entry.mode)
-                )
-            except MyNasError as err:
-                self._failed(err, entry.path, size)
-                return
-            try:
-                sent = await self._stream_sealed(reader, upload)
-            except OSError as err:
-                await upload.abandon()
-                self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
-                return
-            if not sent:
-                await upload.discard()
-                self.result.files_changed_during_read += 1
-                return
-            try:
-                await upload.finish()
-            except MyNasError as err:
-                self._failed(err, entry.path, size)
-                return
-            self.index.record(
-                IndexEntry.from_entry(entry, reader.digest.digest(), reader.stored.digest())
+            await self._send_large(
+                entry,
+                remote,
+                (
+                    layout.stored_size(entry.size),
+                    layout.host_mtime(entry.mtime_ns),
+                    layout.host_mode(entry.mode),
+                ),
+                lambda upload: self._stream_sealed(reader, upload),
+                lambda: IndexEntry.from_entry(
+                    entry, reader.digest.digest(), reader.stored.digest()
+                ),
             )
-            self.result.files_sent += 1
-            self.result.bytes_sent += size - upload.offset
-            self.state.files_done += 1
         finally:
             self._in_reader(reader.close)
 
