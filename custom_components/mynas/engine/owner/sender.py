@@ -256,6 +256,18 @@ class Sender:
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="mynas-read")
         return self._loop.run_in_executor(self._reader, func, *args)
 
+    async def _open_for[T](
+        self, entry: tree.Entry, opener: Callable[..., T], *args: Any
+    ) -> T | None:
+        """Open ``entry`` with ``opener`` in the reader thread; None (counted) if it cannot be."""
+        try:
+            return await self._in_reader(opener, *args)
+        except FileNotFoundError:
+            self.result.files_changed_during_read += 1  # gone since the scan
+        except OSError as err:
+            self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
+        return None
+
     def close(self) -> None:
         """Wait for the reader thread's last jobs (blocking: call it from a worker thread)."""
         if self._reader is not None:
@@ -267,15 +279,9 @@ class Sender:
         if isinstance(self.layout, SealedLayout):
             await self._upload_sealed(entry, remote, self.layout)
             return
-        local = self.source + b"/" + entry.path
         self._touch(entry.path)
-        try:
-            fd = await self._in_reader(_open_local, local)
-        except FileNotFoundError:
-            self.result.files_changed_during_read += 1  # gone since the scan
-            return
-        except OSError as err:
-            self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
+        fd = await self._open_for(entry, _open_local, self.source + b"/" + entry.path)
+        if fd is None:
             return
         try:
             digest = tree.new_hash()
@@ -382,15 +388,10 @@ class Sender:
         self._touch(entry.path)
         if self._hasher is None:
             self._hasher = ThreadPoolExecutor(1, thread_name_prefix="mynas-hash")
-        try:
-            reader = await self._in_reader(
-                _SealedReader, self.source + b"/" + entry.path, entry, layout, self._hasher
-            )
-        except FileNotFoundError:
-            self.result.files_changed_during_read += 1  # gone since the scan
-            return
-        except OSError as err:
-            self.result.add_error(f"{os.fsdecode(entry.path)}: {err.strerror or err}")
+        reader = await self._open_for(
+            entry, _SealedReader, self.source + b"/" + entry.path, entry, layout, self._hasher
+        )
+        if reader is None:
             return
         try:
             if reader.changed:
