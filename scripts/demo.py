@@ -949,15 +949,22 @@ async def read_invite_code(state: NodeState) -> None:
     invite_codec.decode(state.code)  # a valid code, or this raises
 
 
+async def subentry(state: NodeState, kind: str, unique_id: str) -> dict[str, Any] | None:
+    """The node's subentry of ``kind`` ("peer", "folder") with ``unique_id``, if it has one."""
+    for sub in await state.api.subentries(state.entry_id):
+        if sub["subentry_type"] == kind and sub["unique_id"] == unique_id:
+            return sub
+    return None
+
+
 async def ensure_peer(state: NodeState, other: NodeState) -> None:
     """Pair with ``other`` by pasting its invite code (once)."""
     api = state.api
     fingerprint = invite_codec.decode(other.code).fingerprint
-    for sub in await api.subentries(state.entry_id):
-        if sub["subentry_type"] == "peer" and sub["unique_id"] == fingerprint:
-            state.peer_id = sub["subentry_id"]
-            say(f"{state.node.name}: already paired with {sub['title']}")
-            return
+    if (paired := await subentry(state, "peer", fingerprint)) is not None:
+        state.peer_id = paired["subentry_id"]
+        say(f"{state.node.name}: already paired with {paired['title']}")
+        return
     result = await run_flow(
         api,
         "/api/config/config_entries/subentries/flow",
@@ -972,9 +979,8 @@ async def ensure_peer(state: NodeState, other: NodeState) -> None:
     )
     if result["type"] != "create_entry":
         raise DemoError(f"{state.node.name}: pairing with {other.node.name} failed: {result}")
-    for sub in await api.subentries(state.entry_id):
-        if sub["subentry_type"] == "peer" and sub["unique_id"] == fingerprint:
-            state.peer_id = sub["subentry_id"]
+    if (paired := await subentry(state, "peer", fingerprint)) is not None:
+        state.peer_id = paired["subentry_id"]
     say(
         f"{state.node.name}: paired with {other.node.name} (pasted its invite code,"
         f" granted {QUOTA_GB} GB)"
@@ -985,11 +991,10 @@ async def ensure_peer(state: NodeState, other: NodeState) -> None:
 async def ensure_folder(state: NodeState) -> None:
     """Protect the node's sample folder on its peer (once)."""
     api, node = state.api, state.node
-    for sub in await api.subentries(state.entry_id):
-        if sub["subentry_type"] == "folder" and sub["unique_id"] == FOLDER:
-            state.folder_id = sub["subentry_id"]
-            say(f"{node.name}: already protects {FOLDER}")
-            return
+    if (protected := await subentry(state, "folder", FOLDER)) is not None:
+        state.folder_id = protected["subentry_id"]
+        say(f"{node.name}: already protects {FOLDER}")
+        return
     result = await run_flow(
         api,
         "/api/config/config_entries/subentries/flow",
@@ -1010,9 +1015,8 @@ async def ensure_folder(state: NodeState) -> None:
     )
     if result["type"] != "create_entry":
         raise DemoError(f"{node.name}: protecting {FOLDER} failed: {result}")
-    for sub in await api.subentries(state.entry_id):
-        if sub["subentry_type"] == "folder" and sub["unique_id"] == FOLDER:
-            state.folder_id = sub["subentry_id"]
+    if (protected := await subentry(state, "folder", FOLDER)) is not None:
+        state.folder_id = protected["subentry_id"]
     say(f"{node.name}: protects {node.folder} as {FOLDER!r}, daily at 03:00")
     await wait_subentry_entities(api, state.entry_id, state.folder_id)
 
@@ -1454,14 +1458,8 @@ async def check_conversion(states: tuple[NodeState, NodeState], checks: Checks) 
     source = node.home / PLAIN_FOLDER
     jail = read_jail(other.node.config, other.entry_id, node.name) or node.name
     space = other.node.disk / jail
-    folder_id = next(
-        (
-            sub["subentry_id"]
-            for sub in await api.subentries(state.entry_id)
-            if sub["subentry_type"] == "folder" and sub["unique_id"] == PLAIN_FOLDER
-        ),
-        None,
-    )
+    plain = await subentry(state, "folder", PLAIN_FOLDER)
+    folder_id = None if plain is None else str(plain["subentry_id"])
     if folder_id is None:  # a first run: set it up plain
         for rel, content in PLAIN_FILES.items():
             (source / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -1486,11 +1484,10 @@ async def check_conversion(states: tuple[NodeState, NodeState], checks: Checks) 
         )
         if result["type"] != "create_entry":
             raise DemoError(f"{node.name}: protecting {PLAIN_FOLDER} failed: {result}")
-        folder_id = next(
-            sub["subentry_id"]
-            for sub in await api.subentries(state.entry_id)
-            if sub["subentry_type"] == "folder" and sub["unique_id"] == PLAIN_FOLDER
-        )
+        plain = await subentry(state, "folder", PLAIN_FOLDER)
+        if plain is None:
+            raise DemoError(f"{node.name}: {PLAIN_FOLDER} is protected but not listed")
+        folder_id = str(plain["subentry_id"])
         await wait_subentry_entities(api, state.entry_id, folder_id)
 
         async def plain_there() -> bool | None:
