@@ -995,30 +995,41 @@ async def ensure_folder(state: NodeState) -> None:
         state.folder_id = protected["subentry_id"]
         say(f"{node.name}: already protects {FOLDER}")
         return
+    state.folder_id = await protect(
+        state, FOLDER, node.folder, encrypted=True, exclude="\n".join(EXCLUDE), at="03:00:00"
+    )
+    say(f"{node.name}: protects {node.folder} as {FOLDER!r}, daily at 03:00")
+    await wait_subentry_entities(api, state.entry_id, state.folder_id)
+
+
+async def protect(
+    state: NodeState, name: str, path: Path, *, encrypted: bool, exclude: str, at: str
+) -> str:
+    """Protect ``path`` as ``name`` on the node's peer, daily ``at``; its subentry id."""
     result = await run_flow(
-        api,
+        state.api,
         "/api/config/config_entries/subentries/flow",
         [state.entry_id, "folder"],
         {
             "user": {
-                "name": FOLDER,
-                "path": str(node.folder),
+                "name": name,
+                "path": str(path),
                 "peers": [state.peer_id],
-                "encrypted": True,  # the default, said out loud
+                "encrypted": encrypted,
                 "retention_days": 30,
                 "bwlimit_mbps": 0,
-                "exclude": "\n".join(EXCLUDE),
+                "exclude": exclude,
             },
             "schedule": {"next_step_id": "daily"},
-            "daily": {"time": "03:00:00"},
+            "daily": {"time": at},
         },
     )
     if result["type"] != "create_entry":
-        raise DemoError(f"{node.name}: protecting {FOLDER} failed: {result}")
-    if (protected := await subentry(state, "folder", FOLDER)) is not None:
-        state.folder_id = protected["subentry_id"]
-    say(f"{node.name}: protects {node.folder} as {FOLDER!r}, daily at 03:00")
-    await wait_subentry_entities(api, state.entry_id, state.folder_id)
+        raise DemoError(f"{state.node.name}: protecting {name} failed: {result}")
+    protected = await subentry(state, "folder", name)
+    if protected is None:
+        raise DemoError(f"{state.node.name}: {name} is protected but not listed")
+    return str(protected["subentry_id"])
 
 
 async def sync_now(state: NodeState) -> None:
@@ -1464,30 +1475,9 @@ async def check_conversion(states: tuple[NodeState, NodeState], checks: Checks) 
         for rel, content in PLAIN_FILES.items():
             (source / rel).parent.mkdir(parents=True, exist_ok=True)
             (source / rel).write_bytes(content)
-        result = await run_flow(
-            api,
-            "/api/config/config_entries/subentries/flow",
-            [state.entry_id, "folder"],
-            {
-                "user": {
-                    "name": PLAIN_FOLDER,
-                    "path": str(source),
-                    "peers": [state.peer_id],
-                    "encrypted": False,
-                    "retention_days": 30,
-                    "bwlimit_mbps": 0,
-                    "exclude": "",
-                },
-                "schedule": {"next_step_id": "daily"},
-                "daily": {"time": "04:00:00"},
-            },
+        folder_id = await protect(
+            state, PLAIN_FOLDER, source, encrypted=False, exclude="", at="04:00:00"
         )
-        if result["type"] != "create_entry":
-            raise DemoError(f"{node.name}: protecting {PLAIN_FOLDER} failed: {result}")
-        plain = await subentry(state, "folder", PLAIN_FOLDER)
-        if plain is None:
-            raise DemoError(f"{node.name}: {PLAIN_FOLDER} is protected but not listed")
-        folder_id = str(plain["subentry_id"])
         await wait_subentry_entities(api, state.entry_id, folder_id)
 
         async def plain_there() -> bool | None:
