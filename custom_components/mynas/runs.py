@@ -441,24 +441,18 @@ class Runs:
             status.failures += 1
         status.last_error = str(err) or type(err).__name__
         status.last_error_kind = error_kind(err)
-        folder = self._context.folders[pair[0]].config.name
-        peer = self._context.peers[pair[1]]
+        # The pair's names, as every issue about it says them.
+        names = {
+            "folder": self._context.folders[pair[0]].config.name,
+            "peer": self._context.peers[pair[1]].name,
+        }
+        entry_id = self._context.entry_id
         if isinstance(err, QuotaExceeded):
             status.quota_refused = True
             # Learn how much of the space there is trash (its own issue, if most is).
             self._prober.probe(pair[1])
-            issues.quota_refused(
-                self._hass,
-                self._context.entry_id,
-                pair[0],
-                pair[1],
-                {
-                    "folder": folder,
-                    "peer": peer.name,
-                    "needed": texts.size(err.needed),
-                    "available": texts.size(err.available),
-                },
-            )
+            needed = {"needed": texts.size(err.needed), "available": texts.size(err.available)}
+            issues.quota_refused(self._hass, entry_id, *pair, names | needed)
         elif isinstance(err, PeerDiskFull):
             self._prober.disk_full(pair[1], str(err).removeprefix("the peer's disk is full: "))
         elif isinstance(err, SourceMissing):
@@ -466,12 +460,10 @@ class Runs:
         elif isinstance(err, MassChangeHeld):
             issues.mass_change(
                 self._hass,
-                self._context.entry_id,
-                pair[0],
-                pair[1],
-                {
-                    "folder": folder,
-                    "peer": peer.name,
+                entry_id,
+                *pair,
+                names
+                | {
                     "replaced": str(err.replaced),
                     "deleted": str(err.deleted),
                     "total": str(err.total),
