@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -331,6 +331,27 @@ def add_folder(
     )
     hass.config_entries.async_add_subentry(entry, subentry)
     return subentry
+
+
+# Starts Alice protecting a folder on Bob: ``await running_node(path, **add_folder's options)``.
+StartNode = Callable[..., Awaitable[MockConfigEntry]]
+
+
+@pytest.fixture
+def running_node(hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob) -> StartNode:
+    """Alice paired with Bob, protecting ``path`` on him, set up and idle (first sync done).
+
+    The options go to ``add_folder`` (name, schedule, encrypted, watch_minutes…).
+    """
+
+    async def start(path: Path, **folder: Any) -> MockConfigEntry:
+        add_peer(hass, node_entry, bob)
+        add_folder(hass, node_entry, path, **folder)
+        await setup_entry(hass, node_entry)
+        await hass.async_block_till_done(wait_background_tasks=True)
+        return node_entry
+
+    return start
 
 
 def make_tree(root: Path, files: dict[str, bytes]) -> Path:

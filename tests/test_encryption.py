@@ -26,6 +26,7 @@ from .conftest import (
     BOB_ID,
     PHOTOS_ID,
     Bob,
+    StartNode,
     add_folder,
     add_peer,
     make_tree,
@@ -90,13 +91,10 @@ async def _convert(hass: HomeAssistant, peers: str = "Bob") -> dict[str, Any]:
 
 
 async def test_a_new_folder_is_encrypted_on_bobs_disk(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant, bob: Bob, photos: Path, running_node: StartNode
 ) -> None:
     """Set up encrypted: Bob's disk shows neither a name nor the content; no issue."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos, encrypted=True)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos, encrypted=True)
     assert any((bob.storage / "alice").rglob("*")), "nothing was sent"
     assert await _plain_leaks(hass, bob, photos) == []
     assert _encryption(hass) == Encryption.ENCRYPTED
@@ -104,13 +102,14 @@ async def test_a_new_folder_is_encrypted_on_bobs_disk(
 
 
 async def test_convert_a_plain_folder_from_its_issue(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    photos: Path,
+    running_node: StartNode,
 ) -> None:
     """A folder from before encryption: plain at Bob's, an issue; its fix flow seals it."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)  # no "encrypted" key: set up before it existed
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos)  # no "encrypted" key: set up before it existed
     replica = bob.replica("Photos")
     assert (replica / "notes.txt").read_bytes() == (photos / "notes.txt").read_bytes()
     assert _encryption(hass) == Encryption.PLAIN
@@ -145,7 +144,11 @@ async def test_convert_a_plain_folder_from_its_issue(
 
 
 async def test_a_conversion_cut_short_stays_plain_and_the_next_sync_goes_on(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    photos: Path,
+    running_node: StartNode,
 ) -> None:
     """No room at Bob's for both copies: the folder stays plain, the issue stays.
 
@@ -154,10 +157,7 @@ async def test_a_conversion_cut_short_stays_plain_and_the_next_sync_goes_on(
     """
     size = sum(path.stat().st_size for path in photos.rglob("*") if path.is_file())
     await bob.restart(quota=size * 3 // 2)  # the plain copy fits, not both
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos)
     assert bob.replica("Photos").is_dir()
 
     result = await _convert(hass)
@@ -184,15 +184,16 @@ async def test_a_conversion_cut_short_stays_plain_and_the_next_sync_goes_on(
 
 
 async def test_a_conversion_survives_a_restart(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    photos: Path,
+    running_node: StartNode,
 ) -> None:
     """Cut short, then Home Assistant restarts: the pair is still being encrypted."""
     size = sum(path.stat().st_size for path in photos.rglob("*") if path.is_file())
     await bob.restart(quota=size * 3 // 2)
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos)
     assert (await _convert(hass))["reason"] == "convert_failed"
     await hass.config_entries.async_reload(node_entry.entry_id)
     await hass.async_block_till_done(wait_background_tasks=True)
@@ -202,12 +203,9 @@ async def test_a_conversion_survives_a_restart(
 
 
 async def test_the_fix_flow_when_the_node_or_folder_is_gone(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, photos: Path, running_node: StartNode
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos)
     manager = repairs_flow_manager(hass)
     # The folder removed while its issue is still shown (the reload clears it later).
     node_entry.runtime_data.manager.folders.pop(PHOTOS_ID)
@@ -228,12 +226,9 @@ async def test_the_fix_flow_when_the_node_or_folder_is_gone(
 
 
 async def test_removing_the_folder_clears_its_issues(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, photos: Path, running_node: StartNode
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos)
     issues.verify_damage(hass, node_entry.entry_id, PHOTOS_ID, BOB_ID, {})
     assert _issue(hass) is not None
     hass.config_entries.async_remove_subentry(node_entry, PHOTOS_ID)
@@ -288,13 +283,10 @@ async def test_a_copy_converted_syncs_encrypted_while_another_is_not_yet(
 
 
 async def test_converted_everywhere_but_not_stored_so_is_stored_at_start(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, photos: Path, running_node: StartNode
 ) -> None:
     """Home Assistant stopped between the last copy's conversion and storing the folder."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos, encrypted=True)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos, encrypted=True)
     await hass.config_entries.async_unload(node_entry.entry_id)
     # The copy at Bob's is sealed (the index says so); the folder reads plain.
     subentry = node_entry.subentries[PHOTOS_ID]

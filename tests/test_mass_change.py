@@ -23,7 +23,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.mynas.const import CONF_MASS_CHANGE, DOMAIN
 from custom_components.mynas.models import ErrorKind, SyncState
 
-from .conftest import BOB_ID, PHOTOS_ID, Bob, add_folder, add_peer, make_tree, setup_entry
+from .conftest import BOB_ID, PHOTOS_ID, Bob, StartNode, make_tree
 from .flow_support import assert_translated
 
 ISSUE = f"mass_change_{PHOTOS_ID}_{BOB_ID}"
@@ -67,13 +67,14 @@ async def _fix(hass: HomeAssistant, choice: str) -> Any:
 
 
 async def test_a_mass_change_is_held_until_sent(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+    running_node: StartNode,
 ) -> None:
     photos = make_tree(tmp_path / "photos", {f"{n:02}.jpg": b"photo %d" % n for n in range(25)})
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos)
     assert (await _sync(hass))["status"] == "success"
     sent = _held_at(bob)
     assert len(sent) == 25
@@ -121,14 +122,11 @@ async def test_a_mass_change_is_held_until_sent(
 
 
 async def test_the_threshold_is_an_option_and_0_never_holds(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: StartNode
 ) -> None:
     hass.config_entries.async_update_entry(node_entry, options={CONF_MASS_CHANGE: 0})
     photos = make_tree(tmp_path / "photos", {f"{n:02}.jpg": b"photo %d" % n for n in range(25)})
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos)
     for n in range(25):
         (photos / f"{n:02}.jpg").write_bytes(b"changed %d" % n)
     result = await _sync(hass)
@@ -136,14 +134,11 @@ async def test_the_threshold_is_an_option_and_0_never_holds(
 
 
 async def test_send_it_needs_the_node_and_the_pair(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: StartNode
 ) -> None:
     from custom_components.mynas import issues  # noqa: PLC0415
 
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
     text = {"folder": "Photos", "peer": "Bob", "replaced": "1", "deleted": "0", "total": "1"}
     text |= {"share": "100", "percent": "30", "examples": "a.jpg"}
     issues.mass_change(hass, node_entry.entry_id, PHOTOS_ID, "gone-peer", text)

@@ -36,6 +36,7 @@ from .conftest import (
     BOB_ID,
     PHOTOS_ID,
     Bob,
+    StartNode,
     add_folder,
     add_peer,
     gated_pushes,
@@ -562,12 +563,9 @@ async def test_back_up_again_now(
 
 
 async def test_back_up_again_needs_the_node_and_its_disk(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: StartNode
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
     issue_id = f"overdue_{PHOTOS_ID}"
     issues.overdue(hass, node_entry.entry_id, PHOTOS_ID, OVERDUE_TEXT)
     result = await _fix(hass, issue_id)

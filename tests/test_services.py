@@ -35,6 +35,7 @@ from .conftest import (
     BOB_ID,
     PHOTOS_ID,
     Bob,
+    StartNode,
     add_folder,
     add_peer,
     gated_pushes,
@@ -48,14 +49,11 @@ CAROL_ID = "01PEERCAROL000000000000000"
 
 @pytest.fixture
 async def node(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: StartNode
 ) -> MockConfigEntry:
     """Alice, with Photos synced to Bob; Home Assistant may write under tmp_path."""
     hass.config.allowlist_external_dirs = {str(tmp_path)}
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "photos", FILES))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(make_tree(tmp_path / "photos", FILES))
     return node_entry
 
 
