@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -333,25 +333,34 @@ def add_folder(
     return subentry
 
 
-# Starts Alice protecting a folder on Bob: ``await running_node(path, **add_folder's options)``.
-StartNode = Callable[..., Awaitable[MockConfigEntry]]
-
-
-@pytest.fixture
-def running_node(hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob) -> StartNode:
-    """Alice paired with Bob, protecting ``path`` on him, set up and idle (first sync done).
+@dataclass
+class RunningNode:
+    """Alice paired with Bob, protecting a folder on him: ``await running_node(path, ...)``.
 
     The options go to ``add_folder`` (name, schedule, encrypted, watch_minutes…).
     """
 
-    async def start(path: Path, **folder: Any) -> MockConfigEntry:
-        add_peer(hass, node_entry, bob)
-        add_folder(hass, node_entry, path, **folder)
-        await setup_entry(hass, node_entry)
-        await hass.async_block_till_done(wait_background_tasks=True)
-        return node_entry
+    hass: HomeAssistant
+    entry: MockConfigEntry
+    bob: Bob
 
-    return start
+    def protect(self, path: Path, **folder: Any) -> None:
+        """Pair with Bob and protect ``path`` on him, the node not set up yet."""
+        add_peer(self.hass, self.entry, self.bob)
+        add_folder(self.hass, self.entry, path, **folder)
+
+    async def __call__(self, path: Path, **folder: Any) -> MockConfigEntry:
+        """``protect``, then set the node up and wait until idle (its first sync done)."""
+        self.protect(path, **folder)
+        await setup_entry(self.hass, self.entry)
+        await self.hass.async_block_till_done(wait_background_tasks=True)
+        return self.entry
+
+
+@pytest.fixture
+def running_node(hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob) -> RunningNode:
+    """Alice, ready to protect a folder on Bob and start (see ``RunningNode``)."""
+    return RunningNode(hass, node_entry, bob)
 
 
 def make_tree(root: Path, files: dict[str, bytes]) -> Path:

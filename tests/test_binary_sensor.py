@@ -17,7 +17,7 @@ from syrupy.assertion import SnapshotAssertion
 
 from custom_components.mynas.const import CONF_OVERDUE_HOURS
 
-from .conftest import BOB_ID, Bob, StartNode, add_peer, make_tree, setup_entry, snapshot_entities
+from .conftest import BOB_ID, Bob, RunningNode, add_peer, make_tree, setup_entry, snapshot_entities
 
 CONNECTED = "binary_sensor.bob_connection"
 OVERDUE = "binary_sensor.photos_backup_to_bob_overdue"
@@ -99,7 +99,7 @@ async def test_overdue_threshold_is_an_option(
     bob: Bob,
     tmp_path: Path,
     freezer: FrozenDateTimeFactory,
-    running_node: StartNode,
+    running_node: RunningNode,
 ) -> None:
     hass.config_entries.async_update_entry(node_entry, options={CONF_OVERDUE_HOURS: 48})
     await running_node(make_tree(tmp_path / "p", {"a": b"a"}))
@@ -115,7 +115,7 @@ async def test_a_pair_that_never_succeeded_becomes_overdue(
     bob: Bob,
     tmp_path: Path,
     freezer: FrozenDateTimeFactory,
-    running_node: StartNode,
+    running_node: RunningNode,
 ) -> None:
     """Retries keep failing: counted from the first attempt, not the latest one."""
     await bob.stop()

@@ -26,7 +26,7 @@ from .conftest import (
     BOB_ID,
     PHOTOS_ID,
     Bob,
-    StartNode,
+    RunningNode,
     add_folder,
     add_peer,
     make_tree,
@@ -91,7 +91,7 @@ async def _convert(hass: HomeAssistant, peers: str = "Bob") -> dict[str, Any]:
 
 
 async def test_a_new_folder_is_encrypted_on_bobs_disk(
-    hass: HomeAssistant, bob: Bob, photos: Path, running_node: StartNode
+    hass: HomeAssistant, bob: Bob, photos: Path, running_node: RunningNode
 ) -> None:
     """Set up encrypted: Bob's disk shows neither a name nor the content; no issue."""
     await running_node(photos, encrypted=True)
@@ -106,7 +106,7 @@ async def test_convert_a_plain_folder_from_its_issue(
     node_entry: MockConfigEntry,
     bob: Bob,
     photos: Path,
-    running_node: StartNode,
+    running_node: RunningNode,
 ) -> None:
     """A folder from before encryption: plain at Bob's, an issue; its fix flow seals it."""
     await running_node(photos)  # no "encrypted" key: set up before it existed
@@ -148,7 +148,7 @@ async def test_a_conversion_cut_short_stays_plain_and_the_next_sync_goes_on(
     node_entry: MockConfigEntry,
     bob: Bob,
     photos: Path,
-    running_node: StartNode,
+    running_node: RunningNode,
 ) -> None:
     """No room at Bob's for both copies: the folder stays plain, the issue stays.
 
@@ -188,7 +188,7 @@ async def test_a_conversion_survives_a_restart(
     node_entry: MockConfigEntry,
     bob: Bob,
     photos: Path,
-    running_node: StartNode,
+    running_node: RunningNode,
 ) -> None:
     """Cut short, then Home Assistant restarts: the pair is still being encrypted."""
     size = sum(path.stat().st_size for path in photos.rglob("*") if path.is_file())
@@ -203,7 +203,7 @@ async def test_a_conversion_survives_a_restart(
 
 
 async def test_the_fix_flow_when_the_node_or_folder_is_gone(
-    hass: HomeAssistant, node_entry: MockConfigEntry, photos: Path, running_node: StartNode
+    hass: HomeAssistant, node_entry: MockConfigEntry, photos: Path, running_node: RunningNode
 ) -> None:
     await running_node(photos)
     manager = repairs_flow_manager(hass)
@@ -226,7 +226,7 @@ async def test_the_fix_flow_when_the_node_or_folder_is_gone(
 
 
 async def test_removing_the_folder_clears_its_issues(
-    hass: HomeAssistant, node_entry: MockConfigEntry, photos: Path, running_node: StartNode
+    hass: HomeAssistant, node_entry: MockConfigEntry, photos: Path, running_node: RunningNode
 ) -> None:
     await running_node(photos)
     issues.verify_damage(hass, node_entry.entry_id, PHOTOS_ID, BOB_ID, {})
@@ -283,7 +283,7 @@ async def test_a_copy_converted_syncs_encrypted_while_another_is_not_yet(
 
 
 async def test_converted_everywhere_but_not_stored_so_is_stored_at_start(
-    hass: HomeAssistant, node_entry: MockConfigEntry, photos: Path, running_node: StartNode
+    hass: HomeAssistant, node_entry: MockConfigEntry, photos: Path, running_node: RunningNode
 ) -> None:
     """Home Assistant stopped between the last copy's conversion and storing the folder."""
     await running_node(photos, encrypted=True)

@@ -25,7 +25,7 @@ from custom_components.mynas.const import EVENT_SYNC_FINISHED, SCHEDULER_TICK
 from custom_components.mynas.folder_watch import QUIET, _State, due
 from custom_components.mynas.models import SyncKind, folder_setup
 
-from .conftest import NOW, PHOTOS_ID, Bob, StartNode, add_folder, add_peer, make_tree, setup_entry
+from .conftest import NOW, PHOTOS_ID, Bob, RunningNode, add_folder, add_peer, make_tree, setup_entry
 
 INTERVAL = timedelta(minutes=15)
 T0 = datetime(2026, 5, 4, 12, 0, tzinfo=dt_util.UTC)
@@ -149,7 +149,7 @@ async def test_a_folder_whose_disk_goes_away_is_watched_again_when_back(
     bob: Bob,
     tmp_path: Path,
     freezer: FrozenDateTimeFactory,
-    running_node: StartNode,
+    running_node: RunningNode,
 ) -> None:
     freezer.move_to(NOW)
     photos = tmp_path / "photos"
@@ -186,7 +186,7 @@ async def test_a_folder_that_cannot_be_watched_keeps_its_schedule(
     tmp_path: Path,
     freezer: FrozenDateTimeFactory,
     caplog: pytest.LogCaptureFixture,
-    running_node: StartNode,
+    running_node: RunningNode,
 ) -> None:
     """Not there at start (or past the inotify limit): said once, tried again each check."""
     freezer.move_to(NOW)

@@ -23,7 +23,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.mynas.const import CONF_MASS_CHANGE, DOMAIN
 from custom_components.mynas.models import ErrorKind, SyncState
 
-from .conftest import BOB_ID, PHOTOS_ID, Bob, StartNode, make_tree
+from .conftest import BOB_ID, PHOTOS_ID, Bob, RunningNode, make_tree
 from .flow_support import assert_translated
 
 ISSUE = f"mass_change_{PHOTOS_ID}_{BOB_ID}"
@@ -71,7 +71,7 @@ async def test_a_mass_change_is_held_until_sent(
     node_entry: MockConfigEntry,
     bob: Bob,
     tmp_path: Path,
-    running_node: StartNode,
+    running_node: RunningNode,
 ) -> None:
     photos = make_tree(tmp_path / "photos", {f"{n:02}.jpg": b"photo %d" % n for n in range(25)})
     await running_node(photos)
@@ -122,7 +122,7 @@ async def test_a_mass_change_is_held_until_sent(
 
 
 async def test_the_threshold_is_an_option_and_0_never_holds(
-    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: StartNode
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: RunningNode
 ) -> None:
     hass.config_entries.async_update_entry(node_entry, options={CONF_MASS_CHANGE: 0})
     photos = make_tree(tmp_path / "photos", {f"{n:02}.jpg": b"photo %d" % n for n in range(25)})
@@ -134,7 +134,7 @@ async def test_the_threshold_is_an_option_and_0_never_holds(
 
 
 async def test_send_it_needs_the_node_and_the_pair(
-    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: StartNode
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: RunningNode
 ) -> None:
     from custom_components.mynas import issues  # noqa: PLC0415
 

@@ -36,7 +36,7 @@ from .conftest import (
     BOB_ID,
     PHOTOS_ID,
     Bob,
-    StartNode,
+    RunningNode,
     add_folder,
     add_peer,
     gated_pushes,
@@ -563,7 +563,7 @@ async def test_back_up_again_now(
 
 
 async def test_back_up_again_needs_the_node_and_its_disk(
-    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: StartNode
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: RunningNode
 ) -> None:
     await running_node(make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
     issue_id = f"overdue_{PHOTOS_ID}"

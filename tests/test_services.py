@@ -35,7 +35,7 @@ from .conftest import (
     BOB_ID,
     PHOTOS_ID,
     Bob,
-    StartNode,
+    RunningNode,
     add_folder,
     add_peer,
     gated_pushes,
@@ -49,7 +49,7 @@ CAROL_ID = "01PEERCAROL000000000000000"
 
 @pytest.fixture
 async def node(
-    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: StartNode
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: RunningNode
 ) -> MockConfigEntry:
     """Alice, with Photos synced to Bob; Home Assistant may write under tmp_path."""
     hass.config.allowlist_external_dirs = {str(tmp_path)}

@@ -21,7 +21,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.mynas import coordinator
 from custom_components.mynas.const import CONF_MASS_CHANGE, CONF_QUOTA, DOMAIN
 
-from .conftest import BOB_ID, Bob, StartNode, add_peer, make_tree, setup_entry
+from .conftest import BOB_ID, Bob, RunningNode, add_peer, make_tree, setup_entry
 
 KB = 1000
 
@@ -43,7 +43,7 @@ async def test_the_owner_hears_that_trash_fills_its_space_there(
     node_entry: MockConfigEntry,
     bob: Bob,
     tmp_path: Path,
-    running_node: StartNode,
+    running_node: RunningNode,
 ) -> None:
     await bob.restart(quota=1000 * KB)
     hass.config_entries.async_update_entry(node_entry, options={CONF_MASS_CHANGE: 0})
