@@ -337,30 +337,37 @@ def add_folder(
 class RunningNode:
     """Alice paired with Bob, protecting a folder on him: ``await running_node(path, ...)``.
 
-    The options go to ``add_folder`` (name, schedule, encrypted, watch_minutes…).
+    The folder: a path, or the files to write in a new one (tmp_path/photos). The options go
+    to ``add_folder`` (name, schedule, encrypted, watch_minutes…).
     """
 
     hass: HomeAssistant
     entry: MockConfigEntry
     bob: Bob
+    tmp_path: Path
 
-    def protect(self, path: Path, **folder: Any) -> None:
-        """Pair with Bob and protect ``path`` on him, the node not set up yet."""
+    def protect(self, folder: Path | dict[str, bytes], **options: Any) -> Path:
+        """Pair with Bob and protect ``folder`` on him, the node not set up yet."""
+        if isinstance(folder, dict):
+            folder = make_tree(self.tmp_path / "photos", folder)
         add_peer(self.hass, self.entry, self.bob)
-        add_folder(self.hass, self.entry, path, **folder)
+        add_folder(self.hass, self.entry, folder, **options)
+        return folder
 
-    async def __call__(self, path: Path, **folder: Any) -> MockConfigEntry:
+    async def __call__(self, folder: Path | dict[str, bytes], **options: Any) -> Path:
         """``protect``, then set the node up and wait until idle (its first sync done)."""
-        self.protect(path, **folder)
+        folder = self.protect(folder, **options)
         await setup_entry(self.hass, self.entry)
         await self.hass.async_block_till_done(wait_background_tasks=True)
-        return self.entry
+        return folder
 
 
 @pytest.fixture
-def running_node(hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob) -> RunningNode:
+def running_node(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+) -> RunningNode:
     """Alice, ready to protect a folder on Bob and start (see ``RunningNode``)."""
-    return RunningNode(hass, node_entry, bob)
+    return RunningNode(hass, node_entry, bob, tmp_path)
 
 
 def make_tree(root: Path, files: dict[str, bytes]) -> Path:

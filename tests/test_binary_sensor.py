@@ -17,7 +17,7 @@ from syrupy.assertion import SnapshotAssertion
 
 from custom_components.mynas.const import CONF_OVERDUE_HOURS
 
-from .conftest import BOB_ID, Bob, RunningNode, add_peer, make_tree, setup_entry, snapshot_entities
+from .conftest import BOB_ID, Bob, RunningNode, add_peer, setup_entry, snapshot_entities
 
 CONNECTED = "binary_sensor.bob_connection"
 OVERDUE = "binary_sensor.photos_backup_to_bob_overdue"
@@ -97,12 +97,11 @@ async def test_overdue_threshold_is_an_option(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
     bob: Bob,
-    tmp_path: Path,
     freezer: FrozenDateTimeFactory,
     running_node: RunningNode,
 ) -> None:
     hass.config_entries.async_update_entry(node_entry, options={CONF_OVERDUE_HOURS: 48})
-    await running_node(make_tree(tmp_path / "p", {"a": b"a"}))
+    await running_node({"a": b"a"})
     await bob.stop()
     await _advance(hass, freezer, timedelta(hours=40))
     assert _state(hass, OVERDUE) == "off"
@@ -111,15 +110,11 @@ async def test_overdue_threshold_is_an_option(
 
 
 async def test_a_pair_that_never_succeeded_becomes_overdue(
-    hass: HomeAssistant,
-    bob: Bob,
-    tmp_path: Path,
-    freezer: FrozenDateTimeFactory,
-    running_node: RunningNode,
+    hass: HomeAssistant, bob: Bob, freezer: FrozenDateTimeFactory, running_node: RunningNode
 ) -> None:
     """Retries keep failing: counted from the first attempt, not the latest one."""
     await bob.stop()
-    await running_node(make_tree(tmp_path / "p", {"a": b"a"}))
+    await running_node({"a": b"a"})
     assert _state(hass, OVERDUE) == "off"  # a new folder is not overdue at once
     for _ in range(7):
         await _advance(hass, freezer, timedelta(hours=5, minutes=59))

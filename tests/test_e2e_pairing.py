@@ -31,16 +31,7 @@ from custom_components.mynas.const import (
     SUBENTRY_PEER,
 )
 
-from .conftest import (
-    BOB_ID,
-    PHOTOS_ID,
-    Bob,
-    add_folder,
-    add_peer,
-    make_tree,
-    plain_leaks,
-    setup_entry,
-)
+from .conftest import BOB_ID, PHOTOS_ID, Bob, RunningNode, make_tree, plain_leaks, setup_entry
 
 
 def _state(hass: HomeAssistant, entity_id: str) -> str:
@@ -161,14 +152,14 @@ async def test_home_assistant_loop_never_blocks_during_a_big_sync(
     node_entry: MockConfigEntry,
     bob: Bob,
     tmp_path: Path,
+    running_node: RunningNode,
 ) -> None:
     """Invariant 6: thousands of small files go through while HA's loop stays responsive."""
     count = 3000
     source = make_tree(
         tmp_path / "many", {f"d{i % 30:02d}/f{i:05d}.bin": os.urandom(2048) for i in range(count)}
     )
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, source, name="Many")
+    running_node.protect(source, name="Many")
     # Synced a minute ago (as far as the schedule knows): the sync below is the only one.
     now = dt_util.utcnow().isoformat()
     hass_storage[f"{DOMAIN}.{node_entry.entry_id}"] = {

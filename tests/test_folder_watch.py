@@ -25,7 +25,7 @@ from custom_components.mynas.const import EVENT_SYNC_FINISHED, SCHEDULER_TICK
 from custom_components.mynas.folder_watch import QUIET, _State, due
 from custom_components.mynas.models import SyncKind, folder_setup
 
-from .conftest import NOW, PHOTOS_ID, Bob, RunningNode, add_folder, add_peer, make_tree, setup_entry
+from .conftest import NOW, PHOTOS_ID, Bob, RunningNode, add_folder, make_tree, setup_entry
 
 INTERVAL = timedelta(minutes=15)
 T0 = datetime(2026, 5, 4, 12, 0, tzinfo=dt_util.UTC)
@@ -81,15 +81,14 @@ async def _until(hass: HomeAssistant, check: Callable[[], bool], timeout: float 
 async def watched(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
-    bob: Bob,
     tmp_path: Path,
     freezer: FrozenDateTimeFactory,
+    running_node: RunningNode,
 ) -> list[dict[str, Any]]:
     """Alice protects a watched Photos on Bob; its first sync done. Returns the syncs seen."""
     freezer.move_to(NOW)
     photos = make_tree(tmp_path / "photos", {"a.jpg": b"a" * 1000})
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos, watch_minutes=15)
+    running_node.protect(photos, watch_minutes=15)
     syncs: list[dict[str, Any]] = []
 
     def heard(event: Event) -> None:

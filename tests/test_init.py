@@ -33,7 +33,17 @@ from custom_components.mynas.engine.node import Node
 from custom_components.mynas.engine.owner import client
 from custom_components.mynas.models import SyncKind
 
-from .conftest import BOB_ID, PHOTOS_ID, Bob, add_folder, add_peer, make_tree, setup_entry, unmount
+from .conftest import (
+    BOB_ID,
+    PHOTOS_ID,
+    Bob,
+    RunningNode,
+    add_folder,
+    add_peer,
+    make_tree,
+    setup_entry,
+    unmount,
+)
 
 
 async def _listening(port: int) -> bool:
@@ -69,12 +79,11 @@ async def test_setup_and_unload(hass: HomeAssistant, node_entry: MockConfigEntry
 
 
 async def test_unload_while_a_sync_runs(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: RunningNode
 ) -> None:
     """Unloading cancels a running sync, in HA and in the engine, and leaves nothing behind."""
     source = make_tree(tmp_path / "big", {"big.bin": b"\0" * 3_000_000})
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, source, bwlimit=0.5)  # 6 s at 0.5 MB/s
+    running_node.protect(source, bwlimit=0.5)  # 6 s at 0.5 MB/s
     await setup_entry(hass, node_entry)
     manager = node_entry.runtime_data.manager
     pair = manager.pairs[0]
@@ -287,11 +296,10 @@ async def test_server_events_reach_home_assistant(
 
 
 async def test_unload_waits_for_the_engine_to_unwind(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, running_node: RunningNode
 ) -> None:
     """A cancelled push finishes its cleanup (the index writes) before the node closes."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
+    running_node.protect({"a": b"a"})
     started = asyncio.Event()
     unwound: list[str] = []
 

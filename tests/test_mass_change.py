@@ -134,11 +134,11 @@ async def test_the_threshold_is_an_option_and_0_never_holds(
 
 
 async def test_send_it_needs_the_node_and_the_pair(
-    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: RunningNode
+    hass: HomeAssistant, node_entry: MockConfigEntry, running_node: RunningNode
 ) -> None:
     from custom_components.mynas import issues  # noqa: PLC0415
 
-    await running_node(make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
+    await running_node({"a.jpg": b"a"})
     text = {"folder": "Photos", "peer": "Bob", "replaced": "1", "deleted": "0", "total": "1"}
     text |= {"share": "100", "percent": "30", "examples": "a.jpg"}
     issues.mass_change(hass, node_entry.entry_id, PHOTOS_ID, "gone-peer", text)

@@ -32,18 +32,7 @@ from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.storage_root import INTERNAL_DIR
 from custom_components.mynas.orphans import CONF_KEPT_DATA, jails_on_disk
 
-from .conftest import (
-    BOB_ID,
-    PHOTOS_ID,
-    Bob,
-    RunningNode,
-    add_folder,
-    add_peer,
-    gated_pushes,
-    make_tree,
-    pin_peer,
-    setup_entry,
-)
+from .conftest import BOB_ID, PHOTOS_ID, Bob, RunningNode, gated_pushes, pin_peer, setup_entry
 from .flow_support import EN, assert_translated, node_server
 
 KEY_FIX = ("issues", "key_changed", "fix_flow")
@@ -448,11 +437,10 @@ async def test_storage_fix_flow_for_a_removed_node(
 
 @pytest.fixture
 async def silent_bob(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, running_node: RunningNode
 ) -> str:
     """Bob is down, and has been long enough for the issue (threshold 0 hours)."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
+    running_node.protect({"a.jpg": b"a"})
     hass.config_entries.async_update_entry(node_entry, options={CONF_UNREACHABLE_HOURS: 0})
     await bob.stop()
     await setup_entry(hass, node_entry)
@@ -536,13 +524,11 @@ async def test_unreachable_retry_for_a_peer_removed_meanwhile(
 async def test_back_up_again_now(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
-    bob: Bob,
-    tmp_path: Path,
     issue_id: str,
     section: tuple[str, ...],
+    running_node: RunningNode,
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
+    running_node.protect({"a.jpg": b"a"})
     with gated_pushes(hass) as (entered, release):
         await setup_entry(hass, node_entry)
         await entered.get()  # the first sync runs: hold it
@@ -563,9 +549,9 @@ async def test_back_up_again_now(
 
 
 async def test_back_up_again_needs_the_node_and_its_disk(
-    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: RunningNode
+    hass: HomeAssistant, node_entry: MockConfigEntry, running_node: RunningNode
 ) -> None:
-    await running_node(make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
+    await running_node({"a.jpg": b"a"})
     issue_id = f"overdue_{PHOTOS_ID}"
     issues.overdue(hass, node_entry.entry_id, PHOTOS_ID, OVERDUE_TEXT)
     result = await _fix(hass, issue_id)

@@ -53,7 +53,7 @@ async def node(
 ) -> MockConfigEntry:
     """Alice, with Photos synced to Bob; Home Assistant may write under tmp_path."""
     hass.config.allowlist_external_dirs = {str(tmp_path)}
-    await running_node(make_tree(tmp_path / "photos", FILES))
+    await running_node(FILES)
     return node_entry
 
 
