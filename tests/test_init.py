@@ -38,7 +38,6 @@ from .conftest import (
     PHOTOS_ID,
     Bob,
     RunningNode,
-    add_folder,
     add_peer,
     make_tree,
     setup_entry,
@@ -261,13 +260,9 @@ async def test_options_flow_restarts_with_the_new_threshold(
     assert node_entry.runtime_data.manager.overdue_after.total_seconds() == 48 * 3600
 
 
-async def _set_up(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, folder: Path | None = None
-) -> None:
-    """Set the node up with Bob as its peer (and ``folder`` to protect), its first sync done."""
+async def _set_up(hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob) -> None:
+    """Set the node up with Bob as its peer (no folder), idle."""
     add_peer(hass, node_entry, bob)
-    if folder is not None:
-        add_folder(hass, node_entry, folder)
     await setup_entry(hass, node_entry)
     await hass.async_block_till_done(wait_background_tasks=True)
 
@@ -327,11 +322,9 @@ async def test_unload_waits_for_the_engine_to_unwind(
 
 
 @pytest.fixture
-async def protecting(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
-) -> None:
+async def protecting(running_node: RunningNode) -> None:
     """The node set up with Bob as its peer and a one-file folder, Photos, sent to him."""
-    await _set_up(hass, node_entry, bob, make_tree(tmp_path / "p", {"a": b"a"}))
+    await running_node({"a": b"a"})
 
 
 @pytest.mark.usefixtures("protecting")

@@ -23,12 +23,13 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.mynas.const import CONF_MASS_CHANGE, DOMAIN
 from custom_components.mynas.models import ErrorKind, SyncState
 
-from .conftest import BOB_ID, PHOTOS_ID, Bob, RunningNode, make_tree
+from .conftest import BOB_ID, PHOTOS_ID, Bob, RunningNode
 from .flow_support import assert_translated
 
 ISSUE = f"mass_change_{PHOTOS_ID}_{BOB_ID}"
 FIX = ("issues", "mass_change", "fix_flow")
 PAIR = (PHOTOS_ID, BOB_ID)
+TWENTY_FIVE = {f"{n:02}.jpg": b"photo %d" % n for n in range(25)}
 
 
 @pytest.fixture(autouse=True)
@@ -67,14 +68,9 @@ async def _fix(hass: HomeAssistant, choice: str) -> Any:
 
 
 async def test_a_mass_change_is_held_until_sent(
-    hass: HomeAssistant,
-    node_entry: MockConfigEntry,
-    bob: Bob,
-    tmp_path: Path,
-    running_node: RunningNode,
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, running_node: RunningNode
 ) -> None:
-    photos = make_tree(tmp_path / "photos", {f"{n:02}.jpg": b"photo %d" % n for n in range(25)})
-    await running_node(photos)
+    photos = await running_node(TWENTY_FIVE)
     assert (await _sync(hass))["status"] == "success"
     sent = _held_at(bob)
     assert len(sent) == 25
@@ -122,11 +118,10 @@ async def test_a_mass_change_is_held_until_sent(
 
 
 async def test_the_threshold_is_an_option_and_0_never_holds(
-    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: RunningNode
+    hass: HomeAssistant, node_entry: MockConfigEntry, running_node: RunningNode
 ) -> None:
     hass.config_entries.async_update_entry(node_entry, options={CONF_MASS_CHANGE: 0})
-    photos = make_tree(tmp_path / "photos", {f"{n:02}.jpg": b"photo %d" % n for n in range(25)})
-    await running_node(photos)
+    photos = await running_node(TWENTY_FIVE)
     for n in range(25):
         (photos / f"{n:02}.jpg").write_bytes(b"changed %d" % n)
     result = await _sync(hass)
