@@ -22,6 +22,7 @@ from homeassistant.config_entries import ConfigSubentry
 from homeassistant.const import Platform
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import entity_registry as er
+from homeassistant.setup import async_setup_component
 from homeassistant.util import dt as dt_util
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
@@ -153,6 +154,12 @@ async def setup_entry(hass: HomeAssistant, entry: MockConfigEntry) -> Any:
     result = await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
     return result
+
+
+@pytest.fixture
+async def repairs_loaded(hass: HomeAssistant) -> None:
+    """The repairs integration, which runs fix flows (and their HTTP API)."""
+    assert await async_setup_component(hass, "repairs", {})
 
 
 def unmount(path: Path) -> None:
