@@ -401,6 +401,20 @@ def plain_leaks(disk: Path, names: list[str], contents: list[bytes]) -> list[str
     return leaks
 
 
+def stored_pair(
+    hass_storage: dict[str, Any],
+    entry: MockConfigEntry,
+    pair: dict[str, Any],
+    **data: Any,
+) -> None:
+    """What ``entry``'s Store holds at start: Photos → Bob's ``pair`` record (and ``data``)."""
+    hass_storage[f"{DOMAIN}.{entry.entry_id}"] = {
+        "version": 1,
+        "key": f"{DOMAIN}.{entry.entry_id}",
+        "data": {"pairs": {f"{PHOTOS_ID}|{BOB_ID}": pair}, **data},
+    }
+
+
 # The moment the "synced node" fixtures freeze: a Monday at noon (UTC); the last sync ran
 # at 10:00 UTC, 03:00 in Home Assistant's test time zone (US/Pacific), as scheduled.
 NOW = "2026-05-04 12:00:00+00:00"
@@ -451,23 +465,19 @@ async def synced_node(
     add_peer(hass, node_entry, bob)
     add_folder(hass, node_entry, photos)
     synced = (now - timedelta(hours=2)).isoformat()
-    hass_storage[f"{DOMAIN}.{node_entry.entry_id}"] = {
-        "version": 1,
-        "key": f"{DOMAIN}.{node_entry.entry_id}",
-        "data": {
-            "pairs": {
-                f"{PHOTOS_ID}|{BOB_ID}": {
-                    "last_success": synced,
-                    "last_attempt": synced,
-                    "first_attempt": (now - timedelta(days=30)).isoformat(),
-                    "failures": 0,
-                    "last_files_sent": 2,
-                    "last_bytes_sent": 3000,
-                    "last_duration": 1.5,
-                }
-            },
+    stored_pair(
+        hass_storage,
+        node_entry,
+        {
+            "last_success": synced,
+            "last_attempt": synced,
+            "first_attempt": (now - timedelta(days=30)).isoformat(),
+            "failures": 0,
+            "last_files_sent": 2,
+            "last_bytes_sent": 3000,
+            "last_duration": 1.5,
         },
-    }
+    )
     with (
         patch("custom_components.mynas.engine.storage_root.disk_usage", return_value=DISK),
         patch(

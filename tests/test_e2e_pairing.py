@@ -31,7 +31,14 @@ from custom_components.mynas.const import (
     SUBENTRY_PEER,
 )
 
-from .conftest import BOB_ID, PHOTOS_ID, Bob, RunningNode, make_tree, plain_leaks, setup_entry
+from .conftest import (
+    Bob,
+    RunningNode,
+    make_tree,
+    plain_leaks,
+    setup_entry,
+    stored_pair,
+)
 
 
 def _state(hass: HomeAssistant, entity_id: str) -> str:
@@ -162,11 +169,7 @@ async def test_home_assistant_loop_never_blocks_during_a_big_sync(
     running_node.protect(source, name="Many")
     # Synced a minute ago (as far as the schedule knows): the sync below is the only one.
     now = dt_util.utcnow().isoformat()
-    hass_storage[f"{DOMAIN}.{node_entry.entry_id}"] = {
-        "version": 1,
-        "key": f"{DOMAIN}.{node_entry.entry_id}",
-        "data": {"pairs": {f"{PHOTOS_ID}|{BOB_ID}": {"last_attempt": now, "last_success": now}}},
-    }
+    stored_pair(hass_storage, node_entry, {"last_attempt": now, "last_success": now})
     await setup_entry(hass, node_entry)
     await hass.async_block_till_done(wait_background_tasks=True)
     lags: list[float] = []

@@ -35,6 +35,7 @@ from .conftest import (
     gated_pushes,
     make_tree,
     setup_entry,
+    stored_pair,
 )
 
 PAIR = (PHOTOS_ID, BOB_ID)
@@ -284,21 +285,17 @@ async def test_restored_failures_keep_the_backoff(
     """Failures survive a restart: the pair shows its error and retries on schedule."""
     freezer.move_to(dt_util.now().replace(hour=10, minute=0))  # far from the daily 03:00
     now = dt_util.utcnow()
-    hass_storage[f"{DOMAIN}.{node_entry.entry_id}"] = {
-        "version": 1,
-        "key": f"{DOMAIN}.{node_entry.entry_id}",
-        "data": {
-            "pairs": {
-                f"{PHOTOS_ID}|{BOB_ID}": {
-                    "last_attempt": (now - timedelta(minutes=1)).isoformat(),
-                    "first_attempt": (now - timedelta(hours=2)).isoformat(),
-                    "failures": 3,
-                    "last_error": "cannot reach 127.0.0.1:1: connection refused",
-                }
-            },
-            "peers": {BOB_ID: {"last_seen": (now - timedelta(days=1)).isoformat()}},
+    stored_pair(
+        hass_storage,
+        node_entry,
+        {
+            "last_attempt": (now - timedelta(minutes=1)).isoformat(),
+            "first_attempt": (now - timedelta(hours=2)).isoformat(),
+            "failures": 3,
+            "last_error": "cannot reach 127.0.0.1:1: connection refused",
         },
-    }
+        peers={BOB_ID: {"last_seen": (now - timedelta(days=1)).isoformat()}},
+    )
     events = await start()
     status = _manager(node_entry).data.pairs[PAIR]
     assert (status.state, status.failures) == (SyncState.ERROR, 3)
