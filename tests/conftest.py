@@ -70,6 +70,8 @@ from custom_components.mynas.engine.owner.run import PushResult
 ALICE_ENTRY_ID = "01ALICEENTRY0000000000000A"
 BOB_ID = "01PEERBOB00000000000000000"
 PHOTOS_ID = "01FOLDERPHOTOS000000000000"
+# Photos → Bob: the pair (folder, peer) that most tests look at.
+PAIR = (PHOTOS_ID, BOB_ID)
 
 
 @pytest.fixture(autouse=True)

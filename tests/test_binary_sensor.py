@@ -110,7 +110,10 @@ async def test_overdue_threshold_is_an_option(
 
 
 async def test_a_pair_that_never_succeeded_becomes_overdue(
-    hass: HomeAssistant, bob: Bob, freezer: FrozenDateTimeFactory, running_node: RunningNode
+    hass: HomeAssistant,
+    bob: Bob,
+    freezer: FrozenDateTimeFactory,
+    running_node: RunningNode,
 ) -> None:
     """Retries keep failing: counted from the first attempt, not the latest one."""
     await bob.stop()

@@ -23,11 +23,10 @@ from custom_components.mynas.models import Encryption
 
 from .conftest import (
     BOB_ID,
+    PAIR,
     PHOTOS_ID,
     Bob,
     RunningNode,
-    add_folder,
-    add_peer,
     make_tree,
     pin_peer,
     plain_leaks,
@@ -194,7 +193,7 @@ async def test_a_conversion_survives_a_restart(
     assert (await _convert(hass))["reason"] == "convert_failed"
     await hass.config_entries.async_reload(node_entry.entry_id)
     await hass.async_block_till_done(wait_background_tasks=True)
-    status = node_entry.runtime_data.manager.data.pairs[(PHOTOS_ID, BOB_ID)]
+    status = node_entry.runtime_data.manager.data.pairs[PAIR]
     assert (status.converting, status.sealed) == (True, True)
     assert _encryption(hass) == Encryption.CONVERTING
 
@@ -240,6 +239,7 @@ async def test_a_copy_converted_syncs_encrypted_while_another_is_not_yet(
     bob: Bob,
     photos: Path,
     tmp_path: Path,
+    running_node: RunningNode,
 ) -> None:
     """Bob's copy converted, Carol's not (no room): the folder stays plain; Bob's syncs go on
     encrypted (a plain push onto his sealed copy would be refused), Carol's plain."""
@@ -251,17 +251,14 @@ async def test_a_copy_converted_syncs_encrypted_while_another_is_not_yet(
     carol = Bob(bob.engine, tmp_path / "carol-disk", carol_key, bob.alice_key, quota=size * 3 // 2)
     await carol.start()
     try:
-        add_peer(hass, node_entry, bob)
         carol_id = pin_peer(
             hass, node_entry, carol_key, carol.address, name="Carol", subentry_id="01PEERCAROL"
         ).subentry_id
-        add_folder(hass, node_entry, photos, peers=(BOB_ID, carol_id))
-        await setup_entry(hass, node_entry)
-        await hass.async_block_till_done(wait_background_tasks=True)
+        await running_node(photos, peers=(BOB_ID, carol_id))
         result = await _convert(hass, peers="Bob, Carol")
         assert result["reason"] == "convert_failed"
         manager = node_entry.runtime_data.manager
-        bob_pair = manager.data.pairs[(PHOTOS_ID, BOB_ID)]
+        bob_pair = manager.data.pairs[PAIR]
         assert (bob_pair.sealed, bob_pair.converting) == (True, False)
         assert manager.data.pairs[(PHOTOS_ID, carol_id)].encryption is Encryption.CONVERTING
         assert not bob.replica("Photos").exists()

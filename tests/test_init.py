@@ -33,16 +33,7 @@ from custom_components.mynas.engine.node import Node
 from custom_components.mynas.engine.owner import client
 from custom_components.mynas.models import SyncKind
 
-from .conftest import (
-    BOB_ID,
-    PHOTOS_ID,
-    Bob,
-    RunningNode,
-    add_peer,
-    make_tree,
-    setup_entry,
-    unmount,
-)
+from .conftest import BOB_ID, PHOTOS_ID, Bob, RunningNode, add_peer, make_tree, setup_entry, unmount
 
 
 async def _listening(port: int) -> bool:

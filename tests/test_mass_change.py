@@ -22,12 +22,11 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.mynas.const import CONF_MASS_CHANGE, DOMAIN
 from custom_components.mynas.models import ErrorKind, SyncState
 
-from .conftest import BOB_ID, PHOTOS_ID, Bob, RunningNode
+from .conftest import BOB_ID, PAIR, PHOTOS_ID, Bob, RunningNode
 from .flow_support import assert_translated
 
 ISSUE = f"mass_change_{PHOTOS_ID}_{BOB_ID}"
 FIX = ("issues", "mass_change", "fix_flow")
-PAIR = (PHOTOS_ID, BOB_ID)
 TWENTY_FIVE = {f"{n:02}.jpg": b"photo %d" % n for n in range(25)}
 
 

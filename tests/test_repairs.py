@@ -31,7 +31,16 @@ from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.storage_root import INTERNAL_DIR
 from custom_components.mynas.orphans import CONF_KEPT_DATA, jails_on_disk
 
-from .conftest import BOB_ID, PHOTOS_ID, Bob, RunningNode, gated_pushes, pin_peer, setup_entry
+from .conftest import (
+    BOB_ID,
+    PAIR,
+    PHOTOS_ID,
+    Bob,
+    RunningNode,
+    gated_pushes,
+    pin_peer,
+    setup_entry,
+)
 from .flow_support import EN, assert_translated, node_server
 
 KEY_FIX = ("issues", "key_changed", "fix_flow")
@@ -540,7 +549,7 @@ async def test_back_up_again_now(
         result = await _step(hass, result["flow_id"], {})
         assert result["type"] is FlowResultType.CREATE_ENTRY
         assert _issue(hass, issue_id) is None
-        assert manager.running((PHOTOS_ID, BOB_ID))
+        assert manager.running(PAIR)
         release.set()
     await hass.async_block_till_done(wait_background_tasks=True)
 

@@ -28,6 +28,7 @@ from custom_components.mynas.sync_manager import SyncManager
 
 from .conftest import (
     BOB_ID,
+    PAIR,
     PHOTOS_ID,
     Bob,
     RunningNode,
@@ -38,7 +39,6 @@ from .conftest import (
     stored_pair,
 )
 
-PAIR = (PHOTOS_ID, BOB_ID)
 DOCS_ID = "01FOLDERDOCS00000000000000"
 Protect = Callable[..., list[Event]]
 Start = Callable[..., Awaitable[list[Event]]]

@@ -33,13 +33,12 @@ from custom_components.mynas.entity import device_identifier
 
 from .conftest import (
     BOB_ID,
+    PAIR,
     PHOTOS_ID,
     Bob,
     RunningNode,
-    add_folder,
     add_peer,
     gated_pushes,
-    make_tree,
     setup_entry,
 )
 
@@ -113,16 +112,17 @@ async def test_sync_unknown_folder_or_peer(hass: HomeAssistant, node: MockConfig
 
 
 async def test_sync_a_folder_to_a_peer_it_does_not_go_to(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+    running_node: RunningNode,
 ) -> None:
-    add_peer(hass, node_entry, bob)
     carol, _ = await hass.async_add_executor_job(identity.load_or_create, tmp_path / "c.key")
     add_peer(
         hass, node_entry, Bob(bob.engine, tmp_path, carol, ""), name="Carol", subentry_id=CAROL_ID
     )
-    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node({"a": b"a"})
     err = await _invalid(hass, "sync", folder="Photos", peer="Carol")
     assert err.translation_key == "nothing_to_sync"
 
@@ -224,7 +224,7 @@ async def test_verify_with_the_peer_down(
     assert result["status"] == "failed"
     assert "connection refused" in result["error"]
     # A failed verify does not count against the sync schedule.
-    status = node.runtime_data.manager.data.pairs[(PHOTOS_ID, BOB_ID)]
+    status = node.runtime_data.manager.data.pairs[PAIR]
     assert (status.failures, status.state) == (0, "idle")
     assert "connection refused" in (status.last_error or "")
 

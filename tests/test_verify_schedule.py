@@ -38,6 +38,7 @@ from custom_components.mynas.scheduler import VERIFY_RETRY, verify_offset
 from .conftest import (
     BOB_ID,
     NOW,
+    PAIR,
     PHOTOS_ID,
     Bob,
     Gate,
@@ -48,7 +49,6 @@ from .conftest import (
 )
 from .flow_support import assert_translated
 
-PAIR = (PHOTOS_ID, BOB_ID)
 DAMAGE_ISSUE = f"verify_damage_{PHOTOS_ID}_{BOB_ID}"
 
 
@@ -301,7 +301,7 @@ async def test_a_verify_waits_while_another_runs(
     await started()
     await _add_docs(hass, node_entry, tmp_path)
     manager = node_entry.runtime_data.manager
-    pairs = [(PHOTOS_ID, BOB_ID), ("01FOLDERDOCS", BOB_ID)]
+    pairs = [PAIR, ("01FOLDERDOCS", BOB_ID)]
     later = dt_util.utcnow() + timedelta(days=32)
     real = verify_module.verify
     release = Gate()
