@@ -127,11 +127,16 @@ def node_root(tmp_path: Path) -> Path:
     return root
 
 
+def claim_for_alice(hass: HomeAssistant, root: Path) -> tuple[str, Path]:
+    """Claim ``root`` for a node named Alice: its node id, and where its key belongs."""
+    marker = storage_root.claim_root(root, "Alice")
+    return marker.node_id, Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+
+
 @pytest.fixture
 def node_entry(hass: HomeAssistant, node_root: Path, unused_tcp_port: int) -> MockConfigEntry:
     """A node entry whose storage root carries its marker, with its key in the config dir."""
-    marker = storage_root.claim_root(node_root, "Alice")
-    key_file = Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+    node_id, key_file = claim_for_alice(hass, node_root)
     node, _ = identity.load_or_create(key_file)
     entry = MockConfigEntry(
         domain=DOMAIN,
@@ -142,7 +147,7 @@ def node_entry(hass: HomeAssistant, node_root: Path, unused_tcp_port: int) -> Mo
             CONF_NODE_NAME: "Alice",
             CONF_STORAGE_ROOT: str(node_root),
             CONF_PORT: unused_tcp_port,
-            CONF_NODE_ID: marker.node_id,
+            CONF_NODE_ID: node_id,
             CONF_KEY_FILE: str(key_file),
             CONF_NODE_PUBLIC_KEY: node.public_line,
         },
