@@ -42,6 +42,16 @@ async def _advance(hass: HomeAssistant, freezer: FrozenDateTimeFactory, delta: t
     await hass.async_block_till_done(wait_background_tasks=True)
 
 
+async def _overdue_after(
+    hass: HomeAssistant, freezer: FrozenDateTimeFactory, delay: timedelta
+) -> None:
+    """Not overdue until ``delay`` from now, overdue a minute after."""
+    await _advance(hass, freezer, delay - timedelta(minutes=1))
+    assert _state(hass, OVERDUE) == "off"
+    await _advance(hass, freezer, timedelta(minutes=2))
+    assert _state(hass, OVERDUE) == "on"
+
+
 async def test_snapshot(
     hass: HomeAssistant, synced_node: MockConfigEntry, snapshot: SnapshotAssertion
 ) -> None:
@@ -83,10 +93,7 @@ async def test_overdue_flips_on_after_the_threshold(
     """Last success 2 h ago, Bob gone: overdue once 36 h (the default) have passed."""
     assert _state(hass, OVERDUE) == "off"
     await bob.stop()
-    await _advance(hass, freezer, timedelta(hours=33, minutes=59))
-    assert _state(hass, OVERDUE) == "off"
-    await _advance(hass, freezer, timedelta(minutes=2))
-    assert _state(hass, OVERDUE) == "on"
+    await _overdue_after(hass, freezer, timedelta(hours=34))  # 36 h after the last success
     # Bob is back: the next retry succeeds and the backup is no longer overdue.
     await bob.start()
     await _advance(hass, freezer, timedelta(hours=6))
@@ -103,10 +110,7 @@ async def test_overdue_threshold_is_an_option(
     hass.config_entries.async_update_entry(node_entry, options={CONF_OVERDUE_HOURS: 48})
     await running_node({"a": b"a"})
     await bob.stop()
-    await _advance(hass, freezer, timedelta(hours=40))
-    assert _state(hass, OVERDUE) == "off"
-    await _advance(hass, freezer, timedelta(hours=8, minutes=1))
-    assert _state(hass, OVERDUE) == "on"
+    await _overdue_after(hass, freezer, timedelta(hours=48))
 
 
 async def test_a_pair_that_never_succeeded_becomes_overdue(
