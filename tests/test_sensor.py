@@ -319,16 +319,11 @@ async def test_progress_while_transferring(
 
 async def test_last_error_and_error_state(
     hass: HomeAssistant,
-    node_entry: MockConfigEntry,
     bob: Bob,
-    tmp_path: Path,
     running_node: RunningNode,
 ) -> None:
-    source = make_tree(tmp_path / "docs", {"a.txt": b"a"})
-    running_node.protect(source, name="Docs")
     await bob.stop()
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node({"a.txt": b"a"}, name="Docs")
     assert _sensor(hass, "docs_backup_state_on_bob") == "error"
     # Said for the household (translated); the engine's words are the details.
     error = hass.states.get("sensor.docs_last_error_with_bob")
