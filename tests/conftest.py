@@ -127,33 +127,54 @@ def node_root(tmp_path: Path) -> Path:
     return root
 
 
-def claim_for_alice(hass: HomeAssistant, root: Path) -> tuple[str, Path]:
-    """Claim ``root`` for a node named Alice: its node id, and where its key belongs."""
-    marker = storage_root.claim_root(root, "Alice")
+def claim_root_for(hass: HomeAssistant, root: Path, name: str = "Alice") -> tuple[str, Path]:
+    """Claim ``root`` for a node named ``name``: its node id, and where its key belongs."""
+    marker = storage_root.claim_root(root, name)
     return marker.node_id, Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
 
 
-@pytest.fixture
-def node_entry(hass: HomeAssistant, node_root: Path, unused_tcp_port: int) -> MockConfigEntry:
-    """A node entry whose storage root carries its marker, with its key in the config dir."""
-    node_id, key_file = claim_for_alice(hass, node_root)
+def add_node_entry(
+    hass: HomeAssistant,
+    root: Path,
+    port: int,
+    *,
+    name: str = "Alice",
+    key_file: Path | None = None,
+    **entry: Any,
+) -> MockConfigEntry:
+    """A node entry whose storage ``root`` carries its marker; its key in the config dir
+    unless ``key_file`` says where.
+    """
+    node_id, own_key_file = claim_root_for(hass, root, name)
+    key_file = key_file or own_key_file
     node, _ = identity.load_or_create(key_file)
-    entry = MockConfigEntry(
+    config_entry = MockConfigEntry(
         domain=DOMAIN,
-        entry_id=ALICE_ENTRY_ID,
-        title="Alice",
-        unique_id=storage_root.filesystem_identity(node_root),
+        title=name,
         data={
-            CONF_NODE_NAME: "Alice",
-            CONF_STORAGE_ROOT: str(node_root),
-            CONF_PORT: unused_tcp_port,
+            CONF_NODE_NAME: name,
+            CONF_STORAGE_ROOT: str(root),
+            CONF_PORT: port,
             CONF_NODE_ID: node_id,
             CONF_KEY_FILE: str(key_file),
             CONF_NODE_PUBLIC_KEY: node.public_line,
         },
+        **entry,
     )
-    entry.add_to_hass(hass)
-    return entry
+    config_entry.add_to_hass(hass)
+    return config_entry
+
+
+@pytest.fixture
+def node_entry(hass: HomeAssistant, node_root: Path, unused_tcp_port: int) -> MockConfigEntry:
+    """Alice's node entry, its storage root on the test machine's disk."""
+    return add_node_entry(
+        hass,
+        node_root,
+        unused_tcp_port,
+        entry_id=ALICE_ENTRY_ID,
+        unique_id=storage_root.filesystem_identity(node_root),
+    )
 
 
 async def setup_entry(hass: HomeAssistant, entry: MockConfigEntry) -> Any:

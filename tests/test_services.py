@@ -17,16 +17,8 @@ import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, MockUser
 
 from custom_components.mynas import texts
-from custom_components.mynas.const import (
-    CONF_KEY_FILE,
-    CONF_NODE_ID,
-    CONF_NODE_NAME,
-    CONF_NODE_PUBLIC_KEY,
-    CONF_PORT,
-    CONF_STORAGE_ROOT,
-    DOMAIN,
-)
-from custom_components.mynas.engine import identity, storage_root
+from custom_components.mynas.const import DOMAIN
+from custom_components.mynas.engine import identity
 from custom_components.mynas.engine.errors import HostRefused
 from custom_components.mynas.engine.node import Node
 from custom_components.mynas.entity import device_identifier
@@ -37,6 +29,7 @@ from .conftest import (
     PHOTOS_ID,
     Bob,
     RunningNode,
+    add_node_entry,
     add_peer,
     gated_pushes,
     setup_entry,
@@ -168,22 +161,14 @@ async def test_several_nodes_need_the_entry_id(
 ) -> None:
     root = tmp_path / "disk2"
     root.mkdir()
-    marker = storage_root.claim_root(root, "Attic")
-    key, _ = identity.load_or_create(tmp_path / "attic.key")
-    second = MockConfigEntry(
-        domain=DOMAIN,
-        title="Attic",
+    second = add_node_entry(
+        hass,
+        root,
+        unused_tcp_port_factory(),
+        name="Attic",
+        key_file=tmp_path / "attic.key",
         unique_id="attic",
-        data={
-            CONF_NODE_NAME: "Attic",
-            CONF_STORAGE_ROOT: str(root),
-            CONF_PORT: unused_tcp_port_factory(),
-            CONF_NODE_ID: marker.node_id,
-            CONF_KEY_FILE: str(tmp_path / "attic.key"),
-            CONF_NODE_PUBLIC_KEY: key.public_line,
-        },
     )
-    second.add_to_hass(hass)
     await setup_entry(hass, node_entry)  # sets up every node entry
     assert node_entry.state is ConfigEntryState.LOADED
     assert second.state is ConfigEntryState.LOADED
