@@ -86,6 +86,12 @@ async def _convert(hass: HomeAssistant, peers: str = "Bob") -> dict[str, Any]:
     return result
 
 
+def _room_for_one_copy(photos: Path) -> int:
+    """A quota that holds a copy of ``photos``, not two (the plain one and the sealed one)."""
+    size = sum(path.stat().st_size for path in photos.rglob("*") if path.is_file())
+    return size * 3 // 2
+
+
 async def test_a_new_folder_is_encrypted_on_bobs_disk(
     hass: HomeAssistant, bob: Bob, photos: Path, running_node: RunningNode
 ) -> None:
@@ -151,8 +157,7 @@ async def test_a_conversion_cut_short_stays_plain_and_the_next_sync_goes_on(
     The pair is "being encrypted" (its plain copy still at Bob's); once Bob grants more
     space, the next sync finishes the conversion and the folder is stored encrypted.
     """
-    size = sum(path.stat().st_size for path in photos.rglob("*") if path.is_file())
-    await bob.restart(quota=size * 3 // 2)  # the plain copy fits, not both
+    await bob.restart(quota=_room_for_one_copy(photos))  # the plain copy fits, not both
     await running_node(photos)
     assert bob.replica("Photos").is_dir()
 
@@ -187,8 +192,7 @@ async def test_a_conversion_survives_a_restart(
     running_node: RunningNode,
 ) -> None:
     """Cut short, then Home Assistant restarts: the pair is still being encrypted."""
-    size = sum(path.stat().st_size for path in photos.rglob("*") if path.is_file())
-    await bob.restart(quota=size * 3 // 2)
+    await bob.restart(quota=_room_for_one_copy(photos))
     await running_node(photos)
     assert (await _convert(hass))["reason"] == "convert_failed"
     await hass.config_entries.async_reload(node_entry.entry_id)
@@ -243,12 +247,17 @@ async def test_a_copy_converted_syncs_encrypted_while_another_is_not_yet(
 ) -> None:
     """Bob's copy converted, Carol's not (no room): the folder stays plain; Bob's syncs go on
     encrypted (a plain push onto his sealed copy would be refused), Carol's plain."""
-    size = sum(path.stat().st_size for path in photos.rglob("*") if path.is_file())
     carol_key, _ = await hass.async_add_executor_job(
         identity.load_or_create, tmp_path / "carol.key"
     )
     (tmp_path / "carol-disk").mkdir()
-    carol = Bob(bob.engine, tmp_path / "carol-disk", carol_key, bob.alice_key, quota=size * 3 // 2)
+    carol = Bob(
+        bob.engine,
+        tmp_path / "carol-disk",
+        carol_key,
+        bob.alice_key,
+        quota=_room_for_one_copy(photos),
+    )
     await carol.start()
     try:
         carol_id = pin_peer(
