@@ -22,6 +22,7 @@ from homeassistant.config_entries import ConfigSubentry
 from homeassistant.const import Platform
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import entity_registry as er
+from homeassistant.setup import async_setup_component
 from homeassistant.util import dt as dt_util
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
@@ -69,6 +70,8 @@ from custom_components.mynas.engine.owner.run import PushResult
 ALICE_ENTRY_ID = "01ALICEENTRY0000000000000A"
 BOB_ID = "01PEERBOB00000000000000000"
 PHOTOS_ID = "01FOLDERPHOTOS000000000000"
+# Photos → Bob: the pair (folder, peer) that most tests look at.
+PAIR = (PHOTOS_ID, BOB_ID)
 
 
 @pytest.fixture(autouse=True)
@@ -124,28 +127,54 @@ def node_root(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def node_entry(hass: HomeAssistant, node_root: Path, unused_tcp_port: int) -> MockConfigEntry:
-    """A node entry whose storage root carries its marker, with its key in the config dir."""
-    marker = storage_root.claim_root(node_root, "Alice")
-    key_file = Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+def claim_root_for(hass: HomeAssistant, root: Path, name: str = "Alice") -> tuple[str, Path]:
+    """Claim ``root`` for a node named ``name``: its node id, and where its key belongs."""
+    marker = storage_root.claim_root(root, name)
+    return marker.node_id, Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+
+
+def add_node_entry(
+    hass: HomeAssistant,
+    root: Path,
+    port: int,
+    *,
+    name: str = "Alice",
+    key_file: Path | None = None,
+    **entry: Any,
+) -> MockConfigEntry:
+    """A node entry whose storage ``root`` carries its marker; its key in the config dir
+    unless ``key_file`` says where.
+    """
+    node_id, own_key_file = claim_root_for(hass, root, name)
+    key_file = key_file or own_key_file
     node, _ = identity.load_or_create(key_file)
-    entry = MockConfigEntry(
+    config_entry = MockConfigEntry(
         domain=DOMAIN,
-        entry_id=ALICE_ENTRY_ID,
-        title="Alice",
-        unique_id=storage_root.filesystem_identity(node_root),
+        title=name,
         data={
-            CONF_NODE_NAME: "Alice",
-            CONF_STORAGE_ROOT: str(node_root),
-            CONF_PORT: unused_tcp_port,
-            CONF_NODE_ID: marker.node_id,
+            CONF_NODE_NAME: name,
+            CONF_STORAGE_ROOT: str(root),
+            CONF_PORT: port,
+            CONF_NODE_ID: node_id,
             CONF_KEY_FILE: str(key_file),
             CONF_NODE_PUBLIC_KEY: node.public_line,
         },
+        **entry,
     )
-    entry.add_to_hass(hass)
-    return entry
+    config_entry.add_to_hass(hass)
+    return config_entry
+
+
+@pytest.fixture
+def node_entry(hass: HomeAssistant, node_root: Path, unused_tcp_port: int) -> MockConfigEntry:
+    """Alice's node entry, its storage root on the test machine's disk."""
+    return add_node_entry(
+        hass,
+        node_root,
+        unused_tcp_port,
+        entry_id=ALICE_ENTRY_ID,
+        unique_id=storage_root.filesystem_identity(node_root),
+    )
 
 
 async def setup_entry(hass: HomeAssistant, entry: MockConfigEntry) -> Any:
@@ -153,6 +182,12 @@ async def setup_entry(hass: HomeAssistant, entry: MockConfigEntry) -> Any:
     result = await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
     return result
+
+
+@pytest.fixture
+async def repairs_loaded(hass: HomeAssistant) -> None:
+    """The repairs integration, which runs fix flows (and their HTTP API)."""
+    assert await async_setup_component(hass, "repairs", {})
 
 
 def unmount(path: Path) -> None:
@@ -333,6 +368,43 @@ def add_folder(
     return subentry
 
 
+@dataclass
+class RunningNode:
+    """Alice paired with Bob, protecting a folder on him: ``await running_node(path, ...)``.
+
+    The folder: a path, or the files to write in a new one (tmp_path/photos). The options go
+    to ``add_folder`` (name, schedule, encrypted, watch_minutes…).
+    """
+
+    hass: HomeAssistant
+    entry: MockConfigEntry
+    bob: Bob
+    tmp_path: Path
+
+    def protect(self, folder: Path | dict[str, bytes], **options: Any) -> Path:
+        """Pair with Bob and protect ``folder`` on him, the node not set up yet."""
+        if isinstance(folder, dict):
+            folder = make_tree(self.tmp_path / "photos", folder)
+        add_peer(self.hass, self.entry, self.bob)
+        add_folder(self.hass, self.entry, folder, **options)
+        return folder
+
+    async def __call__(self, folder: Path | dict[str, bytes], **options: Any) -> Path:
+        """``protect``, then set the node up and wait until idle (its first sync done)."""
+        folder = self.protect(folder, **options)
+        await setup_entry(self.hass, self.entry)
+        await self.hass.async_block_till_done(wait_background_tasks=True)
+        return folder
+
+
+@pytest.fixture
+def running_node(
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+) -> RunningNode:
+    """Alice, ready to protect a folder on Bob and start (see ``RunningNode``)."""
+    return RunningNode(hass, node_entry, bob, tmp_path)
+
+
 def make_tree(root: Path, files: dict[str, bytes]) -> Path:
     """Write ``files`` (relative path: content) under ``root``."""
     for rel, content in files.items():
@@ -355,6 +427,20 @@ def plain_leaks(disk: Path, names: list[str], contents: list[bytes]) -> list[str
             data = path.read_bytes()
             leaks += [f"content of {rel}" for content in contents if content in data]
     return leaks
+
+
+def stored_pair(
+    hass_storage: dict[str, Any],
+    entry: MockConfigEntry,
+    pair: dict[str, Any],
+    **data: Any,
+) -> None:
+    """What ``entry``'s Store holds at start: Photos → Bob's ``pair`` record (and ``data``)."""
+    hass_storage[f"{DOMAIN}.{entry.entry_id}"] = {
+        "version": 1,
+        "key": f"{DOMAIN}.{entry.entry_id}",
+        "data": {"pairs": {f"{PHOTOS_ID}|{BOB_ID}": pair}, **data},
+    }
 
 
 # The moment the "synced node" fixtures freeze: a Monday at noon (UTC); the last sync ran
@@ -407,23 +493,19 @@ async def synced_node(
     add_peer(hass, node_entry, bob)
     add_folder(hass, node_entry, photos)
     synced = (now - timedelta(hours=2)).isoformat()
-    hass_storage[f"{DOMAIN}.{node_entry.entry_id}"] = {
-        "version": 1,
-        "key": f"{DOMAIN}.{node_entry.entry_id}",
-        "data": {
-            "pairs": {
-                f"{PHOTOS_ID}|{BOB_ID}": {
-                    "last_success": synced,
-                    "last_attempt": synced,
-                    "first_attempt": (now - timedelta(days=30)).isoformat(),
-                    "failures": 0,
-                    "last_files_sent": 2,
-                    "last_bytes_sent": 3000,
-                    "last_duration": 1.5,
-                }
-            },
+    stored_pair(
+        hass_storage,
+        node_entry,
+        {
+            "last_success": synced,
+            "last_attempt": synced,
+            "first_attempt": (now - timedelta(days=30)).isoformat(),
+            "failures": 0,
+            "last_files_sent": 2,
+            "last_bytes_sent": 3000,
+            "last_duration": 1.5,
         },
-    }
+    )
     with (
         patch("custom_components.mynas.engine.storage_root.disk_usage", return_value=DISK),
         patch(

@@ -17,7 +17,7 @@ from syrupy.assertion import SnapshotAssertion
 
 from custom_components.mynas.const import CONF_OVERDUE_HOURS
 
-from .conftest import BOB_ID, Bob, add_folder, add_peer, make_tree, setup_entry, snapshot_entities
+from .conftest import BOB_ID, Bob, RunningNode, add_peer, setup_entry, snapshot_entities
 
 CONNECTED = "binary_sensor.bob_connection"
 OVERDUE = "binary_sensor.photos_backup_to_bob_overdue"
@@ -40,6 +40,16 @@ async def _advance(hass: HomeAssistant, freezer: FrozenDateTimeFactory, delta: t
     freezer.tick(delta)
     async_fire_time_changed(hass)
     await hass.async_block_till_done(wait_background_tasks=True)
+
+
+async def _overdue_after(
+    hass: HomeAssistant, freezer: FrozenDateTimeFactory, delay: timedelta
+) -> None:
+    """Not overdue until ``delay`` from now, overdue a minute after."""
+    await _advance(hass, freezer, delay - timedelta(minutes=1))
+    assert _state(hass, OVERDUE) == "off"
+    await _advance(hass, freezer, timedelta(minutes=2))
+    assert _state(hass, OVERDUE) == "on"
 
 
 async def test_snapshot(
@@ -83,10 +93,7 @@ async def test_overdue_flips_on_after_the_threshold(
     """Last success 2 h ago, Bob gone: overdue once 36 h (the default) have passed."""
     assert _state(hass, OVERDUE) == "off"
     await bob.stop()
-    await _advance(hass, freezer, timedelta(hours=33, minutes=59))
-    assert _state(hass, OVERDUE) == "off"
-    await _advance(hass, freezer, timedelta(minutes=2))
-    assert _state(hass, OVERDUE) == "on"
+    await _overdue_after(hass, freezer, timedelta(hours=34))  # 36 h after the last success
     # Bob is back: the next retry succeeds and the backup is no longer overdue.
     await bob.start()
     await _advance(hass, freezer, timedelta(hours=6))
@@ -97,34 +104,24 @@ async def test_overdue_threshold_is_an_option(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
     bob: Bob,
-    tmp_path: Path,
     freezer: FrozenDateTimeFactory,
+    running_node: RunningNode,
 ) -> None:
     hass.config_entries.async_update_entry(node_entry, options={CONF_OVERDUE_HOURS: 48})
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node({"a": b"a"})
     await bob.stop()
-    await _advance(hass, freezer, timedelta(hours=40))
-    assert _state(hass, OVERDUE) == "off"
-    await _advance(hass, freezer, timedelta(hours=8, minutes=1))
-    assert _state(hass, OVERDUE) == "on"
+    await _overdue_after(hass, freezer, timedelta(hours=48))
 
 
 async def test_a_pair_that_never_succeeded_becomes_overdue(
     hass: HomeAssistant,
-    node_entry: MockConfigEntry,
     bob: Bob,
-    tmp_path: Path,
     freezer: FrozenDateTimeFactory,
+    running_node: RunningNode,
 ) -> None:
     """Retries keep failing: counted from the first attempt, not the latest one."""
     await bob.stop()
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node({"a": b"a"})
     assert _state(hass, OVERDUE) == "off"  # a new folder is not overdue at once
     for _ in range(7):
         await _advance(hass, freezer, timedelta(hours=5, minutes=59))

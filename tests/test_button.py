@@ -15,11 +15,10 @@ from syrupy.assertion import SnapshotAssertion
 from custom_components.mynas.const import EVENT_SYNC_FINISHED
 from custom_components.mynas.models import SyncState
 
-from .conftest import BOB_ID, PHOTOS_ID, Bob, gated_pushes, snapshot_entities, unmount
+from .conftest import PAIR, Bob, gated_pushes, snapshot_entities, unmount
 
 SYNC_NOW = "button.photos_back_up_to_bob_now"
 VERIFY = "button.photos_verify_copy_on_bob"
-PAIR = (PHOTOS_ID, BOB_ID)
 
 
 @pytest.fixture

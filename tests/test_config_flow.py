@@ -27,6 +27,7 @@ from custom_components.mynas.const import (
 )
 from custom_components.mynas.engine import identity, recovery_code, storage_root
 
+from .conftest import claim_root_for
 from .flow_support import assert_translated
 
 
@@ -251,8 +252,7 @@ async def test_restore_key_same_as_existing_key(
     hass: HomeAssistant, usb_disk: Path, tmp_path: Path, old_key: identity.Identity
 ) -> None:
     """A reinstall that still has the key in place, restoring that same key: accepted."""
-    marker = storage_root.claim_root(usb_disk, "Alice")
-    key_file = Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+    _, key_file = claim_root_for(hass, usb_disk)
     key_file.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tmp_path / "saved" / "saved.key", key_file)
     flow_id = await _start(hass)
@@ -295,8 +295,7 @@ async def test_restore_key_differing_from_existing_key(
     hass: HomeAssistant, usb_disk: Path, tmp_path: Path, old_key: identity.Identity
 ) -> None:
     """The node's key is still in place: another key is not written over it."""
-    marker = storage_root.claim_root(usb_disk, "Alice")
-    key_file = Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+    _, key_file = claim_root_for(hass, usb_disk)
     current, _ = identity.load_or_create(key_file)
     flow_id = await _start(hass)
     result = await hass.config_entries.flow.async_configure(
@@ -313,8 +312,7 @@ async def test_restore_key_differing_from_existing_key(
 async def test_damaged_node_key_is_reported(
     hass: HomeAssistant, usb_disk: Path, tmp_path: Path, old_key: identity.Identity
 ) -> None:
-    marker = storage_root.claim_root(usb_disk, "Alice")
-    key_file = Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+    _, key_file = claim_root_for(hass, usb_disk)
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.write_text("damaged")
     flow_id = await _start(hass)
@@ -424,8 +422,7 @@ async def test_recovery_code_of_another_key_than_the_one_in_place(
     hass: HomeAssistant, usb_disk: Path, old_key: identity.Identity
 ) -> None:
     """The node's key is still in place: the code's key is not written over it."""
-    marker = storage_root.claim_root(usb_disk, "Alice")
-    key_file = Path(hass.config.path(DOMAIN, f"{marker.node_id}.key"))
+    _, key_file = claim_root_for(hass, usb_disk)
     current, _ = identity.load_or_create(key_file)
     flow_id = await _start(hass)
     result = await hass.config_entries.flow.async_configure(

@@ -32,14 +32,12 @@ from custom_components.mynas.const import (
 )
 
 from .conftest import (
-    BOB_ID,
-    PHOTOS_ID,
     Bob,
-    add_folder,
-    add_peer,
+    RunningNode,
     make_tree,
     plain_leaks,
     setup_entry,
+    stored_pair,
 )
 
 
@@ -161,21 +159,17 @@ async def test_home_assistant_loop_never_blocks_during_a_big_sync(
     node_entry: MockConfigEntry,
     bob: Bob,
     tmp_path: Path,
+    running_node: RunningNode,
 ) -> None:
     """Invariant 6: thousands of small files go through while HA's loop stays responsive."""
     count = 3000
     source = make_tree(
         tmp_path / "many", {f"d{i % 30:02d}/f{i:05d}.bin": os.urandom(2048) for i in range(count)}
     )
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, source, name="Many")
+    running_node.protect(source, name="Many")
     # Synced a minute ago (as far as the schedule knows): the sync below is the only one.
     now = dt_util.utcnow().isoformat()
-    hass_storage[f"{DOMAIN}.{node_entry.entry_id}"] = {
-        "version": 1,
-        "key": f"{DOMAIN}.{node_entry.entry_id}",
-        "data": {"pairs": {f"{PHOTOS_ID}|{BOB_ID}": {"last_attempt": now, "last_success": now}}},
-    }
+    stored_pair(hass_storage, node_entry, {"last_attempt": now, "last_success": now})
     await setup_entry(hass, node_entry)
     await hass.async_block_till_done(wait_background_tasks=True)
     lags: list[float] = []

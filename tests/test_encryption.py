@@ -13,7 +13,6 @@ from homeassistant.components.repairs import repairs_flow_manager
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import issue_registry as ir
-from homeassistant.setup import async_setup_component
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
@@ -24,10 +23,10 @@ from custom_components.mynas.models import Encryption
 
 from .conftest import (
     BOB_ID,
+    PAIR,
     PHOTOS_ID,
     Bob,
-    add_folder,
-    add_peer,
+    RunningNode,
     make_tree,
     pin_peer,
     plain_leaks,
@@ -40,10 +39,8 @@ ISSUE = f"convert_plain_{PHOTOS_ID}"
 NAMES = ["Photos", "beach", "notes", "2024"]
 
 
-@pytest.fixture(autouse=True)
-async def repairs_loaded(hass: HomeAssistant) -> None:
-    """The repairs integration, which runs fix flows."""
-    assert await async_setup_component(hass, "repairs", {})
+# Fix flows run in the repairs integration.
+pytestmark = pytest.mark.usefixtures("repairs_loaded")
 
 
 @pytest.fixture
@@ -89,14 +86,17 @@ async def _convert(hass: HomeAssistant, peers: str = "Bob") -> dict[str, Any]:
     return result
 
 
+def _room_for_one_copy(photos: Path) -> int:
+    """A quota that holds a copy of ``photos``, not two (the plain one and the sealed one)."""
+    size = sum(path.stat().st_size for path in photos.rglob("*") if path.is_file())
+    return size * 3 // 2
+
+
 async def test_a_new_folder_is_encrypted_on_bobs_disk(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant, bob: Bob, photos: Path, running_node: RunningNode
 ) -> None:
     """Set up encrypted: Bob's disk shows neither a name nor the content; no issue."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos, encrypted=True)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos, encrypted=True)
     assert any((bob.storage / "alice").rglob("*")), "nothing was sent"
     assert await _plain_leaks(hass, bob, photos) == []
     assert _encryption(hass) == Encryption.ENCRYPTED
@@ -104,13 +104,14 @@ async def test_a_new_folder_is_encrypted_on_bobs_disk(
 
 
 async def test_convert_a_plain_folder_from_its_issue(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    photos: Path,
+    running_node: RunningNode,
 ) -> None:
     """A folder from before encryption: plain at Bob's, an issue; its fix flow seals it."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)  # no "encrypted" key: set up before it existed
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos)  # no "encrypted" key: set up before it existed
     replica = bob.replica("Photos")
     assert (replica / "notes.txt").read_bytes() == (photos / "notes.txt").read_bytes()
     assert _encryption(hass) == Encryption.PLAIN
@@ -145,19 +146,19 @@ async def test_convert_a_plain_folder_from_its_issue(
 
 
 async def test_a_conversion_cut_short_stays_plain_and_the_next_sync_goes_on(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    photos: Path,
+    running_node: RunningNode,
 ) -> None:
     """No room at Bob's for both copies: the folder stays plain, the issue stays.
 
     The pair is "being encrypted" (its plain copy still at Bob's); once Bob grants more
     space, the next sync finishes the conversion and the folder is stored encrypted.
     """
-    size = sum(path.stat().st_size for path in photos.rglob("*") if path.is_file())
-    await bob.restart(quota=size * 3 // 2)  # the plain copy fits, not both
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await bob.restart(quota=_room_for_one_copy(photos))  # the plain copy fits, not both
+    await running_node(photos)
     assert bob.replica("Photos").is_dir()
 
     result = await _convert(hass)
@@ -184,30 +185,27 @@ async def test_a_conversion_cut_short_stays_plain_and_the_next_sync_goes_on(
 
 
 async def test_a_conversion_survives_a_restart(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    photos: Path,
+    running_node: RunningNode,
 ) -> None:
     """Cut short, then Home Assistant restarts: the pair is still being encrypted."""
-    size = sum(path.stat().st_size for path in photos.rglob("*") if path.is_file())
-    await bob.restart(quota=size * 3 // 2)
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await bob.restart(quota=_room_for_one_copy(photos))
+    await running_node(photos)
     assert (await _convert(hass))["reason"] == "convert_failed"
     await hass.config_entries.async_reload(node_entry.entry_id)
     await hass.async_block_till_done(wait_background_tasks=True)
-    status = node_entry.runtime_data.manager.data.pairs[(PHOTOS_ID, BOB_ID)]
+    status = node_entry.runtime_data.manager.data.pairs[PAIR]
     assert (status.converting, status.sealed) == (True, True)
     assert _encryption(hass) == Encryption.CONVERTING
 
 
 async def test_the_fix_flow_when_the_node_or_folder_is_gone(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, photos: Path, running_node: RunningNode
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos)
     manager = repairs_flow_manager(hass)
     # The folder removed while its issue is still shown (the reload clears it later).
     node_entry.runtime_data.manager.folders.pop(PHOTOS_ID)
@@ -228,12 +226,9 @@ async def test_the_fix_flow_when_the_node_or_folder_is_gone(
 
 
 async def test_removing_the_folder_clears_its_issues(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, photos: Path, running_node: RunningNode
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos)
     issues.verify_damage(hass, node_entry.entry_id, PHOTOS_ID, BOB_ID, {})
     assert _issue(hass) is not None
     hass.config_entries.async_remove_subentry(node_entry, PHOTOS_ID)
@@ -248,28 +243,31 @@ async def test_a_copy_converted_syncs_encrypted_while_another_is_not_yet(
     bob: Bob,
     photos: Path,
     tmp_path: Path,
+    running_node: RunningNode,
 ) -> None:
     """Bob's copy converted, Carol's not (no room): the folder stays plain; Bob's syncs go on
     encrypted (a plain push onto his sealed copy would be refused), Carol's plain."""
-    size = sum(path.stat().st_size for path in photos.rglob("*") if path.is_file())
     carol_key, _ = await hass.async_add_executor_job(
         identity.load_or_create, tmp_path / "carol.key"
     )
     (tmp_path / "carol-disk").mkdir()
-    carol = Bob(bob.engine, tmp_path / "carol-disk", carol_key, bob.alice_key, quota=size * 3 // 2)
+    carol = Bob(
+        bob.engine,
+        tmp_path / "carol-disk",
+        carol_key,
+        bob.alice_key,
+        quota=_room_for_one_copy(photos),
+    )
     await carol.start()
     try:
-        add_peer(hass, node_entry, bob)
         carol_id = pin_peer(
             hass, node_entry, carol_key, carol.address, name="Carol", subentry_id="01PEERCAROL"
         ).subentry_id
-        add_folder(hass, node_entry, photos, peers=(BOB_ID, carol_id))
-        await setup_entry(hass, node_entry)
-        await hass.async_block_till_done(wait_background_tasks=True)
+        await running_node(photos, peers=(BOB_ID, carol_id))
         result = await _convert(hass, peers="Bob, Carol")
         assert result["reason"] == "convert_failed"
         manager = node_entry.runtime_data.manager
-        bob_pair = manager.data.pairs[(PHOTOS_ID, BOB_ID)]
+        bob_pair = manager.data.pairs[PAIR]
         assert (bob_pair.sealed, bob_pair.converting) == (True, False)
         assert manager.data.pairs[(PHOTOS_ID, carol_id)].encryption is Encryption.CONVERTING
         assert not bob.replica("Photos").exists()
@@ -288,13 +286,10 @@ async def test_a_copy_converted_syncs_encrypted_while_another_is_not_yet(
 
 
 async def test_converted_everywhere_but_not_stored_so_is_stored_at_start(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, photos: Path, running_node: RunningNode
 ) -> None:
     """Home Assistant stopped between the last copy's conversion and storing the folder."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos, encrypted=True)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos, encrypted=True)
     await hass.config_entries.async_unload(node_entry.entry_id)
     # The copy at Bob's is sealed (the index says so); the folder reads plain.
     subentry = node_entry.subentries[PHOTOS_ID]

@@ -86,6 +86,22 @@ async def _answer(hass: HomeAssistant, flow_id: str, answers: dict[str, Any]) ->
     return await hass.config_entries.subentries.async_configure(flow_id, answers)
 
 
+async def _submit(
+    hass: HomeAssistant, entry: MockConfigEntry, form: dict[str, Any]
+) -> dict[str, Any]:
+    """A new folder's flow, ``form`` sent as its first step."""
+    result = await _start(hass, entry)
+    return await _answer(hass, result["flow_id"], form)
+
+
+async def _daily_step(
+    hass: HomeAssistant, entry: MockConfigEntry, form: dict[str, Any]
+) -> dict[str, Any]:
+    """``form`` sent, then Daily picked in the schedule menu: the time step."""
+    result = await _submit(hass, entry, form)
+    return await _answer(hass, result["flow_id"], {"next_step_id": "daily"})
+
+
 async def _when(
     hass: HomeAssistant, result: dict[str, Any], kind: str = "daily", value: Any = "03:15"
 ) -> dict[str, Any]:
@@ -184,9 +200,7 @@ async def test_protect_a_folder(
 async def test_daily_at_a_time_without_seconds(
     hass: HomeAssistant, node_entry: MockConfigEntry, peers: dict[str, str], photos: Path
 ) -> None:
-    result = await _start(hass, node_entry)
-    result = await _answer(hass, result["flow_id"], _form(photos, [peers["Bob"]]))
-    result = await _answer(hass, result["flow_id"], {"next_step_id": "daily"})
+    result = await _daily_step(hass, node_entry, _form(photos, [peers["Bob"]]))
     (marker, selector) = next(iter(result["data_schema"].schema.items()))
     assert selector.serialize() == {"selector": {"time": {"no_second": True}}}
     # By default a time at night, spread so that friends' nodes do not all copy at once.
@@ -323,10 +337,7 @@ async def test_unreadable_folder(
 ) -> None:
     """A folder Home Assistant cannot read (root reads anything: the check is simulated)."""
     monkeypatch.setattr(folder_flow.os, "access", lambda path, mode: Path(path) != photos)
-    result = await _start(hass, node_entry)
-    result = await hass.config_entries.subentries.async_configure(
-        result["flow_id"], _form(photos, [peers["Bob"]])
-    )
+    result = await _submit(hass, node_entry, _form(photos, [peers["Bob"]]))
     assert result["errors"] == {CONF_PATH: "not_readable"}
     assert_translated(result, *FOLDER)
     monkeypatch.undo()
@@ -352,10 +363,7 @@ async def test_name_errors_recover(
     name: str,
     error: str,
 ) -> None:
-    result = await _start(hass, node_entry)
-    result = await hass.config_entries.subentries.async_configure(
-        result["flow_id"], _form(photos, [peers["Bob"]], **{CONF_NAME: name})
-    )
+    result = await _submit(hass, node_entry, _form(photos, [peers["Bob"]], **{CONF_NAME: name}))
     assert result["errors"] == {CONF_NAME: error}
     assert_translated(result, *FOLDER)
     result = await _protect(
@@ -368,10 +376,7 @@ async def test_name_errors_recover(
 async def test_no_peer_selected(
     hass: HomeAssistant, node_entry: MockConfigEntry, peers: dict[str, str], photos: Path
 ) -> None:
-    result = await _start(hass, node_entry)
-    result = await hass.config_entries.subentries.async_configure(
-        result["flow_id"], _form(photos, [])
-    )
+    result = await _submit(hass, node_entry, _form(photos, []))
     assert result["errors"] == {CONF_PEERS: "no_peer_selected"}
     assert_translated(result, *FOLDER)
     result = await _protect(hass, result["flow_id"], _form(photos, [peers["Carol"]]))
@@ -382,10 +387,7 @@ async def test_no_peer_selected(
 async def test_several_errors_at_once(
     hass: HomeAssistant, node_entry: MockConfigEntry, peers: dict[str, str], tmp_path: Path
 ) -> None:
-    result = await _start(hass, node_entry)
-    result = await hass.config_entries.subentries.async_configure(
-        result["flow_id"], _form(tmp_path / "missing", [], **{CONF_NAME: "a/b"})
-    )
+    result = await _submit(hass, node_entry, _form(tmp_path / "missing", [], **{CONF_NAME: "a/b"}))
     assert result["errors"] == {
         CONF_PATH: "not_found",
         CONF_PEERS: "no_peer_selected",
@@ -402,9 +404,7 @@ async def test_bad_time_is_refused(
     bad_time: str,
 ) -> None:
     """The time selector refuses what is not a time; the form stays open."""
-    result = await _start(hass, node_entry)
-    result = await _answer(hass, result["flow_id"], _form(photos, [peers["Bob"]]))
-    result = await _answer(hass, result["flow_id"], {"next_step_id": "daily"})
+    result = await _daily_step(hass, node_entry, _form(photos, [peers["Bob"]]))
     with pytest.raises(InvalidData) as err:
         await _answer(hass, result["flow_id"], {CONF_TIME: bad_time})
     assert CONF_TIME in err.value.schema_errors
@@ -430,9 +430,8 @@ async def test_duplicate_name_is_refused(
     other = tmp_path / "other"
     other.mkdir()
     for name in ("Photos", "PHOTOS", " photos "):
-        result = await _start(hass, node_entry)
-        result = await hass.config_entries.subentries.async_configure(
-            result["flow_id"], _form(other, [peers["Carol"]], **{CONF_NAME: name})
+        result = await _submit(
+            hass, node_entry, _form(other, [peers["Carol"]], **{CONF_NAME: name})
         )
         assert result["type"] is FlowResultType.FORM
         assert result["errors"] == {CONF_NAME: "name_taken"}

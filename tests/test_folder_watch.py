@@ -25,7 +25,7 @@ from custom_components.mynas.const import EVENT_SYNC_FINISHED, SCHEDULER_TICK
 from custom_components.mynas.folder_watch import QUIET, _State, due
 from custom_components.mynas.models import SyncKind, folder_setup
 
-from .conftest import NOW, PHOTOS_ID, Bob, add_folder, add_peer, make_tree, setup_entry
+from .conftest import NOW, PHOTOS_ID, Bob, RunningNode, add_folder, make_tree, setup_entry
 
 INTERVAL = timedelta(minutes=15)
 T0 = datetime(2026, 5, 4, 12, 0, tzinfo=dt_util.UTC)
@@ -81,15 +81,14 @@ async def _until(hass: HomeAssistant, check: Callable[[], bool], timeout: float 
 async def watched(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
-    bob: Bob,
     tmp_path: Path,
     freezer: FrozenDateTimeFactory,
+    running_node: RunningNode,
 ) -> list[dict[str, Any]]:
     """Alice protects a watched Photos on Bob; its first sync done. Returns the syncs seen."""
     freezer.move_to(NOW)
     photos = make_tree(tmp_path / "photos", {"a.jpg": b"a" * 1000})
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos, watch_minutes=15)
+    running_node.protect(photos, watch_minutes=15)
     syncs: list[dict[str, Any]] = []
 
     def heard(event: Event) -> None:
@@ -149,6 +148,7 @@ async def test_a_folder_whose_disk_goes_away_is_watched_again_when_back(
     bob: Bob,
     tmp_path: Path,
     freezer: FrozenDateTimeFactory,
+    running_node: RunningNode,
 ) -> None:
     freezer.move_to(NOW)
     photos = tmp_path / "photos"
@@ -156,10 +156,7 @@ async def test_a_folder_whose_disk_goes_away_is_watched_again_when_back(
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(photos)], check=True)
     try:
         make_tree(photos, {"a.jpg": b"a"})
-        add_peer(hass, node_entry, bob)
-        add_folder(hass, node_entry, photos, watch_minutes=1)
-        await setup_entry(hass, node_entry)
-        await hass.async_block_till_done(wait_background_tasks=True)
+        await running_node(photos, watch_minutes=1)
         watcher = node_entry.runtime_data.manager.watcher
         await _until(hass, lambda: PHOTOS_ID in watcher.watching)
     finally:
@@ -185,18 +182,15 @@ async def test_a_folder_whose_disk_goes_away_is_watched_again_when_back(
 async def test_a_folder_that_cannot_be_watched_keeps_its_schedule(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
-    bob: Bob,
     tmp_path: Path,
     freezer: FrozenDateTimeFactory,
     caplog: pytest.LogCaptureFixture,
+    running_node: RunningNode,
 ) -> None:
     """Not there at start (or past the inotify limit): said once, tried again each check."""
     freezer.move_to(NOW)
     photos = tmp_path / "photos"
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos, watch_minutes=15)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(photos, watch_minutes=15)
     watcher = node_entry.runtime_data.manager.watcher
     assert watcher.watching == frozenset()
     assert caplog.text.count("Cannot watch") == 1

@@ -33,7 +33,7 @@ from custom_components.mynas.engine.node import Node
 from custom_components.mynas.engine.owner import client
 from custom_components.mynas.models import SyncKind
 
-from .conftest import BOB_ID, PHOTOS_ID, Bob, add_folder, add_peer, make_tree, setup_entry, unmount
+from .conftest import BOB_ID, PHOTOS_ID, Bob, RunningNode, add_peer, make_tree, setup_entry, unmount
 
 
 async def _listening(port: int) -> bool:
@@ -69,12 +69,11 @@ async def test_setup_and_unload(hass: HomeAssistant, node_entry: MockConfigEntry
 
 
 async def test_unload_while_a_sync_runs(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: RunningNode
 ) -> None:
     """Unloading cancels a running sync, in HA and in the engine, and leaves nothing behind."""
     source = make_tree(tmp_path / "big", {"big.bin": b"\0" * 3_000_000})
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, source, bwlimit=0.5)  # 6 s at 0.5 MB/s
+    running_node.protect(source, bwlimit=0.5)  # 6 s at 0.5 MB/s
     await setup_entry(hass, node_entry)
     manager = node_entry.runtime_data.manager
     pair = manager.pairs[0]
@@ -252,13 +251,9 @@ async def test_options_flow_restarts_with_the_new_threshold(
     assert node_entry.runtime_data.manager.overdue_after.total_seconds() == 48 * 3600
 
 
-async def _set_up(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, folder: Path | None = None
-) -> None:
-    """Set the node up with Bob as its peer (and ``folder`` to protect), its first sync done."""
+async def _set_up(hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob) -> None:
+    """Set the node up with Bob as its peer (no folder), idle."""
     add_peer(hass, node_entry, bob)
-    if folder is not None:
-        add_folder(hass, node_entry, folder)
     await setup_entry(hass, node_entry)
     await hass.async_block_till_done(wait_background_tasks=True)
 
@@ -287,11 +282,10 @@ async def test_server_events_reach_home_assistant(
 
 
 async def test_unload_waits_for_the_engine_to_unwind(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, running_node: RunningNode
 ) -> None:
     """A cancelled push finishes its cleanup (the index writes) before the node closes."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
+    running_node.protect({"a": b"a"})
     started = asyncio.Event()
     unwound: list[str] = []
 
@@ -319,11 +313,9 @@ async def test_unload_waits_for_the_engine_to_unwind(
 
 
 @pytest.fixture
-async def protecting(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
-) -> None:
+async def protecting(running_node: RunningNode) -> None:
     """The node set up with Bob as its peer and a one-file folder, Photos, sent to him."""
-    await _set_up(hass, node_entry, bob, make_tree(tmp_path / "p", {"a": b"a"}))
+    await running_node({"a": b"a"})
 
 
 @pytest.mark.usefixtures("protecting")

@@ -29,9 +29,7 @@ from custom_components.mynas.const import (
 from custom_components.mynas.engine import identity, storage_root
 from custom_components.mynas.engine.node import Reachability
 
-from .conftest import BOB_ID, PHOTOS_ID, Bob, make_tree
-
-PAIR = (PHOTOS_ID, BOB_ID)
+from .conftest import BOB_ID, PAIR, PHOTOS_ID, Bob, make_tree
 
 
 def _issue(hass: HomeAssistant, issue_id: str) -> ir.IssueEntry | None:

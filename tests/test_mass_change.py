@@ -16,25 +16,22 @@ from homeassistant.components.repairs import repairs_flow_manager
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import issue_registry as ir
-from homeassistant.setup import async_setup_component
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.mynas.const import CONF_MASS_CHANGE, DOMAIN
 from custom_components.mynas.models import ErrorKind, SyncState
 
-from .conftest import BOB_ID, PHOTOS_ID, Bob, add_folder, add_peer, make_tree, setup_entry
+from .conftest import BOB_ID, PAIR, PHOTOS_ID, Bob, RunningNode
 from .flow_support import assert_translated
 
 ISSUE = f"mass_change_{PHOTOS_ID}_{BOB_ID}"
 FIX = ("issues", "mass_change", "fix_flow")
-PAIR = (PHOTOS_ID, BOB_ID)
+TWENTY_FIVE = {f"{n:02}.jpg": b"photo %d" % n for n in range(25)}
 
 
-@pytest.fixture(autouse=True)
-async def repairs_loaded(hass: HomeAssistant) -> None:
-    """The repairs integration, which runs fix flows."""
-    assert await async_setup_component(hass, "repairs", {})
+# Fix flows run in the repairs integration.
+pytestmark = pytest.mark.usefixtures("repairs_loaded")
 
 
 def _held_at(bob: Bob) -> dict[str, str]:
@@ -67,13 +64,9 @@ async def _fix(hass: HomeAssistant, choice: str) -> Any:
 
 
 async def test_a_mass_change_is_held_until_sent(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, running_node: RunningNode
 ) -> None:
-    photos = make_tree(tmp_path / "photos", {f"{n:02}.jpg": b"photo %d" % n for n in range(25)})
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    photos = await running_node(TWENTY_FIVE)
     assert (await _sync(hass))["status"] == "success"
     sent = _held_at(bob)
     assert len(sent) == 25
@@ -121,14 +114,10 @@ async def test_a_mass_change_is_held_until_sent(
 
 
 async def test_the_threshold_is_an_option_and_0_never_holds(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, running_node: RunningNode
 ) -> None:
     hass.config_entries.async_update_entry(node_entry, options={CONF_MASS_CHANGE: 0})
-    photos = make_tree(tmp_path / "photos", {f"{n:02}.jpg": b"photo %d" % n for n in range(25)})
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    photos = await running_node(TWENTY_FIVE)
     for n in range(25):
         (photos / f"{n:02}.jpg").write_bytes(b"changed %d" % n)
     result = await _sync(hass)
@@ -136,14 +125,11 @@ async def test_the_threshold_is_an_option_and_0_never_holds(
 
 
 async def test_send_it_needs_the_node_and_the_pair(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, running_node: RunningNode
 ) -> None:
     from custom_components.mynas import issues  # noqa: PLC0415
 
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node({"a.jpg": b"a"})
     text = {"folder": "Photos", "peer": "Bob", "replaced": "1", "deleted": "0", "total": "1"}
     text |= {"share": "100", "percent": "30", "examples": "a.jpg"}
     issues.mass_change(hass, node_entry.entry_id, PHOTOS_ID, "gone-peer", text)

@@ -15,7 +15,6 @@ from homeassistant.components.repairs import repairs_flow_manager
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.json import JSONEncoder
-from homeassistant.setup import async_setup_component
 from PIL import Image, ImageDraw
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
@@ -35,10 +34,8 @@ _SVG = "{http://www.w3.org/2000/svg}"
 _RUN = re.compile(r"M(\d+) (\d+)h(\d+)v1h-(\d+)z")
 
 
-@pytest.fixture(autouse=True)
-async def repairs_loaded(hass: HomeAssistant) -> None:
-    """The repairs integration, which runs fix flows (and their HTTP API)."""
-    assert await async_setup_component(hass, "repairs", {})
+# Fix flows run in the repairs integration.
+pytestmark = pytest.mark.usefixtures("repairs_loaded")
 
 
 def _issue_id(entry: MockConfigEntry) -> str:

@@ -13,7 +13,6 @@ from homeassistant.config_entries import ConfigEntryState, ConfigSubentry
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import issue_registry as ir
-from homeassistant.setup import async_setup_component
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
@@ -34,12 +33,11 @@ from custom_components.mynas.orphans import CONF_KEPT_DATA, jails_on_disk
 
 from .conftest import (
     BOB_ID,
+    PAIR,
     PHOTOS_ID,
     Bob,
-    add_folder,
-    add_peer,
+    RunningNode,
     gated_pushes,
-    make_tree,
     pin_peer,
     setup_entry,
 )
@@ -61,10 +59,8 @@ OVERDUE_TEXT = {
 }
 
 
-@pytest.fixture(autouse=True)
-async def repairs_loaded(hass: HomeAssistant) -> None:
-    """The repairs integration, which runs fix flows (and their HTTP API)."""
-    assert await async_setup_component(hass, "repairs", {})
+# Fix flows run in the repairs integration.
+pytestmark = pytest.mark.usefixtures("repairs_loaded")
 
 
 def _issue(hass: HomeAssistant, issue_id: str) -> ir.IssueEntry | None:
@@ -447,11 +443,10 @@ async def test_storage_fix_flow_for_a_removed_node(
 
 @pytest.fixture
 async def silent_bob(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, running_node: RunningNode
 ) -> str:
     """Bob is down, and has been long enough for the issue (threshold 0 hours)."""
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
+    running_node.protect({"a.jpg": b"a"})
     hass.config_entries.async_update_entry(node_entry, options={CONF_UNREACHABLE_HOURS: 0})
     await bob.stop()
     await setup_entry(hass, node_entry)
@@ -535,13 +530,11 @@ async def test_unreachable_retry_for_a_peer_removed_meanwhile(
 async def test_back_up_again_now(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
-    bob: Bob,
-    tmp_path: Path,
     issue_id: str,
     section: tuple[str, ...],
+    running_node: RunningNode,
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
+    running_node.protect({"a.jpg": b"a"})
     with gated_pushes(hass) as (entered, release):
         await setup_entry(hass, node_entry)
         await entered.get()  # the first sync runs: hold it
@@ -556,18 +549,15 @@ async def test_back_up_again_now(
         result = await _step(hass, result["flow_id"], {})
         assert result["type"] is FlowResultType.CREATE_ENTRY
         assert _issue(hass, issue_id) is None
-        assert manager.running((PHOTOS_ID, BOB_ID))
+        assert manager.running(PAIR)
         release.set()
     await hass.async_block_till_done(wait_background_tasks=True)
 
 
 async def test_back_up_again_needs_the_node_and_its_disk(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, running_node: RunningNode
 ) -> None:
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "photos", {"a.jpg": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node({"a.jpg": b"a"})
     issue_id = f"overdue_{PHOTOS_ID}"
     issues.overdue(hass, node_entry.entry_id, PHOTOS_ID, OVERDUE_TEXT)
     result = await _fix(hass, issue_id)

@@ -22,22 +22,18 @@ from custom_components.mynas import restore_flow
 from custom_components.mynas.const import DOMAIN
 from custom_components.mynas.engine import PeerUnreachable
 
-from .conftest import BOB_ID, Bob, add_folder, add_peer, make_tree, setup_entry
+from .conftest import BOB_ID, Bob, RunningNode, add_folder, add_peer, make_tree, setup_entry
 from .flow_support import assert_translated
 
 DOCS_ID = "01DOCSSUBENTRY000000000000"
 
 
-async def _backed_up(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
-) -> None:
+async def _backed_up(hass: HomeAssistant, alice: RunningNode) -> None:
     """Alice protects Photos and Docs on Bob; both synced."""
-    add_peer(hass, node_entry, bob)
-    photos = make_tree(tmp_path / "photos", {"a.jpg": b"a" * 1000, "2024/b.jpg": b"b" * 2000})
-    add_folder(hass, node_entry, photos)
-    docs = make_tree(tmp_path / "docs", {"tax.pdf": b"t" * 300})
-    add_folder(hass, node_entry, docs, name="Docs", subentry_id=DOCS_ID)
-    await setup_entry(hass, node_entry)
+    alice.protect({"a.jpg": b"a" * 1000, "2024/b.jpg": b"b" * 2000})
+    docs = make_tree(alice.tmp_path / "docs", {"tax.pdf": b"t" * 300})
+    add_folder(hass, alice.entry, docs, name="Docs", subentry_id=DOCS_ID)
+    await setup_entry(hass, alice.entry)
     await hass.async_block_till_done(wait_background_tasks=True)
     for folder in ("Photos", "Docs"):
         response = await hass.services.async_call(
@@ -53,10 +49,10 @@ async def _list(hass: HomeAssistant, **data: Any) -> Any:
 
 
 async def test_list_folders_says_what_each_friend_keeps(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, running_node: RunningNode
 ) -> None:
     before = dt_util.utcnow()
-    await _backed_up(hass, node_entry, bob, tmp_path)
+    await _backed_up(hass, running_node)
     response = await _list(hass, peer="Bob")
     (peer,) = response["peers"]
     assert peer["peer"] == "Bob"
@@ -98,10 +94,16 @@ async def _open(hass: HomeAssistant, entry: MockConfigEntry) -> Any:
     )
 
 
+async def _open_on_bob(hass: HomeAssistant, entry: MockConfigEntry) -> Any:
+    """The restore dialog, Bob chosen: the folders he keeps."""
+    result = await _open(hass, entry)
+    return await hass.config_entries.options.async_configure(result["flow_id"], {"peer": BOB_ID})
+
+
 async def test_the_dialog_restores_everything_onto_the_storage_disk(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: RunningNode
 ) -> None:
-    await _backed_up(hass, node_entry, bob, tmp_path)
+    await _backed_up(hass, running_node)
     (tmp_path / f"MyNAS restore {dt_util.now():%Y-%m-%d}").mkdir()  # an earlier restore today
     result = await _open(hass, node_entry)
     assert result["type"] is FlowResultType.FORM
@@ -138,11 +140,10 @@ async def test_the_dialog_restores_everything_onto_the_storage_disk(
 
 
 async def test_the_dialog_says_what_went_wrong(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, running_node: RunningNode
 ) -> None:
-    await _backed_up(hass, node_entry, bob, tmp_path)
-    result = await _open(hass, node_entry)
-    result = await hass.config_entries.options.async_configure(result["flow_id"], {"peer": BOB_ID})
+    await _backed_up(hass, running_node)
+    result = await _open_on_bob(hass, node_entry)
     node = node_entry.runtime_data.node
 
     async def fails(*_args: Any, **_kwargs: Any) -> Any:
@@ -160,8 +161,7 @@ async def test_the_dialog_says_what_went_wrong(
 
     # A friend that does not answer: said on the form, nothing lost.
     await bob.stop()
-    result = await _open(hass, node_entry)
-    result = await hass.config_entries.options.async_configure(result["flow_id"], {"peer": BOB_ID})
+    result = await _open_on_bob(hass, node_entry)
     assert result["errors"] == {"base": "list_failed"}
     assert_translated(result, "options")
     assert "cannot reach" in result["description_placeholders"]["error"]
@@ -176,8 +176,7 @@ async def test_the_dialog_with_nothing_to_restore(
     assert_translated(result, "options")
     add_peer(hass, node_entry, bob)
     await hass.async_block_till_done(wait_background_tasks=True)
-    result = await _open(hass, node_entry)
-    result = await hass.config_entries.options.async_configure(result["flow_id"], {"peer": BOB_ID})
+    result = await _open_on_bob(hass, node_entry)
     assert result["reason"] == "nothing_kept"
     assert_translated(result, "options")
     assert await hass.config_entries.async_unload(node_entry.entry_id)
@@ -206,11 +205,10 @@ def test_a_listing_names_home_assistant_s_backups_apart() -> None:
 
 
 async def test_the_dialog_needs_the_node_running_to_restore(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, running_node: RunningNode
 ) -> None:
-    await _backed_up(hass, node_entry, bob, tmp_path)
-    result = await _open(hass, node_entry)
-    result = await hass.config_entries.options.async_configure(result["flow_id"], {"peer": BOB_ID})
+    await _backed_up(hass, running_node)
+    result = await _open_on_bob(hass, node_entry)
     assert result["step_id"] == "restore_folders"
     assert await hass.config_entries.async_unload(node_entry.entry_id)
     result = await hass.config_entries.options.async_configure(

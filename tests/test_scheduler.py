@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,17 +28,20 @@ from custom_components.mynas.sync_manager import SyncManager
 
 from .conftest import (
     BOB_ID,
+    PAIR,
     PHOTOS_ID,
     Bob,
+    RunningNode,
     add_folder,
-    add_peer,
     gated_pushes,
     make_tree,
     setup_entry,
+    stored_pair,
 )
 
-PAIR = (PHOTOS_ID, BOB_ID)
 DOCS_ID = "01FOLDERDOCS00000000000000"
+Protect = Callable[..., list[Event]]
+Start = Callable[..., Awaitable[list[Event]]]
 
 
 @pytest.fixture
@@ -67,23 +71,27 @@ def _statuses(events: list[Event]) -> list[str]:
     return [event.data["status"] for event in events]
 
 
-def _protect(
-    hass: HomeAssistant, entry: MockConfigEntry, bob: Bob, photos: Path, **folder: Any
-) -> list[Event]:
+@pytest.fixture
+def protect(hass: HomeAssistant, running_node: RunningNode, photos: Path) -> Protect:
     """Pair with Bob and protect ``photos`` on him; return the sync events from now on."""
-    add_peer(hass, entry, bob)
-    add_folder(hass, entry, photos, **folder)
-    return async_capture_events(hass, EVENT_SYNC_FINISHED)
+
+    def protect(**folder: Any) -> list[Event]:
+        running_node.protect(photos, **folder)
+        return async_capture_events(hass, EVENT_SYNC_FINISHED)
+
+    return protect
 
 
-async def _start(
-    hass: HomeAssistant, entry: MockConfigEntry, bob: Bob, photos: Path, **folder: Any
-) -> list[Event]:
-    """``_protect``, then load the node and let its first runs finish."""
-    events = _protect(hass, entry, bob, photos, **folder)
-    await setup_entry(hass, entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
-    return events
+@pytest.fixture
+def start(hass: HomeAssistant, running_node: RunningNode, photos: Path) -> Start:
+    """``protect``, then load the node and let its first runs finish."""
+
+    async def start(**folder: Any) -> list[Event]:
+        events = async_capture_events(hass, EVENT_SYNC_FINISHED)
+        await running_node(photos, **folder)
+        return events
+
+    return start
 
 
 def _manager(entry: MockConfigEntry) -> SyncManager:
@@ -91,9 +99,9 @@ def _manager(entry: MockConfigEntry) -> SyncManager:
 
 
 async def test_never_synced_pair_runs_at_once(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, start: Start
 ) -> None:
-    events = await _start(hass, node_entry, bob, photos)
+    events = await start()
     assert _statuses(events) == ["success"]
     assert (bob.replica("Photos") / "sub" / "b.jpg").read_bytes() == b"b" * 2000
     status = _manager(node_entry).data.pairs[PAIR]
@@ -107,12 +115,11 @@ async def test_daily_schedule_runs_at_its_time(
     hass: HomeAssistant,
     paris: None,
     node_entry: MockConfigEntry,
-    bob: Bob,
-    photos: Path,
     freezer: FrozenDateTimeFactory,
+    start: Start,
 ) -> None:
     freezer.move_to("2026-05-04 10:00:00+02:00")
-    events = await _start(hass, node_entry, bob, photos, schedule="daily", at="03:00:00")
+    events = await start(schedule="daily", at="03:00:00")
     assert _statuses(events) == ["success"]  # never synced: at once
     manager = _manager(node_entry)
     assert manager.next_run(PAIR) == dt_util.parse_datetime("2026-05-05 03:00:00+02:00")
@@ -131,12 +138,10 @@ async def test_daily_schedule_runs_at_its_time(
 
 async def test_interval_schedule(
     hass: HomeAssistant,
-    node_entry: MockConfigEntry,
-    bob: Bob,
-    photos: Path,
     freezer: FrozenDateTimeFactory,
+    start: Start,
 ) -> None:
-    events = await _start(hass, node_entry, bob, photos, schedule="interval", hours=6)
+    events = await start(schedule="interval", hours=6)
     assert len(events) == 1
     await _advance(hass, freezer, timedelta(hours=5, minutes=58))
     assert len(events) == 1
@@ -150,14 +155,14 @@ async def test_retries_with_backoff_while_the_peer_is_down(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
     bob: Bob,
-    photos: Path,
     freezer: FrozenDateTimeFactory,
     caplog: pytest.LogCaptureFixture,
+    start: Start,
 ) -> None:
     # Late morning: the daily 03:00 run must not fall inside the retry window.
     freezer.move_to(dt_util.now().replace(hour=10, minute=0))
     await bob.stop()
-    events = await _start(hass, node_entry, bob, photos)
+    events = await start()
     manager = _manager(node_entry)
     status = manager.data.pairs[PAIR]
     first = status.last_attempt
@@ -191,9 +196,9 @@ async def test_retries_with_backoff_while_the_peer_is_down(
 
 
 async def test_never_two_runs_of_a_pair_at_once(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, protect: Protect
 ) -> None:
-    events = _protect(hass, node_entry, bob, photos)
+    events = protect()
     with gated_pushes(hass) as (entered, release):
         await setup_entry(hass, node_entry)
         assert await entered.get() == "Photos"
@@ -221,12 +226,12 @@ async def test_never_two_runs_of_a_pair_at_once(
 
 
 async def test_one_transfer_per_peer_at_a_time(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, protect: Protect
 ) -> None:
     """Two folders to Bob: the second waits for the first, without looking busy."""
     docs = make_tree(tmp_path / "docs", {"letter.txt": b"dear bob"})
     add_folder(hass, node_entry, docs, name="Docs", subentry_id=DOCS_ID)
-    events = _protect(hass, node_entry, bob, photos)
+    events = protect()
     with gated_pushes(hass) as (entered, release):
         await setup_entry(hass, node_entry)
         first = await entered.get()
@@ -252,10 +257,9 @@ async def test_state_survives_a_restart(
     hass: HomeAssistant,
     hass_storage: dict[str, Any],
     node_entry: MockConfigEntry,
-    bob: Bob,
-    photos: Path,
+    start: Start,
 ) -> None:
-    await _start(hass, node_entry, bob, photos)
+    await start()
     before = _manager(node_entry).data.pairs[PAIR]
     assert before.last_success is not None
     assert await hass.config_entries.async_reload(node_entry.entry_id)
@@ -275,29 +279,24 @@ async def test_restored_failures_keep_the_backoff(
     hass: HomeAssistant,
     hass_storage: dict[str, Any],
     node_entry: MockConfigEntry,
-    bob: Bob,
-    photos: Path,
     freezer: FrozenDateTimeFactory,
+    start: Start,
 ) -> None:
     """Failures survive a restart: the pair shows its error and retries on schedule."""
     freezer.move_to(dt_util.now().replace(hour=10, minute=0))  # far from the daily 03:00
     now = dt_util.utcnow()
-    hass_storage[f"{DOMAIN}.{node_entry.entry_id}"] = {
-        "version": 1,
-        "key": f"{DOMAIN}.{node_entry.entry_id}",
-        "data": {
-            "pairs": {
-                f"{PHOTOS_ID}|{BOB_ID}": {
-                    "last_attempt": (now - timedelta(minutes=1)).isoformat(),
-                    "first_attempt": (now - timedelta(hours=2)).isoformat(),
-                    "failures": 3,
-                    "last_error": "cannot reach 127.0.0.1:1: connection refused",
-                }
-            },
-            "peers": {BOB_ID: {"last_seen": (now - timedelta(days=1)).isoformat()}},
+    stored_pair(
+        hass_storage,
+        node_entry,
+        {
+            "last_attempt": (now - timedelta(minutes=1)).isoformat(),
+            "first_attempt": (now - timedelta(hours=2)).isoformat(),
+            "failures": 3,
+            "last_error": "cannot reach 127.0.0.1:1: connection refused",
         },
-    }
-    events = await _start(hass, node_entry, bob, photos)
+        peers={BOB_ID: {"last_seen": (now - timedelta(days=1)).isoformat()}},
+    )
+    events = await start()
     status = _manager(node_entry).data.pairs[PAIR]
     assert (status.state, status.failures) == (SyncState.ERROR, 3)
     assert events == []  # the retry is due 20 minutes after the last attempt
@@ -313,9 +312,10 @@ async def test_no_run_while_the_disk_is_missing(
     bob: Bob,
     photos: Path,
     freezer: FrozenDateTimeFactory,
+    start: Start,
 ) -> None:
     """Unplugged or swapped: no run sends anything, and none counts against the pair."""
-    events = await _start(hass, node_entry, bob, photos, schedule="interval", hours=1)
+    events = await start(schedule="interval", hours=1)
     assert len(events) == 1
     marker = node_root / ".mynas" / "node.json"
     saved = marker.read_bytes()
@@ -347,11 +347,10 @@ async def test_a_run_checks_the_disk_first(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
     node_root: Path,
-    bob: Bob,
-    photos: Path,
+    start: Start,
 ) -> None:
     """Started before the coordinator noticed, a run still refuses a foreign disk."""
-    await _start(hass, node_entry, bob, photos)
+    await start()
     storage_root.write_marker(node_root, storage_root.Marker("other", "Eve"))
     summary = await _manager(node_entry).start(PAIR, SyncKind.SYNC)
     assert summary["status"] == "failed"
@@ -362,11 +361,10 @@ async def test_a_run_checks_the_disk_first(
 async def test_the_tick_leaves_a_running_pair_alone(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
-    bob: Bob,
-    photos: Path,
     freezer: FrozenDateTimeFactory,
+    protect: Protect,
 ) -> None:
-    events = _protect(hass, node_entry, bob, photos, schedule="interval", hours=1)
+    events = protect(schedule="interval", hours=1)
     with gated_pushes(hass) as (entered, release):
         await setup_entry(hass, node_entry)
         await entered.get()
@@ -384,11 +382,10 @@ async def test_the_tick_leaves_a_running_pair_alone(
 async def test_an_unexpected_engine_error_ends_the_run_cleanly(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
-    bob: Bob,
-    photos: Path,
     caplog: pytest.LogCaptureFixture,
+    protect: Protect,
 ) -> None:
-    events = _protect(hass, node_entry, bob, photos)
+    events = protect()
     with patch(
         "custom_components.mynas.engine.node.push_folder",
         side_effect=RuntimeError("index on fire"),
@@ -407,13 +404,13 @@ async def test_an_unexpected_engine_error_ends_the_run_cleanly(
 
 
 async def test_a_peer_that_has_not_added_us_yet(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, photos: Path, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path, start: Start
 ) -> None:
     """Bob answers with his key but does not know ours: "waiting", not "unreachable"."""
     stranger, _ = await hass.async_add_executor_job(identity.load_or_create, tmp_path / "other.key")
     bob.alice_key = stranger.public_line
     await bob.restart()
-    await _start(hass, node_entry, bob, photos)
+    await start()
     manager = _manager(node_entry)
     assert manager.data.peers[BOB_ID].reachability is Reachability.WAITING
     assert "has not added this node yet" in (manager.data.pairs[PAIR].last_error or "")

@@ -36,7 +36,7 @@ from .conftest import (
     BOB_ID,
     PHOTOS_ID,
     Bob,
-    add_folder,
+    RunningNode,
     add_peer,
     gated_pushes,
     make_tree,
@@ -273,13 +273,12 @@ async def test_space_there_is_unavailable_while_the_peer_does_not_answer(
 
 @pytest.mark.usefixtures("enable_all_entities")
 async def test_progress_while_transferring(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: RunningNode
 ) -> None:
     """A bandwidth limit makes the transfer last: its state, progress and data left show."""
     size = 6_000_000
     source = make_tree(tmp_path / "video", {"film.mkv": os.urandom(size)})
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, source, name="Video", bwlimit=2)  # 2 MB/s: about 2 s
+    running_node.protect(source, name="Video", bwlimit=2)  # 2 MB/s: about 2 s
     seen: list[tuple[str, str, str, str]] = []
     ids = [
         "sensor.video_backup_state_on_bob",
@@ -319,14 +318,12 @@ async def test_progress_while_transferring(
 
 
 async def test_last_error_and_error_state(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant,
+    bob: Bob,
+    running_node: RunningNode,
 ) -> None:
-    source = make_tree(tmp_path / "docs", {"a.txt": b"a"})
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, source, name="Docs")
     await bob.stop()
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node({"a.txt": b"a"}, name="Docs")
     assert _sensor(hass, "docs_backup_state_on_bob") == "error"
     # Said for the household (translated); the engine's words are the details.
     error = hass.states.get("sensor.docs_last_error_with_bob")

@@ -17,28 +17,21 @@ import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, MockUser
 
 from custom_components.mynas import texts
-from custom_components.mynas.const import (
-    CONF_KEY_FILE,
-    CONF_NODE_ID,
-    CONF_NODE_NAME,
-    CONF_NODE_PUBLIC_KEY,
-    CONF_PORT,
-    CONF_STORAGE_ROOT,
-    DOMAIN,
-)
-from custom_components.mynas.engine import identity, storage_root
+from custom_components.mynas.const import DOMAIN
+from custom_components.mynas.engine import identity
 from custom_components.mynas.engine.errors import HostRefused
 from custom_components.mynas.engine.node import Node
 from custom_components.mynas.entity import device_identifier
 
 from .conftest import (
     BOB_ID,
+    PAIR,
     PHOTOS_ID,
     Bob,
-    add_folder,
+    RunningNode,
+    add_node_entry,
     add_peer,
     gated_pushes,
-    make_tree,
     setup_entry,
 )
 
@@ -48,14 +41,11 @@ CAROL_ID = "01PEERCAROL000000000000000"
 
 @pytest.fixture
 async def node(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, tmp_path: Path, running_node: RunningNode
 ) -> MockConfigEntry:
     """Alice, with Photos synced to Bob; Home Assistant may write under tmp_path."""
     hass.config.allowlist_external_dirs = {str(tmp_path)}
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, make_tree(tmp_path / "photos", FILES))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node(FILES)
     return node_entry
 
 
@@ -115,16 +105,17 @@ async def test_sync_unknown_folder_or_peer(hass: HomeAssistant, node: MockConfig
 
 
 async def test_sync_a_folder_to_a_peer_it_does_not_go_to(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant,
+    node_entry: MockConfigEntry,
+    bob: Bob,
+    tmp_path: Path,
+    running_node: RunningNode,
 ) -> None:
-    add_peer(hass, node_entry, bob)
     carol, _ = await hass.async_add_executor_job(identity.load_or_create, tmp_path / "c.key")
     add_peer(
         hass, node_entry, Bob(bob.engine, tmp_path, carol, ""), name="Carol", subentry_id=CAROL_ID
     )
-    add_folder(hass, node_entry, make_tree(tmp_path / "p", {"a": b"a"}))
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await running_node({"a": b"a"})
     err = await _invalid(hass, "sync", folder="Photos", peer="Carol")
     assert err.translation_key == "nothing_to_sync"
 
@@ -170,22 +161,14 @@ async def test_several_nodes_need_the_entry_id(
 ) -> None:
     root = tmp_path / "disk2"
     root.mkdir()
-    marker = storage_root.claim_root(root, "Attic")
-    key, _ = identity.load_or_create(tmp_path / "attic.key")
-    second = MockConfigEntry(
-        domain=DOMAIN,
-        title="Attic",
+    second = add_node_entry(
+        hass,
+        root,
+        unused_tcp_port_factory(),
+        name="Attic",
+        key_file=tmp_path / "attic.key",
         unique_id="attic",
-        data={
-            CONF_NODE_NAME: "Attic",
-            CONF_STORAGE_ROOT: str(root),
-            CONF_PORT: unused_tcp_port_factory(),
-            CONF_NODE_ID: marker.node_id,
-            CONF_KEY_FILE: str(tmp_path / "attic.key"),
-            CONF_NODE_PUBLIC_KEY: key.public_line,
-        },
     )
-    second.add_to_hass(hass)
     await setup_entry(hass, node_entry)  # sets up every node entry
     assert node_entry.state is ConfigEntryState.LOADED
     assert second.state is ConfigEntryState.LOADED
@@ -226,7 +209,7 @@ async def test_verify_with_the_peer_down(
     assert result["status"] == "failed"
     assert "connection refused" in result["error"]
     # A failed verify does not count against the sync schedule.
-    status = node.runtime_data.manager.data.pairs[(PHOTOS_ID, BOB_ID)]
+    status = node.runtime_data.manager.data.pairs[PAIR]
     assert (status.failures, status.state) == (0, "idle")
     assert "connection refused" in (status.last_error or "")
 

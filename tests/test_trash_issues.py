@@ -21,7 +21,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.mynas import coordinator
 from custom_components.mynas.const import CONF_MASS_CHANGE, CONF_QUOTA, DOMAIN
 
-from .conftest import BOB_ID, Bob, add_folder, add_peer, make_tree, setup_entry
+from .conftest import BOB_ID, Bob, RunningNode, add_peer, setup_entry
 
 KB = 1000
 
@@ -39,15 +39,11 @@ async def _sync(hass: HomeAssistant) -> Any:
 
 
 async def test_the_owner_hears_that_trash_fills_its_space_there(
-    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, tmp_path: Path
+    hass: HomeAssistant, node_entry: MockConfigEntry, bob: Bob, running_node: RunningNode
 ) -> None:
     await bob.restart(quota=1000 * KB)
     hass.config_entries.async_update_entry(node_entry, options={CONF_MASS_CHANGE: 0})
-    photos = make_tree(tmp_path / "photos", {f"{n:02}.jpg": os.urandom(20 * KB) for n in range(30)})
-    add_peer(hass, node_entry, bob)
-    add_folder(hass, node_entry, photos)
-    await setup_entry(hass, node_entry)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    photos = await running_node({f"{n:02}.jpg": os.urandom(20 * KB) for n in range(30)})
     assert (await _sync(hass))["status"] == "success"
     assert _issue(hass, f"trash_fills_quota_{BOB_ID}") is None
 

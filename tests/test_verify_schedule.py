@@ -6,6 +6,7 @@ moved by the freezer; the damage is done to Bob's disk itself.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from homeassistant.components.repairs import repairs_flow_manager
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import issue_registry as ir
-from homeassistant.setup import async_setup_component
 from homeassistant.util import dt as dt_util
 import pytest
 from pytest_homeassistant_custom_component.common import (
@@ -38,24 +38,22 @@ from custom_components.mynas.scheduler import VERIFY_RETRY, verify_offset
 from .conftest import (
     BOB_ID,
     NOW,
+    PAIR,
     PHOTOS_ID,
     Bob,
     Gate,
+    RunningNode,
     add_folder,
-    add_peer,
     make_tree,
     setup_entry,
 )
 from .flow_support import assert_translated
 
-PAIR = (PHOTOS_ID, BOB_ID)
 DAMAGE_ISSUE = f"verify_damage_{PHOTOS_ID}_{BOB_ID}"
 
 
-@pytest.fixture(autouse=True)
-async def repairs_loaded(hass: HomeAssistant) -> None:
-    """The repairs integration, which runs fix flows."""
-    assert await async_setup_component(hass, "repairs", {})
+# Fix flows run in the repairs integration.
+pytestmark = pytest.mark.usefixtures("repairs_loaded")
 
 
 @pytest.fixture
@@ -84,24 +82,38 @@ async def _at(hass: HomeAssistant, freezer: FrozenDateTimeFactory, when: datetim
     await hass.async_block_till_done(wait_background_tasks=True)
 
 
-async def _started(
+Started = Callable[..., Awaitable[list[Any]]]
+
+
+@pytest.fixture
+def started(
     hass: HomeAssistant,
-    entry: MockConfigEntry,
-    bob: Bob,
+    node_entry: MockConfigEntry,
     photos: Path,
     freezer: FrozenDateTimeFactory,
-    **options: Any,
-) -> list[Any]:
-    """Alice protecting Photos (encrypted) on Bob, first synced now; verify events."""
-    freezer.move_to(NOW)
-    hass.config_entries.async_update_entry(entry, options=options)
-    add_peer(hass, entry, bob)
-    add_folder(hass, entry, photos, encrypted=True)
-    events = async_capture_events(hass, EVENT_SYNC_FINISHED)
-    await setup_entry(hass, entry)
+    running_node: RunningNode,
+) -> Started:
+    """Alice protecting Photos (encrypted) on Bob, first synced now; the sync events.
+
+    Called with the node's options.
+    """
+
+    async def start(**options: Any) -> list[Any]:
+        freezer.move_to(NOW)
+        hass.config_entries.async_update_entry(node_entry, options=options)
+        events = async_capture_events(hass, EVENT_SYNC_FINISHED)
+        await running_node(photos, encrypted=True)
+        assert [(e.data["kind"], e.data["status"]) for e in events] == [("sync", "success")]
+        return events
+
+    return start
+
+
+async def _add_docs(hass: HomeAssistant, entry: MockConfigEntry, tmp_path: Path) -> None:
+    """Protect Docs (encrypted) on Bob too; the node reloads and syncs it."""
+    docs = make_tree(tmp_path / "docs", {"a.txt": b"a"})
+    add_folder(hass, entry, docs, name="Docs", subentry_id="01FOLDERDOCS", encrypted=True)
     await hass.async_block_till_done(wait_background_tasks=True)
-    assert [(e.data["kind"], e.data["status"]) for e in events] == [("sync", "success")]
-    return events
 
 
 def _verifies(events: list[Any]) -> list[dict[str, Any]]:
@@ -114,8 +126,9 @@ async def test_the_monthly_verify_repairs_damage_at_bobs_and_says_so(
     bob: Bob,
     photos: Path,
     freezer: FrozenDateTimeFactory,
+    started: Started,
 ) -> None:
-    events = await _started(hass, node_entry, bob, photos, freezer)
+    events = await started()
     first = dt_util.utcnow()
     # The schedule is visible: 30 days after the first sync, at the pair's own time of day.
     expected = first + timedelta(days=30) + verify_offset(PAIR, timedelta(days=30))
@@ -189,16 +202,13 @@ async def test_the_monthly_verify_repairs_damage_at_bobs_and_says_so(
 async def test_no_verify_storm_at_start_and_one_at_a_time(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
-    bob: Bob,
-    photos: Path,
     tmp_path: Path,
     freezer: FrozenDateTimeFactory,
+    started: Started,
 ) -> None:
     """Long overdue at start: none in the first minutes, then one per tick, none twice."""
-    await _started(hass, node_entry, bob, photos, freezer)
-    docs = make_tree(tmp_path / "docs", {"a.txt": b"a"})
-    add_folder(hass, node_entry, docs, name="Docs", subentry_id="01FOLDERDOCS", encrypted=True)
-    await hass.async_block_till_done(wait_background_tasks=True)  # reloaded, Docs synced
+    await started()
+    await _add_docs(hass, node_entry, tmp_path)  # reloaded, Docs synced
     # Home Assistant was off for two months: both pairs are long due when it starts.
     await hass.config_entries.async_unload(node_entry.entry_id)
     started = dt_util.utcnow() + timedelta(days=60)
@@ -219,12 +229,11 @@ async def test_no_verify_storm_at_start_and_one_at_a_time(
 
 async def test_a_failed_verify_is_tried_again_an_hour_later(
     hass: HomeAssistant,
-    node_entry: MockConfigEntry,
     bob: Bob,
-    photos: Path,
     freezer: FrozenDateTimeFactory,
+    started: Started,
 ) -> None:
-    events = await _started(hass, node_entry, bob, photos, freezer)
+    events = await started()
     due = _when(hass, "sensor.photos_next_verify_on_bob")
     assert due is not None
     await _at(hass, freezer, due + timedelta(minutes=1))  # the daily sync, done
@@ -244,12 +253,11 @@ async def test_a_failed_verify_is_tried_again_an_hour_later(
 async def test_verifying_can_be_turned_off(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
-    bob: Bob,
-    photos: Path,
     freezer: FrozenDateTimeFactory,
+    started: Started,
 ) -> None:
     """Configure → Verify copies: 0 days is never; the sensor says nothing is planned."""
-    events = await _started(hass, node_entry, bob, photos, freezer)
+    events = await started()
     result = await hass.config_entries.options.async_init(node_entry.entry_id)
     result = await hass.config_entries.options.async_configure(
         result["flow_id"], {"next_step_id": "verify"}
@@ -271,12 +279,10 @@ async def test_verifying_can_be_turned_off(
 
 async def test_every_week(
     hass: HomeAssistant,
-    node_entry: MockConfigEntry,
-    bob: Bob,
-    photos: Path,
     freezer: FrozenDateTimeFactory,
+    started: Started,
 ) -> None:
-    await _started(hass, node_entry, bob, photos, freezer, **{CONF_VERIFY_DAYS: 7})
+    await started(**{CONF_VERIFY_DAYS: 7})
     due = _when(hass, "sensor.photos_next_verify_on_bob")
     assert due is not None
     offset = verify_offset(PAIR, timedelta(days=7))
@@ -287,18 +293,15 @@ async def test_every_week(
 async def test_a_verify_waits_while_another_runs(
     hass: HomeAssistant,
     node_entry: MockConfigEntry,
-    bob: Bob,
-    photos: Path,
     tmp_path: Path,
     freezer: FrozenDateTimeFactory,
+    started: Started,
 ) -> None:
     """Two pairs due: while the first verify runs (held inside the engine), none other starts."""
-    await _started(hass, node_entry, bob, photos, freezer)
-    docs = make_tree(tmp_path / "docs", {"a.txt": b"a"})
-    add_folder(hass, node_entry, docs, name="Docs", subentry_id="01FOLDERDOCS", encrypted=True)
-    await hass.async_block_till_done(wait_background_tasks=True)
+    await started()
+    await _add_docs(hass, node_entry, tmp_path)
     manager = node_entry.runtime_data.manager
-    pairs = [(PHOTOS_ID, BOB_ID), ("01FOLDERDOCS", BOB_ID)]
+    pairs = [PAIR, ("01FOLDERDOCS", BOB_ID)]
     later = dt_util.utcnow() + timedelta(days=32)
     real = verify_module.verify
     release = Gate()
