@@ -252,6 +252,11 @@ async function folderDialog(page, url) {
   await shot(page, 'folder-what.png');
   await found.click();
   await settle(page, 300);
+  // Further down the same form: the copy encrypted, on by default.
+  const encrypt = dialog.getByText('Encrypt the copy (recommended)').first();
+  await encrypt.scrollIntoViewIfNeeded();
+  await settle(page, 500);
+  await shot(page, 'folder-encrypt.png');
   await dialog.getByRole('button', { name: /^(Next|Submit)$/ }).click();
   await dialog.getByText('When to copy Photos').first().waitFor();
   await settle(page, 800);
