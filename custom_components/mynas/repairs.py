@@ -64,6 +64,22 @@ class _StartsAtConfirm(RepairsFlow):
         """Say what to do; on submit, do it (each flow its own)."""
         raise NotImplementedError
 
+    def _confirm_form(
+        self,
+        placeholders: dict[str, str],
+        *,
+        ticked: str | None = None,
+        errors: dict[str, str] | None = None,
+    ) -> RepairsFlowResult:
+        """The ``confirm`` step: the text, and the box ``ticked`` names if one must be ticked."""
+        schema = {vol.Required(ticked, default=False): BooleanSelector()} if ticked else {}
+        return self.async_show_form(
+            step_id="confirm",
+            data_schema=vol.Schema(schema),
+            errors=errors,
+            description_placeholders=placeholders,
+        )
+
 
 class _IssueFlow(_StartsAtConfirm):
     """A fix flow of node ``entry_id``'s issue: its texts take the issue's placeholders."""
@@ -112,12 +128,7 @@ class StorageFlow(_IssueFlow):
             if not self._issue_open():
                 return self.async_create_entry(data={})
             errors["base"] = "not_back"
-        return self.async_show_form(
-            step_id="confirm",
-            data_schema=vol.Schema({}),
-            errors=errors,
-            description_placeholders=placeholders,
-        )
+        return self._confirm_form(placeholders, errors=errors)
 
 
 class UnreachableFlow(_IssueFlow):
@@ -212,11 +223,7 @@ class BackUpAgainFlow(_IssueFlow):
                     except HomeAssistantError:  # the disk went away meanwhile: its issue says
                         return self.async_abort(reason="node_not_loaded")
             return self.async_create_entry(data={})
-        return self.async_show_form(
-            step_id="confirm",
-            data_schema=vol.Schema({}),
-            description_placeholders=self._placeholders(),
-        )
+        return self._confirm_form(self._placeholders())
 
 
 class MassChangeFlow(_IssueFlow):
@@ -289,11 +296,8 @@ class KeyChangedFlow(_StartsAtConfirm):
                 )
                 issues.clear_key_changed(self.hass, self._peer_id)
                 return self.async_create_entry(data={})
-        return self.async_show_form(
-            step_id="confirm",
-            data_schema=vol.Schema({vol.Required(CONF_CONFIRM, default=False): BooleanSelector()}),
-            errors=errors,
-            description_placeholders={
+        return self._confirm_form(
+            {
                 "since": texts.NONE,
                 "folders": texts.NONE,
                 **_issue_placeholders(self.hass, self.issue_id),
@@ -301,6 +305,8 @@ class KeyChangedFlow(_StartsAtConfirm):
                 "old": fingerprint(subentry.data[CONF_PUBLIC_KEY]),
                 "new": fingerprint(self._new_key),
             },
+            ticked=CONF_CONFIRM,
+            errors=errors,
         )
 
 
@@ -328,11 +334,10 @@ class RecoveryKitFlow(_IssueFlow):
             code, qr = await self.hass.async_add_executor_job(kit_of, key_path(self.hass, entry))
         except KeyFileError:
             return self.async_abort(reason="key_unreadable")
-        return self.async_show_form(
-            step_id="confirm",
-            data_schema=vol.Schema({vol.Required(CONF_STORED, default=False): BooleanSelector()}),
+        return self._confirm_form(
+            {"node": entry.data[CONF_NODE_NAME], "code": code, "qr": qr},
+            ticked=CONF_STORED,
             errors=errors,
-            description_placeholders={"node": entry.data[CONF_NODE_NAME], "code": code, "qr": qr},
         )
 
 
@@ -345,8 +350,7 @@ class OrphanedDataFlow(RepairsFlow):
         self._jail = jail
 
     def _loaded_entry(self) -> MyNasConfigEntry | None:
-        entry = _entry(self.hass, self._entry_id)
-        return entry if entry is not None and entry.state is ConfigEntryState.LOADED else None
+        return _loaded(_entry(self.hass, self._entry_id))
 
     def _placeholders(self) -> dict[str, str]:
         issue = ir.async_get(self.hass).async_get_issue(DOMAIN, self.issue_id)
@@ -415,11 +419,7 @@ class ConvertFlow(_IssueFlow):
             return self.async_abort(reason="folder_gone")
         self._shown = self._placeholders()
         if user_input is None:
-            return self.async_show_form(
-                step_id="confirm",
-                data_schema=vol.Schema({}),
-                description_placeholders=self._shown,
-            )
+            return self._confirm_form(self._shown)
         pairs = [pair for pair in manager.pairs if pair[0] == self._folder_id]
         try:
             tasks = [manager.start(pair, SyncKind.CONVERT) for pair in pairs]
@@ -487,11 +487,7 @@ class VerifyDamageFlow(_IssueFlow):
         if user_input is not None:
             issues.clear_verify_damage(self.hass, self._folder_id, self._peer_id)
             return self.async_create_entry(data={})
-        return self.async_show_form(
-            step_id="confirm",
-            data_schema=vol.Schema({}),
-            description_placeholders=self._placeholders(),
-        )
+        return self._confirm_form(self._placeholders())
 
 
 async def async_create_fix_flow(
