@@ -10,6 +10,7 @@ once per node, until confirmed, for the one secret that survives the house.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -197,48 +198,39 @@ def unreachable(
     )
 
 
-def quota_refused(
-    hass: HomeAssistant,
-    entry_id: str,
-    folder_id: str,
-    peer_id: str,
-    placeholders: dict[str, str] | None,
-) -> None:
-    """Raise (or, with ``placeholders`` None, clear) "the host refused us for quota".
+@dataclass(frozen=True, slots=True)
+class _PairIssue:
+    """A fixable issue about one folder × peer pair; its text says since when it stands."""
 
-    Fixable: once the friend grants more space, the fix flow backs the folder up again.
-    """
-    _raise_or_clear(
-        hass,
-        f"quota_{folder_id}_{peer_id}",
-        "quota_exceeded",
-        placeholders,
-        since_first=True,
-        fixable=True,
-        data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
-    )
+    prefix: str  # of the issue id: ``<prefix>_<folder id>_<peer id>``
+    key: str  # its translation key
+
+    def __call__(
+        self,
+        hass: HomeAssistant,
+        entry_id: str,
+        folder_id: str,
+        peer_id: str,
+        placeholders: dict[str, str] | None,
+    ) -> None:
+        """Raise the pair's issue (or, with ``placeholders`` None, clear it)."""
+        _raise_or_clear(
+            hass,
+            f"{self.prefix}_{folder_id}_{peer_id}",
+            self.key,
+            placeholders,
+            since_first=True,
+            fixable=True,
+            data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
+        )
 
 
-def mass_change(
-    hass: HomeAssistant,
-    entry_id: str,
-    folder_id: str,
-    peer_id: str,
-    placeholders: dict[str, str] | None,
-) -> None:
-    """Raise (or, with ``placeholders`` None, clear) "this sync would change most files".
-
-    Fixable: the fix flow sends it (once, the guard lifted) or leaves it held.
-    """
-    _raise_or_clear(
-        hass,
-        f"mass_change_{folder_id}_{peer_id}",
-        "mass_change",
-        placeholders,
-        since_first=True,
-        fixable=True,
-        data={"entry_id": entry_id, "folder_id": folder_id, "peer_id": peer_id},
-    )
+# "The host refused us for quota": once the friend grants more space, the fix flow backs the
+# folder up again.
+quota_refused = _PairIssue("quota", "quota_exceeded")
+# "This sync would change most files": the fix flow sends it (once, the guard lifted) or
+# leaves it held.
+mass_change = _PairIssue("mass_change", "mass_change")
 
 
 def trash_fills_quota(
