@@ -274,6 +274,21 @@ def _state_attributes(status: PairStatus, folder: str, peer: str) -> dict[str, A
     return {"folder": folder, "peer": peer, "last_success": status.last_success}
 
 
+def _verify_time(
+    key: str, read: Callable[[PairStatus], datetime | None], **more: Any
+) -> PairSensorDescription:
+    """A diagnostic timestamp of the pair's verifies, available only while there is one."""
+    return PairSensorDescription(
+        key=key,
+        translation_key=key,
+        device_class=SensorDeviceClass.TIMESTAMP,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=read,
+        available_fn=lambda status: read(status) is not None,
+        **more,
+    )
+
+
 PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
     PairSensorDescription(
         key="last_success",
@@ -360,29 +375,18 @@ PAIR_SENSORS: tuple[PairSensorDescription, ...] = (
         entity_category=EntityCategory.DIAGNOSTIC,
         value_fn=lambda status: status.encryption.value,
     ),
-    PairSensorDescription(
-        key="last_verify",
-        translation_key="last_verify",
-        device_class=SensorDeviceClass.TIMESTAMP,
-        entity_category=EntityCategory.DIAGNOSTIC,
-        value_fn=lambda status: status.last_verify,
-        # Never verified yet: nothing to say (the next verify's sensor says when).
-        available_fn=lambda status: status.last_verify is not None,
+    # Never verified yet: nothing to say (the next verify's sensor says when).
+    _verify_time(
+        "last_verify",
+        lambda status: status.last_verify,
         attrs_fn=lambda status, folder, peer: {
             "checked": status.last_verify_checked,
             "host_damaged": status.last_verify_damaged,
             "repaired": status.last_verify_repaired,
         },
     ),
-    PairSensorDescription(
-        key="next_verify",
-        translation_key="next_verify",
-        device_class=SensorDeviceClass.TIMESTAMP,
-        entity_category=EntityCategory.DIAGNOSTIC,
-        value_fn=lambda status: status.next_verify,
-        # Verifying turned off, or nothing copied yet to verify.
-        available_fn=lambda status: status.next_verify is not None,
-    ),
+    # Verifying turned off, or nothing copied yet to verify: none.
+    _verify_time("next_verify", lambda status: status.next_verify),
     PairSensorDescription(
         key="last_error",
         translation_key="last_error",
