@@ -10,7 +10,6 @@ files, the shape of the tree, when things change — is what the README says.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 import os
 from pathlib import Path
 import stat
@@ -20,7 +19,6 @@ import pytest
 
 from custom_components.mynas.engine import tree
 from custom_components.mynas.engine.host.upload import Upload
-from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner import sealed, sender
 from custom_components.mynas.engine.owner.index import Index
 from custom_components.mynas.engine.owner.keys import DataKeys
@@ -28,16 +26,14 @@ from custom_components.mynas.engine.owner.names import NameCipher, StoredTree
 from custom_components.mynas.engine.owner.replica import ReplicaKindMismatch
 from custom_components.mynas.engine.owner.run import SMALL_FILE
 
-from ..conftest import ServerFactory, wait_until
+from ..conftest import wait_until
 from ..replica_support import (
     FOLDER,
     MIB,
     MTIME,
     Env,
     change_under_reader,
-    close_env,
     drop_connections,
-    make_env,
     partials,
     snapshot,
     trash_files,
@@ -46,14 +42,6 @@ from ..replica_support import (
 
 LONG = "L" * 200  # a 200-byte name: sealed, more than ext4's 255 bytes
 LONGEST = "é" * 127  # 254 bytes
-
-
-@pytest.fixture
-async def env(fast_dir: Path, make_server: ServerFactory, alice_id: Identity) -> AsyncIterator[Env]:
-    """A host granting alice 1 GiB, alice's index and an empty source folder."""
-    setup = await make_env(make_server, fast_dir, alice_id)
-    yield setup
-    close_env(setup)
 
 
 async def push(env: Env, **kwargs: Any) -> Any:

@@ -7,36 +7,22 @@ and after a held run, then after the run the user allowed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 import os
-from pathlib import Path
 import sqlite3
 
 import pytest
 
 from custom_components.mynas.engine.errors import MassChangeHeld
-from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner import feed
 
-from ..conftest import ServerFactory
 from ..replica_support import (
     FOLDER,
     MTIME,
     Env,
-    close_env,
-    make_env,
     snapshot,
     trash_files,
     write,
 )
-
-
-@pytest.fixture
-async def env(fast_dir: Path, make_server: ServerFactory, alice_id: Identity) -> AsyncIterator[Env]:
-    """A host granting alice 1 GiB, alice's index and an empty source folder."""
-    setup = await make_env(make_server, fast_dir, alice_id)
-    yield setup
-    close_env(setup)
 
 
 def _fill(env: Env, count: int) -> None:

@@ -11,7 +11,6 @@ an empty directory gives the source back.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 import json
 import os
 from pathlib import Path
@@ -89,14 +88,6 @@ NAMES = [
     b" lead",
     b".hidden",
 ]
-
-
-@pytest.fixture
-async def env(fast_dir: Path, make_server: ServerFactory, alice_id: Identity) -> AsyncIterator[Env]:
-    """A host granting alice 1 GiB, alice's index and an empty source folder."""
-    setup = await make_env(make_server, fast_dir, alice_id)
-    yield setup
-    close_env(setup)
 
 
 # --- the property: random trees and random changes across runs -------------------------------

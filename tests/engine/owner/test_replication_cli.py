@@ -9,7 +9,6 @@ stderr that says why.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 import os
 from pathlib import Path
 import signal
@@ -23,16 +22,7 @@ from custom_components.mynas.engine.identity import Identity
 from custom_components.mynas.engine.owner.run import SMALL_FILE
 
 from ..cli_support import ROOT, mynas, public_key_file
-from ..conftest import ServerFactory
-from ..replica_support import MTIME, Env, close_env, make_env, snapshot, without_root, write
-
-
-@pytest.fixture
-async def env(fast_dir: Path, make_server: ServerFactory, alice_id: Identity) -> AsyncIterator[Env]:
-    """A host granting alice 1 GiB, alice's index and an empty source folder."""
-    setup = await make_env(make_server, fast_dir, alice_id)
-    yield setup
-    close_env(setup)
+from ..replica_support import MTIME, Env, snapshot, without_root, write
 
 
 @pytest.fixture

@@ -64,14 +64,6 @@ from ..replica_support import (
 )
 
 
-@pytest.fixture
-async def env(fast_dir: Path, make_server: ServerFactory, alice_id: Identity) -> AsyncIterator[Env]:
-    """A host granting alice 1 GiB, alice's index and an empty source folder."""
-    setup = await make_env(make_server, fast_dir, alice_id)
-    yield setup
-    close_env(setup)
-
-
 def _files(view: dict[bytes, tuple[Any, ...]]) -> set[bytes]:
     return {path for path, value in view.items() if value[0] == "f"}
 
