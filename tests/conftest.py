@@ -59,7 +59,7 @@ from custom_components.mynas.const import (
     SUBENTRY_FOLDER,
     SUBENTRY_PEER,
 )
-from custom_components.mynas.engine import identity, invite, storage_root, upnp
+from custom_components.mynas.engine import identity, invite, natpmp, storage_root, upnp
 from custom_components.mynas.engine.host.server import NodeServer, PeerGrant
 from custom_components.mynas.engine.host.space import HostedSpace
 from custom_components.mynas.engine.loop_thread import EngineLoop
@@ -87,11 +87,13 @@ def auto_enable_custom_integrations(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(autouse=True)
 def upnp_search_stays_here(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No router in these tests: UPnP is off unless a test turns it on (UPnP has tests of
-    its own against a real IGD), and a node that has it on searches 127.0.0.1, never the LAN.
+    """No router in these tests: port mapping is off unless a test turns it on (UPnP and
+    NAT-PMP have tests of their own against real routers), and a node that has it on
+    searches 127.0.0.1 for a UPnP router and asks 127.0.0.1 over NAT-PMP, never the LAN.
     """
     monkeypatch.setattr(hass_entry, "DEFAULT_UPNP", False)
     monkeypatch.setattr(upnp, "DEFAULT_SEARCH_TARGET", ("127.0.0.1", 9))
+    monkeypatch.setattr(natpmp, "DEFAULT_GATEWAY", "127.0.0.1")
 
 
 @pytest.fixture(autouse=True)

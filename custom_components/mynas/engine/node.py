@@ -8,8 +8,8 @@ makes that hop. Blocking work goes to worker threads.
 Reaching a peer (``_dial``): its typed addresses first, then those it announced, then the
 address it last connected from (``addresses.AddressBook``, kept in the storage root). Once
 connected, we announce our own addresses if that peer has not heard them yet; when they
-change (the typed ones, UPnP's, the host's global IPv6 ones, looked at every
-``refresh_every`` seconds) we tell every peer we can reach.
+change (the typed ones, the router's from UPnP or NAT-PMP, the host's global IPv6 ones,
+looked at every ``refresh_every`` seconds) we tell every peer we can reach.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ from .reachability import UNREACHABLE_CAUSES, AddressCheck, Cause, Outcome, diag
 from .reverse import ReverseKeeper, Serve
 
 if TYPE_CHECKING:
-    from .upnp import MapState, PortMapper
+    from .portmap import RouterMapper
+    from .upnp import MapState
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -207,10 +208,12 @@ class NodeOptions(TypedDict, total=False):
     refresh_every: float
     # Whether this node can accept connections (AUTO: the reachability check says).
     inbound: Inbound
-    # Map our port on the router with UPnP while the node runs (``upnp.PortMapper``, given
-    # ``upnp_options``: a router's description URL, a lease...).
+    # Map our port on the router while the node runs: UPnP first, then NAT-PMP
+    # (``portmap.RouterMapper``; ``upnp_options`` go to ``upnp.PortMapper``: a router's
+    # description URL, a lease...; ``natpmp_options`` to ``natpmp.NatPmpMapper``: a gateway).
     upnp: bool
     upnp_options: dict[str, Any] | None
+    natpmp_options: dict[str, Any] | None
     # Hold a push that would replace or delete more than this share (%) of the files a
     # peer holds of a folder, until asked to send it (0: never hold). Default 30.
     mass_change_percent: int
@@ -306,7 +309,8 @@ class Node:
         self._keepers: dict[str, ReverseKeeper] = {}
         self._upnp = options.get("upnp", False)
         self._upnp_options = dict(options.get("upnp_options") or {})
-        self.mapper: PortMapper | None = None
+        self._natpmp_options = dict(options.get("natpmp_options") or {})
+        self.mapper: RouterMapper | None = None
 
     @property
     def server(self) -> NodeServer:
@@ -370,10 +374,16 @@ class Node:
         self._refresher = asyncio.create_task(self._refresh_loop())
         await self._update_keepers()
         if self._upnp:
-            # Imported here: aiohttp and the UPnP library only load where UPnP is used.
+            # Imported here: aiohttp and the UPnP library only load where mapping is used.
+            from .natpmp import NatPmpMapper  # noqa: PLC0415
+            from .portmap import RouterMapper  # noqa: PLC0415
             from .upnp import PortMapper  # noqa: PLC0415
 
-            self.mapper = PortMapper(server.port, on_change=self._mapped, **self._upnp_options)
+            self.mapper = RouterMapper(
+                PortMapper(server.port, **self._upnp_options),
+                NatPmpMapper(server.port, **self._natpmp_options),
+                on_change=self._mapped,
+            )
             self.mapper.start()
 
     async def stop(self) -> None:
@@ -463,7 +473,7 @@ class Node:
         self._spawn(self.set_found_addresses("upnp", [public] if public else []))
 
     def upnp_state(self) -> dict[str, Any] | None:
-        """Where the UPnP port mapping stands (None when UPnP is off)."""
+        """Where the port mapping (UPnP or NAT-PMP) stands (None when mapping is off)."""
         return self.mapper.state.as_dict() if self.mapper is not None else None
 
     def _serve_reverse(self, peer_id: str, address: str) -> Serve:

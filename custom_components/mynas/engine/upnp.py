@@ -77,6 +77,7 @@ class MapState:
     error: str | None = None
     lease: int = 0
     renewed_at: float | None = None
+    protocol: str | None = None  # "upnp" or "natpmp" (``portmap.RouterMapper`` says which)
 
     @property
     def public(self) -> str | None:
@@ -101,6 +102,7 @@ class MapState:
             "lease": self.lease,
             "renewed_at": self.renewed_at,
             "public": self.public,
+            "protocol": self.protocol,
         }
 
 
