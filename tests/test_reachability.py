@@ -146,6 +146,7 @@ async def test_upnp_maps_the_port_on_the_router(
         state = hass.states.get(sensor)
         port = node_entry.data[CONF_PORT]
         assert state.attributes["external_address"] == f"203.0.113.7:{port}"
+        assert state.attributes["protocol"] == "upnp"  # asked first; NAT-PMP only after it
         assert WanIpConnection.mappings[("TCP", port)]["internal_client"] == "127.0.0.1"
         await hass.config_entries.async_unload(node_entry.entry_id)
         await hass.async_block_till_done()

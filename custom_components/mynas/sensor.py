@@ -576,6 +576,7 @@ def _upnp_attributes(data: ReachData) -> dict[str, Any]:
         "lan_address": upnp.get("lan_address"),
         "error": upnp.get("error"),
         "renewed_at": _when(upnp.get("renewed_at")),
+        "protocol": upnp.get("protocol"),
     }
 
 
@@ -606,7 +607,7 @@ REACH_SENSORS: tuple[ReachSensorDescription, ...] = (
 
 
 class ReachSensor(ReachNodeEntity, SensorEntity):
-    """Whether friends can reach this node (the last check), or how UPnP fared."""
+    """Whether friends can reach this node (the last check), or how port mapping fared."""
 
     entity_description: ReachSensorDescription
 
