@@ -133,25 +133,53 @@ def build_parser() -> argparse.ArgumentParser:
         "recovery-code",
         help="print the node secret as a recovery code (keep it outside the house)",
     )
-    code.add_argument("--key", required=True)
+    code.add_argument(
+        "--key", required=True, help="this node's private key file (keygen creates it)"
+    )
 
     invite = commands.add_parser("invite", help="print this node's invite code")
-    invite.add_argument("--key", required=True)
+    invite.add_argument(
+        "--key", required=True, help="this node's private key file (keygen creates it)"
+    )
     invite.add_argument("--name", required=True, help="this node's name, as friends will see it")
     invite.add_argument(
-        "--address", required=True, action="append", type=_address, metavar="HOST:PORT"
+        "--address",
+        required=True,
+        action="append",
+        type=_address,
+        metavar="HOST:PORT",
+        help="where friends reach this node (repeatable: tried in the order given)",
     )
 
     serve = commands.add_parser("serve", help="host friends' replicas until SIGINT/SIGTERM")
-    serve.add_argument("--key", required=True)
+    serve.add_argument(
+        "--key", required=True, help="this node's private key file (keygen creates it)"
+    )
     serve.add_argument(
         "--storage", required=True, help="storage root; each peer's jail is STORAGE/NAME/"
     )
-    serve.add_argument("--listen", required=True, type=_address, metavar="HOST:PORT")
     serve.add_argument(
-        "--peer", action="append", default=[], type=_peer_grant, metavar="NAME=PUBKEY_FILE:QUOTA"
+        "--listen",
+        required=True,
+        type=_address,
+        metavar="HOST:PORT",
+        help="address to listen on, e.g. 0.0.0.0:8022",
     )
-    serve.add_argument("--trash-days", type=_days, default=30, metavar="N")
+    serve.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        type=_peer_grant,
+        metavar="NAME=PUBKEY_FILE:QUOTA",
+        help="a friend allowed in, e.g. alice=alice.pub:500G (repeatable)",
+    )
+    serve.add_argument(
+        "--trash-days",
+        type=_days,
+        default=30,
+        metavar="N",
+        help="days replaced and deleted files stay in the trash (default: 30)",
+    )
 
     for name, text in (
         ("push", "send a folder's changes to a peer (nothing changed: no connection)"),
@@ -162,14 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         if name in ("restore", "folders"):
             secret = sub.add_mutually_exclusive_group(required=True)
-            secret.add_argument("--key")
+            secret.add_argument("--key", help="this node's private key file (keygen creates it)")
             secret.add_argument(
                 "--recovery-code",
                 metavar="CODE",
                 help="the node's recovery code instead of its key file ('-': read it from stdin)",
             )
         else:
-            sub.add_argument("--key", required=True)
+            sub.add_argument(
+                "--key", required=True, help="this node's private key file (keygen creates it)"
+            )
         sub.add_argument(
             "--peer",
             required=True,
@@ -178,20 +208,38 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="HOST:PORT",
             help="the peer's address; several are tried in the order given",
         )
-        sub.add_argument("--peer-key", required=True, metavar="PUBKEY_FILE")
+        sub.add_argument(
+            "--peer-key",
+            required=True,
+            metavar="PUBKEY_FILE",
+            help="the peer's public key (what its keygen printed), pinned",
+        )
         if name == "folders":
             continue
         sub.add_argument("--folder", required=True, help="the folder's name on the peer")
         if name == "restore":
-            sub.add_argument("--to", required=True, metavar="DIR")
-            sub.add_argument("--path", default="", metavar="SUBPATH")
+            sub.add_argument(
+                "--to", required=True, metavar="DIR", help="where the files are written"
+            )
+            sub.add_argument(
+                "--path",
+                default="",
+                metavar="SUBPATH",
+                help="only this file or folder of the folder (default: everything)",
+            )
             sub.add_argument("--overwrite", action="store_true", help="replace existing files")
         else:
-            sub.add_argument("--source", required=True, metavar="DIR")
+            sub.add_argument("--source", required=True, metavar="DIR", help="the local folder")
             sub.add_argument(
                 "--index", metavar="FILE", help="SQLite index (default: next to the key)"
             )
-            sub.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
+            sub.add_argument(
+                "--exclude",
+                action="append",
+                default=[],
+                metavar="PATTERN",
+                help="leave out what matches, e.g. '*.tmp', 'cache/', 'Photos/raw/*' (repeatable)",
+            )
         if name == "push":
             sub.add_argument(
                 "--bwlimit", type=_size, metavar="RATE", help="bytes per second, e.g. 5M"
