@@ -21,7 +21,7 @@ import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import identity as identity_mod, invite as invite_mod
-from .errors import MyNasError
+from .errors import MassChangeHeld, MyNasError
 from .owner.run import PeerTarget, Progress
 from .units import format_bytes, parse_size
 
@@ -78,6 +78,16 @@ def _days(text: str) -> int:
     if days < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: a whole number of days, at least 1")
     return days
+
+
+def _percent(text: str) -> int:
+    try:
+        percent = int(text)
+    except ValueError:
+        percent = 0
+    if not 1 <= percent <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole percentage, 1 to 100")
+    return percent
 
 
 _PROG = "python -m custom_components.mynas.engine"
@@ -250,6 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
                 help="push an empty folder even if the peer holds files of it (deletes them)",
             )
             sub.add_argument(
+                "--hold-over",
+                type=_percent,
+                metavar="PCT",
+                help=(
+                    "send nothing if the push would replace or delete more than PCT %% of "
+                    "the peer's files of the folder (ransomware, a library moved by mistake;"
+                    " Home Assistant holds at 30 %%); default: never held"
+                ),
+            )
+            sub.add_argument(
                 "--plain",
                 action="store_true",
                 help="keep a readable mirror on the peer instead of an encrypted copy",
@@ -419,15 +439,19 @@ async def _folder_run[T](
 
 async def cmd_push(args: argparse.Namespace) -> int:
     """Push a folder; print the JSON summary."""
-    result = await _folder_run(
-        args,
-        push,
-        bwlimit=args.bwlimit,
-        allow_empty=args.allow_empty,
-        # A run with nothing to send leaves the peer alone ("peer_contacted": false).
-        connect_if_unchanged=False,
-        encrypted=not args.plain,
-    )
+    try:
+        result = await _folder_run(
+            args,
+            push,
+            bwlimit=args.bwlimit,
+            allow_empty=args.allow_empty,
+            # A run with nothing to send leaves the peer alone ("peer_contacted": false).
+            connect_if_unchanged=False,
+            encrypted=not args.plain,
+            hold_over=args.hold_over,
+        )
+    except MassChangeHeld as err:
+        raise CommandError(f"{err} (push without --hold-over to send it)") from None
     for message in result.errors:
         print(f"warning: {message}", file=sys.stderr)
     _summary(result.as_dict())
