@@ -25,7 +25,9 @@ Then, by mode:
   name or content in clear; opened with the owner's key, byte-identical), that it reads
   encrypted and its monthly verify is planned, that a second folder of Alice's set up plain
   is converted through its repair issue's dialog (then nothing of it is in clear on Bob's
-  disk outside his trash), that both "last backup" sensors are set, that each node sees its
+  disk outside his trash), that a byte flipped in Alice's copy on Bob's disk is found by a
+  verify (``mynas.verify`` with ``repair``, as the monthly one runs), sent again and
+  reported in a repair issue, that both "last backup" sensors are set, that each node sees its
   peer connected, that every entity the dashboard names exists and that Home Assistant
   loads the blueprints;
   that Alice backs Home Assistant itself up to Bob through HA's backup API (the backup is
@@ -1531,6 +1533,62 @@ async def check_conversion(states: tuple[NodeState, NodeState], checks: Checks) 
     )
 
 
+async def check_scrub(states: tuple[NodeState, NodeState], checks: Checks) -> None:
+    """A file of Alice's copy rots on Bob's disk; her verify finds it and sends it again.
+
+    What the monthly verify (a scrub) does, asked now with ``mynas.verify`` (``repair``, as
+    the monthly run repairs): one byte of the stored file of Alice's largest photo is
+    flipped on Bob's disk, the way a failing disk damages it. The verify names it, sends it
+    again, says so in a repair issue and in the "last verify" sensor, and Bob's copy then
+    opens byte-identical again — without a download: Bob's node computed the checksums.
+    """
+    state, other = states
+    api, node = state.api, state.node
+    jail = read_jail(other.node.config, other.entry_id, node.name) or node.name
+    space = other.node.disk / jail
+    [key_file] = (node.config / "mynas").glob("*.key")
+    source = node.home / FOLDER
+    layout = SealedLayout(FOLDER, DataKeys.of(identity_codec.load(key_file)))
+    sizes = {
+        rel: len(content or b"")
+        for rel, (kind, content, _) in tree(source).items()
+        if kind == "file" and not excluded(rel)
+    }
+    rel = max(sizes, key=sizes.__getitem__)
+    stored = space / os.fsdecode(layout.stored(rel))
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    stored.write_bytes(bytes(data))
+    say(f"{other.node.name}'s disk: one byte of {os.fsdecode(rel)!r}'s stored copy flipped")
+
+    reply = await api.post(
+        "/api/services/mynas/verify?return_response", {"folder": FOLDER, "repair": True}
+    )
+    [result] = reply["service_response"]["results"]
+    listed = await api.ws("repairs/list_issues")
+    raised = [
+        i["issue_id"]
+        for i in listed["issues"]
+        if i["domain"] == "mynas" and i["issue_id"].startswith("verify_damage_")
+    ]
+    last_verify = await pair_state(state, state.folder_id, "last_verify")
+    problems = await asyncio.to_thread(compare_sealed, source, space, key_file, FOLDER)
+    found = (result.get("host_damaged"), result.get("repaired"), result.get("status"))
+    checks.record(
+        f"{node.name}: a verify finds the byte rotted on {other.node.name}'s disk"
+        f" ({os.fsdecode(rel)}), sends that file again, says so in a repair issue and in"
+        " its Last verify sensor; the copy there opens byte-identical again",
+        ([] if found == (1, 1, "success") else [f"the verify said {result}"])
+        + ([] if raised else ["no verify_damage repair issue"])
+        + (
+            []
+            if last_verify not in (None, "unknown", "unavailable")
+            else [f"Last verify {last_verify}"]
+        )
+        + problems,
+    )
+
+
 def _tar_slug(path: Path) -> str | None:
     """The backup id (``slug``) a Home Assistant backup archive names in its backup.json."""
     try:
@@ -1817,8 +1875,11 @@ async def check_house_fire(
     await ensure_peer(rebuilt, bob)
     # Nothing to remember after a fire: the rebuilt node reads what Bob keeps for it.
     held = await list_folders(rebuilt, bob.node.name)
-    names = sorted(str(item["name"]) for item in held)
-    say(f"{REBUILT}: {bob.node.name} keeps for it: {', '.join(names) or 'nothing'}")
+    names = sorted(str(item["name"]) for item in held if not item["home_assistant_backups"])
+    backups = (
+        " and Home Assistant's backups" if any(i["home_assistant_backups"] for i in held) else ""
+    )
+    say(f"{REBUILT}: {bob.node.name} keeps for it: {', '.join(names) or 'no folder'}{backups}")
     checks.record(
         f"{REBUILT}: mynas.list_folders names {FOLDER} kept at {bob.node.name}, read back"
         " with the rebuilt key",
@@ -1942,6 +2003,7 @@ async def run(
             starting = asyncio.create_task(start_rebuilt(rebuilt, login, session, instances))
             checks = await headless_check(states)
             await check_conversion(states, checks)
+            await check_scrub(states, checks)
             await check_ha_backup(states, checks)
             await check_address_change(states, checks)
             bob = next(inst for inst in instances if inst.node is states[1].node)
@@ -1955,7 +2017,8 @@ async def run(
             print(
                 f"HEADLESS CHECK PASSED in {time.monotonic() - _T0:.0f} s: both replicas are"
                 " encrypted on the other's disk and open byte-identical, a plain folder is"
-                " converted from its repair issue, the verify is planned, both last-backup"
+                " converted from its repair issue, the verify is planned and repairs a byte"
+                " rotted at the friend's, both last-backup"
                 " sensors are set, the peers are connected,"
                 " no entity reads unknown at rest, every text is written out (en, fr),"
                 " the dashboard's entities exist, the blueprints load, Home Assistant's own"

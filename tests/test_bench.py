@@ -196,3 +196,67 @@ def test_import_times_of_a_real_push_import() -> None:
         "top": [],
         "asyncssh": False,
     }
+
+
+def _run(mynas_s: float, rsync_s: float, rss: float = 70.0) -> dict[str, Any]:
+    """One scenario as the bench records it: both tools' medians and their ratio."""
+    mine = {"seconds": mynas_s, "internal_seconds": mynas_s / 2, "client_rss_mb": rss}
+    return {
+        "mynas": mine | {"server_rss_mb": rss + 1, "as_home_assistant_seconds": mynas_s},
+        "rsync": {"seconds": rsync_s, "client_rss_mb": 16.0, "server_rss_mb": 40.0},
+        "ratio": {"speed_rsync_s_over_mynas_s": rsync_s / mynas_s},
+    }
+
+
+def _peers(owners: int) -> dict[str, Any]:
+    """The peers scenario keeps its owners' figures per phase, not per tool's run."""
+    phase = {"alone": {"files_per_s": 100.0}}
+    together = {
+        "host_lag": {"lag_max_ms": 50.0, "lag_p99_ms": 30.0},
+        "x_alone": 0.96,
+        "sum_of_rates_x_alone": 1.1,
+        "server_rss_mb": 106.0,
+    }
+    return {
+        "owners": owners,
+        "mynas": phase | {"together": together},
+        "rsync": phase,
+        "ratio": {},
+    }
+
+
+def test_targets_of_a_whole_run_every_scenario_at_once() -> None:
+    """A whole run (every scenario, peers included) gets each target: met or missed."""
+    names = ("bulk", "small", "tree-initial", "nochange", "changed", "sparsebundle")
+    scenarios: dict[str, Any] = {name: _run(2.0, 1.0) for name in names}
+    scenarios["nochange"] = _run(0.4, 1.0)
+    scenarios["small"]["mynas"]["client_rss_mb"] = 250.0
+    scenarios["peers"] = _peers(10)
+    lag = {"bulk": {"lag_max_ms": 19.0, "lag_p99_ms": 16.0}}
+    results = {"scenarios": scenarios, "loop_lag": lag}
+
+    lines = bench.target_lines(results, tree_files=1_000_000, encrypted=True, pinned=True)
+    met = {target: ok for target, _, ok in lines}
+    assert met["encrypted bulk MB/s >= 1.0 x rsync (--cpu pi)"] is False
+    assert met["1,000,000 files: initial push files/s >= 1.0 x rsync"] is False
+    assert met["1,000,000 files: no-change time <= 0.5 x rsync (CLI)"] is True
+    assert met["1,000,000 files: peak RSS < 150 MB each"] is True
+    assert met["10 owners at once: host loop lag max < 100 ms"] is True
+    assert met["10 owners: files/s >= 0.9 x one alone"] is True
+    assert met["10 owners: host peak RSS < 300 MB"] is True
+    assert met["encrypted push: client peak RSS < 200 MB"] is False  # small files: 250 MB
+    assert met["push's event loop lag max <= 100 ms"] is True
+    assert (
+        "sparsebundle 1 % rewritten <= 0.5 x rsync (CLI)",
+        "2.00x (2.00 s vs 1.00 s)",
+        False,
+    ) in lines
+
+    plain = bench.target_lines(
+        {"scenarios": {"peers": _peers(3)}}, tree_files=20_000, encrypted=False, pinned=False
+    )
+    assert [target for target, _, _ in plain] == [
+        "3 owners at once: host loop lag max < 100 ms",
+        "3 owners: files/s >= 0.9 x one alone",
+        "3 owners: host peak RSS < 300 MB",
+    ]

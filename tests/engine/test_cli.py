@@ -8,6 +8,7 @@ OpenSSH's own client against ``serve``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -509,3 +510,17 @@ async def test_openssh_against_serve_gets_its_own_files_and_nothing_else(
     assert os.listdir(storage / "alice") == []
     assert outside.read_text() == "outside"
     assert await serving.stop() == 0
+
+
+def test_every_option_of_every_command_says_what_it_is_for() -> None:
+    """``--help`` is the command line's manual: no option is listed without a text."""
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [
+        f"{name} {action.option_strings[-1]}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if action.option_strings and not action.help
+    ]
+    assert len(commands.choices) == 8
+    assert bare == []

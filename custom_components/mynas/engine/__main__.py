@@ -21,7 +21,7 @@ import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import identity as identity_mod, invite as invite_mod
-from .errors import MyNasError
+from .errors import MassChangeHeld, MyNasError
 from .owner.run import PeerTarget, Progress
 from .units import format_bytes, parse_size
 
@@ -80,6 +80,16 @@ def _days(text: str) -> int:
     return days
 
 
+def _percent(text: str) -> int:
+    try:
+        percent = int(text)
+    except ValueError:
+        percent = 0
+    if not 1 <= percent <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole percentage, 1 to 100")
+    return percent
+
+
 _PROG = "python -m custom_components.mynas.engine"
 
 
@@ -133,25 +143,53 @@ def build_parser() -> argparse.ArgumentParser:
         "recovery-code",
         help="print the node secret as a recovery code (keep it outside the house)",
     )
-    code.add_argument("--key", required=True)
+    code.add_argument(
+        "--key", required=True, help="this node's private key file (keygen creates it)"
+    )
 
     invite = commands.add_parser("invite", help="print this node's invite code")
-    invite.add_argument("--key", required=True)
+    invite.add_argument(
+        "--key", required=True, help="this node's private key file (keygen creates it)"
+    )
     invite.add_argument("--name", required=True, help="this node's name, as friends will see it")
     invite.add_argument(
-        "--address", required=True, action="append", type=_address, metavar="HOST:PORT"
+        "--address",
+        required=True,
+        action="append",
+        type=_address,
+        metavar="HOST:PORT",
+        help="where friends reach this node (repeatable: tried in the order given)",
     )
 
     serve = commands.add_parser("serve", help="host friends' replicas until SIGINT/SIGTERM")
-    serve.add_argument("--key", required=True)
+    serve.add_argument(
+        "--key", required=True, help="this node's private key file (keygen creates it)"
+    )
     serve.add_argument(
         "--storage", required=True, help="storage root; each peer's jail is STORAGE/NAME/"
     )
-    serve.add_argument("--listen", required=True, type=_address, metavar="HOST:PORT")
     serve.add_argument(
-        "--peer", action="append", default=[], type=_peer_grant, metavar="NAME=PUBKEY_FILE:QUOTA"
+        "--listen",
+        required=True,
+        type=_address,
+        metavar="HOST:PORT",
+        help="address to listen on, e.g. 0.0.0.0:8022",
     )
-    serve.add_argument("--trash-days", type=_days, default=30, metavar="N")
+    serve.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        type=_peer_grant,
+        metavar="NAME=PUBKEY_FILE:QUOTA",
+        help="a friend allowed in, e.g. alice=alice.pub:500G (repeatable)",
+    )
+    serve.add_argument(
+        "--trash-days",
+        type=_days,
+        default=30,
+        metavar="N",
+        help="days replaced and deleted files stay in the trash (default: 30)",
+    )
 
     for name, text in (
         ("push", "send a folder's changes to a peer (nothing changed: no connection)"),
@@ -162,14 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         if name in ("restore", "folders"):
             secret = sub.add_mutually_exclusive_group(required=True)
-            secret.add_argument("--key")
+            secret.add_argument("--key", help="this node's private key file (keygen creates it)")
             secret.add_argument(
                 "--recovery-code",
                 metavar="CODE",
                 help="the node's recovery code instead of its key file ('-': read it from stdin)",
             )
         else:
-            sub.add_argument("--key", required=True)
+            sub.add_argument(
+                "--key", required=True, help="this node's private key file (keygen creates it)"
+            )
         sub.add_argument(
             "--peer",
             required=True,
@@ -178,20 +218,38 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="HOST:PORT",
             help="the peer's address; several are tried in the order given",
         )
-        sub.add_argument("--peer-key", required=True, metavar="PUBKEY_FILE")
+        sub.add_argument(
+            "--peer-key",
+            required=True,
+            metavar="PUBKEY_FILE",
+            help="the peer's public key (what its keygen printed), pinned",
+        )
         if name == "folders":
             continue
         sub.add_argument("--folder", required=True, help="the folder's name on the peer")
         if name == "restore":
-            sub.add_argument("--to", required=True, metavar="DIR")
-            sub.add_argument("--path", default="", metavar="SUBPATH")
+            sub.add_argument(
+                "--to", required=True, metavar="DIR", help="where the files are written"
+            )
+            sub.add_argument(
+                "--path",
+                default="",
+                metavar="SUBPATH",
+                help="only this file or folder of the folder (default: everything)",
+            )
             sub.add_argument("--overwrite", action="store_true", help="replace existing files")
         else:
-            sub.add_argument("--source", required=True, metavar="DIR")
+            sub.add_argument("--source", required=True, metavar="DIR", help="the local folder")
             sub.add_argument(
                 "--index", metavar="FILE", help="SQLite index (default: next to the key)"
             )
-            sub.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
+            sub.add_argument(
+                "--exclude",
+                action="append",
+                default=[],
+                metavar="PATTERN",
+                help="leave out what matches, e.g. '*.tmp', 'cache/', 'Photos/raw/*' (repeatable)",
+            )
         if name == "push":
             sub.add_argument(
                 "--bwlimit", type=_size, metavar="RATE", help="bytes per second, e.g. 5M"
@@ -200,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
                 "--allow-empty",
                 action="store_true",
                 help="push an empty folder even if the peer holds files of it (deletes them)",
+            )
+            sub.add_argument(
+                "--hold-over",
+                type=_percent,
+                metavar="PCT",
+                help=(
+                    "send nothing if the push would replace or delete more than PCT %% of "
+                    "the peer's files of the folder (ransomware, a library moved by mistake;"
+                    " Home Assistant holds at 30 %%); default: never held"
+                ),
             )
             sub.add_argument(
                 "--plain",
@@ -371,15 +439,19 @@ async def _folder_run[T](
 
 async def cmd_push(args: argparse.Namespace) -> int:
     """Push a folder; print the JSON summary."""
-    result = await _folder_run(
-        args,
-        push,
-        bwlimit=args.bwlimit,
-        allow_empty=args.allow_empty,
-        # A run with nothing to send leaves the peer alone ("peer_contacted": false).
-        connect_if_unchanged=False,
-        encrypted=not args.plain,
-    )
+    try:
+        result = await _folder_run(
+            args,
+            push,
+            bwlimit=args.bwlimit,
+            allow_empty=args.allow_empty,
+            # A run with nothing to send leaves the peer alone ("peer_contacted": false).
+            connect_if_unchanged=False,
+            encrypted=not args.plain,
+            hold_over=args.hold_over,
+        )
+    except MassChangeHeld as err:
+        raise CommandError(f"{err} (push without --hold-over to send it)") from None
     for message in result.errors:
         print(f"warning: {message}", file=sys.stderr)
     _summary(result.as_dict())

@@ -330,3 +330,33 @@ async def test_a_push_with_nothing_to_send_loads_no_ssh(env: Env, alice_key: Pat
     assert "custom_components.mynas.engine.owner.sealed" in loaded  # the run did run
     assert "asyncssh" not in loaded
     assert "custom_components.mynas.engine.owner.client" not in loaded
+
+
+async def test_hold_over_holds_a_mass_change_until_pushed_without_it(
+    env: Env, alice_key: Path
+) -> None:
+    """``--hold-over 30``: most files rewritten → exit 1, one line, nothing on the host."""
+    host_key = public_key_file(env.work, "host", env.server.identity.public_line)
+    push = ["push", *_common(env, alice_key, host_key), "--source", env.src]
+    push += ["--index", env.work / "index.sqlite"]
+    for n in range(40):
+        write(env.src / f"{n:02}.jpg", b"photo %d" % n)
+    run = await mynas(*push, "--hold-over", "30")
+    assert run.code == 0, run.err
+    assert run.summary["files_sent"] == 40
+    before = snapshot(env.jail)
+    for n in range(20):
+        write(env.src / f"{n:02}.jpg", b"encrypted by them %d" % n, mtime_ns=MTIME + 1)
+
+    run = await mynas(*push, "--hold-over", "30")
+    assert run.code == 1
+    assert "would replace 20 and delete 0 of the 40 file(s)" in run.reason
+    assert run.reason.endswith("(push without --hold-over to send it)")
+    assert snapshot(env.jail) == before
+    run = await mynas(*push, "--hold-over", "50")  # 50 % is not more than 50 %
+    assert run.code == 0, run.err
+    assert run.summary["files_sent"] == 20
+
+    run = await mynas(*push, "--hold-over", "0")
+    assert run.code == 2
+    assert "'0': a whole percentage, 1 to 100" in run.reason
