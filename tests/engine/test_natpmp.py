@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+import contextlib
 from pathlib import Path
+import socket
 import struct
 import time
 
@@ -29,6 +31,7 @@ from custom_components.mynas.engine.upnp import MapState, MapStatus, PortMapper
 
 from .conftest import wait_until
 from .friends_support import friend
+from .igd_support import WanIpConnection, router as igd
 from .natpmp_support import (
     LAN_HOME,
     LAN_ROUTER,
@@ -150,6 +153,39 @@ async def test_the_mapping_is_made_renewed_and_removed(
 
 async def _start(mapper: RouterMapper) -> None:
     mapper.start()
+
+
+async def test_upnp_is_asked_first_and_nat_pmp_when_upnp_says_no(
+    router: Router, home: InNamespace
+) -> None:
+    """A router that speaks both: UPnP maps the port; when it refuses, NAT-PMP does."""
+    router.start()
+    ssdp, http = free_port(socket.SOCK_DGRAM), free_port()
+    stack = contextlib.AsyncExitStack()
+    # The IGD on the home's own loopback (a UPnP router the home's side finds by search).
+    await home.run(stack.enter_async_context(igd(http, ssdp)))
+    try:
+        upnp = PortMapper(PORT, search_target=("127.0.0.1", ssdp), search_seconds=1)
+        mapper = RouterMapper(upnp, NatPmpMapper(PORT))
+        state = await home.run(mapper.map_once())
+        assert (state.status, state.protocol) == (MapStatus.MAPPED, "upnp")
+        assert WanIpConnection.mappings[("TCP", PORT)]["internal_port"] == PORT
+        assert router.redirects() == []  # NAT-PMP was not asked
+        # The UPnP router now refuses (another machine took the port): NAT-PMP maps it.
+        WanIpConnection.refuse = 718
+        state = await home.run(mapper.map_once())
+        assert (state.status, state.protocol) == (MapStatus.MAPPED, "natpmp")
+        assert state.external_address == f"{WAN_ROUTER}:{PORT}"
+        assert router.redirects() == [(PORT, LAN_HOME, PORT)]
+        # Renewals go where the mapping is: NAT-PMP alone.
+        calls = len(WanIpConnection.calls)
+        state = await home.run(mapper.map_once())
+        assert (state.status, state.protocol) == (MapStatus.MAPPED, "natpmp")
+        assert len(WanIpConnection.calls) == calls
+        await home.run(mapper.stop())
+        assert router.redirects() == []
+    finally:
+        await home.run(stack.aclose())
 
 
 async def test_a_router_that_gives_another_port_or_says_no(
