@@ -13,6 +13,10 @@ granted, driven by ``portmap.RouterMapper``) and deletes it on ``stop``; its ``s
 external port it gave us), ``refused`` (the router said no: not authorized, no public
 address, no mapping left) or ``no_router`` (no default gateway, nothing answers on port
 5351, or what answers speaks no NAT-PMP). Nothing is sent anywhere but to the gateway.
+
+Each renewal asks for the external address again and for the mapping again, so a router
+that restarted (its epoch starts over) or got a new address is caught up with at the next
+renewal; the router's own announcements (multicast to port 5350) are not listened to.
 """
 
 from __future__ import annotations
