@@ -215,6 +215,18 @@ async def test_a_router_that_gives_another_port_or_says_no(
     await home.run(combined.stop())
 
 
+async def test_a_router_gone_before_the_mapping_is_deleted(
+    router: Router, home: InNamespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    router.start()
+    mapper = NatPmpMapper(PORT)
+    assert (await home.run(mapper.map_once())).status is MapStatus.MAPPED
+    router.stop()
+    await home.run(mapper.stop())  # nothing answers the deletion: said, not raised
+    assert mapper.state.status is MapStatus.PENDING
+    assert "Could not remove the NAT-PMP port mapping" in caplog.text
+
+
 async def test_a_router_behind_another_nat(
     netns: Namespaces, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
